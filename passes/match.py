@@ -1,0 +1,296 @@
+"""Find each attention layer's K/V projection -> heads -> RoPE -> cache append in a Dynamo graph.
+
+A *site* is one layer: the post-norm input X, the K and V projections of X, the per-head reshape,
+the RoPE region of the keys (if any), and the two in-place appends into the layer's K and V cache
+tensors. Anything that does not fit is reported with the reason and left untouched.
+
+How appends look differs between caches; each form is one entry of ``APPEND_FORMS`` (data, not
+code paths), so another cache layout is a new entry, not a copy of the matcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable
+
+import torch
+from torch import fx
+
+LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+# Ops that only regroup a projection's output into heads: [B, S, H*D] -> [B, H, S, D].
+SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unflatten"}
+SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.unflatten}
+
+
+def example_value(node: fx.Node):
+    """The fake tensor Dynamo recorded for a node (None if it recorded none)."""
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def is_call(node: fx.Node, *, methods: Iterable[str] = (), functions: Iterable[Callable] = ()) -> bool:
+    if node.op == "call_method":
+        return node.target in set(methods)
+    if node.op == "call_function":
+        return node.target in set(functions)
+    return False
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_TARGETS
+
+
+def _arg(node: fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Append:
+    """One in-place write of new key or value states into a cache tensor."""
+
+    node: fx.Node        # the write itself
+    cache: fx.Node       # the cache tensor written into ([B, H, L, D])
+    index: fx.Node       # the cache positions written ([S] int)
+    value: fx.Node       # the new states ([B, H, S, D])
+    seq_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AppendForm:
+    """How one kind of cache append appears in a Dynamo graph."""
+
+    name: str
+    match: Callable[[fx.Node], Append | None]
+
+
+def _match_index_copy(node: fx.Node) -> Append | None:
+    # transformers StaticCache: keys.index_copy_(2, cache_position, key_states)
+    if node.op != "call_method" or node.target != "index_copy_":
+        return None
+    cache, dim, index, value = (_arg(node, i, n) for i, n in enumerate(("self", "dim", "index", "source")))
+    if not all(isinstance(x, fx.Node) for x in (cache, index, value)) or not isinstance(dim, int):
+        return None
+    return Append(node=node, cache=cache, index=index, value=value, seq_dim=dim)
+
+
+APPEND_FORMS: list[AppendForm] = [AppendForm("index_copy_", _match_index_copy)]
+
+
+@dataclasses.dataclass
+class Projection:
+    """x -> linear(x, weight, bias) -> heads [B, H, S, D] -> (RoPE) -> appended value."""
+
+    linear: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    heads: fx.Node                # the per-head states right before RoPE
+    rope: list[fx.Node]           # RoPE region: descendants of ``heads`` that feed the appended value
+    append: Append
+
+
+@dataclasses.dataclass
+class Site:
+    """One layer's K/V projection and cache append, ready to rewrite."""
+
+    layer: int
+    x: fx.Node
+    key: Projection
+    value: Projection
+    position_source: fx.Node | None   # integer position ids [b, S] that the RoPE tables derive from
+    rope_inputs: list[fx.Node]        # the cos/sin-like nodes the RoPE region reads besides the keys
+    num_heads: int
+    head_dim: int
+    seq_len: object                   # int, or a SymInt for a dynamic-shape graph
+
+
+@dataclasses.dataclass
+class SiteReport:
+    """What happened at one site: shown by explain() and the backend's log."""
+
+    layer: int | None
+    status: str          # "rewritten" or "skipped"
+    reason: str = ""
+    form: str = "X"
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer}" if self.layer is not None else "site"
+        return f"{where}: {self.status}" + (f" ({self.form})" if self.status == "rewritten" else f": {self.reason}")
+
+
+class SkipSite(Exception):
+    """Raised while matching a site that cannot be rewritten; the message is the user-facing reason."""
+
+
+def _ancestors(node: fx.Node, stop: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not node and stop(n):
+            continue
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.users)
+    return seen
+
+
+def _projection(append: Append) -> Projection:
+    linears = [n for n in _ancestors(append.value, stop=is_linear) if is_linear(n)]
+    if len(linears) != 1:
+        raise SkipSite(f"the appended states come from {len(linears)} projections, expected exactly one linear")
+    linear = linears[0]
+    weight, bias = _arg(linear, 1, "weight"), _arg(linear, 2, "bias")
+    # Follow the head reshape (view/transpose...) from the projection towards the append.
+    heads = linear
+    while True:
+        nxt = [u for u in heads.users if is_call(u, methods=SHAPE_METHODS, functions=SHAPE_FUNCTIONS)
+               and append.value in _descendants(u)]
+        if len(nxt) != 1:
+            break
+        heads = nxt[0]
+    if heads is linear:
+        raise SkipSite("no per-head reshape between the projection and the cache append")
+    between = _descendants(heads) & _ancestors(append.value, stop=lambda n: False)
+    rope = [n for n in heads.graph.nodes if n in between and n is not heads]
+    return Projection(linear=linear, weight=weight, bias=bias, heads=heads, rope=rope, append=append)
+
+
+def _rope_inputs(proj: Projection) -> list[fx.Node]:
+    region = set(proj.rope) | {proj.heads}
+    inputs = []
+    for n in proj.rope:
+        for a in n.all_input_nodes:
+            if a not in region and a not in inputs:
+                inputs.append(a)
+    return inputs
+
+
+def _position_source(rope_inputs: list[fx.Node], batch: int, seq_len) -> fx.Node | None:
+    """The integer tensor [b, S] (b in {1, B}) of position ids that the RoPE tables are computed from."""
+    candidates = set()
+    for inp in rope_inputs:
+        candidates |= _ancestors(inp, stop=lambda n: False)
+    best = None
+    for n in candidates:
+        v = example_value(n)
+        if (isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
+                and v.dim() == 2 and v.shape[0] in (1, batch) and v.shape[1] == seq_len):
+            if best is None or _position(n) > _position(best):
+                best = n
+    return best
+
+
+def _position(node: fx.Node) -> int:
+    for i, n in enumerate(node.graph.nodes):
+        if n is node:
+            return i
+    raise ValueError(node)
+
+
+_LAYER_IN_SOURCE = re.compile(r"layers\[(\d+)\]|layers_(\d+)_")
+
+
+def source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return node.name
+    name = source.name  # a property in recent torch, a method in older ones
+    return name() if callable(name) else str(name)
+
+
+def _which(append: Append) -> str | None:
+    """'keys' or 'values' from the cache tensor's Dynamo source (e.g. cache.layers[3].keys)."""
+    name = source_name(append.cache)
+    for kind in ("keys", "values"):
+        if re.search(rf"\b{kind}\b|_{kind}$|\.{kind}$", name):
+            return kind
+    return None
+
+
+def layer_from_source(node: fx.Node) -> int | None:
+    match = _LAYER_IN_SOURCE.search(source_name(node))
+    return int(next(g for g in match.groups() if g is not None)) if match else None
+
+
+def find_appends(graph: fx.Graph) -> list[Append]:
+    found = []
+    for node in graph.nodes:
+        for form in APPEND_FORMS:
+            append = form.match(node)
+            if append is not None:
+                found.append(append)
+                break
+    return found
+
+
+def find_sites(graph: fx.Graph) -> tuple[list[Site], list[SiteReport]]:
+    """Group the graph's cache appends into per-layer sites; report the ones that don't fit."""
+    appends = find_appends(graph)
+    by_x: dict[fx.Node, list[tuple[Append, Projection]]] = {}
+    reports: list[SiteReport] = []
+    for append in appends:
+        try:
+            proj = _projection(append)
+        except SkipSite as why:
+            reports.append(SiteReport(layer_from_source(append.cache), "skipped", str(why)))
+            continue
+        x = _arg(proj.linear, 0, "input")
+        by_x.setdefault(x, []).append((append, proj))
+
+    sites = []
+    for order, (x, group) in enumerate(by_x.items()):
+        layer = layer_from_source(group[0][0].cache)
+        layer = order if layer is None else layer
+        try:
+            sites.append(_site(x, group, layer))
+        except SkipSite as why:
+            reports.append(SiteReport(layer, "skipped", str(why)))
+    return sites, reports
+
+
+def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Site:
+    if len(group) != 2:
+        raise SkipSite(f"expected one key and one value append fed by the same input, found {len(group)}")
+    kinds = [_which(a) for a, _ in group]
+    if set(kinds) == {"keys", "values"}:
+        key, value = (p for _, p in sorted(group, key=lambda ap: _which(ap[0]) != "keys"))
+    else:  # no names to go by: values never carry RoPE
+        with_rope = [p for _, p in group if p.rope]
+        if len(with_rope) != 1:
+            raise SkipSite("cannot tell the key append from the value append")
+        key = with_rope[0]
+        value = next(p for _, p in group if p is not key)
+    if value.rope:
+        raise SkipSite("the value states are transformed between projection and cache (only keys may carry RoPE)")
+    for proj in (key, value):
+        if proj.append.seq_dim != 2:
+            raise SkipSite(f"cache append along dim {proj.append.seq_dim}; expected [batch, heads, seq, head_dim] dim 2")
+        if not isinstance(proj.weight, fx.Node) or (proj.bias is not None and not isinstance(proj.bias, fx.Node)):
+            raise SkipSite("projection weight/bias are not graph inputs")
+    heads = example_value(key.heads)
+    cache = example_value(key.append.cache)
+    if heads is None or cache is None or heads.dim() != 4 or cache.dim() != 4:
+        raise SkipSite("per-head key states are not [batch, heads, seq, head_dim] tensors")
+    batch, num_heads, seq_len, head_dim = heads.shape
+    rope_inputs = _rope_inputs(key)
+    position_source = None
+    if rope_inputs:
+        position_source = _position_source(rope_inputs, batch, seq_len)
+        if position_source is None:
+            raise SkipSite("the keys' RoPE tables do not derive from a [batch, seq] integer position tensor")
+    if key.append.index is not value.append.index and example_value(value.append.index) is None:
+        raise SkipSite("key and value are written at different positions")
+    return Site(layer=layer, x=x, key=key, value=value, position_source=position_source,
+                rope_inputs=rope_inputs, num_heads=int(num_heads), head_dim=int(head_dim), seq_len=seq_len)

@@ -1,0 +1,292 @@
+"""Rewrite matched sites into an X-cache store plus a dequantize-and-project rebuild of K and V.
+
+For every layer whose K/V cache is an ``XQuantLayer``:
+
+  before:  k = rope(heads(linear(x, Wk)))          keys.index_copy_(2, pos, k)     attn(q, keys, ...)
+           v = heads(linear(x, Wv))                values.index_copy_(2, pos, v)
+  after:   X-state.index_copy_(1, pos, pack(quantize(x·R)))      (R: block Hadamard, or identity)
+           x̂ = dequantize(X-state[:, :n])                        (n = tokens cached so far)
+           K = pad(rope(heads(x̂ · (Wk·R)ᵀ + bk), positions[:, :n]))     V = pad(heads(x̂ · (Wv·R)ᵀ + bv))
+           attn(q, K, ...)
+
+The rope() above is the model's own RoPE code, cloned from the graph with the position ids replaced
+by the positions each cached row was written with. The X state, the positions and the folded
+weights W·R become new graph inputs; ``GraphInput`` says where the backend fetches each at run time.
+
+On CPU the rebuild is emitted as plain torch ops over a data-dependent length n (Inductor fuses
+unpack + dequantize into one C++ kernel feeding the matmul, and the work follows n, not
+max_cache_len). On CUDA it is the ``xq_compile::dequant_project`` op, whose Triton kernel reads the
+length on device (no host sync, so CUDA graphs stay possible).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from xq_compile import quant
+from xq_compile._torch_private import declare_static_placeholder
+from xq_compile.cache import XQuantLayer, layer_of
+from xq_compile.rotation import FOLDED_WEIGHTS, rotate
+
+from .emit import Emitter, clone_region
+from .match import Site, SiteReport, example_value, find_sites, _ancestors, _descendants
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInput:
+    """A tensor the rewritten graph takes as an extra input, fetched from the original call's args."""
+
+    name: str
+    fetch: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+@dataclasses.dataclass
+class RewriteResult:
+    graph_module: fx.GraphModule
+    extra_inputs: list[GraphInput]
+    reports: list[SiteReport]
+    # (placeholder index of a layer's K cache, how many tokens one call appends) for overflow checks
+    appends: list[tuple[int, Callable[[Sequence[torch.Tensor]], int]]]
+
+    @property
+    def rewritten(self) -> int:
+        return sum(r.status == "rewritten" for r in self.reports)
+
+
+def _layer_fetcher(arg_index: int) -> Callable[[Sequence[torch.Tensor]], XQuantLayer]:
+    def fetch(args):
+        layer = layer_of(args[arg_index])
+        if layer is None:
+            raise RuntimeError(
+                "a graph compiled by the xquant backend was called with a cache that is not the "
+                "XQuantCache it was compiled for (or that cache was garbage collected); use an XQuantCache."
+            )
+        return layer
+
+    return fetch
+
+
+class XQuantRewrite:
+    """The graph pass: ``XQuantRewrite().apply(gm, example_inputs)`` rewrites ``gm`` in place.
+
+    ``example_inputs`` are the real tensors the graph is being compiled for; they identify which cache
+    tensors belong to an XQuantCache. Sites whose cache is anything else are reported and left alone.
+    """
+
+    def apply(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> RewriteResult:
+        graph = gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        arg_index = {n: i for i, n in enumerate(placeholders)}
+        sites, reports = find_sites(graph)
+        state = _GraphState(graph, placeholders, arg_index, example_inputs)
+
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        sites.sort(key=lambda s: order[s.key.append.node])
+        appends = []
+        for site in sites:
+            layer = state.layer_for(site)
+            if isinstance(layer, str):
+                reports.append(SiteReport(site.layer, "skipped", layer))
+                continue
+            _rewrite_site(state, site, layer)
+            reports.append(SiteReport(layer.layer_idx, "rewritten",
+                                      form="X" if layer.xquant.quantized else "X (unquantized)"))
+            appends.append((arg_index[site.key.append.cache], state.token_count(site.seq_len)))
+        reports.sort(key=lambda r: (r.layer is None, r.layer if r.layer is not None else 0))
+        graph.lint()
+        gm.recompile()
+        return RewriteResult(gm, state.extra_inputs, reports, appends)
+
+
+class _GraphState:
+    """Per-graph bookkeeping: new inputs (deduplicated), and what is emitted once per graph."""
+
+    def __init__(self, graph, placeholders, arg_index, example_inputs):
+        self.graph = graph
+        self.placeholders = placeholders
+        self.arg_index = arg_index
+        self.example_inputs = example_inputs
+        self.extra_inputs: list[GraphInput] = []
+        self._inputs_by_key: dict[tuple, fx.Node] = {}
+        self.length: fx.Node | None = None        # tokens cached after this call's append (int or tensor)
+        self.positions: fx.Node | None = None
+
+    # -- inputs -------------------------------------------------------------------------------
+    def add_input(self, key: tuple, name: str, fetch) -> fx.Node:
+        if key in self._inputs_by_key:
+            return self._inputs_by_key[key]
+        anchor = self._inputs_by_key and list(self._inputs_by_key.values())[-1] or self.placeholders[-1]
+        with self.graph.inserting_after(anchor):
+            node = self.graph.placeholder(f"xq_{name}")
+        declare_static_placeholder(node)
+        self._inputs_by_key[key] = node
+        self.extra_inputs.append(GraphInput(name, fetch))
+        return node
+
+    def layer_for(self, site: Site) -> XQuantLayer | str:
+        """The XQuantLayer behind a site, or the reason the site cannot be rewritten."""
+        k_cache, v_cache = site.key.append.cache, site.value.append.cache
+        if k_cache.op != "placeholder" or v_cache.op != "placeholder":
+            return "the K/V cache tensors are not graph inputs"
+        layer = layer_of(self.example_inputs[self.arg_index[k_cache]])
+        if layer is None:
+            return "the cache is not an XQuantCache (pass cache=xq.XQuantCache(...))"
+        if layer_of(self.example_inputs[self.arg_index[v_cache]]) is not layer:
+            return "the K and V caches belong to different XQuantCache layers"
+        x = example_value(site.x)
+        if x is None or x.shape[-1] != layer.hidden_size:
+            return f"the projection input is not [batch, seq, {layer.hidden_size}]"
+        if x.dtype != layer.dtype or x.device.type != layer.device.type:
+            raise TypeError(
+                f"XQuantCache was created with dtype={layer.dtype}, device={layer.device}, but layer "
+                f"{layer.layer_idx} runs in dtype={x.dtype} on {x.device}: create the cache with "
+                f"dtype={x.dtype}, device='{x.device}' (the model's)."
+            )
+        if (site.num_heads, site.head_dim) != (layer.num_heads, layer.k_head_dim):
+            return (f"the model writes {site.num_heads} heads of {site.head_dim}, the cache expects "
+                    f"{layer.num_heads} of {layer.k_head_dim}")
+        if x.shape[0] != layer.batch_size:
+            raise ValueError(
+                f"XQuantCache has max_batch_size={layer.batch_size} but the model is called with batch "
+                f"{x.shape[0]}: create the cache with max_batch_size={x.shape[0]}."
+            )
+        return layer
+
+    def token_count(self, seq_len) -> Callable[[Sequence[torch.Tensor]], int]:
+        """How many tokens a call appends: a constant, or read off an input's shape if dynamic."""
+        if isinstance(seq_len, int):
+            return lambda args: seq_len
+        for i, n in enumerate(self.placeholders):
+            v = example_value(n)
+            if isinstance(v, torch.Tensor):
+                for dim, size in enumerate(v.shape):
+                    if isinstance(size, torch.SymInt) and str(size) == str(seq_len):
+                        return lambda args, i=i, dim=dim: args[i].shape[dim]
+        raise RuntimeError(f"cannot find the input whose shape gives the appended length {seq_len}")
+
+
+def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
+    graph = state.graph
+    cfg = layer.xquant
+    emit = Emitter(graph)
+    k_idx = state.arg_index[site.key.append.cache]
+    fetch_layer = _layer_fetcher(k_idx)
+    tag = f"layer{layer.layer_idx}"
+    state_inputs = {
+        name: state.add_input(("state", k_idx, name), f"{tag}_{name}",
+                              lambda args, name=name: fetch_layer(args).state[name])
+        for name in layer.state
+    }
+    rotation = None
+    if layer.rotation is not None:
+        rotation = state.add_input(("rotation", k_idx), f"{tag}_rotation", lambda args: fetch_layer(args).rotation)
+
+    def weight(proj) -> fx.Node:
+        if layer.rotation is None:
+            return proj.weight
+        w_idx = state.arg_index.get(proj.weight)
+        if w_idx is None:
+            raise TypeError(f"layer {layer.layer_idx}: projection weight is not a graph input")
+        return state.add_input(("folded", w_idx), f"{tag}_{proj.weight.name}_rotated",
+                               lambda args: FOLDED_WEIGHTS.get(args[w_idx], fetch_layer(args).rotation))
+
+    k_weight, v_weight = weight(site.key), weight(site.value)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first, last = sorted((site.key.append.node, site.value.append.node), key=order.__getitem__)
+    index = site.key.append.index
+    on_cuda = layer.device.type == "cuda"
+
+    # 1. Store: the new tokens' X (rotated, quantized, packed) and, once per graph, their positions.
+    with graph.inserting_before(first):
+        if state.positions is None:
+            state.positions = state.add_input(("positions", k_idx), "positions", lambda args: fetch_layer(args).positions)
+            if site.position_source is not None:
+                emit(lambda p, i, pos: p.index_copy_(1, i, pos.expand(p.shape[0], -1)),
+                     state.positions, index, site.position_source)
+            if on_cuda:
+                state.length = emit(lambda i: i[-1:] + 1, index)
+            else:
+                length = emit(lambda i: (i[-1] + 1).item(), index)
+                emit.check(graph.call_function(operator.ge, (length, 1)))
+                emit.check(graph.call_function(operator.le, (length, layer.max_cache_len)))
+                state.length = length
+        x = emit(rotate, site.x, rotation) if rotation is not None else site.x
+        if cfg.quantized:
+            codes, scale, zero = emit(quant.quantize, x, cfg.bits, cfg.group_size)
+            new_rows = {"codes": emit(quant.pack, codes, cfg.bits), "scale": scale, "zero": zero}
+        else:
+            new_rows = {"x": x}
+        for name, rows in new_rows.items():
+            emit(lambda t, i, r: t.index_copy_(1, i, r.to(t.dtype)), state_inputs[name], index, rows)
+
+    # 2. Rebuild K and V from the X cache, after the (now removed) appends, before any reader.
+    anchor = last.next
+    with graph.inserting_before(anchor):
+        n = state.length
+        if on_cuda and cfg.quantized:
+            x_hat = None
+        elif on_cuda:
+            x_hat = state_inputs["x"]
+        else:
+            rows = {name: emit(lambda t, n: t.narrow(1, 0, n), node, n) for name, node in state_inputs.items()}
+            x_hat = (emit(quant.dequantize, rows["codes"], rows["scale"], rows["zero"], cfg.bits,
+                          cfg.group_size, layer.dtype) if cfg.quantized else rows["x"])
+
+        def project(proj, w) -> fx.Node:
+            if x_hat is None:
+                out = emit(torch.ops.xq_compile.dequant_project.default, state_inputs["codes"],
+                           state_inputs["scale"], state_inputs["zero"], w, proj.bias, n, cfg.bits, cfg.group_size)
+            else:
+                out = emit(F.linear, x_hat, w, proj.bias)
+            return emit(lambda t: t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2), out)
+
+        def to_cache_shape(t: fx.Node) -> fx.Node:
+            if on_cuda:
+                return t  # the op already returns max_cache_len rows (zeros past the length)
+            return emit(lambda t, n: F.pad(t, (0, 0, 0, layer.max_cache_len - n)), t, n)
+
+        k_heads = project(site.key, k_weight)
+        v_heads = project(site.value, v_weight)
+        if site.key.rope:
+            positions = state.positions if on_cuda else emit(lambda p, n: p.narrow(1, 0, n), state.positions, n)
+            source = site.position_source
+            table_nodes = (_descendants(source) - {source}) & set().union(*(_ancestors(i, lambda _: False) for i in site.rope_inputs))
+            region = [nd for nd in graph.nodes if nd in table_nodes or nd in site.key.rope]
+            mapping = clone_region(graph, region, {site.key.heads: k_heads, source: positions})
+            k_heads = mapping[site.key.append.value]
+        new_keys, new_values = to_cache_shape(k_heads), to_cache_shape(v_heads)
+
+    # 3. Every later read of the K/V cache now reads the rebuilt tensors; the appends go away.
+    for proj, rebuilt in ((site.key, new_keys), (site.value, new_values)):
+        append = proj.append
+        position = {n: i for i, n in enumerate(graph.nodes)}
+        for user in list(append.cache.users):
+            if user is not append.node and position[user] > position[append.node]:
+                user.replace_input_with(append.cache, rebuilt)
+        append.node.replace_all_uses_with(rebuilt)
+        graph.erase_node(append.node)
+    _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads])
+
+
+def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
+    """Remove the now-unused original K/V projection chains (and only those)."""
+    candidates = set()
+    for root in roots:
+        candidates |= _descendants(root)
+        candidates.add(root)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node in candidates and not node.users and node.op in ("call_function", "call_method"):
+                if node.op == "call_method" and str(node.target).endswith("_"):
+                    continue  # in-place ops have effects even without users
+                graph.erase_node(node)
+                candidates.discard(node)
+                changed = True

@@ -1,0 +1,74 @@
+"""Every private torch API xq-compile touches, in one place, each with the reason it is needed.
+
+torch has no public API yet for these; if one changes between torch 2.11 and 2.13+, this file is
+the only one to adapt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mark_static_address(tensor: torch.Tensor) -> None:
+    # The X-cache tensors are written in place by compiled graphs and must keep their address for
+    # CUDA graphs; transformers' StaticCache uses the same call for its K/V tensors.
+    torch._dynamo.mark_static_address(tensor)
+
+
+def register_backend(fn, name: str) -> None:
+    # torch.compile(backend="name") looks names up in Dynamo's registry; entry points cover the
+    # installed case, this covers a source checkout (see xq_compile/__init__.py).
+    torch._dynamo.register_backend(fn, name=name)
+
+
+def registered_backends() -> list[str]:
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs, mode: str | None):
+    # Inductor is the default inner compiler; it is only reachable through compile_fx. The mode's
+    # option dict (e.g. reduce-overhead -> CUDA graphs) is applied per compile, never globally.
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode) if mode else {}
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def copy_dynamo_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    # Dynamo keeps using the graph module it handed to the backend (it reads placeholder
+    # meta["grapharg"] after the backend returns), so passes must rewrite a copy. The copy carries the
+    # attributes Dynamo and Inductor read off the module.
+    graph = torch.fx.Graph()
+    old_to_new: dict = {}
+    output = graph.graph_copy(gm.graph, old_to_new)
+    graph.output(output)
+    for old, new in old_to_new.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            # AOT autograd maps each placeholder back to its Dynamo source through this attribute.
+            new._dynamo_source = old._dynamo_source
+    copy = torch.fx.GraphModule(gm, graph)
+    copy.meta = dict(getattr(gm, "meta", {}))
+    for attr in ("_dynamo_source", "_param_name_to_source", "_source_to_user_stacks"):
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    return copy
+
+
+def declare_static_placeholder(node: torch.fx.Node) -> None:
+    # A placeholder the rewrite adds has no Dynamo source (AOT accepts None, as for DDP-split graphs),
+    # and is declared a static input: its address never changes (the cache's buffers), which CUDA
+    # graphs rely on instead of copying it in on every replay.
+    node._dynamo_source = None
+    node.meta["tensor_dict"] = {"_dynamo_static_input_type": "guarded"}
+
+
+def as_static_example(tensor: torch.Tensor, example_inputs) -> torch.Tensor:
+    # Inductor fakeifies real example inputs with Dynamo's shape environment, which makes their sizes
+    # symbolic once Dynamo turned on dynamic shapes (e.g. after a prefill of another length), and
+    # duck-sizes equal dims together. The X state has fixed shapes: hand Inductor a fake tensor with
+    # static shapes from the same fake mode instead.
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return tensor
+    return fake_mode.from_tensor(tensor, static_shapes=True)

@@ -1,0 +1,238 @@
+"""XQuantCache: a transformers ``Cache`` that holds only the packed low-bit X of every layer.
+
+The model's attention code still calls ``cache.update(k, v)`` and reads ``layer.keys``/``layer.values``:
+Dynamo traces that, and the xquant backend rewrites the traced writes into an X-cache store and the
+reads into a K/V rebuild from X. So the cache must keep K/V *shapes* but never their memory:
+``keys``/``values`` are stride-0 views of one 4-byte tensor. Any eager (un-rewritten) write into them
+fails loudly instead of silently corrupting the X cache.
+
+State per layer (``B`` = max_batch_size, ``L`` = max_cache_len, ``d`` = hidden size, ``G = d/group``):
+  quantized:   codes uint8 [B, L, packed_width(d, bits)], scale fp16 [B, L, G], zero fp16 [B, L, G]
+  unquantized: x [B, L, d] in the cache dtype
+Shared by all layers: positions int64 [B, L], the position id each cached row was written with
+(RoPE is re-applied to rebuilt keys at these positions, so left-padded rows keep their own).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers.cache_utils import Cache, StaticLayer
+
+from . import quant
+from ._torch_private import mark_static_address
+from .config import XQuantConfig
+from .rotation import hadamard
+
+# Maps each layer's K and V placeholder tensor to its XQuantLayer. The compiled graph receives those
+# placeholders as inputs (Dynamo lifts ``cache.layers[i].keys``); this is how the backend finds the
+# X state that belongs to them, both at compile time and on every call. Weak: dies with the cache.
+_LAYER_OF_PLACEHOLDER: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def layer_of(tensor: torch.Tensor) -> "XQuantLayer | None":
+    """The XQuantLayer whose K or V placeholder ``tensor`` is, or None for any other tensor."""
+    return _LAYER_OF_PLACEHOLDER.get(tensor)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class XQuantLayer(StaticLayer):
+    """One attention layer's X state. Written and read only by graphs compiled with backend='xquant'."""
+
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        max_cache_len: int,
+        batch_size: int,
+        hidden_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        xquant: XQuantConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        positions: torch.Tensor,
+        rotation: torch.Tensor | None,
+    ) -> None:
+        super().__init__(max_cache_len=max_cache_len)
+        self.layer_idx = layer_idx
+        self.xquant = xquant
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.device = device
+        self.batch_size, self.num_heads = batch_size, num_kv_heads
+        self.k_head_dim = self.v_head_dim = head_dim
+        self.positions = positions
+        self.rotation = rotation
+        # Host-side mirror of cumulative_length: lets us refuse an overflow before running the graph,
+        # without reading the device counter (a sync, and impossible under CUDA graphs).
+        self.host_length = 0
+
+        shape = (batch_size, num_kv_heads, max_cache_len, head_dim)
+        self.keys = torch.zeros(1, dtype=dtype, device=device).expand(shape)
+        self.values = torch.zeros(1, dtype=dtype, device=device).expand(shape)
+        self.cumulative_length = torch.zeros((), dtype=torch.int64, device=device)
+        if xquant.quantized:
+            groups = hidden_size // xquant.group_size
+            width = quant.packed_width(hidden_size, xquant.bits)
+            self.state = {
+                "codes": torch.zeros(batch_size, max_cache_len, width, dtype=torch.uint8, device=device),
+                "scale": torch.zeros(batch_size, max_cache_len, groups, dtype=quant.SCALE_DTYPE, device=device),
+                "zero": torch.zeros(batch_size, max_cache_len, groups, dtype=quant.SCALE_DTYPE, device=device),
+            }
+        else:
+            self.state = {"x": torch.zeros(batch_size, max_cache_len, hidden_size, dtype=dtype, device=device)}
+        for tensor in (*self.state.values(), self.cumulative_length):
+            # Fixed addresses: the compiled graph writes them in place, and CUDA graphs need them stable.
+            mark_static_address(tensor)
+        _LAYER_OF_PLACEHOLDER[self.keys] = self
+        _LAYER_OF_PLACEHOLDER[self.values] = self
+        self.is_initialized = True
+
+    # -- what transformers calls -------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:  # allocated in __init__
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not _is_compiling():
+            raise RuntimeError(
+                "XQuantCache holds only the quantized X and cannot be written by eager code: compile the "
+                "model's forward with torch.compile(model.forward, backend='xquant', fullgraph=True) and "
+                "pass generate(..., disable_compile=True) so transformers does not run its own compile."
+            )
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer owns (what nbytes counts)."""
+        return [*self.state.values(), self.keys, self.values, self.cumulative_length]
+
+    def check_room(self, new_tokens: int) -> None:
+        """Refuse, before anything is written, a call whose ``new_tokens`` do not fit."""
+        if self.host_length + new_tokens > self.max_cache_len:
+            raise ValueError(
+                f"XQuantCache overflow in layer {self.layer_idx}: it holds {self.host_length} tokens and "
+                f"{new_tokens} more do not fit in max_cache_len={self.max_cache_len}. Create the cache "
+                "with a larger max_cache_len, or call cache.reset() / cache.crop() first."
+            )
+
+    def reset(self) -> None:
+        for tensor in self.state.values():
+            tensor.zero_()
+        self.cumulative_length.zero_()
+        self.host_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # Rows past cumulative_length are never read (the rebuild follows the current length), so
+        # cropping is moving the counter back; the next store overwrites the stale rows.
+        super().crop(tokens_to_remove)
+        self.host_length -= abs(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        beam_idx = beam_idx.to(self.device)
+        for tensor in self.state.values():
+            tensor.copy_(tensor.index_select(0, beam_idx))  # in place: the addresses are static
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError(
+            "XQuantCache has a fixed max_batch_size; create it with max_batch_size = batch * num_beams "
+            "instead of expanding it."
+        )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("XQuantCache has a fixed batch; selecting rows would move its static buffers.")
+
+
+class XQuantCache(Cache):
+    """A transformers Cache storing each attention layer's input X, quantized, instead of K and V.
+
+    Use it with a forward compiled by the xquant backend::
+
+        cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=1024,
+                               xquant=xq.XQuantConfig(bits=4), dtype=torch.float32)
+        model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
+        model.generate(**batch, cache=cache, max_new_tokens=64, disable_compile=True)
+    """
+
+    def __init__(
+        self,
+        config,
+        max_batch_size: int,
+        max_cache_len: int,
+        xquant: XQuantConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        xquant = xquant or XQuantConfig()
+        if not isinstance(xquant, XQuantConfig):
+            raise TypeError(f"xquant must be an XQuantConfig, got {type(xquant).__name__}")
+        if max_batch_size < 1 or max_cache_len < 1:
+            raise ValueError(f"max_batch_size and max_cache_len must be >= 1, got {max_batch_size}, {max_cache_len}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be the model's floating dtype, got {dtype}")
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        sliding = sorted({t for t in layer_types if t != "full_attention"})
+        if sliding:
+            raise ValueError(
+                f"XQuantCache supports full-attention layers only; this model has layer types {sliding}."
+            )
+        hidden_size = config.hidden_size
+        xquant.check_hidden_size(hidden_size)
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
+        device = torch.device(device if device is not None else "cpu")
+
+        self.xquant = xquant
+        self.max_batch_size = max_batch_size
+        self.max_cache_len = max_cache_len
+        self.dtype = dtype
+        self.positions = torch.zeros(max_batch_size, max_cache_len, dtype=torch.int64, device=device)
+        mark_static_address(self.positions)
+        self.rotation = (
+            hadamard(xquant.group_size, dtype=torch.float32, device=device) if xquant.rotation == "hadamard" else None
+        )
+        layers = [
+            XQuantLayer(
+                layer_idx=i,
+                max_cache_len=max_cache_len,
+                batch_size=max_batch_size,
+                hidden_size=hidden_size,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                xquant=xquant,
+                dtype=dtype,
+                device=device,
+                positions=self.positions,
+                rotation=self.rotation,
+            )
+            for i in range(config.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+
+    def tensors(self) -> list[torch.Tensor]:
+        extra = [self.positions] + ([self.rotation] if self.rotation is not None else [])
+        return [t for layer in self.layers for t in layer.tensors()] + extra
+
+    def nbytes(self) -> int:
+        """Bytes of memory this cache really holds, measured from the storages it allocated."""
+        seen, total = set(), 0
+        for tensor in self.tensors():
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.positions.copy_(self.positions.index_select(0, beam_idx.to(self.positions.device)))
+
+    def __repr__(self) -> str:
+        return (
+            f"XQuantCache({self.xquant.describe()}, layers={len(self.layers)}, batch={self.max_batch_size}, "
+            f"max_cache_len={self.max_cache_len}, {self.nbytes()} bytes)"
+        )

@@ -1,0 +1,110 @@
+"""Per-token asymmetric group quantization of X and dense bit packing, in plain torch.
+
+This module is *the* reference: the CPU graph path emits these very functions into the rewritten
+FX graph (so Inductor fuses unpack + dequantize into one generated kernel), the eager CPU kernel
+calls them, and the Triton kernels are tested against them.
+
+Every function is written with pointwise ops, broadcasting and reductions only (no ``stack``/``cat``
+and no tensor constants) so it traces with ``torch.fx.symbolic_trace`` and stays fusable by Inductor,
+also when the number of tokens is a data-dependent (unbacked) size.
+
+Format of one cached token (hidden size ``d``, ``G = d // group_size`` groups):
+  codes  uint8  ``[packed_width(d, bits)]``  b-bit codes packed densely, little-endian within a word
+  scale  fp16   ``[G]``                      (max - min) / (2**bits - 1) of the group
+  zero   fp16   ``[G]``                      min of the group
+  x_hat = code * scale + zero
+3-bit codes are packed 8 codes per 3 bytes (no padding to 4 bits); 2-bit 4 per byte; 4-bit 2 per byte.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_DTYPE = torch.float16
+
+
+def word_layout(bits: int) -> tuple[int, int]:
+    """(codes per word, bytes per word) of the dense packing: the smallest word of whole bytes."""
+    layouts = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
+    if bits not in layouts:
+        raise ValueError(f"bits={bits} has no packing; supported: {sorted(layouts)}")
+    return layouts[bits]
+
+
+def packed_width(hidden_size: int, bits: int) -> int:
+    """Bytes per token of packed codes."""
+    codes_per_word, bytes_per_word = word_layout(bits)
+    if hidden_size % codes_per_word:
+        raise ValueError(
+            f"hidden size {hidden_size} is not a multiple of {codes_per_word}, the {bits}-bit packing word"
+        )
+    return hidden_size // codes_per_word * bytes_per_word
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the last dimension of ``x`` per group: returns (codes uint8 [..., d], scale, zero [..., G]).
+
+    Scale and zero are rounded to fp16 *before* the codes are computed, so that dequantization with the
+    stored fp16 values reproduces exactly what the codes were chosen for.
+    """
+    qmax = (1 << bits) - 1
+    groups = x.float().unflatten(-1, (-1, group_size))
+    low = groups.amin(-1)
+    high = groups.amax(-1)
+    scale = ((high - low) / qmax).to(SCALE_DTYPE)
+    zero = low.to(SCALE_DTYPE)
+    scale_f = scale.float()
+    # A constant group has scale 0: any code reproduces it, so divide by 1 instead of 0.
+    safe_scale = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
+    codes = torch.round((groups - zero.float().unsqueeze(-1)) / safe_scale.unsqueeze(-1))
+    codes = codes.clamp(0, qmax).to(torch.uint8).flatten(-2)
+    return codes, scale, zero
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack b-bit codes (uint8 [..., d]) densely into uint8 [..., packed_width(d, bits)]."""
+    codes_per_word, bytes_per_word = word_layout(bits)
+    if codes_per_word == 1:
+        return codes.to(torch.uint8)
+    shifts = torch.arange(codes_per_word, device=codes.device, dtype=torch.int32) * bits
+    words = (codes.to(torch.int32).unflatten(-1, (-1, codes_per_word)) << shifts).sum(-1, dtype=torch.int32)
+    if bytes_per_word == 1:
+        return words.to(torch.uint8)
+    byte_shifts = torch.arange(bytes_per_word, device=codes.device, dtype=torch.int32) * 8
+    return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).flatten(-2)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: uint8 [..., P] -> int32 codes [..., d]."""
+    codes_per_word, bytes_per_word = word_layout(bits)
+    if codes_per_word == 1:
+        return packed.to(torch.int32)
+    words = packed.to(torch.int32)
+    if bytes_per_word > 1:
+        byte_shifts = torch.arange(bytes_per_word, device=packed.device, dtype=torch.int32) * 8
+        words = (words.unflatten(-1, (-1, bytes_per_word)) << byte_shifts).sum(-1, dtype=torch.int32)
+    shifts = torch.arange(codes_per_word, device=packed.device, dtype=torch.int32) * bits
+    return ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Packed codes + fp16 scale/zero -> X-hat [..., d] in ``dtype`` (computed in fp32)."""
+    codes = unpack(packed, bits).unflatten(-1, (-1, group_size)).float()
+    x_hat = codes * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return x_hat.flatten(-2).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int | None, group_size: int) -> torch.Tensor:
+    """quantize -> dequantize without packing: the simulation used as an oracle in tests and sweeps."""
+    if bits is None:
+        return x
+    codes, scale, zero = quantize(x, bits, group_size)
+    groups = codes.unflatten(-1, (-1, group_size)).float()
+    return (groups * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).flatten(-2).to(x.dtype)

@@ -1,0 +1,55 @@
+"""Block-Hadamard rotation of X, folded into the K/V weights.
+
+Caching Q(X·R) and rebuilding K = (X̂R)(W·R)ᵀ equals X̂·Wᵀ for an orthogonal R, so the rotation is
+free at rebuild time; it only spreads X's outlier channels across each quantization group.
+R = blockdiag(H, ..., H) with H the normalized Sylvester Hadamard matrix of size group_size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Orthonormal, symmetric n×n Hadamard matrix (n a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(dtype=dtype, device=device)
+
+
+def rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x·blockdiag(h, ..., h) over the last dimension (traceable: used inside the rewritten graph)."""
+    return (x.unflatten(-1, (-1, h.shape[0])) @ h.to(x.dtype)).flatten(-2)
+
+
+def fold_into_weight(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """W·R for a Linear weight W [out, in]: the weight that maps rotated inputs to the same outputs."""
+    folded = weight.detach().float().unflatten(1, (-1, h.shape[0])) @ h.to(weight.device, torch.float32)
+    return folded.flatten(1).to(weight.dtype)
+
+
+class FoldedWeights:
+    """W·R computed once per weight tensor and recomputed only if the weight is modified in place.
+
+    Keyed weakly on the weight tensor itself, so the copy dies with the model; the tensor's
+    ``_version`` counter (bumped by every in-place write) tells when it went stale.
+    """
+
+    def __init__(self) -> None:
+        self._folded: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def get(self, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        entry = self._folded.get(weight)
+        if entry is None or entry[0] != weight._version or entry[1].shape[0] != h.shape[0]:
+            entry = (weight._version, h, fold_into_weight(weight, h))
+            self._folded[weight] = entry
+        return entry[2]
+
+
+FOLDED_WEIGHTS = FoldedWeights()
