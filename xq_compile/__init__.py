@@ -18,6 +18,7 @@ from . import kernels  # registers the xq_compile:: torch.library ops
 from .backend import COMPILE_LOG, xquant_backend
 from .cache import XQuantCache, XQuantLayer
 from .config import XQuantConfig
+from . import models
 from .memory import fp16_kv_cache_bytes, xquant_cache_bytes
 
 __all__ = [

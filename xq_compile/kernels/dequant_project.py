@@ -1,0 +1,285 @@
+"""``xq_compile::dequant_project``: rebuild K (or V) from the packed X cache in one op.
+
+    out[:, :n] = dequantize(packed[:, :n], scale[:, :n], zero[:, :n]) @ weight.T + bias
+    out[:, n:] = 0                                   with n = length (clamped to [0, L])
+
+``L`` is the cache capacity (max_cache_len), ``n`` the current fill. The work follows ``n``: the CPU
+kernel slices the first ``n`` tokens; the CUDA kernel reads ``n`` on the device and every program whose
+row block starts at or past ``n`` only writes its zeros. Reading ``n`` on the device (no ``.item()``,
+no host sync) keeps the op capturable in a CUDA graph, where ``n`` changes between replays.
+
+The quantization format is the one of :mod:`xq_compile.quant` (the reference): per-token groups of
+``group_size`` channels with an fp16 scale and zero, b-bit codes packed densely little-endian. Code ``k``
+of a token starts at bit ``k * bits`` of that token's byte string for every supported width (a 3-bit
+word is 8 codes in 3 bytes, i.e. the codes simply follow each other), which is what the kernel uses.
+
+Triton is optional: without it this module still imports and the CPU kernel works; only dispatching a
+CUDA tensor to the op raises (asking to install triton).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from xq_compile import quant
+
+try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by a subprocess test that hides triton
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+__all__ = ["HAS_TRITON", "dequant_project", "dequant_project_triton"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks (shapes, dtypes and devices only: never reads tensor data, so no host sync).
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    length: torch.Tensor,
+    bits: int,
+    group_size: int,
+) -> None:
+    if packed.dim() != 3 or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be uint8 [B, L, P], got {packed.dtype} {tuple(packed.shape)}")
+    if weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise ValueError(f"weight must be a floating [N, d] tensor, got {weight.dtype} {tuple(weight.shape)}")
+    batch, max_len, width = packed.shape
+    out_features, hidden = weight.shape
+    if group_size < 1 or hidden % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the hidden size {hidden} of weight")
+    expected_width = quant.packed_width(hidden, bits)  # also rejects unsupported bit widths
+    if width != expected_width:
+        raise ValueError(
+            f"packed has {width} bytes per token but {bits}-bit codes of d={hidden} take {expected_width}"
+        )
+    groups = hidden // group_size
+    for name, t in (("scale", scale), ("zero", zero)):
+        if tuple(t.shape) != (batch, max_len, groups) or t.dtype != quant.SCALE_DTYPE:
+            raise ValueError(
+                f"{name} must be {quant.SCALE_DTYPE} {(batch, max_len, groups)}, got {t.dtype} {tuple(t.shape)}"
+            )
+    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != weight.dtype):
+        raise ValueError(
+            f"bias must be {weight.dtype} [{out_features}], got {bias.dtype} {tuple(bias.shape)}"
+        )
+    if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"length must be a 1-element int32/int64 tensor, got {length.dtype} {tuple(length.shape)}")
+    for name, t in (("scale", scale), ("zero", zero), ("weight", weight), ("bias", bias), ("length", length)):
+        if t is not None and t.device != packed.device:
+            raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom op. The default kernel (CPU and any device without its own kernel) is the torch reference.
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("xq_compile::dequant_project", mutates_args=())
+def dequant_project(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    length: torch.Tensor,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Dequantize the first ``length`` cached tokens of X and project them: ``[B, L, N]``, tail zero."""
+    _check_inputs(packed, scale, zero, weight, bias, length, bits, group_size)
+    batch, max_len, _ = packed.shape
+    out = packed.new_zeros((batch, max_len, weight.shape[0]), dtype=weight.dtype)
+    # Same clamping as the CUDA kernel, so both devices agree on an out-of-range length.
+    n = min(max(int(length), 0), max_len)
+    if n > 0:
+        x_hat = quant.dequantize(packed[:, :n], scale[:, :n], zero[:, :n], bits, group_size, dtype=weight.dtype)
+        out[:, :n] = F.linear(x_hat, weight, bias)
+    return out
+
+
+@dequant_project.register_fake
+def _(packed, scale, zero, weight, bias, length, bits, group_size):
+    return packed.new_empty((packed.shape[0], packed.shape[1], weight.shape[0]), dtype=weight.dtype)
+
+
+@dequant_project.register_kernel("cuda")
+def _(packed, scale, zero, weight, bias, length, bits, group_size):
+    with torch.cuda.device(packed.device):
+        return dequant_project_triton(packed, scale, zero, weight, bias, length, bits, group_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel.
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dequant_project_kernel(
+        packed_ptr, scale_ptr, zero_ptr, weight_ptr, bias_ptr, length_ptr, out_ptr,
+        L, N, D, P,
+        stride_pb, stride_pl, stride_pp,
+        stride_sb, stride_sl, stride_sg,
+        stride_zb, stride_zl, stride_zg,
+        stride_wn, stride_wk,
+        stride_ob, stride_ol, stride_on,
+        BITS: tl.constexpr,
+        GROUP_SIZE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # Axis 0 walks (batch, row block) pairs, axis 1 the output-feature blocks.
+        pid_bm = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        num_m_blocks = tl.cdiv(L, BLOCK_M)
+        batch = (pid_bm // num_m_blocks).to(tl.int64)  # int64: B * L * stride may exceed 2**31
+        m_block = pid_bm % num_m_blocks
+
+        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        out_ptrs = out_ptr + batch * stride_ob + rows[:, None] * stride_ol + cols[None, :] * stride_on
+        out_mask = (rows[:, None] < L) & col_mask[None, :]
+
+        # The fill n is read here, on the device: the host never syncs, so CUDA graphs can replay the
+        # launch with a new n. Clamped to [0, L] like the CPU kernel.
+        n = tl.load(length_ptr).to(tl.int32)
+        n = tl.minimum(tl.maximum(n, 0), L)
+        if m_block * BLOCK_M >= n:
+            # Block entirely past the fill: the cost of these tokens is one store of zeros.
+            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=out_mask)
+            return
+
+        row_mask = rows < n  # tokens of a partly filled block past n are never read
+        packed_rows = packed_ptr + batch * stride_pb + rows * stride_pl
+        scale_rows = scale_ptr + batch * stride_sb + rows * stride_sl
+        zero_rows = zero_ptr + batch * stride_zb + rows * stride_zl
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < D  # ragged last tile when BLOCK_K does not divide d
+            x_mask = row_mask[:, None] & k_mask[None, :]
+
+            # Code k of a token starts at bit k * BITS of its byte string (dense little-endian packing).
+            bit = ks * BITS
+            byte = bit // 8
+            shift = bit % 8
+            word = tl.load(packed_rows[:, None] + byte[None, :] * stride_pp, mask=x_mask, other=0).to(tl.int32)
+            if BITS == 3:
+                # 3 does not divide 8: codes 2 and 5 of each 3-byte word straddle two bytes, so read the
+                # next byte too and shift within the 16-bit value. The next byte may lie past the
+                # token's last byte (for its last code, which does not straddle): mask it out.
+                hi_mask = x_mask & (byte[None, :] + 1 < P)
+                hi = tl.load(packed_rows[:, None] + (byte[None, :] + 1) * stride_pp, mask=hi_mask, other=0)
+                word = word | (hi.to(tl.int32) << 8)
+            code = (word >> shift[None, :]) & ((1 << BITS) - 1)
+
+            # x_hat = code * scale + zero of the channel's group, in fp32 like quant.dequantize.
+            group = ks // GROUP_SIZE
+            s = tl.load(scale_rows[:, None] + group[None, :] * stride_sg, mask=x_mask, other=0.0)
+            z = tl.load(zero_rows[:, None] + group[None, :] * stride_zg, mask=x_mask, other=0.0)
+            x = code.to(tl.float32) * s.to(tl.float32) + z.to(tl.float32)  # masked entries are 0
+
+            # weight is [N, d]: read the [BLOCK_K, BLOCK_N] tile of weight.T through the strides.
+            w = tl.load(
+                weight_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+            # X-hat is rounded to the weight dtype first (as the reference dequantizes to it), the
+            # products accumulate in fp32.
+            acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+        # Rows past n in this block must be exactly 0 (the bias would otherwise land there).
+        acc = tl.where(row_mask[:, None], acc, 0.0)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _next_power_of_2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def dequant_project_triton(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    length: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    block_m: int = 64,
+    block_n: Optional[int] = None,
+    block_k: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """Launch the Triton kernel (what the op's CUDA kernel calls). Same semantics as the op.
+
+    Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed
+    by pointer: nothing here reads tensor data, so the launch is CUDA-graph capturable.
+
+    Block sizes: ``block_m`` tokens x ``block_n`` output features per program (default: N rounded up
+    to a power of two, capped at 128, so a K projection of a small model re-dequantizes X for few N
+    blocks), looping over d in ``block_k`` channels. All are powers of two >= 16 (``tl.dot`` needs
+    that); d need not be a multiple of ``block_k``.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "xq_compile::dequant_project on CUDA needs triton, which is not installed: "
+            "pip install 'xq-compile[triton]' (or pip install triton)."
+        )
+    _check_inputs(packed, scale, zero, weight, bias, length, bits, group_size)
+    batch, max_len, width = packed.shape
+    out_features, hidden = weight.shape
+    if block_n is None:
+        block_n = min(128, max(16, _next_power_of_2(out_features)))
+    for name, block in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"{name}={block} must be a power of two >= 16")
+
+    out = torch.empty((batch, max_len, out_features), device=packed.device, dtype=weight.dtype)
+    if out.numel() == 0:
+        return out
+    # fp32 weights follow torch's matmul precision setting (TF32 only when the user allowed it, as
+    # F.linear does); 16-bit weights get Triton's default, which does not apply to them anyway.
+    fp32_exact = weight.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    precision = "ieee" if fp32_exact else "tf32"
+    grid = (batch * triton.cdiv(max_len, block_m), triton.cdiv(out_features, block_n))
+    _dequant_project_kernel[grid](
+        packed, scale, zero, weight, weight if bias is None else bias, length, out,
+        max_len, out_features, hidden, width,
+        *packed.stride(), *scale.stride(), *zero.stride(), *weight.stride(), *out.stride(),
+        BITS=bits,
+        GROUP_SIZE=group_size,
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION=precision,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
