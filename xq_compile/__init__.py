@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from . import kernels  # registers the xq_compile:: torch.library ops
-from .backend import COMPILE_LOG, xquant_backend
+from .backend import COMPILE_LOG, make_xquant_backend, xquant_backend
 from .cache import XQuantCache, XQuantLayer
 from .config import XQuantConfig
 from . import models
@@ -27,6 +27,7 @@ __all__ = [
     "XQuantConfig",
     "XQuantLayer",
     "fp16_kv_cache_bytes",
+    "make_xquant_backend",
     "xquant_backend",
     "xquant_cache_bytes",
 ]

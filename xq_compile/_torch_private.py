@@ -21,6 +21,11 @@ def register_backend(fn, name: str) -> None:
     torch._dynamo.register_backend(fn, name=name)
 
 
+def lookup_backend(name: str):
+    # Resolves a backend name the way torch.compile(backend=name) does.
+    return torch._dynamo.lookup_backend(name)
+
+
 def registered_backends() -> list[str]:
     return torch._dynamo.list_backends(exclude_tags=())
 

@@ -41,25 +41,43 @@ class CompileRecord:
 COMPILE_LOG: collections.deque[CompileRecord] = collections.deque(maxlen=32)
 
 
-def xquant_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
-                   options: dict | None = None) -> Callable:
-    if options:
-        raise ValueError(
-            "the xquant backend takes its configuration from the XQuantCache passed to the model "
-            f"(xq.XQuantCache(..., xquant=xq.XQuantConfig(...))); got options={options}."
-        )
-    graph_module = private.copy_dynamo_graph_module(gm)
-    code_before = graph_module.code
-    result = XQuantRewrite().apply(graph_module, example_inputs)
-    COMPILE_LOG.append(CompileRecord(result.reports, code_before, graph_module.code))
-    _report(result.reports)
-    if not result.extra_inputs:
-        return private.inductor_compile(graph_module, list(example_inputs), mode)
+def make_xquant_backend(inner: str | Callable = "inductor") -> Callable:
+    """An xquant backend whose rewritten graph is compiled by ``inner`` (a backend name or callable).
 
-    extra_examples = [private.as_static_example(spec.fetch(example_inputs), example_inputs)
-                      for spec in result.extra_inputs]
-    compiled = private.inductor_compile(graph_module, [*example_inputs, *extra_examples], mode)
-    return _bind_x_state(compiled, result)
+    ``backend="xquant"`` is ``make_xquant_backend("inductor")``; ``"aot_eager"`` runs the rewritten
+    graph without code generation (handy to debug the rewrite itself).
+    """
+
+    def xquant(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
+               options: dict | None = None) -> Callable:
+        if options:
+            raise ValueError(
+                "the xquant backend takes its configuration from the XQuantCache passed to the model "
+                f"(xq.XQuantCache(..., xquant=xq.XQuantConfig(...))); got options={options}."
+            )
+        graph_module = private.copy_dynamo_graph_module(gm)
+        code_before = graph_module.code
+        result = XQuantRewrite().apply(graph_module, example_inputs)
+        COMPILE_LOG.append(CompileRecord(result.reports, code_before, graph_module.code))
+        _report(result.reports)
+        extra = [private.as_static_example(spec.fetch(example_inputs), example_inputs)
+                 for spec in result.extra_inputs]
+        compiled = _compile_inner(inner, graph_module, [*example_inputs, *extra], mode)
+        return _bind_x_state(compiled, result) if result.extra_inputs else compiled
+
+    return xquant
+
+
+def _compile_inner(inner, gm, example_inputs, mode):
+    if inner == "inductor":
+        return private.inductor_compile(gm, example_inputs, mode)
+    if mode is not None:
+        raise ValueError(f"mode={mode!r} only applies to the inductor inner compiler, not {inner!r}")
+    compiler = private.lookup_backend(inner) if isinstance(inner, str) else inner
+    return compiler(gm, example_inputs)
+
+
+xquant_backend = make_xquant_backend("inductor")
 
 
 def _report(reports: list[SiteReport]) -> None:

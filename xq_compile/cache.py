@@ -103,6 +103,14 @@ class XQuantLayer(StaticLayer):
                 "model's forward with torch.compile(model.forward, backend='xquant', fullgraph=True) and "
                 "pass generate(..., disable_compile=True) so transformers does not run its own compile."
             )
+        if key_states.dtype != self.dtype or key_states.device.type != self.device.type:
+            # Checked while Dynamo traces (dtype/device are static), so the user sees this message
+            # instead of a dtype error deep inside attention.
+            raise TypeError(
+                f"XQuantCache was created with dtype={self.dtype}, device={self.device}, but layer "
+                f"{self.layer_idx} runs in dtype={key_states.dtype} on {key_states.device}: create the "
+                f"cache with dtype={key_states.dtype}, device='{key_states.device}' (the model's)."
+            )
         return super().update(key_states, value_states, *args, **kwargs)
 
     def tensors(self) -> list[torch.Tensor]:

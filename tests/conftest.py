@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-weight Llama models and a prefill + decode driver."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+
+def tiny_llama(num_kv_heads: int = 4, num_layers: int = 2, hidden: int = 64, heads: int = 4,
+               bias: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=num_layers, num_attention_heads=heads,
+                         num_key_value_heads=num_kv_heads, max_position_embeddings=512,
+                         attention_bias=bias)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval().to(dtype)
+    # Random init gives near-uniform logits; scale up so that errors in K/V visibly move them.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    return model
+
+
+def decode_inputs(batch: int = 2, prompt: int = 6, steps: int = 16, pad: int = 2, seed: int = 1):
+    """Prompt (row 1 left-padded by ``pad``) plus ``steps`` single-token decode steps."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, prompt), generator=g)
+    mask = torch.ones(batch, prompt, dtype=torch.long)
+    if batch > 1:
+        mask[1, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    calls = [dict(input_ids=ids, attention_mask=mask, position_ids=positions)]
+    last = positions[:, -1:]
+    for t in range(steps):
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], 1)
+        calls.append(dict(input_ids=torch.randint(0, 128, (batch, 1), generator=g), attention_mask=mask,
+                          position_ids=last + t + 1))
+    return calls
+
+
+def run_calls(forward, cache, calls) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [forward(**c, cache=cache, use_cache=True).logits for c in calls]
+
+
+def reference_logits(model, calls, max_cache_len: int) -> list[torch.Tensor]:
+    """The unmodified eager model with transformers' StaticCache."""
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    return run_calls(model.forward, cache, calls)
+
+
+def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch (no recompile limits or cached graphs carried over)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
