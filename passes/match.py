@@ -289,6 +289,12 @@ def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Sit
     if rope_inputs:
         position_source = _position_source(rope_inputs, batch, seq_len)
         if position_source is None:
+            tables_are_inputs = any(n.op == "placeholder" and example_value(n) is not None
+                                    and example_value(n).dtype.is_floating_point
+                                    for i in rope_inputs for n in _ancestors(i, stop=lambda n: False))
+            if tables_are_inputs:
+                raise SkipSite("the keys' RoPE cos/sin are inputs of this graph, not computed from position ids "
+                               "in it: the model was split by a graph break; compile with fullgraph=True")
             raise SkipSite("the keys' RoPE tables do not derive from a [batch, seq] integer position tensor")
     if key.append.index is not value.append.index and example_value(value.append.index) is None:
         raise SkipSite("key and value are written at different positions")

@@ -94,14 +94,50 @@ class XQuantRewrite:
             if isinstance(layer, str):
                 reports.append(SiteReport(site.layer, "skipped", layer))
                 continue
+            _check_cross_layer_order(state, layer)
             _rewrite_site(state, site, layer)
-            reports.append(SiteReport(layer.layer_idx, "rewritten",
-                                      form="X" if layer.xquant.quantized else "X (unquantized)"))
+            reports.append(SiteReport(layer.layer_idx, "rewritten", form=_form(layer)))
             appends.append((arg_index[site.key.append.cache], state.token_count(site.seq_len)))
         reports.sort(key=lambda r: (r.layer is None, r.layer if r.layer is not None else 0))
+        _refuse_unrewritten_xquant_appends(graph, arg_index, example_inputs, reports)
         graph.lint()
         gm.recompile()
         return RewriteResult(gm, state.extra_inputs, reports, appends)
+
+
+def _form(layer: XQuantLayer) -> str:
+    bits = "unquantized" if layer.bits is None else f"{layer.bits}-bit"
+    if layer.stores_delta:
+        return f"X delta vs layer {layer.layer_idx - 1} (cross-layer, {bits})"
+    return f"X ({bits})"
+
+
+def _check_cross_layer_order(state: "_GraphState", layer: XQuantLayer) -> None:
+    """XQuant-CL chains every layer to the one below: all of them must be in this graph, in order."""
+    if not layer.xquant.cross_layer:
+        return
+    if layer.layer_idx != state.next_cross_layer:
+        raise RuntimeError(
+            f"XQuant-CL needs every attention layer in one graph, in order, but this graph reaches "
+            f"layer {layer.layer_idx} after layer {state.next_cross_layer - 1}. Compile with "
+            "fullgraph=True (a graph break splits the layer chain), or use cross_layer=False."
+        )
+    state.next_cross_layer += 1
+
+
+def _refuse_unrewritten_xquant_appends(graph, arg_index, example_inputs, reports) -> None:
+    """An XQuantCache cannot take the original K/V write (its K/V are 4-byte placeholders): say why."""
+    from .match import find_appends
+
+    for append in find_appends(graph):
+        idx = arg_index.get(append.cache)
+        if idx is not None and layer_of(example_inputs[idx]) is not None:
+            reasons = "; ".join(str(r) for r in reports if r.status == "skipped") or "unknown pattern"
+            raise RuntimeError(
+                f"xquant could not rewrite a K/V write into XQuantCache layer {layer_of(example_inputs[idx]).layer_idx} "
+                f"({reasons}). The model's attention does not match a supported pattern; use a "
+                "transformers StaticCache for it instead of XQuantCache."
+            )
 
 
 class _GraphState:
@@ -116,6 +152,8 @@ class _GraphState:
         self._inputs_by_key: dict[tuple, fx.Node] = {}
         self.length: fx.Node | None = None        # tokens cached after this call's append (int or tensor)
         self.positions: fx.Node | None = None
+        self.accumulator: fx.Node | None = None   # XQuant-CL: X̂ of the layer below, all cached rows
+        self.next_cross_layer = 0
 
     # -- inputs -------------------------------------------------------------------------------
     def add_input(self, key: tuple, name: str, fetch) -> fx.Node:
@@ -217,9 +255,13 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 emit.check(graph.call_function(operator.le, (length, layer.max_cache_len)))
                 state.length = length
         x = emit(rotate, site.x, rotation) if rotation is not None else site.x
-        if cfg.quantized:
-            codes, scale, zero = emit(quant.quantize, x, cfg.bits, cfg.group_size)
-            new_rows = {"codes": emit(quant.pack, codes, cfg.bits), "scale": scale, "zero": zero}
+        if layer.stores_delta:
+            # Closed loop: the delta is taken against the layer below *as reconstructed*, for the new rows.
+            below = emit(lambda acc, i: acc.index_select(1, i), state.accumulator, index)
+            x = emit(lambda x, below: x.float() - below, x, below)
+        if layer.bits is not None:
+            codes, scale, zero = emit(quant.quantize, x, layer.bits, cfg.group_size)
+            new_rows = {"codes": emit(quant.pack, codes, layer.bits), "scale": scale, "zero": zero}
         else:
             new_rows = {"x": x}
         for name, rows in new_rows.items():
@@ -229,19 +271,26 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
     anchor = last.next
     with graph.inserting_before(anchor):
         n = state.length
-        if on_cuda and cfg.quantized:
-            x_hat = None
-        elif on_cuda:
-            x_hat = state_inputs["x"]
+        if on_cuda and layer.bits is not None and not cfg.cross_layer:
+            x_hat = None  # the fused dequantize-and-project op reads the packed rows itself
         else:
-            rows = {name: emit(lambda t, n: t.narrow(1, 0, n), node, n) for name, node in state_inputs.items()}
-            x_hat = (emit(quant.dequantize, rows["codes"], rows["scale"], rows["zero"], cfg.bits,
-                          cfg.group_size, layer.dtype) if cfg.quantized else rows["x"])
+            rows = (state_inputs if on_cuda else
+                    {name: emit(lambda t, n: t.narrow(1, 0, n), node, n) for name, node in state_inputs.items()})
+            # XQuant-CL accumulates in fp32 so that rounding does not build up over the layers.
+            own_dtype = torch.float32 if cfg.cross_layer else layer.dtype
+            own = (emit(quant.dequantize, rows["codes"], rows["scale"], rows["zero"], layer.bits,
+                        cfg.group_size, own_dtype) if layer.bits is not None else rows["x"])
+            if layer.stores_delta:
+                own = emit(lambda acc, delta: acc + delta.float(), state.accumulator, own)
+            if cfg.cross_layer:
+                state.accumulator = own
+            x_hat = emit(lambda t: t.to(layer.dtype), own) if own_dtype != layer.dtype else own
 
         def project(proj, w) -> fx.Node:
             if x_hat is None:
                 out = emit(torch.ops.xq_compile.dequant_project.default, state_inputs["codes"],
-                           state_inputs["scale"], state_inputs["zero"], w, proj.bias, n, cfg.bits, cfg.group_size)
+                           state_inputs["scale"], state_inputs["zero"], w, proj.bias, n, layer.bits,
+                           cfg.group_size)
             else:
                 out = emit(F.linear, x_hat, w, proj.bias)
             return emit(lambda t: t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2), out)

@@ -6,6 +6,9 @@ reads into a K/V rebuild from X. So the cache must keep K/V *shapes* but never t
 ``keys``/``values`` are stride-0 views of one 4-byte tensor. Any eager (un-rewritten) write into them
 fails loudly instead of silently corrupting the X cache.
 
+With XQuant-CL (``cross_layer=True``) the rows of layers above the base layers hold the delta
+X - X̂(layer below) instead of X, in the same format.
+
 State per layer (``B`` = max_batch_size, ``L`` = max_cache_len, ``d`` = hidden size, ``G = d/group``):
   quantized:   codes uint8 [B, L, packed_width(d, bits)], scale fp16 [B, L, G], zero fp16 [B, L, G]
   unquantized: x [B, L, d] in the cache dtype
@@ -61,6 +64,8 @@ class XQuantLayer(StaticLayer):
         self.layer_idx = layer_idx
         self.xquant = xquant
         self.hidden_size = hidden_size
+        self.bits = xquant.bits_of_layer(layer_idx)
+        self.stores_delta = xquant.stores_delta(layer_idx)
         self.dtype = dtype
         self.device = device
         self.batch_size, self.num_heads = batch_size, num_kv_heads
@@ -75,9 +80,9 @@ class XQuantLayer(StaticLayer):
         self.keys = torch.zeros(1, dtype=dtype, device=device).expand(shape)
         self.values = torch.zeros(1, dtype=dtype, device=device).expand(shape)
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=device)
-        if xquant.quantized:
+        if self.bits is not None:
             groups = hidden_size // xquant.group_size
-            width = quant.packed_width(hidden_size, xquant.bits)
+            width = quant.packed_width(hidden_size, self.bits)
             self.state = {
                 "codes": torch.zeros(batch_size, max_cache_len, width, dtype=torch.uint8, device=device),
                 "scale": torch.zeros(batch_size, max_cache_len, groups, dtype=quant.SCALE_DTYPE, device=device),

@@ -26,11 +26,20 @@ class XQuantConfig:
             quantizing and folds the inverse into the K/V weights, so it costs nothing when rebuilding.
             It spreads the outlier channels of X inside each group (DESIGN.md §2: 4-bit loss +13% -> +2%
             on SmolLM2). ``"none"`` quantizes X as it is (the paper's plain XQuant).
+        cross_layer: XQuant-CL. Layer i caches the delta Q(X_i - X̂_{i-1}) against the *reconstructed*
+            X of the layer below (closed loop: errors do not pile up); an accumulator carries X̂ up the
+            layers when rebuilding, so each layer reads one delta. Needs every layer in one graph.
+        base_layers: with cross_layer, the first layers store X itself (not a delta), at ``base_bits``;
+            the last of them seeds the accumulator.
+        base_bits: code width of the base layers (``None``: unquantized).
     """
 
     bits: int | None = 4
     group_size: int = 64
     rotation: str = "hadamard"
+    cross_layer: bool = False
+    base_layers: int = 3
+    base_bits: int | None = 4
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
@@ -40,6 +49,13 @@ class XQuantConfig:
             )
         if not isinstance(self.group_size, int) or self.group_size < 2:
             raise ValueError(f"XQuantConfig.group_size must be an integer >= 2, got {self.group_size!r}.")
+        if self.base_bits is not None and self.base_bits not in SUPPORTED_BITS:
+            raise ValueError(f"XQuantConfig.base_bits={self.base_bits!r}: use one of {SUPPORTED_BITS} or None.")
+        if not isinstance(self.base_layers, int) or self.base_layers < 1:
+            raise ValueError(
+                f"XQuantConfig.base_layers must be >= 1 (the last base layer seeds the cross-layer "
+                f"accumulator), got {self.base_layers!r}."
+            )
         if self.rotation not in ROTATIONS:
             raise ValueError(f"XQuantConfig.rotation={self.rotation!r}: use one of {ROTATIONS}.")
         if self.rotation == "hadamard" and self.group_size & (self.group_size - 1):
@@ -51,6 +67,16 @@ class XQuantConfig:
     @property
     def quantized(self) -> bool:
         return self.bits is not None
+
+    def bits_of_layer(self, layer_idx: int) -> int | None:
+        """Code width of one layer's cached rows (base layers of XQuant-CL use ``base_bits``)."""
+        if self.cross_layer and layer_idx < self.base_layers:
+            return self.base_bits
+        return self.bits
+
+    def stores_delta(self, layer_idx: int) -> bool:
+        """Whether the layer caches X - X̂ of the layer below (XQuant-CL above the base layers)."""
+        return self.cross_layer and layer_idx >= self.base_layers
 
     def check_hidden_size(self, hidden_size: int) -> None:
         """Refuse a hidden size the groups (and Hadamard blocks) cannot tile exactly."""
@@ -68,9 +94,13 @@ class XQuantConfig:
         return self.bits + 32.0 / self.group_size
 
     def describe(self) -> str:
-        if self.bits is None:
-            return f"XQuant unquantized X (rotation={self.rotation})"
-        return f"XQuant {self.bits}-bit g{self.group_size} rotation={self.rotation}"
+        name = "XQuant-CL" if self.cross_layer else "XQuant"
+        bits = "unquantized" if self.bits is None else f"{self.bits}-bit g{self.group_size}"
+        base = ""
+        if self.cross_layer:
+            base_bits = "unquantized" if self.base_bits is None else f"{self.base_bits}-bit"
+            base = f", first {self.base_layers} layers {base_bits}"
+        return f"{name} {bits}{base}, rotation={self.rotation}"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "XQuantConfig":

@@ -18,13 +18,18 @@ from .config import XQuantConfig
 from .rotation import hadamard, rotate
 
 
-def simulated_x(x: torch.Tensor, config: XQuantConfig) -> torch.Tensor:
+def _rotation(config: XQuantConfig, x: torch.Tensor) -> torch.Tensor | None:
+    return hadamard(config.group_size, device=x.device) if config.rotation == "hadamard" else None
+
+
+def simulated_x(x: torch.Tensor, config: XQuantConfig, bits: int | None = None) -> torch.Tensor:
     """X̂ as the compiled path reconstructs it (rotation undone, so it feeds the original weights)."""
-    if config.rotation == "hadamard":
-        h = hadamard(config.group_size, device=x.device)
-        # blockdiag(H) is symmetric and orthogonal: R⁻¹ = R.
-        return rotate(quant.fake_quantize(rotate(x, h), config.bits, config.group_size), h)
-    return quant.fake_quantize(x, config.bits, config.group_size)
+    bits = config.bits if bits is None else bits
+    h = _rotation(config, x)
+    if h is None:
+        return quant.fake_quantize(x, bits, config.group_size)
+    # blockdiag(H) is symmetric and orthogonal: R⁻¹ = R.
+    return rotate(quant.fake_quantize(rotate(x, h), bits, config.group_size), h)
 
 
 def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
@@ -40,9 +45,34 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch
 
 @contextlib.contextmanager
 def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[None]:
-    """Within the block, every k_proj/v_proj of ``model`` sees X̂ instead of X."""
-    hook = lambda module, args: (simulated_x(args[0], config), *args[1:])  # noqa: E731
-    handles = [proj.register_forward_pre_hook(hook) for pair in _kv_projections(model) for proj in pair]
+    """Within the block, every k_proj/v_proj of ``model`` sees X̂ instead of X.
+
+    With ``cross_layer`` the layers are chained in module order exactly as the compiled path chains
+    them: layer i sees X̂_{i-1} + deq(Q(X_i·R - X̂_{i-1})) for the tokens of the current call.
+    """
+    layers = _kv_projections(model)
+    reconstructed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (its X, X̂·R)
+
+    def x_hat(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i in reconstructed and reconstructed[i][0] is x:
+            rotated_hat = reconstructed[i][1]  # v_proj of the layer whose k_proj just ran
+        else:
+            h = _rotation(config, x)
+            xr = rotate(x, h) if h is not None else x
+            bits = config.bits_of_layer(i)
+            if config.stores_delta(i):
+                below = reconstructed[i - 1][1]
+                rotated_hat = below + quant.fake_quantize(xr.float() - below, bits, config.group_size)
+            else:
+                rotated_hat = quant.fake_quantize(xr.float(), bits, config.group_size)
+            reconstructed[i] = (x, rotated_hat)
+        h = _rotation(config, x)
+        return (rotate(rotated_hat, h) if h is not None else rotated_hat).to(x.dtype)
+
+    handles = []
+    for i, (k, v) in enumerate(layers):
+        hook = lambda module, args, i=i: (x_hat(i, args[0]), *args[1:])  # noqa: E731
+        handles += [k.register_forward_pre_hook(hook), v.register_forward_pre_hook(hook)]
     try:
         yield
     finally:
