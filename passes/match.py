@@ -11,6 +11,7 @@ code paths), so another cache layout is a new entry, not a copy of the matcher.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 from typing import Callable, Iterable
 
@@ -79,13 +80,15 @@ APPEND_FORMS: list[AppendForm] = [AppendForm("index_copy_", _match_index_copy)]
 
 @dataclasses.dataclass
 class Projection:
-    """x -> linear(x, weight, bias) -> heads [B, H, S, D] -> (RoPE) -> appended value."""
+    """x -> linear(x, weight, bias) [-> channel slice] -> heads -> (RoPE, norms...) -> appended value."""
 
     linear: fx.Node
     weight: fx.Node
     bias: fx.Node | None
-    heads: fx.Node                # the per-head states right before RoPE
-    rope: list[fx.Node]           # RoPE region: descendants of ``heads`` that feed the appended value
+    channels: tuple[int, int] | None  # rows [start, stop) of a fused projection (e.g. Phi-3 qkv_proj)
+    heads: fx.Node                # the per-head states where the per-token region (RoPE, norms) starts
+    heads_first: bool             # heads laid out [B, H, S, D] (else [B, S, H, D], e.g. Qwen3's k_norm)
+    rope: list[fx.Node]           # descendants of ``heads`` that feed the appended value
     append: Append
 
 
@@ -151,19 +154,41 @@ def _projection(append: Append) -> Projection:
         raise SkipSite(f"the appended states come from {len(linears)} projections, expected exactly one linear")
     linear = linears[0]
     weight, bias = _arg(linear, 1, "weight"), _arg(linear, 2, "bias")
+    start = linear
+    channels = _channel_slice(linear, append)
+    if channels is not None:
+        start, channels = channels
     # Follow the head reshape (view/transpose...) from the projection towards the append.
-    heads = linear
+    heads, transposed = start, False
     while True:
         nxt = [u for u in heads.users if is_call(u, methods=SHAPE_METHODS, functions=SHAPE_FUNCTIONS)
                and append.value in _descendants(u)]
         if len(nxt) != 1:
             break
         heads = nxt[0]
-    if heads is linear:
+        transposed |= is_call(heads, methods={"transpose", "permute"}, functions={torch.transpose, torch.permute})
+    if heads is start:
         raise SkipSite("no per-head reshape between the projection and the cache append")
     between = _descendants(heads) & _ancestors(append.value, stop=lambda n: False)
     rope = [n for n in heads.graph.nodes if n in between and n is not heads]
-    return Projection(linear=linear, weight=weight, bias=bias, heads=heads, rope=rope, append=append)
+    return Projection(linear=linear, weight=weight, bias=bias, channels=channels, heads=heads,
+                      heads_first=transposed, rope=rope, append=append)
+
+
+def _channel_slice(linear: fx.Node, append: Append) -> tuple[fx.Node, tuple[int, int]] | None:
+    """A fused projection's output sliced on its last dim (``qkv[..., a:b]``) on the way to the append."""
+    out = example_value(linear)
+    for user in linear.users:
+        if (user.op == "call_function" and user.target is operator.getitem and append.value in _descendants(user)
+                and out is not None):
+            index = user.args[1]
+            index = index if isinstance(index, tuple) else (index,)
+            last = index[-1]
+            leading_ok = all(i is Ellipsis or i == slice(None) for i in index[:-1])
+            if isinstance(last, slice) and last.step in (None, 1) and leading_ok:
+                start, stop, _ = last.indices(int(out.shape[-1]))
+                return user, (start, stop)
+    return None
 
 
 def _rope_inputs(proj: Projection) -> list[fx.Node]:
@@ -279,18 +304,18 @@ def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Sit
             raise SkipSite(f"cache append along dim {proj.append.seq_dim}; expected [batch, heads, seq, head_dim] dim 2")
         if not isinstance(proj.weight, fx.Node) or (proj.bias is not None and not isinstance(proj.bias, fx.Node)):
             raise SkipSite("projection weight/bias are not graph inputs")
-    heads = example_value(key.heads)
+    written = example_value(key.append.value)
     cache = example_value(key.append.cache)
-    if heads is None or cache is None or heads.dim() != 4 or cache.dim() != 4:
-        raise SkipSite("per-head key states are not [batch, heads, seq, head_dim] tensors")
-    batch, num_heads, seq_len, head_dim = heads.shape
+    if written is None or cache is None or written.dim() != 4 or cache.dim() != 4:
+        raise SkipSite("the appended key states are not [batch, heads, seq, head_dim] tensors")
+    batch, num_heads, seq_len, head_dim = written.shape
     rope_inputs = _rope_inputs(key)
     position_source = None
     if rope_inputs:
         position_source = _position_source(rope_inputs, batch, seq_len)
         if position_source is None:
             tables_are_inputs = any(n.op == "placeholder" and example_value(n) is not None
-                                    and example_value(n).dtype.is_floating_point
+                                    and example_value(n).dtype.is_floating_point and example_value(n).dim() >= 3
                                     for i in rope_inputs for n in _ancestors(i, stop=lambda n: False))
             if tables_are_inputs:
                 raise SkipSite("the keys' RoPE cos/sin are inputs of this graph, not computed from position ids "

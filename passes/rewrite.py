@@ -287,13 +287,20 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             x_hat = emit(lambda t: t.to(layer.dtype), own) if own_dtype != layer.dtype else own
 
         def project(proj, w) -> fx.Node:
+            bias = proj.bias
+            if proj.channels is not None:  # one slice of a fused projection: only its rows are rebuilt
+                first_row, stop = proj.channels
+                w = emit(lambda w: w.narrow(0, first_row, stop - first_row), w)
+                bias = emit(lambda b: b.narrow(0, first_row, stop - first_row), bias) if bias is not None else None
             if x_hat is None:
                 out = emit(torch.ops.xq_compile.dequant_project.default, state_inputs["codes"],
-                           state_inputs["scale"], state_inputs["zero"], w, proj.bias, n, layer.bits,
+                           state_inputs["scale"], state_inputs["zero"], w, bias, n, layer.bits,
                            cfg.group_size)
             else:
-                out = emit(F.linear, x_hat, w, proj.bias)
-            return emit(lambda t: t.unflatten(-1, (site.num_heads, site.head_dim)).transpose(1, 2), out)
+                out = emit(F.linear, x_hat, w, bias)
+            heads = emit(lambda t: t.unflatten(-1, (site.num_heads, site.head_dim)), out)
+            # The same layout the model's own per-token region (RoPE, k_norm...) expects.
+            return emit(lambda t: t.transpose(1, 2), heads) if proj.heads_first else heads
 
         def to_cache_shape(t: fx.Node) -> fx.Node:
             if on_cuda:

@@ -158,6 +158,17 @@ class XQuantLayer(StaticLayer):
         raise NotImplementedError("XQuantCache has a fixed batch; selecting rows would move its static buffers.")
 
 
+def _layer_types(config) -> list[str]:
+    """Attention type of each layer, as transformers' StaticCache reads it from the config."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # older transformers: layer_types, or one global sliding window
+        sliding = getattr(config, "sliding_window", None) is not None
+        default = "sliding_attention" if sliding else "full_attention"
+        return list(getattr(config, "layer_types", None) or [default] * config.num_hidden_layers)
+    return list(get_layer_types_and_kwargs(config)[0])
+
+
 class XQuantCache(Cache):
     """A transformers Cache storing each attention layer's input X, quantized, instead of K and V.
 
@@ -186,8 +197,7 @@ class XQuantCache(Cache):
             raise ValueError(f"max_batch_size and max_cache_len must be >= 1, got {max_batch_size}, {max_cache_len}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be the model's floating dtype, got {dtype}")
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-        sliding = sorted({t for t in layer_types if t != "full_attention"})
+        sliding = sorted({t for t in _layer_types(config) if t != "full_attention"})
         if sliding:
             raise ValueError(
                 f"XQuantCache supports full-attention layers only; this model has layer types {sliding}."

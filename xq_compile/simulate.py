@@ -32,15 +32,18 @@ def simulated_x(x: torch.Tensor, config: XQuantConfig, bits: int | None = None) 
     return rotate(quant.fake_quantize(rotate(x, h), bits, config.group_size), h)
 
 
-def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    pairs = []
+def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]:
+    """Per attention layer, in order: (k_proj, v_proj), or (qkv_proj, first K/V row) for a fused one."""
+    layers = []
     for module in model.modules():
-        k, v = getattr(module, "k_proj", None), getattr(module, "v_proj", None)
+        k, v, qkv = (getattr(module, name, None) for name in ("k_proj", "v_proj", "qkv_proj"))
         if isinstance(k, torch.nn.Linear) and isinstance(v, torch.nn.Linear):
-            pairs.append((k, v))
-    if not pairs:
-        raise ValueError("no attention module with k_proj/v_proj Linear layers found to simulate XQuant on")
-    return pairs
+            layers.append((k, v))
+        elif isinstance(qkv, torch.nn.Linear):  # Phi-3 style: rows [q | k | v]
+            layers.append((qkv, module.config.num_attention_heads * module.head_dim))
+    if not layers:
+        raise ValueError("no attention module with k_proj/v_proj or qkv_proj Linear layers to simulate XQuant on")
+    return layers
 
 
 @contextlib.contextmanager
@@ -69,10 +72,19 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[No
         h = _rotation(config, x)
         return (rotate(rotated_hat, h) if h is not None else rotated_hat).to(x.dtype)
 
+    def fused_hook(module, args, out, i, kv_start):
+        # queries keep the exact X; only the K/V rows of the fused projection see X̂
+        bias = module.bias[kv_start:] if module.bias is not None else None
+        kv = torch.nn.functional.linear(x_hat(i, args[0]), module.weight[kv_start:], bias)
+        return torch.cat([out[..., :kv_start], kv], dim=-1)
+
     handles = []
-    for i, (k, v) in enumerate(layers):
+    for i, (first, second) in enumerate(layers):
+        if isinstance(second, int):
+            handles.append(first.register_forward_hook(lambda m, a, o, i=i, s=second: fused_hook(m, a, o, i, s)))
+            continue
         hook = lambda module, args, i=i: (x_hat(i, args[0]), *args[1:])  # noqa: E731
-        handles += [k.register_forward_pre_hook(hook), v.register_forward_pre_hook(hook)]
+        handles += [first.register_forward_pre_hook(hook), second.register_forward_pre_hook(hook)]
     try:
         yield
     finally:

@@ -1,0 +1,73 @@
+"""More model families: each rewritten and exact when unquantized, and matching the reference when quantized."""
+
+import pytest
+import torch
+import transformers as tf
+
+import xq_compile as xq
+from xq_compile.simulate import simulate_xquant
+
+from conftest import decode_inputs, max_error, reference_logits, run_calls
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+FAMILIES = {
+    "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=None),
+    "qwen2 (q/k/v bias)": lambda: tf.Qwen2Config(**COMMON),
+    "phi3 (fused qkv_proj)": lambda: tf.Phi3Config(**COMMON, pad_token_id=0),
+    "qwen3 (per-head k_norm before RoPE)": lambda: tf.Qwen3Config(**COMMON, head_dim=16),
+    "gemma": lambda: tf.GemmaConfig(**COMMON, head_dim=16),
+}
+AOT_EAGER = xq.make_xquant_backend("aot_eager")
+
+
+def build(family):
+    torch.manual_seed(0)
+    config = FAMILIES[family]()
+    config._attn_implementation = "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random q/k/v biases and weights large enough that K/V errors show
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("k_proj", "qkv_proj", "q_proj")):
+                p.mul_(4)
+    return model
+
+
+def run(model, config, calls, backend=AOT_EAGER):
+    cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=32, xquant=config)
+    return run_calls(torch.compile(model.forward, backend=backend, fullgraph=True), cache, calls)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_is_rewritten_and_exact_unquantized(family):
+    model = build(family)
+    calls = decode_inputs(steps=4)
+    out = run(model, xq.XQuantConfig(bits=None, group_size=16), calls)
+    assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
+    record = xq.COMPILE_LOG[-1]
+    assert record.rewritten == len(record.reports) == 2
+
+
+@pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "qwen3 (per-head k_norm before RoPE)"])
+def test_family_quantized_matches_the_reference(family):
+    model = build(family)
+    calls = decode_inputs(steps=4)
+    config = xq.XQuantConfig(bits=4, group_size=16)
+    out = run(model, config, calls)
+    with simulate_xquant(model, config):
+        simulated = reference_logits(model, calls, 32)
+    exact = reference_logits(model, calls, 32)
+    assert max_error(out, simulated) < 0.1 * max_error(simulated, exact)
+
+
+def test_qwen2_with_inductor():
+    model = build("qwen2 (q/k/v bias)")
+    calls = decode_inputs(steps=3)
+    out = run(model, xq.XQuantConfig(bits=None, group_size=16), calls, backend="xquant")
+    assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
+
+
+def test_sliding_window_layers_are_refused_clearly():
+    config = tf.MistralConfig(**COMMON, sliding_window=8)
+    with pytest.raises(ValueError, match="full-attention layers only.*sliding_attention"):
+        xq.XQuantCache(config, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(group_size=16))
