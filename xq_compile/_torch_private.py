@@ -33,10 +33,15 @@ def registered_backends() -> list[str]:
 def inductor_compile(gm: torch.fx.GraphModule, example_inputs, mode: str | None):
     # Inductor is the default inner compiler; it is only reachable through compile_fx. The mode's
     # option dict (e.g. reduce-overhead -> CUDA graphs) is applied per compile, never globally.
-    from torch._inductor import list_mode_options
+    from torch._inductor import config as inductor_config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(mode) if mode else {}
+    patches = dict(list_mode_options(mode)) if mode else {}
+    if hasattr(inductor_config, "emulate_precision_casts"):
+        # quant.quantize rounds scale/zero to fp16 before choosing the codes, so that the stored fp16
+        # values reproduce them; a fused kernel would otherwise skip that round trip and pick codes
+        # for slightly different scales (off by one step at rounding edges).
+        patches["emulate_precision_casts"] = True
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
@@ -77,3 +82,47 @@ def as_static_example(tensor: torch.Tensor, example_inputs) -> torch.Tensor:
     if fake_mode is None:
         return tensor
     return fake_mode.from_tensor(tensor, static_shapes=True)
+
+
+# -- logging: make the rewrite visible in TORCH_LOGS / TORCH_TRACE like Inductor's own passes -------
+# torch has no public API to declare a log artifact; torch._logging.register_artifact/register_log
+# are what torch's own _registrations.py uses. Registering only adds names to torch's registry: it
+# changes no log level and attaches no handler, so importing xq_compile leaves logging as it was.
+# The artifact is enabled with torch._logging.set_logs(modules={"xquant": True}) after import
+# (TORCH_LOGS="xquant" in the environment is parsed when torch is imported, before any library can
+# register a name, and is refused by torch), or from the environment with TORCH_LOGS="+xq_compile"
+# (the whole package's logger, of which the artifact logger is a child).
+XQUANT_ARTIFACT = "xquant"
+
+
+def register_log_artifact() -> None:
+    from torch._logging import _internal
+
+    _internal.register_artifact(
+        XQUANT_ARTIFACT,
+        "xq-compile: per-layer site reports of the xquant rewrite and the rewritten Dynamo graph",
+        visible=True,
+    )
+    # The artifact logger is xq_compile.backend.__xquant; torch attaches its stderr handler only to
+    # registered logs, so register the package logger as a log too (else enabling the artifact alone
+    # would produce records with no handler to print them).
+    _internal.register_log("xq_compile", "xq_compile")
+
+
+def artifact_logger(module_name: str):
+    return torch._logging.getArtifactLogger(module_name, XQUANT_ARTIFACT)
+
+
+def trace_artifact(name: str, payload_fn) -> None:
+    # TORCH_TRACE (tlparse) records structured artifacts; this is how Inductor logs its graphs there.
+    # payload_fn is only called when a trace is being written.
+    torch._logging.trace_structured(
+        "artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=payload_fn
+    )
+
+
+def compile_counters():
+    # The counters dict Dynamo and Inductor increment per compile (counters["inductor"][...]); tests and
+    # users read match counts from counters["xquant"]. torch._dynamo.reset() does not clear it;
+    # counters.clear() does.
+    return torch._dynamo.utils.counters

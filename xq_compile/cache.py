@@ -72,6 +72,10 @@ class XQuantLayer(StaticLayer):
         self.k_head_dim = self.v_head_dim = head_dim
         self.positions = positions
         self.rotation = rotation
+        # Everything the rewrite bakes into a compiled graph. update() reads it while Dynamo traces, so
+        # Dynamo guards on it and a forward compiled for one configuration recompiles for another.
+        self.compile_key = (self.bits, xquant.group_size, xquant.rotation, xquant.cross_layer, self.stores_delta,
+                            max_cache_len, batch_size, hidden_size, num_kv_heads, head_dim)
         # Host-side mirror of cumulative_length: lets us refuse an overflow before running the graph,
         # without reading the device counter (a sync, and impossible under CUDA graphs).
         self.host_length = 0
@@ -108,6 +112,9 @@ class XQuantLayer(StaticLayer):
                 "model's forward with torch.compile(model.forward, backend='xquant', fullgraph=True) and "
                 "pass generate(..., disable_compile=True) so transformers does not run its own compile."
             )
+        for setting in self.compile_key:  # never true: only here so that Dynamo guards on the settings
+            if setting == "unreachable":
+                raise AssertionError
         if key_states.dtype != self.dtype or key_states.device.type != self.device.type:
             # Checked while Dynamo traces (dtype/device are static), so the user sees this message
             # instead of a dtype error deep inside attention.
