@@ -132,11 +132,14 @@ def _refuse_unrewritten_xquant_appends(graph, arg_index, example_inputs, reports
     for append in find_appends(graph):
         idx = arg_index.get(append.cache)
         if idx is not None and layer_of(example_inputs[idx]) is not None:
-            reasons = "; ".join(str(r) for r in reports if r.status == "skipped") or "unknown pattern"
+            skipped = [str(r) for r in reports if r.status == "skipped"]
+            reasons = "; ".join(skipped) or "unknown pattern"
+            advice = ("" if any("graph break" in r for r in skipped) else
+                      " The model's attention does not match a supported pattern; use a transformers "
+                      "StaticCache for it instead of XQuantCache.")
             raise RuntimeError(
-                f"xquant could not rewrite a K/V write into XQuantCache layer {layer_of(example_inputs[idx]).layer_idx} "
-                f"({reasons}). The model's attention does not match a supported pattern; use a "
-                "transformers StaticCache for it instead of XQuantCache."
+                f"xquant could not rewrite a K/V write into XQuantCache layer "
+                f"{layer_of(example_inputs[idx]).layer_idx} ({reasons}).{advice}"
             )
 
 
@@ -171,7 +174,8 @@ class _GraphState:
         """The XQuantLayer behind a site, or the reason the site cannot be rewritten."""
         k_cache, v_cache = site.key.append.cache, site.value.append.cache
         if k_cache.op != "placeholder" or v_cache.op != "placeholder":
-            return "the K/V cache tensors are not graph inputs"
+            return ("the K/V cache tensors are not graph inputs (a cache allocated lazily inside this graph, "
+                    "e.g. a StaticCache before its first call: allocate it before compiling)")
         layer = layer_of(self.example_inputs[self.arg_index[k_cache]])
         if layer is None:
             return "the cache is not an XQuantCache (pass cache=xq.XQuantCache(...))"

@@ -5,22 +5,36 @@
 The rewrite adds graph inputs (the X state of each layer, positions, rotated weights); the callable
 returned to Dynamo takes the original inputs, fetches the extra ones from the cache the call was made
 with, checks that the new tokens fit, and runs the compiled graph.
+
+The rewrite is also usable inside a user's own Dynamo backend, before any compiler::
+
+    def my_backend(gm, example_inputs):
+        rw = xq.rewrite_for_backend(gm, example_inputs)   # XQuant rewrite of a copy of gm
+        my_fx_pass(rw.graph_module)                        # any further FX pass
+        compiled = some_compiler(rw.graph_module, rw.example_inputs)
+        return rw.bind(compiled)                           # takes Dynamo's original arguments
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from . import _torch_private as private
-from .passes import SiteReport, XQuantRewrite
+from .passes import RewriteResult, SiteReport, XQuantRewrite
 
 log = logging.getLogger("xq_compile")
+
+# The rewrite shows up under TORCH_LOGS like Inductor's passes: torch._logging.set_logs(modules={"xquant":
+# True}) (or TORCH_LOGS="+xq_compile") prints each graph's site reports and rewritten code.
+private.register_log_artifact()
+artifact_log = private.artifact_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -35,17 +49,81 @@ class CompileRecord:
     def rewritten(self) -> int:
         return sum(r.status == "rewritten" for r in self.reports)
 
+    @property
+    def skipped(self) -> int:
+        return sum(r.status == "skipped" for r in self.reports)
+
+    def summary(self) -> str:
+        head = f"xquant: {self.rewritten} site(s) rewritten, {self.skipped} skipped"
+        if not self.reports:
+            head += " (no attention K/V cache write found in this graph)"
+        return "\n  ".join([head, *(str(r) for r in self.reports)])
+
 
 # The most recent compiles, for explain() and tests (bounded: a long-running server compiles rarely,
 # but must not accumulate graph text forever).
 COMPILE_LOG: collections.deque[CompileRecord] = collections.deque(maxlen=32)
 
+# Lists that currently collect every new record (explain() uses one to see exactly the graphs its own
+# call compiled, whichever backend object produced them). Dynamo compiles on the calling thread.
+_SINKS: list[list[CompileRecord]] = []
+
+
+@contextlib.contextmanager
+def collect_records() -> Iterator[list[CompileRecord]]:
+    """Collect the CompileRecords of every graph rewritten inside the ``with`` block."""
+    sink: list[CompileRecord] = []
+    _SINKS.append(sink)
+    try:
+        yield sink
+    finally:
+        _SINKS.remove(sink)
+
+
+@dataclasses.dataclass
+class RewrittenGraph:
+    """A Dynamo graph after the XQuant rewrite, ready for any compiler (see :func:`rewrite_for_backend`).
+
+    ``graph_module`` takes ``example_inputs``: Dynamo's inputs followed by the X state of each rewritten
+    layer. Compile it with anything, then hand Dynamo ``bind(compiled)``, which takes Dynamo's original
+    arguments and appends the X state of the cache each call is made with.
+    """
+
+    graph_module: torch.fx.GraphModule
+    example_inputs: list[Any]
+    result: RewriteResult
+    record: CompileRecord
+
+    def bind(self, compiled: Callable) -> Callable:
+        """Wrap ``compiled`` (the compiled ``graph_module``) into what a Dynamo backend returns."""
+        return _bind_x_state(compiled, self.result) if self.result.extra_inputs else compiled
+
+
+def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> RewrittenGraph:
+    """Apply the XQuant rewrite to (a copy of) a Dynamo graph, for use inside any Dynamo backend.
+
+    ``gm`` itself is left untouched (Dynamo keeps reading it after the backend returns). The record is
+    published like the built-in backend's: ``COMPILE_LOG``, the ``xquant`` log artifact, TORCH_TRACE,
+    ``torch._dynamo.utils.counters["xquant"]`` and a warning for skipped sites.
+    """
+    graph_module = private.copy_dynamo_graph_module(gm)
+    code_before = graph_module.code
+    result = XQuantRewrite().apply(graph_module, example_inputs)
+    record = CompileRecord(result.reports, code_before, graph_module.code)
+    _publish(record)
+    extra = [private.as_static_example(spec.fetch(example_inputs), example_inputs)
+             for spec in result.extra_inputs]
+    return RewrittenGraph(graph_module, [*example_inputs, *extra], result, record)
+
 
 def make_xquant_backend(inner: str | Callable = "inductor") -> Callable:
-    """An xquant backend whose rewritten graph is compiled by ``inner`` (a backend name or callable).
+    """An xquant backend whose rewritten graph is compiled by ``inner``.
 
-    ``backend="xquant"`` is ``make_xquant_backend("inductor")``; ``"aot_eager"`` runs the rewritten
-    graph without code generation (handy to debug the rewrite itself).
+    ``inner`` is a backend name (``"inductor"``, ``"aot_eager"``, ...) or any callable
+    ``(graph_module, example_inputs) -> callable`` -- for instance a function that runs your own FX
+    passes on the rewritten graph and then calls another backend. ``backend="xquant"`` is
+    ``make_xquant_backend("inductor")``; ``"aot_eager"`` runs the rewritten graph without code
+    generation (fast, and handy to debug the rewrite itself).
     """
 
     def xquant(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
@@ -55,15 +133,9 @@ def make_xquant_backend(inner: str | Callable = "inductor") -> Callable:
                 "the xquant backend takes its configuration from the XQuantCache passed to the model "
                 f"(xq.XQuantCache(..., xquant=xq.XQuantConfig(...))); got options={options}."
             )
-        graph_module = private.copy_dynamo_graph_module(gm)
-        code_before = graph_module.code
-        result = XQuantRewrite().apply(graph_module, example_inputs)
-        COMPILE_LOG.append(CompileRecord(result.reports, code_before, graph_module.code))
-        _report(result.reports)
-        extra = [private.as_static_example(spec.fetch(example_inputs), example_inputs)
-                 for spec in result.extra_inputs]
-        compiled = _compile_inner(inner, graph_module, [*example_inputs, *extra], mode)
-        return _bind_x_state(compiled, result) if result.extra_inputs else compiled
+        rewritten = rewrite_for_backend(gm, example_inputs)
+        compiled = _compile_inner(inner, rewritten.graph_module, rewritten.example_inputs, mode)
+        return rewritten.bind(compiled)
 
     return xquant
 
@@ -80,18 +152,28 @@ def _compile_inner(inner, gm, example_inputs, mode):
 xquant_backend = make_xquant_backend("inductor")
 
 
-def _report(reports: list[SiteReport]) -> None:
-    skipped = [r for r in reports if r.status == "skipped"]
-    log.info("xquant: %d site(s) rewritten, %d skipped", len(reports) - len(skipped), len(skipped))
+def _publish(record: CompileRecord) -> None:
+    """Make one graph's outcome visible everywhere a user or a test may look."""
+    COMPILE_LOG.append(record)
+    for sink in _SINKS:
+        sink.append(record)
+    counters = private.compile_counters()["xquant"]
+    counters["graphs"] += 1
+    counters["sites_rewritten"] += record.rewritten
+    counters["sites_skipped"] += record.skipped
+    log.info("xquant: %d site(s) rewritten, %d skipped", record.rewritten, record.skipped)
+    artifact_log.debug("%s\n\n===== graph after the xquant rewrite =====\n%s", record.summary(), record.code_after)
+    private.trace_artifact("xquant_rewrite", lambda: f"{record.summary()}\n\n{record.code_after}")
+    skipped = [r for r in record.reports if r.status == "skipped"]
     if skipped:
         warnings.warn(
             "xquant left these attention sites unmodified (they keep the original computation):\n  "
             + "\n  ".join(str(r) for r in skipped),
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
-def _bind_x_state(compiled: Callable, result) -> Callable:
+def _bind_x_state(compiled: Callable, result: RewriteResult) -> Callable:
     from .cache import layer_of
 
     extra_inputs = result.extra_inputs

@@ -69,6 +69,15 @@ def _add_eval(sub) -> None:
 SUBCOMMANDS.append(_add_eval)
 
 
+def _add_explain(sub) -> None:
+    from .inspect import add_explain_parser  # the logic lives in inspect.py
+
+    add_explain_parser(sub)
+
+
+SUBCOMMANDS.append(_add_explain)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="xq-compile", description="XQuant for torch.compile")
     sub = parser.add_subparsers(dest="command", required=True)

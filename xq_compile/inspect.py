@@ -1,0 +1,296 @@
+"""explain(): what the xquant backend does to a model, layer by layer.
+
+    import xq_compile as xq
+    e = xq.explain(model, "The first folio was", tokenizer=tok)           # or input_ids / a batch dict
+    print(e)                    # per-layer table, then the graphs before and after the rewrite
+    e.write("explain_out")      # before.py, after.py, report.md
+
+It compiles the model's forward with the xquant backend (``aot_eager`` inside by default: the same
+rewrite as Inductor would get, without code generation, so it takes seconds), runs the prompt once
+(the prefill graph) and, by default, one greedy decode step (the decode graph), and reports the graphs
+that this call compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .backend import CompileRecord, collect_records, make_xquant_backend
+from .cache import XQuantCache, XQuantLayer
+from .config import XQuantConfig
+from .memory import fp16_kv_cache_bytes
+
+
+@dataclasses.dataclass
+class LayerExplanation:
+    """One attention layer: was its site found, rewritten or skipped (and why), and what it costs."""
+
+    layer: int | None
+    status: str                      # "rewritten", "skipped", or "not found" (no site in the graph)
+    reason: str = ""                 # why a site was skipped / not found
+    form: str | None = None          # SiteReport.form of a rewritten site, e.g. "X (4-bit)"
+    kv_bytes_per_token: float = 0.0  # an fp16 K+V cache of this layer, per token of one sequence
+    x_bytes_per_token: float | None = None  # this layer's X state, per token of one sequence
+
+    @property
+    def ratio(self) -> float | None:
+        return self.kv_bytes_per_token / self.x_bytes_per_token if self.x_bytes_per_token else None
+
+
+@dataclasses.dataclass
+class GraphExplanation:
+    """One graph compiled by the explained call ("prefill", "decode", or "graph N")."""
+
+    name: str
+    record: CompileRecord
+
+    @property
+    def code_before(self) -> str:
+        return self.record.code_before
+
+    @property
+    def code_after(self) -> str:
+        return self.record.code_after
+
+
+@dataclasses.dataclass
+class Explanation:
+    """What :func:`explain` found. ``str()`` gives the per-layer table and the graphs as code."""
+
+    model_name: str
+    layers: list[LayerExplanation]
+    graphs: list[GraphExplanation]
+    cache: Any
+    logits: list[torch.Tensor]       # the outputs of the explained calls (prefill, then decode)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(layer.status == "rewritten" for layer in self.layers)
+
+    def report(self) -> str:
+        """The per-layer table (markdown), without the graph code."""
+        lines = [f"# xq-compile explain: {self.model_name}", ""]
+        cache = self.cache.__class__.__name__ if self.cache is not None else "none"
+        if isinstance(self.cache, XQuantCache):
+            cache = f"XQuantCache({self.cache.xquant.describe()}, max_cache_len={self.cache.max_cache_len})"
+        graphs = ", ".join(f"{g.name} ({g.record.rewritten} rewritten, {g.record.skipped} skipped)"
+                           for g in self.graphs) or "none"
+        lines += [f"cache: {cache}", f"graphs compiled by this call: {graphs}", ""]
+        if not self.layers:
+            lines.append("no attention sites: the graph has no K/V cache write, nothing to rewrite "
+                         "(the model runs unmodified).")
+        else:
+            lines += ["| layer | site | form / reason | bytes/token before (fp16 K+V) | after (X state) | ratio |",
+                      "|---|---|---|---|---|---|"]
+            for row in self.layers:
+                detail = row.form if row.status == "rewritten" else row.reason
+                after = f"{row.x_bytes_per_token:g}" if row.x_bytes_per_token is not None else "unchanged"
+                ratio = f"{row.ratio:.2f}x" if row.ratio else "-"
+                where = "-" if row.layer is None else row.layer
+                lines.append(f"| {where} | {row.status} | {detail} | {row.kv_bytes_per_token:g} | {after} | {ratio} |")
+            kv = sum(r.kv_bytes_per_token for r in self.layers)
+            x = sum(r.x_bytes_per_token if r.x_bytes_per_token is not None else r.kv_bytes_per_token
+                    for r in self.layers)
+            lines += ["", f"{self.rewritten}/{len(self.layers)} layers rewritten; all layers: {kv:g} -> {x:g} "
+                          f"bytes per token ({kv / x:.2f}x; unchanged layers counted at fp16 K+V)"]
+            if isinstance(self.cache, XQuantCache):
+                lines.append("plus 8 bytes per token for the position ids shared by all layers")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        parts = [self.report()]
+        for g in self.graphs:
+            parts += [f"\n===== {g.name} graph before the xquant rewrite =====\n{g.code_before.strip()}",
+                      f"\n===== {g.name} graph after the xquant rewrite =====\n{g.code_after.strip()}"]
+        return "\n".join(parts)
+
+    def write(self, out_dir: str | Path) -> list[Path]:
+        """Write before.py / after.py (every graph of the call, in order) and report.md into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, attr in (("before.py", "code_before"), ("after.py", "code_after")):
+            text = [f"# xq-compile explain: {self.model_name}: Dynamo graph(s) {name[:-3]} the xquant rewrite\n"]
+            for g in self.graphs:
+                text.append(f"\n# ===== {g.name} graph =====\n{getattr(g, attr).strip()}\n")
+            paths.append(out / name)
+            paths[-1].write_text("".join(text))
+        paths.append(out / "report.md")
+        paths[-1].write_text(self.report() + "\n")
+        return paths
+
+
+def explain(
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    tokenizer: Any = None,
+    cache: Any = None,
+    xquant: XQuantConfig | None = None,
+    bits: int | None = 4,
+    decode_steps: int = 1,
+    max_cache_len: int | None = None,
+    inner: str | Callable = "aot_eager",
+    fullgraph: bool = True,
+) -> Explanation:
+    """Compile ``model.forward`` with the xquant backend, run ``inputs`` once, report what happened.
+
+    ``inputs``: a prompt (str or list of str, with ``tokenizer``), a ``[batch, seq]`` tensor of input
+    ids, a dict of model inputs (e.g. a tokenizer's output), or -- for a model that is not a
+    transformers causal LM -- a tuple of positional arguments (called once, without a cache).
+    ``cache``: the cache to run with (an ``XQuantCache``, or any other to see which sites are skipped);
+    by default a new ``XQuantCache(xquant=xquant or XQuantConfig(bits=bits))`` sized for the prompt
+    plus ``decode_steps``. ``decode_steps`` greedy steps after the prompt make the decode graph show.
+    ``inner``: the compiler after the rewrite (``"aot_eager"`` is fast; ``"inductor"`` is what
+    ``backend="xquant"`` uses). ``model.forward`` itself is not modified.
+    """
+    compiled = torch.compile(model.forward, backend=make_xquant_backend(inner), fullgraph=fullgraph)
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", "") or model.__class__.__name__
+    logits, names = [], []
+    with collect_records() as records, torch.no_grad():
+        if isinstance(inputs, tuple):
+            out = compiled(*inputs)
+            logits.append(out)
+            names.append("graph")
+        else:
+            batch = _as_batch(inputs, tokenizer, model)
+            batch_size, prompt_len = batch["input_ids"].shape
+            if cache is None:
+                cache = XQuantCache(config, max_batch_size=batch_size,
+                                    max_cache_len=max_cache_len or prompt_len + decode_steps,
+                                    xquant=xquant or XQuantConfig(bits=bits), dtype=model.dtype,
+                                    device=batch["input_ids"].device)
+            seen = len(records)
+            out = compiled(**batch, cache=cache, use_cache=True)
+            logits.append(out.logits)
+            names += ["prefill"] * (len(records) - seen)
+            for _ in range(decode_steps):
+                batch = _next_step(batch, out.logits)
+                seen = len(records)
+                out = compiled(**batch, cache=cache, use_cache=True)
+                logits.append(out.logits)
+                names += ["decode"] * (len(records) - seen)
+    graphs = [GraphExplanation(_unique(names, i), r) for i, r in enumerate(records)]
+    notes = []
+    if not records:
+        notes.append("no graph was compiled by this call: Dynamo reused graphs compiled before for this "
+                     "forward; call torch._dynamo.reset() first to see them.")
+    return Explanation(name, _layers(graphs, config, cache), graphs, cache, logits, notes)
+
+
+def _unique(names: list[str], i: int) -> str:
+    """'prefill', 'decode', or 'prefill 2'... when a graph break made one call compile several graphs."""
+    same = [j for j, n in enumerate(names) if n == names[i]]
+    return names[i] if len(same) == 1 else f"{names[i]} {same.index(i) + 1}"
+
+
+def _as_batch(inputs: Any, tokenizer: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(inputs, (str, list)):
+        if tokenizer is None:
+            raise ValueError("explain() needs tokenizer= to run a text prompt (or pass input ids)")
+        if isinstance(inputs, list) and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # left padding: rows end together; each row keeps its own positions (see position_ids below)
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            inputs = tokenizer(inputs, return_tensors="pt", padding=isinstance(inputs, list))
+        finally:
+            tokenizer.padding_side = side
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs if inputs.dim() == 2 else inputs[None]}
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+        raise TypeError("explain() takes a prompt, a tensor of input ids, a dict with input_ids, or a tuple "
+                        f"of positional arguments; got {type(inputs).__name__}")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+    batch.setdefault("position_ids", (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0))
+    return batch
+
+
+def _next_step(batch: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    mask = batch["attention_mask"]
+    return {
+        "input_ids": logits[:, -1:].argmax(-1),
+        "attention_mask": torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1),
+        "position_ids": batch["position_ids"][:, -1:] + 1,
+    }
+
+
+def _layers(graphs: list[GraphExplanation], config: Any, cache: Any) -> list[LayerExplanation]:
+    """One row per attention layer, from the first graph that reports it (the prefill)."""
+    reports, reasons = {}, {}
+    for g in graphs:
+        for r in g.record.reports:
+            reports.setdefault(r.layer, r)
+            if r.status == "skipped":
+                reasons.setdefault(r.layer, {}).setdefault(r.reason, []).append(g.name)
+    num_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
+    if not reports and not graphs:
+        return []
+    indices = list(range(num_layers)) if num_layers and graphs and reports else []
+    indices += [i for i in reports if i not in indices]
+    kv = fp16_kv_cache_bytes(config, 1, 1) / num_layers if num_layers else 0.0
+    rows = []
+    for i in indices:
+        r = reports.get(i)
+        if r is None:
+            rows.append(LayerExplanation(i, "not found", "no K/V cache write of this layer was matched in the "
+                                         "compiled graphs", kv_bytes_per_token=kv))
+            continue
+        reason = r.reason
+        if len(reasons.get(i, {})) > 1:  # e.g. a lazily allocated cache: another reason in the prefill graph
+            reason = "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons[i].items())
+        row = LayerExplanation(i, r.status, reason, r.form if r.status == "rewritten" else None, kv)
+        layer = cache.layers[i] if r.status == "rewritten" and i is not None and cache is not None else None
+        if isinstance(layer, XQuantLayer):
+            state = sum(t.numel() * t.element_size() for t in layer.state.values())
+            row.x_bytes_per_token = state / layer.max_cache_len / layer.batch_size
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# xq-compile explain (registered in cli.SUBCOMMANDS)
+
+DEFAULT_PROMPT = "Shakespeare, William (1564-1616), English poet, player and playwright, was"
+
+
+def add_explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="Show, per layer, what the xquant backend rewrites and why; "
+                                       "the graphs before and after; bytes per token.")
+    p.add_argument("--model", default="smollm2-mha",
+                   help="smollm2-mha, smollm2-gqa, or a local directory saved with save_pretrained")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8, 16], help="16 = unquantized X")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--rotation", default="hadamard", choices=["hadamard", "none"])
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--decode-steps", type=int, default=1, help="0: prefill graph only")
+    p.add_argument("--inductor", action="store_true",
+                   help="compile the rewritten graph with Inductor (slower) instead of aot_eager")
+    p.add_argument("--out", help="write before.py, after.py and report.md into this directory")
+    p.set_defaults(func=run_explain)
+
+
+def run_explain(args) -> None:
+    from . import models
+
+    model, tokenizer = models.load_model(args.model)
+    config = XQuantConfig(bits=None if args.bits == 16 else args.bits, group_size=args.group_size,
+                          rotation=args.rotation)
+    result = explain(model, args.prompt, tokenizer=tokenizer, xquant=config, decode_steps=args.decode_steps,
+                     inner="inductor" if args.inductor else "aot_eager")
+    if args.out:
+        paths = result.write(args.out)
+        print(result.report())
+        print("\nwrote " + ", ".join(str(p) for p in paths))
+    else:
+        print(result)
