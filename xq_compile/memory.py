@@ -20,14 +20,148 @@ def fp16_kv_cache_bytes(config, batch_size: int, seq_len: int) -> int:
     return 2 * layers * batch_size * seq_len * kv_heads * head_dim * 2
 
 
-def xquant_cache_bytes(config, xquant: XQuantConfig, batch_size: int, seq_len: int, dtype_bytes: int = 4) -> int:
-    """Bytes of the X state of all layers for ``seq_len`` rows, plus the shared int64 positions.
+def _xquant_token_bytes(config, xquant: XQuantConfig, dtype_bytes: int) -> int:
+    """Bytes one cached token costs over all layers (each at its own bits) + its int64 position.
 
-    Quantized: packed codes + fp16 scale + fp16 zero per group; unquantized: X in the cache dtype.
+    Per layer, quantized: packed codes + fp16 scale + fp16 zero per group; unquantized: X in the cache
+    dtype. XQuant-CL's base layers use ``base_bits``.
     """
     layers, hidden, _, _ = _dims(config)
-    if xquant.quantized:
-        per_row = quant.packed_width(hidden, xquant.bits) + 2 * 2 * (hidden // xquant.group_size)
-    else:
-        per_row = hidden * dtype_bytes
-    return batch_size * seq_len * (layers * per_row + 8)
+    total = 8
+    for layer in range(layers):
+        bits = xquant.bits_of_layer(layer)
+        if bits is None:
+            total += hidden * dtype_bytes
+        else:
+            total += quant.packed_width(hidden, bits) + 2 * 2 * (hidden // xquant.group_size)
+    return total
+
+
+def xquant_cache_bytes(config, xquant: XQuantConfig, batch_size: int, seq_len: int, dtype_bytes: int = 4) -> int:
+    """Bytes of the X state of all layers for ``seq_len`` rows, plus the shared int64 positions."""
+    return batch_size * seq_len * _xquant_token_bytes(config, xquant, dtype_bytes)
+
+
+# --------------------------------------------------------------------------------------------------
+# memory_report: the three caches side by side, as formulas in the sequence length and as numbers.
+
+import dataclasses  # noqa: E402
+
+import sympy  # noqa: E402
+
+N = sympy.Symbol("n", positive=True, integer=True)  # cached tokens (the cache's capacity, max_cache_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMemory:
+    """One cache layout: ``total`` = bytes for ``n`` tokens (sympy), its numbers at ``seq_len``.
+
+    ``fixed`` is what does not grow with n (placeholders, counters, the Hadamard matrix), kept apart so
+    the per-token cost is not flattered or inflated by it; ``total = per_token * n * batch + fixed``
+    except where a term rounds up with n (KIVI keys' partial last group: ``total`` is then exact and
+    ``per_token`` is the large-n rate).
+    """
+
+    name: str
+    layout: str
+    per_token: sympy.Expr  # bytes per token per sequence (batch row), the asymptotic rate
+    total: sympy.Expr  # bytes for the whole batch, function of N
+    fixed: int
+    seq_len: int
+    batch: int
+
+    @property
+    def total_at(self) -> int:
+        return int(self.total.subs(N, self.seq_len))
+
+    @property
+    def per_token_at(self) -> float:
+        """Measured-style bytes per token at seq_len: everything allocated / (batch * seq_len)."""
+        return self.total_at / (self.batch * self.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    fp16_kv: CacheMemory
+    kivi_kv: CacheMemory | None  # None for bits=None (nothing to quantize)
+    xquant: CacheMemory
+    seq_len: int
+    batch: int
+
+    # Working memory of the rebuild, not cache: freed after each layer, it does not grow with the number
+    # of layers. Plain XQuant materializes one X̂ [batch, n, hidden] in the model dtype at a time;
+    # XQuant-CL keeps the fp32 accumulator X̂ plus one dequantized fp32 delta.
+    rebuild_working: sympy.Expr = sympy.Integer(0)
+
+    @property
+    def rebuild_working_at(self) -> int:
+        return int(self.rebuild_working.subs(N, self.seq_len))
+
+    def entries(self) -> list[CacheMemory]:
+        return [e for e in (self.fp16_kv, self.kivi_kv, self.xquant) if e is not None]
+
+    def ratio_to_fp16(self, entry: CacheMemory) -> float:
+        """How many times smaller than the fp16 KV cache, at seq_len (fixed overhead included)."""
+        return self.fp16_kv.total_at / entry.total_at
+
+    def ratio_to_fp16_limit(self, entry: CacheMemory) -> sympy.Expr:
+        """The same ratio as n -> infinity (the paper's number: fixed overhead vanishes)."""
+        return sympy.nsimplify(self.fp16_kv.per_token / entry.per_token)
+
+    def as_dict(self) -> dict:
+        return {
+            "seq_len": self.seq_len, "batch": self.batch,
+            "rebuild_working_formula": str(self.rebuild_working), "rebuild_working_bytes": self.rebuild_working_at,
+            "caches": {
+                e.name: {"layout": e.layout, "per_token_formula": str(e.per_token), "total_formula": str(e.total),
+                         "fixed_bytes": e.fixed, "total_bytes": e.total_at, "bytes_per_token": e.per_token_at,
+                         "ratio_to_fp16_kv": self.ratio_to_fp16(e),
+                         "ratio_to_fp16_kv_limit": float(self.ratio_to_fp16_limit(e))}
+                for e in self.entries()
+            },
+        }
+
+
+def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch: int = 1,
+                  dtype_bytes: int = 4) -> MemoryReport:
+    """fp16 KV vs KIVI-style quantized KV vs XQuant, for ``seq_len`` tokens of ``batch`` sequences.
+
+    * fp16 KV: K and V of every layer, 2 bytes per element (the paper's baseline; no overhead counted).
+    * quantized KV (KIVI grouping, same bits and group size as the X cache): keys per *channel* in groups
+      of ``group_size`` tokens (a partial last group still pays a full scale+zero: ``ceiling(n/g)``),
+      values per *token* in groups of ``group_size`` channels; codes densely packed (bits/8 bytes per
+      element) plus one fp16 scale and one fp16 zero per group. A formula: no allocator is measured.
+    * XQuant: exactly what :class:`~xq_compile.cache.XQuantCache` allocates (``nbytes()``): per token,
+      every layer's packed codes + fp16 scale/zero at that layer's bits (XQuant-CL base layers at
+      ``base_bits``; X in ``dtype_bytes`` when unquantized) + one int64 position; fixed, per layer a 1-element K and a 1-element V placeholder (``dtype_bytes``
+      each) and an int64 length counter, plus the fp32 Hadamard block (group²·4) with rotation.
+    """
+    layers, hidden, kv_heads, head_dim = _dims(model_config)
+    kv_dim = kv_heads * head_dim
+    B = batch
+
+    fp16_per_token = 2 * layers * kv_dim * 2
+    fp16 = CacheMemory("fp16_kv", "K and V of all layers in fp16", sympy.Integer(fp16_per_token),
+                       fp16_per_token * B * N, 0, seq_len, B)
+
+    kivi = None
+    if xquant_config.quantized:
+        bits, g = xquant_config.bits, xquant_config.group_size
+        codes = sympy.Rational(bits, 8) * kv_dim  # bytes of codes per token, K or V
+        key_params = 4 * kv_dim * sympy.ceiling(N / g)  # fp16 scale+zero per channel per token-group
+        value_params = 4 * sympy.Rational(kv_dim, g)  # per token: fp16 scale+zero per channel-group
+        kivi_total = layers * B * (2 * codes * N + key_params + value_params * N)
+        kivi_rate = layers * (2 * codes + 4 * sympy.Rational(kv_dim, g) * 2)
+        kivi = CacheMemory(
+            "kivi_kv", f"KIVI: K per channel (groups of {g} tokens), V per token (groups of {g} channels), "
+            f"{bits}-bit codes + fp16 scale/zero", kivi_rate, kivi_total, 0, seq_len, B)
+
+    xq_per_token = _xquant_token_bytes(model_config, xquant_config, dtype_bytes)
+    fixed = layers * (2 * dtype_bytes + 8)
+    if xquant_config.rotation == "hadamard":
+        fixed += xquant_config.group_size ** 2 * 4
+    xq_total = xq_per_token * B * N + fixed
+    xquant = CacheMemory("xquant", xquant_config.describe(), sympy.Integer(xq_per_token), xq_total, fixed,
+                         seq_len, B)
+    working = (2 * 4 if xquant_config.cross_layer else dtype_bytes) * B * N * hidden
+    return MemoryReport(fp16, kivi, xquant, seq_len, B, working)

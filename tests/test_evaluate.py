@@ -1,0 +1,173 @@
+"""xq_compile.evaluate: the real compiled path against the simulation, KIVI*, method parsing, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import xq_compile as xq
+from xq_compile import evaluate as ev
+from xq_compile.kivi import fake_quantize_keys, simulate_kivi
+from xq_compile.simulate import simulate_xquant
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=101, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def _windows(n=2, length=64, seed=1):
+    ids = torch.randint(0, 101, (n * length,), generator=torch.Generator().manual_seed(seed))
+    return ev.text_windows(ids, n, length)
+
+
+@pytest.mark.parametrize("bits,rotation", [(8, "none"), (4, "hadamard"), (2, "hadamard"), (3, "none")])
+def test_real_path_matches_simulation(tiny, bits, rotation):
+    """Compiled prefill + decode from the packed X cache == one eager pass under simulate_xquant."""
+    cfg = xq.XQuantConfig(bits=bits, group_size=64, rotation=rotation)
+    windows = _windows()
+    real_nll, real_n, held = ev.eval_xquant_real(tiny, windows, cfg, prefill=16, step=8)
+    sim_nll, sim_n = ev.eval_simulated(tiny, windows, lambda: simulate_xquant(tiny, cfg))
+    assert real_n == sim_n == 2 * 63
+    assert math.exp(real_nll / real_n) == pytest.approx(math.exp(sim_nll / sim_n), rel=5e-3)
+    assert held == xq.memory.memory_report(tiny.config, cfg, 64).xquant.total_at
+    # Logits, position by position (prefill and decode chunks alike).
+    cache = xq.XQuantCache(tiny.config, 1, 64, xquant=cfg)
+    forward = ev.compile_xquant(tiny)
+    with torch.no_grad():
+        real = ev.teacher_forced_logits(forward, windows[1], cache, 16, 8)
+    with torch.no_grad(), simulate_xquant(tiny, cfg):
+        sim = tiny(windows[1]).logits
+    torch.testing.assert_close(real, sim, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_reset_between_windows(tiny):
+    """Reusing one compiled forward and one cache across windows: reset() gives a fresh-cache result."""
+    cfg = xq.XQuantConfig(bits=4, group_size=64)
+    a, b = _windows(seed=3)
+    forward = ev.compile_xquant(tiny)
+    cache = xq.XQuantCache(tiny.config, 1, 64, xquant=cfg)
+    with torch.no_grad():
+        first_b = ev.teacher_forced_logits(forward, b, cache, 16, 8)
+        cache.reset()
+        ev.teacher_forced_logits(forward, a, cache, 16, 8)
+        cache.reset()
+        again_b = ev.teacher_forced_logits(forward, b, cache, 16, 8)
+        fresh = xq.XQuantCache(tiny.config, 1, 64, xquant=cfg)
+        fresh_b = ev.teacher_forced_logits(forward, b, fresh, 16, 8)
+    assert torch.equal(first_b, again_b) and torch.equal(first_b, fresh_b)
+    with pytest.raises(ValueError, match="overflow"):  # no reset: the window does not fit any more
+        with torch.no_grad():
+            ev.teacher_forced_logits(forward, b, fresh, 16, 8)
+
+
+def test_fp16_loop_matches_one_pass(tiny):
+    """The chunked StaticCache loop scores like one full-window forward (the loop itself is exact)."""
+    windows = _windows()
+    nll, n, held = ev.eval_fp16(tiny, windows, prefill=16, step=8)
+    ref_nll, ref_n = ev.eval_simulated(tiny, windows, __import__("contextlib").nullcontext)
+    assert n == ref_n and nll == pytest.approx(ref_nll, rel=1e-5)
+    assert held == 2 * 2 * 64 * 128 * 4  # fp32 K and V of 2 layers, 64 tokens, 128 channels
+
+
+def test_kivi_keys_per_channel_with_partial_group():
+    torch.manual_seed(0)
+    k = torch.randn(1, 70, 8)
+    k[..., 3] *= 100  # an outlier channel must not hurt the others: each channel has its own scale
+    q = fake_quantize_keys(k, 4, 32)
+    assert q.shape == k.shape
+    for start, stop in ((0, 32), (32, 64), (64, 70)):  # last group: the 6 remaining tokens on their own
+        for c in range(8):
+            seg = k[0, start:stop, c]
+            step = (seg.max() - seg.min()) / 15
+            assert (q[0, start:stop, c] - seg).abs().max() <= step / 2 + 1e-2 * step + 1e-6
+    assert (q - k)[..., [0, 1, 2]].abs().max() < 0.5
+
+
+def test_kivi_simulation_hooks(tiny):
+    ids = _windows(1)[0]
+    with torch.no_grad():
+        ref = tiny(ids).logits
+        with simulate_kivi(tiny, 8, 32):
+            out8 = tiny(ids).logits
+        with simulate_kivi(tiny, 2, 32):
+            out2 = tiny(ids).logits
+        after = tiny(ids).logits
+    assert torch.equal(after, ref)  # hooks removed
+    assert (out8 - ref).abs().max() < (out2 - ref).abs().max()
+
+
+def test_parse_methods():
+    ms = ev.parse_methods(ev.DEFAULT_METHODS + ",xquant:3:sim,xquant:4:norot")
+    assert [m.label for m in ms][-3:] == ["xquant:2", "xquant:3:sim", "xquant:4:norot"]
+    assert ms[1] == ev.Method("kivi", 4, simulated=True)
+    for bad in ("foo:4", "xquant", "fp16:4", "hf-quanto:3", "kivi:4:sim", "xquant:5"):
+        with pytest.raises(ValueError):
+            ev.parse_methods(bad)
+    with pytest.raises(ValueError, match="multiple"):
+        ev.chunks(100, 64, 8)
+
+
+def test_run_eval_and_outputs(tiny, tmp_path):
+    """The whole table on the tiny model with a fake tokenizer; a failing method is recorded, not faked."""
+
+    class Tok:
+        def __call__(self, text, return_tensors):
+            return type("B", (), {"input_ids": torch.tensor([[ord(c) % 101 for c in text]])})()
+
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(200))
+    methods = ev.parse_methods("fp16,kivi:4,xquant:8,xquant:8:sim,hf-quanto:4")
+    results = ev.run_eval(tiny, Tok(), text, methods, n_windows=2, window_len=64, group_size=64,
+                          prefill=16, step=8, quanto_residual=16)
+    by = {r.method: r for r in results}
+    assert by["fp16"].change_vs_fp16 == 0 and by["fp16"].ratio_to_fp16_kv == 1
+    assert abs(by["xquant:8"].change_vs_fp16) < 0.01
+    assert by["xquant:8"].perplexity == pytest.approx(by["xquant:8:sim"].perplexity, rel=1e-3)
+    assert by["xquant:8"].bytes_source == "measured" and by["kivi:4"].bytes_source == "formula"
+    paths = ev.write_outputs(results, tmp_path, {"model": "tiny", "text": "t", "windows": 2, "window_len": 64,
+                                                 "group_size": 64, "prefill": 16, "step": 8})
+    data = json.loads(paths["json"].read_text())
+    assert [r["method"] for r in data["results"]] == [m.label for m in methods]
+    assert "| xquant:8 | real |" in paths["md"].read_text()
+    assert paths["png"].stat().st_size > 1000
+
+
+def test_cli_registers_eval():
+    import argparse
+
+    from xq_compile import cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    for add in cli.SUBCOMMANDS:
+        add(sub)
+    args = parser.parse_args(["eval", "--methods", "fp16,xquant:4", "--windows", "2"])
+    assert args.func is ev.eval_command and args.window_len == 512 and args.windows == 2
+
+
+# ---------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.real_model
+def test_real_model_short_eval():
+    """SmolLM2 (MHA), 1 window of 256 tokens: 8-bit XQuant ~ lossless, 4-bit + rotation within 6% (see below)."""
+    try:
+        model, tok = xq.models.load_smollm2("mha")
+        text = xq.models.load_text("britannica")
+    except xq.models.MissingResourceError as err:
+        pytest.skip(str(err))
+    results = ev.run_eval(model, tok, text, ev.parse_methods("fp16,xquant:8:sim,xquant:4,xquant:4:sim"),
+                          n_windows=1, window_len=256, prefill=64, step=8)
+    by = {r.method: r for r in results}
+    assert all(r.mode != "failed" for r in results), [r.note for r in results]
+    assert abs(by["xquant:8:sim"].change_vs_fp16) < 0.005  # simulated: one compile keeps the test short
+    # Measured on this first 256-token window: real +5.3%, simulated +4.9% (fp16 ppl 16.04). The brief's
+    # 4% is NOT met on one short window (DESIGN.md's +2.1% is 6 windows x 512); 6% guards regressions.
+    assert by["xquant:4"].change_vs_fp16 < 0.06
+    assert by["xquant:4"].perplexity == pytest.approx(by["xquant:4:sim"].perplexity, rel=5e-3)
+    assert by["xquant:4"].ratio_to_fp16_kv > 6.5  # measured bytes at 256 tokens, fixed overhead included
