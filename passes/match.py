@@ -325,3 +325,66 @@ def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Sit
         raise SkipSite("key and value are written at different positions")
     return Site(layer=layer, x=x, key=key, value=value, position_source=position_source,
                 rope_inputs=rope_inputs, num_heads=int(num_heads), head_dim=int(head_dim), seq_len=seq_len)
+
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+# What transformers' repeat_kv does between the cache and attention: [B, Hkv, L, D] -> [B, Hq, L, D].
+READ_METHODS = {"expand", "reshape", "view", "contiguous", "unsqueeze"}
+
+
+@dataclasses.dataclass
+class AttentionRead:
+    """The one SDPA call reading a layer's K and V cache (possibly through repeat_kv)."""
+
+    sdpa: fx.Node
+    chains: list[fx.Node]        # the repeat_kv nodes between the caches and the SDPA call
+    query_heads: int
+    mask: fx.Node | None
+    mask_in_args: bool           # attn_mask passed positionally (args[3]) rather than by keyword
+
+
+def _read_chain_end(node: fx.Node, chain: list[fx.Node]) -> fx.Node:
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not (is_call(user, methods=READ_METHODS) or (user.op == "call_function" and user.target is operator.getitem)):
+            break
+        chain.append(user)
+        node = user
+    return node
+
+
+def attention_read(site: Site, max_cache_len: int) -> AttentionRead | None:
+    """The SDPA call that alone reads this site's K and V caches after the append, or None.
+
+    Only then may the rebuilt K/V keep just the n cached rows (attention over n, the mask cut to n):
+    any other reader would expect max_cache_len rows.
+    """
+    found = {}
+    for role, proj in (("key", site.key), ("value", site.value)):
+        order = {n: i for i, n in enumerate(proj.append.node.graph.nodes)}
+        readers = [u for u in proj.append.cache.users
+                   if u is not proj.append.node and order[u] > order[proj.append.node]]
+        readers += list(proj.append.node.users)
+        if len(readers) != 1:
+            return None
+        chain = [] if readers[0].op == "call_function" and readers[0].target in SDPA_TARGETS else [readers[0]]
+        end = _read_chain_end(readers[0], chain) if chain else proj.append.cache
+        sdpa = next(iter(end.users)) if chain and len(end.users) == 1 else readers[0]
+        if sdpa.op != "call_function" or sdpa.target not in SDPA_TARGETS:
+            return None
+        position = 1 if role == "key" else 2
+        if _arg(sdpa, position, role) is not end:
+            return None
+        found[role] = (sdpa, chain)
+    (sdpa, k_chain), (v_sdpa, v_chain) = found["key"], found["value"]
+    if sdpa is not v_sdpa or _arg(sdpa, 5, "is_causal") or (_arg(sdpa, 4, "dropout_p") or 0.0) != 0.0:
+        return None
+    mask = _arg(sdpa, 3, "attn_mask")
+    mask_value = example_value(mask) if isinstance(mask, fx.Node) else None
+    if mask is not None and (mask_value is None or mask_value.shape[-1] != max_cache_len):
+        return None
+    query = example_value(_arg(sdpa, 0, "query"))
+    if query is None:
+        return None
+    return AttentionRead(sdpa=sdpa, chains=k_chain + v_chain, query_heads=int(query.shape[1]), mask=mask,
+                         mask_in_args=len(sdpa.args) > 3)

@@ -35,7 +35,7 @@ from xq_compile.cache import XQuantLayer, layer_of
 from xq_compile.rotation import FOLDED_WEIGHTS, rotate
 
 from .emit import Emitter, clone_region
-from .match import Site, SiteReport, example_value, find_sites, _ancestors, _descendants
+from .match import Site, SiteReport, attention_read, example_value, find_sites, _ancestors, _descendants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +156,8 @@ class _GraphState:
         self.length: fx.Node | None = None        # tokens cached after this call's append (int or tensor)
         self.positions: fx.Node | None = None
         self.accumulator: fx.Node | None = None   # XQuant-CL: X̂ of the layer below, all cached rows
+        self.cut_masks: dict[fx.Node, fx.Node] = {}  # attention mask -> its first n columns
+        self.rope_tables: dict[fx.Node, fx.Node] = {}  # position source / RoPE table node -> at cached rows
         self.next_cross_layer = 0
 
     # -- inputs -------------------------------------------------------------------------------
@@ -306,21 +308,41 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             # The same layout the model's own per-token region (RoPE, k_norm...) expects.
             return emit(lambda t: t.transpose(1, 2), heads) if proj.heads_first else heads
 
+        # On CPU, if attention is the only reader, it gets just the n cached rows and a mask cut to n:
+        # attention then follows the length too. Otherwise the rebuilt rows are padded to the cache's
+        # shape (zeros, masked out). The CUDA op always returns max_cache_len rows (no host sync).
+        attention = None if on_cuda else attention_read(site, layer.max_cache_len)
+
         def to_cache_shape(t: fx.Node) -> fx.Node:
-            if on_cuda:
-                return t  # the op already returns max_cache_len rows (zeros past the length)
+            if on_cuda or attention is not None:
+                return t
             return emit(lambda t, n: F.pad(t, (0, 0, 0, layer.max_cache_len - n)), t, n)
 
         k_heads = project(site.key, k_weight)
         v_heads = project(site.value, v_weight)
         if site.key.rope:
-            positions = state.positions if on_cuda else emit(lambda p, n: p.narrow(1, 0, n), state.positions, n)
             source = site.position_source
-            table_nodes = (_descendants(source) - {source}) & set().union(*(_ancestors(i, lambda _: False) for i in site.rope_inputs))
-            region = [nd for nd in graph.nodes if nd in table_nodes or nd in site.key.rope]
-            mapping = clone_region(graph, region, {site.key.heads: k_heads, source: positions})
+            if source not in state.rope_tables:  # the cached rows' positions, once per graph
+                state.rope_tables[source] = (state.positions if on_cuda else
+                                             emit(lambda p, n: p.narrow(1, 0, n), state.positions, n))
+            # The RoPE tables (cos/sin of the cached positions) are shared by the layers that share
+            # them in the model; only the per-layer region (norm, rotation) is cloned for each layer.
+            tables = (_descendants(source) - {source}) & set().union(
+                *(_ancestors(i, lambda _: False) for i in site.rope_inputs))
+            region = [nd for nd in graph.nodes
+                      if (nd in tables and nd not in state.rope_tables) or nd in site.key.rope]
+            mapping = clone_region(graph, region, {**state.rope_tables, site.key.heads: k_heads})
+            state.rope_tables.update({nd: mapping[nd] for nd in tables if nd in mapping})
             k_heads = mapping[site.key.append.value]
         new_keys, new_values = to_cache_shape(k_heads), to_cache_shape(v_heads)
+
+    if attention is not None:
+        _attend_over_cached_rows(state, emit, attention, new_keys, new_values, site.num_heads)
+        for append in (site.key.append, site.value.append):
+            graph.erase_node(append.node)
+        _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads,
+                            *attention.chains])
+        return
 
     # 3. Every later read of the K/V cache now reads the rebuilt tensors; the appends go away.
     for proj, rebuilt in ((site.key, new_keys), (site.value, new_values)):
@@ -332,6 +354,31 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
         append.node.replace_all_uses_with(rebuilt)
         graph.erase_node(append.node)
     _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads])
+
+
+def _attend_over_cached_rows(state: "_GraphState", emit: Emitter, attention, keys: fx.Node, values: fx.Node,
+                             kv_heads: int) -> None:
+    """Replace the layer's SDPA call by one over the n rebuilt rows, repeat_kv'd to the query heads."""
+    graph, sdpa = state.graph, attention.sdpa
+    with graph.inserting_before(sdpa):
+        repeat = attention.query_heads // kv_heads
+        if repeat > 1 and not sdpa.kwargs.get("enable_gqa", False):
+            expand = lambda t: t.unsqueeze(2).expand(-1, -1, repeat, -1, -1).flatten(1, 2)  # noqa: E731
+            keys, values = emit(expand, keys), emit(expand, values)
+        args, kwargs = list(sdpa.args), dict(sdpa.kwargs)
+        args[1:3] = [keys, values]
+        if attention.mask is not None:
+            # all layers of a graph share the mask and the length: cut it once
+            if attention.mask not in state.cut_masks:
+                state.cut_masks[attention.mask] = emit(lambda m, n: m.narrow(-1, 0, n), attention.mask, state.length)
+            if attention.mask_in_args:
+                args[3] = state.cut_masks[attention.mask]
+            else:
+                kwargs["attn_mask"] = state.cut_masks[attention.mask]
+        new = graph.call_function(sdpa.target, tuple(args), kwargs)
+    new.meta = {k: v for k, v in sdpa.meta.items() if k not in ("example_value", "val")}
+    sdpa.replace_all_uses_with(new)
+    graph.erase_node(sdpa)
 
 
 def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
