@@ -339,6 +339,8 @@ class AttentionRead:
     sdpa: fx.Node
     chains: list[fx.Node]        # the repeat_kv nodes between the caches and the SDPA call
     query_heads: int
+    seq_len: int | object
+    head_dim: int
     mask: fx.Node | None
     mask_in_args: bool           # attn_mask passed positionally (args[3]) rather than by keyword
 
@@ -386,5 +388,6 @@ def attention_read(site: Site, max_cache_len: int) -> AttentionRead | None:
     query = example_value(_arg(sdpa, 0, "query"))
     if query is None:
         return None
-    return AttentionRead(sdpa=sdpa, chains=k_chain + v_chain, query_heads=int(query.shape[1]), mask=mask,
+    return AttentionRead(sdpa=sdpa, chains=k_chain + v_chain, query_heads=int(query.shape[1]),
+                         seq_len=query.shape[2], head_dim=int(query.shape[3]), mask=mask,
                          mask_in_args=len(sdpa.args) > 3)

@@ -31,6 +31,7 @@ from torch import fx
 
 from xq_compile import quant
 from xq_compile._torch_private import declare_static_placeholder
+from xq_compile.attention import absorbed_attention
 from xq_compile.cache import XQuantLayer, layer_of
 from xq_compile.rotation import FOLDED_WEIGHTS, rotate
 
@@ -292,12 +293,16 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 state.accumulator = own
             x_hat = emit(lambda t: t.to(layer.dtype), own) if own_dtype != layer.dtype else own
 
-        def project(proj, w) -> fx.Node:
+        def weight_rows(proj, w) -> tuple[fx.Node, fx.Node | None]:
             bias = proj.bias
             if proj.channels is not None:  # one slice of a fused projection: only its rows are rebuilt
                 first_row, stop = proj.channels
                 w = emit(lambda w: w.narrow(0, first_row, stop - first_row), w)
                 bias = emit(lambda b: b.narrow(0, first_row, stop - first_row), bias) if bias is not None else None
+            return w, bias
+
+        def project(proj, w) -> fx.Node:
+            w, bias = weight_rows(proj, w)
             if x_hat is None:
                 out = emit(torch.ops.xq_compile.dequant_project.default, state_inputs["codes"],
                            state_inputs["scale"], state_inputs["zero"], w, bias, n, layer.bits,
@@ -312,6 +317,11 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
         # attention then follows the length too. Otherwise the rebuilt rows are padded to the cache's
         # shape (zeros, masked out). The CUDA op always returns max_cache_len rows (no host sync).
         attention = None if on_cuda else attention_read(site, layer.max_cache_len)
+        # Absorbed values: (softmax·X̂)·W_vᵀ instead of rebuilding V, when that is cheaper: S·Hq·n·d
+        # FLOPs (a fused reduction, counted 4x a GEMM's) against n·d·Hkv·D for the V rebuild. So decode
+        # steps and short chunks absorb; long prefills rebuild V.
+        absorb = (attention is not None and cfg.absorb_values and isinstance(site.seq_len, int)
+                  and 4 * site.seq_len * attention.query_heads <= site.num_heads * site.head_dim)
 
         def to_cache_shape(t: fx.Node) -> fx.Node:
             if on_cuda or attention is not None:
@@ -319,7 +329,7 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             return emit(lambda t, n: F.pad(t, (0, 0, 0, layer.max_cache_len - n)), t, n)
 
         k_heads = project(site.key, k_weight)
-        v_heads = project(site.value, v_weight)
+        v_heads = None if absorb else project(site.value, v_weight)
         if site.key.rope:
             source = site.position_source
             if source not in state.rope_tables:  # the cached rows' positions, once per graph
@@ -334,10 +344,12 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             mapping = clone_region(graph, region, {**state.rope_tables, site.key.heads: k_heads})
             state.rope_tables.update({nd: mapping[nd] for nd in tables if nd in mapping})
             k_heads = mapping[site.key.append.value]
-        new_keys, new_values = to_cache_shape(k_heads), to_cache_shape(v_heads)
+        new_keys = to_cache_shape(k_heads)
+        new_values = weight_rows(site.value, v_weight) if absorb else to_cache_shape(v_heads)
 
     if attention is not None:
-        _attend_over_cached_rows(state, emit, attention, new_keys, new_values, site.num_heads)
+        _attend_over_cached_rows(state, emit, attention, new_keys, new_values, site.num_heads,
+                                 x_hat if absorb else None)
         for append in (site.key.append, site.value.append):
             graph.erase_node(append.node)
         _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads,
@@ -356,27 +368,43 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
     _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads])
 
 
-def _attend_over_cached_rows(state: "_GraphState", emit: Emitter, attention, keys: fx.Node, values: fx.Node,
-                             kv_heads: int) -> None:
-    """Replace the layer's SDPA call by one over the n rebuilt rows, repeat_kv'd to the query heads."""
+def _attend_over_cached_rows(state: "_GraphState", emit: Emitter, attention, keys: fx.Node, values,
+                             kv_heads: int, x_hat: fx.Node | None) -> None:
+    """Replace the layer's SDPA call by one over the n rebuilt rows.
+
+    ``values`` are the rebuilt V heads, or with ``x_hat`` given, the (weight, bias) of the value
+    projection, which is then absorbed after the attention weights.
+    """
     graph, sdpa = state.graph, attention.sdpa
     with graph.inserting_before(sdpa):
-        repeat = attention.query_heads // kv_heads
-        if repeat > 1 and not sdpa.kwargs.get("enable_gqa", False):
-            expand = lambda t: t.unsqueeze(2).expand(-1, -1, repeat, -1, -1).flatten(1, 2)  # noqa: E731
-            keys, values = emit(expand, keys), emit(expand, values)
-        args, kwargs = list(sdpa.args), dict(sdpa.kwargs)
-        args[1:3] = [keys, values]
-        if attention.mask is not None:
+        mask = attention.mask
+        if mask is not None:
             # all layers of a graph share the mask and the length: cut it once
-            if attention.mask not in state.cut_masks:
-                state.cut_masks[attention.mask] = emit(lambda m, n: m.narrow(-1, 0, n), attention.mask, state.length)
-            if attention.mask_in_args:
-                args[3] = state.cut_masks[attention.mask]
-            else:
-                kwargs["attn_mask"] = state.cut_masks[attention.mask]
-        new = graph.call_function(sdpa.target, tuple(args), kwargs)
-    new.meta = {k: v for k, v in sdpa.meta.items() if k not in ("example_value", "val")}
+            if mask not in state.cut_masks:
+                state.cut_masks[mask] = emit(lambda m, n: m.narrow(-1, 0, n), mask, state.length)
+            mask = state.cut_masks[mask]
+        query = sdpa.args[0] if sdpa.args else sdpa.kwargs["query"]
+        scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
+        if x_hat is not None:
+            v_weight, v_bias = values
+            mask_value = example_value(attention.mask) if attention.mask is not None else None
+            new = emit(absorbed_attention, query, keys, x_hat, v_weight, v_bias, mask, scale=scale,
+                       query_heads=attention.query_heads, kv_heads=kv_heads, head_dim=attention.head_dim,
+                       seq_len=attention.seq_len, mask_is_bool=mask_value is not None and mask_value.dtype == torch.bool)
+        else:
+            repeat = attention.query_heads // kv_heads
+            if repeat > 1 and not sdpa.kwargs.get("enable_gqa", False):
+                expand = lambda t: t.unsqueeze(2).expand(-1, -1, repeat, -1, -1).flatten(1, 2)  # noqa: E731
+                keys, values = emit(expand, keys), emit(expand, values)
+            args, kwargs = list(sdpa.args), dict(sdpa.kwargs)
+            args[1:3] = [keys, values]
+            if attention.mask is not None:
+                if attention.mask_in_args:
+                    args[3] = mask
+                else:
+                    kwargs["attn_mask"] = mask
+            new = graph.call_function(sdpa.target, tuple(args), kwargs)
+            new.meta = {k: v for k, v in sdpa.meta.items() if k not in ("example_value", "val")}
     sdpa.replace_all_uses_with(new)
     graph.erase_node(sdpa)
 

@@ -75,6 +75,7 @@ class XQuantLayer(StaticLayer):
         # Everything the rewrite bakes into a compiled graph. update() reads it while Dynamo traces, so
         # Dynamo guards on it and a forward compiled for one configuration recompiles for another.
         self.compile_key = (self.bits, xquant.group_size, xquant.rotation, xquant.cross_layer, self.stores_delta,
+                            xquant.absorb_values,
                             max_cache_len, batch_size, hidden_size, num_kv_heads, head_dim)
         # Host-side mirror of cumulative_length: lets us refuse an overflow before running the graph,
         # without reading the device counter (a sync, and impossible under CUDA graphs).

@@ -32,6 +32,9 @@ class XQuantConfig:
         base_layers: with cross_layer, the first layers store X itself (not a delta), at ``base_bits``;
             the last of them seeds the accumulator.
         base_bits: code width of the base layers (``None``: unquantized).
+        absorb_values: in decode steps, compute attention as (softmax·X̂)·W_vᵀ instead of rebuilding V
+            for every cached row (V has no RoPE); exact up to rounding. ``False`` rebuilds V, for
+            comparison.
     """
 
     bits: int | None = 4
@@ -40,6 +43,7 @@ class XQuantConfig:
     cross_layer: bool = False
     base_layers: int = 3
     base_bits: int | None = 4
+    absorb_values: bool = True
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
