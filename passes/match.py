@@ -75,7 +75,39 @@ def _match_index_copy(node: fx.Node) -> Append | None:
     return Append(node=node, cache=cache, index=index, value=value, seq_dim=dim)
 
 
-APPEND_FORMS: list[AppendForm] = [AppendForm("index_copy_", _match_index_copy)]
+def _match_setitem(node: fx.Node) -> Append | None:
+    # a cache kept as module buffers (gpt-fast style): k_cache[:, :, input_pos] = k
+    if node.op != "call_function" or node.target is not operator.setitem or len(node.args) != 3:
+        return None
+    cache, index, value = node.args
+    if not isinstance(cache, fx.Node) or not isinstance(value, fx.Node) or not isinstance(index, tuple):
+        return None
+    tensor_dims = [i for i, item in enumerate(index) if isinstance(item, fx.Node)]
+    if len(tensor_dims) != 1 or any(item != slice(None) for i, item in enumerate(index) if i != tensor_dims[0]):
+        return None
+    return Append(node=node, cache=cache, index=index[tensor_dims[0]], value=value, seq_dim=tensor_dims[0])
+
+
+APPEND_FORMS: list[AppendForm] = [
+    AppendForm("index_copy_", _match_index_copy),
+    AppendForm("setitem", _match_setitem),
+]
+
+
+def growing_cache_appends(graph: fx.Graph) -> list[fx.Node]:
+    """Appends by concatenation (transformers' DynamicCache: keys = cat([keys, k], dim=-2)).
+
+    Not rewritable: the cache is a new, longer tensor every step. Found only to say so clearly.
+    """
+    found = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.cat and node.args and len(node.args[0]) == 2:
+            first = node.args[0][0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if (isinstance(first, fx.Node) and first.op == "placeholder" and dim in (-2, 2)
+                    and re.search(r"\b(keys|values)\b|key_cache|value_cache", source_name(first))):
+                found.append(node)
+    return found
 
 
 @dataclasses.dataclass
@@ -202,15 +234,17 @@ def _rope_inputs(proj: Projection) -> list[fx.Node]:
 
 
 def _position_source(rope_inputs: list[fx.Node], batch: int, seq_len) -> fx.Node | None:
-    """The integer tensor [b, S] (b in {1, B}) of position ids that the RoPE tables are computed from."""
+    """The integer position ids the RoPE tables are computed from: [b, S] (b in {1, B}), or [S]."""
     candidates = set()
     for inp in rope_inputs:
         candidates |= _ancestors(inp, stop=lambda n: False)
     best = None
     for n in candidates:
         v = example_value(n)
-        if (isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
-                and v.dim() == 2 and v.shape[0] in (1, batch) and v.shape[1] == seq_len):
+        is_ids = isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
+        per_row = is_ids and v.dim() == 2 and v.shape[0] in (1, batch) and v.shape[1] == seq_len
+        shared = is_ids and v.dim() == 1 and v.shape[0] == seq_len  # one position per token for all rows
+        if per_row or shared:
             if best is None or _position(n) > _position(best):
                 best = n
     return best
@@ -235,13 +269,18 @@ def source_name(node: fx.Node) -> str:
     return name() if callable(name) else str(name)
 
 
-def _which(append: Append) -> str | None:
-    """'keys' or 'values' from the cache tensor's Dynamo source (e.g. cache.layers[3].keys)."""
-    name = source_name(append.cache)
-    for kind in ("keys", "values"):
-        if re.search(rf"\b{kind}\b|_{kind}$|\.{kind}$", name):
+def _which_source(cache: fx.Node) -> str | None:
+    """'keys' or 'values' from a cache tensor's Dynamo source (cache.layers[3].keys, ...k_cache)."""
+    name = source_name(cache)
+    for kind, pattern in (("keys", r"\bkeys\b|_keys$|\.keys$|k_cache|key_cache"),
+                          ("values", r"\bvalues\b|_values$|\.values$|v_cache|value_cache")):
+        if re.search(pattern, name):
             return kind
     return None
+
+
+def _which(append: Append) -> str | None:
+    return _which_source(append.cache)
 
 
 def layer_from_source(node: fx.Node) -> int | None:
@@ -264,7 +303,12 @@ def find_sites(graph: fx.Graph) -> tuple[list[Site], list[SiteReport]]:
     """Group the graph's cache appends into per-layer sites; report the ones that don't fit."""
     appends = find_appends(graph)
     by_x: dict[fx.Node, list[tuple[Append, Projection]]] = {}
-    reports: list[SiteReport] = []
+    reports: list[SiteReport] = [
+        SiteReport(layer_from_source(cat.args[0][0]), "skipped",
+                   "the cache grows by torch.cat every step (transformers' DynamicCache): X caching needs a "
+                   "fixed-size cache; pass cache=xq.XQuantCache(...)")
+        for cat in growing_cache_appends(graph) if _which_source(cat.args[0][0]) == "keys"
+    ]
     for append in appends:
         try:
             proj = _projection(append)

@@ -33,7 +33,8 @@ from xq_compile import quant
 from xq_compile._torch_private import declare_static_placeholder
 from xq_compile.attention import absorbed_attention
 from xq_compile.cache import XQuantLayer, layer_of
-from xq_compile.rotation import FOLDED_WEIGHTS, rotate
+from xq_compile.config import XQuantConfig
+from xq_compile.rotation import FOLDED_WEIGHTS, hadamard, rotate
 
 from .emit import Emitter, clone_region
 from .match import Site, SiteReport, attention_read, example_value, find_sites, _ancestors, _descendants
@@ -54,6 +55,9 @@ class RewriteResult:
     reports: list[SiteReport]
     # (placeholder index of a layer's K cache, how many tokens one call appends) for overflow checks
     appends: list[tuple[int, Callable[[Sequence[torch.Tensor]], int]]]
+    # X state this graph created for a model's own K/V buffers (options= mode); the compiled
+    # function keeps it alive
+    owned_state: list = dataclasses.field(default_factory=list)
 
     @property
     def rewritten(self) -> int:
@@ -77,15 +81,20 @@ class XQuantRewrite:
     """The graph pass: ``XQuantRewrite().apply(gm, example_inputs)`` rewrites ``gm`` in place.
 
     ``example_inputs`` are the real tensors the graph is being compiled for; they identify which cache
-    tensors belong to an XQuantCache. Sites whose cache is anything else are reported and left alone.
+    tensors belong to an XQuantCache. Sites whose cache is anything else are reported and left alone,
+    unless ``options`` is given: then the X state of such a cache (a model's own K/V buffers, or a
+    StaticCache) is created here with that configuration and owned by the compiled function.
     """
+
+    def __init__(self, options: XQuantConfig | None = None) -> None:
+        self.options = options
 
     def apply(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> RewriteResult:
         graph = gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         arg_index = {n: i for i, n in enumerate(placeholders)}
         sites, reports = find_sites(graph)
-        state = _GraphState(graph, placeholders, arg_index, example_inputs)
+        state = _GraphState(graph, placeholders, arg_index, example_inputs, self.options)
 
         order = {n: i for i, n in enumerate(graph.nodes)}
         sites.sort(key=lambda s: order[s.key.append.node])
@@ -103,14 +112,15 @@ class XQuantRewrite:
         _refuse_unrewritten_xquant_appends(graph, arg_index, example_inputs, reports)
         graph.lint()
         gm.recompile()
-        return RewriteResult(gm, state.extra_inputs, reports, appends)
+        return RewriteResult(gm, state.extra_inputs, reports, appends, state.owned)
 
 
 def _form(layer: XQuantLayer) -> str:
     bits = "unquantized" if layer.bits is None else f"{layer.bits}-bit"
+    owner = "" if layer.tracks_length else ", state owned by the compiled model"
     if layer.stores_delta:
-        return f"X delta vs layer {layer.layer_idx - 1} (cross-layer, {bits})"
-    return f"X ({bits})"
+        return f"X delta vs layer {layer.layer_idx - 1} (cross-layer, {bits}{owner})"
+    return f"X ({bits}{owner})"
 
 
 def _check_cross_layer_order(state: "_GraphState", layer: XQuantLayer) -> None:
@@ -147,8 +157,10 @@ def _refuse_unrewritten_xquant_appends(graph, arg_index, example_inputs, reports
 class _GraphState:
     """Per-graph bookkeeping: new inputs (deduplicated), and what is emitted once per graph."""
 
-    def __init__(self, graph, placeholders, arg_index, example_inputs):
+    def __init__(self, graph, placeholders, arg_index, example_inputs, options: XQuantConfig | None = None):
         self.graph = graph
+        self.options = options
+        self.owned: list[XQuantLayer] = []  # X state created for a model's own K/V buffers (options=)
         self.placeholders = placeholders
         self.arg_index = arg_index
         self.example_inputs = example_inputs
@@ -160,6 +172,8 @@ class _GraphState:
         self.cut_masks: dict[fx.Node, fx.Node] = {}  # attention mask -> its first n columns
         self.rope_tables: dict[fx.Node, fx.Node] = {}  # position source / RoPE table node -> at cached rows
         self.next_cross_layer = 0
+        self.shared_positions: torch.Tensor | None = None  # options= mode: shared by the graph's layers
+        self.shared_rotation: torch.Tensor | None = None
 
     # -- inputs -------------------------------------------------------------------------------
     def add_input(self, key: tuple, name: str, fetch) -> fx.Node:
@@ -180,8 +194,13 @@ class _GraphState:
             return ("the K/V cache tensors are not graph inputs (a cache allocated lazily inside this graph, "
                     "e.g. a StaticCache before its first call: allocate it before compiling)")
         layer = layer_of(self.example_inputs[self.arg_index[k_cache]])
+        if layer is None and self.options is not None:
+            layer = self.state_for_model_buffers(site)
         if layer is None:
-            return "the cache is not an XQuantCache (pass cache=xq.XQuantCache(...))"
+            return ("the cache is not an XQuantCache (pass cache=xq.XQuantCache(...), or configure the "
+                    "backend with torch.compile(..., options={...}))")
+        if isinstance(layer, str):
+            return layer
         if layer_of(self.example_inputs[self.arg_index[v_cache]]) is not layer:
             return "the K and V caches belong to different XQuantCache layers"
         x = example_value(site.x)
@@ -201,6 +220,31 @@ class _GraphState:
                 f"XQuantCache has max_batch_size={layer.batch_size} but the model is called with batch "
                 f"{x.shape[0]}: create the cache with max_batch_size={x.shape[0]}."
             )
+        return layer
+
+    def state_for_model_buffers(self, site: Site) -> XQuantLayer | str:
+        """options= mode: X state for a model's own K/V buffers, owned by the compiled function."""
+        keys = self.example_inputs[self.arg_index[site.key.append.cache]]
+        values = self.example_inputs[self.arg_index[site.value.append.cache]]
+        x = example_value(site.x)
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or x is None:
+            return "the K/V cache is not a [batch, heads, max_len, head_dim] tensor"
+        if keys.count_nonzero() or values.count_nonzero():
+            return ("the K/V cache already holds states written without xquant (e.g. a cache filled by an "
+                    "earlier uncompiled or unrewritten call): reset it, or allocate it before compiling")
+        self.options.check_hidden_size(x.shape[-1])
+        batch, heads, max_len, head_dim = keys.shape
+        if self.shared_positions is None:
+            source = example_value(site.position_source) if site.position_source is not None else None
+            shape = (batch, max_len) if source is None or source.dim() == 2 else (max_len,)
+            self.shared_positions = torch.zeros(shape, dtype=torch.int64, device=keys.device)
+            self.shared_rotation = (hadamard(self.options.group_size, device=keys.device)
+                                    if self.options.rotation == "hadamard" else None)
+        layer = XQuantLayer(layer_idx=site.layer, max_cache_len=max_len, batch_size=batch, hidden_size=x.shape[-1],
+                            num_kv_heads=heads, head_dim=head_dim, xquant=self.options, dtype=x.dtype,
+                            device=keys.device, positions=self.shared_positions, rotation=self.shared_rotation,
+                            model_buffers=(keys, values))
+        self.owned.append(layer)
         return layer
 
     def token_count(self, seq_len) -> Callable[[Sequence[torch.Tensor]], int]:
@@ -252,12 +296,16 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
         if state.positions is None:
             state.positions = state.add_input(("positions", k_idx), "positions", lambda args: fetch_layer(args).positions)
             if site.position_source is not None:
-                emit(lambda p, i, pos: p.index_copy_(1, i, pos.expand(p.shape[0], -1)),
-                     state.positions, index, site.position_source)
+                if layer.positions.dim() == 2:  # one row of position ids per sequence (left padding)
+                    emit(lambda p, i, pos: p.index_copy_(1, i, pos.expand(p.shape[0], -1)),
+                         state.positions, index, site.position_source)
+                else:  # positions shared by the whole batch (the model indexes its tables with [S])
+                    emit(lambda p, i, pos: p.index_copy_(0, i, pos), state.positions, index, site.position_source)
+            # rows [0, n) are cached once this call has written: n = 1 + the highest position written
             if on_cuda:
-                state.length = emit(lambda i: i[-1:] + 1, index)
+                state.length = emit(lambda i: i.max().reshape(1) + 1, index)
             else:
-                length = emit(lambda i: (i[-1] + 1).item(), index)
+                length = emit(lambda i: (i.max() + 1).item(), index)
                 emit.check(graph.call_function(operator.ge, (length, 1)))
                 emit.check(graph.call_function(operator.le, (length, layer.max_cache_len)))
                 state.length = length
@@ -334,7 +382,7 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             source = site.position_source
             if source not in state.rope_tables:  # the cached rows' positions, once per graph
                 state.rope_tables[source] = (state.positions if on_cuda else
-                                             emit(lambda p, n: p.narrow(1, 0, n), state.positions, n))
+                                             emit(lambda p, n: p.narrow(-1, 0, n), state.positions, n))
             # The RoPE tables (cos/sin of the cached positions) are shared by the layers that share
             # them in the model; only the per-layer region (norm, rotation) is cloned for each layer.
             tables = (_descendants(source) - {source}) & set().union(

@@ -15,11 +15,12 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from . import kernels  # registers the xq_compile:: torch.library ops
-from .backend import COMPILE_LOG, CompileRecord, RewrittenGraph, make_xquant_backend, rewrite_for_backend, xquant_backend
+from .backend import (COMPILE_LOG, CompileRecord, RewrittenGraph, make_xquant_backend, release_kv_buffers,
+                      rewrite_for_backend, xquant_backend)
 from .cache import XQuantCache, XQuantLayer
 from .config import XQuantConfig
 from . import models
-from .memory import fp16_kv_cache_bytes, xquant_cache_bytes
+from .memory import fp16_kv_cache_bytes, memory_report, xquant_cache_bytes
 from .inspect import Explanation, explain
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "explain",
     "fp16_kv_cache_bytes",
     "make_xquant_backend",
+    "memory_report",
+    "release_kv_buffers",
     "rewrite_for_backend",
     "xquant_backend",
     "xquant_cache_bytes",

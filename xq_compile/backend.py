@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from . import _torch_private as private
+from .config import XQuantConfig
 from .passes import RewriteResult, SiteReport, XQuantRewrite
 
 log = logging.getLogger("xq_compile")
@@ -99,7 +100,8 @@ class RewrittenGraph:
         return _bind_x_state(compiled, self.result) if self.result.extra_inputs else compiled
 
 
-def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> RewrittenGraph:
+def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                        options: XQuantConfig | None = None) -> RewrittenGraph:
     """Apply the XQuant rewrite to (a copy of) a Dynamo graph, for use inside any Dynamo backend.
 
     ``gm`` itself is left untouched (Dynamo keeps reading it after the backend returns). The record is
@@ -108,7 +110,7 @@ def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any])
     """
     graph_module = private.copy_dynamo_graph_module(gm)
     code_before = graph_module.code
-    result = XQuantRewrite().apply(graph_module, example_inputs)
+    result = XQuantRewrite(options).apply(graph_module, example_inputs)
     record = CompileRecord(result.reports, code_before, graph_module.code)
     _publish(record)
     extra = [private.as_static_example(spec.fetch(example_inputs), example_inputs)
@@ -128,12 +130,10 @@ def make_xquant_backend(inner: str | Callable = "inductor") -> Callable:
 
     def xquant(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
                options: dict | None = None) -> Callable:
-        if options:
-            raise ValueError(
-                "the xquant backend takes its configuration from the XQuantCache passed to the model "
-                f"(xq.XQuantCache(..., xquant=xq.XQuantConfig(...))); got options={options}."
-            )
-        rewritten = rewrite_for_backend(gm, example_inputs)
+        # options= configures caches that are not an XQuantCache (a model's own K/V buffers, a
+        # StaticCache): their X state is then created by the rewrite and owned by the compiled function.
+        config = XQuantConfig.from_options(options) if options else None
+        rewritten = rewrite_for_backend(gm, example_inputs, config)
         compiled = _compile_inner(inner, rewritten.graph_module, rewritten.example_inputs, mode)
         return rewritten.bind(compiled)
 
@@ -192,3 +192,28 @@ def _bind_x_state(compiled: Callable, result: RewriteResult) -> Callable:
         return out
 
     return run
+
+
+def release_kv_buffers(model: torch.nn.Module) -> int:
+    """Free the K/V buffers of ``model`` whose contents now live in an xquant X state (options= mode).
+
+    Each such buffer is replaced by a stride-0 view of one element (same shape, 4 bytes): the next call
+    recompiles once against the placeholder, and any eager write into it fails loudly. Returns the
+    number of bytes released.
+    """
+    from .cache import layer_of, register_placeholders
+
+    released = 0
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            layer = layer_of(buffer) if buffer is not None else None
+            if layer is None or layer.tracks_length or buffer.stride() == (0,) * buffer.dim():
+                continue
+            placeholder = torch.zeros(1, dtype=buffer.dtype, device=buffer.device).expand(buffer.shape)
+            released += buffer.untyped_storage().nbytes()
+            module._buffers[name] = placeholder
+            if buffer is layer.keys:
+                register_placeholders(layer, placeholder, layer.values)
+            else:
+                register_placeholders(layer, layer.keys, placeholder)
+    return released

@@ -59,6 +59,7 @@ class XQuantLayer(StaticLayer):
         device: torch.device,
         positions: torch.Tensor,
         rotation: torch.Tensor | None,
+        model_buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(max_cache_len=max_cache_len)
         self.layer_idx = layer_idx
@@ -78,12 +79,17 @@ class XQuantLayer(StaticLayer):
                             xquant.absorb_values,
                             max_cache_len, batch_size, hidden_size, num_kv_heads, head_dim)
         # Host-side mirror of cumulative_length: lets us refuse an overflow before running the graph,
-        # without reading the device counter (a sync, and impossible under CUDA graphs).
+        # without reading the device counter (a sync, and impossible under CUDA graphs). A model's own
+        # buffers (options= mode) are written at positions the model picks: no mirror is possible.
         self.host_length = 0
+        self.tracks_length = model_buffers is None
 
         shape = (batch_size, num_kv_heads, max_cache_len, head_dim)
-        self.keys = torch.zeros(1, dtype=dtype, device=device).expand(shape)
-        self.values = torch.zeros(1, dtype=dtype, device=device).expand(shape)
+        if model_buffers is None:
+            self.keys = torch.zeros(1, dtype=dtype, device=device).expand(shape)
+            self.values = torch.zeros(1, dtype=dtype, device=device).expand(shape)
+        else:  # the model's own K/V buffers, read by its graph until release_kv_buffers() drops them
+            self.keys, self.values = model_buffers
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=device)
         if self.bits is not None:
             groups = hidden_size // xquant.group_size
@@ -132,7 +138,7 @@ class XQuantLayer(StaticLayer):
 
     def check_room(self, new_tokens: int) -> None:
         """Refuse, before anything is written, a call whose ``new_tokens`` do not fit."""
-        if self.host_length + new_tokens > self.max_cache_len:
+        if self.tracks_length and self.host_length + new_tokens > self.max_cache_len:
             raise ValueError(
                 f"XQuantCache overflow in layer {self.layer_idx}: it holds {self.host_length} tokens and "
                 f"{new_tokens} more do not fit in max_cache_len={self.max_cache_len}. Create the cache "
@@ -164,6 +170,13 @@ class XQuantLayer(StaticLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("XQuantCache has a fixed batch; selecting rows would move its static buffers.")
+
+
+def register_placeholders(layer: XQuantLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make ``keys``/``values`` (new K/V tensors of a model, e.g. after release) lead to ``layer``."""
+    layer.keys, layer.values = keys, values
+    _LAYER_OF_PLACEHOLDER[keys] = layer
+    _LAYER_OF_PLACEHOLDER[values] = layer
 
 
 def _layer_types(config) -> list[str]:
