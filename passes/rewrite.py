@@ -86,8 +86,12 @@ class XQuantRewrite:
     StaticCache) is created here with that configuration and owned by the compiled function.
     """
 
-    def __init__(self, options: XQuantConfig | None = None) -> None:
+    def __init__(self, options: XQuantConfig | None = None, rebuild: str = "auto") -> None:
+        """``rebuild``: "auto" (the fused op on CUDA, inline torch on CPU), "op" or "inline" to force one."""
+        if rebuild not in ("auto", "op", "inline"):
+            raise ValueError(f"rebuild={rebuild!r}: use 'auto', 'op' or 'inline'")
         self.options = options
+        self.rebuild = rebuild
 
     def apply(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> RewriteResult:
         graph = gm.graph
@@ -95,6 +99,7 @@ class XQuantRewrite:
         arg_index = {n: i for i, n in enumerate(placeholders)}
         sites, reports = find_sites(graph)
         state = _GraphState(graph, placeholders, arg_index, example_inputs, self.options)
+        state.rebuild = self.rebuild
 
         order = {n: i for i, n in enumerate(graph.nodes)}
         sites.sort(key=lambda s: order[s.key.append.node])
@@ -289,7 +294,9 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     first, last = sorted((site.key.append.node, site.value.append.node), key=order.__getitem__)
     index = site.key.append.index
-    on_cuda = layer.device.type == "cuda"
+    # The fused-op form (device-side length, max_cache_len rows, no host sync: CUDA graphs) or the
+    # inline form (plain torch over the data-dependent length n, fused by Inductor's C++ backend).
+    on_cuda = state.rebuild == "op" or (state.rebuild == "auto" and layer.device.type == "cuda")
 
     # 1. Store: the new tokens' X (rotated, quantized, packed) and, once per graph, their positions.
     with graph.inserting_before(first):

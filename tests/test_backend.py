@@ -128,3 +128,17 @@ def test_a_cache_with_other_settings_recompiles_instead_of_reusing_the_graph():
         outputs[bits] = run_calls(forward, cache, calls)
         with simulate_xquant(model, config):
             assert max_error(outputs[bits], reference_logits(model, calls, MAX_LEN)) < 1e-4
+
+
+@pytest.mark.parametrize("cross_layer", [False, True])
+def test_the_cuda_graph_form_is_exact_on_cpu(cross_layer):
+    """rebuild='op' emits what a CUDA device gets (the dequant_project op over max_cache_len rows, length
+    read on device, rebuilt rows padded with zeros); its CPU kernel lets the graph be checked here."""
+    model = tiny_llama(num_kv_heads=2, num_layers=3)
+    calls = decode_inputs(steps=4)
+    config = xq.XQuantConfig(bits=4, group_size=16, cross_layer=cross_layer, base_layers=1)
+    out, _ = compiled_run(model, calls, config, backend=xq.make_xquant_backend("aot_eager", rebuild="op"))
+    code = xq.COMPILE_LOG[-1].code_after
+    assert ("dequant_project" in code) != cross_layer and ".item()" not in code
+    with simulate_xquant(model, config):
+        assert max_error(out, reference_logits(model, calls, MAX_LEN)) < 2e-4

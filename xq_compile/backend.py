@@ -101,7 +101,7 @@ class RewrittenGraph:
 
 
 def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                        options: XQuantConfig | None = None) -> RewrittenGraph:
+                        options: XQuantConfig | None = None, rebuild: str = "auto") -> RewrittenGraph:
     """Apply the XQuant rewrite to (a copy of) a Dynamo graph, for use inside any Dynamo backend.
 
     ``gm`` itself is left untouched (Dynamo keeps reading it after the backend returns). The record is
@@ -110,7 +110,7 @@ def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     """
     graph_module = private.copy_dynamo_graph_module(gm)
     code_before = graph_module.code
-    result = XQuantRewrite(options).apply(graph_module, example_inputs)
+    result = XQuantRewrite(options, rebuild).apply(graph_module, example_inputs)
     record = CompileRecord(result.reports, code_before, graph_module.code)
     _publish(record)
     extra = [private.as_static_example(spec.fetch(example_inputs), example_inputs)
@@ -118,14 +118,16 @@ def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     return RewrittenGraph(graph_module, [*example_inputs, *extra], result, record)
 
 
-def make_xquant_backend(inner: str | Callable = "inductor") -> Callable:
+def make_xquant_backend(inner: str | Callable = "inductor", rebuild: str = "auto") -> Callable:
     """An xquant backend whose rewritten graph is compiled by ``inner``.
 
     ``inner`` is a backend name (``"inductor"``, ``"aot_eager"``, ...) or any callable
     ``(graph_module, example_inputs) -> callable`` -- for instance a function that runs your own FX
     passes on the rewritten graph and then calls another backend. ``backend="xquant"`` is
     ``make_xquant_backend("inductor")``; ``"aot_eager"`` runs the rewritten graph without code
-    generation (fast, and handy to debug the rewrite itself).
+    generation (fast, and handy to debug the rewrite itself). ``rebuild="op"`` forces the form the CUDA
+    path uses (the ``xq_compile::dequant_project`` op over max_cache_len rows, length read on device)
+    on any device, e.g. to test it on CPU; ``"inline"`` forces the plain-torch form.
     """
 
     def xquant(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
@@ -133,7 +135,7 @@ def make_xquant_backend(inner: str | Callable = "inductor") -> Callable:
         # options= configures caches that are not an XQuantCache (a model's own K/V buffers, a
         # StaticCache): their X state is then created by the rewrite and owned by the compiled function.
         config = XQuantConfig.from_options(options) if options else None
-        rewritten = rewrite_for_backend(gm, example_inputs, config)
+        rewritten = rewrite_for_backend(gm, example_inputs, config, rebuild)
         compiled = _compile_inner(inner, rewritten.graph_module, rewritten.example_inputs, mode)
         return rewritten.bind(compiled)
 
