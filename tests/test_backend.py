@@ -142,3 +142,19 @@ def test_the_cuda_graph_form_is_exact_on_cpu(cross_layer):
     assert ("dequant_project" in code) != cross_layer and ".item()" not in code
     with simulate_xquant(model, config):
         assert max_error(out, reference_logits(model, calls, MAX_LEN)) < 2e-4
+
+
+def test_inductor_fx_graph_cache_hits_on_the_second_compile():
+    """Nothing we do per compile (the rewrite, the emulate_precision_casts patch) breaks Inductor's FX
+    graph cache: compiling the same model again from a fresh Dynamo hits it for both graphs."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_llama(num_kv_heads=2)
+    calls = decode_inputs(steps=2)
+    hits = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        before = counters["inductor"]["fxgraph_cache_hit"]
+        compiled_run(model, calls, xq.XQuantConfig(bits=4, group_size=16))
+        hits.append(counters["inductor"]["fxgraph_cache_hit"] - before)
+    assert hits[1] == 2, hits
