@@ -106,7 +106,9 @@ def test_parse_methods():
     ms = ev.parse_methods(ev.DEFAULT_METHODS + ",xquant:3:sim,xquant:4:norot")
     assert [m.label for m in ms][-3:] == ["xquant:2", "xquant:3:sim", "xquant:4:norot"]
     assert ms[1] == ev.Method("kivi", 4, simulated=True)
-    for bad in ("foo:4", "xquant", "fp16:4", "hf-quanto:3", "kivi:4:sim", "xquant:5"):
+    cl = ev.parse_methods("xquant-cl:3:base1")[0]
+    assert cl == ev.Method("xquant-cl", 3, base_layers=1) and cl.label == "xquant-cl:3:base1"
+    for bad in ("foo:4", "xquant", "fp16:4", "hf-quanto:3", "kivi:4:sim", "xquant:5", "xquant:3:base1"):
         with pytest.raises(ValueError):
             ev.parse_methods(bad)
     with pytest.raises(ValueError, match="multiple"):

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -48,12 +49,15 @@ class Method:
     bits: int | None = None
     simulated: bool = False
     rotation: str = "hadamard"
+    base_layers: int | None = None  # xquant-cl: layers stored as X at 4 bits (None: the config default)
 
     @property
     def label(self) -> str:
         if self.kind == "fp16":
             return "fp16"
         label = f"{self.kind}:{self.bits}"
+        if self.base_layers is not None:
+            label += f":base{self.base_layers}"
         if self.kind.startswith("xquant") and self.rotation == "none":
             label += ":norot"
         if self.kind.startswith("xquant") and self.simulated:
@@ -62,7 +66,11 @@ class Method:
 
 
 def parse_methods(spec: str) -> list[Method]:
-    """``"fp16,kivi:4,xquant:3:sim"`` -> Methods; errors name the offending entry."""
+    """``"fp16,kivi:4,xquant:3:sim,xquant-cl:3:base1"`` -> Methods; errors name the offending entry.
+
+    Suffixes: ``:sim`` (simulated, one pass), ``:norot`` (no Hadamard rotation), ``:baseN`` (XQuant-CL
+    with N base layers).
+    """
     methods = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, *rest = item.split(":")
@@ -76,15 +84,18 @@ def parse_methods(spec: str) -> list[Method]:
         if not rest or not rest[0].isdigit():
             raise ValueError(f"{item!r}: give the bits, e.g. {kind}:4")
         bits, flags = int(rest[0]), set(rest[1:])
-        unknown = flags - {"sim", "norot"}
-        if unknown or (flags and not kind.startswith("xquant")):
-            raise ValueError(f"{item!r}: suffixes ':sim' and ':norot' apply to xquant and xquant-cl only")
+        base = [f for f in flags if re.fullmatch(r"base\d+", f)]
+        unknown = flags - {"sim", "norot"} - set(base)
+        if unknown or (flags and not kind.startswith("xquant")) or (base and kind != "xquant-cl"):
+            raise ValueError(f"{item!r}: suffixes ':sim' and ':norot' apply to xquant and xquant-cl, "
+                             "':baseN' to xquant-cl only")
         if kind == "hf-quanto" and bits not in (2, 4):
             raise ValueError(f"{item!r}: the quanto backend of QuantizedCache supports 2 and 4 bits only")
         if kind in ("xquant", "xquant-cl", "kivi"):
             XQuantConfig(bits=bits)  # same bit widths as the project's quantizer: fail here, not later
         methods.append(Method(kind, bits, simulated=(kind == "kivi" or "sim" in flags),
-                              rotation="none" if "norot" in flags else "hadamard"))
+                              rotation="none" if "norot" in flags else "hadamard",
+                              base_layers=int(base[0][4:]) if base else None))
     if not methods:
         raise ValueError("no methods given")
     return methods
@@ -278,8 +289,9 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                         f"{held / window_len:.0f} B/token (measured)")
                 mode = "real"
             elif method.kind in ("xquant", "xquant-cl"):
+                base = {} if method.base_layers is None else {"base_layers": method.base_layers}
                 cfg = XQuantConfig(bits=method.bits, group_size=group_size, rotation=method.rotation,
-                                   cross_layer=method.kind == "xquant-cl")
+                                   cross_layer=method.kind == "xquant-cl", **base)
                 report = memory.memory_report(model.config, cfg, window_len, dtype_bytes=dtype_bytes)
                 if method.simulated:
                     nll, n = eval_simulated(model, windows, lambda: simulate_xquant(model, cfg), desc, progress)
