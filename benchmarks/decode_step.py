@@ -21,6 +21,7 @@ Outputs under --out: decode_step.json, decode_step.md (tables) and decode_step.p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="rounds (alternating backends)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend per length")
     p.add_argument("--quanto", action="store_true", help="also time transformers' QuantizedCache (quanto, eager)")
+    p.add_argument("--rebuild-v", action="store_true",
+                   help="also time xquant with absorb_values=False (V rebuilt for every cached row)")
     p.add_argument("--quanto-bits", type=int, nargs="+", default=[4, 2])
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (CPU); default: torch's. On a loaded shared machine use 1: "
@@ -186,6 +189,11 @@ def main(argv=None) -> int:
     rss2 = rss()
     runners = [StaticRunner("baseline", model, base_cache, "inductor", args),
                StaticRunner("xquant", model, xq_cache, "xquant", args)]
+    if args.rebuild_v:
+        rebuild_config = dataclasses.replace(xq_config, absorb_values=False)
+        rebuild_cache = xq.XQuantCache(config, max_batch_size=args.batch, max_cache_len=args.max_cache_len,
+                                       xquant=rebuild_config, dtype=dtype, device=args.device)
+        runners.append(StaticRunner("xquant-rebuild-v", model, rebuild_cache, "xquant", args))
     if args.quanto:
         runners += [QuantoRunner(f"quanto{b}", model, b, args) for b in args.quanto_bits]
 
