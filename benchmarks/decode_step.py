@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import sys
 import time
 import traceback
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, build_model, environment, md_table, median, sync, timed, write_json  # noqa: E402
+from common import DTYPES, build_model, environment, md_table, median, timed, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
