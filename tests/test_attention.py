@@ -65,3 +65,16 @@ def test_decode_absorbs_values_and_matches_rebuilding_them(num_kv_heads):
     cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=32, xquant=unquantized)
     exact = run_calls(torch.compile(model.forward, backend="xquant", fullgraph=True), cache, calls)
     assert max_error(exact, reference_logits(model, calls, 32)) < 1e-4
+
+
+def test_short_prefill_chunks_absorb_values_under_inductor():
+    """Chunks of a few tokens also take the absorbed path (4·S·Hq <= Hkv·D); with Inductor this once
+    failed on the real model (a bmm layout check on the data-dependent n)."""
+    model = tiny_llama(num_kv_heads=4)  # Hkv·D = 64: chunks of up to 4 tokens absorb (4 heads)
+    calls = decode_inputs(batch=1, prompt=3, steps=3)
+    config = xq.XQuantConfig(bits=None, group_size=16)
+    cache = xq.XQuantCache(model.config, max_batch_size=1, max_cache_len=32, xquant=config)
+    out = run_calls(torch.compile(model.forward, backend="xquant", fullgraph=True), cache, calls)
+    prefill_code = xq.COMPILE_LOG[-2].code_after
+    assert "scaled_dot_product_attention" not in prefill_code  # the 2-token prefill absorbed V too
+    assert max_error(out, reference_logits(model, calls, 32)) < 1e-4

@@ -34,7 +34,9 @@ def absorbed_attention(
     scale = head_dim ** -0.5 if scale is None else scale
     # Query heads grouped by the KV head they share (repeat_kv order): [B, Hkv, group·S, D].
     q = query.reshape(-1, kv_heads, group * seq_len, head_dim)
-    scores = (q @ keys.transpose(-1, -2)).float() * scale               # [B, Hkv, group·S, n]
+    # q·Kᵀ and P·X̂ as fused multiply-reduces rather than bmms: Inductor's bmm lowering asks whether the
+    # data-dependent n equals 1 (a layout check) and gives up. Few query rows (decode), so cheap.
+    scores = (q.unsqueeze(-2) * keys.unsqueeze(-3)).sum(-1).float() * scale  # [B, Hkv, group·S, n]
     if mask is not None:
         mask = mask.expand(q.shape[0], query_heads, seq_len, -1).reshape(q.shape[0], kv_heads, group * seq_len, -1)
         if mask_is_bool:
@@ -47,9 +49,6 @@ def absorbed_attention(
     if mask is not None and mask_is_bool:
         weights = weights * mask
     weights = weights.to(x_hat.dtype)
-    # Σ_n weights·x̂ as a fused multiply-reduce rather than a bmm: Inductor's bmm lowering would guard on
-    # the data-dependent n (its layout check asks whether n == 1). Decode has few query rows, so the
-    # reduction reads X̂ once per query head group, like the matmul would.
     mixed = (weights.unsqueeze(-1) * x_hat[:, None, None]).sum(-2)      # [B, Hkv, group·S, d]
     w = v_weight.unflatten(0, (kv_heads, head_dim))                     # [Hkv, D, d]
     out = mixed @ w.transpose(-1, -2)                                   # [B, Hkv, group·S, D]
