@@ -85,6 +85,13 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[No
             continue
         hook = lambda module, args, i=i: (x_hat(i, args[0]), *args[1:])  # noqa: E731
         handles += [first.register_forward_pre_hook(hook), second.register_forward_pre_hook(hook)]
+    with hooks_removed_after(handles):
+        yield
+
+
+@contextlib.contextmanager
+def hooks_removed_after(handles: list) -> Iterator[None]:
+    """Keep module hooks installed for the ``with`` block only (also on error)."""
     try:
         yield
     finally:
