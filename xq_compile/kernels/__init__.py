@@ -1,14 +1,16 @@
 """Custom ops and kernels of xq-compile.
 
-Importing this package registers ``torch.ops.xq_compile.dequant_project`` (CPU reference kernel and,
-when triton is installed, the CUDA Triton kernel). Triton itself is optional.
+Importing this package registers ``torch.ops.xq_compile.dequant_project``,
+``torch.ops.xq_compile.dequant_project_rope`` and ``torch.ops.xq_compile.decode_attention`` (CPU reference
+kernels and, when triton is installed, the CUDA Triton kernels). Triton itself is optional.
 
-The op is reached as ``torch.ops.xq_compile.dequant_project`` (or
-``xq_compile.kernels.dequant_project.dequant_project``); this package deliberately does not re-export it
-under the name ``dequant_project``, which would shadow the submodule of the same name.
+The ops are reached as ``torch.ops.xq_compile.<name>`` (or ``xq_compile.kernels.<module>.<name>``); this
+package deliberately does not re-export them under the names ``dequant_project`` / ``decode_attention``,
+which would shadow the submodules of the same names.
 """
 
-from xq_compile.kernels import dequant_project
+from xq_compile.kernels import decode_attention, dequant_project
+from xq_compile.kernels.decode_attention import decode_attention_triton
 from xq_compile.kernels.dequant_project import HAS_TRITON, dequant_project_triton
 
-__all__ = ["HAS_TRITON", "dequant_project", "dequant_project_triton"]
+__all__ = ["HAS_TRITON", "decode_attention", "decode_attention_triton", "dequant_project", "dequant_project_triton"]

@@ -1,0 +1,486 @@
+"""Tests of ``xq_compile::decode_attention``.
+
+  (a) the op's CPU kernel (the torch reference) against an independent formulation: dequantize with
+      xq_compile.quant, build the full K (F.linear, HF's apply_rotary_pos_emb) and V = X̂·Wvᵀ + bv,
+      repeat_kv, F.scaled_dot_product_attention with the mask, all in float64;
+  (b) the Triton kernels under the Triton interpreter (subprocess with TRITON_INTERPRET=1, see
+      tests/test_kernels.py for why) against the CPU reference, with small blocks so that every path
+      is taken: several splits (some empty), ragged row blocks, several channel blocks;
+  (c) on a GPU (skipped without CUDA): the compiled kernels against the reference, in bf16 and
+      captured in a CUDA graph replayed with a changing length:
+          pytest tests/test_decode_attention.py -k cuda
+      (XQ_CUDA_TEST_DEVICE=cpu dry-runs those tests' own code on CPU, against the reference itself).
+
+Inputs: random codes over the whole code range; every cache entry past the fill n is poisoned (inf
+scale, NaN zero/tail/col0/cos/mask) so reading one shows up as a NaN. Per-channel sources poison the
+scale of the partly filled token group too: those rows must come from the tail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xq_compile import quant
+from xq_compile.kernels import decode_attention as da
+
+ROOT = Path(__file__).resolve().parents[1]
+OP = torch.ops.xq_compile.decode_attention.default
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA_DEVICE = os.environ.get("XQ_CUDA_TEST_DEVICE", "cuda")
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases and inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 2
+    Hq: int = 2
+    Hkv: int = 2
+    S: int = 1
+    D: int = 32
+    L: int = 40
+    n: int = 23
+    C: int = 64            # key-source width (and value-source width unless Cv)
+    Cv: int | None = None  # None: shared source (MHA X); else a separate value source of this width
+    k_bits: int = 4
+    k_layout: str = "per_token"
+    k_group: int = 16
+    v_bits: int = 4
+    v_layout: str = "per_token"
+    v_group: int = 16
+    col0: bool = False
+    bias: bool = True
+    mask: str | None = None   # None, "bool", "float"
+    mask_shape: str = "B1"    # "B1": [B, 1, S, L]; "1H": [1, Hq, S, L]
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def __str__(self):
+        v = "shared" if self.Cv is None else f"v{self.v_bits}{self.v_layout[4]}{self.v_group}_Cv{self.Cv}"
+        return (f"B{self.B}_Hq{self.Hq}_Hkv{self.Hkv}_S{self.S}_D{self.D}_L{self.L}_n{self.n}_C{self.C}_"
+                f"k{self.k_bits}{self.k_layout[4]}{self.k_group}_{v}{'_col0' if self.col0 else ''}"
+                f"{'' if self.bias else '_nobias'}_{self.mask}{self.mask_shape if self.mask else ''}_"
+                f"{str(self.dtype)[6:]}")
+
+
+def _source(g, B, L, C, bits, layout, group, n, dtype):
+    qmax = (1 << bits) - 1
+    codes = torch.randint(0, qmax + 1, (B, L, C), generator=g, dtype=torch.uint8)
+    packed = quant.pack(codes, bits)
+    rows = L if layout == "per_token" else -(-L // group)
+    shape = (B, rows, C // group) if layout == "per_token" else (B, rows, C)
+    # x_hat spans about [-1, 3] whatever the width; distinct scales per group catch a wrong group index
+    scale = ((0.5 + torch.rand(shape, generator=g)) * 2 / qmax).to(torch.float16)
+    zero = (torch.rand(shape, generator=g) * 2 - 1).to(torch.float16)
+    tail = None
+    if layout == "per_token":
+        scale[:, n:] = float("inf")
+        zero[:, n:] = float("nan")
+    else:
+        n_full = n // group * group
+        scale[:, n_full // group:] = float("inf")  # the partial group: its rows come from the tail
+        zero[:, n_full // group:] = float("nan")
+        tail = (torch.rand(B, group, C, generator=g) * 4 - 1).to(dtype)
+        tail[:, n - n_full:] = float("nan")
+    return packed, scale, zero, tail
+
+
+def rope_tables(B, L, D, dtype, offset=0):
+    """HF-style cos/sin [B, L, D] (positions shifted per batch row), second half perturbed."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    pos = torch.arange(L, dtype=torch.float64)[None] + 3 * torch.arange(B, dtype=torch.float64)[:, None] + offset
+    freqs = pos[..., None] * inv_freq
+    # HF tables repeat the frequencies in both halves; a different second half (an arbitrary table, as
+    # the op allows) makes a kernel that reads the wrong half fail.
+    emb = torch.cat([freqs, freqs * 1.3 + 0.2], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def make_inputs(case: Case) -> dict:
+    """The op's arguments as a dict (in schema order)."""
+    c = case
+    g = torch.Generator().manual_seed(c.seed)
+    dtype = c.dtype
+    kp, ks, kz, kt = _source(g, c.B, c.L, c.C, c.k_bits, c.k_layout, c.k_group, c.n, dtype)
+    if c.Cv is None:
+        vp = vs = vz = vt = None
+        cv = c.C
+    else:
+        vp, vs, vz, vt = _source(g, c.B, c.L, c.Cv, c.v_bits, c.v_layout, c.v_group, c.n, dtype)
+        cv = c.Cv
+    col0 = None
+    if c.col0:
+        col0 = (torch.randn(c.B, c.L, generator=g) * 4).to(torch.float16)  # outside the codes' range
+        col0[:, c.n:] = float("nan")
+    N = c.Hkv * c.D
+    wk = (torch.randn(N, c.C, generator=g) / math.sqrt(c.C)).to(dtype)
+    wv = (torch.randn(N, cv, generator=g) / math.sqrt(cv)).to(dtype)
+    bk = torch.randn(N, generator=g).to(dtype) if c.bias else None
+    bv = torch.randn(N, generator=g).to(dtype) if c.bias else None
+    cos, sin = rope_tables(c.B, c.L, c.D, dtype)
+    cos[:, c.n:] = float("nan")
+    sin[:, c.n:] = float("nan")
+    q = (torch.randn(c.B, c.Hq, c.S, c.D, generator=g) * 1.5).to(dtype)
+    mask = None
+    if c.mask is not None:
+        shape = (c.B, 1, c.S, c.L) if c.mask_shape == "B1" else (1, c.Hq, c.S, c.L)
+        keep = torch.rand(shape, generator=g) < 0.75
+        keep[..., 0, 0] = True  # each row attends somewhere ...
+        keep[0, 0, -1, :] = False  # ... except one fully masked row (a left-padded query)
+        if c.mask == "bool":
+            mask = keep
+        else:
+            add = (torch.rand(shape, generator=g) - 0.5).to(dtype)  # a genuinely additive part too
+            mask = torch.where(keep, add, torch.tensor(float("-inf"), dtype=dtype))
+            mask[..., c.n:] = float("nan")
+    return dict(
+        query=q, k_packed=kp, k_scale=ks, k_zero=kz, k_tail=kt, v_packed=vp, v_scale=vs, v_zero=vz, v_tail=vt,
+        col0=col0, k_weight=wk, k_bias=bk, v_weight=wv, v_bias=bv, cos=cos, sin=sin, mask=mask,
+        length=torch.tensor(c.n), k_bits=c.k_bits, k_group=c.k_group, k_layout=c.k_layout,
+        v_bits=c.v_bits, v_group=c.v_group, v_layout=c.v_layout, sm_scale=c.D ** -0.5,
+    )
+
+
+def _independent_rows(packed, scale, zero, tail, n, bits, group, layout):
+    """float64 rows [B, n, C] straight from quant (per_channel: scale gathered per token)."""
+    if layout == "per_token":
+        return quant.dequantize(packed[:, :n], scale[:, :n], zero[:, :n], bits, group, dtype=torch.float64)
+    n_full = n // group * group
+    token_group = torch.arange(n_full) // group
+    codes = quant.unpack(packed[:, :n_full], bits).double()
+    x = codes * scale[:, token_group].double() + zero[:, token_group].double()
+    return torch.cat([x, tail[:, : n - n_full].double()], dim=1)
+
+
+def independent(a: dict) -> torch.Tensor:
+    """float64 SDPA over the fully rebuilt, RoPE'd K and V = X̂·Wvᵀ + bv (repeat_kv), [B, Hq, S, D]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    q = a["query"]
+    B, Hq, S, D = q.shape
+    n = int(a["length"])
+    Hkv = a["k_weight"].shape[0] // D
+    dt = a["k_weight"].dtype
+    # X̂ rounded to the model dtype first: that is what the cache's dequantization gives the model
+    xk = _independent_rows(a["k_packed"], a["k_scale"], a["k_zero"], a["k_tail"], n, a["k_bits"], a["k_group"],
+                           a["k_layout"]).to(dt).double()
+    if a["col0"] is not None:
+        xk[..., 0] = a["col0"][:, :n].to(dt).double()
+    if a["v_packed"] is None:
+        xv = xk
+    else:
+        xv = _independent_rows(a["v_packed"], a["v_scale"], a["v_zero"], a["v_tail"], n, a["v_bits"],
+                               a["v_group"], a["v_layout"]).to(dt).double()
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    k = F.linear(xk, f64(a["k_weight"]), f64(a["k_bias"])).view(B, n, Hkv, D).transpose(1, 2)
+    v = F.linear(xv, f64(a["v_weight"]), f64(a["v_bias"])).view(B, n, Hkv, D).transpose(1, 2)
+    _, k = apply_rotary_pos_emb(k, k, a["cos"][:, :n].double(), a["sin"][:, :n].double())
+    k, v = repeat_kv(k, Hq // Hkv), repeat_kv(v, Hq // Hkv)
+    mask = a["mask"]
+    if mask is not None:
+        mask = mask[..., :n] if mask.dtype == torch.bool else mask[..., :n].double()
+    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=a["sm_scale"])
+
+
+def tolerance(dtype) -> dict:
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+
+
+def check_close(out, expected, dtype, what):
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(out.double() / scale, expected.double() / scale, **tolerance(dtype), msg=lambda m: f"{what}: {m}")
+
+
+def fully_masked_rows(a: dict) -> torch.Tensor | None:
+    """Bool [B, Hq, S]: query rows that attend to nothing among the n rows."""
+    if a["mask"] is None:
+        return None
+    B, Hq, S, _ = a["query"].shape
+    m = a["mask"].expand(B, Hq, S, -1)[..., : int(a["length"])]
+    attend = m if m.dtype == torch.bool else m > float("-inf")
+    return ~attend.any(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The case list (shared by the CPU-reference tests and the interpreter subprocesses).
+# --------------------------------------------------------------------------------------------------
+
+GQA = dict(Hq=6, Hkv=2, D=32, C=64, Cv=64, k_layout="per_channel", k_group=16, v_layout="per_token", v_group=16)
+CASES = [
+    # MHA X cache (shared source, Hq = Hkv), ragged n, masks, S = 4
+    Case(Hq=2, Hkv=2, C=64, n=23, k_bits=4),
+    Case(Hq=3, Hkv=3, C=96, n=40, L=40, k_bits=3, k_group=32, S=4, mask="bool"),
+    Case(Hq=2, Hkv=2, C=64, n=1, k_bits=2, mask="float", S=4, bias=False),
+    Case(Hq=2, Hkv=2, C=80, D=40, n=37, k_bits=8, k_group=20, mask="bool", mask_shape="1H", col0=True),
+    # GQA latents (group 3): per_channel keys with a tail (n not a multiple of the group, n < group,
+    # n a multiple), per_token values of another width
+    Case(**GQA, n=37, k_bits=2, v_bits=3, S=4, mask="float", mask_shape="1H"),
+    Case(**GQA, n=7, k_bits=3, v_bits=4, col0=True),
+    Case(**GQA, n=48, L=48, k_bits=4, v_bits=8, mask="bool", bias=False),
+    Case(**{**GQA, "k_group": 8, "Cv": 96, "v_group": 32}, n=64, L=80, k_bits=8, v_bits=2, S=4, col0=True,
+         mask="bool"),
+    # per_channel value source too (and a per_token key source)
+    Case(**{**GQA, "k_layout": "per_token", "v_layout": "per_channel", "v_group": 8}, n=29, k_bits=4, v_bits=4,
+         S=2, mask="float"),
+    # shared per_channel source (both K and V from one KIVI-style latent, tail included)
+    Case(Hq=4, Hkv=2, C=64, n=27, k_bits=3, k_layout="per_channel", k_group=8, S=1, col0=True),
+    # bf16 (model dtype) versions
+    Case(Hq=3, Hkv=3, C=96, n=33, k_bits=4, k_group=32, S=4, mask="bool", dtype=torch.bfloat16),
+    Case(**GQA, n=30, k_bits=2, v_bits=4, S=4, col0=True, mask="float", dtype=torch.bfloat16),
+    Case(**GQA, n=48, L=48, k_bits=8, v_bits=3, bias=False, dtype=torch.bfloat16, mask="bool", mask_shape="1H"),
+    # S = 16 with GQA group 3 (48 query rows per KV head), D = 64, groups not aligned with 3-bit words
+    Case(B=1, Hq=3, Hkv=1, D=64, C=96, n=50, L=70, k_bits=3, k_group=12, S=16, mask="bool"),
+    Case(B=2, Hq=6, Hkv=2, D=16, C=32, Cv=48, n=70, L=70, k_bits=2, k_layout="per_channel", k_group=32,
+         v_bits=3, v_group=12, S=3, col0=True, mask="float", dtype=torch.bfloat16),
+]
+CASES = [replace(c, seed=i) for i, c in enumerate(CASES)]
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) the CPU reference
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_matches_sdpa(case):
+    a = make_inputs(case)
+    out = OP(**a)
+    assert out.shape == a["query"].shape and out.dtype == a["query"].dtype
+    check_close(out, independent(a), case.dtype, str(case))
+    full = fully_masked_rows(a)
+    if full is not None:
+        assert full.any()
+        assert (out[full] == 0).all(), "a fully masked query row must give 0"
+
+
+def test_reference_n_zero_and_clamping():
+    a = make_inputs(Case(n=0, L=16, k_group=16))
+    assert (OP(**a) == 0).all()
+    a = make_inputs(Case(n=16, L=16))
+    expected = OP(**a)
+    for length in (torch.tensor([99], dtype=torch.int32), torch.tensor(16)):
+        torch.testing.assert_close(OP(**{**a, "length": length}), expected)
+
+
+def test_opcheck():
+    a = make_inputs(Case(**GQA, n=7, k_bits=3, v_bits=4, col0=True, mask="bool", L=24))
+    torch.library.opcheck(OP, tuple(a.values()))
+
+
+def test_rejects_bad_inputs():
+    a = make_inputs(Case(**GQA, n=7, L=24))
+    with pytest.raises(ValueError, match="k_tail"):
+        OP(**{**a, "k_tail": None})
+    with pytest.raises(ValueError, match="k_scale"):
+        OP(**{**a, "k_layout": "per_token", "k_tail": None})
+    with pytest.raises(ValueError, match="layout"):
+        OP(**{**a, "v_layout": "per_row"})
+    with pytest.raises(ValueError, match="query heads"):
+        OP(**{**a, "query": a["query"][:, :5]})
+    with pytest.raises(ValueError, match="mask"):
+        OP(**{**a, "mask": torch.ones(2, 1, 1, 23, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="length"):
+        OP(**{**a, "length": torch.tensor([1, 2])})
+    with pytest.raises(ValueError, match="bytes|packed"):
+        OP(**{**a, "k_bits": 2})
+
+
+def test_compiles_with_data_dependent_length():
+    """Under torch.compile (fullgraph) the op is one node with a static output shape."""
+    a = make_inputs(Case(n=9, L=24))
+    length = a.pop("length")
+
+    def f(length):
+        return OP(**a, length=length) * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for n in (3, 20):
+        torch.testing.assert_close(compiled(torch.tensor(n)), f(torch.tensor(n)))
+
+
+def test_cuda_kernel_is_registered():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(OP.name(), "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(OP.name(), "CompositeExplicitAutograd")
+
+
+def test_module_imports_without_triton():
+    code = """
+import sys
+sys.modules["triton"] = None
+import torch
+from xq_compile.kernels import decode_attention as da
+assert not da.HAS_TRITON
+try:
+    da.decode_attention_triton(*[None] * 25)
+except RuntimeError as e:
+    assert "install" in str(e) and "triton" in str(e), e
+else:
+    raise AssertionError("the launcher ran without triton")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=_subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) the Triton kernels under the interpreter (subprocess)
+# --------------------------------------------------------------------------------------------------
+
+# Small blocks so the interpreter cases take every path: with 16-row blocks and 3 splits over L <= 80,
+# some splits are empty (n = 1, 7), chunks end mid-block, C = 64..96 spans several 32-channel blocks
+# (ragged for 80 and 96 with block_c 64), Cv spans several value blocks.
+INTERPRETER_CONFIGS = [
+    dict(block_n=16, block_c=32, block_cv=32, num_splits=3),
+    dict(block_n=16, block_c=64, block_cv=64, num_splits=2),
+    dict(block_n=32, block_c=16, block_cv=16, num_splits=1),
+]
+SHARDS = 3
+
+
+def _subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_triton_kernels_interpreted(shard):
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--interpreter", str(shard)],
+        env=_subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert f"interpreter cases passed: shard={shard}" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _run_interpreter_cases(shard: int) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert type(da._scores_kernel).__name__ == "InterpretedFunction", type(da._scores_kernel)
+    t0 = time.perf_counter()
+    for i, case in enumerate(CASES):
+        if i % SHARDS != shard:
+            continue
+        a = make_inputs(case)
+        ref = OP(**a)
+        # a small-block configuration, and the defaults (what runs on the GPU)
+        for cfg in (INTERPRETER_CONFIGS[i % len(INTERPRETER_CONFIGS)], {}):
+            out = da.decode_attention_triton(*a.values(), **cfg)
+            what = f"{case} cfg={cfg or da.default_config(case.B, case.Hkv, case.L, case.D, torch.device('cpu'))}"
+            assert out.shape == ref.shape and out.dtype == ref.dtype, what
+            check_close(out, ref, case.dtype, what)
+            full = fully_masked_rows(a)
+            if full is not None:
+                assert (out[full] == 0).all(), f"{what}: a fully masked query row must give 0"
+            print(f"ok {what} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    if shard == 0:
+        # int32 length, n = 0 (every split empty), and non-contiguous query / weight / cache views
+        a = make_inputs(Case(**GQA, n=0, L=24, mask="bool"))
+        assert (da.decode_attention_triton(*a.values(), block_n=16, num_splits=2) == 0).all()
+        a = make_inputs(Case(Hq=2, Hkv=2, S=2, C=64, n=21, L=40, k_bits=3, mask="float"))
+        a["length"] = torch.tensor([21], dtype=torch.int32)
+        a["query"] = a["query"].transpose(1, 2).contiguous().transpose(1, 2)
+        a["k_weight"] = a["k_weight"].T.contiguous().T
+        a["v_weight"] = a["v_weight"].T.contiguous().T
+        big = make_inputs(Case(Hq=2, Hkv=2, C=64, n=26, L=50, k_bits=3))  # poisoned from 26 = 21 + 5
+        for key in ("k_packed", "k_scale", "k_zero"):
+            a[key] = big[key][:, 5:45].clone()  # same values ...
+            a[key] = torch.cat([big[key][:, :5], a[key]], 1)[:, 5:]  # ... as a non-contiguous view
+        a["cos"], a["sin"] = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (a["cos"], a["sin"])]
+        assert not a["k_weight"].is_contiguous() and not a["query"].is_contiguous()
+        out = da.decode_attention_triton(*a.values(), block_n=16, block_c=32, block_cv=32, num_splits=2)
+        check_close(out, OP(**a), torch.float32, "non-contiguous")
+        print("ok extras", flush=True)
+    print(f"interpreter cases passed: shard={shard}")
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) on a GPU
+# --------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    CUDA_DEVICE == "cuda" and (not torch.cuda.is_available() or not HAS_TRITON), reason="needs a CUDA GPU and triton"
+)
+
+
+def _to(a: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+
+
+CUDA_CASES = [
+    *CASES,
+    # real shapes: SmolLM2 MHA X (d 576, 9 heads of 64), GQA latents (8 KV heads of 128, 32 q heads)
+    Case(B=2, Hq=9, Hkv=9, D=64, C=576, L=1500, n=1337, k_bits=4, k_group=64, S=1, mask="bool",
+         dtype=torch.bfloat16),
+    Case(B=1, Hq=9, Hkv=9, D=64, C=576, L=4096, n=4096, k_bits=3, k_group=64, S=4, dtype=torch.bfloat16),
+    Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=2048, n=2000, k_bits=2, k_layout="per_channel",
+         k_group=128, v_bits=4, v_group=128, S=2, col0=True, mask="float", dtype=torch.bfloat16),
+    Case(B=1, Hq=9, Hkv=9, D=64, C=576, L=700, n=513, k_bits=8, k_group=64, S=16, dtype=torch.float32),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+def test_cuda_matches_reference(case):
+    a = make_inputs(case)
+    ref = OP(**a)
+    out = OP(**_to(a, CUDA_DEVICE))
+    assert out.device.type == torch.device(CUDA_DEVICE).type
+    tol = case.dtype
+    if case.dtype == torch.float32 and CUDA_DEVICE == "cuda":
+        tol = torch.float32  # fp32 dots run in IEEE unless the user allowed TF32
+    check_close(out.cpu(), ref, tol, str(case))
+    full = fully_masked_rows(a)
+    if full is not None:
+        assert (out.cpu()[full] == 0).all()
+
+
+@needs_cuda
+@pytest.mark.skipif(CUDA_DEVICE != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_graph_replay_follows_the_device_length(dtype):
+    """One captured graph serves every fill: n is read on the device by every launch."""
+    case = Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=1024, n=1024, k_bits=4, k_layout="per_channel",
+                k_group=64, v_bits=4, v_group=64, S=1, col0=True, dtype=dtype)
+    base = make_inputs(case)
+    # no poison: every fill of the replay reads a different prefix
+    fresh = {n: make_inputs(replace(case, n=n)) for n in (1, 63, 64, 700, 1024)}
+    dev = _to(base, CUDA_DEVICE)
+    length = torch.tensor(5, device=CUDA_DEVICE)
+    dev["length"] = length
+    OP(**dev)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OP(**dev)
+    for n, a in fresh.items():
+        for key in ("k_tail", "col0", "cos", "sin", "k_scale", "k_zero", "v_scale", "v_zero"):
+            dev[key].copy_(a[key])  # the per-fill poison (tail/scale of the partial group) moves with n
+        length.fill_(n)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_close(out.cpu(), OP(**a), dtype, f"graph replay n={n}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter":
+        _run_interpreter_cases(int(sys.argv[2]))
+    else:
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD")

@@ -1,0 +1,715 @@
+"""``xq_compile::decode_attention``: one attention layer's decode output straight from the quantized cache.
+
+For a few query tokens (decode, S = 1..16) and the ``n`` cached rows (``n`` = ``length``, read on the
+device), per batch ``b`` and KV head ``h`` (query head ``i`` uses KV head ``i // group``, repeat_kv order):
+
+    x̂k_j = key-source row j, dequantized                      (width Ck)
+    k_j  = x̂k_j · Wk[h·D:(h+1)·D]ᵀ (+ bk),  then RoPE with cos[b, j], sin[b, j] (HF rotate_half)
+    p    = softmax(sm_scale · q·kᵀ (+ mask))                   (fp32; a fully masked row gives 0)
+    out  = (Σ_j p_j · x̂v_j) · Wv[h·D:(h+1)·D]ᵀ + (Σ_j p_j) · bv  (absorbed values: V is never built)
+
+K and V are never written to memory. The CPU (default) kernel is the plain-torch reference
+(:func:`reference_decode_attention`); the CUDA kernel is three Triton launches (see ``_launch``):
+
+  1. ``_scores_kernel``   grid (B·Hkv, splits): rebuilds K for a chunk of the n rows (dequantize, tl.dot
+     with the head's Wk tiles as two half-head accumulators, bias, RoPE in fp32) and writes the scores
+     (scaled and masked; natural log domain, so an HF finfo.min float mask cannot overflow to -inf) to a small fp32 scratch [B, Hkv, group·S, L]. Scores, not K: R·n
+     floats instead of n·D.
+  2. ``_values_kernel``   grid (B·Hkv, splits, Cv blocks): online softmax over the same row chunk and
+     acc += p · x̂v for one block of value channels; writes the chunk's (acc, max, sum) (flash-decoding).
+  3. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks, normalizes, projects with Wv (tl.dot) and
+     adds the bias, writing [B, Hq, S, D].
+
+Why scores go through memory instead of one fused pass: the absorbed-value accumulator is
+[group·S, Cv] with Cv up to the hidden size (4096 for a 7B MHA model), too large for registers, and
+splitting Cv across programs would rebuild K once per Cv block, multiplying the dominant cost.
+
+Every launch reads ``n`` on the device (no ``.item()``, no host sync): a split whose chunk starts at or
+past ``n`` does nothing but write an empty partial result, so one CUDA graph serves every fill. The grid
+depends only on the capacity L and the shapes.
+
+Row sources (the "key source" and the optional "value source"; omitted = the key source's rows, the MHA
+X-cache case):
+  * ``per_token``: packed uint8 [B, L, packed_width(C, bits)], scale/zero fp16 [B, L, C // group] --
+    exactly the format of :mod:`xq_compile.quant`.
+  * ``per_channel`` (KIVI-style, GQA key latents): codes packed the same way per row, scale/zero fp16
+    [B, ceil(L / group), C] per channel for groups of ``group`` *tokens*. Only rows j < n_full =
+    (n // group)·group come from the codes; rows n_full <= j < n are read in the model dtype from
+    ``tail`` [B, group, C] at tail[b, j % group] (the not yet quantized residual group).
+  * ``col0`` fp16 [B, L] (optional): channel 0 of the dequantized key-source rows is replaced by
+    col0[b, j]. With a shared source the value rows are the same rows, so they get it too.
+
+Triton is optional: without it the module imports and the CPU kernel works; only dispatching CUDA
+tensors to the op raises (asking to install triton).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from xq_compile import quant
+
+try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by a subprocess test that hides triton
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+LAYOUTS = ("per_token", "per_channel")
+
+__all__ = ["HAS_TRITON", "LAYOUTS", "decode_attention", "decode_attention_triton", "reference_decode_attention"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks (shapes, dtypes and devices only: never reads tensor data, so no host sync).
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_source(name, packed, scale, zero, tail, bits, group, layout, batch, max_len, width, dtype, device):
+    if layout not in LAYOUTS:
+        raise ValueError(f"{name}_layout={layout!r}; supported: {LAYOUTS}")
+    if packed.dim() != 3 or packed.dtype != torch.uint8:
+        raise ValueError(f"{name}_packed must be uint8 [B, L, P], got {packed.dtype} {tuple(packed.shape)}")
+    expected = quant.packed_width(width, bits)  # also rejects unsupported bit widths
+    if tuple(packed.shape) != (batch, max_len, expected):
+        raise ValueError(
+            f"{name}_packed must be [B={batch}, L={max_len}, {expected}] ({bits}-bit codes of C={width}), "
+            f"got {tuple(packed.shape)}"
+        )
+    if group < 1:
+        raise ValueError(f"{name}_group={group} must be >= 1")
+    if layout == "per_token":
+        if width % group:
+            raise ValueError(f"{name}_group={group} does not divide the width {width} of the {name} source")
+        sz_shape = (batch, max_len, width // group)
+        if tail is not None:
+            raise ValueError(f"{name}_tail is only for the per_channel layout")
+    else:
+        sz_shape = (batch, -(-max_len // group), width)
+        if tail is None:
+            raise ValueError(f"the per_channel {name} source needs {name}_tail [B, group, C]")
+        if tuple(tail.shape) != (batch, group, width) or tail.dtype != dtype:
+            raise ValueError(f"{name}_tail must be {dtype} {(batch, group, width)}, got {tail.dtype} {tuple(tail.shape)}")
+    for part, t in (("scale", scale), ("zero", zero)):
+        if tuple(t.shape) != sz_shape or t.dtype != quant.SCALE_DTYPE:
+            raise ValueError(
+                f"{name}_{part} must be {quant.SCALE_DTYPE} {sz_shape} ({layout}), got {t.dtype} {tuple(t.shape)}"
+            )
+    for part, t in (("packed", packed), ("scale", scale), ("zero", zero), ("tail", tail)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}_{part} is on {t.device} but query is on {device}")
+
+
+def _check_inputs(
+    query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+    k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+    v_bits, v_group, v_layout,
+):
+    """Returns (B, Hq, S, D, Hkv, L, Ck, Cv)."""
+    if query.dim() != 4 or not query.dtype.is_floating_point:
+        raise ValueError(f"query must be a floating [B, Hq, S, D] tensor, got {query.dtype} {tuple(query.shape)}")
+    batch, q_heads, seq, head_dim = query.shape
+    dtype, device = k_weight.dtype, query.device
+    if query.dtype != dtype:
+        raise ValueError(f"query is {query.dtype} but the weights are {dtype}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be even (RoPE rotates halves)")
+    for name, w in (("k_weight", k_weight), ("v_weight", v_weight)):
+        if w.dim() != 2 or w.dtype != dtype or w.shape[0] % head_dim or w.shape[0] == 0:
+            raise ValueError(f"{name} must be {dtype} [Hkv·D, C] with D={head_dim}, got {w.dtype} {tuple(w.shape)}")
+    kv_heads = k_weight.shape[0] // head_dim
+    if v_weight.shape[0] != k_weight.shape[0]:
+        raise ValueError(f"v_weight has {v_weight.shape[0]} output features, k_weight {k_weight.shape[0]}")
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads are not a multiple of the {kv_heads} KV heads")
+    for name, bias in (("k_bias", k_bias), ("v_bias", v_bias)):
+        if bias is not None and (tuple(bias.shape) != (kv_heads * head_dim,) or bias.dtype != dtype):
+            raise ValueError(f"{name} must be {dtype} [{kv_heads * head_dim}], got {bias.dtype} {tuple(bias.shape)}")
+    if k_packed.dim() != 3:
+        raise ValueError(f"k_packed must be uint8 [B, L, P], got {tuple(k_packed.shape)}")
+    max_len = k_packed.shape[1]
+    k_width, v_width = k_weight.shape[1], v_weight.shape[1]
+    _check_source("k", k_packed, k_scale, k_zero, k_tail, k_bits, k_group, k_layout, batch, max_len, k_width, dtype, device)
+    if v_packed is None:
+        if v_scale is not None or v_zero is not None or v_tail is not None:
+            raise ValueError("v_scale/v_zero/v_tail given without v_packed")
+        if v_width != k_width:
+            raise ValueError(f"shared source: v_weight reads C={v_width} channels but the rows have {k_width}")
+    else:
+        if v_scale is None or v_zero is None:
+            raise ValueError("v_packed needs v_scale and v_zero")
+        _check_source("v", v_packed, v_scale, v_zero, v_tail, v_bits, v_group, v_layout, batch, max_len, v_width,
+                      dtype, device)
+    if col0 is not None and (tuple(col0.shape) != (batch, max_len) or col0.dtype != quant.SCALE_DTYPE):
+        raise ValueError(f"col0 must be {quant.SCALE_DTYPE} {(batch, max_len)}, got {col0.dtype} {tuple(col0.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (batch, max_len, head_dim) or t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype} {(batch, max_len, head_dim)}, got {t.dtype} {tuple(t.shape)}")
+    if mask is not None:
+        ok = (
+            mask.dim() == 4
+            and mask.shape[0] in (1, batch)
+            and mask.shape[1] in (1, q_heads)
+            and mask.shape[2] == seq
+            and mask.shape[3] == max_len
+            and (mask.dtype == torch.bool or mask.dtype.is_floating_point)
+        )
+        if not ok:
+            raise ValueError(
+                f"mask must be bool or floating [B or 1, 1 or Hq, S, L] = [{batch}|1, 1|{q_heads}, {seq}, {max_len}], "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+    if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"length must be a 1-element int32/int64 tensor, got {length.dtype} {tuple(length.shape)}")
+    for name, t in (("k_weight", k_weight), ("v_weight", v_weight), ("k_bias", k_bias), ("v_bias", v_bias),
+                    ("col0", col0), ("cos", cos), ("sin", sin), ("mask", mask), ("length", length)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but query is on {device}")
+    return batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch reference (the CPU kernel of the op).
+# --------------------------------------------------------------------------------------------------
+
+
+def source_rows(packed, scale, zero, tail, n: int, bits: int, group: int, layout: str, dtype) -> torch.Tensor:
+    """The first ``n`` rows of a source, dequantized: [B, n, C] in ``dtype`` (computed in fp32)."""
+    if layout == "per_token":
+        return quant.dequantize(packed[:, :n], scale[:, :n], zero[:, :n], bits, group, dtype=dtype)
+    n_full = n // group * group
+    codes = quant.unpack(packed[:, :n_full], bits).float()
+    s = scale[:, : n_full // group].float().repeat_interleave(group, dim=1)
+    z = zero[:, : n_full // group].float().repeat_interleave(group, dim=1)
+    return torch.cat([(codes * s + z).to(dtype), tail[:, : n - n_full].to(dtype)], dim=1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def reference_decode_attention(
+    query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+    k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+    v_bits, v_group, v_layout, sm_scale,
+) -> torch.Tensor:
+    """The op's semantics in plain torch, rounding where the Triton kernel rounds: X̂ to the model dtype,
+    K (after bias and RoPE in fp32) to the model dtype before q·Kᵀ, the unnormalized probabilities to the
+    model dtype before P·X̂v, and the mixed rows to the model dtype before the Wv projection; every
+    product accumulates in fp32. ``length`` is read on the host here (``int``), clamped to [0, L]."""
+    batch, q_heads, seq, head_dim, kv_heads, max_len, _, v_width = _check_inputs(
+        query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+        k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+        v_bits, v_group, v_layout,
+    )
+    dtype = k_weight.dtype
+    n = min(max(int(length), 0), max_len)
+    if n == 0:
+        return query.new_zeros(query.shape)
+    rows = group_rows = q_heads // kv_heads * seq
+    x_k = source_rows(k_packed, k_scale, k_zero, k_tail, n, k_bits, k_group, k_layout, dtype)
+    if col0 is not None:
+        x_k = torch.cat([col0[:, :n, None].to(dtype), x_k[..., 1:]], dim=-1)
+    if v_packed is None:
+        x_v = x_k
+    else:
+        x_v = source_rows(v_packed, v_scale, v_zero, v_tail, n, v_bits, v_group, v_layout, dtype)
+
+    k = x_k.float() @ k_weight.float().T
+    if k_bias is not None:
+        k = k + k_bias.float()
+    k = k.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)  # [B, Hkv, n, D]
+    c, s = cos[:, None, :n].float(), sin[:, None, :n].float()
+    k = (k * c + _rotate_half(k) * s).to(dtype)
+
+    q = query.reshape(batch, kv_heads, group_rows, head_dim)  # rows g·S + s share KV head h (repeat_kv order)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * sm_scale  # [B, Hkv, R, n]
+    if mask is not None:
+        m = mask.expand(batch, q_heads, seq, max_len)[..., :n].reshape(batch, kv_heads, rows, n)
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # fully masked row: p = 0, not NaN
+    p = torch.exp(scores - top)
+    total = p.sum(-1, keepdim=True)
+    mixed = p.to(dtype).float() @ x_v.float()[:, None]  # [B, Hkv, R, Cv]
+    mixed = torch.where(total > 0, mixed / total, torch.zeros_like(mixed)).to(dtype)
+    out = mixed.float() @ v_weight.float().unflatten(0, (kv_heads, head_dim)).transpose(-1, -2)  # [B, Hkv, R, D]
+    if v_bias is not None:  # Σ p_j (x_j·Wᵀ + b) = (Σ p_j x_j)·Wᵀ + b, or 0 for a fully masked row
+        out = out + (total > 0).float() * v_bias.float().unflatten(0, (kv_heads, head_dim))[None, :, None]
+    return out.reshape(batch, q_heads, seq, head_dim).to(query.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom op.
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("xq_compile::decode_attention", mutates_args=())
+def decode_attention(
+    query: torch.Tensor,
+    k_packed: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_tail: Optional[torch.Tensor],
+    v_packed: Optional[torch.Tensor],
+    v_scale: Optional[torch.Tensor],
+    v_zero: Optional[torch.Tensor],
+    v_tail: Optional[torch.Tensor],
+    col0: Optional[torch.Tensor],
+    k_weight: torch.Tensor,
+    k_bias: Optional[torch.Tensor],
+    v_weight: torch.Tensor,
+    v_bias: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    length: torch.Tensor,
+    k_bits: int,
+    k_group: int,
+    k_layout: str,
+    v_bits: int,
+    v_group: int,
+    v_layout: str,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Decode attention over the first ``length`` cached rows, from the quantized sources: [B, Hq, S, D].
+
+    ``v_packed=None``: the value rows are the key-source rows (v_scale/v_zero/v_tail must be None and
+    v_bits/v_group/v_layout are ignored). The CPU kernel is :func:`reference_decode_attention`.
+    """
+    return reference_decode_attention(
+        query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+        k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+        v_bits, v_group, v_layout, sm_scale,
+    )
+
+
+@decode_attention.register_fake
+def _(query, *args):
+    return query.new_empty(query.shape)
+
+
+@decode_attention.register_kernel("cuda")
+def _(*args):
+    with torch.cuda.device(args[0].device):
+        return decode_attention_triton(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels.
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_rows(
+        packed_ptr, scale_ptr, zero_ptr, tail_ptr, col0_ptr,
+        b, rows, cols, row_ok, n_full, C, P,
+        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
+    ):
+        """Dequantized [BLOCK_N, BLOCK_C] tile of a source's rows (fp32; 0 where rows/cols are invalid)."""
+        col_ok = cols < C
+        if PER_CHANNEL:
+            q_ok = (row_ok & (rows < n_full))[:, None] & col_ok[None, :]
+        else:
+            q_ok = row_ok[:, None] & col_ok[None, :]
+        # Code k of a row starts at bit k * BITS of its byte string (dense little-endian packing).
+        bit = cols * BITS
+        byte = bit // 8
+        shift = bit % 8
+        base = packed_ptr + b * s_pb + rows[:, None] * s_pl
+        word = tl.load(base + byte[None, :] * s_pp, mask=q_ok, other=0).to(tl.int32)
+        if BITS == 3:
+            # Codes 2 and 5 of each 3-byte word straddle two bytes: read the next byte too (masked past
+            # the row's last byte, which only its last, non-straddling code would touch).
+            hi = tl.load(base + (byte[None, :] + 1) * s_pp, mask=q_ok & (byte[None, :] + 1 < P), other=0)
+            word = word | (hi.to(tl.int32) << 8)
+        code = (word >> shift[None, :]) & ((1 << BITS) - 1)
+        if PER_CHANNEL:
+            # groups of GROUP tokens per channel
+            s_off = b * s_sb + (rows // GROUP)[:, None] * s_sl + cols[None, :] * s_sc
+            z_off = b * s_zb + (rows // GROUP)[:, None] * s_zl + cols[None, :] * s_zc
+        else:
+            s_off = b * s_sb + rows[:, None] * s_sl + (cols // GROUP)[None, :] * s_sc
+            z_off = b * s_zb + rows[:, None] * s_zl + (cols // GROUP)[None, :] * s_zc
+        s = tl.load(scale_ptr + s_off, mask=q_ok, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + z_off, mask=q_ok, other=0.0).to(tl.float32)
+        x = code.to(tl.float32) * s + z
+        if PER_CHANNEL:
+            # the residual rows n_full <= j < n, kept in the model dtype until their group is full
+            t_ok = (row_ok & (rows >= n_full))[:, None] & col_ok[None, :]
+            t = tl.load(tail_ptr + b * s_tb + (rows % GROUP)[:, None] * s_tl + cols[None, :] * s_tc, mask=t_ok, other=0.0)
+            x = tl.where(t_ok, t.to(tl.float32), x)
+        if HAS_COL0:
+            c0 = tl.load(col0_ptr + b * s_cb + rows * s_cl, mask=row_ok, other=0.0).to(tl.float32)
+            x = tl.where((cols == 0)[None, :] & row_ok[:, None], c0[:, None], x)
+        return x
+
+    @triton.jit
+    def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """tl.dot(a, b, acc). UPCAST (set for CPU tensors, i.e. under the Triton interpreter, whose bf16
+        tl.dot is wrong in triton 3.x) first converts the operands to fp32, exactly: bf16·bf16 products
+        are exact in fp32, so only the fp32 accumulation order can differ from the tensor cores."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _chunk(length_ptr, L, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(n, start, end) of this split's rows: the n rows cut into NUM_SPLITS chunks of whole BLOCK_N
+        blocks, computed from the n on the device (so every fill spreads over all splits)."""
+        n = tl.load(length_ptr).to(tl.int32)
+        n = tl.minimum(tl.maximum(n, 0), L)
+        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(start + per_split, n)
+        return n, start, end
+
+    @triton.jit
+    def _scores_kernel(
+        q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, mask_ptr, length_ptr,
+        out_ptr,
+        L, HKV, C, P, R, S, GROUP_Q, HALF, qk_scale,
+        s_qb, s_qh, s_qs, s_qd,
+        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        s_wn, s_wk, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind,
+        s_mb, s_mh, s_ms, s_ml,
+        s_ob, s_oh, s_or, s_ol,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
+        HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr,  # 0 none, 1 bool (as uint8), 2 additive float
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (pid_bh // HKV).to(tl.int64)  # int64: B * L * stride may exceed 2**31
+        h = pid_bh % HKV
+        n, start, end = _chunk(length_ptr, L, split, NUM_SPLITS, BLOCK_N)
+        n_full = n // GROUP * GROUP
+        dtype = w_ptr.dtype.element_ty
+
+        # The query rows of the heads sharing KV head h: r = g·S + s is head h·GROUP_Q + g, token s.
+        r = tl.arange(0, R_PAD)
+        r_ok = r < R
+        q_head = h * GROUP_Q + r // S
+        q_tok = r % S
+        dh = tl.arange(0, HALF_PAD)
+        dh_ok = dh < HALF
+        q_off = b * s_qb + q_head[:, None] * s_qh + q_tok[:, None] * s_qs + dh[None, :] * s_qd
+        q_mask = r_ok[:, None] & dh_ok[None, :]
+        q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(dtype)
+        q2 = tl.load(q_ptr + q_off + HALF * s_qd, mask=q_mask, other=0.0).to(dtype)
+
+        # Wk rows of the two halves of head h, read as [BLOCK_C, HALF_PAD] tiles of Wkᵀ.
+        w1_rows = h * (2 * HALF) + dh
+        w2_rows = w1_rows + HALF
+        if HAS_BIAS:
+            bk1 = tl.load(bias_ptr + w1_rows, mask=dh_ok, other=0.0).to(tl.float32)
+            bk2 = tl.load(bias_ptr + w2_rows, mask=dh_ok, other=0.0).to(tl.float32)
+
+        for j0 in range(start, end, BLOCK_N):
+            rows = j0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < end
+            k1 = tl.zeros((BLOCK_N, HALF_PAD), dtype=tl.float32)
+            k2 = tl.zeros((BLOCK_N, HALF_PAD), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                x = _load_rows(
+                    kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, rows, cols, row_ok, n_full, C, P,
+                    s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                    BITS, GROUP, PER_CHANNEL, HAS_COL0,
+                ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
+                w_mask = (cols < C)[:, None] & dh_ok[None, :]
+                w1 = tl.load(w_ptr + w1_rows[None, :] * s_wn + cols[:, None] * s_wk, mask=w_mask, other=0.0)
+                w2 = tl.load(w_ptr + w2_rows[None, :] * s_wn + cols[:, None] * s_wk, mask=w_mask, other=0.0)
+                k1 = _dot(x, w1, k1, DOT_PRECISION, UPCAST)
+                k2 = _dot(x, w2, k2, DOT_PRECISION, UPCAST)
+            if HAS_BIAS:
+                k1 += bk1[None, :]
+                k2 += bk2[None, :]
+            # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2], in fp32.
+            t_mask = row_ok[:, None] & dh_ok[None, :]
+            cos_off = b * s_cosb + rows[:, None] * s_cosl + dh[None, :] * s_cosd
+            sin_off = b * s_sinb + rows[:, None] * s_sinl + dh[None, :] * s_sind
+            c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + cos_off + HALF * s_cosd, mask=t_mask, other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + sin_off + HALF * s_sind, mask=t_mask, other=0.0).to(tl.float32)
+            kr1 = (k1 * c1 - k2 * s1).to(dtype)
+            kr2 = (k2 * c2 + k1 * s2).to(dtype)
+            sc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+            sc = _dot(q1, tl.trans(kr1), sc, DOT_PRECISION, UPCAST)
+            sc = _dot(q2, tl.trans(kr2), sc, DOT_PRECISION, UPCAST)  # [R_PAD, BLOCK_N]
+            sc = sc * qk_scale
+            st_mask = r_ok[:, None] & row_ok[None, :]
+            if MASK_KIND != 0:
+                m_off = b * s_mb + q_head[:, None] * s_mh + q_tok[:, None] * s_ms + rows[None, :] * s_ml
+                mv = tl.load(mask_ptr + m_off, mask=st_mask, other=0)
+                if MASK_KIND == 1:
+                    sc = tl.where(mv != 0, sc, float("-inf"))
+                else:
+                    sc = sc + mv.to(tl.float32)
+            o_off = b * s_ob + h * s_oh + r[:, None] * s_or + rows[None, :] * s_ol
+            tl.store(out_ptr + o_off, sc, mask=st_mask)
+
+    @triton.jit
+    def _values_kernel(
+        sc_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, acc_ptr, m_ptr, l_ptr,
+        L, HKV, C, P, R,
+        s_cb_, s_ch_, s_cr_, s_cl_,
+        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        s_ab, s_ah, s_as, s_ar, s_ac,
+        s_mb, s_mh, s_ms, s_mr,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
+        OUT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        pid_c = tl.program_id(2)
+        b = (pid_bh // HKV).to(tl.int64)
+        h = pid_bh % HKV
+        n, start, end = _chunk(length_ptr, L, split, NUM_SPLITS, BLOCK_N)
+        n_full = n // GROUP * GROUP
+
+        r = tl.arange(0, R_PAD)
+        r_ok = r < R
+        cols = pid_c * BLOCK_CV + tl.arange(0, BLOCK_CV)
+        m_i = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((R_PAD,), dtype=tl.float32)
+        acc = tl.zeros((R_PAD, BLOCK_CV), dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_N):
+            rows = j0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < end
+            s = tl.load(
+                sc_ptr + b * s_cb_ + h * s_ch_ + r[:, None] * s_cr_ + rows[None, :] * s_cl_,
+                mask=r_ok[:, None] & row_ok[None, :], other=float("-inf"),
+            )
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with every score -inf so far (masked) keeps p = 0 instead of exp(-inf + inf) = NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            x = _load_rows(
+                vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, rows, cols, row_ok, n_full, C, P,
+                s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0,
+            ).to(OUT_DTYPE)
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(OUT_DTYPE), x, acc, DOT_PRECISION, UPCAST)
+            m_i = m_new
+        a_off = b * s_ab + h * s_ah + split * s_as + r[:, None] * s_ar + cols[None, :] * s_ac
+        tl.store(acc_ptr + a_off, acc, mask=r_ok[:, None] & (cols < C)[None, :])
+        if pid_c == 0:
+            ml_off = b * s_mb + h * s_mh + split * s_ms + r * s_mr
+            tl.store(m_ptr + ml_off, m_i, mask=r_ok)
+            tl.store(l_ptr + ml_off, l_i, mask=r_ok)
+
+    @triton.jit
+    def _reduce_kernel(
+        acc_ptr, m_ptr, l_ptr, w_ptr, bias_ptr, out_ptr,
+        HKV, C, R, S, GROUP_Q, D, NUM_SPLITS,
+        s_ab, s_ah, s_as, s_ar, s_ac,
+        s_mb, s_mh, s_ms, s_mr,
+        s_wn, s_wk,
+        s_ob, s_oh, s_os, s_od,
+        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        R_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_CV: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        b = (pid_bh // HKV).to(tl.int64)
+        h = pid_bh % HKV
+        dtype = w_ptr.dtype.element_ty
+        r = tl.arange(0, R_PAD)
+        r_ok = r < R
+        ml_base = b * s_mb + h * s_mh + r * s_mr
+        # Global max and sum over the splits (an empty split has m = -inf, l = 0).
+        m = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            m = tl.maximum(m, tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.zeros((R_PAD,), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            m_s = tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf"))
+            total += tl.load(l_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) * tl.exp(m_s - m_safe)
+        inv = tl.where(total > 0, 1.0 / total, 0.0)  # fully masked row (or n = 0): 0
+
+        d = tl.arange(0, D_PAD)
+        d_ok = d < D
+        out = tl.zeros((R_PAD, D_PAD), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_CV):
+            cols = c0 + tl.arange(0, BLOCK_CV)
+            c_ok = cols < C
+            mixed = tl.zeros((R_PAD, BLOCK_CV), dtype=tl.float32)
+            for sp in range(0, NUM_SPLITS):
+                m_s = tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf"))
+                part = tl.load(
+                    acc_ptr + b * s_ab + h * s_ah + sp * s_as + r[:, None] * s_ar + cols[None, :] * s_ac,
+                    mask=r_ok[:, None] & c_ok[None, :], other=0.0,
+                )
+                mixed += part * tl.exp(m_s - m_safe)[:, None]
+            mixed = (mixed * inv[:, None]).to(dtype)  # rounded like the reference's mixed rows
+            w = tl.load(w_ptr + (h * D + d)[None, :] * s_wn + cols[:, None] * s_wk,
+                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            out = _dot(mixed, w, out, DOT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + h * D + d, mask=d_ok, other=0.0).to(tl.float32)
+            out += tl.where(total > 0, 1.0, 0.0)[:, None] * bv[None, :]
+        q_head = h * GROUP_Q + r // S
+        o_off = b * s_ob + q_head[:, None] * s_oh + (r % S)[:, None] * s_os + d[None, :] * s_od
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _pow2_at_least_16(x: int) -> int:
+    return max(16, 1 << max(x - 1, 0).bit_length())
+
+
+def _source_args(packed, scale, zero, tail, col0):
+    """Pointers and strides of a source for ``_load_rows`` (absent tensors: any valid pointer, stride 0)."""
+    t = packed if tail is None else tail
+    c = packed if col0 is None else col0
+    t_strides = (0, 0, 0) if tail is None else tail.stride()
+    c_strides = (0, 0) if col0 is None else col0.stride()
+    return (packed, scale, zero, t, c), (*packed.stride(), *scale.stride(), *zero.stride(), *t_strides, *c_strides)
+
+
+def default_config(batch: int, kv_heads: int, max_len: int, head_dim: int, device: torch.device) -> dict:
+    """Block sizes, split count and warps for a shape (a few fixed choices, no autotuning: compile time
+    matters and the GPU time to tune is scarce).
+
+    * ``block_n`` = 64 cache rows per step; ``block_c`` = 64 channels per K-rebuild step (the [64, 64]
+      X̂ tile feeds two tl.dot with the two [64, D/2] half-head weight tiles);
+    * ``block_cv`` = 128 value channels per program of the values kernel;
+    * ``num_splits``: enough (b, h, split) programs to cover the SMs about twice, never more than there
+      are row blocks in the capacity;
+    * 8 warps for D = 128 (two [64, 64] fp32 accumulators), 4 below.
+    """
+    block_n = 64
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 8
+    splits = max(1, min(-(-2 * sms // max(batch * kv_heads, 1)), -(-max_len // block_n), 128))
+    return dict(block_n=block_n, block_c=64, block_cv=128, num_splits=splits,
+                num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+
+
+def decode_attention_triton(
+    query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+    k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+    v_bits, v_group, v_layout, sm_scale,
+    *,
+    block_n: Optional[int] = None,
+    block_c: Optional[int] = None,
+    block_cv: Optional[int] = None,
+    num_splits: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+) -> torch.Tensor:
+    """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
+
+    Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
+    pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
+    arguments override :func:`default_config` (block sizes are powers of two >= 16).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "xq_compile::decode_attention on CUDA needs triton, which is not installed: "
+            "pip install 'xq-compile[triton]' (or pip install triton)."
+        )
+    batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width = _check_inputs(
+        query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+        k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+        v_bits, v_group, v_layout,
+    )
+    cfg = default_config(batch, kv_heads, max_len, head_dim, query.device)
+    for key, val in (("block_n", block_n), ("block_c", block_c), ("block_cv", block_cv),
+                     ("num_splits", num_splits), ("num_warps", num_warps), ("num_stages", num_stages)):
+        if val is not None:
+            cfg[key] = val
+    for key in ("block_n", "block_c", "block_cv"):
+        if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+            raise ValueError(f"{key}={cfg[key]} must be a power of two >= 16")
+    if cfg["num_splits"] < 1:
+        raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
+    dtype = k_weight.dtype
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"model dtype {dtype} is not supported by the Triton kernel")
+    out = torch.empty(query.shape, device=query.device, dtype=query.dtype)
+    if out.numel() == 0:
+        return out
+    dev = query.device
+    group_q = q_heads // kv_heads
+    rows = group_q * seq
+    r_pad = _pow2_at_least_16(rows)
+    half = head_dim // 2
+    splits = cfg["num_splits"]
+    fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    precision = "ieee" if fp32_exact else "tf32"
+    # The Triton interpreter (the only way these kernels run on CPU tensors) gets bf16 tl.dot wrong.
+    upcast = dev.type == "cpu" and dtype == torch.bfloat16
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written
+    scores = torch.empty((batch, kv_heads, rows, max_len), device=dev, dtype=torch.float32)
+    k_ptrs, k_strides = _source_args(k_packed, k_scale, k_zero, k_tail, col0)
+    if mask is None:
+        mask_kind, mask_t, m_strides = 0, scores, (0, 0, 0, 0)
+    else:
+        mask_e = mask.expand(batch, q_heads, seq, max_len)  # broadcast dims get stride 0
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        mask_t = mask_e.view(torch.uint8) if mask_kind == 1 else mask_e
+        m_strides = mask_e.stride()
+    _scores_kernel[(batch * kv_heads, splits)](
+        query, *k_ptrs, k_weight, k_weight if k_bias is None else k_bias, cos, sin, mask_t, length, scores,
+        max_len, kv_heads, k_width, k_packed.shape[2], rows, seq, group_q, half, float(sm_scale),
+        *query.stride(), *k_strides, *k_weight.stride(), *cos.stride(), *sin.stride(), *m_strides,
+        *scores.stride(),
+        BITS=k_bits, GROUP=k_group, PER_CHANNEL=k_layout == "per_channel", HAS_COL0=col0 is not None,
+        HAS_BIAS=k_bias is not None, MASK_KIND=mask_kind, DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
+        R_PAD=r_pad, HALF_PAD=_pow2_at_least_16(half), BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"],
+        **launch,
+    )
+
+    # 2. per split: online softmax and the absorbed values Σ p·x̂v for one block of value channels
+    if v_packed is None:
+        v_src, v_col0 = (k_packed, k_scale, k_zero, k_tail), col0
+        bits, grp, per_channel = k_bits, k_group, k_layout == "per_channel"
+    else:
+        v_src, v_col0 = (v_packed, v_scale, v_zero, v_tail), None
+        bits, grp, per_channel = v_bits, v_group, v_layout == "per_channel"
+    v_ptrs, v_strides = _source_args(*v_src, v_col0)
+    block_cv = min(cfg["block_cv"], _pow2_at_least_16(v_width))
+    acc = torch.empty((batch, kv_heads, splits, rows, v_width), device=dev, dtype=torch.float32)
+    m_part = torch.empty((batch, kv_heads, splits, rows), device=dev, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    _values_kernel[(batch * kv_heads, splits, triton.cdiv(v_width, block_cv))](
+        scores, *v_ptrs, length, acc, m_part, l_part,
+        max_len, kv_heads, v_width, v_src[0].shape[2], rows,
+        *scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
+        BITS=bits, GROUP=grp, PER_CHANNEL=per_channel, HAS_COL0=v_col0 is not None,
+        OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
+        R_PAD=r_pad, BLOCK_N=cfg["block_n"], BLOCK_CV=block_cv, **launch,
+    )
+
+    # 3. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
+    _reduce_kernel[(batch * kv_heads,)](
+        acc, m_part, l_part, v_weight, v_weight if v_bias is None else v_bias, out,
+        kv_heads, v_width, rows, seq, group_q, head_dim, splits,
+        *acc.stride(), *m_part.stride(), *v_weight.stride(), *out.stride(),
+        HAS_BIAS=v_bias is not None, DOT_PRECISION=precision, UPCAST=upcast,
+        R_PAD=r_pad, D_PAD=_pow2_at_least_16(head_dim), BLOCK_CV=min(64, block_cv),
+        num_warps=4, num_stages=1,
+    )
+    return out
