@@ -211,7 +211,6 @@ def main(argv=None) -> int:
                   f"{100 * row['fraction_of_h200_bf16_peak']:.1f}% of peak), unfused {ms['unfused']:.3f} ms, "
                   f"sdpa {ms['sdpa']:.3f} ms; fused/sdpa {row['fused_over_sdpa']:.2f}x, rel err {err:.1e} "
                   f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
-            del kc, vc
     header = ["shape", "n", "fused ms", "unfused ms", "sdpa ms", "fused/sdpa", "unfused/fused", "TFLOP/s", "% peak",
               "rel err"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -45,7 +45,6 @@ tensors to the op raises (asking to install triton).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -593,7 +592,8 @@ def default_config(batch: int, kv_heads: int, max_len: int, head_dim: int, devic
     * ``block_cv`` = 128 value channels per program of the values kernel;
     * ``num_splits``: enough (b, h, split) programs to cover the SMs about twice, never more than there
       are row blocks in the capacity;
-    * 8 warps for D = 128 (two [64, 64] fp32 accumulators), 4 below.
+    * 8 warps for D = 128 (two [64, 64] fp32 accumulators), 4 below; the values kernel takes 8 for a
+      [64, 128] dequantized tile whatever D.
     """
     block_n = 64
     if device.type == "cuda":
@@ -700,7 +700,10 @@ def decode_attention_triton(
         *scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
         BITS=bits, GROUP=grp, PER_CHANNEL=per_channel, HAS_COL0=v_col0 is not None,
         OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
-        R_PAD=r_pad, BLOCK_N=cfg["block_n"], BLOCK_CV=block_cv, **launch,
+        R_PAD=r_pad, BLOCK_N=cfg["block_n"], BLOCK_CV=block_cv,
+        # the dequantized [block_n, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
+        num_warps=max(cfg["num_warps"], 8 if cfg["block_n"] * block_cv >= 8192 else 4),
+        num_stages=cfg["num_stages"],
     )
 
     # 3. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
