@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, build_model, environment, md_table, median, timed, write_json  # noqa: E402
+from xq_compile.cache import cache_kwargs
 
 
 def parse_args(argv=None):
@@ -84,7 +85,7 @@ class StaticRunner:
 
     def _call(self, ids, positions):
         with torch.no_grad():
-            return self.forward(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True).logits
+            return self.forward(input_ids=ids, position_ids=positions, **cache_kwargs(self.forward, self.cache), use_cache=True).logits
 
     def prefill(self, length: int) -> float:
         self.cache.reset()
@@ -122,7 +123,7 @@ class QuantoRunner:
         self.cache = QuantizedCache(backend="quanto", config=self.model.config, nbits=self.nbits)
         ids = self.tokens[:, :length].to(self.device)
         with torch.no_grad():
-            t = timed(lambda: self.model(input_ids=ids, cache=self.cache, use_cache=True), self.device)
+            t = timed(lambda: self.model(input_ids=ids, **cache_kwargs(self.model, self.cache), use_cache=True), self.device)
         self.length = length
         return t
 
@@ -130,7 +131,7 @@ class QuantoRunner:
         ids = self.tokens[:, self.length:self.length + 1].to(self.device)
         positions = torch.full((self.args.batch, 1), self.length, device=self.device, dtype=torch.long)
         with torch.no_grad():
-            t = timed(lambda: self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True),
+            t = timed(lambda: self.model(input_ids=ids, position_ids=positions, **cache_kwargs(self.model, self.cache), use_cache=True),
                       self.device)
         self.length += 1  # grows: a few tokens over L at most
         return t

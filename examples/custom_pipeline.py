@@ -67,7 +67,7 @@ def run(model, forward, cache, steps: int = 4) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for _ in range(steps + 1):
-            logits = forward(**batch, cache=cache, use_cache=True).logits
+            logits = forward(**batch, **xq.cache_kwargs(forward, cache), use_cache=True).logits
             out.append(logits)
             batch = dict(input_ids=logits[:, -1:].argmax(-1), position_ids=batch["position_ids"][:, -1:] + 1,
                          attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1))

@@ -20,7 +20,7 @@ cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=max_len,
                        xquant=xq.XQuantConfig(bits=4), dtype=torch.float32)
 model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
 with torch.no_grad():
-    out = model.generate(**batch, cache=cache, max_new_tokens=40, do_sample=False, disable_compile=True,
+    out = model.generate(**batch, **xq.cache_kwargs(model, cache), max_new_tokens=40, do_sample=False, disable_compile=True,
                          pad_token_id=tok.pad_token_id)
 
 print("\n---\n".join(tok.batch_decode(out, skip_special_tokens=True)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch._dynamo
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from xq_compile.cache import cache_kwargs
 
 
 def tiny_llama(num_kv_heads: int = 4, num_layers: int = 2, hidden: int = 64, heads: int = 4,
@@ -44,7 +45,7 @@ def decode_inputs(batch: int = 2, prompt: int = 6, steps: int = 16, pad: int = 2
 
 def run_calls(forward, cache, calls) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [forward(**c, cache=cache, use_cache=True).logits for c in calls]
+        return [forward(**c, **cache_kwargs(forward, cache), use_cache=True).logits for c in calls]
 
 
 def reference_logits(model, calls, max_cache_len: int) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ import xq_compile as xq
 from xq_compile.simulate import simulate_xquant
 
 from conftest import decode_inputs, max_error, reference_logits, run_calls, tiny_llama
+from xq_compile.cache import cache_kwargs
 
 MAX_LEN = 32
 
@@ -83,7 +84,7 @@ def test_generate_with_left_padding_matches_unquantized_greedy():
         cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=16,
                                xquant=xq.XQuantConfig(bits=None, group_size=16))
         model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
-        got = model.generate(**kwargs, cache=cache, disable_compile=True)
+        got = model.generate(**kwargs, **cache_kwargs(model, cache), disable_compile=True)
     assert torch.equal(got, expected)
 
 

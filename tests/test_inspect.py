@@ -12,6 +12,7 @@ import xq_compile as xq
 from xq_compile import cli
 
 from conftest import decode_inputs, max_error, reference_logits, tiny_llama
+from xq_compile.cache import cache_kwargs
 
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -118,7 +119,7 @@ def test_counters_count_rewritten_and_skipped_sites_per_compile():
     forward = torch.compile(model.forward, backend=AOT_EAGER, fullgraph=True)
     with torch.no_grad():
         for c in calls:
-            forward(**c, cache=cache, use_cache=True)
+            forward(**c, **cache_kwargs(forward, cache), use_cache=True)
     # two graphs (prefill, decode), each with two rewritten sites; decode steps reuse the graph
     assert counters["xquant"]["graphs"] == 2
     assert counters["xquant"]["sites_rewritten"] == 4 and counters["xquant"]["sites_skipped"] == 0
@@ -127,7 +128,7 @@ def test_counters_count_rewritten_and_skipped_sites_per_compile():
         warnings.simplefilter("ignore")
         forward = torch.compile(model.forward, backend=AOT_EAGER, fullgraph=True)
         with torch.no_grad():
-            forward(**calls[0], cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
+            forward(**calls[0], **cache_kwargs(forward, StaticCache(config=model.config, max_cache_len=16)), use_cache=True)
     assert counters["xquant"]["sites_skipped"] == 2 and counters["xquant"]["sites_rewritten"] == 4
 
 
@@ -159,6 +160,6 @@ def test_make_xquant_backend_accepts_any_callable_inner_compiler():
                            xquant=xq.XQuantConfig(bits=None, group_size=16))
     forward = torch.compile(model.forward, backend=xq.make_xquant_backend(inner), fullgraph=True)
     with torch.no_grad():
-        out = [forward(**c, cache=cache, use_cache=True).logits for c in calls]
+        out = [forward(**c, **cache_kwargs(forward, cache), use_cache=True).logits for c in calls]
     assert max_error(out, reference_logits(model, calls, 16)) < 1e-4
     assert len(seen) == 2 and "xq_layer0_x" in seen[0]

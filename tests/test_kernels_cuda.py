@@ -18,6 +18,7 @@ from xq_compile.kernels import dequant_project as dp
 
 from conftest import decode_inputs, tiny_llama
 from test_kernels import make_inputs, reference, selection_expected
+from xq_compile.cache import cache_kwargs
 
 DEVICE = os.environ.get("XQ_CUDA_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
@@ -128,12 +129,12 @@ def test_xquant_decode_on_device_matches_simulation(dtype):
     cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=32, xquant=config, dtype=dtype, device=DEVICE)
     forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
     with torch.no_grad():
-        out = [forward(**c, cache=cache, use_cache=True).logits.float() for c in calls]
+        out = [forward(**c, **cache_kwargs(forward, cache), use_cache=True).logits.float() for c in calls]
         with simulate_xquant(model, config):
             sim_cache = StaticCache(config=model.config, max_cache_len=32)
-            sim = [model(**c, cache=sim_cache, use_cache=True).logits.float() for c in calls]
+            sim = [model(**c, **cache_kwargs(model, sim_cache), use_cache=True).logits.float() for c in calls]
         exact_cache = StaticCache(config=model.config, max_cache_len=32)
-        exact = [model(**c, cache=exact_cache, use_cache=True).logits.float() for c in calls]
+        exact = [model(**c, **cache_kwargs(model, exact_cache), use_cache=True).logits.float() for c in calls]
 
     mean_out = sum((x - y).abs().mean().item() for x, y in zip(out, sim)) / len(out)
     mean_exact = sum((x - y).abs().mean().item() for x, y in zip(sim, exact)) / len(out)

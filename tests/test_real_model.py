@@ -5,6 +5,7 @@ import torch
 
 import xq_compile as xq
 from xq_compile import models
+from xq_compile.cache import cache_kwargs
 
 pytestmark = pytest.mark.real_model
 
@@ -40,7 +41,7 @@ def test_4bit_generation_is_coherent_and_cache_is_7x_smaller(smollm2):
     model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
     try:
         with torch.no_grad():
-            out = model.generate(**batch, cache=cache, max_new_tokens=new_tokens, do_sample=False,
+            out = model.generate(**batch, **cache_kwargs(model, cache), max_new_tokens=new_tokens, do_sample=False,
                                  disable_compile=True)
     finally:
         model.forward = forward

@@ -13,6 +13,7 @@ from transformers import StaticCache
 import xq_compile as xq
 
 from conftest import decode_inputs, max_error, reference_logits, run_calls, tiny_llama
+from xq_compile.cache import cache_kwargs
 
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
 
@@ -64,12 +65,12 @@ def test_generate_past_max_cache_len_raises_before_writing():
                            xquant=xq.XQuantConfig(bits=None, group_size=16))
     model.forward = torch.compile(model.forward, backend=AOT_EAGER, fullgraph=True)
     with torch.no_grad(), pytest.raises(ValueError, match="1 more do not fit in max_cache_len=8"):
-        model.generate(**kwargs, max_new_tokens=10, cache=cache, disable_compile=True)
+        model.generate(**kwargs, max_new_tokens=10, **cache_kwargs(model, cache), disable_compile=True)
     # refused before the 9th row was written: the cache holds exactly what fits, and stays usable
     assert all(layer.host_length == 8 and int(layer.cumulative_length) == 8 for layer in cache.layers)
     cache.reset()
     with torch.no_grad():
-        got = model.generate(**kwargs, max_new_tokens=4, cache=cache, disable_compile=True)
+        got = model.generate(**kwargs, max_new_tokens=4, **cache_kwargs(model, cache), disable_compile=True)
     assert torch.equal(got, expected)
 
 

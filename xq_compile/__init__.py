@@ -7,7 +7,7 @@ inside the compiled graph::
     cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=1024,
                            xquant=xq.XQuantConfig(bits=4), dtype=torch.float32)
     model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
-    model.generate(**batch, cache=cache, max_new_tokens=64, disable_compile=True)
+    model.generate(**batch, **xq.cache_kwargs(model, cache), max_new_tokens=64, disable_compile=True)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from importlib import metadata as _metadata
 from . import kernels  # registers the xq_compile:: torch.library ops
 from .backend import (COMPILE_LOG, CompileRecord, RewrittenGraph, make_xquant_backend, release_kv_buffers,
                       rewrite_for_backend, xquant_backend)
-from .cache import XQuantCache, XQuantLayer
+from .cache import XQuantCache, XQuantLayer, cache_argument, cache_kwargs
 from .config import XQuantConfig
 from . import models
 from .memory import fp16_kv_cache_bytes, memory_report, xquant_cache_bytes
@@ -31,6 +31,8 @@ __all__ = [
     "XQuantCache",
     "XQuantConfig",
     "XQuantLayer",
+    "cache_argument",
+    "cache_kwargs",
     "explain",
     "fp16_kv_cache_bytes",
     "make_xquant_backend",

@@ -32,7 +32,7 @@ def demo(args: argparse.Namespace) -> None:
     model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**batch, cache=cache, max_new_tokens=args.max_new_tokens, do_sample=False,
+        out = model.generate(**batch, **xq.cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens, do_sample=False,
                              disable_compile=True, pad_token_id=tok.pad_token_id)
     elapsed = time.perf_counter() - start
     for prompt, text in zip(PROMPTS, tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)):

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import memory, models
+from .cache import cache_kwargs
 from .config import XQuantConfig
 from .kivi import simulate_kivi
 from .simulate import simulate_xquant
@@ -148,7 +149,7 @@ def teacher_forced_logits(forward: Callable, ids: torch.Tensor, cache, prefill: 
     out = []
     for start, length in chunks(ids.shape[1], prefill, step):
         positions = torch.arange(start, start + length)
-        logits = forward(input_ids=ids[:, start:start + length], cache=cache, cache_position=positions,
+        logits = forward(input_ids=ids[:, start:start + length], **cache_kwargs(forward, cache), cache_position=positions,
                          position_ids=positions[None], use_cache=True).logits
         out.append(logits)
     return torch.cat(out, 1)

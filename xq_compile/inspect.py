@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .backend import CompileRecord, collect_records, make_xquant_backend
-from .cache import XQuantCache, XQuantLayer
+from .cache import XQuantCache, XQuantLayer, cache_kwargs
 from .config import XQuantConfig
 from .memory import fp16_kv_cache_bytes
 
@@ -169,13 +169,13 @@ def explain(
                                     xquant=xquant or XQuantConfig(bits=bits), dtype=model.dtype,
                                     device=batch["input_ids"].device)
             seen = len(records)
-            out = compiled(**batch, cache=cache, use_cache=True)
+            out = compiled(**batch, **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits)
             names += ["prefill"] * (len(records) - seen)
             for _ in range(decode_steps):
                 batch = _next_step(batch, out.logits)
                 seen = len(records)
-                out = compiled(**batch, cache=cache, use_cache=True)
+                out = compiled(**batch, **cache_kwargs(model, cache), use_cache=True)
                 logits.append(out.logits)
                 names += ["decode"] * (len(records) - seen)
     graphs = [GraphExplanation(_unique(names, i), r) for i, r in enumerate(records)]
