@@ -34,6 +34,7 @@ from xq_compile._torch_private import declare_static_placeholder
 from xq_compile.attention import absorbed_attention
 from xq_compile.cache import XQuantLayer, layer_of
 from xq_compile.config import XQuantConfig
+from xq_compile.latent import LATENT_FACTORS, key_latent_rows, store_key_latent
 from xq_compile.rotation import FOLDED_WEIGHTS, hadamard, rotate
 
 from .emit import Emitter, clone_region
@@ -125,6 +126,12 @@ def _form(layer: XQuantLayer) -> str:
     owner = "" if layer.tracks_length else ", state owned by the compiled model"
     if layer.stores_delta:
         return f"X delta vs layer {layer.layer_idx - 1} (cross-layer, {bits}{owner})"
+    if layer.form == "latent" and layer.bits is None:
+        return f"GQA latents X·U_k and X·U_v (unquantized{owner})"
+    if layer.form == "latent":
+        channel0 = ", channel 0 fp16" if layer.keep_channel0 else ""
+        return (f"GQA latent X·U_k ({bits}, per channel over {layer.xquant.group_size}-token groups, open group "
+                f"fp16{channel0}) + X·U_v ({bits}, per token{owner})")
     return f"X ({bits}{owner})"
 
 
@@ -284,19 +291,60 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
     def weight(proj) -> fx.Node:
         if layer.rotation is None:
             return proj.weight
-        w_idx = state.arg_index.get(proj.weight)
-        if w_idx is None:
-            raise TypeError(f"layer {layer.layer_idx}: projection weight is not a graph input")
+        w_idx = weight_index(proj)
         return state.add_input(("folded", w_idx), f"{tag}_{proj.weight.name}_rotated",
                                lambda args: FOLDED_WEIGHTS.get(args[w_idx], fetch_layer(args).rotation))
 
-    k_weight, v_weight = weight(site.key), weight(site.value)
+    def weight_index(proj) -> int:
+        w_idx = state.arg_index.get(proj.weight)
+        if w_idx is None:
+            raise TypeError(f"layer {layer.layer_idx}: projection weight is not a graph input")
+        return w_idx
+
+    def latent_factors(proj, rotated: bool) -> tuple[fx.Node, fx.Node]:
+        """(down, up) SVD factors of the projection's weight rows, computed once per weight."""
+        w_idx, rows = weight_index(proj), proj.channels
+
+        def fetch(which):
+            return lambda args: LATENT_FACTORS.get(
+                args[w_idx], rows, fetch_layer(args).rotation if rotated else None)[which]
+
+        return tuple(state.add_input(("latent", w_idx, rows, rotated, which), f"{tag}_{proj.weight.name}_{name}",
+                                     fetch(which)) for which, name in enumerate(("down", "up")))
+
+    latent = layer.form == "latent"
+    if latent:
+        # The key latent is not rotated: its per-channel groups already give every channel (the
+        # outlier channel 0 included) its own range; the value latent is quantized per token.
+        (k_down, k_weight), (v_down, v_weight) = latent_factors(site.key, False), latent_factors(site.value, True)
+        if not isinstance(site.seq_len, int):
+            raise TypeError(f"layer {layer.layer_idx}: the latent form needs a static number of new tokens per "
+                            "call (compile with dynamic=False)")
+    else:
+        k_weight, v_weight = weight(site.key), weight(site.value)
     order = {n: i for i, n in enumerate(graph.nodes)}
     first, last = sorted((site.key.append.node, site.value.append.node), key=order.__getitem__)
     index = site.key.append.index
     # The fused-op form (device-side length, max_cache_len rows, no host sync: CUDA graphs) or the
     # inline form (plain torch over the data-dependent length n, fused by Inductor's C++ backend).
     on_cuda = state.rebuild == "op" or (state.rebuild == "auto" and layer.device.type == "cuda")
+
+    def store_rows(rows: dict[str, fx.Node]) -> None:
+        for name, new in rows.items():
+            emit(lambda t, i, r: t.index_copy_(1, i, r.to(t.dtype)), state_inputs[name], index, new)
+
+    def store_quantized(x: fx.Node, bits: int | None, prefix: str = "") -> None:
+        """Store new rows per token: codes, scale, zero (or the rows themselves, unquantized)."""
+        if bits is None:
+            store_rows({prefix + ("latent" if prefix else "x"): x})
+            return
+        scale, zero = emit(quant.scale_and_zero, x, bits, cfg.group_size)
+        store_rows({prefix + "scale": scale, prefix + "zero": zero})
+        # codes for the scale/zero as stored (read back from fp16 memory: see quant.codes_for)
+        stored = [emit(lambda t, i: t.index_select(1, i), state_inputs[prefix + name], index)
+                  for name in ("scale", "zero")]
+        codes = emit(quant.codes_for, x, *stored, bits, cfg.group_size)
+        store_rows({prefix + "codes": emit(quant.pack, codes, bits)})
 
     # 1. Store: the new tokens' X (rotated, quantized, packed) and, once per graph, their positions.
     with graph.inserting_before(first):
@@ -313,57 +361,77 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 state.length = emit(lambda i: i.max().reshape(1) + 1, index)
             else:
                 length = emit(lambda i: (i.max() + 1).item(), index)
-                emit.check(graph.call_function(operator.ge, (length, 1)))
+                # The call writes seq_len distinct rows, so n >= seq_len: telling the shape system spares
+                # Inductor guards on n it cannot decide (torch 2.11's CPU SDPA lowering asks n > 1).
+                emit.check(graph.call_function(operator.ge, (length, max(1, site.seq_len) if isinstance(site.seq_len, int) else 1)))
                 emit.check(graph.call_function(operator.le, (length, layer.max_cache_len)))
                 state.length = length
-        x = emit(rotate, site.x, rotation) if rotation is not None else site.x
-        if layer.stores_delta:
-            # Closed loop: the delta is taken against the layer below *as reconstructed*, for the new rows.
-            below = emit(lambda acc, i: acc.index_select(1, i), state.accumulator, index)
-            x = emit(lambda x, below: x.float() - below, x, below)
-        if layer.bits is not None:
-            codes, scale, zero = emit(quant.quantize, x, layer.bits, cfg.group_size)
-            new_rows = {"codes": emit(quant.pack, codes, layer.bits), "scale": scale, "zero": zero}
+        if latent:
+            key_latent = emit(F.linear, site.x, k_down)
+            if layer.bits is None:
+                store_rows({"k_latent": key_latent})
+            else:
+                emit(store_key_latent, state_inputs["k_codes"], state_inputs["k_scale"], state_inputs["k_zero"],
+                     state_inputs["k_tail"], key_latent, emit(lambda i: i.min(), index), layer.bits,
+                     cfg.group_size, batch=layer.batch_size, seq_len=site.seq_len, channels=layer.latent_width)
+                if layer.keep_channel0:
+                    store_rows({"k_col0": emit(lambda t: t[..., 0], key_latent)})
+            store_quantized(emit(F.linear, site.x, v_down), layer.bits, "v_")
         else:
-            new_rows = {"x": x}
-        for name, rows in new_rows.items():
-            emit(lambda t, i, r: t.index_copy_(1, i, r.to(t.dtype)), state_inputs[name], index, rows)
+            x = emit(rotate, site.x, rotation) if rotation is not None else site.x
+            if layer.stores_delta:
+                # Closed loop: the delta is taken against the layer below *as reconstructed*, for the new rows.
+                below = emit(lambda acc, i: acc.index_select(1, i), state.accumulator, index)
+                x = emit(lambda x, below: x.float() - below, x, below)
+            store_quantized(x, layer.bits)
 
     # 2. Rebuild K and V from the X cache, after the (now removed) appends, before any reader.
     anchor = last.next
     with graph.inserting_before(anchor):
         n = state.length
-        if on_cuda and layer.bits is not None and not cfg.cross_layer:
-            x_hat = None  # the fused dequantize-and-project op reads the packed rows itself
+        # rows of each projection's input: X̂ for both (x form), or the key and the value latent
+        rows_of = (lambda name: state_inputs[name]) if on_cuda else (
+            lambda name: emit(lambda t, n: t.narrow(1, 0, n), state_inputs[name], n))
+        if latent:
+            rows = layer.max_cache_len if on_cuda else n
+            if layer.bits is None:
+                key_rows, value_rows = rows_of("k_latent"), rows_of("v_latent")
+            else:
+                key_rows = emit(key_latent_rows, state_inputs["k_codes"], state_inputs["k_scale"],
+                                state_inputs["k_zero"], state_inputs["k_tail"], rows, n, layer.bits, cfg.group_size,
+                                layer.dtype, state_inputs.get("k_col0"))
+                value_rows = emit(quant.dequantize, rows_of("v_codes"), rows_of("v_scale"), rows_of("v_zero"),
+                                  layer.bits, cfg.group_size, layer.dtype)
+        elif on_cuda and layer.bits is not None and not cfg.cross_layer:
+            key_rows = value_rows = None  # the fused dequantize-and-project op reads the packed rows
         else:
-            rows = (state_inputs if on_cuda else
-                    {name: emit(lambda t, n: t.narrow(1, 0, n), node, n) for name, node in state_inputs.items()})
             # XQuant-CL accumulates in fp32 so that rounding does not build up over the layers.
             own_dtype = torch.float32 if cfg.cross_layer else layer.dtype
-            own = (emit(quant.dequantize, rows["codes"], rows["scale"], rows["zero"], layer.bits,
-                        cfg.group_size, own_dtype) if layer.bits is not None else rows["x"])
+            own = (emit(quant.dequantize, rows_of("codes"), rows_of("scale"), rows_of("zero"), layer.bits,
+                        cfg.group_size, own_dtype) if layer.bits is not None else rows_of("x"))
             if layer.stores_delta:
                 own = emit(lambda acc, delta: acc + delta.float(), state.accumulator, own)
             if cfg.cross_layer:
                 state.accumulator = own
-            x_hat = emit(lambda t: t.to(layer.dtype), own) if own_dtype != layer.dtype else own
+            key_rows = value_rows = emit(lambda t: t.to(layer.dtype), own) if own_dtype != layer.dtype else own
 
         def weight_rows(proj, w) -> tuple[fx.Node, fx.Node | None]:
             bias = proj.bias
             if proj.channels is not None:  # one slice of a fused projection: only its rows are rebuilt
                 first_row, stop = proj.channels
-                w = emit(lambda w: w.narrow(0, first_row, stop - first_row), w)
+                if not latent:  # the latent factors are of the slice already
+                    w = emit(lambda w: w.narrow(0, first_row, stop - first_row), w)
                 bias = emit(lambda b: b.narrow(0, first_row, stop - first_row), bias) if bias is not None else None
             return w, bias
 
-        def project(proj, w) -> fx.Node:
+        def project(proj, rows, w) -> fx.Node:
             w, bias = weight_rows(proj, w)
-            if x_hat is None:
+            if rows is None:
                 out = emit(torch.ops.xq_compile.dequant_project.default, state_inputs["codes"],
                            state_inputs["scale"], state_inputs["zero"], w, bias, n, layer.bits,
                            cfg.group_size)
             else:
-                out = emit(F.linear, x_hat, w, bias)
+                out = emit(F.linear, rows, w, bias)
             heads = emit(lambda t: t.unflatten(-1, (site.num_heads, site.head_dim)), out)
             # The same layout the model's own per-token region (RoPE, k_norm...) expects.
             return emit(lambda t: t.transpose(1, 2), heads) if proj.heads_first else heads
@@ -383,8 +451,8 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 return t
             return emit(lambda t, n: F.pad(t, (0, 0, 0, layer.max_cache_len - n)), t, n)
 
-        k_heads = project(site.key, k_weight)
-        v_heads = None if absorb else project(site.value, v_weight)
+        k_heads = project(site.key, key_rows, k_weight)
+        v_heads = None if absorb else project(site.value, value_rows, v_weight)
         if site.key.rope:
             source = site.position_source
             if source not in state.rope_tables:  # the cached rows' positions, once per graph
@@ -404,7 +472,7 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
 
     if attention is not None:
         _attend_over_cached_rows(state, emit, attention, new_keys, new_values, site.num_heads,
-                                 x_hat if absorb else None)
+                                 value_rows if absorb else None)
         for append in (site.key.append, site.value.append):
             graph.erase_node(append.node)
         _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads,

@@ -12,6 +12,12 @@ X - X̂(layer below) instead of X, in the same format.
 State per layer (``B`` = max_batch_size, ``L`` = max_cache_len, ``d`` = hidden size, ``G = d/group``):
   quantized:   codes uint8 [B, L, packed_width(d, bits)], scale fp16 [B, L, G], zero fp16 [B, L, G]
   unquantized: x [B, L, d] in the cache dtype
+Latent form (GQA, see :mod:`xq_compile.latent`; ``r`` = latent width = K/V heads x head dim):
+  quantized:   k_codes uint8 [B, (ceil(L/g)+1)·g, packed_width(r, bits)], k_scale/k_zero fp16
+               [B, ceil(L/g)+1, r] (per channel per token group), k_tail fp16 [B, g, r] (the open
+               group), optional k_col0 fp16 [B, L] (channel 0 kept exact); v_codes [B, L, packed],
+               v_scale/v_zero fp16 [B, L, r/g] (per token)
+  unquantized: k_latent, v_latent [B, L, r] in the cache dtype
 Shared by all layers: positions int64 [B, L], the position id each cached row was written with
 (RoPE is re-applied to rebuilt keys at these positions, so left-padded rows keep their own).
 """
@@ -25,6 +31,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from . import quant
 from ._torch_private import mark_static_address
 from .config import XQuantConfig
+from .latent import TAIL_DTYPE, key_latent_rows, latent_groups, latent_width
 from .rotation import hadamard
 
 # Maps each layer's K and V placeholder tensor to its XQuantLayer. The compiled graph receives those
@@ -73,10 +80,17 @@ class XQuantLayer(StaticLayer):
         self.k_head_dim = self.v_head_dim = head_dim
         self.positions = positions
         self.rotation = rotation
+        self.form = xquant.form_of(hidden_size, num_kv_heads * head_dim)
+        if self.form == "latent" and xquant.cross_layer:
+            raise NotImplementedError(
+                "XQuant-CL with the GQA latent form is not implemented: use cross_layer=False (the latent "
+                "form) or form='x' (cross-layer deltas of X, which is wider than K+V on this model)."
+            )
+        self.keep_channel0 = xquant.keep_channel0 and self.form == "latent"
         # Everything the rewrite bakes into a compiled graph. update() reads it while Dynamo traces, so
         # Dynamo guards on it and a forward compiled for one configuration recompiles for another.
         self.compile_key = (self.bits, xquant.group_size, xquant.rotation, xquant.cross_layer, self.stores_delta,
-                            xquant.absorb_values,
+                            xquant.absorb_values, self.form, self.keep_channel0,
                             max_cache_len, batch_size, hidden_size, num_kv_heads, head_dim)
         # Host-side mirror of cumulative_length: lets us refuse an overflow before running the graph,
         # without reading the device counter (a sync, and impossible under CUDA graphs). A model's own
@@ -91,22 +105,47 @@ class XQuantLayer(StaticLayer):
         else:  # the model's own K/V buffers, read by its graph until release_kv_buffers() drops them
             self.keys, self.values = model_buffers
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=device)
-        if self.bits is not None:
-            groups = hidden_size // xquant.group_size
-            width = quant.packed_width(hidden_size, self.bits)
-            self.state = {
-                "codes": torch.zeros(batch_size, max_cache_len, width, dtype=torch.uint8, device=device),
-                "scale": torch.zeros(batch_size, max_cache_len, groups, dtype=quant.SCALE_DTYPE, device=device),
-                "zero": torch.zeros(batch_size, max_cache_len, groups, dtype=quant.SCALE_DTYPE, device=device),
-            }
-        else:
-            self.state = {"x": torch.zeros(batch_size, max_cache_len, hidden_size, dtype=dtype, device=device)}
+        self.state = (self._latent_state(num_kv_heads * head_dim) if self.form == "latent"
+                      else self._x_state())
         for tensor in (*self.state.values(), self.cumulative_length):
             # Fixed addresses: the compiled graph writes them in place, and CUDA graphs need them stable.
             mark_static_address(tensor)
         _LAYER_OF_PLACEHOLDER[self.keys] = self
         _LAYER_OF_PLACEHOLDER[self.values] = self
         self.is_initialized = True
+
+    def _x_state(self) -> dict[str, torch.Tensor]:
+        b, L, d, device = self.batch_size, self.max_cache_len, self.hidden_size, self.device
+        self.xquant.check_hidden_size(d)
+        if self.bits is None:
+            return {"x": torch.zeros(b, L, d, dtype=self.dtype, device=device)}
+        groups = d // self.xquant.group_size
+        return {
+            "codes": torch.zeros(b, L, quant.packed_width(d, self.bits), dtype=torch.uint8, device=device),
+            "scale": torch.zeros(b, L, groups, dtype=quant.SCALE_DTYPE, device=device),
+            "zero": torch.zeros(b, L, groups, dtype=quant.SCALE_DTYPE, device=device),
+        }
+
+    def _latent_state(self, kv_width: int) -> dict[str, torch.Tensor]:
+        b, L, device, g = self.batch_size, self.max_cache_len, self.device, self.xquant.group_size
+        r = self.latent_width = latent_width(self.num_heads, self.k_head_dim, self.hidden_size)
+        if self.bits is None:
+            return {name: torch.zeros(b, L, r, dtype=self.dtype, device=device) for name in ("k_latent", "v_latent")}
+        self.xquant.check_hidden_size(r, "the latent width (K/V heads x head dim)")
+        key_groups = latent_groups(L, g)
+        width = quant.packed_width(r, self.bits)
+        state = {
+            "k_codes": torch.zeros(b, key_groups * g, width, dtype=torch.uint8, device=device),
+            "k_scale": torch.zeros(b, key_groups, r, dtype=quant.SCALE_DTYPE, device=device),
+            "k_zero": torch.zeros(b, key_groups, r, dtype=quant.SCALE_DTYPE, device=device),
+            "k_tail": torch.zeros(b, g, r, dtype=TAIL_DTYPE, device=device),
+            "v_codes": torch.zeros(b, L, width, dtype=torch.uint8, device=device),
+            "v_scale": torch.zeros(b, L, r // g, dtype=quant.SCALE_DTYPE, device=device),
+            "v_zero": torch.zeros(b, L, r // g, dtype=quant.SCALE_DTYPE, device=device),
+        }
+        if self.keep_channel0:
+            state["k_col0"] = torch.zeros(b, L, dtype=TAIL_DTYPE, device=device)
+        return state
 
     # -- what transformers calls -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:  # allocated in __init__
@@ -154,8 +193,26 @@ class XQuantLayer(StaticLayer):
     def crop(self, tokens_to_remove: int) -> None:
         # Rows past cumulative_length are never read (the rebuild follows the current length), so
         # cropping is moving the counter back; the next store overwrites the stale rows.
+        before = self.host_length
         super().crop(tokens_to_remove)
         self.host_length -= abs(tokens_to_remove)
+        if self.form == "latent" and self.bits is not None:
+            self._reopen_key_group(before)
+
+    def _reopen_key_group(self, before: int) -> None:
+        """After a crop into a completed key group, put its kept rows back into the fp16 tail.
+
+        The next store continues that group from the tail; its kept rows were quantized once already,
+        so they are re-quantized from their dequantized values (a second rounding, for those rows only).
+        """
+        g, n = self.xquant.group_size, self.host_length
+        if n // g == before // g or n % g == 0:
+            return  # still the same open group (the tail holds it), or the crop ends on a group boundary
+        st = self.state
+        end = (n // g + 1) * g
+        rows = key_latent_rows(st["k_codes"], st["k_scale"], st["k_zero"], st["k_tail"], end, end,
+                               self.bits, g, TAIL_DTYPE, st.get("k_col0"))
+        st["k_tail"].copy_(rows[:, end - g:])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         beam_idx = beam_idx.to(self.device)
@@ -179,6 +236,24 @@ def register_placeholders(layer: XQuantLayer, keys: torch.Tensor, values: torch.
     _LAYER_OF_PLACEHOLDER[values] = layer
 
 
+def cache_argument(model) -> str:
+    """The keyword a transformers model takes its cache under: ``cache`` (recent), ``past_key_values`` (older).
+
+    transformers renamed the argument during 5.x (``past_key_values`` is a deprecated alias in 5.24 and
+    absent before the rename), and we support both sides of it.
+    """
+    import inspect
+
+    forward = getattr(model, "forward", model)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{"cache": cache}`` or ``{"past_key_values": cache}``, whichever ``model`` takes: splat it into
+    ``model(...)`` or ``model.generate(...)``."""
+    return {cache_argument(model): cache}
+
+
 def _layer_types(config) -> list[str]:
     """Attention type of each layer, as transformers' StaticCache reads it from the config."""
     try:
@@ -198,7 +273,7 @@ class XQuantCache(Cache):
         cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=1024,
                                xquant=xq.XQuantConfig(bits=4), dtype=torch.float32)
         model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
-        model.generate(**batch, cache=cache, max_new_tokens=64, disable_compile=True)
+        model.generate(**batch, **xq.cache_kwargs(model, cache), max_new_tokens=64, disable_compile=True)
     """
 
     def __init__(
@@ -224,15 +299,14 @@ class XQuantCache(Cache):
                 f"XQuantCache supports full-attention layers only; this model has layer types {sliding}."
             )
         hidden_size = config.hidden_size
-        xquant.check_hidden_size(hidden_size)
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
         device = torch.device(device if device is not None else "cpu")
 
         self.xquant = xquant
-        self.max_batch_size = max_batch_size
-        self.max_cache_len = max_cache_len
+        self._max_batch_size = max_batch_size
+        self._max_cache_len = max_cache_len
         self.dtype = dtype
         self.positions = torch.zeros(max_batch_size, max_cache_len, dtype=torch.int64, device=device)
         mark_static_address(self.positions)
@@ -256,6 +330,16 @@ class XQuantCache(Cache):
             for i in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
+
+    # Our own read-only properties: transformers 5.17 defines both as deprecated read-only properties on
+    # Cache (so assigning them fails there) and later versions dropped them; users still read them.
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def max_cache_len(self) -> int:
+        return self._max_cache_len
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [self.positions] + ([self.rotation] if self.rotation is not None else [])

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 ROTATIONS = ("none", "hadamard")
+FORMS = ("auto", "x", "latent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,13 @@ class XQuantConfig:
         base_layers: with cross_layer, the first layers store X itself (not a delta), at ``base_bits``;
             the last of them seeds the accumulator.
         base_bits: code width of the base layers (``None``: unquantized).
+        form: what a layer caches. ``"x"``: X itself. ``"latent"``: the GQA latents X·U_k and X·U_v
+            (SVD of the K/V weights; see :mod:`xq_compile.latent`): the key latent quantized per channel
+            in groups of ``group_size`` tokens with the open group in fp16, the value latent per token
+            (rotated with ``rotation``). ``"auto"`` (default): the latent form where X is wider than
+            K+V (grouped-query attention with group > 2), X otherwise.
+        keep_channel0: latent form only: keep channel 0 of the key latent (the largest singular
+            direction, which carries the outliers) in fp16 for every token (+2 bytes per token per layer).
         absorb_values: in decode steps, compute attention as (softmax·X̂)·W_vᵀ instead of rebuilding V
             for every cached row (V has no RoPE); exact up to rounding. ``False`` rebuilds V, for
             comparison.
@@ -44,6 +52,8 @@ class XQuantConfig:
     base_layers: int = 3
     base_bits: int | None = 4
     absorb_values: bool = True
+    form: str = "auto"
+    keep_channel0: bool = False
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
@@ -60,6 +70,10 @@ class XQuantConfig:
                 f"XQuantConfig.base_layers must be >= 1 (the last base layer seeds the cross-layer "
                 f"accumulator), got {self.base_layers!r}."
             )
+        if self.form not in FORMS:
+            raise ValueError(f"XQuantConfig.form={self.form!r}: use one of {FORMS}.")
+        if self.keep_channel0 and self.form == "x":
+            raise ValueError("keep_channel0 applies to the latent form only; use form='latent' or 'auto'.")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"XQuantConfig.rotation={self.rotation!r}: use one of {ROTATIONS}.")
         if self.rotation == "hadamard" and self.group_size & (self.group_size - 1):
@@ -82,13 +96,20 @@ class XQuantConfig:
         """Whether the layer caches X - X̂ of the layer below (XQuant-CL above the base layers)."""
         return self.cross_layer and layer_idx >= self.base_layers
 
-    def check_hidden_size(self, hidden_size: int) -> None:
-        """Refuse a hidden size the groups (and Hadamard blocks) cannot tile exactly."""
+    def form_of(self, hidden_size: int, kv_width: int) -> str:
+        """``"x"`` or ``"latent"`` for a layer with input width ``hidden_size`` and K (= V) width
+        ``kv_width`` (K/V heads x head dim). ``auto`` picks the latent form where X is wider than K+V."""
+        if self.form != "auto":
+            return self.form
+        return "latent" if hidden_size > 2 * kv_width else "x"
+
+    def check_hidden_size(self, hidden_size: int, what: str = "the hidden size") -> None:
+        """Refuse a width the groups (and Hadamard blocks) cannot tile exactly."""
         if hidden_size % self.group_size:
-            divisors = [g for g in (32, 64, 128, 256) if hidden_size % g == 0]
+            divisors = [g for g in (16, 32, 64, 128, 256) if hidden_size % g == 0]
             raise ValueError(
-                f"group_size={self.group_size} does not divide the hidden size {hidden_size}; "
-                f"choose a group size that does (e.g. {divisors or 'a divisor of the hidden size'})."
+                f"group_size={self.group_size} does not divide {what} {hidden_size}; "
+                f"choose a group size that does (e.g. {divisors or 'a divisor of it'})."
             )
 
     def effective_bits(self) -> float:
@@ -104,7 +125,10 @@ class XQuantConfig:
         if self.cross_layer:
             base_bits = "unquantized" if self.base_bits is None else f"{self.base_bits}-bit"
             base = f", first {self.base_layers} layers {base_bits}"
-        return f"{name} {bits}{base}, rotation={self.rotation}"
+        form = "" if self.form == "auto" else f", form={self.form}"
+        if self.keep_channel0:
+            form += ", key latent channel 0 in fp16"
+        return f"{name} {bits}{base}, rotation={self.rotation}{form}"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "XQuantConfig":

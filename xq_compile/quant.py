@@ -47,18 +47,71 @@ def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
     Scale and zero are rounded to fp16 *before* the codes are computed, so that dequantization with the
     stored fp16 values reproduces exactly what the codes were chosen for.
     """
-    qmax = (1 << bits) - 1
+    scale, zero = scale_and_zero(x, bits, group_size)
+    return codes_for(x, scale, zero, bits, group_size), scale, zero
+
+
+def scale_and_zero(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16 (scale, zero) [..., G] of each group of ``group_size`` channels."""
     groups = x.float().unflatten(-1, (-1, group_size))
-    low = groups.amin(-1)
-    high = groups.amax(-1)
-    scale = ((high - low) / qmax).to(SCALE_DTYPE)
-    zero = low.to(SCALE_DTYPE)
+    return _range_to_scale(groups.amin(-1), groups.amax(-1), bits)
+
+
+def codes_for(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """uint8 codes [..., d] of ``x`` for the given fp16 per-group scale and zero [..., G].
+
+    The compiled store computes scale/zero, writes them to the cache and passes the values *read back*
+    to this function: the read is from fp16 memory, so the rounding holds on every Inductor backend
+    (torch 2.11's C++ backend drops fp16 round trips inside a fused kernel, emulate_precision_casts
+    or not).
+    """
+    groups = x.float().unflatten(-1, (-1, group_size))
+    return _codes(groups, scale, zero, bits, -1).flatten(-2)
+
+
+def _range_to_scale(low, high, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return ((high - low) / ((1 << bits) - 1)).to(SCALE_DTYPE), low.to(SCALE_DTYPE)
+
+
+def _codes(values, scale, zero, bits: int, dim: int) -> torch.Tensor:
+    """The one formula both groupings (per token, per channel) share: ``dim`` is the grouped axis."""
+    qmax = (1 << bits) - 1
     scale_f = scale.float()
     # A constant group has scale 0: any code reproduces it, so divide by 1 instead of 0.
     safe_scale = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
-    codes = torch.round((groups - zero.float().unsqueeze(-1)) / safe_scale.unsqueeze(-1))
-    codes = codes.clamp(0, qmax).to(torch.uint8).flatten(-2)
-    return codes, scale, zero
+    codes = torch.round((values - zero.float().unsqueeze(dim)) / safe_scale.unsqueeze(dim))
+    return codes.clamp(0, qmax).to(torch.uint8)
+
+
+def quantize_along_tokens(x: torch.Tensor, bits: int, group_size: int, valid: torch.Tensor | None = None):
+    """Per *channel*, in groups of ``group_size`` consecutive tokens (KIVI's key grouping).
+
+    ``x`` is [..., T, C] with T a multiple of ``group_size``; returns (codes uint8 [..., T, C], scale,
+    zero fp16 [..., T // group_size, C]). ``valid`` ([T] bool) marks the rows that exist: the others
+    (the unwritten end of an open group) do not widen any range; a group without valid rows gets
+    scale = zero = 0.
+    """
+    scale, zero = scale_and_zero_along_tokens(x, bits, group_size, valid)
+    return codes_along_tokens(x, scale, zero, bits, group_size), scale, zero
+
+
+def scale_and_zero_along_tokens(x: torch.Tensor, bits: int, group_size: int, valid: torch.Tensor | None = None):
+    """fp16 (scale, zero) [..., T // group_size, C] of :func:`quantize_along_tokens`."""
+    groups = x.float().unflatten(-2, (-1, group_size))  # [..., G, g, C]
+    if valid is None:
+        return _range_to_scale(groups.amin(-2), groups.amax(-2), bits)
+    rows = valid.unflatten(0, (-1, group_size)).unsqueeze(-1)  # [G, g, 1]
+    low = torch.where(rows, groups, float("inf")).amin(-2)
+    high = torch.where(rows, groups, float("-inf")).amax(-2)
+    empty = ~rows.any(-2)  # [G, 1]
+    return _range_to_scale(torch.where(empty, 0.0, low), torch.where(empty, 0.0, high), bits)
+
+
+def codes_along_tokens(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                       group_size: int) -> torch.Tensor:
+    """uint8 codes [..., T, C] for per-channel token-group scale/zero (see :func:`codes_for`)."""
+    groups = x.float().unflatten(-2, (-1, group_size))
+    return _codes(groups, scale, zero, bits, -2).flatten(-3, -2)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -13,8 +13,11 @@ from typing import Iterator
 
 import torch
 
+import torch.nn.functional as F
+
 from . import quant
 from .config import XQuantConfig
+from .latent import LATENT_FACTORS, fake_quantize_key_latent
 from .rotation import hadamard, rotate
 
 
@@ -80,6 +83,9 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[No
 
     handles = []
     for i, (first, second) in enumerate(layers):
+        if not isinstance(second, int) and config.form_of(first.in_features, first.out_features) == "latent":
+            handles += _latent_hooks(first, second, config)
+            continue
         if isinstance(second, int):
             handles.append(first.register_forward_hook(lambda m, a, o, i=i, s=second: fused_hook(m, a, o, i, s)))
             continue
@@ -87,6 +93,29 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[No
         handles += [first.register_forward_pre_hook(hook), second.register_forward_pre_hook(hook)]
     with hooks_removed_after(handles):
         yield
+
+
+def _latent_hooks(k_proj: torch.nn.Module, v_proj: torch.nn.Module, config: XQuantConfig) -> list:
+    """GQA latent form: K and V from the latents as the cache holds them once the window is written.
+
+    Key latent: complete token groups quantized per channel, the open group in fp16; value latent per
+    token (rotated). See :mod:`xq_compile.latent`.
+    """
+    if config.cross_layer:
+        raise NotImplementedError("XQuant-CL with the GQA latent form is not implemented")
+
+    def key_hook(module, args, out):
+        down, up = LATENT_FACTORS.get(module.weight)
+        latent = fake_quantize_key_latent(F.linear(args[0], down), config.bits, config.group_size,
+                                          config.keep_channel0)
+        return F.linear(latent, up, module.bias)
+
+    def value_hook(module, args, out):
+        down, up = LATENT_FACTORS.get(module.weight, None, _rotation(config, args[0]))
+        latent = quant.fake_quantize(F.linear(args[0], down), config.bits, config.group_size)
+        return F.linear(latent, up, module.bias)
+
+    return [k_proj.register_forward_hook(key_hook), v_proj.register_forward_hook(value_hook)]
 
 
 @contextlib.contextmanager
