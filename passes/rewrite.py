@@ -31,7 +31,7 @@ from torch import fx
 
 from xq_compile import quant
 from xq_compile._torch_private import declare_static_placeholder
-from xq_compile.attention import absorbed_attention
+from xq_compile.attention import absorbed_attention, decode_attention
 from xq_compile.cache import XQuantLayer, layer_of
 from xq_compile.config import XQuantConfig
 from xq_compile.latent import LATENT_FACTORS, key_latent_rows, store_key_latent
@@ -508,12 +508,16 @@ def _attend_over_cached_rows(state: "_GraphState", emit: Emitter, attention, key
             mask = state.cut_masks[mask]
         query = sdpa.args[0] if sdpa.args else sdpa.kwargs["query"]
         scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
+        mask_value = example_value(attention.mask) if attention.mask is not None else None
+        shape = dict(scale=scale, query_heads=attention.query_heads, kv_heads=kv_heads, head_dim=attention.head_dim,
+                     seq_len=attention.seq_len, mask_is_bool=mask_value is not None and mask_value.dtype == torch.bool)
+        plain = not sdpa.kwargs.get("is_causal", False) and not sdpa.kwargs.get("dropout_p", 0.0)
         if x_hat is not None:
             v_weight, v_bias = values
-            mask_value = example_value(attention.mask) if attention.mask is not None else None
-            new = emit(absorbed_attention, query, keys, x_hat, v_weight, v_bias, mask, scale=scale,
-                       query_heads=attention.query_heads, kv_heads=kv_heads, head_dim=attention.head_dim,
-                       seq_len=attention.seq_len, mask_is_bool=mask_value is not None and mask_value.dtype == torch.bool)
+            new = emit(absorbed_attention, query, keys, x_hat, v_weight, v_bias, mask, **shape)
+        elif attention.seq_len == 1 and plain:
+            # one query row over n rows: n >= 1 is all the shape system knows, too little for SDPA's lowering
+            new = emit(decode_attention, query, keys, values, mask, **shape)
         else:
             repeat = attention.query_heads // kv_heads
             if repeat > 1 and not sdpa.kwargs.get("enable_gqa", False):

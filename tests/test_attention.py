@@ -59,7 +59,8 @@ def test_decode_absorbs_values_and_matches_rebuilding_them(num_kv_heads):
         codes[absorb] = xq.COMPILE_LOG[-1].code_after  # the decode graph
     assert max_error(outputs[True], outputs[False]) < 1e-5
     assert "scaled_dot_product_attention" not in codes[True] and "softmax" in codes[True]
-    assert codes[False].count("scaled_dot_product_attention(") == 2
+    # Without absorption V is rebuilt: one more projection of the cached rows per layer.
+    assert codes[False].count("linear(") == codes[True].count("linear(") + 2
     unquantized = xq.XQuantConfig(bits=None, group_size=16)
     torch._dynamo.reset()
     cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=32, xquant=unquantized)

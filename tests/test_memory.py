@@ -32,7 +32,8 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_formula_equals_allocated_bytes(bits, group, rotation, kv_heads, batch, seq_len, dtype):
     config = _config(kv_heads)
-    xcfg = xq.XQuantConfig(bits=bits, group_size=group, rotation=rotation)
+    # form="x" on the GQA cases too: this test is about the X form (test_latent_formula_... below)
+    xcfg = xq.XQuantConfig(bits=bits, group_size=group, rotation=rotation, form="x")
     cache = xq.XQuantCache(config, max_batch_size=batch, max_cache_len=seq_len, xquant=xcfg, dtype=dtype)
     dtype_bytes = torch.finfo(dtype).bits // 8
     report = memory_report(config, xcfg, seq_len, batch, dtype_bytes=dtype_bytes)
@@ -46,6 +47,37 @@ def test_formula_equals_allocated_bytes(bits, group, rotation, kv_heads, batch, 
     assert report.fp16_kv.total_at == fp16_kv_cache_bytes(config, batch, seq_len)
     # The sympy expression is linear in n with the per-token rate as slope.
     assert sympy.expand(report.xquant.total - report.xquant.per_token * batch * N) == fixed
+
+
+LATENT_CASES = [
+    # (bits, group, rotation, keep_channel0, batch, seq_len): GQA 8 query / 2 KV heads of 32, d = 256
+    (4, 32, "hadamard", False, 1, 17),
+    (4, 64, "none", True, 2, 64),
+    (2, 16, "hadamard", True, 1, 65),
+    (3, 32, "none", False, 2, 100),
+    (8, 64, "hadamard", False, 1, 1),
+    (None, 32, "none", False, 2, 9),
+]
+
+
+@pytest.mark.parametrize("bits,group,rotation,channel0,batch,seq_len", LATENT_CASES)
+def test_latent_formula_equals_allocated_bytes(bits, group, rotation, channel0, batch, seq_len):
+    config = _config(2)  # X (256) is wider than K+V (2·64): "auto" picks the latent form
+    xcfg = xq.XQuantConfig(bits=bits, group_size=group, rotation=rotation, keep_channel0=channel0)
+    cache = xq.XQuantCache(config, max_batch_size=batch, max_cache_len=seq_len, xquant=xcfg)
+    assert all(layer.form == "latent" for layer in cache.layers)
+    report = memory_report(config, xcfg, seq_len, batch)
+    assert report.xquant.total_at == cache.nbytes()
+    r, layers = 64, 3
+    if bits is None:
+        assert report.xquant.per_token == layers * 2 * r * 4 + 8
+        return
+    # Hand count at large n: two latents of r codes, per-token value scale/zero, per-group key scale/zero.
+    rate = layers * (2 * r * bits / 8 + 4 * r / group + 4 * r / group + 2 * channel0) + 8
+    assert float(report.xquant.per_token) == pytest.approx(rate)
+    # Asymptotically the latent costs what KIVI-style KV quantization at the same bits does (+ position,
+    # + channel 0): the latent is exactly as wide as K (V).
+    assert float(report.xquant.per_token) == pytest.approx(float(report.kivi_kv.per_token) + 8 + 6 * channel0)
 
 
 def test_kivi_formula_partial_group_and_rates():

@@ -30,11 +30,48 @@ def absorbed_attention(
     Shapes and dtypes are passed as plain values: the rewrite runs this on graph proxies, which know
     neither.
     """
+    weights = _attention_weights(query, keys, mask, scale=scale, query_heads=query_heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, seq_len=seq_len, mask_is_bool=mask_is_bool).to(x_hat.dtype)
+    mixed = (weights.unsqueeze(-1) * x_hat[:, None, None]).sum(-2)      # [B, Hkv, group·S, d]
+    w = v_weight.unflatten(0, (kv_heads, head_dim))                     # [Hkv, D, d]
+    out = mixed @ w.transpose(-1, -2)                                   # [B, Hkv, group·S, D]
+    if v_bias is not None:  # Σ weights · (x·Wᵀ + b) = (Σ weights · x)·Wᵀ + (Σ weights)·b
+        total = weights.sum(-1, keepdim=True).to(out.dtype)
+        out = out + total * v_bias.unflatten(0, (kv_heads, head_dim)).unsqueeze(1)
+    return out.reshape(-1, query_heads, seq_len, head_dim).to(query.dtype)
+
+
+def decode_attention(
+    query: torch.Tensor,        # [B, Hq, S, D]
+    keys: torch.Tensor,         # [B, Hkv, n, D], RoPE applied
+    values: torch.Tensor,       # [B, Hkv, n, D]
+    mask: torch.Tensor | None,
+    *,
+    scale: float | None,
+    query_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    seq_len: int,
+    mask_is_bool: bool,
+) -> torch.Tensor:
+    """SDPA(query, keys, values, mask) for few query rows, as fused multiply-reduces, [B, Hq, S, D].
+
+    For decode steps over the data-dependent n rows on CPU when values are not absorbed: the SDPA
+    lowering of torch 2.11's Inductor guards on n > 1, which a one-token step cannot promise.
+    """
+    weights = _attention_weights(query, keys, mask, scale=scale, query_heads=query_heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, seq_len=seq_len, mask_is_bool=mask_is_bool).to(values.dtype)
+    out = (weights.unsqueeze(-1) * values.unsqueeze(2)).sum(-2)         # [B, Hkv, group·S, D]
+    return out.reshape(-1, query_heads, seq_len, head_dim).to(query.dtype)
+
+
+def _attention_weights(query, keys, mask, *, scale, query_heads, kv_heads, head_dim, seq_len, mask_is_bool):
+    """softmax(q·Kᵀ·scale + mask) with the query heads grouped by KV head: [B, Hkv, group·S, n], fp32."""
     group = query_heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
     # Query heads grouped by the KV head they share (repeat_kv order): [B, Hkv, group·S, D].
     q = query.reshape(-1, kv_heads, group * seq_len, head_dim)
-    # q·Kᵀ and P·X̂ as fused multiply-reduces rather than bmms: Inductor's bmm lowering asks whether the
+    # q·Kᵀ as a fused multiply-reduce rather than a bmm: Inductor's bmm lowering asks whether the
     # data-dependent n equals 1 (a layout check) and gives up. Few query rows (decode), so cheap.
     scores = (q.unsqueeze(-2) * keys.unsqueeze(-3)).sum(-1).float() * scale  # [B, Hkv, group·S, n]
     if mask is not None:
@@ -48,11 +85,4 @@ def absorbed_attention(
     weights = scores.softmax(-1)
     if mask is not None and mask_is_bool:
         weights = weights * mask
-    weights = weights.to(x_hat.dtype)
-    mixed = (weights.unsqueeze(-1) * x_hat[:, None, None]).sum(-2)      # [B, Hkv, group·S, d]
-    w = v_weight.unflatten(0, (kv_heads, head_dim))                     # [Hkv, D, d]
-    out = mixed @ w.transpose(-1, -2)                                   # [B, Hkv, group·S, D]
-    if v_bias is not None:  # Σ weights · (x·Wᵀ + b) = (Σ weights · x)·Wᵀ + (Σ weights)·b
-        total = weights.sum(-1, keepdim=True).to(out.dtype)
-        out = out + total * v_bias.unflatten(0, (kv_heads, head_dim)).unsqueeze(1)
-    return out.reshape(-1, query_heads, seq_len, head_dim).to(query.dtype)
+    return weights

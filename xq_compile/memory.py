@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import sympy
+
 from . import quant
 from .config import XQuantConfig
+from .latent import latent_width
+
+N = sympy.Symbol("n", positive=True, integer=True)  # cached tokens (the cache's capacity, max_cache_len)
 
 
 def _dims(config) -> tuple[int, int, int, int]:
@@ -20,36 +27,49 @@ def fp16_kv_cache_bytes(config, batch_size: int, seq_len: int) -> int:
     return 2 * layers * batch_size * seq_len * kv_heads * head_dim * 2
 
 
-def _xquant_token_bytes(config, xquant: XQuantConfig, dtype_bytes: int) -> int:
-    """Bytes one cached token costs over all layers (each at its own bits) + its int64 position.
+def _layer_bytes(config, xquant: XQuantConfig, layer: int, dtype_bytes: int) -> tuple[sympy.Expr, sympy.Expr]:
+    """(bytes per token at large n, bytes for a capacity of N rows) of one layer's X state, one sequence.
 
-    Per layer, quantized: packed codes + fp16 scale + fp16 zero per group; unquantized: X in the cache
-    dtype. XQuant-CL's base layers use ``base_bits``.
+    X form, quantized: packed codes + fp16 scale + fp16 zero per group of channels; unquantized: X in
+    the cache dtype. Latent form (two latents of width r = K/V heads x head dim): the value latent per
+    token like X; the key latent in whole token groups (ceil(N/g) plus the spare group a write may
+    land in) with an fp16 scale and zero per channel per group, and an fp16 open group (the tail);
+    + 2 bytes per token for channel 0 kept in fp16. XQuant-CL's base layers use ``base_bits``.
     """
-    layers, hidden, _, _ = _dims(config)
-    total = 8
-    for layer in range(layers):
-        bits = xquant.bits_of_layer(layer)
-        if bits is None:
-            total += hidden * dtype_bytes
-        else:
-            total += quant.packed_width(hidden, bits) + 2 * 2 * (hidden // xquant.group_size)
-    return total
+    _, hidden, kv_heads, head_dim = _dims(config)
+    bits, g = xquant.bits_of_layer(layer), xquant.group_size
+    if xquant.form_of(hidden, kv_heads * head_dim) != "latent":
+        row = hidden * dtype_bytes if bits is None else quant.packed_width(hidden, bits) + 4 * (hidden // g)
+        return sympy.Integer(row), row * N
+    r = latent_width(kv_heads, head_dim, hidden)
+    if bits is None:
+        return sympy.Integer(2 * r * dtype_bytes), 2 * r * dtype_bytes * N
+    width = quant.packed_width(r, bits)
+    value_row = width + 4 * (r // g) + 2 * xquant.keep_channel0
+    key_groups = sympy.ceiling(N / g) + 1
+    rate = value_row + width + sympy.Rational(4 * r, g)
+    return rate, value_row * N + key_groups * (g * width + 4 * r) + g * r * 2
+
+
+def _xquant_token_bytes(config, xquant: XQuantConfig, dtype_bytes: int) -> sympy.Expr:
+    """Bytes one cached token costs over all layers (at large n) + its int64 position."""
+    layers = _dims(config)[0]
+    return 8 + sum(_layer_bytes(config, xquant, i, dtype_bytes)[0] for i in range(layers))
+
+
+def _xquant_total(config, xquant: XQuantConfig, batch: int, dtype_bytes: int) -> sympy.Expr:
+    """Bytes the X state of all layers (and the shared int64 positions) holds for N rows, fixed part aside."""
+    layers = _dims(config)[0]
+    return batch * (8 * N + sum(_layer_bytes(config, xquant, i, dtype_bytes)[1] for i in range(layers)))
 
 
 def xquant_cache_bytes(config, xquant: XQuantConfig, batch_size: int, seq_len: int, dtype_bytes: int = 4) -> int:
     """Bytes of the X state of all layers for ``seq_len`` rows, plus the shared int64 positions."""
-    return batch_size * seq_len * _xquant_token_bytes(config, xquant, dtype_bytes)
+    return int(_xquant_total(config, xquant, batch_size, dtype_bytes).subs(N, seq_len))
 
 
 # --------------------------------------------------------------------------------------------------
 # memory_report: the three caches side by side, as formulas in the sequence length and as numbers.
-
-import dataclasses  # noqa: E402
-
-import sympy  # noqa: E402
-
-N = sympy.Symbol("n", positive=True, integer=True)  # cached tokens (the cache's capacity, max_cache_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +180,8 @@ def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch
     fixed = layers * (2 * dtype_bytes + 8)
     if xquant_config.rotation == "hadamard":
         fixed += xquant_config.group_size ** 2 * 4
-    xq_total = xq_per_token * B * N + fixed
-    xquant = CacheMemory("xquant", xquant_config.describe(), sympy.Integer(xq_per_token), xq_total, fixed,
+    xq_total = _xquant_total(model_config, xquant_config, B, dtype_bytes) + fixed
+    xquant = CacheMemory("xquant", xquant_config.describe(), sympy.nsimplify(xq_per_token), xq_total, fixed,
                          seq_len, B)
     working = (2 * 4 if xquant_config.cross_layer else dtype_bytes) * B * N * hidden
     return MemoryReport(fp16, kivi, xquant, seq_len, B, working)

@@ -1,0 +1,159 @@
+"""The GQA latent form: X·U_k / X·U_v cached instead of X (xq_compile/latent.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xq_compile as xq
+from xq_compile import quant
+from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, key_latent_rows, latent_groups,
+                               store_key_latent, svd_factors)
+from xq_compile.rotation import hadamard
+from xq_compile.simulate import simulate_xquant
+
+from conftest import decode_inputs, max_error, reference_logits, run_calls, tiny_llama
+
+MAX_LEN = 48
+
+
+def compiled_run(model, calls, config, backend="xquant", max_len=MAX_LEN):
+    cache = xq.XQuantCache(model.config, max_batch_size=calls[0]["input_ids"].shape[0], max_cache_len=max_len,
+                           xquant=config)
+    forward = torch.compile(model.forward, backend=backend, fullgraph=True)
+    return run_calls(forward, cache, calls), cache
+
+
+def prefix_reference(model, calls, config):
+    """Per call, the eager model over the whole prefix with K/V from the latents as the cache holds them
+    after that call (complete key groups quantized, the open group fp16).
+
+    Exact for a one-layer model only: with more layers, a cached token's X in layer 2 depends on what
+    layer 1 attended to when that token was written, which a one-pass recompute does not reproduce.
+    """
+    out = []
+    for i, call in enumerate(calls):
+        prefix = calls[:i + 1]
+        full = dict(input_ids=torch.cat([c["input_ids"] for c in prefix], 1), attention_mask=call["attention_mask"],
+                    position_ids=torch.cat([c["position_ids"] for c in prefix], 1))
+        with torch.no_grad(), simulate_xquant(model, config):
+            logits = model(**full, use_cache=False).logits
+        out.append(logits[:, -call["input_ids"].shape[1]:])
+    return out
+
+
+def test_svd_factors_reproduce_the_projection_with_and_without_rotation():
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 128), torch.randn(5, 128)
+    for rotation in (None, hadamard(16)):
+        down, up = svd_factors(w, rotation)
+        assert down.shape == (48, 128) and up.shape == (48, 48)
+        torch.testing.assert_close(F.linear(F.linear(x, down), up), F.linear(x, w), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(down @ down.T, torch.eye(48), atol=1e-5, rtol=0)  # orthonormal rows
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_key_latent_store_and_rebuild_equal_the_reference_for_any_chunking(bits):
+    """Chunks of 1..40 rows across group boundaries: the rebuilt rows are always the complete groups
+    quantized per channel and the open group in fp16, as if quantized in one pass."""
+    torch.manual_seed(bits)
+    B, C, g, L = 2, 24, 8, 64
+    codes = torch.zeros(B, latent_groups(L, g) * g, quant.packed_width(C, bits), dtype=torch.uint8)
+    scale = torch.zeros(B, latent_groups(L, g), C, dtype=torch.float16)
+    zero, tail = torch.zeros_like(scale), torch.zeros(B, g, C, dtype=torch.float16)
+    data = torch.randn(B, L, C) * torch.linspace(0.1, 10, C)  # channels of very different ranges
+    data[:, :, 0] += 30  # an outlier channel, as channel 0 of a key latent
+    pos = 0
+    for s in (5, 1, 1, 9, 8, 16, 1, 3, 20):
+        store_key_latent(codes, scale, zero, tail, data[:, pos:pos + s], torch.tensor(pos), bits, g,
+                         batch=B, seq_len=s, channels=C)
+        pos += s
+        got = key_latent_rows(codes, scale, zero, tail, pos, pos, bits, g, torch.float32)
+        assert torch.equal(got, fake_quantize_key_latent(data[:, :pos], bits, g)), f"after {pos} rows"
+    # Per-channel groups: the outlier channel does not cost the others their precision.
+    err = (got - data[:, :pos]).abs()[:, :pos - pos % g]
+    assert err[..., 1].max() < 0.1 * 2 ** (4 - bits) + 1e-3
+
+
+def test_unquantized_latent_reproduces_the_model_and_is_chosen_automatically():
+    model = tiny_llama(num_kv_heads=1)  # X is 64 wide, K+V 2·16: the latent form is smaller
+    calls = decode_inputs(batch=2, steps=16, pad=2)
+    start = len(xq.COMPILE_LOG)
+    out, cache = compiled_run(model, calls, xq.XQuantConfig(bits=None, group_size=16))
+    assert max_error(out, reference_logits(model, calls, MAX_LEN)) < 1e-4
+    assert all(layer.form == "latent" for layer in cache.layers)
+    records = list(xq.COMPILE_LOG)[start:]
+    assert len(records) == 2 and all(r.rewritten == 2 for r in records)
+    assert all("GQA latent" in r.form for rec in records for r in rec.reports)
+
+
+@pytest.mark.parametrize("rebuild", ["inline", "op"])
+def test_forced_forms_on_a_gqa_model_are_exact_unquantized(rebuild):
+    model = tiny_llama(num_kv_heads=2, bias=True)  # K+V as wide as X: "auto" keeps X; force each form
+    calls = decode_inputs(batch=2, steps=6, pad=1)
+    ref = reference_logits(model, calls, MAX_LEN)
+    for form in ("latent", "x"):
+        torch._dynamo.reset()
+        out, cache = compiled_run(model, calls, xq.XQuantConfig(bits=None, group_size=16, form=form),
+                                  backend=xq.make_xquant_backend("aot_eager", rebuild=rebuild))
+        assert cache.layers[0].form == form
+        assert max_error(out, ref) < 1e-4, form
+
+
+@pytest.mark.parametrize("config", [
+    xq.XQuantConfig(bits=4, group_size=16),
+    xq.XQuantConfig(bits=3, group_size=16, rotation="none"),
+    xq.XQuantConfig(bits=2, group_size=16, keep_channel0=True),
+], ids=["4bit", "3bit-norot", "2bit-channel0"])
+@pytest.mark.parametrize("rebuild", ["inline", "op"])
+def test_quantized_latent_matches_the_torch_reference(config, rebuild):
+    model = tiny_llama(num_kv_heads=1, num_layers=1)
+    calls = decode_inputs(batch=2, steps=20, pad=2)  # 26 tokens: groups of 16 complete mid-decode
+    out, _ = compiled_run(model, calls, config, backend=xq.make_xquant_backend("aot_eager", rebuild=rebuild))
+    assert max_error(out, prefix_reference(model, calls, config)) < 2e-4
+    assert max_error(out, reference_logits(model, calls, MAX_LEN)) > 1e-3  # really quantized
+
+
+def test_quantized_latent_under_inductor_matches_the_reference_and_errors_grow_with_fewer_bits():
+    model = tiny_llama(num_kv_heads=1, num_layers=1)
+    calls = decode_inputs(batch=2, steps=12, pad=2)
+    exact = reference_logits(model, calls, MAX_LEN)
+    errors = []
+    for bits in (8, 4, 2):
+        torch._dynamo.reset()
+        config = xq.XQuantConfig(bits=bits, group_size=16)
+        out, _ = compiled_run(model, calls, config)
+        assert max_error(out, prefix_reference(model, calls, config)) < 2e-4, bits
+        errors.append(max_error(out, exact))
+    assert errors == sorted(errors)
+
+
+def test_factors_are_computed_once_and_follow_in_place_weight_changes():
+    model = tiny_llama(num_kv_heads=1)
+    calls = decode_inputs(batch=1, steps=6)
+    cache = xq.XQuantCache(model.config, max_batch_size=1, max_cache_len=MAX_LEN,
+                           xquant=xq.XQuantConfig(bits=None, group_size=16))
+    forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
+    run_calls(forward, cache, calls[:2])
+    computed = LATENT_FACTORS.computed
+    cache.reset()
+    run_calls(forward, cache, calls)
+    assert LATENT_FACTORS.computed == computed  # no SVD per step
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(-0.5)
+        model.model.layers[1].self_attn.v_proj.weight.add_(0.1)
+    cache.reset()
+    out = run_calls(forward, cache, calls)
+    assert LATENT_FACTORS.computed == computed + 2  # only the two changed weights
+    assert max_error(out, reference_logits(model, calls, MAX_LEN)) < 1e-4
+
+
+def test_crop_into_a_completed_group_puts_its_rows_back_into_the_tail():
+    model = tiny_llama(num_kv_heads=1, num_layers=1)
+    calls = decode_inputs(batch=1, steps=14, pad=0)  # 20 tokens: group 0 (16) complete
+    out, cache = compiled_run(model, calls, xq.XQuantConfig(bits=4, group_size=16))
+    layer, g = cache.layers[0], 16
+    st = layer.state
+    before = key_latent_rows(st["k_codes"], st["k_scale"], st["k_zero"], st["k_tail"], 20, 20, 4, g, torch.float32)
+    cache.crop(-8)  # transformers: a negative count of tokens to remove
+    assert layer.host_length == 12
+    torch.testing.assert_close(st["k_tail"][:, :12].float(), before[:, :12], atol=2e-3, rtol=1e-3)
