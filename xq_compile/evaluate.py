@@ -13,7 +13,9 @@ Methods (``--methods``, comma separated):
   kivi:B        KIVI* (K per channel, V per token, no fp16 window), simulated in one pass; memory formula.
   hf-quanto:B   transformers' QuantizedCache with the optimum-quanto backend (B = 2 or 4), eager, in the
                 same prefill + decode loop; memory measured from the quantized tensors it holds.
-Suffix ``:norot`` on xquant switches off the Hadamard rotation (the paper's plain XQuant).
+Suffix ``:norot`` on xquant switches off the Hadamard rotation (the paper's plain XQuant); ``:x`` or
+``:latent`` forces the cached form (default: the GQA latent form where X is wider than K+V), ``:ch0``
+keeps channel 0 of the key latent in fp16.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Method:
     simulated: bool = False
     rotation: str = "hadamard"
     base_layers: int | None = None  # xquant-cl: layers stored as X at 4 bits (None: the config default)
+    form: str = "auto"  # xquant: "x", "latent" or "auto" (XQuantConfig.form)
+    keep_channel0: bool = False
 
     @property
     def label(self) -> str:
@@ -61,6 +65,10 @@ class Method:
             label += f":base{self.base_layers}"
         if self.kind.startswith("xquant") and self.rotation == "none":
             label += ":norot"
+        if self.form != "auto":
+            label += f":{self.form}"
+        if self.keep_channel0:
+            label += ":ch0"
         if self.kind.startswith("xquant") and self.simulated:
             label += ":sim"
         return label
@@ -70,7 +78,8 @@ def parse_methods(spec: str) -> list[Method]:
     """``"fp16,kivi:4,xquant:3:sim,xquant-cl:3:base1"`` -> Methods; errors name the offending entry.
 
     Suffixes: ``:sim`` (simulated, one pass), ``:norot`` (no Hadamard rotation), ``:baseN`` (XQuant-CL
-    with N base layers).
+    with N base layers), ``:x`` / ``:latent`` (force the cached form), ``:ch0`` (key latent channel 0
+    in fp16).
     """
     methods = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -86,17 +95,20 @@ def parse_methods(spec: str) -> list[Method]:
             raise ValueError(f"{item!r}: give the bits, e.g. {kind}:4")
         bits, flags = int(rest[0]), set(rest[1:])
         base = [f for f in flags if re.fullmatch(r"base\d+", f)]
-        unknown = flags - {"sim", "norot"} - set(base)
-        if unknown or (flags and not kind.startswith("xquant")) or (base and kind != "xquant-cl"):
-            raise ValueError(f"{item!r}: suffixes ':sim' and ':norot' apply to xquant and xquant-cl, "
-                             "':baseN' to xquant-cl only")
+        unknown = flags - {"sim", "norot", "x", "latent", "ch0"} - set(base)
+        if unknown or (flags and not kind.startswith("xquant")) or (base and kind != "xquant-cl") \
+                or {"x", "latent"} <= flags:
+            raise ValueError(f"{item!r}: suffixes ':sim', ':norot', ':x' or ':latent', ':ch0' apply to xquant "
+                             "and xquant-cl, ':baseN' to xquant-cl only")
         if kind == "hf-quanto" and bits not in (2, 4):
             raise ValueError(f"{item!r}: the quanto backend of QuantizedCache supports 2 and 4 bits only")
         if kind in ("xquant", "xquant-cl", "kivi"):
             XQuantConfig(bits=bits)  # same bit widths as the project's quantizer: fail here, not later
         methods.append(Method(kind, bits, simulated=(kind == "kivi" or "sim" in flags),
                               rotation="none" if "norot" in flags else "hadamard",
-                              base_layers=int(base[0][4:]) if base else None))
+                              base_layers=int(base[0][4:]) if base else None,
+                              form=next((f for f in ("x", "latent") if f in flags), "auto"),
+                              keep_channel0="ch0" in flags))
     if not methods:
         raise ValueError("no methods given")
     return methods
@@ -292,7 +304,8 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
             elif method.kind in ("xquant", "xquant-cl"):
                 base = {} if method.base_layers is None else {"base_layers": method.base_layers}
                 cfg = XQuantConfig(bits=method.bits, group_size=group_size, rotation=method.rotation,
-                                   cross_layer=method.kind == "xquant-cl", **base)
+                                   cross_layer=method.kind == "xquant-cl", form=method.form,
+                                   keep_channel0=method.keep_channel0, **base)
                 report = memory.memory_report(model.config, cfg, window_len, dtype_bytes=dtype_bytes)
                 if method.simulated:
                     nll, n = eval_simulated(model, windows, lambda: simulate_xquant(model, cfg), desc, progress)
@@ -302,6 +315,11 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     per_token, mode = held / window_len, "real"
                     note = f"XQuantCache.nbytes() = {held} B for {window_len} tokens; "
                 note += f"rebuild working memory (not cache) {report.rebuild_working_at} B"
+                config = model.config
+                kv_width = config.num_key_value_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+                if cfg.form_of(config.hidden_size, kv_width) == "latent":
+                    note = ("GQA latent form (key latent per channel, open group fp16; value latent per token); "
+                            + note)
             elif method.kind == "kivi":
                 nll, n = eval_simulated(model, windows, lambda: simulate_kivi(model, method.bits, group_size),
                                         desc, progress)
