@@ -38,7 +38,11 @@ from xq_compile.latent import LATENT_FACTORS, key_latent_rows, store_key_latent
 from xq_compile.rotation import FOLDED_WEIGHTS, hadamard, rotate
 
 from .emit import Emitter, clone_region
-from .match import Site, SiteReport, attention_read, example_value, find_sites, _ancestors, _descendants
+from .match import Site, SiteReport, _arg, attention_read, example_value, find_sites, _ancestors, _descendants
+
+
+REBUILD_FORMS = ("auto", "fused", "op", "inline")
+FUSED_MAX_QUERY_TOKENS = 16  # the fused decode-attention kernel is written for decode steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +92,10 @@ class XQuantRewrite:
     """
 
     def __init__(self, options: XQuantConfig | None = None, rebuild: str = "auto") -> None:
-        """``rebuild``: "auto" (the fused op on CUDA, inline torch on CPU), "op" or "inline" to force one."""
-        if rebuild not in ("auto", "op", "inline"):
-            raise ValueError(f"rebuild={rebuild!r}: use 'auto', 'op' or 'inline'")
+        """``rebuild``: "auto" (on CUDA the fused decode-attention op where a site allows it, else the
+        dequant_project op; plain torch on CPU), or "fused", "op", "inline" to force one form on any device."""
+        if rebuild not in REBUILD_FORMS:
+            raise ValueError(f"rebuild={rebuild!r}: use one of {REBUILD_FORMS}")
         self.options = options
         self.rebuild = rebuild
 
@@ -327,7 +332,7 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
     index = site.key.append.index
     # The fused-op form (device-side length, max_cache_len rows, no host sync: CUDA graphs) or the
     # inline form (plain torch over the data-dependent length n, fused by Inductor's C++ backend).
-    on_cuda = state.rebuild == "op" or (state.rebuild == "auto" and layer.device.type == "cuda")
+    on_cuda = state.rebuild in ("op", "fused") or (state.rebuild == "auto" and layer.device.type == "cuda")
 
     def store_rows(rows: dict[str, fx.Node]) -> None:
         for name, new in rows.items():
@@ -384,6 +389,16 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 below = emit(lambda acc, i: acc.index_select(1, i), state.accumulator, index)
                 x = emit(lambda x, below: x.float() - below, x, below)
             store_quantized(x, layer.bits)
+
+    # 2a. CUDA decode steps: one fused op reads the packed rows, rebuilds K tiles with RoPE on chip and
+    # accumulates the absorbed values; K and V are never written to memory.
+    if on_cuda and state.rebuild in ("auto", "fused"):
+        attention, rope = attention_read(site, layer.max_cache_len), _plain_rope(site)
+        if (attention is not None and rope is not None and layer.bits is not None and not cfg.cross_layer
+                and isinstance(site.seq_len, int) and site.seq_len <= FUSED_MAX_QUERY_TOKENS):
+            _fused_decode_attention(state, emit, site, layer, attention, rope, state_inputs,
+                                    (k_weight, site.key.bias), (v_weight, site.value.bias))
+            return
 
     # 2. Rebuild K and V from the X cache, after the (now removed) appends, before any reader.
     anchor = last.next
@@ -489,6 +504,99 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
         append.node.replace_all_uses_with(rebuilt)
         graph.erase_node(append.node)
     _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads])
+
+
+def _plain_rope(site: Site) -> tuple[fx.Node, fx.Node] | None:
+    """(cos, sin) if the key's per-token region is exactly HF's ``k·cos + rotate_half(k)·sin``, else None.
+
+    The fused decode-attention kernel applies that RoPE itself; anything else between the projection
+    and the cache (a k_norm, another rotation layout) keeps the unfused form.
+    """
+    k, out, half = site.key.heads, site.key.append.value, site.head_dim // 2
+
+    def operands(node, targets):
+        ok = node.op == "call_function" and node.target in targets and len(node.args) == 2 and not node.kwargs
+        return node.args if ok else None
+
+    def is_half(node, upper):
+        if node.op != "call_function" or node.target is not operator.getitem or node.args[0] is not k:
+            return False
+        index = node.args[1]
+        want = slice(half, None, None) if upper else slice(None, half, None)
+        return isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and index[1] == want
+
+    pair = operands(out, (operator.add, torch.add))
+    for direct, rotated in (pair, pair[::-1]) if pair else ():
+        a, b = operands(direct, (operator.mul, torch.mul)), operands(rotated, (operator.mul, torch.mul))
+        if not a or not b or k not in a:
+            continue
+        cat = next((x for x in b if isinstance(x, fx.Node) and x.target is torch.cat), None)
+        if cat is None or len(cat.args[0]) != 2 or cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0) not in (-1, 3):
+            continue
+        neg, lower = cat.args[0]
+        if neg.op != "call_function" or neg.target not in (operator.neg, torch.neg):
+            continue
+        if not (is_half(neg.args[0], upper=True) and is_half(lower, upper=False)):
+            continue
+        if set(site.key.rope) != {direct, rotated, out, cat, neg, neg.args[0], lower}:
+            continue
+        return a[1] if a[0] is k else a[0], b[1] if b[0] is cat else b[0]
+    return None
+
+
+def _fused_decode_attention(state: "_GraphState", emit: Emitter, site: Site, layer: XQuantLayer, attention,
+                            rope: tuple[fx.Node, fx.Node], state_inputs: dict[str, fx.Node],
+                            key: tuple[fx.Node, fx.Node | None], value: tuple[fx.Node, fx.Node | None]) -> None:
+    """Replace the layer's SDPA by ``xq_compile::decode_attention`` over the packed cache."""
+    graph, sdpa, cfg = state.graph, attention.sdpa, layer.xquant
+    L, D, B = layer.max_cache_len, site.head_dim, layer.batch_size
+    with graph.inserting_before(sdpa):
+        # cos/sin of every cached row: the model's own table code, cloned with the cached positions
+        source = site.position_source
+        state.rope_tables.setdefault(source, state.positions)
+        tables = (_descendants(source) - {source}) & set().union(*(_ancestors(i, lambda _: False) for i in rope))
+        region = [nd for nd in graph.nodes if nd in tables and nd not in state.rope_tables]
+        mapping = clone_region(graph, region, dict(state.rope_tables))
+        state.rope_tables.update({nd: mapping[nd] for nd in tables if nd in mapping})
+        cos, sin = (emit(lambda t: t.reshape(-1, L, D).expand(B, L, D).to(layer.dtype).contiguous(),
+                         state.rope_tables.get(t, t)) for t in rope)
+
+        def rows(proj, weight, bias):
+            if proj.channels is not None:  # a slice of a fused projection (latent factors are sliced already)
+                first, stop = proj.channels
+                if layer.form != "latent":
+                    weight = emit(lambda w: w.narrow(0, first, stop - first), weight)
+                if bias is not None:
+                    bias = emit(lambda b: b.narrow(0, first, stop - first), bias)
+            return weight, bias
+
+        (k_weight, k_bias), (v_weight, v_bias) = rows(site.key, *key), rows(site.value, *value)
+        g = cfg.group_size
+        if layer.form == "latent":
+            st = state_inputs
+            key_groups = -(-L // g)  # the kernel reads L rows; the spare group is only written
+            k_source = (emit(lambda t: t.narrow(1, 0, L), st["k_codes"]),
+                        emit(lambda t: t.narrow(1, 0, key_groups), st["k_scale"]),
+                        emit(lambda t: t.narrow(1, 0, key_groups), st["k_zero"]),
+                        emit(lambda t: t.to(layer.dtype), st["k_tail"]))
+            v_source = (st["v_codes"], st["v_scale"], st["v_zero"])
+            layouts = ("per_channel", "per_token")
+            col0 = st.get("k_col0")
+        else:
+            k_source = (state_inputs["codes"], state_inputs["scale"], state_inputs["zero"], None)
+            v_source, layouts, col0 = (None, None, None), ("per_token", "per_token"), None
+        query = _arg(sdpa, 0, "query")
+        scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
+        new = emit(torch.ops.xq_compile.decode_attention.default, query, *k_source, *v_source, None, col0,
+                   k_weight, k_bias, v_weight, v_bias, cos, sin, attention.mask, state.length,
+                   layer.bits, g, layouts[0], layer.bits, g, layouts[1],
+                   float(D ** -0.5 if scale is None else scale))
+    sdpa.replace_all_uses_with(new)
+    graph.erase_node(sdpa)
+    for append in (site.key.append, site.value.append):
+        graph.erase_node(append.node)
+    _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads,
+                        *attention.chains])
 
 
 def _attend_over_cached_rows(state: "_GraphState", emit: Emitter, attention, keys: fx.Node, values,

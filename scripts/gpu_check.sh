@@ -7,11 +7,14 @@
 # Steps, in priority order, each under its own timeout and all under one total budget (BUDGET_S,
 # default 290 s); a failing or timed-out step is recorded in $OUT/summary.txt and the next one runs:
 #   install   pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
-#             symlink xq_compile/passes -> ../passes, the mapping the install would provide)
+#             symlink xq_compile/passes -> ../passes, the mapping the install would provide); wheels
+#             found in .gpu_wheels/ (optimum-quanto, ninja: the machine has no internet) are installed too
 #   env       versions, nvidia-smi
-#   cuda_ops  pytest tests/test_kernels_cuda.py   (real Triton kernel vs. the CPU reference, CUDA graphs, e2e)
-#   decode    benchmarks/decode_step.py, bf16, lengths up to 32K (partial JSON survives a timeout)
-#   kernels   pytest tests/test_kernels.py         (CPU op + Triton interpreter cases)
+#   cuda_ops  pytest tests/test_kernels_cuda.py tests/test_decode_attention.py -k cuda  (the Triton
+#             kernels vs. their CPU references, CUDA graphs, end to end through the backend)
+#   attn      benchmarks/decode_attention.py: the fused decode-attention op vs. the unfused path vs. SDPA
+#             over a 16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak
+#   decode    benchmarks/decode_step.py, bf16, lengths up to 32K, with quanto's QuantizedCache if installed
 #   rebuild   benchmarks/rebuild_op.py on CUDA, bf16
 # Exit status: 0 if every step passed, 1 otherwise (the summary says which).
 set -euo pipefail
@@ -66,6 +69,11 @@ install() {
     return 1
 }
 LINK="$ROOT/xq_compile/passes"
+if ls "$ROOT"/.gpu_wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install --no-deps --no-index "$ROOT"/.gpu_wheels/*.whl > "$OUT/wheels.log" 2>&1 \
+        && echo "wheels rc=0 ok ($(ls "$ROOT"/.gpu_wheels | tr '\n' ' '))" | tee -a "$SUMMARY" \
+        || echo "wheels rc=1 FAILED (see wheels.log)" | tee -a "$SUMMARY"
+fi
 if install > "$OUT/install.log" 2>&1; then
     echo "install rc=0 ok (editable)" | tee -a "$SUMMARY"
 else
@@ -111,12 +119,13 @@ export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR="$OUT/_inductor_cache"   # fresh, local; not carried back (large)
 
 # ---- the checks ----------------------------------------------------------------------------------
-run_step cuda_ops 110 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py \
-    --junitxml="$OUT/cuda_ops.xml" -rs
-run_step decode 140 "$PY" benchmarks/decode_step.py --device cuda --dtype bf16 --layers 4 \
+run_step cuda_ops 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_decode_attention.py \
+    -k "cuda or Cuda" --junitxml="$OUT/cuda_ops.xml" -rfs
+run_step attn 100 "$PY" benchmarks/decode_attention.py --device cuda --dtype bf16 --lengths 1024 8192 32768 \
+    --shape smollm2 llama7b gqa --batch 1 --out "$OUT/decode_attention.json"
+run_step decode 150 "$PY" benchmarks/decode_step.py --device cuda --dtype bf16 --layers 4 --quanto --quanto-bits 4 \
     --lengths 256 1024 4096 8192 16384 32768 --max-cache-len 32832 --steps 5 --repeats 5 --warmup 3 \
     --out "$OUT/decode"
-run_step kernels 50 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py --junitxml="$OUT/kernels.xml"
 run_step rebuild 40 "$PY" benchmarks/rebuild_op.py --device cuda --dtype bf16 --n 1024 4096 32768 \
     --repeats 20 --out "$OUT/rebuild"
 

@@ -159,3 +159,23 @@ def test_inductor_fx_graph_cache_hits_on_the_second_compile():
         compiled_run(model, calls, xq.XQuantConfig(bits=4, group_size=16))
         hits.append(counters["inductor"]["fxgraph_cache_hit"] - before)
     assert hits[1] == 2, hits
+
+
+@pytest.mark.parametrize("num_kv_heads,bias", [(4, False), (2, True)], ids=["mha", "gqa-bias"])
+def test_fused_decode_attention_form_equals_the_op_form(num_kv_heads, bias):
+    """rebuild="fused" (what CUDA decode steps run: one xq_compile::decode_attention op over the packed
+    cache, RoPE and absorbed values inside) computes what the unfused op form does. One layer: with
+    more, rounding differences would flip codes in the layers above and blur the comparison."""
+    model = tiny_llama(num_kv_heads=num_kv_heads, bias=bias, num_layers=1)
+    calls = decode_inputs(batch=2, steps=8, pad=2)
+    config = xq.XQuantConfig(bits=4, group_size=16)
+    outs, codes = {}, {}
+    for rebuild in ("fused", "op"):
+        torch._dynamo.reset()
+        outs[rebuild], _ = compiled_run(model, calls, config, backend=xq.make_xquant_backend("aot_eager", rebuild=rebuild))
+        codes[rebuild] = [r.code_after for r in list(xq.COMPILE_LOG)[-2:]]
+    assert max_error(outs["fused"], outs["op"]) < 1e-5
+    prefill, decode = codes["fused"]
+    assert "decode_attention" in decode and "scaled_dot_product_attention" not in decode
+    assert "decode_attention" in prefill  # a 6-token prompt is within the kernel's 16 query rows too
+    assert "decode_attention" not in "".join(codes["op"])

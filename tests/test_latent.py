@@ -104,7 +104,7 @@ def test_forced_forms_on_a_gqa_model_are_exact_unquantized(rebuild):
     xq.XQuantConfig(bits=3, group_size=16, rotation="none"),
     xq.XQuantConfig(bits=2, group_size=16, keep_channel0=True),
 ], ids=["4bit", "3bit-norot", "2bit-channel0"])
-@pytest.mark.parametrize("rebuild", ["inline", "op"])
+@pytest.mark.parametrize("rebuild", ["inline", "op", "fused"])
 def test_quantized_latent_matches_the_torch_reference(config, rebuild):
     model = tiny_llama(num_kv_heads=1, num_layers=1)
     calls = decode_inputs(batch=2, steps=20, pad=2)  # 26 tokens: groups of 16 complete mid-decode

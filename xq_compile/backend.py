@@ -125,9 +125,12 @@ def make_xquant_backend(inner: str | Callable = "inductor", rebuild: str = "auto
     ``(graph_module, example_inputs) -> callable`` -- for instance a function that runs your own FX
     passes on the rewritten graph and then calls another backend. ``backend="xquant"`` is
     ``make_xquant_backend("inductor")``; ``"aot_eager"`` runs the rewritten graph without code
-    generation (fast, and handy to debug the rewrite itself). ``rebuild="op"`` forces the form the CUDA
-    path uses (the ``xq_compile::dequant_project`` op over max_cache_len rows, length read on device)
-    on any device, e.g. to test it on CPU; ``"inline"`` forces the plain-torch form.
+    generation (fast, and handy to debug the rewrite itself). ``rebuild`` picks the form of the rebuild:
+    ``"auto"`` (CUDA: the fused ``xq_compile::decode_attention`` op for decode steps whose RoPE it
+    knows, the ``xq_compile::dequant_project`` op otherwise, both over max_cache_len rows with the
+    length read on device; CPU: plain torch over the n cached rows). ``"fused"`` and ``"op"`` force
+    the CUDA forms on any device (their CPU kernels are the torch references: how they are tested
+    without a GPU), ``"inline"`` the plain-torch form.
     """
 
     def xquant(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
