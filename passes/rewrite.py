@@ -129,6 +129,9 @@ class XQuantRewrite:
 def _form(layer: XQuantLayer) -> str:
     bits = "unquantized" if layer.bits is None else f"{layer.bits}-bit"
     owner = "" if layer.tracks_length else ", state owned by the compiled model"
+    if layer.joint_latent:
+        what = f"delta vs layer {layer.layer_idx - 1}" if layer.stores_delta else "base layer"
+        return f"GQA joint K|V latent, {what} (cross-layer, {bits} per token{owner})"
     if layer.stores_delta:
         return f"X delta vs layer {layer.layer_idx - 1} (cross-layer, {bits}{owner})"
     if layer.form == "latent" and layer.bits is None:
@@ -317,8 +320,19 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
         return tuple(state.add_input(("latent", w_idx, rows, rotated, which), f"{tag}_{proj.weight.name}_{name}",
                                      fetch(which)) for which, name in enumerate(("down", "up")))
 
-    latent = layer.form == "latent"
-    if latent:
+    latent = layer.form == "latent" and not layer.joint_latent
+    joint = layer.joint_latent  # XQuant-CL in the latent form: the joint K|V latent, per token
+    if joint:
+        kw_idx, vw_idx = weight_index(site.key), weight_index(site.value)
+
+        def fetch_joint(which):
+            return lambda args: LATENT_FACTORS.get_joint(args[kw_idx], args[vw_idx], site.key.channels,
+                                                         site.value.channels, fetch_layer(args).rotation)[which]
+
+        kv_down, kv_up = (state.add_input(("joint", kw_idx, vw_idx, which), f"{tag}_kv_{name}", fetch_joint(which))
+                          for which, name in enumerate(("down", "up")))
+        kv_width = site.num_heads * site.head_dim
+    elif latent:
         # The key latent is not rotated: its per-channel groups already give every channel (the
         # outlier channel 0 included) its own range; the value latent is quantized per token.
         (k_down, k_weight), (v_down, v_weight) = latent_factors(site.key, False), latent_factors(site.value, True)
@@ -382,6 +396,12 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 if layer.keep_channel0:
                     store_rows({"k_col0": emit(lambda t: t[..., 0], key_latent)})
             store_quantized(emit(F.linear, site.x, v_down), layer.bits, "v_")
+        elif joint:
+            x = emit(F.linear, site.x, kv_down)
+            if layer.stores_delta:  # closed loop, as below, in the joint latent of this layer
+                below = emit(lambda acc, i: acc.index_select(1, i), state.accumulator, index)
+                x = emit(lambda x, below, down: x.float() - F.linear(below, down.float()), x, below, kv_down)
+            store_quantized(x, layer.bits)
         else:
             x = emit(rotate, site.x, rotation) if rotation is not None else site.x
             if layer.stores_delta:
@@ -417,6 +437,23 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                                 layer.dtype, state_inputs.get("k_col0"))
                 value_rows = emit(quant.dequantize, rows_of("v_codes"), rows_of("v_scale"), rows_of("v_zero"),
                                   layer.bits, cfg.group_size, layer.dtype)
+        elif joint:
+            # X̃ (fp32, d wide) carries the layers below; this layer's latent is X̃·downᵀ plus its delta
+            # (or its own rows, for a base layer), and X̃ moves to match it in this layer's subspace.
+            own = (emit(quant.dequantize, rows_of("codes"), rows_of("scale"), rows_of("zero"), layer.bits,
+                        cfg.group_size, torch.float32) if layer.bits is not None else rows_of("x"))
+            if state.accumulator is None:
+                latent_hat = emit(lambda own: own.float(), own)
+                state.accumulator = emit(lambda own, down: F.linear(own, down.float().t()), latent_hat, kv_down)
+            else:
+                seen = emit(lambda acc, down: F.linear(acc, down.float()), state.accumulator, kv_down)
+                latent_hat = (emit(lambda seen, own: seen + own.float(), seen, own) if layer.stores_delta
+                              else emit(lambda own: own.float(), own))
+                state.accumulator = emit(lambda acc, new, seen, down: acc + F.linear(new - seen, down.float().t()),
+                                         state.accumulator, latent_hat, seen, kv_down)
+            key_rows = value_rows = emit(lambda t: t.to(layer.dtype), latent_hat)
+            k_weight = emit(lambda up: up.narrow(0, 0, kv_width), kv_up)
+            v_weight = emit(lambda up: up.narrow(0, kv_width, kv_width), kv_up)
         elif on_cuda and layer.bits is not None and not cfg.cross_layer:
             key_rows = value_rows = None  # the fused dequantize-and-project op reads the packed rows
         else:
@@ -434,7 +471,7 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             bias = proj.bias
             if proj.channels is not None:  # one slice of a fused projection: only its rows are rebuilt
                 first_row, stop = proj.channels
-                if not latent:  # the latent factors are of the slice already
+                if layer.form != "latent":  # the latent factors are of the slice already
                     w = emit(lambda w: w.narrow(0, first_row, stop - first_row), w)
                 bias = emit(lambda b: b.narrow(0, first_row, stop - first_row), bias) if bias is not None else None
             return w, bias

@@ -93,7 +93,7 @@ def test_torch_logs_artifact_shows_the_site_reports(capfd):
     torch._logging.set_logs(modules={"xquant": True})
     try:
         with torch.no_grad():
-            forward(**decode_inputs(steps=0)[0], cache=cache, use_cache=True)
+            forward(**decode_inputs(steps=0)[0], **cache_kwargs(forward, cache), use_cache=True)
     finally:
         torch._logging.set_logs()  # back to the default (nothing logged)
     err = capfd.readouterr().err
@@ -106,7 +106,7 @@ def test_artifact_is_silent_unless_enabled(capfd):
     model = tiny_llama(num_kv_heads=2)
     cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=8, xquant=xq.XQuantConfig(group_size=16))
     with torch.no_grad():
-        torch.compile(model.forward, backend=AOT_EAGER, fullgraph=True)(**decode_inputs(steps=0)[0], cache=cache)
+        torch.compile(model.forward, backend=AOT_EAGER, fullgraph=True)(**decode_inputs(steps=0)[0], **cache_kwargs(model, cache))
     assert "__xquant" not in capfd.readouterr().err
 
 

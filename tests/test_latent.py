@@ -157,3 +157,28 @@ def test_crop_into_a_completed_group_puts_its_rows_back_into_the_tail():
     cache.crop(-8)  # transformers: a negative count of tokens to remove
     assert layer.host_length == 12
     torch.testing.assert_close(st["k_tail"][:, :12].float(), before[:, :12], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("config", [
+    xq.XQuantConfig(bits=None, base_bits=None, group_size=16, cross_layer=True, base_layers=2),
+    xq.XQuantConfig(bits=4, group_size=16, cross_layer=True, base_layers=1),
+    xq.XQuantConfig(bits=2, group_size=16, cross_layer=True, base_layers=2, rotation="none"),
+], ids=["unquantized", "4bit-base1", "2bit-base2-norot"])
+@pytest.mark.parametrize("rebuild", ["inline", "op"])
+def test_cross_layer_joint_latent_matches_the_reference(config, rebuild):
+    """XQuant-CL on a GQA model: per-token deltas in each layer's joint K|V latent, an fp32 X̃ carried
+    up the layers. Unquantized it is the model; quantized, the chained torch reference (per call)."""
+    model = tiny_llama(num_kv_heads=1, num_layers=4, hidden=128, heads=8)  # joint latent 32 of d = 128
+    calls = decode_inputs(batch=2, steps=10, pad=2)
+    out, cache = compiled_run(model, calls, config, backend=xq.make_xquant_backend("aot_eager", rebuild=rebuild),
+                              max_len=32)
+    exact = reference_logits(model, calls, 32)
+    with simulate_xquant(model, config):
+        reference = reference_logits(model, calls, 32)
+    assert max_error(out, reference) < 2e-4
+    if config.bits is None:
+        assert max_error(out, exact) < 1e-4
+    assert all(layer.joint_latent and layer.latent_width == 32 for layer in cache.layers)
+    forms = [r.form for r in xq.COMPILE_LOG[-1].reports]
+    assert "base layer" in forms[0] and "delta vs layer 2" in forms[3]
+    assert cache.nbytes() == xq.memory_report(model.config, config, 32, 2).xquant.total_at

@@ -12,6 +12,7 @@ X - X̂(layer below) instead of X, in the same format.
 State per layer (``B`` = max_batch_size, ``L`` = max_cache_len, ``d`` = hidden size, ``G = d/group``):
   quantized:   codes uint8 [B, L, packed_width(d, bits)], scale fp16 [B, L, G], zero fp16 [B, L, G]
   unquantized: x [B, L, d] in the cache dtype
+XQuant-CL in the latent form: as the X form, with rows of the joint K|V latent width instead of d.
 Latent form (GQA, see :mod:`xq_compile.latent`; ``r`` = latent width = K/V heads x head dim):
   quantized:   k_codes uint8 [B, (ceil(L/g)+1)·g, packed_width(r, bits)], k_scale/k_zero fp16
                [B, ceil(L/g)+1, r] (per channel per token group), k_tail fp16 [B, g, r] (the open
@@ -81,11 +82,8 @@ class XQuantLayer(StaticLayer):
         self.positions = positions
         self.rotation = rotation
         self.form = xquant.form_of(hidden_size, num_kv_heads * head_dim)
-        if self.form == "latent" and xquant.cross_layer:
-            raise NotImplementedError(
-                "XQuant-CL with the GQA latent form is not implemented: use cross_layer=False (the latent "
-                "form) or form='x' (cross-layer deltas of X, which is wider than K+V on this model)."
-            )
+        # XQuant-CL in the latent form caches the joint latent of [W_k; W_v] per token (see latent.py)
+        self.joint_latent = self.form == "latent" and xquant.cross_layer
         self.keep_channel0 = xquant.keep_channel0 and self.form == "latent"
         # Everything the rewrite bakes into a compiled graph. update() reads it while Dynamo traces, so
         # Dynamo guards on it and a forward compiled for one configuration recompiles for another.
@@ -105,8 +103,13 @@ class XQuantLayer(StaticLayer):
         else:  # the model's own K/V buffers, read by its graph until release_kv_buffers() drops them
             self.keys, self.values = model_buffers
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=device)
-        self.state = (self._latent_state(num_kv_heads * head_dim) if self.form == "latent"
-                      else self._x_state())
+        if self.joint_latent:
+            self.latent_width = latent_width(2 * num_kv_heads, head_dim, hidden_size)
+            self.state = self._x_state(self.latent_width, "the joint K|V latent width (2 x K/V heads x head dim)")
+        elif self.form == "latent":
+            self.state = self._latent_state(num_kv_heads * head_dim)
+        else:
+            self.state = self._x_state(hidden_size, "the hidden size")
         for tensor in (*self.state.values(), self.cumulative_length):
             # Fixed addresses: the compiled graph writes them in place, and CUDA graphs need them stable.
             mark_static_address(tensor)
@@ -114,9 +117,10 @@ class XQuantLayer(StaticLayer):
         _LAYER_OF_PLACEHOLDER[self.values] = self
         self.is_initialized = True
 
-    def _x_state(self) -> dict[str, torch.Tensor]:
-        b, L, d, device = self.batch_size, self.max_cache_len, self.hidden_size, self.device
-        self.xquant.check_hidden_size(d)
+    def _x_state(self, d: int, what: str) -> dict[str, torch.Tensor]:
+        """Rows of width ``d`` quantized per token (X, or XQuant-CL's joint latent)."""
+        b, L, device = self.batch_size, self.max_cache_len, self.device
+        self.xquant.check_hidden_size(d, what)
         if self.bits is None:
             return {"x": torch.zeros(b, L, d, dtype=self.dtype, device=device)}
         groups = d // self.xquant.group_size
@@ -193,8 +197,13 @@ class XQuantLayer(StaticLayer):
     def crop(self, tokens_to_remove: int) -> None:
         # Rows past cumulative_length are never read (the rebuild follows the current length), so
         # cropping is moving the counter back; the next store overwrites the stale rows.
+        # Done here rather than by StaticLayer.crop, which transformers 5.17 does not have.
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"XQuantCache layers are cropped by a negative count of tokens to remove, got {tokens_to_remove}"
+            )
         before = self.host_length
-        super().crop(tokens_to_remove)
+        self.cumulative_length.sub_(abs(tokens_to_remove))  # in place: the counter's address is static
         self.host_length -= abs(tokens_to_remove)
         if self.form == "latent" and self.bits is not None:
             self._reopen_key_group(before)

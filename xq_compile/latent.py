@@ -74,13 +74,27 @@ class LatentFactors:
     def get(self, weight: torch.Tensor, rows: tuple[int, int] | None = None,
             rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) of ``weight[rows[0]:rows[1]]`` (all rows if None), rotated by ``rotation``."""
-        key = (weight._version, rows, None if rotation is None else rotation.shape[0])
-        per_weight = self._factors.setdefault(weight, {})
-        entry = per_weight.get(rows)
+        return self._get(weight, ("rows", rows), (weight._version,), rotation,
+                         lambda: weight if rows is None else weight[rows[0]:rows[1]])
+
+    def get_joint(self, k_weight: torch.Tensor, v_weight: torch.Tensor, k_rows=None, v_rows=None,
+                  rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) of the stacked [W_k; W_v] (XQuant-CL's joint latent): up's first rows rebuild K."""
+        def stacked():
+            k = k_weight if k_rows is None else k_weight[k_rows[0]:k_rows[1]]
+            v = v_weight if v_rows is None else v_weight[v_rows[0]:v_rows[1]]
+            return torch.cat([k, v], 0)
+
+        return self._get(k_weight, ("joint", id(v_weight), k_rows, v_rows),
+                         (k_weight._version, v_weight._version), rotation, stacked)
+
+    def _get(self, anchor, slot, versions, rotation, weight):
+        key = (versions, None if rotation is None else rotation.shape[0])
+        per_weight = self._factors.setdefault(anchor, {})
+        entry = per_weight.get(slot)
         if entry is None or entry[0] != key:
-            sliced = weight if rows is None else weight[rows[0]:rows[1]]
-            entry = (key, svd_factors(sliced, rotation))
-            per_weight[rows] = entry
+            entry = (key, svd_factors(weight(), rotation))
+            per_weight[slot] = entry
             self.computed += 1
         return entry[1]
 

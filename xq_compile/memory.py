@@ -38,8 +38,10 @@ def _layer_bytes(config, xquant: XQuantConfig, layer: int, dtype_bytes: int) -> 
     """
     _, hidden, kv_heads, head_dim = _dims(config)
     bits, g = xquant.bits_of_layer(layer), xquant.group_size
-    if xquant.form_of(hidden, kv_heads * head_dim) != "latent":
-        row = hidden * dtype_bytes if bits is None else quant.packed_width(hidden, bits) + 4 * (hidden // g)
+    latent = xquant.form_of(hidden, kv_heads * head_dim) == "latent"
+    if not latent or xquant.cross_layer:  # X, or XQuant-CL's joint K|V latent: rows quantized per token
+        width = latent_width(2 * kv_heads, head_dim, hidden) if latent else hidden
+        row = width * dtype_bytes if bits is None else quant.packed_width(width, bits) + 4 * (width // g)
         return sympy.Integer(row), row * N
     r = latent_width(kv_heads, head_dim, hidden)
     if bits is None:

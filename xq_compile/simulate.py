@@ -82,9 +82,11 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[No
         return torch.cat([out[..., :kv_start], kv], dim=-1)
 
     handles = []
+    joint: dict = {}  # XQuant-CL in the latent form: the chain's state for the current call
     for i, (first, second) in enumerate(layers):
         if not isinstance(second, int) and config.form_of(first.in_features, first.out_features) == "latent":
-            handles += _latent_hooks(first, second, config)
+            handles += (_joint_latent_hooks(i, first, second, config, joint) if config.cross_layer
+                        else _latent_hooks(first, second, config))
             continue
         if isinstance(second, int):
             handles.append(first.register_forward_hook(lambda m, a, o, i=i, s=second: fused_hook(m, a, o, i, s)))
@@ -101,9 +103,6 @@ def _latent_hooks(k_proj: torch.nn.Module, v_proj: torch.nn.Module, config: XQua
     Key latent: complete token groups quantized per channel, the open group in fp16; value latent per
     token (rotated). See :mod:`xq_compile.latent`.
     """
-    if config.cross_layer:
-        raise NotImplementedError("XQuant-CL with the GQA latent form is not implemented")
-
     def key_hook(module, args, out):
         down, up = LATENT_FACTORS.get(module.weight)
         latent = fake_quantize_key_latent(F.linear(args[0], down), config.bits, config.group_size,
@@ -114,6 +113,44 @@ def _latent_hooks(k_proj: torch.nn.Module, v_proj: torch.nn.Module, config: XQua
         down, up = LATENT_FACTORS.get(module.weight, None, _rotation(config, args[0]))
         latent = quant.fake_quantize(F.linear(args[0], down), config.bits, config.group_size)
         return F.linear(latent, up, module.bias)
+
+    return [k_proj.register_forward_hook(key_hook), v_proj.register_forward_hook(value_hook)]
+
+
+def _joint_latent_hooks(i: int, k_proj: torch.nn.Module, v_proj: torch.nn.Module, config: XQuantConfig,
+                        chain: dict) -> list:
+    """XQuant-CL in the latent form, layer ``i``: the joint K|V latent as the compiled path rebuilds it.
+
+    ``chain`` carries X̃ (fp32) from layer to layer within one forward call, as the compiled graph's
+    accumulator does: a base layer quantizes its own latent, a layer above quantizes the delta
+    against X̃·downᵀ, and X̃ then moves to the reconstructed latent in this layer's subspace.
+    """
+    kv = k_proj.out_features
+
+    def latent_hat(x):
+        if chain.get(i, (None,))[0] is x:
+            return chain[i][1], chain[i][2]
+        down, up = LATENT_FACTORS.get_joint(k_proj.weight, v_proj.weight, rotation=_rotation(config, x))
+        latent, d32, bits = F.linear(x, down).float(), down.float(), config.bits_of_layer(i)
+        below = chain.get("acc") if i > 0 else None
+        if below is None:
+            hat = quant.fake_quantize(latent, bits, config.group_size)
+            acc = F.linear(hat, d32.t())
+        else:
+            seen = F.linear(below, d32)
+            hat = (seen + quant.fake_quantize(latent - seen, bits, config.group_size) if config.stores_delta(i)
+                   else quant.fake_quantize(latent, bits, config.group_size))
+            acc = below + F.linear(hat - seen, d32.t())
+        chain["acc"], chain[i] = acc, (x, hat.to(x.dtype), up)
+        return chain[i][1], up
+
+    def key_hook(module, args, out):
+        hat, up = latent_hat(args[0])
+        return F.linear(hat, up[:kv], module.bias)
+
+    def value_hook(module, args, out):
+        hat, up = latent_hat(args[0])
+        return F.linear(hat, up[kv:], module.bias)
 
     return [k_proj.register_forward_hook(key_hook), v_proj.register_forward_hook(value_hook)]
 
