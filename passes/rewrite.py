@@ -336,9 +336,6 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
         # The key latent is not rotated: its per-channel groups already give every channel (the
         # outlier channel 0 included) its own range; the value latent is quantized per token.
         (k_down, k_weight), (v_down, v_weight) = latent_factors(site.key, False), latent_factors(site.value, True)
-        if not isinstance(site.seq_len, int):
-            raise TypeError(f"layer {layer.layer_idx}: the latent form needs a static number of new tokens per "
-                            "call (compile with dynamic=False)")
     else:
         k_weight, v_weight = weight(site.key), weight(site.value)
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -392,7 +389,7 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             else:
                 emit(store_key_latent, state_inputs["k_codes"], state_inputs["k_scale"], state_inputs["k_zero"],
                      state_inputs["k_tail"], key_latent, emit(lambda i: i.min(), index), layer.bits,
-                     cfg.group_size, batch=layer.batch_size, seq_len=site.seq_len, channels=layer.latent_width)
+                     cfg.group_size)
                 if layer.keep_channel0:
                     store_rows({"k_col0": emit(lambda t: t[..., 0], key_latent)})
             store_quantized(emit(F.linear, site.x, v_down), layer.bits, "v_")

@@ -64,8 +64,7 @@ def test_key_latent_store_and_rebuild_equal_the_reference_for_any_chunking(bits)
     data[:, :, 0] += 30  # an outlier channel, as channel 0 of a key latent
     pos = 0
     for s in (5, 1, 1, 9, 8, 16, 1, 3, 20):
-        store_key_latent(codes, scale, zero, tail, data[:, pos:pos + s], torch.tensor(pos), bits, g,
-                         batch=B, seq_len=s, channels=C)
+        store_key_latent(codes, scale, zero, tail, data[:, pos:pos + s], torch.tensor(pos), bits, g)
         pos += s
         got = key_latent_rows(codes, scale, zero, tail, pos, pos, bits, g, torch.float32)
         assert torch.equal(got, fake_quantize_key_latent(data[:, :pos], bits, g)), f"after {pos} rows"
@@ -125,6 +124,23 @@ def test_quantized_latent_under_inductor_matches_the_reference_and_errors_grow_w
         assert max_error(out, prefix_reference(model, calls, config)) < 2e-4, bits
         errors.append(max_error(out, exact))
     assert errors == sorted(errors)
+
+
+def test_dynamic_chunk_lengths_compile_once_and_match_the_reference():
+    """Chunks of changing length make Dynamo compile a dynamic-shape graph: the key latent's store
+    then works with a symbolic number of new rows."""
+    model = tiny_llama(num_kv_heads=1, num_layers=1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (1, 40), generator=g)
+    calls, start = [], 0
+    for length in (9, 3, 5, 7, 1, 6, 9):
+        positions = torch.arange(start, start + length)[None]
+        calls.append(dict(input_ids=ids[:, start:start + length], attention_mask=torch.ones(1, start + length,
+                          dtype=torch.long), position_ids=positions))
+        start += length
+    config = xq.XQuantConfig(bits=4, group_size=8)
+    out, _ = compiled_run(model, calls, config, backend=xq.make_xquant_backend("aot_eager"))
+    assert max_error(out, prefix_reference(model, calls, config)) < 2e-4
 
 
 def test_factors_are_computed_once_and_follow_in_place_weight_changes():

@@ -122,16 +122,17 @@ def latent_groups(max_cache_len: int, group_size: int) -> int:
 
 
 def store_key_latent(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, tail: torch.Tensor,
-                     new: torch.Tensor, start: torch.Tensor, bits: int, group_size: int, *,
-                     batch: int, seq_len: int, channels: int) -> None:
-    """Write ``new`` latent rows [batch, seq_len, channels] at rows start..start+s-1, in place.
+                     new: torch.Tensor, start: torch.Tensor, bits: int, group_size: int) -> None:
+    """Write ``new`` latent rows [B, s, C] at rows start..start+s-1, in place.
 
     ``codes`` [B, G·g, packed], ``scale``/``zero`` [B, G, C], ``tail`` [B, g, C] (fp16, the open
     group's rows so far). Rows must arrive in order (start = rows cached so far). Every group the
     chunk touches is (re)quantized from the fp16 rows: the open group as well, whose codes are never
     read while it is open (the rebuild reads the tail) and are final once it completes.
     """
-    g, s = group_size, seq_len  # static sizes passed in: the rewrite runs this on graph proxies
+    # sizes by indexing .shape: this also runs on graph proxies (the rewrite emits it), where s may be
+    # symbolic (a dynamic-shape graph): spans is then an expression in s, still not data-dependent
+    g, batch, s, channels = group_size, new.shape[0], new.shape[1], new.shape[2]
     spans = -(-(g - 1 + s) // g)  # static: groups a chunk of s rows can touch
     offset = start % g  # rows of the open group already in the tail
     first_group = start // g
