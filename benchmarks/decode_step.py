@@ -103,7 +103,10 @@ class StaticRunner:
         positions = torch.full((self.args.batch, 1), self.length, device=self.device, dtype=torch.long)
         t = timed(lambda: self._call(ids, positions), self.device)
         for layer in self.cache.layers:  # back to exactly `length` cached tokens (outside the timing)
-            layer.crop(-1)
+            # StaticLayer.crop(-1) is this, but transformers 5.17's StaticLayer has no crop
+            layer.cumulative_length.sub_(1)
+            if hasattr(layer, "host_length"):  # an XQuantLayer's host mirror of the counter
+                layer.host_length -= 1
         return t
 
 

@@ -379,7 +379,9 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 length = emit(lambda i: (i.max() + 1).item(), index)
                 # The call writes seq_len distinct rows, so n >= seq_len: telling the shape system spares
                 # Inductor guards on n it cannot decide (torch 2.11's CPU SDPA lowering asks n > 1).
-                emit.check(graph.call_function(operator.ge, (length, max(1, site.seq_len) if isinstance(site.seq_len, int) else 1)))
+                written = (max(1, site.seq_len) if isinstance(site.seq_len, int)
+                           else emit(lambda i: i.shape[0], index))  # dynamic: the index's (symbolic) length
+                emit.check(graph.call_function(operator.ge, (length, written)))
                 emit.check(graph.call_function(operator.le, (length, layer.max_cache_len)))
                 state.length = length
         if latent:
