@@ -31,7 +31,7 @@ from torch import fx
 
 from xq_compile import quant
 from xq_compile._torch_private import declare_static_placeholder
-from xq_compile.attention import absorbed_attention, decode_attention
+from xq_compile.attention import absorbed_attention, decode_sdpa
 from xq_compile.cache import XQuantLayer, layer_of
 from xq_compile.config import XQuantConfig
 from xq_compile.latent import LATENT_FACTORS, key_latent_rows, store_key_latent
@@ -661,7 +661,7 @@ def _attend_over_cached_rows(state: "_GraphState", emit: Emitter, attention, key
             new = emit(absorbed_attention, query, keys, x_hat, v_weight, v_bias, mask, **shape)
         elif attention.seq_len == 1 and plain:
             # one query row over n rows: n >= 1 is all the shape system knows, too little for SDPA's lowering
-            new = emit(decode_attention, query, keys, values, mask, **shape)
+            new = emit(decode_sdpa, query, keys, values, mask, **shape)
         else:
             repeat = attention.query_heads // kv_heads
             if repeat > 1 and not sdpa.kwargs.get("enable_gqa", False):

@@ -48,6 +48,16 @@ def run_calls(forward, cache, calls) -> list[torch.Tensor]:
         return [forward(**c, **cache_kwargs(forward, cache), use_cache=True).logits for c in calls]
 
 
+def compiled_run(model, calls, config, backend="xquant", max_len: int = 32):
+    """(logits of every call, the cache): ``model.forward`` compiled with ``backend`` and an XQuantCache."""
+    import xq_compile as xq
+
+    cache = xq.XQuantCache(model.config, max_batch_size=calls[0]["input_ids"].shape[0], max_cache_len=max_len,
+                           xquant=config)
+    forward = torch.compile(model.forward, backend=backend, fullgraph=True)
+    return run_calls(forward, cache, calls), cache
+
+
 def reference_logits(model, calls, max_cache_len: int) -> list[torch.Tensor]:
     """The unmodified eager model with transformers' StaticCache."""
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)

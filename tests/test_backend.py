@@ -9,17 +9,10 @@ import torch
 import xq_compile as xq
 from xq_compile.simulate import simulate_xquant
 
-from conftest import decode_inputs, max_error, reference_logits, run_calls, tiny_llama
+from conftest import compiled_run, decode_inputs, max_error, reference_logits, run_calls, tiny_llama
 from xq_compile.cache import cache_kwargs
 
-MAX_LEN = 32
-
-
-def compiled_run(model, calls, config, backend="xquant", max_len=MAX_LEN):
-    cache = xq.XQuantCache(model.config, max_batch_size=calls[0]["input_ids"].shape[0], max_cache_len=max_len,
-                           xquant=config)
-    forward = torch.compile(model.forward, backend=backend, fullgraph=True)
-    return run_calls(forward, cache, calls), cache
+MAX_LEN = 32  # conftest.compiled_run's default capacity
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])

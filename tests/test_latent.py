@@ -11,16 +11,13 @@ from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, key_lat
 from xq_compile.rotation import hadamard
 from xq_compile.simulate import simulate_xquant
 
-from conftest import decode_inputs, max_error, reference_logits, run_calls, tiny_llama
+from conftest import compiled_run as _compiled_run, decode_inputs, max_error, reference_logits, run_calls, tiny_llama
 
 MAX_LEN = 48
 
 
 def compiled_run(model, calls, config, backend="xquant", max_len=MAX_LEN):
-    cache = xq.XQuantCache(model.config, max_batch_size=calls[0]["input_ids"].shape[0], max_cache_len=max_len,
-                           xquant=config)
-    forward = torch.compile(model.forward, backend=backend, fullgraph=True)
-    return run_calls(forward, cache, calls), cache
+    return _compiled_run(model, calls, config, backend, max_len)  # a longer cache: groups complete mid-run
 
 
 def prefix_reference(model, calls, config):

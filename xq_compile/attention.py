@@ -41,7 +41,7 @@ def absorbed_attention(
     return out.reshape(-1, query_heads, seq_len, head_dim).to(query.dtype)
 
 
-def decode_attention(
+def decode_sdpa(
     query: torch.Tensor,        # [B, Hq, S, D]
     keys: torch.Tensor,         # [B, Hkv, n, D], RoPE applied
     values: torch.Tensor,       # [B, Hkv, n, D]
