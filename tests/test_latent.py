@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import xq_compile as xq
+from xq_compile.backend import collect_records
 from xq_compile import quant
 from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, key_latent_rows, latent_groups,
                                store_key_latent, svd_factors)
@@ -73,11 +74,10 @@ def test_key_latent_store_and_rebuild_equal_the_reference_for_any_chunking(bits)
 def test_unquantized_latent_reproduces_the_model_and_is_chosen_automatically():
     model = tiny_llama(num_kv_heads=1)  # X is 64 wide, K+V 2·16: the latent form is smaller
     calls = decode_inputs(batch=2, steps=16, pad=2)
-    start = len(xq.COMPILE_LOG)
-    out, cache = compiled_run(model, calls, xq.XQuantConfig(bits=None, group_size=16))
+    with collect_records() as records:
+        out, cache = compiled_run(model, calls, xq.XQuantConfig(bits=None, group_size=16))
     assert max_error(out, reference_logits(model, calls, MAX_LEN)) < 1e-4
     assert all(layer.form == "latent" for layer in cache.layers)
-    records = list(xq.COMPILE_LOG)[start:]
     assert len(records) == 2 and all(r.rewritten == 2 for r in records)
     assert all("GQA latent" in r.form for rec in records for r in rec.reports)
 
