@@ -4,6 +4,9 @@
 #
 #     OUT=gpu_results bash scripts/gpu_check.sh          # everything lands under $OUT (default ./gpu_results)
 #
+# The GPU machine has no internet: to compare with quanto there, fetch its wheels first (ignored by git,
+# carry the folder to the machine):  pip download --no-deps -d .gpu_wheels optimum-quanto==0.2.7 ninja==1.13.2
+#
 # Steps, in priority order, each under its own timeout and all under one total budget (BUDGET_S,
 # default 290 s); a failing or timed-out step is recorded in $OUT/summary.txt and the next one runs:
 #   install   pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
