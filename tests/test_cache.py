@@ -122,3 +122,15 @@ def test_group_size_not_dividing_hidden_size_is_refused():
     model = tiny_llama(hidden=96, heads=4, num_kv_heads=4)
     with pytest.raises(ValueError, match="does not divide the hidden size 96"):
         xq.XQuantCache(model.config, max_batch_size=1, max_cache_len=8, xquant=xq.XQuantConfig(group_size=64))
+
+
+def test_cache_kwargs_follow_the_models_keyword():
+    """transformers renamed forward's past_key_values to cache during 5.x: use whichever the model takes."""
+    def new_style(input_ids=None, cache=None, **kwargs): ...
+    def old_style(input_ids=None, past_key_values=None, **kwargs): ...
+    marker = object()
+    assert xq.cache_kwargs(new_style, marker) == {"cache": marker}
+    assert xq.cache_kwargs(old_style, marker) == {"past_key_values": marker}
+    model = tiny_llama()
+    name = xq.cache_argument(model)
+    assert name in ("cache", "past_key_values") and name in __import__("inspect").signature(model.forward).parameters

@@ -71,3 +71,20 @@ def test_sliding_window_layers_are_refused_clearly():
     config = tf.MistralConfig(**COMMON, sliding_window=8)
     with pytest.raises(ValueError, match="full-attention layers only.*sliding_attention"):
         xq.XQuantCache(config, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(group_size=16))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_form_where_the_rope_is_plain_and_the_op_form_elsewhere(family):
+    """rebuild="fused" (CUDA's decode form, run here through the op's CPU kernel) takes the fused
+    decode-attention op only where the keys' region is exactly k·cos + rotate_half(k)·sin: Qwen3's
+    k_norm and Phi-3's partial-rotary form (rotated slice + pass-through, concatenated) keep the
+    unfused form. Either way the result is exact when unquantized."""
+    model = build(family)
+    calls = decode_inputs(steps=3)
+    config = xq.XQuantConfig(bits=None, group_size=16)
+    unquantized = run(model, config, calls, backend=xq.make_xquant_backend("aot_eager", rebuild="fused"))
+    assert max_error(unquantized, reference_logits(model, calls, 32)) < 1e-4
+    torch._dynamo.reset()
+    run(model, xq.XQuantConfig(bits=4, group_size=16), calls, backend=xq.make_xquant_backend("aot_eager", rebuild="fused"))
+    fused = "decode_attention" in xq.COMPILE_LOG[-1].code_after
+    assert fused == (family.split()[0] in ("mistral", "qwen2", "gemma")), family
