@@ -395,18 +395,18 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 if layer.keep_channel0:
                     store_rows({"k_col0": emit(lambda t: t[..., 0], key_latent)})
             store_quantized(emit(F.linear, site.x, v_down), layer.bits, "v_")
-        elif joint:
-            x = emit(F.linear, site.x, kv_down)
-            if layer.stores_delta:  # closed loop, as below, in the joint latent of this layer
-                below = emit(lambda acc, i: acc.index_select(1, i), state.accumulator, index)
-                x = emit(lambda x, below, down: x.float() - F.linear(below, down.float()), x, below, kv_down)
-            store_quantized(x, layer.bits)
         else:
-            x = emit(rotate, site.x, rotation) if rotation is not None else site.x
-            if layer.stores_delta:
-                # Closed loop: the delta is taken against the layer below *as reconstructed*, for the new rows.
-                below = emit(lambda acc, i: acc.index_select(1, i), state.accumulator, index)
-                x = emit(lambda x, below: x.float() - below, x, below)
+            # Closed loop: a delta is taken against the layer below *as reconstructed*, for the new rows.
+            below = (emit(lambda acc, i: acc.index_select(1, i), state.accumulator, index)
+                     if layer.stores_delta else None)
+            if joint:  # ... in this layer's joint latent
+                x = emit(F.linear, site.x, kv_down)
+                if below is not None:
+                    x = emit(lambda x, below, down: x.float() - F.linear(below, down.float()), x, below, kv_down)
+            else:
+                x = emit(rotate, site.x, rotation) if rotation is not None else site.x
+                if below is not None:
+                    x = emit(lambda x, below: x.float() - below, x, below)
             store_quantized(x, layer.bits)
 
     # 2a. CUDA decode steps: one fused op reads the packed rows, rebuilds K tiles with RoPE on chip and
@@ -415,8 +415,7 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
         attention, rope = attention_read(site, layer.max_cache_len), _plain_rope(site)
         if (attention is not None and rope is not None and layer.bits is not None and not cfg.cross_layer
                 and isinstance(site.seq_len, int) and site.seq_len <= FUSED_MAX_QUERY_TOKENS):
-            _fused_decode_attention(state, emit, site, layer, attention, rope, state_inputs,
-                                    (k_weight, site.key.bias), (v_weight, site.value.bias))
+            _fused_decode_attention(state, emit, site, layer, attention, rope, state_inputs, k_weight, v_weight)
             return
 
     # 2. Rebuild K and V from the X cache, after the (now removed) appends, before any reader.
@@ -466,17 +465,8 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
                 state.accumulator = own
             key_rows = value_rows = emit(lambda t: t.to(layer.dtype), own) if own_dtype != layer.dtype else own
 
-        def weight_rows(proj, w) -> tuple[fx.Node, fx.Node | None]:
-            bias = proj.bias
-            if proj.channels is not None:  # one slice of a fused projection: only its rows are rebuilt
-                first_row, stop = proj.channels
-                if layer.form != "latent":  # the latent factors are of the slice already
-                    w = emit(lambda w: w.narrow(0, first_row, stop - first_row), w)
-                bias = emit(lambda b: b.narrow(0, first_row, stop - first_row), bias) if bias is not None else None
-            return w, bias
-
         def project(proj, rows, w) -> fx.Node:
-            w, bias = weight_rows(proj, w)
+            w, bias = _projection_rows(emit, proj, w, layer)
             if rows is None:
                 out = emit(torch.ops.xq_compile.dequant_project.default, state_inputs["codes"],
                            state_inputs["scale"], state_inputs["zero"], w, bias, n, layer.bits,
@@ -509,17 +499,10 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             if source not in state.rope_tables:  # the cached rows' positions, once per graph
                 state.rope_tables[source] = (state.positions if on_cuda else
                                              emit(lambda p, n: p.narrow(-1, 0, n), state.positions, n))
-            # The RoPE tables (cos/sin of the cached positions) are shared by the layers that share
-            # them in the model; only the per-layer region (norm, rotation) is cloned for each layer.
-            tables = (_descendants(source) - {source}) & set().union(
-                *(_ancestors(i, lambda _: False) for i in site.rope_inputs))
-            region = [nd for nd in graph.nodes
-                      if (nd in tables and nd not in state.rope_tables) or nd in site.key.rope]
-            mapping = clone_region(graph, region, {**state.rope_tables, site.key.heads: k_heads})
-            state.rope_tables.update({nd: mapping[nd] for nd in tables if nd in mapping})
+            mapping = _rope_at_cached_rows(state, site, site.rope_inputs, site.key.rope, {site.key.heads: k_heads})
             k_heads = mapping[site.key.append.value]
         new_keys = to_cache_shape(k_heads)
-        new_values = weight_rows(site.value, v_weight) if absorb else to_cache_shape(v_heads)
+        new_values = _projection_rows(emit, site.value, v_weight, layer) if absorb else to_cache_shape(v_heads)
 
     if attention is not None:
         _attend_over_cached_rows(state, emit, attention, new_keys, new_values, site.num_heads,
@@ -540,6 +523,33 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
         append.node.replace_all_uses_with(rebuilt)
         graph.erase_node(append.node)
     _erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads])
+
+
+def _projection_rows(emit: Emitter, proj, weight: fx.Node, layer: XQuantLayer) -> tuple[fx.Node, fx.Node | None]:
+    """(weight, bias) of the rows a projection rebuilds: one slice of a fused projection (Phi-3's qkv_proj)
+    takes only its rows; the latent factors were computed from the slice already."""
+    bias = proj.bias
+    if proj.channels is not None:
+        first, stop = proj.channels
+        if layer.form != "latent":
+            weight = emit(lambda w: w.narrow(0, first, stop - first), weight)
+        if bias is not None:
+            bias = emit(lambda b: b.narrow(0, first, stop - first), bias)
+    return weight, bias
+
+
+def _rope_at_cached_rows(state: "_GraphState", site: Site, roots, per_layer=(), replace=None) -> dict:
+    """Clone the model's RoPE table code feeding ``roots`` with the cached rows' positions, at the
+    insertion point (``state.rope_tables`` maps the position source to them already). The tables
+    are cloned once per graph and shared by the layers that share them in the model; ``per_layer``
+    nodes (a layer's norm and rotation region) are cloned every time. Returns the node mapping."""
+    source = site.position_source
+    tables = (_descendants(source) - {source}) & set().union(*(_ancestors(i, lambda _: False) for i in roots))
+    per_layer = set(per_layer)
+    region = [nd for nd in state.graph.nodes if (nd in tables and nd not in state.rope_tables) or nd in per_layer]
+    mapping = clone_region(state.graph, region, {**state.rope_tables, **(replace or {})})
+    state.rope_tables.update({nd: mapping[nd] for nd in tables if nd in mapping})
+    return mapping
 
 
 def _plain_rope(site: Site) -> tuple[fx.Node, fx.Node] | None:
@@ -582,31 +592,18 @@ def _plain_rope(site: Site) -> tuple[fx.Node, fx.Node] | None:
 
 def _fused_decode_attention(state: "_GraphState", emit: Emitter, site: Site, layer: XQuantLayer, attention,
                             rope: tuple[fx.Node, fx.Node], state_inputs: dict[str, fx.Node],
-                            key: tuple[fx.Node, fx.Node | None], value: tuple[fx.Node, fx.Node | None]) -> None:
+                            key: fx.Node, value: fx.Node) -> None:
     """Replace the layer's SDPA by ``xq_compile::decode_attention`` over the packed cache."""
     graph, sdpa, cfg = state.graph, attention.sdpa, layer.xquant
     L, D, B = layer.max_cache_len, site.head_dim, layer.batch_size
     with graph.inserting_before(sdpa):
         # cos/sin of every cached row: the model's own table code, cloned with the cached positions
-        source = site.position_source
-        state.rope_tables.setdefault(source, state.positions)
-        tables = (_descendants(source) - {source}) & set().union(*(_ancestors(i, lambda _: False) for i in rope))
-        region = [nd for nd in graph.nodes if nd in tables and nd not in state.rope_tables]
-        mapping = clone_region(graph, region, dict(state.rope_tables))
-        state.rope_tables.update({nd: mapping[nd] for nd in tables if nd in mapping})
+        state.rope_tables.setdefault(site.position_source, state.positions)
+        _rope_at_cached_rows(state, site, rope)
         cos, sin = (emit(lambda t: t.reshape(-1, L, D).expand(B, L, D).to(layer.dtype).contiguous(),
                          state.rope_tables.get(t, t)) for t in rope)
-
-        def rows(proj, weight, bias):
-            if proj.channels is not None:  # a slice of a fused projection (latent factors are sliced already)
-                first, stop = proj.channels
-                if layer.form != "latent":
-                    weight = emit(lambda w: w.narrow(0, first, stop - first), weight)
-                if bias is not None:
-                    bias = emit(lambda b: b.narrow(0, first, stop - first), bias)
-            return weight, bias
-
-        (k_weight, k_bias), (v_weight, v_bias) = rows(site.key, *key), rows(site.value, *value)
+        (k_weight, k_bias), (v_weight, v_bias) = (_projection_rows(emit, site.key, key, layer),
+                                                  _projection_rows(emit, site.value, value, layer))
         g = cfg.group_size
         if layer.form == "latent":
             st = state_inputs
@@ -621,8 +618,7 @@ def _fused_decode_attention(state: "_GraphState", emit: Emitter, site: Site, lay
         else:
             k_source = (state_inputs["codes"], state_inputs["scale"], state_inputs["zero"], None)
             v_source, layouts, col0 = (None, None, None), ("per_token", "per_token"), None
-        query = _arg(sdpa, 0, "query")
-        scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
+        query, scale = _arg(sdpa, 0, "query"), _arg(sdpa, 6, "scale")
         new = emit(torch.ops.xq_compile.decode_attention.default, query, *k_source, *v_source, None, col0,
                    k_weight, k_bias, v_weight, v_bias, cos, sin, attention.mask, state.length,
                    layer.bits, g, layouts[0], layer.bits, g, layouts[1],
@@ -650,8 +646,7 @@ def _attend_over_cached_rows(state: "_GraphState", emit: Emitter, attention, key
             if mask not in state.cut_masks:
                 state.cut_masks[mask] = emit(lambda m, n: m.narrow(-1, 0, n), mask, state.length)
             mask = state.cut_masks[mask]
-        query = sdpa.args[0] if sdpa.args else sdpa.kwargs["query"]
-        scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
+        query, scale = _arg(sdpa, 0, "query"), _arg(sdpa, 6, "scale")
         mask_value = example_value(attention.mask) if attention.mask is not None else None
         shape = dict(scale=scale, query_heads=attention.query_heads, kv_heads=kv_heads, head_dim=attention.head_dim,
                      seq_len=attention.seq_len, mask_is_bool=mask_value is not None and mask_value.dtype == torch.bool)

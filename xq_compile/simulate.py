@@ -12,7 +12,6 @@ import contextlib
 from typing import Iterator
 
 import torch
-
 import torch.nn.functional as F
 
 from . import quant
