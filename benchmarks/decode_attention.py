@@ -3,6 +3,9 @@ SDPA over a plain 16-bit K/V cache of the same length.
 
     python benchmarks/decode_attention.py --device cuda --dtype bf16               # H200: < 60 s
     python benchmarks/decode_attention.py --device cpu --lengths 64 128 --shape smollm2 --repeats 3  # smoke
+    python benchmarks/decode_attention.py --sweep --lengths 8192 32768    # H200: time sweep_configs() too
+    TRITON_INTERPRET=1 python benchmarks/decode_attention.py --device cpu --lengths 64 --shape gqa \\
+        --iters 1 --repeats 1 --sweep --out /tmp/sweep.json    # the sweep code path on CPU (interpreter)
 
 Shapes (``--shape``, several allowed; default all three):
   * ``smollm2``  d = 576, 9 heads of 64, MHA: one shared X source (per-token groups of 64);
@@ -56,8 +59,44 @@ def parse_args(argv=None):
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="decode_attention config overrides for the fused op (xq_compile.kernels.decode_attention."
+                        "CONFIG_KEYS), e.g. block_h=2 num_warps=8")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the fused op under each configuration of sweep_configs() per shape and length "
+                        "(correctness checked for each), and report the fastest")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/decode_attention.json"))
     return p.parse_args(argv)
+
+
+def parse_config(items: list[str]) -> dict:
+    from xq_compile.kernels.decode_attention import CONFIG_KEYS
+
+    cfg = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in CONFIG_KEYS:
+            raise SystemExit(f"--config {item!r}: expected KEY=VALUE with KEY in {CONFIG_KEYS}")
+        cfg[key] = int(value)
+    return cfg
+
+
+def sweep_configs(default: dict) -> list[dict]:
+    """Alternatives to the default configuration worth timing on a GPU (see default_config's docstring
+    for why the default is what it is): wider and shorter tiles, other pipelining depths, channel
+    steps and split counts. Each is a dict of overrides ({} = the default)."""
+    h, splits = default["block_h"], default["num_splits"]
+    return [
+        {},
+        {"block_h": 2 * h},                                    # 128 x 256: half the dequantization per MAC
+        {"block_n": 64, "block_h": 2 * h, "num_warps": 8},     # 64 x 256
+        {"block_n": 64, "num_warps": 4},                       # 64 x 128 on one warpgroup
+        {"num_stages": 2},
+        {"num_stages": 4},
+        {"block_c": 32},
+        {"num_splits": 2 * splits},
+        {"num_splits": max(1, splits // 2)},
+    ]
 
 
 def _per_channel(x: torch.Tensor, bits: int, group: int):
@@ -173,7 +212,10 @@ def main(argv=None) -> int:
     dev, dtype = args.device, DTYPES[args.dtype]
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device")
+    from xq_compile.kernels import decode_attention as da
+
     op = torch.ops.xq_compile.decode_attention.default
+    config = parse_config(args.config)
     L = max(args.lengths)
     B, S = args.batch, args.queries
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
@@ -192,20 +234,40 @@ def main(argv=None) -> int:
             vc = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype)
             q = a["query"]
             fns = {
-                "fused": lambda: op(**a),
+                "fused": (lambda: da.decode_attention_triton(*a.values(), **config)) if config else (lambda: op(**a)),
                 "unfused": lambda: unfused(a, n),
                 "sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=Hq != Hkv),
             }
             # correctness of what is timed: fused against the unfused path
             ref = unfused(a, n).float()
-            err = ((op(**a).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+            err = ((fns["fused"]().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
             ms = {k: time_ms(f, dev, args.iters, args.repeats) for k, f in fns.items()}
             flops = B * (2 * n * Ck * D * Hkv + 2 * n * D * Hq * S + 2 * n * Cv * Hq * S)
             tflops = flops / (ms["fused"] * 1e-3) / 1e12
+            sweep = []
+            if args.sweep:
+                default = da.default_config(
+                    batch=B, kv_heads=Hkv, head_dim=D, query_rows=Hq // Hkv * S, max_len=L, v_width=Cv,
+                    k_layout=shape["k_layout"], k_group=shape["k_group"],
+                    v_layout="per_token" if shape["Cv"] else shape["k_layout"],
+                    v_group=shape.get("v_group", shape["k_group"]), dtype=dtype, device=torch.device(dev))
+                for over in sweep_configs(default):
+                    cfg = {**config, **over}
+                    run = lambda cfg=cfg: da.decode_attention_triton(*a.values(), **cfg)  # noqa: E731
+                    try:
+                        e = ((run().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                        t = time_ms(run, dev, args.iters, args.repeats)
+                    except Exception as exc:  # a config that does not compile (shared memory...) is a result
+                        sweep.append({"config": over, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                        print(f"    sweep {over}: {type(exc).__name__}", flush=True)
+                        continue
+                    sweep.append({"config": over, "ms": t, "tflops": flops / (t * 1e-3) / 1e12, "rel_err": e})
+                    print(f"    sweep {over}: {t:.3f} ms ({sweep[-1]['tflops']:.1f} TFLOP/s), rel err {e:.1e}",
+                          flush=True)
             row = {"shape": name, "n": n, "ms": ms, "fused_over_sdpa": ms["fused"] / ms["sdpa"],
                    "unfused_over_sdpa": ms["unfused"] / ms["sdpa"], "fused_speedup_over_unfused": ms["unfused"] / ms["fused"],
                    "fused_tflops": tflops, "fraction_of_h200_bf16_peak": tflops / H200_BF16_DENSE_TFLOPS,
-                   "gflop": flops / 1e9, "max_rel_err_vs_unfused": err}
+                   "gflop": flops / 1e9, "max_rel_err_vs_unfused": err, "config": config, "sweep": sweep}
             rows.append(row)
             print(f"{name:8s} n={n:6d}: fused {ms['fused']:.3f} ms ({tflops:.1f} TFLOP/s, "
                   f"{100 * row['fraction_of_h200_bf16_peak']:.1f}% of peak), unfused {ms['unfused']:.3f} ms, "
@@ -219,6 +281,14 @@ def main(argv=None) -> int:
                      f"{r['ms']['sdpa']:.3f} | {r['fused_over_sdpa']:.2f} | {r['fused_speedup_over_unfused']:.2f} | "
                      f"{r['fused_tflops']:.1f} | {100 * r['fraction_of_h200_bf16_peak']:.1f} | "
                      f"{r['max_rel_err_vs_unfused']:.1e} |")
+    swept = [r for r in rows if any("ms" in c for c in r["sweep"])]
+    if swept:
+        lines += ["", "| shape | n | default ms | best config | best ms | best TFLOP/s | best % peak |", "|---|---|---|---|---|---|---|"]
+        for r in swept:
+            best = min((c for c in r["sweep"] if "ms" in c), key=lambda c: c["ms"])
+            default_ms = next((c["ms"] for c in r["sweep"] if c["config"] == {} and "ms" in c), float("nan"))
+            lines.append(f"| {r['shape']} | {r['n']} | {default_ms:.3f} | {best['config'] or 'default'} | "
+                         f"{best['ms']:.3f} | {best['tflops']:.1f} | {100 * best['tflops'] / H200_BF16_DENSE_TFLOPS:.1f} |")
     print("\n" + "\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": env, "args": {k: str(v) for k, v in vars(args).items()},

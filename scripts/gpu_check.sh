@@ -8,18 +8,22 @@
 # carry the folder to the machine):  pip download --no-deps -d .gpu_wheels optimum-quanto==0.2.7 ninja==1.13.2
 #
 # Steps, in priority order, each under its own timeout and all under one total budget (BUDGET_S,
-# default 290 s); a failing or timed-out step is recorded in $OUT/summary.txt and the next one runs:
-#   install   pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
-#             symlink xq_compile/passes -> ../passes, the mapping the install would provide); wheels
-#             found in .gpu_wheels/ (optimum-quanto, ninja: the machine has no internet) are installed too
-#   env       versions, nvidia-smi
-#   cuda_ops  pytest tests/test_kernels_cuda.py  (the Triton kernels vs. their CPU references, CUDA
-#             graphs, end to end through the backend incl. the fused decode path and reduce-overhead)
-#   attn      benchmarks/decode_attention.py: the fused decode-attention op vs. the unfused path vs. SDPA
-#             over a 16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak
-#   decode    benchmarks/decode_step.py, bf16, lengths up to 32K, with quanto's QuantizedCache if installed
-#   rebuild   benchmarks/rebuild_op.py on CUDA, bf16
-#   attn_tests  pytest tests/test_decode_attention.py -k cuda  (every interpreter case, compiled)
+# default 290 s, so that a 5-minute slot runs the most important ones; every step takes ~10 min with
+# compilation, BUDGET_S=600); a failing, timed-out or skipped step is recorded in $OUT/summary.txt:
+#   install     pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
+#               symlink xq_compile/passes -> ../passes, the mapping the install would provide); wheels
+#               found in .gpu_wheels/ (optimum-quanto, ninja: the machine has no internet) are installed too
+#   env         versions, nvidia-smi
+#   compile     benchmarks/compile_report.py --check: the kernels compiled for sm_90 by this triton
+#               (wgmma in the SASS, no spills in the MMA loops, shared memory), no GPU needed
+#   attn_tests  pytest tests/test_decode_attention.py -k cuda  (every interpreter case, compiled; CUDA graphs)
+#   attn        benchmarks/decode_attention.py --sweep: the fused decode-attention op vs. the unfused path
+#               vs. SDPA over a 16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak, and the
+#               fastest of sweep_configs() per shape and length
+#   cuda_ops    pytest tests/test_kernels_cuda.py  (dequant_project vs. its CPU reference, CUDA graphs,
+#               Inductor, end to end through the backend incl. the fused decode path and reduce-overhead)
+#   decode      benchmarks/decode_step.py, bf16, lengths up to 32K, with quanto's QuantizedCache if installed
+#   rebuild     benchmarks/rebuild_op.py on CUDA, bf16
 # Exit status: 0 if every step passed, 1 otherwise (the summary says which).
 set -euo pipefail
 
@@ -30,7 +34,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || PY=python
-BUDGET_S=${BUDGET_S:-290}  # the first H200 run needed ~440 s for every step: pass BUDGET_S=480
+BUDGET_S=${BUDGET_S:-290}
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -123,19 +127,26 @@ export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR="$OUT/_inductor_cache"   # fresh, local; not carried back (large)
 
 # ---- the checks ----------------------------------------------------------------------------------
-# (first H200 run: test_kernels_cuda.py alone took ~130 s, mostly compiling; the decode-attention CUDA
-# cases compile one Triton kernel set per case and run last, under their own cap)
+# In priority order (first H200 run: test_kernels_cuda.py alone took ~130 s, mostly compiling).
+# 0. what the kernels compile to (wgmma, spills, shared memory) under this machine's triton: ~30 s, no GPU
+run_step compile 60 "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
+# 1. the decode-attention kernels against their reference, compiled (every interpreter case + real shapes)
+run_step attn_tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k cuda \
+    --junitxml="$OUT/attn_tests.xml" -rfs
+# 2. the fused op vs the unfused path vs SDPA, and the configuration sweep (fastest config per shape)
+run_step attn 120 "$PY" benchmarks/decode_attention.py --device cuda --dtype bf16 --lengths 1024 8192 32768 \
+    --shape smollm2 llama7b gqa --batch 1 --sweep --out "$OUT/decode_attention.json"
+# 3. dequant_project on the GPU, CUDA graphs, Inductor, end to end through the backend (fused decode path,
+#    reduce-overhead)
 run_step cuda_ops 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
     --junitxml="$OUT/cuda_ops.xml" -rfs
-run_step attn 100 "$PY" benchmarks/decode_attention.py --device cuda --dtype bf16 --lengths 1024 8192 32768 \
-    --shape smollm2 llama7b gqa --batch 1 --out "$OUT/decode_attention.json"
+# 4. decode step vs the compiled StaticCache and quanto's QuantizedCache, up to 32K cached tokens
 run_step decode 150 "$PY" benchmarks/decode_step.py --device cuda --dtype bf16 --layers 4 --quanto --quanto-bits 4 \
-    --lengths 256 1024 4096 8192 16384 32768 --max-cache-len 32832 --steps 5 --repeats 5 --warmup 3 \
+    --lengths 256 1024 4096 8192 16384 32768 --max-cache-len 32832 --steps 5 --repeats 3 --warmup 2 \
     --out "$OUT/decode"
+# 5. the rebuild op vs torch.mm
 run_step rebuild 40 "$PY" benchmarks/rebuild_op.py --device cuda --dtype bf16 --n 1024 4096 32768 \
     --repeats 20 --out "$OUT/rebuild"
-run_step attn_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k cuda \
-    --junitxml="$OUT/attn_tests.xml" -rfs
 
 rm -rf "$OUT/_inductor_cache" 2>/dev/null || true
 log "done in $(($(date +%s) - START))s; summary:"

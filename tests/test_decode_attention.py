@@ -300,6 +300,39 @@ def test_rejects_bad_inputs():
         OP(**{**a, "k_bits": 2})
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_launcher_rejects_bad_configs():
+    """Checked before anything is launched (so on CPU tensors without the interpreter too)."""
+    a = make_inputs(Case(n=7, L=24))
+    with pytest.raises(TypeError, match="unknown decode_attention config.*block_q"):
+        da.decode_attention_triton(*a.values(), block_q=16)
+    with pytest.raises(ValueError, match="block_h=3"):
+        da.decode_attention_triton(*a.values(), block_h=3)
+    with pytest.raises(ValueError, match="block_nv=8"):
+        da.decode_attention_triton(*a.values(), block_nv=8)
+    with pytest.raises(ValueError, match="num_splits=0"):
+        da.decode_attention_triton(*a.values(), num_splits=0)
+
+
+def test_default_config_shapes_the_tiles():
+    """The rule of default_config on the benchmark shapes: 128 x 128 K-rebuild tiles (2 heads of 64,
+    1 of 128), head tiles that leave little empty, the scale group as the channel step when smaller
+    than 64, and value programs that cover the GPU about twice."""
+    common = dict(batch=1, query_rows=1, max_len=32768, k_layout="per_token", v_layout="per_token",
+                  dtype=torch.bfloat16, device=torch.device("cpu"))
+    smol = da.default_config(kv_heads=9, head_dim=64, v_width=576, k_group=64, v_group=64, **common)
+    assert (smol["block_n"], smol["block_h"], smol["block_c"], smol["num_warps"]) == (128, 2, 64, 8)
+    assert smol["block_cv"] == 64  # inside one 64-channel scale group: broadcast scales
+    big = da.default_config(kv_heads=32, head_dim=128, v_width=4096, k_group=128, v_group=128, **common)
+    assert (big["block_n"], big["block_h"], big["block_cv"], big["block_m"]) == (128, 1, 128, 32)
+    assert big["num_splits"] * 32 >= 2 * 8  # 32 value-channel blocks x splits >= 2 x the (CPU) 8 "SMs"
+    three = da.default_config(kv_heads=3, head_dim=64, v_width=192, k_group=32, v_group=32, **common)
+    assert three["block_h"] == 1 and three["block_c"] == 32  # 2 heads per tile would leave 1 of 4 empty
+    fp32 = da.default_config(kv_heads=9, head_dim=64, v_width=576, k_group=64, v_group=64,
+                             **{**common, "dtype": torch.float32})
+    assert fp32["block_n"] == 64
+
+
 def test_compiles_with_data_dependent_length():
     """Under torch.compile (fullgraph) the op is one node with a static output shape."""
     a = make_inputs(Case(n=9, L=24))
@@ -343,12 +376,24 @@ print("ok")
 
 # Small blocks so the interpreter cases take every path: with 16-row blocks and 3 splits over L <= 80,
 # some splits are empty (n = 1, 7), chunks end mid-block, C = 64..96 spans several 32-channel blocks
-# (ragged for 80 and 96 with block_c 64), Cv spans several value blocks.
+# (ragged for 80 and 96 with block_c 64), Cv spans several value blocks; head tiles of 2 and 4 over 1..3
+# KV heads leave some tiles partly empty; 16-channel / 16-row blocks inside a 16-wide scale group take
+# the broadcast-scale path of dequant_tile, the others its gather path.
 INTERPRETER_CONFIGS = [
-    dict(block_n=16, block_c=32, block_cv=32, num_splits=3),
-    dict(block_n=16, block_c=64, block_cv=64, num_splits=2),
-    dict(block_n=32, block_c=16, block_cv=16, num_splits=1),
+    dict(block_n=16, block_c=32, block_h=2, block_m=16, block_nv=16, block_cv=32, num_splits=3),
+    dict(block_n=16, block_c=16, block_h=4, block_m=32, block_nv=32, block_cv=64, num_splits=2),
+    dict(block_n=32, block_c=16, block_h=1, block_m=16, block_nv=16, block_cv=16, num_splits=1),
 ]
+
+
+def default_config_of(case: Case) -> dict:
+    shared = case.Cv is None
+    return da.default_config(
+        batch=case.B, kv_heads=case.Hkv, head_dim=case.D, query_rows=case.Hq // case.Hkv * case.S, max_len=case.L,
+        v_width=case.C if shared else case.Cv, k_layout=case.k_layout, k_group=case.k_group,
+        v_layout=case.k_layout if shared else case.v_layout, v_group=case.k_group if shared else case.v_group,
+        dtype=case.dtype, device=torch.device("cpu"),
+    )
 SHARDS = 3
 
 
@@ -383,7 +428,7 @@ def _run_interpreter_cases(shard: int) -> None:
         # a small-block configuration, and the defaults (what runs on the GPU)
         for cfg in (INTERPRETER_CONFIGS[i % len(INTERPRETER_CONFIGS)], {}):
             out = da.decode_attention_triton(*a.values(), **cfg)
-            what = f"{case} cfg={cfg or da.default_config(case.B, case.Hkv, case.L, case.D, torch.device('cpu'))}"
+            what = f"{case} cfg={cfg or default_config_of(case)}"
             assert out.shape == ref.shape and out.dtype == ref.dtype, what
             check_close(out, ref, case.dtype, what)
             full = fully_masked_rows(a)
@@ -393,7 +438,7 @@ def _run_interpreter_cases(shard: int) -> None:
     if shard == 0:
         # int32 length, n = 0 (every split empty), and non-contiguous query / weight / cache views
         a = make_inputs(Case(**GQA, n=0, L=24, mask="bool"))
-        assert (da.decode_attention_triton(*a.values(), block_n=16, num_splits=2) == 0).all()
+        assert (da.decode_attention_triton(*a.values(), block_n=16, block_nv=16, num_splits=2) == 0).all()
         a = make_inputs(Case(Hq=2, Hkv=2, S=2, C=64, n=21, L=40, k_bits=3, mask="float"))
         a["length"] = torch.tensor([21], dtype=torch.int32)
         a["query"] = a["query"].transpose(1, 2).contiguous().transpose(1, 2)
@@ -405,7 +450,7 @@ def _run_interpreter_cases(shard: int) -> None:
             a[key] = torch.cat([big[key][:, :5], a[key]], 1)[:, 5:]  # ... as a non-contiguous view
         a["cos"], a["sin"] = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (a["cos"], a["sin"])]
         assert not a["k_weight"].is_contiguous() and not a["query"].is_contiguous()
-        out = da.decode_attention_triton(*a.values(), block_n=16, block_c=32, block_cv=32, num_splits=2)
+        out = da.decode_attention_triton(*a.values(), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
         check_close(out, OP(**a), torch.float32, "non-contiguous")
         print("ok extras", flush=True)
     print(f"interpreter cases passed: shard={shard}")

@@ -9,24 +9,32 @@ device), per batch ``b`` and KV head ``h`` (query head ``i`` uses KV head ``i //
     out  = (Σ_j p_j · x̂v_j) · Wv[h·D:(h+1)·D]ᵀ + (Σ_j p_j) · bv  (absorbed values: V is never built)
 
 K and V are never written to memory. The CPU (default) kernel is the plain-torch reference
-(:func:`reference_decode_attention`); the CUDA kernel is three Triton launches (see ``_launch``):
+(:func:`reference_decode_attention`); the CUDA kernel is three Triton launches (see
+:func:`decode_attention_triton`, block sizes from :func:`default_config`):
 
-  1. ``_scores_kernel``   grid (B·Hkv, splits): rebuilds K for a chunk of the n rows (dequantize, tl.dot
-     with the head's Wk tiles as two half-head accumulators, bias, RoPE in fp32) and writes the scores
-     (scaled and masked; natural log domain, so an HF finfo.min float mask cannot overflow to -inf) to a small fp32 scratch [B, Hkv, group·S, L]. Scores, not K: R·n
-     floats instead of n·D.
-  2. ``_values_kernel``   grid (B·Hkv, splits, Cv blocks): online softmax over the same row chunk and
-     acc += p · x̂v for one block of value channels; writes the chunk's (acc, max, sum) (flash-decoding).
+  1. ``_scores_kernel``   grid (B · KV-head tiles, row blocks of the capacity L): the K rebuild as one
+     dequantize-GEMM tile per program -- ``block_n`` cached rows (dequantized once, ``block_c`` channels
+     at a time, by :func:`xq_compile.kernels.tiles.dequant_tile`) times the Wkᵀ of ``block_h`` KV heads,
+     two accumulators for the two halves of every head so RoPE (fp32) pairs meet elementwise -- then
+     the scores of those heads' query rows as one more dot with a block-diagonal query, scaled and
+     masked (natural log domain, so an HF finfo.min float mask cannot overflow to -inf), written to a
+     small fp32 scratch [B, L, Hkv·R]. Scores, not K: R·n floats instead of n·D.
+  2. ``_values_kernel``   grid (B · query-row blocks, splits, Cv blocks): online softmax over one chunk of
+     the rows and acc += p · x̂v for one block of value channels, for the query rows of *all* KV heads
+     at once (the value rows -- the X cache or the one value latent -- are the same for every head, so
+     each dequantized tile serves them all); writes the chunk's (acc, max, sum) (flash-decoding).
   3. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks, normalizes, projects with Wv (tl.dot) and
      adds the bias, writing [B, Hq, S, D].
 
-Why scores go through memory instead of one fused pass: the absorbed-value accumulator is
-[group·S, Cv] with Cv up to the hidden size (4096 for a 7B MHA model), too large for registers, and
-splitting Cv across programs would rebuild K once per Cv block, multiplying the dominant cost.
+Why scores go through memory instead of one fused pass: the absorbed-value accumulator of a KV head's
+query rows is [group·S, Cv] with Cv up to the hidden size (4096 for a 7B MHA model), too large for
+registers next to the K tile, and splitting Cv across programs would rebuild K once per Cv block,
+multiplying the dominant cost. The round trip costs R·n·8 bytes per KV head, next to the
+2·n·Ck·D FLOPs of its K rebuild.
 
 Every launch reads ``n`` on the device (no ``.item()``, no host sync): a split whose chunk starts at or
-past ``n`` does nothing but write an empty partial result, so one CUDA graph serves every fill. The grid
-depends only on the capacity L and the shapes.
+past ``n`` does nothing but write an empty partial result (a row block past ``n`` returns at once), so
+one CUDA graph serves every fill. The grids depend only on the capacity L and the shapes.
 
 Row sources (the "key source" and the optional "value source"; omitted = the key source's rows, the MHA
 X-cache case):
@@ -45,6 +53,7 @@ tensors to the op raises (asking to install triton).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -305,51 +314,7 @@ def _(*args):
 # --------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _load_rows(
-        packed_ptr, scale_ptr, zero_ptr, tail_ptr, col0_ptr,
-        b, rows, cols, row_ok, n_full, C, P,
-        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
-    ):
-        """Dequantized [BLOCK_N, BLOCK_C] tile of a source's rows (fp32; 0 where rows/cols are invalid)."""
-        col_ok = cols < C
-        if PER_CHANNEL:
-            q_ok = (row_ok & (rows < n_full))[:, None] & col_ok[None, :]
-        else:
-            q_ok = row_ok[:, None] & col_ok[None, :]
-        # Code k of a row starts at bit k * BITS of its byte string (dense little-endian packing).
-        bit = cols * BITS
-        byte = bit // 8
-        shift = bit % 8
-        base = packed_ptr + b * s_pb + rows[:, None] * s_pl
-        word = tl.load(base + byte[None, :] * s_pp, mask=q_ok, other=0).to(tl.int32)
-        if BITS == 3:
-            # Codes 2 and 5 of each 3-byte word straddle two bytes: read the next byte too (masked past
-            # the row's last byte, which only its last, non-straddling code would touch).
-            hi = tl.load(base + (byte[None, :] + 1) * s_pp, mask=q_ok & (byte[None, :] + 1 < P), other=0)
-            word = word | (hi.to(tl.int32) << 8)
-        code = (word >> shift[None, :]) & ((1 << BITS) - 1)
-        if PER_CHANNEL:
-            # groups of GROUP tokens per channel
-            s_off = b * s_sb + (rows // GROUP)[:, None] * s_sl + cols[None, :] * s_sc
-            z_off = b * s_zb + (rows // GROUP)[:, None] * s_zl + cols[None, :] * s_zc
-        else:
-            s_off = b * s_sb + rows[:, None] * s_sl + (cols // GROUP)[None, :] * s_sc
-            z_off = b * s_zb + rows[:, None] * s_zl + (cols // GROUP)[None, :] * s_zc
-        s = tl.load(scale_ptr + s_off, mask=q_ok, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + z_off, mask=q_ok, other=0.0).to(tl.float32)
-        x = code.to(tl.float32) * s + z
-        if PER_CHANNEL:
-            # the residual rows n_full <= j < n, kept in the model dtype until their group is full
-            t_ok = (row_ok & (rows >= n_full))[:, None] & col_ok[None, :]
-            t = tl.load(tail_ptr + b * s_tb + (rows % GROUP)[:, None] * s_tl + cols[None, :] * s_tc, mask=t_ok, other=0.0)
-            x = tl.where(t_ok, t.to(tl.float32), x)
-        if HAS_COL0:
-            c0 = tl.load(col0_ptr + b * s_cb + rows * s_cl, mask=row_ok, other=0.0).to(tl.float32)
-            x = tl.where((cols == 0)[None, :] & row_ok[:, None], c0[:, None], x)
-        return x
+    from xq_compile.kernels.tiles import dequant_tile, scale_broadcast
 
     @triton.jit
     def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -362,15 +327,10 @@ if HAS_TRITON:
             return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     @triton.jit
-    def _chunk(length_ptr, L, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """(n, start, end) of this split's rows: the n rows cut into NUM_SPLITS chunks of whole BLOCK_N
-        blocks, computed from the n on the device (so every fill spreads over all splits)."""
+    def _fill(length_ptr, L):
+        """n, the cache fill, read on the device and clamped to [0, L]."""
         n = tl.load(length_ptr).to(tl.int32)
-        n = tl.minimum(tl.maximum(n, 0), L)
-        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * per_split
-        end = tl.minimum(start + per_split, n)
-        return n, start, end
+        return tl.minimum(tl.maximum(n, 0), L)
 
     @triton.jit
     def _scores_kernel(
@@ -384,153 +344,180 @@ if HAS_TRITON:
         s_ob, s_oh, s_or, s_ol,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr,  # 0 none, 1 bool (as uint8), 2 additive float
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_BCAST: tl.constexpr,
+        R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
+        """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
+
+        The K rebuild is one dequantize-GEMM tile: X̂ [BLOCK_N, C] (dequantized BLOCK_C channels at a
+        time, once for all BLOCK_H heads) times the heads' Wkᵀ, as two accumulators of BLOCK_H·HALF
+        columns -- the first and the second half of every head -- so RoPE's rotate_half pairs meet
+        elementwise. The scores then come from one dot with a block-diagonal query (each head's rows
+        see only its own columns): no per-head slicing of registers is needed.
+        """
         pid_bh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = (pid_bh // HKV).to(tl.int64)  # int64: B * L * stride may exceed 2**31
-        h = pid_bh % HKV
-        n, start, end = _chunk(length_ptr, L, split, NUM_SPLITS, BLOCK_N)
+        r0 = tl.program_id(1) * BLOCK_N
+        n = _fill(length_ptr, L)
+        if r0 >= n:
+            return  # a row block past the fill: nothing to do (one CUDA graph serves every fill)
+        num_ht = tl.cdiv(HKV, BLOCK_H)
+        b = (pid_bh // num_ht).to(tl.int64)  # int64: B * L * stride may exceed 2**31
+        h0 = (pid_bh % num_ht) * BLOCK_H
         n_full = n // GROUP * GROUP
         dtype = w_ptr.dtype.element_ty
 
-        # The query rows of the heads sharing KV head h: r = g·S + s is head h·GROUP_Q + g, token s.
-        r = tl.arange(0, R_PAD)
-        r_ok = r < R
-        q_head = h * GROUP_Q + r // S
+        # Columns: (head h0 + col // HALF_PAD, feature dh = col % HALF_PAD of its first half).
+        col = tl.arange(0, BLOCK_H * HALF_PAD)
+        dh = col % HALF_PAD
+        col_ok = (h0 + col // HALF_PAD < HKV) & (dh < HALF)
+        w1_rows = (h0 + col // HALF_PAD) * (2 * HALF) + dh
+        w2_rows = w1_rows + HALF
+
+        k1 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
+        k2 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            x = dequant_tile(
+                kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
+                s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C,
+            ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
+            cols = c0 + tl.arange(0, BLOCK_C)
+            w_mask = (cols < C)[:, None] & col_ok[None, :]
+            # [BLOCK_C, BLOCK_H·HALF_PAD] tiles of Wkᵀ for the first and the second halves
+            w1 = tl.load(w_ptr + w1_rows[None, :] * s_wn + cols[:, None] * s_wk, mask=w_mask, other=0.0)
+            w2 = tl.load(w_ptr + w2_rows[None, :] * s_wn + cols[:, None] * s_wk, mask=w_mask, other=0.0)
+            k1 = _dot(x, w1, k1, DOT_PRECISION, UPCAST)
+            k2 = _dot(x, w2, k2, DOT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            k1 += tl.load(bias_ptr + w1_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            k2 += tl.load(bias_ptr + w2_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+        # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2], in fp32.
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        t_mask = row_ok[:, None] & col_ok[None, :]
+        cos_off = b * s_cosb + rows[:, None] * s_cosl + dh[None, :] * s_cosd
+        sin_off = b * s_sinb + rows[:, None] * s_sinl + dh[None, :] * s_sind
+        # (the tables stay in the model dtype until each product: fewer live registers after the loop)
+        c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0)
+        s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0)
+        kr1 = (k1 * c1.to(tl.float32) - k2 * s1.to(tl.float32)).to(dtype)
+        c2 = tl.load(cos_ptr + cos_off + HALF * s_cosd, mask=t_mask, other=0.0)
+        s2 = tl.load(sin_ptr + sin_off + HALF * s_sind, mask=t_mask, other=0.0)
+        kr2 = (k2 * c2.to(tl.float32) + k1 * s2.to(tl.float32)).to(dtype)
+
+        # Query columns m: (head h0 + m // R_PAD, row r = g·S + s of the query heads sharing it, in
+        # repeat_kv order), as the transposed, block-diagonal [BLOCK_H·HALF_PAD, BLOCK_H·R_PAD] operand
+        # (each head's rows see only its own features): the scores are K·Qᵀ with the rebuilt keys as
+        # the left operand straight from the accumulator registers, the way flash attention feeds P·V.
+        m = tl.arange(0, BLOCK_H * R_PAD)
+        m_head = h0 + m // R_PAD
+        r = m % R_PAD
+        m_ok = (m_head < HKV) & (r < R)
+        q_head = m_head * GROUP_Q + r // S
         q_tok = r % S
-        dh = tl.arange(0, HALF_PAD)
-        dh_ok = dh < HALF
-        q_off = b * s_qb + q_head[:, None] * s_qh + q_tok[:, None] * s_qs + dh[None, :] * s_qd
-        q_mask = r_ok[:, None] & dh_ok[None, :]
+        q_off = b * s_qb + q_head[None, :] * s_qh + q_tok[None, :] * s_qs + dh[:, None] * s_qd
+        own = (col // HALF_PAD)[:, None] == (m // R_PAD)[None, :]  # the block-diagonal
+        q_mask = col_ok[:, None] & m_ok[None, :] & own
         q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(dtype)
         q2 = tl.load(q_ptr + q_off + HALF * s_qd, mask=q_mask, other=0.0).to(dtype)
-
-        # Wk rows of the two halves of head h, read as [BLOCK_C, HALF_PAD] tiles of Wkᵀ.
-        w1_rows = h * (2 * HALF) + dh
-        w2_rows = w1_rows + HALF
-        if HAS_BIAS:
-            bk1 = tl.load(bias_ptr + w1_rows, mask=dh_ok, other=0.0).to(tl.float32)
-            bk2 = tl.load(bias_ptr + w2_rows, mask=dh_ok, other=0.0).to(tl.float32)
-
-        for j0 in range(start, end, BLOCK_N):
-            rows = j0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < end
-            k1 = tl.zeros((BLOCK_N, HALF_PAD), dtype=tl.float32)
-            k2 = tl.zeros((BLOCK_N, HALF_PAD), dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                x = _load_rows(
-                    kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, rows, cols, row_ok, n_full, C, P,
-                    s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                    BITS, GROUP, PER_CHANNEL, HAS_COL0,
-                ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
-                w_mask = (cols < C)[:, None] & dh_ok[None, :]
-                w1 = tl.load(w_ptr + w1_rows[None, :] * s_wn + cols[:, None] * s_wk, mask=w_mask, other=0.0)
-                w2 = tl.load(w_ptr + w2_rows[None, :] * s_wn + cols[:, None] * s_wk, mask=w_mask, other=0.0)
-                k1 = _dot(x, w1, k1, DOT_PRECISION, UPCAST)
-                k2 = _dot(x, w2, k2, DOT_PRECISION, UPCAST)
-            if HAS_BIAS:
-                k1 += bk1[None, :]
-                k2 += bk2[None, :]
-            # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2], in fp32.
-            t_mask = row_ok[:, None] & dh_ok[None, :]
-            cos_off = b * s_cosb + rows[:, None] * s_cosl + dh[None, :] * s_cosd
-            sin_off = b * s_sinb + rows[:, None] * s_sinl + dh[None, :] * s_sind
-            c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0).to(tl.float32)
-            c2 = tl.load(cos_ptr + cos_off + HALF * s_cosd, mask=t_mask, other=0.0).to(tl.float32)
-            s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0).to(tl.float32)
-            s2 = tl.load(sin_ptr + sin_off + HALF * s_sind, mask=t_mask, other=0.0).to(tl.float32)
-            kr1 = (k1 * c1 - k2 * s1).to(dtype)
-            kr2 = (k2 * c2 + k1 * s2).to(dtype)
-            sc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-            sc = _dot(q1, tl.trans(kr1), sc, DOT_PRECISION, UPCAST)
-            sc = _dot(q2, tl.trans(kr2), sc, DOT_PRECISION, UPCAST)  # [R_PAD, BLOCK_N]
-            sc = sc * qk_scale
-            st_mask = r_ok[:, None] & row_ok[None, :]
-            if MASK_KIND != 0:
-                m_off = b * s_mb + q_head[:, None] * s_mh + q_tok[:, None] * s_ms + rows[None, :] * s_ml
-                mv = tl.load(mask_ptr + m_off, mask=st_mask, other=0)
-                if MASK_KIND == 1:
-                    sc = tl.where(mv != 0, sc, float("-inf"))
-                else:
-                    sc = sc + mv.to(tl.float32)
-            o_off = b * s_ob + h * s_oh + r[:, None] * s_or + rows[None, :] * s_ol
-            tl.store(out_ptr + o_off, sc, mask=st_mask)
+        sc = tl.zeros((BLOCK_N, BLOCK_H * R_PAD), dtype=tl.float32)
+        sc = _dot(kr1, q1, sc, DOT_PRECISION, UPCAST)
+        sc = _dot(kr2, q2, sc, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_H·R_PAD]
+        sc = sc * qk_scale
+        st_mask = row_ok[:, None] & m_ok[None, :]
+        if MASK_KIND != 0:
+            m_off = b * s_mb + q_head[None, :] * s_mh + q_tok[None, :] * s_ms + rows[:, None] * s_ml
+            mv = tl.load(mask_ptr + m_off, mask=st_mask, other=0)
+            if MASK_KIND == 1:
+                sc = tl.where(mv != 0, sc, float("-inf"))
+            else:
+                sc = sc + mv.to(tl.float32)
+        o_off = b * s_ob + m_head[None, :] * s_oh + r[None, :] * s_or + rows[:, None] * s_ol
+        tl.store(out_ptr + o_off, sc, mask=st_mask)
 
     @triton.jit
     def _values_kernel(
         sc_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, acc_ptr, m_ptr, l_ptr,
-        L, HKV, C, P, R,
-        s_cb_, s_ch_, s_cr_, s_cl_,
+        L, M_ALL, C, P,
+        s_cb_, s_cm_, s_cl_,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-        s_ab, s_ah, s_as, s_ar, s_ac,
-        s_mb, s_mh, s_ms, s_mr,
+        s_ab, s_as, s_am, s_ac,
+        s_mb, s_ms, s_mm,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
-        OUT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
+        SCALE_BCAST: tl.constexpr, OUT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
     ):
-        pid_bh = tl.program_id(0)
+        """Online softmax over one split's rows and acc += p · x̂v for one block of value channels.
+
+        The value rows are the same for every KV head (the X cache, or the one value latent), so the
+        query rows of all heads -- M_ALL = Hkv·R, flattened -- share each dequantized tile: BLOCK_M of
+        them per program (flash-decoding over the splits)."""
+        pid_bm = tl.program_id(0)
         split = tl.program_id(1)
-        pid_c = tl.program_id(2)
-        b = (pid_bh // HKV).to(tl.int64)
-        h = pid_bh % HKV
-        n, start, end = _chunk(length_ptr, L, split, NUM_SPLITS, BLOCK_N)
+        c0 = tl.program_id(2) * BLOCK_CV
+        num_mb = tl.cdiv(M_ALL, BLOCK_M)
+        b = (pid_bm // num_mb).to(tl.int64)
+        m = (pid_bm % num_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M_ALL
+        # this split's rows: the n rows cut into NUM_SPLITS chunks of whole BLOCK_N blocks, from the n
+        # on the device (so every fill spreads over all splits)
+        n = _fill(length_ptr, L)
+        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(start + per_split, n)
         n_full = n // GROUP * GROUP
 
-        r = tl.arange(0, R_PAD)
-        r_ok = r < R
-        cols = pid_c * BLOCK_CV + tl.arange(0, BLOCK_CV)
-        m_i = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((R_PAD,), dtype=tl.float32)
-        acc = tl.zeros((R_PAD, BLOCK_CV), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_CV), dtype=tl.float32)
         for j0 in range(start, end, BLOCK_N):
             rows = j0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < end
-            s = tl.load(
-                sc_ptr + b * s_cb_ + h * s_ch_ + r[:, None] * s_cr_ + rows[None, :] * s_cl_,
-                mask=r_ok[:, None] & row_ok[None, :], other=float("-inf"),
-            )
+            s = tl.load(sc_ptr + b * s_cb_ + m[:, None] * s_cm_ + rows[None, :] * s_cl_,
+                        mask=m_ok[:, None] & (rows < end)[None, :], other=float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row with every score -inf so far (masked) keeps p = 0 instead of exp(-inf + inf) = NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            x = _load_rows(
-                vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, rows, cols, row_ok, n_full, C, P,
+            x = dequant_tile(
+                vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
                 s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                BITS, GROUP, PER_CHANNEL, HAS_COL0,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV,
             ).to(OUT_DTYPE)
             acc = acc * alpha[:, None]
             acc = _dot(p.to(OUT_DTYPE), x, acc, DOT_PRECISION, UPCAST)
             m_i = m_new
-        a_off = b * s_ab + h * s_ah + split * s_as + r[:, None] * s_ar + cols[None, :] * s_ac
-        tl.store(acc_ptr + a_off, acc, mask=r_ok[:, None] & (cols < C)[None, :])
-        if pid_c == 0:
-            ml_off = b * s_mb + h * s_mh + split * s_ms + r * s_mr
-            tl.store(m_ptr + ml_off, m_i, mask=r_ok)
-            tl.store(l_ptr + ml_off, l_i, mask=r_ok)
+        cols = c0 + tl.arange(0, BLOCK_CV)
+        a_off = b * s_ab + split * s_as + m[:, None] * s_am + cols[None, :] * s_ac
+        tl.store(acc_ptr + a_off, acc, mask=m_ok[:, None] & (cols < C)[None, :])
+        if c0 == 0:
+            ml_off = b * s_mb + split * s_ms + m * s_mm
+            tl.store(m_ptr + ml_off, m_i, mask=m_ok)
+            tl.store(l_ptr + ml_off, l_i, mask=m_ok)
 
     @triton.jit
     def _reduce_kernel(
         acc_ptr, m_ptr, l_ptr, w_ptr, bias_ptr, out_ptr,
         HKV, C, R, S, GROUP_Q, D, NUM_SPLITS,
-        s_ab, s_ah, s_as, s_ar, s_ac,
-        s_mb, s_mh, s_ms, s_mr,
+        s_ab, s_as, s_am, s_ac,
+        s_mb, s_ms, s_mm,
         s_wn, s_wk,
         s_ob, s_oh, s_os, s_od,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         R_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_CV: tl.constexpr,
     ):
+        """Combines the splits of KV head h's R query rows (flattened rows h·R + r), normalizes, projects
+        with Wv and adds the bias, writing [B, Hq, S, D]."""
         pid_bh = tl.program_id(0)
         b = (pid_bh // HKV).to(tl.int64)
         h = pid_bh % HKV
         dtype = w_ptr.dtype.element_ty
         r = tl.arange(0, R_PAD)
         r_ok = r < R
-        ml_base = b * s_mb + h * s_mh + r * s_mr
+        ml_base = b * s_mb + (h * R + r) * s_mm
         # Global max and sum over the splits (an empty split has m = -inf, l = 0).
         m = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
@@ -552,7 +539,7 @@ if HAS_TRITON:
             for sp in range(0, NUM_SPLITS):
                 m_s = tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf"))
                 part = tl.load(
-                    acc_ptr + b * s_ab + h * s_ah + sp * s_as + r[:, None] * s_ar + cols[None, :] * s_ac,
+                    acc_ptr + b * s_ab + sp * s_as + (h * R + r)[:, None] * s_am + cols[None, :] * s_ac,
                     mask=r_ok[:, None] & c_ok[None, :], other=0.0,
                 )
                 mixed += part * tl.exp(m_s - m_safe)[:, None]
@@ -575,7 +562,7 @@ def _pow2_at_least_16(x: int) -> int:
 
 
 def _source_args(packed, scale, zero, tail, col0):
-    """Pointers and strides of a source for ``_load_rows`` (absent tensors: any valid pointer, stride 0)."""
+    """Pointers and strides of a source for ``dequant_tile`` (absent tensors: any valid pointer, stride 0)."""
     t = packed if tail is None else tail
     c = packed if col0 is None else col0
     t_strides = (0, 0, 0) if tail is None else tail.stride()
@@ -583,64 +570,113 @@ def _source_args(packed, scale, zero, tail, col0):
     return (packed, scale, zero, t, c), (*packed.stride(), *scale.stride(), *zero.stride(), *t_strides, *c_strides)
 
 
-def default_config(batch: int, kv_heads: int, max_len: int, head_dim: int, device: torch.device) -> dict:
-    """Block sizes, split count and warps for a shape (a few fixed choices, no autotuning: compile time
-    matters and the GPU time to tune is scarce).
+CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "num_warps",
+               "num_stages")
 
-    * ``block_n`` = 64 cache rows per step; ``block_c`` = 64 channels per K-rebuild step (the [64, 64]
-      X̂ tile feeds two tl.dot with the two [64, D/2] half-head weight tiles);
-    * ``block_cv`` = 128 value channels per program of the values kernel;
-    * ``num_splits``: enough (b, h, split) programs to cover the SMs about twice, never more than there
-      are row blocks in the capacity;
-    * 8 warps for D = 128 (two [64, 64] fp32 accumulators), 4 below; the values kernel takes 8 for a
-      [64, 128] dequantized tile whatever D.
+
+def _largest_pow2_divisor(x: int, cap: int) -> int:
+    p = 1
+    while p < cap and x % (2 * p) == 0:
+        p *= 2
+    return p
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (8 for CPU tensors, i.e. the interpreter; benchmarks/compile_report.py
+    replaces this function to size the grid of a GPU it compiles for)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+
+
+def default_config(
+    *, batch: int, kv_heads: int, head_dim: int, query_rows: int, max_len: int, v_width: int,
+    k_layout: str, k_group: int, v_layout: str, v_group: int, dtype: torch.dtype, device: torch.device,
+) -> dict:
+    """Block sizes, head tiles, split count and warps for a shape: a fixed rule, no autotuning (compile
+    time matters, and GPU time to tune is scarce; ``benchmarks/decode_attention.py --sweep`` measures
+    the alternatives on a GPU).
+
+    Scores kernel (the K rebuild, where almost all FLOPs are): a [block_n, block_h·D] dequantize-GEMM
+    tile of 128 rows by 128 features (1 head of 128, 2 of 64) on 8 warps, i.e. two warpgroups of
+    64 rows each, so no row of X̂ is dequantized twice; fewer heads when the KV heads would leave a
+    tile mostly empty. ``block_c`` = 64 channels per step, or the scale group when that is smaller,
+    so the scale is one broadcast vector per tile. Compiled for sm_90 (``benchmarks/compile_report.py``)
+    this keeps every kernel's MMA loop free of register spills for 2/3/4/8 bits under triton 3.6 and
+    3.9; 128 x 256 tiles (fewer dequantizations per MAC) sit at the 255-register limit and are left
+    to ``--sweep`` on a GPU.
+
+    Values kernel: ``block_m`` flattened query rows (all heads share the value rows), ``block_nv``
+    rows by ``block_cv`` value channels per step, ``num_splits`` chunks of the rows so that about two
+    programs run per multiprocessor.
     """
-    block_n = 64
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 8
-    splits = max(1, min(-(-2 * sms // max(batch * kv_heads, 1)), -(-max_len // block_n), 128))
-    return dict(block_n=block_n, block_c=64, block_cv=128, num_splits=splits,
-                num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+    d_pad = _pow2_at_least_16(head_dim // 2) * 2
+    block_h = max(1, 128 // d_pad)
+    while block_h > 1 and -(-kv_heads // block_h) * block_h > 1.15 * kv_heads:
+        block_h //= 2
+    block_h = min(block_h, 1 << max(kv_heads - 1, 0).bit_length())
+    block_n = 128 if dtype != torch.float32 else 64  # fp32 operands: twice the registers per element
+    if k_layout == "per_channel":  # a row block inside one token group broadcasts its scales
+        block_n = max(64, min(block_n, _largest_pow2_divisor(k_group, block_n)))
+    block_c = 64
+    if k_layout == "per_token" and k_group % 64:
+        block_c = max(16, _largest_pow2_divisor(k_group, 64))
+    num_warps = 8 if block_n * block_h * d_pad >= 128 * 128 else 4
+
+    block_m = min(64, _pow2_at_least_16(kv_heads * query_rows))
+    block_nv = 64
+    block_cv = 128 if v_layout == "per_channel" or v_group % 128 == 0 else 64
+    block_cv = min(block_cv, _pow2_at_least_16(v_width))
+    sms = multiprocessors(device)
+    programs = batch * -(-kv_heads * query_rows // block_m) * -(-v_width // block_cv)
+    splits = max(1, min(-(-2 * sms // max(programs, 1)), -(-max_len // block_nv), 128))
+    return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
+                block_cv=block_cv, num_splits=splits, num_warps=num_warps, num_stages=3)
 
 
 def decode_attention_triton(
     query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
     k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
     v_bits, v_group, v_layout, sm_scale,
-    *,
-    block_n: Optional[int] = None,
-    block_c: Optional[int] = None,
-    block_cv: Optional[int] = None,
-    num_splits: Optional[int] = None,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
+    **config: int,
 ) -> torch.Tensor:
     """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
 
     Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
     pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
-    arguments override :func:`default_config` (block sizes are powers of two >= 16).
+    arguments (:data:`CONFIG_KEYS`) override :func:`default_config`; block sizes are powers of two
+    (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the scores kernel.
     """
     if not HAS_TRITON:
         raise RuntimeError(
             "xq_compile::decode_attention on CUDA needs triton, which is not installed: "
             "pip install 'xq-compile[triton]' (or pip install triton)."
         )
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise TypeError(f"unknown decode_attention config {sorted(unknown)}; known: {CONFIG_KEYS}")
     batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width = _check_inputs(
         query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
         v_bits, v_group, v_layout,
     )
-    cfg = default_config(batch, kv_heads, max_len, head_dim, query.device)
-    for key, val in (("block_n", block_n), ("block_c", block_c), ("block_cv", block_cv),
-                     ("num_splits", num_splits), ("num_warps", num_warps), ("num_stages", num_stages)):
-        if val is not None:
-            cfg[key] = val
-    for key in ("block_n", "block_c", "block_cv"):
+    group_q = q_heads // kv_heads
+    rows = group_q * seq
+    shared = v_packed is None
+    cfg = default_config(
+        batch=batch, kv_heads=kv_heads, head_dim=head_dim, query_rows=rows, max_len=max_len, v_width=v_width,
+        k_layout=k_layout, k_group=k_group, v_layout=k_layout if shared else v_layout,
+        v_group=k_group if shared else v_group, dtype=k_weight.dtype, device=query.device,
+    )
+    cfg.update({k: v for k, v in config.items() if v is not None})
+    for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv"):
         if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"{key}={cfg[key]} must be a power of two >= 16")
+    if cfg["block_h"] < 1 or cfg["block_h"] & (cfg["block_h"] - 1):
+        raise ValueError(f"block_h={cfg['block_h']} must be a power of two >= 1")
     if cfg["num_splits"] < 1:
         raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
     dtype = k_weight.dtype
@@ -650,19 +686,19 @@ def decode_attention_triton(
     if out.numel() == 0:
         return out
     dev = query.device
-    group_q = q_heads // kv_heads
-    rows = group_q * seq
     r_pad = _pow2_at_least_16(rows)
     half = head_dim // 2
     splits = cfg["num_splits"]
     fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     precision = "ieee" if fp32_exact else "tf32"
     # The Triton interpreter (the only way these kernels run on CPU tensors) gets bf16 tl.dot wrong.
-    upcast = dev.type == "cpu" and dtype == torch.bfloat16
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    upcast = interpreted() and dtype == torch.bfloat16
 
-    # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written
-    scores = torch.empty((batch, kv_heads, rows, max_len), device=dev, dtype=torch.float32)
+    # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written. Stored
+    #    [B, L, Hkv, R] (a cached row's scores side by side, as the scores kernel's tile holds them),
+    #    viewed [B, Hkv, R, L].
+    scores_lm = torch.empty((batch, max_len, kv_heads * rows), device=dev, dtype=torch.float32)
+    scores = scores_lm.view(batch, max_len, kv_heads, rows).permute(0, 2, 3, 1)
     k_ptrs, k_strides = _source_args(k_packed, k_scale, k_zero, k_tail, col0)
     if mask is None:
         mask_kind, mask_t, m_strides = 0, scores, (0, 0, 0, 0)
@@ -671,39 +707,46 @@ def decode_attention_triton(
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask_t = mask_e.view(torch.uint8) if mask_kind == 1 else mask_e
         m_strides = mask_e.stride()
-    _scores_kernel[(batch * kv_heads, splits)](
+    block_h = min(cfg["block_h"], 1 << max(kv_heads - 1, 0).bit_length())
+    grid = (batch * triton.cdiv(kv_heads, block_h), triton.cdiv(max_len, cfg["block_n"]))
+    _scores_kernel[grid](
         query, *k_ptrs, k_weight, k_weight if k_bias is None else k_bias, cos, sin, mask_t, length, scores,
         max_len, kv_heads, k_width, k_packed.shape[2], rows, seq, group_q, half, float(sm_scale),
         *query.stride(), *k_strides, *k_weight.stride(), *cos.stride(), *sin.stride(), *m_strides,
         *scores.stride(),
         BITS=k_bits, GROUP=k_group, PER_CHANNEL=k_layout == "per_channel", HAS_COL0=col0 is not None,
-        HAS_BIAS=k_bias is not None, MASK_KIND=mask_kind, DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
-        R_PAD=r_pad, HALF_PAD=_pow2_at_least_16(half), BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"],
-        **launch,
+        HAS_BIAS=k_bias is not None, MASK_KIND=mask_kind, DOT_PRECISION=precision, UPCAST=upcast,
+        SCALE_BCAST=scale_broadcast(k_layout, k_group, cfg["block_n"], cfg["block_c"]),
+        R_PAD=r_pad, HALF_PAD=_pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
+        BLOCK_C=cfg["block_c"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
-    # 2. per split: online softmax and the absorbed values Σ p·x̂v for one block of value channels
-    if v_packed is None:
+    # 2. per split: online softmax and the absorbed values Σ p·x̂v for one block of value channels,
+    #    for the query rows of every KV head at once (flattened: row h·R + r)
+    if shared:
         v_src, v_col0 = (k_packed, k_scale, k_zero, k_tail), col0
-        bits, grp, per_channel = k_bits, k_group, k_layout == "per_channel"
+        bits, grp, layout = k_bits, k_group, k_layout
     else:
         v_src, v_col0 = (v_packed, v_scale, v_zero, v_tail), None
-        bits, grp, per_channel = v_bits, v_group, v_layout == "per_channel"
+        bits, grp, layout = v_bits, v_group, v_layout
     v_ptrs, v_strides = _source_args(*v_src, v_col0)
+    m_all = kv_heads * rows
+    block_m = min(cfg["block_m"], _pow2_at_least_16(m_all))
     block_cv = min(cfg["block_cv"], _pow2_at_least_16(v_width))
-    acc = torch.empty((batch, kv_heads, splits, rows, v_width), device=dev, dtype=torch.float32)
-    m_part = torch.empty((batch, kv_heads, splits, rows), device=dev, dtype=torch.float32)
+    flat_scores = scores_lm.transpose(1, 2)  # [B, Hkv·R, L]
+    acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
+    m_part = torch.empty((batch, splits, m_all), device=dev, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    _values_kernel[(batch * kv_heads, splits, triton.cdiv(v_width, block_cv))](
-        scores, *v_ptrs, length, acc, m_part, l_part,
-        max_len, kv_heads, v_width, v_src[0].shape[2], rows,
-        *scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
-        BITS=bits, GROUP=grp, PER_CHANNEL=per_channel, HAS_COL0=v_col0 is not None,
+    _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
+        flat_scores, *v_ptrs, length, acc, m_part, l_part,
+        max_len, m_all, v_width, v_src[0].shape[2],
+        *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
+        BITS=bits, GROUP=grp, PER_CHANNEL=layout == "per_channel", HAS_COL0=v_col0 is not None,
+        SCALE_BCAST=scale_broadcast(layout, grp, cfg["block_nv"], block_cv),
         OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
-        R_PAD=r_pad, BLOCK_N=cfg["block_n"], BLOCK_CV=block_cv,
-        # the dequantized [block_n, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
-        num_warps=max(cfg["num_warps"], 8 if cfg["block_n"] * block_cv >= 8192 else 4),
-        num_stages=cfg["num_stages"],
+        BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv,
+        # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
+        num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
     )
 
     # 3. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]

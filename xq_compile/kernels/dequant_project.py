@@ -189,6 +189,7 @@ def _(packed, scale, zero, weight, bias, length, bits, group_size, cos, sin, hea
 # --------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
+    from xq_compile.kernels.tiles import dequant_tile, scale_broadcast
 
     @triton.jit
     def _dequant_project_kernel(
@@ -203,6 +204,7 @@ if HAS_TRITON:
         stride_snb, stride_snl, stride_snd,
         BITS: tl.constexpr,
         GROUP_SIZE: tl.constexpr,
+        SCALE_BCAST: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ROPE: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -245,36 +247,19 @@ if HAS_TRITON:
             return
 
         row_mask = rows < n  # tokens of a partly filled block past n are never read
-        packed_rows = packed_ptr + batch * stride_pb + rows * stride_pl
-        scale_rows = scale_ptr + batch * stride_sb + rows * stride_sl
-        zero_rows = zero_ptr + batch * stride_zb + rows * stride_zl
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # ROPE: the partner features (+ HALF)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < D  # ragged last tile when BLOCK_K does not divide d
-            x_mask = row_mask[:, None] & k_mask[None, :]
-
-            # Code k of a token starts at bit k * BITS of its byte string (dense little-endian packing).
-            bit = ks * BITS
-            byte = bit // 8
-            shift = bit % 8
-            word = tl.load(packed_rows[:, None] + byte[None, :] * stride_pp, mask=x_mask, other=0).to(tl.int32)
-            if BITS == 3:
-                # 3 does not divide 8: codes 2 and 5 of each 3-byte word straddle two bytes, so read the
-                # next byte too and shift within the 16-bit value. The next byte may lie past the
-                # token's last byte (for its last code, which does not straddle): mask it out.
-                hi_mask = x_mask & (byte[None, :] + 1 < P)
-                hi = tl.load(packed_rows[:, None] + (byte[None, :] + 1) * stride_pp, mask=hi_mask, other=0)
-                word = word | (hi.to(tl.int32) << 8)
-            code = (word >> shift[None, :]) & ((1 << BITS) - 1)
-
-            # x_hat = code * scale + zero of the channel's group, in fp32 like quant.dequantize.
-            group = ks // GROUP_SIZE
-            s = tl.load(scale_rows[:, None] + group[None, :] * stride_sg, mask=x_mask, other=0.0)
-            z = tl.load(zero_rows[:, None] + group[None, :] * stride_zg, mask=x_mask, other=0.0)
-            x = code.to(tl.float32) * s.to(tl.float32) + z.to(tl.float32)  # masked entries are 0
+            # x_hat = code * scale + zero of the channel's group, in fp32 like quant.dequantize (0 past n)
+            x = dequant_tile(
+                packed_ptr, scale_ptr, zero_ptr, packed_ptr, packed_ptr, batch, m_block * BLOCK_M, n, k0, 0, D, P,
+                stride_pb, stride_pl, stride_pp, stride_sb, stride_sl, stride_sg, stride_zb, stride_zl, stride_zg,
+                0, 0, 0, 0, 0,
+                BITS, GROUP_SIZE, False, False, SCALE_BCAST, BLOCK_M, BLOCK_K,
+            )
 
             # weight is [N, d]: read the [BLOCK_K, BLOCK_N] tile of weight.T through the strides.
             w = tl.load(
@@ -419,6 +404,7 @@ def _launch(packed, scale, zero, weight, bias, length, bits, group_size, cos, si
         *(cos.stride() if rope else (0, 0, 0)), *(sin.stride() if rope else (0, 0, 0)),
         BITS=bits,
         GROUP_SIZE=group_size,
+        SCALE_BCAST=scale_broadcast("per_token", group_size, block_m, block_k),
         HAS_BIAS=bias is not None,
         ROPE=rope,
         DOT_PRECISION=precision,

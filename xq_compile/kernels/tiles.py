@@ -1,0 +1,131 @@
+"""The one Triton routine that turns a block of cached rows back into numbers: :func:`dequant_tile`.
+
+Both kernel modules (``dequant_project``, ``decode_attention``) read the quantized cache through it, so
+the packing format of :mod:`xq_compile.quant` is decoded in one place. Code ``k`` of a row starts at bit
+``k * bits`` of the row's byte string (dense little-endian packing, 3-bit words = 8 codes in 3 bytes).
+
+Speed notes (why there are several paths): a tile is read once per K-rebuild step, so its loads and
+integer work sit right next to the tensor-core dot and must stay cheap.
+
+* 2, 4 and 8 bits: a row's bytes for the tile are contiguous, so they are loaded as one vectorizable
+  block of ``BLOCK_C * bits / 8`` bytes and split into codes in registers (``tl.interleave``), instead
+  of one scalar byte load per code.
+* 3 bits: codes straddle bytes, but every 3-byte word holds 8 whole codes: the tile loads its words'
+  three bytes (three strided loads, not two per code) and cuts each 24-bit word into its codes.
+* ``SCALE_BCAST``: when the tile lies inside one scale group (per token: ``GROUP % BLOCK_C == 0``; per
+  channel: ``GROUP % BLOCK_N == 0``, the row block inside one token group) the scale and zero are a
+  vector broadcast over the tile instead of a gather of one fp16 per element.
+"""
+
+from __future__ import annotations
+
+try:  # Triton is optional (see the kernel modules).
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+__all__ = ["dequant_tile", "scale_broadcast"]
+
+
+def scale_broadcast(layout: str, group: int, block_rows: int, block_cols: int) -> bool:
+    """Whether a [block_rows, block_cols] tile (aligned to its block sizes) lies inside one scale group,
+    so :func:`dequant_tile` may broadcast one scale/zero vector (its ``SCALE_BCAST``)."""
+    if layout == "per_token":
+        return group % block_cols == 0
+    return group % block_rows == 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def dequant_tile(
+        packed_ptr, scale_ptr, zero_ptr, tail_ptr, col0_ptr,
+        b, r0, row_end, c0, n_full, C, P,
+        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
+        SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Rows ``r0 .. r0 + BLOCK_N`` (valid below ``row_end``), channels ``c0 .. c0 + BLOCK_C`` (valid
+        below ``C``) of a source, dequantized: fp32 [BLOCK_N, BLOCK_C], 0 at invalid rows.
+
+        Layouts (see ``decode_attention``'s docstring): per token, scale/zero [B, L, C // GROUP]; per
+        channel, scale/zero [B, ceil(L / GROUP), C] and rows ``n_full <= j < row_end`` come from the
+        model-dtype ``tail`` [B, GROUP, C] at ``j % GROUP``. ``HAS_COL0``: channel 0 is ``col0[b, j]``.
+        Channels at or past ``C`` are finite but meaningless: callers mask them (weights, stores).
+        """
+        rows = r0 + tl.arange(0, BLOCK_N)
+        cols = c0 + tl.arange(0, BLOCK_C)
+        row_ok = rows < row_end
+        col_ok = cols < C
+        if PER_CHANNEL:
+            code_rows = row_ok & (rows < n_full)  # rows of completed token groups
+        else:
+            code_rows = row_ok
+        base = packed_ptr + b * s_pb + rows[:, None] * s_pl
+
+        if BITS == 3:
+            # 8 codes per 3-byte word: load the words' three bytes (one strided load each), then cut the
+            # 24-bit word into its codes and interleave them back into channel order.
+            word_idx = c0 // 8 + tl.arange(0, BLOCK_C // 8)
+            first = word_idx * 3
+            rows_ok = code_rows[:, None]
+            b0 = tl.load(base + first[None, :] * s_pp, mask=rows_ok & (first < P)[None, :], other=0)
+            b1 = tl.load(base + (first + 1)[None, :] * s_pp, mask=rows_ok & (first + 1 < P)[None, :], other=0)
+            b2 = tl.load(base + (first + 2)[None, :] * s_pp, mask=rows_ok & (first + 2 < P)[None, :], other=0)
+            word = b0.to(tl.int32) | (b1.to(tl.int32) << 8) | (b2.to(tl.int32) << 16)
+            # code k of a word is bits 3k..3k+2; interleaving evens and odds (recursively) restores k order
+            evens = tl.interleave(tl.interleave(word & 7, (word >> 12) & 7),
+                                  tl.interleave((word >> 6) & 7, (word >> 18) & 7))
+            odds = tl.interleave(tl.interleave((word >> 3) & 7, (word >> 15) & 7),
+                                 tl.interleave((word >> 9) & 7, (word >> 21) & 7))
+            code = tl.interleave(evens, odds)
+        else:
+            # The tile's bytes of a row are contiguous: BLOCK_C * BITS / 8 of them from byte c0 * BITS / 8.
+            byte = c0 * BITS // 8 + tl.arange(0, BLOCK_C * BITS // 8)
+            word = tl.load(base + byte[None, :] * s_pp, mask=code_rows[:, None] & (byte < P)[None, :], other=0)
+            word = word.to(tl.int32)
+            if BITS == 8:
+                code = word
+            elif BITS == 4:
+                code = tl.interleave(word & 15, word >> 4)  # low nibble first
+            else:  # 2 bits, four codes per byte, lowest bits first
+                code = tl.interleave(tl.interleave(word & 3, (word >> 4) & 3),
+                                     tl.interleave((word >> 2) & 3, (word >> 6) & 3))
+
+        if SCALE_BCAST:
+            if PER_CHANNEL:
+                # a row block of the open group reads the tail only (the scalar test is spelled as a
+                # vector: the Triton interpreter rejects a scalar-and-vector mask)
+                g_ok = col_ok & (cols * 0 + r0 < n_full)
+                s_off = b * s_sb + (r0 // GROUP) * s_sl + cols * s_sc
+                z_off = b * s_zb + (r0 // GROUP) * s_zl + cols * s_zc
+                s = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+                z = tl.load(zero_ptr + z_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                s_off = b * s_sb + rows * s_sl + (c0 // GROUP) * s_sc
+                z_off = b * s_zb + rows * s_zl + (c0 // GROUP) * s_zc
+                s = tl.load(scale_ptr + s_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+                z = tl.load(zero_ptr + z_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        else:
+            q_ok = code_rows[:, None] & col_ok[None, :]
+            if PER_CHANNEL:  # groups of GROUP tokens per channel
+                s_off = b * s_sb + (rows // GROUP)[:, None] * s_sl + cols[None, :] * s_sc
+                z_off = b * s_zb + (rows // GROUP)[:, None] * s_zl + cols[None, :] * s_zc
+            else:
+                s_off = b * s_sb + rows[:, None] * s_sl + (cols // GROUP)[None, :] * s_sc
+                z_off = b * s_zb + rows[:, None] * s_zl + (cols // GROUP)[None, :] * s_zc
+            s = tl.load(scale_ptr + s_off, mask=q_ok, other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + z_off, mask=q_ok, other=0.0).to(tl.float32)
+        x = code.to(tl.float32) * s + z
+        if PER_CHANNEL:
+            # the residual rows n_full <= j < row_end, kept in the model dtype until their group is full
+            t_ok = (row_ok & (rows >= n_full))[:, None] & col_ok[None, :]
+            t = tl.load(tail_ptr + b * s_tb + (rows % GROUP)[:, None] * s_tl + cols[None, :] * s_tc,
+                        mask=t_ok, other=0.0)
+            x = tl.where(t_ok, t.to(tl.float32), x)
+        if HAS_COL0:
+            v0 = tl.load(col0_ptr + b * s_cb + rows * s_cl, mask=row_ok, other=0.0).to(tl.float32)
+            x = tl.where((cols == 0)[None, :] & row_ok[:, None], v0[:, None], x)
+        return x
