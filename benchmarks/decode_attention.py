@@ -65,8 +65,31 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="also time the fused op under each configuration of sweep_configs() per shape and length "
                         "(correctness checked for each), and report the fastest")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: also record the device time of each Triton kernel of the fused op (torch.profiler), "
+                        "to see which of the scores / values / reduce launches dominates")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/decode_attention.json"))
     return p.parse_args(argv)
+
+
+def kernel_times_ms(fn, iters: int) -> dict:
+    """Average device time per call of every CUDA kernel ``fn`` launches, by kernel name (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:  # older torch spelling
+            device_us = getattr(event, "cuda_time_total", 0.0)
+        if device_us:
+            times[event.key] = device_us / 1e3 / iters
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
 def parse_config(items: list[str]) -> dict:
@@ -264,7 +287,10 @@ def main(argv=None) -> int:
                     sweep.append({"config": over, "ms": t, "tflops": flops / (t * 1e-3) / 1e12, "rel_err": e})
                     print(f"    sweep {over}: {t:.3f} ms ({sweep[-1]['tflops']:.1f} TFLOP/s), rel err {e:.1e}",
                           flush=True)
-            row = {"shape": name, "n": n, "ms": ms, "fused_over_sdpa": ms["fused"] / ms["sdpa"],
+            kernels = kernel_times_ms(fns["fused"], args.iters) if args.profile and dev == "cuda" else {}
+            if kernels:
+                print("    kernels: " + ", ".join(f"{k} {v:.3f} ms" for k, v in list(kernels.items())[:6]), flush=True)
+            row = {"shape": name, "n": n, "ms": ms, "fused_over_sdpa": ms["fused"] / ms["sdpa"], "kernel_ms": kernels,
                    "unfused_over_sdpa": ms["unfused"] / ms["sdpa"], "fused_speedup_over_unfused": ms["unfused"] / ms["fused"],
                    "fused_tflops": tflops, "fraction_of_h200_bf16_peak": tflops / H200_BF16_DENSE_TFLOPS,
                    "gflop": flops / 1e9, "max_rel_err_vs_unfused": err, "config": config, "sweep": sweep}

@@ -19,7 +19,7 @@
 #   attn_tests  pytest tests/test_decode_attention.py -k cuda  (every interpreter case, compiled; CUDA graphs)
 #   attn        benchmarks/decode_attention.py --sweep: the fused decode-attention op vs. the unfused path
 #               vs. SDPA over a 16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak, and the
-#               fastest of sweep_configs() per shape and length
+#               fastest of sweep_configs() per shape and length; --profile: device time per Triton kernel
 #   cuda_ops    pytest tests/test_kernels_cuda.py  (dequant_project vs. its CPU reference, CUDA graphs,
 #               Inductor, end to end through the backend incl. the fused decode path and reduce-overhead)
 #   decode      benchmarks/decode_step.py, bf16, lengths up to 32K, with quanto's QuantizedCache if installed
@@ -135,7 +135,7 @@ run_step attn_tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode
     --junitxml="$OUT/attn_tests.xml" -rfs
 # 2. the fused op vs the unfused path vs SDPA, and the configuration sweep (fastest config per shape)
 run_step attn 120 "$PY" benchmarks/decode_attention.py --device cuda --dtype bf16 --lengths 1024 8192 32768 \
-    --shape smollm2 llama7b gqa --batch 1 --sweep --out "$OUT/decode_attention.json"
+    --shape smollm2 llama7b gqa --batch 1 --sweep --profile --out "$OUT/decode_attention.json"
 # 3. dequant_project on the GPU, CUDA graphs, Inductor, end to end through the backend (fused decode path,
 #    reduce-overhead)
 run_step cuda_ops 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
