@@ -14,7 +14,9 @@ the ``cuobjdump`` that ships inside Triton's wheel:
     slower tensor-core path, neither means the dot fell back to FMAs);
   * registers per thread; spills (``STL``/``LDL``), counted apart inside the loops that issue the MMAs,
     where they cost every iteration (a few around them -- saved addresses, the epilogue -- do not);
-    shared memory per program (an H200 program can use at most 227 KB).
+    shared memory per program (an H200 program can use at most 227 KB);
+  * ``loop N instr``: the SASS instructions of one pass through the MMA loops -- what every step issues
+    next to its MMAs (the dequantization's cost; e.g. no ``I2FP`` conversions: see ``tiles.py``).
 
 This is not a timing: it rules configurations out (spills, no wgmma, too much shared memory) before a
 GPU session spends device time on them. It reads Triton's launcher internals (the binder that computes
@@ -61,6 +63,7 @@ class KernelReport:
     stack_bytes: int = -1
     spill_instructions: int = -1
     loop_spill_instructions: int = -1
+    loop_instructions: int = -1  # SASS instructions of one pass through the MMA loops: the per-step issue cost
     shared_bytes: int = -1
     problems: list = field(default_factory=list)
 
@@ -69,7 +72,7 @@ class KernelReport:
         cfg = " ".join(f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs)
         return (f"{self.name:24s} grid={self.grid} {cfg} | HGMMA {self.hgmma:4d} HMMA {self.hmma:3d} | "
                 f"regs {self.registers:3d} spills {self.spill_instructions} ({self.loop_spill_instructions} in the "
-                f"MMA loop) | "
+                f"MMA loop) | loop {self.loop_instructions} instr | "
                 f"smem {self.shared_bytes / 1024:.1f} KB" + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
 
 
@@ -113,11 +116,10 @@ def _tool(name: str) -> str:
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
 
 
-def loop_spills(sass: str) -> int:
-    """Local-memory accesses (STL/LDL: register spills) inside loops that issue tensor-core MMAs.
+def mma_loop_ops(sass: str) -> list[str]:
+    """The opcodes inside loops that issue tensor-core MMAs (one pass of each such loop's body).
 
-    A loop is a backward branch ``BRA target`` (target below the branch); a few spills around the
-    loops (saving addresses, the epilogue) cost nothing per iteration and are not counted."""
+    A loop is a backward branch ``BRA target`` (target below the branch)."""
     ops = [(int(a, 16), op, rest) for a, _, op, rest in _SASS_LINE.findall(sass)]
     loops = []
     for addr, op, rest in ops:
@@ -126,7 +128,13 @@ def loop_spills(sass: str) -> int:
             if target and int(target.group(1), 16) < addr:
                 loops.append((int(target.group(1), 16), addr))
     hot = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and op in ("HGMMA", "HMMA") for a, op, _ in ops)]
-    return sum(1 for a, op, _ in ops if op in ("STL", "LDL") and any(lo <= a <= hi for lo, hi in hot))
+    return [op for a, op, _ in ops if any(lo <= a <= hi for lo, hi in hot)]
+
+
+def loop_spills(sass: str) -> int:
+    """Local-memory accesses (STL/LDL: register spills) inside loops that issue tensor-core MMAs; a few
+    spills around the loops (saving addresses, the epilogue) cost nothing per iteration."""
+    return sum(1 for op in mma_loop_ops(sass) if op in ("STL", "LDL"))
 
 
 def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
@@ -160,6 +168,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
     report.spill_instructions = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     report.loop_spill_instructions = loop_spills(sass)
+    report.loop_instructions = len(mma_loop_ops(sass))
     if m := re.search(r"REG:(\d+)", res):
         report.registers = int(m.group(1))
     if m := re.search(r"STACK:(\d+)", res):
