@@ -11,7 +11,9 @@ launcher would specialize them (16-byte alignment, strides of 1), compiled for s
 the ``cuobjdump`` that ships inside Triton's wheel:
 
   * ``HGMMA``: Hopper warpgroup MMA instructions in the SASS (the dense bf16 path; ``HMMA`` is the older,
-    slower tensor-core path, neither means the dot fell back to FMAs);
+    slower tensor-core path, neither means the dot fell back to FMAs); ``WGMMA SERIALIZED``: ptxas's
+    warning C7515, every wgmma waited for before the next one issues (no overlap with the loop's other
+    work: a register operand that the loop redefines, such as a tile dequantized as the first operand);
   * registers per thread; spills (``STL``/``LDL``), counted apart inside the loops that issue the MMAs,
     where they cost every iteration (a few around them -- saved addresses, the epilogue -- do not);
     shared memory per program (an H200 program can use at most 227 KB);
@@ -64,6 +66,7 @@ class KernelReport:
     spill_instructions: int = -1
     loop_spill_instructions: int = -1
     loop_instructions: int = -1  # SASS instructions of one pass through the MMA loops: the per-step issue cost
+    wgmma_serialized: bool = False
     shared_bytes: int = -1
     problems: list = field(default_factory=list)
 
@@ -72,7 +75,7 @@ class KernelReport:
         cfg = " ".join(f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs)
         return (f"{self.name:24s} grid={self.grid} {cfg} | HGMMA {self.hgmma:4d} HMMA {self.hmma:3d} | "
                 f"regs {self.registers:3d} spills {self.spill_instructions} ({self.loop_spill_instructions} in the "
-                f"MMA loop) | loop {self.loop_instructions} instr | "
+                f"MMA loop) | loop {self.loop_instructions} instr{' | WGMMA SERIALIZED' if self.wgmma_serialized else ''} | "
                 f"smem {self.shared_bytes / 1024:.1f} KB" + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
 
 
@@ -137,6 +140,20 @@ def loop_spills(sass: str) -> int:
     return sum(1 for op in mma_loop_ops(sass) if op in ("STL", "LDL"))
 
 
+def _ptxas_serializes_wgmma(ptx: str, arch: int) -> bool:
+    """Whether ptxas (the one Triton uses for this arch) reports C7515: wgmma instructions serialized,
+    each waited for before the next is issued, because non-wgmma instructions inside the pipeline
+    redefine their register operands -- e.g. an operand dequantized in registers every iteration."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", str(src), "-o", str(src) + ".o"],
+                              capture_output=True, text=True)
+    return "C7515" in proc.stdout + proc.stderr
+
+
 def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
     """Compile one captured launch for ``sm_{arch}`` and read its SASS and resource usage."""
     import triton
@@ -158,6 +175,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
         constexprs={names[k[0]]: v for k, v in constexprs.items() if len(k) == 1},
         shared_bytes=int(compiled.metadata.shared),
     )
+    report.wgmma_serialized = _ptxas_serializes_wgmma(compiled.asm["ptx"], arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -232,7 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", nargs="*", default=[], help="decode_attention config overrides, key=value")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside its MMA loop, exceeds "
-                   "shared memory, or a dot of the scores / dequant_project kernels is not on wgmma")
+                   "shared memory, or a dot of the scores / dequant_project kernels is not on wgmma or serialized")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     import triton
@@ -250,8 +268,11 @@ def main(argv=None) -> int:
         print(f"== {title}", flush=True)
         for launch in make():
             r = compile_launch(launch)
-            if args.check and r.name in ("_scores_kernel", "_dequant_project_kernel") and r.hgmma == 0:
-                r.problems.append("its dots are not on wgmma (no HGMMA in the SASS)")
+            if args.check and r.name in ("_scores_kernel", "_dequant_project_kernel"):
+                if r.hgmma == 0:
+                    r.problems.append("its dots are not on wgmma (no HGMMA in the SASS)")
+                if r.wgmma_serialized:
+                    r.problems.append("ptxas serializes its wgmma (C7515)")
             failed |= bool(r.problems)
             reports.append({"job": title, **{k: v for k, v in vars(r).items() if k != "constexprs"},
                             "constexprs": {k: str(v) for k, v in r.constexprs.items()}})

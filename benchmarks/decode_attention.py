@@ -111,9 +111,9 @@ def sweep_configs(default: dict) -> list[dict]:
     h, splits = default["block_h"], default["num_splits"]
     return [
         {},
-        {"block_h": 2 * h},                                    # 128 x 256: half the dequantization per MAC
-        {"block_n": 64, "block_h": 2 * h, "num_warps": 8},     # 64 x 256
-        {"block_n": 64, "num_warps": 4},                       # 64 x 128 on one warpgroup
+        {"block_h": max(1, h // 2)},                           # half the features per tile (up to 128)
+        {"block_n": 64, "num_warps": 4},                       # 64 rows on one warpgroup
+        {"block_n": 64, "block_h": max(1, h // 2), "num_warps": 4},
         {"num_stages": 2},
         {"num_stages": 4},
         {"block_c": 32},

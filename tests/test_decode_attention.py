@@ -315,19 +315,22 @@ def test_triton_launcher_rejects_bad_configs():
 
 
 def test_default_config_shapes_the_tiles():
-    """The rule of default_config on the benchmark shapes: 128 x 128 K-rebuild tiles (2 heads of 64,
-    1 of 128), head tiles that leave little empty, the scale group as the channel step when smaller
-    than 64, and value programs that cover the GPU about twice."""
+    """The rule of default_config on the benchmark shapes: K-rebuild tiles of up to 256 features by
+    128 rows (2 heads of 128), head tiles that leave little empty (SmolLM2's 9 heads of 64: 2, not 4),
+    the scale group as the channel step when smaller than 64, and value programs that cover the GPU
+    about twice."""
     common = dict(batch=1, query_rows=1, max_len=32768, k_layout="per_token", v_layout="per_token",
                   dtype=torch.bfloat16, device=torch.device("cpu"))
     smol = da.default_config(kv_heads=9, head_dim=64, v_width=576, k_group=64, v_group=64, **common)
     assert (smol["block_n"], smol["block_h"], smol["block_c"], smol["num_warps"]) == (128, 2, 64, 8)
     assert smol["block_cv"] == 64  # inside one 64-channel scale group: broadcast scales
     big = da.default_config(kv_heads=32, head_dim=128, v_width=4096, k_group=128, v_group=128, **common)
-    assert (big["block_n"], big["block_h"], big["block_cv"], big["block_m"]) == (128, 1, 128, 32)
+    assert (big["block_n"], big["block_h"], big["block_cv"], big["block_m"]) == (128, 2, 128, 32)
     assert big["num_splits"] * 32 >= 2 * 8  # 32 value-channel blocks x splits >= 2 x the (CPU) 8 "SMs"
     three = da.default_config(kv_heads=3, head_dim=64, v_width=192, k_group=32, v_group=32, **common)
-    assert three["block_h"] == 1 and three["block_c"] == 32  # 2 heads per tile would leave 1 of 4 empty
+    assert three["block_h"] == 1 and three["block_c"] == 32  # 4 or 2 heads per tile would leave 1 of 4 empty
+    eight = da.default_config(kv_heads=8, head_dim=64, v_width=512, k_group=64, v_group=64, **common)
+    assert eight["block_h"] == 4  # 256 features, no empty slot
     fp32 = da.default_config(kv_heads=9, head_dim=64, v_width=576, k_group=64, v_group=64,
                              **{**common, "dtype": torch.float32})
     assert fp32["block_n"] == 64

@@ -18,7 +18,8 @@ K and V are never written to memory. The CPU (default) kernel is the plain-torch
      two accumulators for the two halves of every head so RoPE (fp32) pairs meet elementwise -- then
      the scores of those heads' query rows as one more dot with a block-diagonal query, scaled and
      masked (natural log domain, so an HF finfo.min float mask cannot overflow to -inf), written to a
-     small fp32 scratch [B, L, Hkv·R]. Scores, not K: R·n floats instead of n·D.
+     small fp32 scratch [B, Hkv, R, L]. Scores, not K: R·n floats instead of n·D. The tile is computed
+     transposed (Kᵀ = Wk·X̂ᵀ): see the kernel for why.
   2. ``_values_kernel``   grid (B · query-row blocks, splits, Cv blocks): online softmax over one chunk of
      the rows and acc += p · x̂v for one block of value channels, for the query rows of *all* KV heads
      at once (the value rows -- the X cache or the one value latent -- are the same for every head, so
@@ -350,11 +351,11 @@ if HAS_TRITON:
     ):
         """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
 
-        The K rebuild is one dequantize-GEMM tile: X̂ [BLOCK_N, C] (dequantized BLOCK_C channels at a
-        time, once for all BLOCK_H heads) times the heads' Wkᵀ, as two accumulators of BLOCK_H·HALF
-        columns -- the first and the second half of every head -- so RoPE's rotate_half pairs meet
+        The K rebuild is one dequantize-GEMM tile: the heads' Wk times X̂ᵀ [C, BLOCK_N] (dequantized
+        BLOCK_C channels at a time, once for all BLOCK_H heads), as two accumulators of BLOCK_H·HALF
+        features -- the first and the second half of every head -- so RoPE's rotate_half pairs meet
         elementwise. The scores then come from one dot with a block-diagonal query (each head's rows
-        see only its own columns): no per-head slicing of registers is needed.
+        see only its own features): no per-head slicing of registers is needed.
         """
         pid_bh = tl.program_id(0)
         r0 = tl.program_id(1) * BLOCK_N
@@ -367,38 +368,43 @@ if HAS_TRITON:
         n_full = n // GROUP * GROUP
         dtype = w_ptr.dtype.element_ty
 
-        # Columns: (head h0 + col // HALF_PAD, feature dh = col % HALF_PAD of its first half).
-        col = tl.arange(0, BLOCK_H * HALF_PAD)
-        dh = col % HALF_PAD
-        col_ok = (h0 + col // HALF_PAD < HKV) & (dh < HALF)
-        w1_rows = (h0 + col // HALF_PAD) * (2 * HALF) + dh
+        # Features f: (head h0 + f // HALF_PAD, dh = f % HALF_PAD of its first half).
+        f = tl.arange(0, BLOCK_H * HALF_PAD)
+        dh = f % HALF_PAD
+        f_ok = (h0 + f // HALF_PAD < HKV) & (dh < HALF)
+        w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
         w2_rows = w1_rows + HALF
 
-        k1 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
-        k2 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
+        # Kᵀ = Wk · X̂ᵀ, features by rows: the dequantized tile is the *second* operand, which the tensor
+        # cores read from shared memory, so the MMAs run asynchronously to the next tile's
+        # dequantization. (As the first operand it would sit in registers, and ptxas serializes every
+        # wgmma whose register operands the loop redefines: warning C7515.)
+        k1 = tl.zeros((BLOCK_H * HALF_PAD, BLOCK_N), dtype=tl.float32)
+        k2 = tl.zeros((BLOCK_H * HALF_PAD, BLOCK_N), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             x = dequant_tile(
                 kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
                 s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                 BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C,
             ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
+            xt = tl.trans(x)
             cols = c0 + tl.arange(0, BLOCK_C)
-            w_mask = (cols < C)[:, None] & col_ok[None, :]
-            # [BLOCK_C, BLOCK_H·HALF_PAD] tiles of Wkᵀ for the first and the second halves
-            w1 = tl.load(w_ptr + w1_rows[None, :] * s_wn + cols[:, None] * s_wk, mask=w_mask, other=0.0)
-            w2 = tl.load(w_ptr + w2_rows[None, :] * s_wn + cols[:, None] * s_wk, mask=w_mask, other=0.0)
-            k1 = _dot(x, w1, k1, DOT_PRECISION, UPCAST)
-            k2 = _dot(x, w2, k2, DOT_PRECISION, UPCAST)
+            w_mask = f_ok[:, None] & (cols < C)[None, :]
+            # [BLOCK_H·HALF_PAD, BLOCK_C] tiles of Wk for the first and the second halves
+            w1 = tl.load(w_ptr + w1_rows[:, None] * s_wn + cols[None, :] * s_wk, mask=w_mask, other=0.0)
+            w2 = tl.load(w_ptr + w2_rows[:, None] * s_wn + cols[None, :] * s_wk, mask=w_mask, other=0.0)
+            k1 = _dot(w1, xt, k1, DOT_PRECISION, UPCAST)
+            k2 = _dot(w2, xt, k2, DOT_PRECISION, UPCAST)
         if HAS_BIAS:
-            k1 += tl.load(bias_ptr + w1_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            k2 += tl.load(bias_ptr + w2_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            k1 += tl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(tl.float32)[:, None]
+            k2 += tl.load(bias_ptr + w2_rows, mask=f_ok, other=0.0).to(tl.float32)[:, None]
 
         # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2], in fp32.
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n
-        t_mask = row_ok[:, None] & col_ok[None, :]
-        cos_off = b * s_cosb + rows[:, None] * s_cosl + dh[None, :] * s_cosd
-        sin_off = b * s_sinb + rows[:, None] * s_sinl + dh[None, :] * s_sind
+        t_mask = f_ok[:, None] & row_ok[None, :]
+        cos_off = b * s_cosb + rows[None, :] * s_cosl + dh[:, None] * s_cosd
+        sin_off = b * s_sinb + rows[None, :] * s_sinl + dh[:, None] * s_sind
         # (the tables stay in the model dtype until each product: fewer live registers after the loop)
         c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0)
         s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0)
@@ -407,34 +413,33 @@ if HAS_TRITON:
         s2 = tl.load(sin_ptr + sin_off + HALF * s_sind, mask=t_mask, other=0.0)
         kr2 = (k2 * c2.to(tl.float32) + k1 * s2.to(tl.float32)).to(dtype)
 
-        # Query columns m: (head h0 + m // R_PAD, row r = g·S + s of the query heads sharing it, in
-        # repeat_kv order), as the transposed, block-diagonal [BLOCK_H·HALF_PAD, BLOCK_H·R_PAD] operand
-        # (each head's rows see only its own features): the scores are K·Qᵀ with the rebuilt keys as
-        # the left operand straight from the accumulator registers, the way flash attention feeds P·V.
+        # Query rows m: (head h0 + m // R_PAD, row r = g·S + s of the query heads sharing it, in repeat_kv
+        # order), as a block-diagonal [BLOCK_H·R_PAD, BLOCK_H·HALF_PAD] operand (each head's rows see only
+        # its own features), so the scores of every head of the tile are one product Q·Kᵀ.
         m = tl.arange(0, BLOCK_H * R_PAD)
         m_head = h0 + m // R_PAD
         r = m % R_PAD
         m_ok = (m_head < HKV) & (r < R)
         q_head = m_head * GROUP_Q + r // S
         q_tok = r % S
-        q_off = b * s_qb + q_head[None, :] * s_qh + q_tok[None, :] * s_qs + dh[:, None] * s_qd
-        own = (col // HALF_PAD)[:, None] == (m // R_PAD)[None, :]  # the block-diagonal
-        q_mask = col_ok[:, None] & m_ok[None, :] & own
+        q_off = b * s_qb + q_head[:, None] * s_qh + q_tok[:, None] * s_qs + dh[None, :] * s_qd
+        own = (m // R_PAD)[:, None] == (f // HALF_PAD)[None, :]  # the block-diagonal
+        q_mask = m_ok[:, None] & f_ok[None, :] & own
         q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(dtype)
         q2 = tl.load(q_ptr + q_off + HALF * s_qd, mask=q_mask, other=0.0).to(dtype)
-        sc = tl.zeros((BLOCK_N, BLOCK_H * R_PAD), dtype=tl.float32)
-        sc = _dot(kr1, q1, sc, DOT_PRECISION, UPCAST)
-        sc = _dot(kr2, q2, sc, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_H·R_PAD]
+        sc = tl.zeros((BLOCK_H * R_PAD, BLOCK_N), dtype=tl.float32)
+        sc = _dot(q1, kr1, sc, DOT_PRECISION, UPCAST)
+        sc = _dot(q2, kr2, sc, DOT_PRECISION, UPCAST)  # [BLOCK_H·R_PAD, BLOCK_N]
         sc = sc * qk_scale
-        st_mask = row_ok[:, None] & m_ok[None, :]
+        st_mask = m_ok[:, None] & row_ok[None, :]
         if MASK_KIND != 0:
-            m_off = b * s_mb + q_head[None, :] * s_mh + q_tok[None, :] * s_ms + rows[:, None] * s_ml
+            m_off = b * s_mb + q_head[:, None] * s_mh + q_tok[:, None] * s_ms + rows[None, :] * s_ml
             mv = tl.load(mask_ptr + m_off, mask=st_mask, other=0)
             if MASK_KIND == 1:
                 sc = tl.where(mv != 0, sc, float("-inf"))
             else:
                 sc = sc + mv.to(tl.float32)
-        o_off = b * s_ob + m_head[None, :] * s_oh + r[None, :] * s_or + rows[:, None] * s_ol
+        o_off = b * s_ob + m_head[:, None] * s_oh + r[:, None] * s_or + rows[None, :] * s_ol
         tl.store(out_ptr + o_off, sc, mask=st_mask)
 
     @triton.jit
@@ -600,21 +605,22 @@ def default_config(
     time matters, and GPU time to tune is scarce; ``benchmarks/decode_attention.py --sweep`` measures
     the alternatives on a GPU).
 
-    Scores kernel (the K rebuild, where almost all FLOPs are): a [block_n, block_h·D] dequantize-GEMM
-    tile of 128 rows by 128 features (1 head of 128, 2 of 64) on 8 warps, i.e. two warpgroups of
-    64 rows each, so no row of X̂ is dequantized twice; fewer heads when the KV heads would leave a
-    tile mostly empty. ``block_c`` = 64 channels per step, or the scale group when that is smaller,
-    so the scale is one broadcast vector per tile. Compiled for sm_90 (``benchmarks/compile_report.py``)
-    this keeps every kernel's MMA loop free of register spills for 2/3/4/8 bits under triton 3.6 and
-    3.9; 128 x 256 tiles (fewer dequantizations per MAC) sit at the 255-register limit and are left
-    to ``--sweep`` on a GPU.
+    Scores kernel (the K rebuild, where almost all FLOPs are): a [block_h·D, block_n] dequantize-GEMM
+    tile of up to 256 features (2 heads of 128, 4 of 64) by 128 rows on 8 warps: each dequantized X̂
+    element feeds 256 MACs, so the dequantization's instructions (about as many per step as for a
+    128-feature tile, ``benchmarks/compile_report.py``) are spread over twice the tensor-core work.
+    Fewer heads when the KV heads would leave more than 15% of a tile empty (SmolLM2's 9 heads of
+    64: tiles of 2). ``block_c`` = 64 channels per step, or the scale group when that is smaller, so
+    the scale is one broadcast vector per tile. Compiled for sm_90 this keeps every MMA loop free of
+    register spills and of serialized wgmma for 2/3/4/8 bits under triton 3.6 and 3.9 (at 255
+    registers, with a few spills after the loop); ``--sweep`` times the alternatives on a GPU.
 
     Values kernel: ``block_m`` flattened query rows (all heads share the value rows), ``block_nv``
     rows by ``block_cv`` value channels per step, ``num_splits`` chunks of the rows so that about two
     programs run per multiprocessor.
     """
     d_pad = _pow2_at_least_16(head_dim // 2) * 2
-    block_h = max(1, 128 // d_pad)
+    block_h = max(1, 256 // d_pad)
     while block_h > 1 and -(-kv_heads // block_h) * block_h > 1.15 * kv_heads:
         block_h //= 2
     block_h = min(block_h, 1 << max(kv_heads - 1, 0).bit_length())
@@ -624,7 +630,7 @@ def default_config(
     block_c = 64
     if k_layout == "per_token" and k_group % 64:
         block_c = max(16, _largest_pow2_divisor(k_group, 64))
-    num_warps = 8 if block_n * block_h * d_pad >= 128 * 128 else 4
+    num_warps = 8 if block_n * block_h * d_pad >= 128 * 128 else 4  # two warpgroups from 128 x 128 on
 
     block_m = min(64, _pow2_at_least_16(kv_heads * query_rows))
     block_nv = 64
@@ -694,11 +700,8 @@ def decode_attention_triton(
     # The Triton interpreter (the only way these kernels run on CPU tensors) gets bf16 tl.dot wrong.
     upcast = interpreted() and dtype == torch.bfloat16
 
-    # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written. Stored
-    #    [B, L, Hkv, R] (a cached row's scores side by side, as the scores kernel's tile holds them),
-    #    viewed [B, Hkv, R, L].
-    scores_lm = torch.empty((batch, max_len, kv_heads * rows), device=dev, dtype=torch.float32)
-    scores = scores_lm.view(batch, max_len, kv_heads, rows).permute(0, 2, 3, 1)
+    # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written
+    scores = torch.empty((batch, kv_heads, rows, max_len), device=dev, dtype=torch.float32)
     k_ptrs, k_strides = _source_args(k_packed, k_scale, k_zero, k_tail, col0)
     if mask is None:
         mask_kind, mask_t, m_strides = 0, scores, (0, 0, 0, 0)
@@ -733,7 +736,7 @@ def decode_attention_triton(
     m_all = kv_heads * rows
     block_m = min(cfg["block_m"], _pow2_at_least_16(m_all))
     block_cv = min(cfg["block_cv"], _pow2_at_least_16(v_width))
-    flat_scores = scores_lm.transpose(1, 2)  # [B, Hkv·R, L]
+    flat_scores = scores.view(batch, m_all, max_len)
     acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
     m_part = torch.empty((batch, splits, m_all), device=dev, dtype=torch.float32)
     l_part = torch.empty_like(m_part)

@@ -231,8 +231,11 @@ if HAS_TRITON:
         else:
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < N
-        out_ptrs = out_ptr + batch * stride_ob + rows[:, None] * stride_ol + cols[None, :] * stride_on
-        out_mask = (rows[:, None] < L) & col_mask[None, :]
+        # Tiles are [features, rows] (outᵀ = W · X̂ᵀ): the dequantized X̂ is the second operand, which the
+        # tensor cores read from shared memory, so its MMAs overlap the next tile's dequantization (as
+        # the first operand it would be read from registers, and ptxas serializes each wgmma: C7515).
+        out_ptrs = out_ptr + batch * stride_ob + rows[None, :] * stride_ol + cols[:, None] * stride_on
+        out_mask = (rows[None, :] < L) & col_mask[:, None]
 
         # The fill n is read here, on the device: the host never syncs, so CUDA graphs can replay the
         # launch with a new n. Clamped to [0, L] like the CPU kernel.
@@ -240,16 +243,16 @@ if HAS_TRITON:
         n = tl.minimum(tl.maximum(n, 0), L)
         if m_block * BLOCK_M >= n:
             # Block entirely past the fill: the cost of these tokens is one store of zeros.
-            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(out_ptrs, tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=out_mask)
             if ROPE:
-                tl.store(out_ptrs + HALF * stride_on, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                tl.store(out_ptrs + HALF * stride_on, tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty),
                          mask=out_mask)
             return
 
         row_mask = rows < n  # tokens of a partly filled block past n are never read
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # ROPE: the partner features (+ HALF)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # ROPE: the partner features (+ HALF)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < D  # ragged last tile when BLOCK_K does not divide d
@@ -261,34 +264,35 @@ if HAS_TRITON:
                 BITS, GROUP_SIZE, False, False, SCALE_BCAST, BLOCK_M, BLOCK_K,
             )
 
-            # weight is [N, d]: read the [BLOCK_K, BLOCK_N] tile of weight.T through the strides.
+            # weight is [N, d]: its [BLOCK_N, BLOCK_K] tile.
             w = tl.load(
-                weight_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                mask=k_mask[:, None] & col_mask[None, :],
+                weight_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
+                mask=col_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
             # X-hat is rounded to the weight dtype first (as the reference dequantizes to it), the
             # products accumulate in fp32.
-            acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+            xt = tl.trans(x.to(w.dtype))
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
             if ROPE:
                 w2 = tl.load(
-                    weight_ptr + (cols[None, :] + HALF) * stride_wn + ks[:, None] * stride_wk,
-                    mask=k_mask[:, None] & col_mask[None, :],
+                    weight_ptr + (cols[:, None] + HALF) * stride_wn + ks[None, :] * stride_wk,
+                    mask=col_mask[:, None] & k_mask[None, :],
                     other=0.0,
                 )
-                acc2 = tl.dot(x.to(w2.dtype), w2, acc2, input_precision=DOT_PRECISION)
+                acc2 = tl.dot(w2, xt, acc2, input_precision=DOT_PRECISION)
 
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
-            acc += b.to(tl.float32)[None, :]
+            acc += b.to(tl.float32)[:, None]
             if ROPE:
                 b2 = tl.load(bias_ptr + cols + HALF, mask=col_mask, other=0.0)
-                acc2 += b2.to(tl.float32)[None, :]
+                acc2 += b2.to(tl.float32)[:, None]
         if ROPE:
             # HF rotate_half: [y1, y2] -> [y1·cos1 - y2·sin1, y2·cos2 + y1·sin2], in fp32.
-            t_mask = row_mask[:, None] & col_mask[None, :]
-            cos_ptrs = cos_ptr + batch * stride_cb + rows[:, None] * stride_cl + half_d[None, :] * stride_cd
-            sin_ptrs = sin_ptr + batch * stride_snb + rows[:, None] * stride_snl + half_d[None, :] * stride_snd
+            t_mask = col_mask[:, None] & row_mask[None, :]
+            cos_ptrs = cos_ptr + batch * stride_cb + rows[None, :] * stride_cl + half_d[:, None] * stride_cd
+            sin_ptrs = sin_ptr + batch * stride_snb + rows[None, :] * stride_snl + half_d[:, None] * stride_snd
             c1 = tl.load(cos_ptrs, mask=t_mask, other=0.0).to(tl.float32)
             c2 = tl.load(cos_ptrs + HALF * stride_cd, mask=t_mask, other=0.0).to(tl.float32)
             s1 = tl.load(sin_ptrs, mask=t_mask, other=0.0).to(tl.float32)
@@ -296,10 +300,10 @@ if HAS_TRITON:
             first = acc * c1 - acc2 * s1
             acc2 = acc2 * c2 + acc * s2
             acc = first
-            acc2 = tl.where(row_mask[:, None], acc2, 0.0)
+            acc2 = tl.where(row_mask[None, :], acc2, 0.0)
             tl.store(out_ptrs + HALF * stride_on, acc2.to(out_ptr.dtype.element_ty), mask=out_mask)
         # Rows past n in this block must be exactly 0 (the bias would otherwise land there).
-        acc = tl.where(row_mask[:, None], acc, 0.0)
+        acc = tl.where(row_mask[None, :], acc, 0.0)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
