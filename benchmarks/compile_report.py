@@ -262,8 +262,9 @@ def main(argv=None) -> int:
     jobs = [(f"{shape} {bits}-bit", lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b))
             for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
-        jobs += [(f"dequant_project_rope {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
-                 for bits in args.bits]
+        jobs += [(f"dequant_project{'_rope' if rope else ''} {bits}-bit",
+                  lambda b=bits, r=rope: dequant_project_launches(args.length, dtype, b, rope=r))
+                 for bits in args.bits for rope in (True, False)]
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():
