@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="also time the fused op under each configuration of sweep_configs() per shape and length "
                         "(correctness checked for each), and report the fastest")
+    p.add_argument("--sweep-min-length", type=int, default=8192,
+                   help="sweep only lengths from this one on (the target is for n >= 8K; short ones are launch-bound)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: also record the device time of each Triton kernel of the fused op (torch.profiler), "
                         "to see which of the scores / values / reduce launches dominates")
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
             flops = B * (2 * n * Ck * D * Hkv + 2 * n * D * Hq * S + 2 * n * Cv * Hq * S)
             tflops = flops / (ms["fused"] * 1e-3) / 1e12
             sweep = []
-            if args.sweep:
+            if args.sweep and n >= min(args.sweep_min_length, max(args.lengths)):
                 default = da.default_config(
                     batch=B, kv_heads=Hkv, head_dim=D, query_rows=Hq // Hkv * S, max_len=L, v_width=Cv,
                     k_layout=shape["k_layout"], k_group=shape["k_group"],
