@@ -39,8 +39,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 H200_SHARED_BYTES = 227 * 1024
 H200_MULTIPROCESSORS = 132
@@ -199,10 +197,24 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
     return report
 
 
+def _attention_benchmark():
+    """benchmarks/decode_attention.py (its shapes and inputs), loaded by path: importing this module
+    must not put benchmarks/ on sys.path (tests import it)."""
+    import importlib.util
+
+    name = "xq_benchmarks_decode_attention"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "decode_attention.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4) -> list[Launch]:
     """The launches of one decode-attention call for a benchmark shape (CPU tensors, nothing runs)."""
-    import decode_attention as bench  # benchmarks/decode_attention.py: the shapes and their inputs
     from xq_compile.kernels import decode_attention as da
+
+    bench = _attention_benchmark()
 
     a = bench.make_inputs(bench.SHAPES[shape], 1, length, 1, bits, dtype, "cpu")
     saved = da.multiprocessors
@@ -287,4 +299,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # xq_compile from the checkout, if not installed
     sys.exit(main())
