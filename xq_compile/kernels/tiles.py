@@ -48,7 +48,9 @@ if triton is not None:
         SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """Rows ``r0 .. r0 + BLOCK_N`` (valid below ``row_end``), channels ``c0 .. c0 + BLOCK_C`` (valid
-        below ``C``) of a source, dequantized: fp32 [BLOCK_N, BLOCK_C], 0 at invalid rows.
+        below ``C``) of a source, dequantized: fp32 [BLOCK_N, BLOCK_C]. Invalid rows are finite (0, or
+        with broadcast per-channel scales their group's zero point) and get no weight from the callers
+        (masked stores, zero probabilities): nothing past the fill is ever read, poisoned or not.
 
         Layouts (see ``decode_attention``'s docstring): per token, scale/zero [B, L, C // GROUP]; per
         channel, scale/zero [B, ceil(L / GROUP), C] and rows ``n_full <= j < row_end`` come from the
