@@ -114,6 +114,7 @@ def _tool(name: str) -> str:
     return str(path)
 
 
+SPILL_OPS = ("STL", "LDL")  # local-memory stores/loads: register spills
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
 
 
@@ -135,7 +136,7 @@ def mma_loop_ops(sass: str) -> list[str]:
 def loop_spills(sass: str) -> int:
     """Local-memory accesses (STL/LDL: register spills) inside loops that issue tensor-core MMAs; a few
     spills around the loops (saving addresses, the epilogue) cost nothing per iteration."""
-    return sum(1 for op in mma_loop_ops(sass) if op in ("STL", "LDL"))
+    return sum(1 for op in mma_loop_ops(sass) if op in SPILL_OPS)
 
 
 def _ptxas_serializes_wgmma(ptx: str, arch: int) -> bool:
@@ -183,8 +184,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
     report.hgmma = len(re.findall(r"\bHGMMA\b", sass))
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
     report.spill_instructions = len(re.findall(r"\b(?:STL|LDL)\b", sass))
-    report.loop_spill_instructions = loop_spills(sass)
-    report.loop_instructions = len(mma_loop_ops(sass))
+    loop_ops = mma_loop_ops(sass)
+    report.loop_instructions = len(loop_ops)
+    report.loop_spill_instructions = sum(1 for op in loop_ops if op in SPILL_OPS)
     if m := re.search(r"REG:(\d+)", res):
         report.registers = int(m.group(1))
     if m := re.search(r"STACK:(\d+)", res):

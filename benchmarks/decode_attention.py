@@ -84,13 +84,7 @@ def kernel_times_ms(fn, iters: int) -> dict:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    times = {}
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None)
-        if device_us is None:  # older torch spelling
-            device_us = getattr(event, "cuda_time_total", 0.0)
-        if device_us:
-            times[event.key] = device_us / 1e3 / iters
+    times = {e.key: e.device_time_total / 1e3 / iters for e in prof.key_averages() if e.device_time_total}
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
@@ -271,12 +265,7 @@ def main(argv=None) -> int:
             tflops = flops / (ms["fused"] * 1e-3) / 1e12
             sweep = []
             if args.sweep and n >= min(args.sweep_min_length, max(args.lengths)):
-                default = da.default_config(
-                    batch=B, kv_heads=Hkv, head_dim=D, query_rows=Hq // Hkv * S, max_len=L, v_width=Cv,
-                    k_layout=shape["k_layout"], k_group=shape["k_group"],
-                    v_layout="per_token" if shape["Cv"] else shape["k_layout"],
-                    v_group=shape.get("v_group", shape["k_group"]), dtype=dtype, device=torch.device(dev))
-                for over in sweep_configs(default):
+                for over in sweep_configs(da.resolve_config(*a.values())):
                     cfg = {**config, **over}
                     run = lambda cfg=cfg: da.decode_attention_triton(*a.values(), **cfg)  # noqa: E731
                     try:

@@ -390,13 +390,7 @@ INTERPRETER_CONFIGS = [
 
 
 def default_config_of(case: Case) -> dict:
-    shared = case.Cv is None
-    return da.default_config(
-        batch=case.B, kv_heads=case.Hkv, head_dim=case.D, query_rows=case.Hq // case.Hkv * case.S, max_len=case.L,
-        v_width=case.C if shared else case.Cv, k_layout=case.k_layout, k_group=case.k_group,
-        v_layout=case.k_layout if shared else case.v_layout, v_group=case.k_group if shared else case.v_group,
-        dtype=case.dtype, device=torch.device("cpu"),
-    )
+    return da.resolve_config(*make_inputs(case).values())
 SHARDS = 3
 
 

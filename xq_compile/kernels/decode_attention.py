@@ -60,6 +60,7 @@ from typing import Optional
 import torch
 
 from xq_compile import quant
+from xq_compile.kernels.tiles import next_power_of_2
 
 try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
     import triton
@@ -563,7 +564,7 @@ if HAS_TRITON:
 
 
 def _pow2_at_least_16(x: int) -> int:
-    return max(16, 1 << max(x - 1, 0).bit_length())
+    return max(16, next_power_of_2(x))
 
 
 def _source_args(packed, scale, zero, tail, col0):
@@ -621,9 +622,8 @@ def default_config(
     """
     d_pad = _pow2_at_least_16(head_dim // 2) * 2
     block_h = max(1, 256 // d_pad)
-    while block_h > 1 and -(-kv_heads // block_h) * block_h > 1.15 * kv_heads:
+    while block_h > 1 and -(-kv_heads // block_h) * block_h > 1.15 * kv_heads:  # also keeps block_h <= 2·Hkv
         block_h //= 2
-    block_h = min(block_h, 1 << max(kv_heads - 1, 0).bit_length())
     block_n = 128 if dtype != torch.float32 else 64  # fp32 operands: twice the registers per element
     if k_layout == "per_channel":  # a row block inside one token group broadcasts its scales
         block_n = max(64, min(block_n, _largest_pow2_divisor(k_group, block_n)))
@@ -643,24 +643,26 @@ def default_config(
                 block_cv=block_cv, num_splits=splits, num_warps=num_warps, num_stages=3)
 
 
-def decode_attention_triton(
+def resolve_config(
     query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
     k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
     v_bits, v_group, v_layout, sm_scale,
     **config: int,
-) -> torch.Tensor:
-    """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
+) -> dict:
+    """The configuration :func:`decode_attention_triton` launches these arguments with:
+    :func:`default_config` for their shapes, then the keyword overrides (:data:`CONFIG_KEYS`), checked."""
+    return _resolve(
+        (query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+         v_bits, v_group, v_layout), config,
+    )[1]
 
-    Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
-    pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
-    arguments (:data:`CONFIG_KEYS`) override :func:`default_config`; block sizes are powers of two
-    (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the scores kernel.
-    """
-    if not HAS_TRITON:
-        raise RuntimeError(
-            "xq_compile::decode_attention on CUDA needs triton, which is not installed: "
-            "pip install 'xq-compile[triton]' (or pip install triton)."
-        )
+
+def _resolve(args: tuple, config: dict) -> tuple[tuple, dict]:
+    """(the shapes of :func:`_check_inputs`, the launch configuration) for the op's arguments."""
+    (query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+     k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+     v_bits, v_group, v_layout) = args
     unknown = set(config) - set(CONFIG_KEYS)
     if unknown:
         raise TypeError(f"unknown decode_attention config {sorted(unknown)}; known: {CONFIG_KEYS}")
@@ -669,12 +671,11 @@ def decode_attention_triton(
         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
         v_bits, v_group, v_layout,
     )
-    group_q = q_heads // kv_heads
-    rows = group_q * seq
+    shapes = (batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width)
     shared = v_packed is None
     cfg = default_config(
-        batch=batch, kv_heads=kv_heads, head_dim=head_dim, query_rows=rows, max_len=max_len, v_width=v_width,
-        k_layout=k_layout, k_group=k_group, v_layout=k_layout if shared else v_layout,
+        batch=batch, kv_heads=kv_heads, head_dim=head_dim, query_rows=q_heads // kv_heads * seq, max_len=max_len,
+        v_width=v_width, k_layout=k_layout, k_group=k_group, v_layout=k_layout if shared else v_layout,
         v_group=k_group if shared else v_group, dtype=k_weight.dtype, device=query.device,
     )
     cfg.update({k: v for k, v in config.items() if v is not None})
@@ -685,6 +686,36 @@ def decode_attention_triton(
         raise ValueError(f"block_h={cfg['block_h']} must be a power of two >= 1")
     if cfg["num_splits"] < 1:
         raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
+    return shapes, cfg
+
+
+def decode_attention_triton(
+    query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+    k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+    v_bits, v_group, v_layout, sm_scale,
+    **config: int,
+) -> torch.Tensor:
+    """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
+
+    Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
+    pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
+    arguments (:data:`CONFIG_KEYS`) override :func:`default_config` (see :func:`resolve_config`);
+    block sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to
+    the scores kernel.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "xq_compile::decode_attention on CUDA needs triton, which is not installed: "
+            "pip install 'xq-compile[triton]' (or pip install triton)."
+        )
+    (batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width), cfg = _resolve(  # checks everything
+        (query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+         v_bits, v_group, v_layout), config,
+    )
+    group_q = q_heads // kv_heads
+    rows = group_q * seq
+    shared = v_packed is None
     dtype = k_weight.dtype
     if dtype not in _TL_DTYPES:
         raise ValueError(f"model dtype {dtype} is not supported by the Triton kernel")
@@ -710,7 +741,7 @@ def decode_attention_triton(
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask_t = mask_e.view(torch.uint8) if mask_kind == 1 else mask_e
         m_strides = mask_e.stride()
-    block_h = min(cfg["block_h"], 1 << max(kv_heads - 1, 0).bit_length())
+    block_h = min(cfg["block_h"], next_power_of_2(kv_heads))  # an override may exceed the heads
     grid = (batch * triton.cdiv(kv_heads, block_h), triton.cdiv(max_len, cfg["block_n"]))
     _scores_kernel[grid](
         query, *k_ptrs, k_weight, k_weight if k_bias is None else k_bias, cos, sin, mask_t, length, scores,

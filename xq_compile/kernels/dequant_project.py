@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xq_compile import quant
+from xq_compile.kernels.tiles import next_power_of_2
 
 try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
     import triton
@@ -307,10 +308,6 @@ if HAS_TRITON:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _next_power_of_2(x: int) -> int:
-    return 1 << max(x - 1, 0).bit_length()
-
-
 def dequant_project_triton(
     packed: torch.Tensor,
     scale: torch.Tensor,
@@ -366,7 +363,7 @@ def dequant_project_rope_triton(
     N/2 rounded up to a power of two, capped at 64, so the two accumulators together match the 128 of
     the plain kernel)."""
     if block_n is None:
-        block_n = min(64, max(16, _next_power_of_2(weight.shape[0] // 2)))
+        block_n = min(64, max(16, next_power_of_2(weight.shape[0] // 2)))
     return _launch(packed, scale, zero, weight, bias, length, bits, group_size, cos, sin, head_dim,
                    block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
@@ -386,7 +383,7 @@ def _launch(packed, scale, zero, weight, bias, length, bits, group_size, cos, si
     batch, max_len, width = packed.shape
     out_features, hidden = weight.shape
     if block_n is None:
-        block_n = min(128, max(16, _next_power_of_2(out_features)))
+        block_n = min(128, max(16, next_power_of_2(out_features)))
     for name, block in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name}={block} must be a power of two >= 16")

@@ -26,7 +26,12 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["dequant_tile", "scale_broadcast"]
+__all__ = ["dequant_tile", "next_power_of_2", "scale_broadcast"]
+
+
+def next_power_of_2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): Triton block shapes must be powers of two."""
+    return 1 << max(x - 1, 0).bit_length()
 
 
 def scale_broadcast(layout: str, group: int, block_rows: int, block_cols: int) -> bool:
