@@ -6,6 +6,9 @@ SDPA over a plain 16-bit K/V cache of the same length.
     python benchmarks/decode_attention.py --sweep --lengths 8192 32768    # H200: time sweep_configs() too
     TRITON_INTERPRET=1 python benchmarks/decode_attention.py --device cpu --lengths 64 --shape gqa \\
         --iters 1 --repeats 1 --sweep --out /tmp/sweep.json    # the sweep code path on CPU (interpreter)
+    # fill Triton's disk cache from 4 processes at once, then time with no compilation in the way
+    for i in 0 1 2 3; do python benchmarks/decode_attention.py --sweep --compile-only --shard $i/4 & done; wait
+    python benchmarks/decode_attention.py --sweep
 
 Shapes (``--shape``, several allowed; default all three):
   * ``smollm2``  d = 576, 9 heads of 64, MHA: one shared X source (per-token groups of 64);
@@ -18,7 +21,8 @@ Per shape and length n (capacity L = max length; the cache holds n rows):
   * ``unfused``  dequant_project for K (torch dequantize + linear for a per-channel source) + RoPE in torch
                  + absorbed values in torch (xq_compile.attention.absorbed_attention), n sliced on the host;
   * ``sdpa``     F.scaled_dot_product_attention over a 16-bit K/V cache of n rows (what a normal cache costs).
-Times are CUDA-event averages over ``--iters`` calls, median of ``--repeats`` rounds. TFLOP/s counts the
+Times are CUDA-event averages over ``--iters`` calls (fewer for a call so slow that a round would take
+more than ``--max-round-ms``), median of ``--repeats`` rounds. TFLOP/s counts the
 rebuild: 2·n·Ck·D·Hkv + 2·n·D·Hq·S + 2·n·Cv·Hq·S per batch row; "peak" is the H200's dense bf16 989 TFLOP/s.
 """
 
@@ -59,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-round-ms", type=float, default=100.0,
+                   help="fewer than --iters calls per round when one call takes longer than this / --iters (at "
+                        "least one): a slow configuration of the sweep then costs seconds, not minutes")
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                    help="decode_attention config overrides for the fused op (xq_compile.kernels.decode_attention."
                         "CONFIG_KEYS), e.g. block_h=2 num_warps=8")
@@ -70,8 +77,19 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="CUDA: also record the device time of each Triton kernel of the fused op (torch.profiler), "
                         "to see which of the scores / values / reduce launches dominates")
+    p.add_argument("--compile-only", action="store_true",
+                   help="launch every kernel the timed run would (fused default and, with --sweep, each sweep "
+                        "configuration; the unfused path) once, untimed, to fill Triton's disk cache; no output")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="with --compile-only: only the I-th of every N launches (run N such processes in parallel: "
+                        "Triton compiles on one CPU core per process)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/decode_attention.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    index, _, count = args.shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        p.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N")
+    args.shard = (int(index), int(count))
+    return args
 
 
 def kernel_times_ms(fn, iters: int) -> dict:
@@ -202,10 +220,16 @@ def unfused(a: dict, n: int) -> torch.Tensor:
                               kv_heads=Hkv, head_dim=D, seq_len=S, mask_is_bool=True)
 
 
-def time_ms(fn, dev: str, iters: int, repeats: int) -> float:
+def time_ms(fn, dev: str, iters: int, repeats: int, max_round_ms: float = float("inf")) -> float:
     fn()
     if dev == "cuda":
         torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    one_ms = max((time.perf_counter() - t0) * 1e3, 1e-6)
+    iters = max(1, min(iters, int(max_round_ms / one_ms)))
     rounds = []
     for _ in range(repeats):
         if dev == "cuda":
@@ -224,6 +248,49 @@ def time_ms(fn, dev: str, iters: int, repeats: int) -> float:
     return statistics.median(rounds)
 
 
+def fused_launcher(a: dict, config: dict):
+    """The fused op on the inputs ``a``: through the registered op for the default configuration (what the
+    rewritten graphs call), else its Triton launcher with the ``config`` overrides."""
+    from xq_compile.kernels import decode_attention as da
+
+    if config:
+        return lambda: da.decode_attention_triton(*a.values(), **config)
+    return lambda: torch.ops.xq_compile.decode_attention.default(**a)
+
+
+def compile_only(args, config: dict, dtype) -> int:
+    """Launch, once each and untimed, this shard's share of the kernels the timed run launches. Triton
+    compiles a kernel at its first launch and keeps it in its disk cache (``TRITON_CACHE_DIR``), keyed
+    by the specialization: the capacity (max of --lengths) and the shapes are those of the timed run,
+    and the length is read on the device, so every timed launch then finds its kernel compiled."""
+    from xq_compile.kernels import decode_attention as da
+
+    index, count = args.shard
+    L, t_start, job, failures = max(args.lengths), time.perf_counter(), 0, 0
+    for name in args.shape:
+        a = make_inputs(SHAPES[name], args.batch, L, args.queries, args.bits, dtype, args.device)
+        overrides = sweep_configs(da.resolve_config(*a.values()))[1:] if args.sweep else []
+        launches = {"unfused": [lambda n=n: unfused(a, n) for n in args.lengths], "fused": [fused_launcher(a, config)]}
+        launches.update({f"sweep {over}": [fused_launcher(a, {**config, **over})] for over in overrides})
+        for what, calls in launches.items():
+            job += 1
+            if (job - 1) % count != index:
+                continue
+            try:
+                for call in calls:
+                    call()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+            except Exception as exc:  # a config that does not compile is reported by the timed run
+                failures += 1
+                print(f"{name} {what}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            print(f"{name} {what}: compiled [{time.perf_counter() - t_start:.0f}s]", flush=True)
+    print(f"shard {index}/{count}: {job} launch groups in all, done in {time.perf_counter() - t_start:.0f}s "
+          f"({failures} failed)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import xq_compile.kernels  # noqa: F401 - registers the ops
@@ -233,8 +300,9 @@ def main(argv=None) -> int:
         sys.exit("--device cuda but no CUDA device")
     from xq_compile.kernels import decode_attention as da
 
-    op = torch.ops.xq_compile.decode_attention.default
     config = parse_config(args.config)
+    if args.compile_only:
+        return compile_only(args, config, dtype)
     L = max(args.lengths)
     B, S = args.batch, args.queries
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
@@ -253,24 +321,23 @@ def main(argv=None) -> int:
             vc = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype)
             q = a["query"]
             fns = {
-                "fused": (lambda: da.decode_attention_triton(*a.values(), **config)) if config else (lambda: op(**a)),
+                "fused": fused_launcher(a, config),
                 "unfused": lambda: unfused(a, n),
                 "sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=Hq != Hkv),
             }
             # correctness of what is timed: fused against the unfused path
             ref = unfused(a, n).float()
             err = ((fns["fused"]().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-            ms = {k: time_ms(f, dev, args.iters, args.repeats) for k, f in fns.items()}
+            ms = {k: time_ms(f, dev, args.iters, args.repeats, args.max_round_ms) for k, f in fns.items()}
             flops = B * (2 * n * Ck * D * Hkv + 2 * n * D * Hq * S + 2 * n * Cv * Hq * S)
             tflops = flops / (ms["fused"] * 1e-3) / 1e12
             sweep = []
             if args.sweep and n >= min(args.sweep_min_length, max(args.lengths)):
                 for over in sweep_configs(da.resolve_config(*a.values())):
-                    cfg = {**config, **over}
-                    run = lambda cfg=cfg: da.decode_attention_triton(*a.values(), **cfg)  # noqa: E731
+                    run = fused_launcher(a, {**config, **over})
                     try:
                         e = ((run().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-                        t = time_ms(run, dev, args.iters, args.repeats)
+                        t = time_ms(run, dev, args.iters, args.repeats, args.max_round_ms)
                     except Exception as exc:  # a config that does not compile (shared memory...) is a result
                         sweep.append({"config": over, "error": f"{type(exc).__name__}: {exc}"[:300]})
                         print(f"    sweep {over}: {type(exc).__name__}", flush=True)

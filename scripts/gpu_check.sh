@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
-# One prepared check for a CUDA machine (written for one H200; torch 2.11, triton 3.6, transformers 5.17,
-# no internet). Run from the repository root:
+# One prepared check for a CUDA machine (written for one H200 with 16 CPU cores; torch 2.11, triton 3.6,
+# transformers 5.17, no internet). Run from the repository root:
 #
 #     OUT=gpu_results bash scripts/gpu_check.sh          # everything lands under $OUT (default ./gpu_results)
 #
 # The GPU machine has no internet: to compare with quanto there, fetch its wheels first (ignored by git,
 # carry the folder to the machine):  pip download --no-deps -d .gpu_wheels optimum-quanto==0.2.7 ninja==1.13.2
 #
-# Steps, in priority order, each under its own timeout and all under one total budget (BUDGET_S,
-# default 290 s, so that a 5-minute slot runs the most important ones; every step takes ~10 min with
-# compilation, BUDGET_S=600); a failing, timed-out or skipped step is recorded in $OUT/summary.txt:
+# Almost all of the time goes to compiling (Triton kernels, Inductor graphs), which runs on one CPU core
+# per process. So the script runs in two phases under one total budget (BUDGET_S, default 290 s):
+#
+#   1. compile-bound, in parallel processes (one GPU, shared Triton and Inductor disk caches):
+#      tests_<i>     the CUDA correctness tests in TEST_SHARDS (8) shards (pytest --shard i/N, tests/conftest.py):
+#                    tests/test_decode_attention.py -k cuda (every interpreter case compiled, real shapes,
+#                    CUDA-graph replay) and tests/test_kernels_cuda.py (dequant_project vs its CPU reference,
+#                    CUDA graphs, Inductor, backend="xquant" end to end incl. the fused decode path and
+#                    mode="reduce-overhead")
+#      compile       benchmarks/compile_report.py --check: the kernels compiled for sm_90 by this triton
+#                    (wgmma in the SASS, none serialized, no spills in the MMA loops, shared memory)
+#      warm_attn_<i> benchmarks/decode_attention.py --compile-only in WARM_SHARDS (4) shards: launches every
+#                    kernel the timed attention run will launch, once, so that it finds them compiled
+#      warm_decode, warm_rebuild  the decode-step and rebuild benchmarks, shortened: their graphs compiled
+#                    (Inductor's caches), quanto's extension built (torch's extension cache)
+#   2. timed, one at a time (the GPU to itself), in priority order:
+#      attn          decode_attention.py --sweep --profile: the fused op vs the unfused path vs SDPA over a
+#                    16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak, the fastest of
+#                    sweep_configs() per shape and length, device time per Triton kernel
+#      decode        decode_step.py, bf16, lengths up to 32K, vs the compiled StaticCache and quanto's
+#                    QuantizedCache (if its wheel is installed)
+#      rebuild       rebuild_op.py on CUDA, bf16: dequant_project and the compiled rebuild vs torch.mm
+# Every step runs under its own timeout (at most what is left of the budget); each step's rc, seconds and
+# status go to $OUT/summary.txt, its output to $OUT/<step>.log. Before that:
 #   install     pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
 #               symlink xq_compile/passes -> ../passes, the mapping the install would provide); wheels
-#               found in .gpu_wheels/ (optimum-quanto, ninja: the machine has no internet) are installed too
+#               found in .gpu_wheels/ (optimum-quanto, ninja) are installed too
 #   env         versions, nvidia-smi
-#   compile     benchmarks/compile_report.py --check: the kernels compiled for sm_90 by this triton
-#               (wgmma in the SASS, no spills in the MMA loops, shared memory), no GPU needed
-#   attn_tests  pytest tests/test_decode_attention.py -k cuda  (every interpreter case, compiled; CUDA graphs)
-#   attn        benchmarks/decode_attention.py --sweep: the fused decode-attention op vs. the unfused path
-#               vs. SDPA over a 16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak, and the
-#               fastest of sweep_configs() per shape and length; --profile: device time per Triton kernel
-#   cuda_ops    pytest tests/test_kernels_cuda.py  (dequant_project vs. its CPU reference, CUDA graphs,
-#               Inductor, end to end through the backend incl. the fused decode path and reduce-overhead)
-#   decode      benchmarks/decode_step.py, bf16, lengths up to 32K, with quanto's QuantizedCache if installed
-#   rebuild     benchmarks/rebuild_op.py on CUDA, bf16
+# SMOKE=1 runs the same plumbing on a machine without a GPU (CPU, tiny sizes; the CUDA tests skip).
 # Exit status: 0 if every step passed, 1 otherwise (the summary says which).
 set -euo pipefail
 
@@ -127,28 +139,89 @@ export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR="$OUT/_inductor_cache"   # fresh, local; not carried back (large)
 
 # ---- the checks ----------------------------------------------------------------------------------
-# In priority order (first H200 run: test_kernels_cuda.py alone took ~130 s, mostly compiling).
-# 0. what the kernels compile to (wgmma, spills, shared memory) under this machine's triton: ~30 s, no GPU
-run_step compile 60 "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
-# 1. the decode-attention kernels against their reference, compiled (every interpreter case + real shapes)
-run_step attn_tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k cuda \
-    --junitxml="$OUT/attn_tests.xml" -rfs
-# 2. the fused op vs the unfused path vs SDPA, and the configuration sweep (fastest config per shape)
-run_step attn 120 "$PY" benchmarks/decode_attention.py --device cuda --dtype bf16 --lengths 1024 8192 32768 \
-    --shape smollm2 llama7b gqa --batch 1 --sweep --profile --out "$OUT/decode_attention.json"
-# 3. dequant_project on the GPU, CUDA graphs, Inductor, end to end through the backend (fused decode path,
-#    reduce-overhead)
-run_step cuda_ops 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
-    --junitxml="$OUT/cuda_ops.xml" -rfs
-# 4. decode step vs the compiled StaticCache and quanto's QuantizedCache, up to 32K cached tokens
-run_step decode 150 "$PY" benchmarks/decode_step.py --device cuda --dtype bf16 --layers 4 --quanto --quanto-bits 4 \
-    --lengths 256 1024 4096 8192 16384 32768 --max-cache-len 32832 --steps 5 --repeats 3 --warmup 2 \
-    --out "$OUT/decode"
-# 5. the rebuild op vs torch.mm
-run_step rebuild 40 "$PY" benchmarks/rebuild_op.py --device cuda --dtype bf16 --n 1024 4096 32768 \
-    --repeats 20 --out "$OUT/rebuild"
+# Kernels compiled by one process are found by the others (and by the timed runs) in these caches.
+export TRITON_CACHE_DIR="$OUT/_triton_cache"
+TEST_SHARDS=${TEST_SHARDS:-8}
+WARM_SHARDS=${WARM_SHARDS:-4}
+if [ "${SMOKE:-0}" = 1 ]; then
+    DEVICE=cpu DTYPE=float32
+    ATTN=(--device cpu --dtype fp32 --lengths 64 128 --shape smollm2 gqa --sweep-min-length 128 --iters 2 --repeats 1)
+    MODEL=(--device cpu --dtype "$DTYPE" --layers 2)
+    DECODE_LENGTHS=(64 128) MAX_CACHE_LEN=192 REBUILD_N=(64 256)
+else
+    DEVICE=cuda DTYPE=bf16
+    ATTN=(--device cuda --dtype bf16 --lengths 1024 8192 32768 --shape smollm2 llama7b gqa --batch 1)
+    MODEL=(--device cuda --dtype "$DTYPE" --layers 4)
+    DECODE_LENGTHS=(256 1024 4096 8192 16384 32768) MAX_CACHE_LEN=32832 REBUILD_N=(1024 4096 32768)
+fi
+REBUILD=(benchmarks/rebuild_op.py --device "$DEVICE" --dtype "$DTYPE" --n "${REBUILD_N[@]}")
 
-rm -rf "$OUT/_inductor_cache" 2>/dev/null || true
+# ---- phase 1: compile-bound steps in parallel ------------------------------------------------------
+PARALLEL=()
+last_line() { grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | cut -c1-160; }
+# start_step NAME CAP CMD...: like run_step, in the background; finish_parallel waits for all of them.
+start_step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if [ "$left" -le 5 ]; then
+        echo "$name SKIPPED (total budget of ${BUDGET_S}s spent)" | tee -a "$SUMMARY"
+        FAILED=1
+        return 0
+    fi
+    local limit=$((cap < left ? cap : left))
+    PARALLEL+=("$name")
+    (
+        t0=$(date +%s) rc=0
+        timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+        echo "$rc $(($(date +%s) - t0)) $limit" > "$OUT/.$name.status"
+    ) &
+}
+finish_parallel() {
+    wait
+    local name rc dt limit status
+    for name in "${PARALLEL[@]}"; do
+        read -r rc dt limit < "$OUT/.$name.status" || { rc=1 dt=0 limit=0; }
+        rm -f "$OUT/.$name.status"
+        status=ok
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT after ${limit}s"; elif [ "$rc" -ne 0 ]; then status=FAILED; fi
+        [ "$rc" -eq 0 ] || FAILED=1
+        echo "$name rc=$rc seconds=$dt $status: $(last_line "$OUT/$name.log")" | tee -a "$SUMMARY"
+    done
+    PARALLEL=()
+}
+
+PHASE1_S=${PHASE1_S:-170}
+log "phase 1 (parallel, at most ${PHASE1_S}s): $TEST_SHARDS test shards, $WARM_SHARDS attention warm-up shards," \
+    "compile report, decode and rebuild warm-up"
+for ((i = 0; i < TEST_SHARDS; i++)); do
+    TORCHINDUCTOR_COMPILE_THREADS=1 start_step "tests_$i" "$PHASE1_S" "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_decode_attention.py tests/test_kernels_cuda.py -k cuda --shard "$i/$TEST_SHARDS" \
+        --junitxml="$OUT/tests_$i.xml" -rfs
+done
+for ((i = 0; i < WARM_SHARDS; i++)); do
+    start_step "warm_attn_$i" "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN[@]}" --sweep --compile-only \
+        --shard "$i/$WARM_SHARDS"
+done
+start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
+TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode "$PHASE1_S" "$PY" benchmarks/decode_step.py "${MODEL[@]}" \
+    --quanto --quanto-bits 4 --lengths "${DECODE_LENGTHS[0]}" --max-cache-len "$MAX_CACHE_LEN" --steps 1 \
+    --repeats 1 --warmup 2 --no-plot --out "$OUT/_warm_decode"
+TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_rebuild "$PHASE1_S" "$PY" "${REBUILD[@]}" --repeats 1 \
+    --out "$OUT/_warm_rebuild"
+finish_parallel
+rm -rf "$OUT/_warm_decode" "$OUT/_warm_rebuild"
+for f in "$OUT"/tests_*.log; do last_line "$f"; done | grep -o '[0-9]\+ \(passed\|failed\|skipped\|errors\?\)' \
+    | awk '{n[$2] += $1} END {s = "tests in all:"; for (k in n) s = s " " n[k] " " k; print s}' | tee -a "$SUMMARY" || true
+
+# ---- phase 2: timed, one at a time ------------------------------------------------------------------
+run_step attn 90 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" --sweep --profile --out "$OUT/decode_attention.json"
+run_step decode 90 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --quanto --quanto-bits 4 \
+    --lengths "${DECODE_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" --steps 5 --repeats 3 --warmup 2 \
+    --out "$OUT/decode"
+run_step rebuild 40 "$PY" "${REBUILD[@]}" --repeats 20 --out "$OUT/rebuild"
+
+rm -rf "$OUT/_inductor_cache" "$OUT/_triton_cache" 2>/dev/null || true
 log "done in $(($(date +%s) - START))s; summary:"
 cat "$SUMMARY"
 exit "$FAILED"

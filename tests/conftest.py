@@ -68,6 +68,38 @@ def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shard", default=None, metavar="I/N",
+        help="run only every N-th collected test, starting at the I-th (0 <= I < N). scripts/gpu_check.sh "
+             "runs N shards as parallel processes: the CUDA tests spend most of their time compiling "
+             "(Triton, Inductor), which is single-threaded per process")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or not 0 <= i < n:
+        raise pytest.UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. --shard 0/4")
+    return i, n
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection, so that the shards split what is selected
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--shard") is None:
+        return
+    i, n = parse_shard(config.getoption("--shard"))
+    # Round-robin over the collection order: neighbouring parametrizations (similar compile cost) spread out.
+    keep = [item for k, item in enumerate(items) if k % n == i]
+    dropped = [item for k, item in enumerate(items) if k % n != i]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles from scratch (no recompile limits or cached graphs carried over)."""
