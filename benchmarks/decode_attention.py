@@ -34,6 +34,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -291,6 +292,75 @@ def compile_only(args, config: dict, dtype) -> int:
     return 0
 
 
+def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
+    """One row: the fused op, the unfused path and SDPA at n cached rows (and the sweep, the profile)."""
+    from xq_compile.kernels import decode_attention as da
+
+    dev, B, S = args.device, args.batch, args.queries
+    shape = SHAPES[name]
+    Hq, Hkv, D, Ck = shape["Hq"], shape["Hkv"], shape["D"], shape["Ck"]
+    Cv = shape["Cv"] or Ck
+    a["length"] = torch.tensor(n, device=dev)
+    kc = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype)
+    vc = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype)
+    q = a["query"]
+    fns = {
+        "fused": fused_launcher(a, config),
+        "unfused": lambda: unfused(a, n),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=Hq != Hkv),
+    }
+    # correctness of what is timed: fused against the unfused path
+    ref = unfused(a, n).float()
+    err = ((fns["fused"]().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+    ms = {k: time_ms(f, dev, args.iters, args.repeats, args.max_round_ms) for k, f in fns.items()}
+    flops = B * (2 * n * Ck * D * Hkv + 2 * n * D * Hq * S + 2 * n * Cv * Hq * S)
+    tflops = flops / (ms["fused"] * 1e-3) / 1e12
+    sweep = []
+    if args.sweep and n >= min(args.sweep_min_length, max(args.lengths)):
+        for over in sweep_configs(da.resolve_config(*a.values())):
+            run = fused_launcher(a, {**config, **over})
+            try:
+                e = ((run().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                t = time_ms(run, dev, args.iters, args.repeats, args.max_round_ms)
+            except Exception as exc:  # a config that does not compile (shared memory...) is a result
+                sweep.append({"config": over, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(f"    sweep {over}: {type(exc).__name__}", flush=True)
+                continue
+            sweep.append({"config": over, "ms": t, "tflops": flops / (t * 1e-3) / 1e12, "rel_err": e})
+            print(f"    sweep {over}: {t:.3f} ms ({sweep[-1]['tflops']:.1f} TFLOP/s), rel err {e:.1e}", flush=True)
+    kernels = kernel_times_ms(fns["fused"], args.iters) if args.profile and dev == "cuda" else {}
+    if kernels:
+        print("    kernels: " + ", ".join(f"{k} {v:.3f} ms" for k, v in list(kernels.items())[:6]), flush=True)
+    return {"shape": name, "n": n, "ms": ms, "fused_over_sdpa": ms["fused"] / ms["sdpa"], "kernel_ms": kernels,
+            "unfused_over_sdpa": ms["unfused"] / ms["sdpa"], "fused_speedup_over_unfused": ms["unfused"] / ms["fused"],
+            "fused_tflops": tflops, "fraction_of_h200_bf16_peak": tflops / H200_BF16_DENSE_TFLOPS,
+            "gflop": flops / 1e9, "max_rel_err_vs_unfused": err, "config": config, "sweep": sweep}
+
+
+def tables(rows: list[dict]) -> str:
+    header = ["shape", "n", "fused ms", "unfused ms", "sdpa ms", "fused/sdpa", "unfused/fused", "TFLOP/s", "% peak",
+              "rel err"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['n']} | failed: {r['error'][:120]} |" + " |" * (len(header) - 3))
+            continue
+        lines.append(f"| {r['shape']} | {r['n']} | {r['ms']['fused']:.3f} | {r['ms']['unfused']:.3f} | "
+                     f"{r['ms']['sdpa']:.3f} | {r['fused_over_sdpa']:.2f} | {r['fused_speedup_over_unfused']:.2f} | "
+                     f"{r['fused_tflops']:.1f} | {100 * r['fraction_of_h200_bf16_peak']:.1f} | "
+                     f"{r['max_rel_err_vs_unfused']:.1e} |")
+    swept = [r for r in rows if any("ms" in c for c in r.get("sweep", []))]
+    if swept:
+        lines += ["", "| shape | n | default ms | best config | best ms | best TFLOP/s | best % peak |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in swept:
+            best = min((c for c in r["sweep"] if "ms" in c), key=lambda c: c["ms"])
+            default_ms = next((c["ms"] for c in r["sweep"] if c["config"] == {} and "ms" in c), float("nan"))
+            lines.append(f"| {r['shape']} | {r['n']} | {default_ms:.3f} | {best['config'] or 'default'} | "
+                         f"{best['ms']:.3f} | {best['tflops']:.1f} | {100 * best['tflops'] / H200_BF16_DENSE_TFLOPS:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import xq_compile.kernels  # noqa: F401 - registers the ops
@@ -298,87 +368,44 @@ def main(argv=None) -> int:
     dev, dtype = args.device, DTYPES[args.dtype]
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device")
-    from xq_compile.kernels import decode_attention as da
-
     config = parse_config(args.config)
     if args.compile_only:
         return compile_only(args, config, dtype)
     L = max(args.lengths)
-    B, S = args.batch, args.queries
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-           "dtype": str(dtype), "batch": B, "queries": S, "bits": args.bits, "capacity": L}
+           "dtype": str(dtype), "batch": args.batch, "queries": args.queries, "bits": args.bits, "capacity": L}
     print(env, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     t_start = time.perf_counter()
+
+    def save() -> str:  # after every row too: a run cut short by a timeout keeps what it measured
+        table = tables(rows)
+        args.out.write_text(json.dumps({"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "rows": rows, "table": table}, indent=2))
+        return table
+
     for name in args.shape:
-        shape = SHAPES[name]
-        a = make_inputs(shape, B, L, S, args.bits, dtype, dev)
-        Hq, Hkv, D, Ck = shape["Hq"], shape["Hkv"], shape["D"], shape["Ck"]
-        Cv = shape["Cv"] or Ck
+        a = make_inputs(SHAPES[name], args.batch, L, args.queries, args.bits, dtype, dev)
         for n in args.lengths:
-            a["length"] = torch.tensor(n, device=dev)
-            kc = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype)
-            vc = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype)
-            q = a["query"]
-            fns = {
-                "fused": fused_launcher(a, config),
-                "unfused": lambda: unfused(a, n),
-                "sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=Hq != Hkv),
-            }
-            # correctness of what is timed: fused against the unfused path
-            ref = unfused(a, n).float()
-            err = ((fns["fused"]().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-            ms = {k: time_ms(f, dev, args.iters, args.repeats, args.max_round_ms) for k, f in fns.items()}
-            flops = B * (2 * n * Ck * D * Hkv + 2 * n * D * Hq * S + 2 * n * Cv * Hq * S)
-            tflops = flops / (ms["fused"] * 1e-3) / 1e12
-            sweep = []
-            if args.sweep and n >= min(args.sweep_min_length, max(args.lengths)):
-                for over in sweep_configs(da.resolve_config(*a.values())):
-                    run = fused_launcher(a, {**config, **over})
-                    try:
-                        e = ((run().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-                        t = time_ms(run, dev, args.iters, args.repeats, args.max_round_ms)
-                    except Exception as exc:  # a config that does not compile (shared memory...) is a result
-                        sweep.append({"config": over, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                        print(f"    sweep {over}: {type(exc).__name__}", flush=True)
-                        continue
-                    sweep.append({"config": over, "ms": t, "tflops": flops / (t * 1e-3) / 1e12, "rel_err": e})
-                    print(f"    sweep {over}: {t:.3f} ms ({sweep[-1]['tflops']:.1f} TFLOP/s), rel err {e:.1e}",
-                          flush=True)
-            kernels = kernel_times_ms(fns["fused"], args.iters) if args.profile and dev == "cuda" else {}
-            if kernels:
-                print("    kernels: " + ", ".join(f"{k} {v:.3f} ms" for k, v in list(kernels.items())[:6]), flush=True)
-            row = {"shape": name, "n": n, "ms": ms, "fused_over_sdpa": ms["fused"] / ms["sdpa"], "kernel_ms": kernels,
-                   "unfused_over_sdpa": ms["unfused"] / ms["sdpa"], "fused_speedup_over_unfused": ms["unfused"] / ms["fused"],
-                   "fused_tflops": tflops, "fraction_of_h200_bf16_peak": tflops / H200_BF16_DENSE_TFLOPS,
-                   "gflop": flops / 1e9, "max_rel_err_vs_unfused": err, "config": config, "sweep": sweep}
+            try:
+                row = measure(args, name, a, n, config, dtype)
+            except Exception as exc:  # noqa: BLE001 - one failing shape must not lose the others' results
+                traceback.print_exc(limit=4)
+                rows.append({"shape": name, "n": n, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                print(f"{name:8s} n={n:6d}: FAILED {rows[-1]['error']}", flush=True)
+                save()
+                continue
             rows.append(row)
-            print(f"{name:8s} n={n:6d}: fused {ms['fused']:.3f} ms ({tflops:.1f} TFLOP/s, "
+            ms = row["ms"]
+            print(f"{name:8s} n={n:6d}: fused {ms['fused']:.3f} ms ({row['fused_tflops']:.1f} TFLOP/s, "
                   f"{100 * row['fraction_of_h200_bf16_peak']:.1f}% of peak), unfused {ms['unfused']:.3f} ms, "
-                  f"sdpa {ms['sdpa']:.3f} ms; fused/sdpa {row['fused_over_sdpa']:.2f}x, rel err {err:.1e} "
-                  f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
-    header = ["shape", "n", "fused ms", "unfused ms", "sdpa ms", "fused/sdpa", "unfused/fused", "TFLOP/s", "% peak",
-              "rel err"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['n']} | {r['ms']['fused']:.3f} | {r['ms']['unfused']:.3f} | "
-                     f"{r['ms']['sdpa']:.3f} | {r['fused_over_sdpa']:.2f} | {r['fused_speedup_over_unfused']:.2f} | "
-                     f"{r['fused_tflops']:.1f} | {100 * r['fraction_of_h200_bf16_peak']:.1f} | "
-                     f"{r['max_rel_err_vs_unfused']:.1e} |")
-    swept = [r for r in rows if any("ms" in c for c in r["sweep"])]
-    if swept:
-        lines += ["", "| shape | n | default ms | best config | best ms | best TFLOP/s | best % peak |", "|---|---|---|---|---|---|---|"]
-        for r in swept:
-            best = min((c for c in r["sweep"] if "ms" in c), key=lambda c: c["ms"])
-            default_ms = next((c["ms"] for c in r["sweep"] if c["config"] == {} and "ms" in c), float("nan"))
-            lines.append(f"| {r['shape']} | {r['n']} | {default_ms:.3f} | {best['config'] or 'default'} | "
-                         f"{best['ms']:.3f} | {best['tflops']:.1f} | {100 * best['tflops'] / H200_BF16_DENSE_TFLOPS:.1f} |")
-    print("\n" + "\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
-                                    "rows": rows, "table": "\n".join(lines)}, indent=2))
+                  f"sdpa {ms['sdpa']:.3f} ms; fused/sdpa {row['fused_over_sdpa']:.2f}x, "
+                  f"rel err {row['max_rel_err_vs_unfused']:.1e} [{time.perf_counter() - t_start:.0f}s]", flush=True)
+            save()
+    print("\n" + save())
     print(f"\nwrote {args.out} ({time.perf_counter() - t_start:.0f}s)")
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

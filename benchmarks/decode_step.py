@@ -5,7 +5,8 @@
         --max-cache-len 32832 --out gpu_results/decode
 
 Both models are compiled with fullgraph=True (the baseline with Inductor, xquant with the xquant
-backend, whose inner compiler is Inductor). For every cached length L:
+backend, whose inner compiler is Inductor), in the same ``--mode`` (``reduce-overhead``: CUDA graphs).
+For every cached length L:
   1. each cache is reset and filled with L tokens by ONE prefill call (one dynamic-length prefill graph);
   2. decode steps are timed, alternating between the two (and the optional eager quanto cache) in
      ``--repeats`` rounds of ``--steps`` steps, so machine noise hits both alike; medians are reported.
@@ -51,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="decode steps per backend per round")
     p.add_argument("--repeats", type=int, default=5, help="rounds (alternating backends)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend per length")
+    p.add_argument("--mode", default=None, choices=["reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                   help="torch.compile mode of both compiled models (the xquant backend hands it to its Inductor); "
+                        "reduce-overhead: decode steps replay CUDA graphs, as a server would run them")
     p.add_argument("--quanto", action="store_true", help="also time transformers' QuantizedCache (quanto, eager)")
     p.add_argument("--rebuild-v", action="store_true",
                    help="also time xquant with absorb_values=False (V rebuilt for every cached row)")
@@ -78,7 +82,7 @@ class StaticRunner:
     def __init__(self, name, model, cache, backend, args):
         self.name, self.model, self.cache, self.args = name, model, cache, args
         self.device = args.device
-        self.forward = torch.compile(model.forward, backend=backend, fullgraph=True)
+        self.forward = torch.compile(model.forward, backend=backend, mode=args.mode, fullgraph=True)
         self.length = 0
         gen = torch.Generator().manual_seed(1)
         self.tokens = torch.randint(0, model.config.vocab_size, (args.batch, max(args.lengths) + 8), generator=gen)
@@ -332,6 +336,7 @@ def summarize(results, args) -> None:
             f"{m['layers']} layers, d={m['hidden']}, {m['kv_heads']} KV heads x {m['head_dim']}, {m['dtype']}; "
             f"batch {args.batch}; xquant {args.bits}-bit g{args.group_size} rotation={args.rotation}; "
             f"max_cache_len {args.max_cache_len} for every length; device {args.device}; "
+            f"torch.compile mode {args.mode or 'default'}; "
             f"median of {args.repeats}x{args.steps} steps, backends alternated.")
     t1 = md_table(
         ["cached L"] + [f"{n} step ms" for n in names] + [f"{n} tok/s" for n in names]
@@ -392,7 +397,8 @@ def plot(results, path: Path) -> None:
     ax.set_ylabel("decode step (ms, median)")
     m = results["model"]
     ax.set_title(f"{m['layers']}-layer SmolLM2-shaped MHA, {m['dtype']}, {results['environment']['device']}, "
-                 f"max_cache_len {results['args']['max_cache_len']}", fontsize=9)
+                 f"max_cache_len {results['args']['max_cache_len']}, mode {results['args']['mode'] or 'default'}",
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

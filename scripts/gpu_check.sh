@@ -20,8 +20,9 @@
 #                    (wgmma in the SASS, none serialized, no spills in the MMA loops, shared memory)
 #      warm_attn_<i> benchmarks/decode_attention.py --compile-only in WARM_SHARDS (4) shards: launches every
 #                    kernel the timed attention run will launch, once, so that it finds them compiled
-#      warm_decode, warm_rebuild  the decode-step and rebuild benchmarks, shortened: their graphs compiled
-#                    (Inductor's caches), quanto's extension built (torch's extension cache)
+#      warm_decode, warm_decode_graphs, warm_rebuild  the decode-step (both modes) and rebuild benchmarks,
+#                    shortened: their graphs compiled (Inductor's caches), quanto's extension built (torch's
+#                    extension cache)
 #   2. timed, one at a time (the GPU to itself), in priority order:
 #      attn          decode_attention.py --sweep --profile: the fused op vs the unfused path vs SDPA over a
 #                    16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak, the fastest of
@@ -29,6 +30,8 @@
 #      decode        decode_step.py, bf16, lengths up to 32K, vs the compiled StaticCache and quanto's
 #                    QuantizedCache (if its wheel is installed)
 #      rebuild       rebuild_op.py on CUDA, bf16: dequant_project and the compiled rebuild vs torch.mm
+#      decode_graphs decode_step.py with mode="reduce-overhead" for both compiled models (CUDA graphs: no
+#                    launch overhead, as a server runs decode steps), lengths 256, 4096, 32K
 # Every step runs under its own timeout (at most what is left of the budget); each step's rc, seconds and
 # status go to $OUT/summary.txt, its output to $OUT/<step>.log. Before that:
 #   install     pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
@@ -147,12 +150,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu DTYPE=float32
     ATTN=(--device cpu --dtype fp32 --lengths 64 128 --shape smollm2 gqa --sweep-min-length 128 --iters 2 --repeats 1)
     MODEL=(--device cpu --dtype "$DTYPE" --layers 2)
-    DECODE_LENGTHS=(64 128) MAX_CACHE_LEN=192 REBUILD_N=(64 256)
+    DECODE_LENGTHS=(64 128) GRAPH_LENGTHS=(64 128) MAX_CACHE_LEN=192 REBUILD_N=(64 256)
 else
     DEVICE=cuda DTYPE=bf16
     ATTN=(--device cuda --dtype bf16 --lengths 1024 8192 32768 --shape smollm2 llama7b gqa --batch 1)
     MODEL=(--device cuda --dtype "$DTYPE" --layers 4)
-    DECODE_LENGTHS=(256 1024 4096 8192 16384 32768) MAX_CACHE_LEN=32832 REBUILD_N=(1024 4096 32768)
+    DECODE_LENGTHS=(256 1024 4096 8192 16384 32768) GRAPH_LENGTHS=(256 4096 32768) MAX_CACHE_LEN=32832
+    REBUILD_N=(1024 4096 32768)
 fi
 REBUILD=(benchmarks/rebuild_op.py --device "$DEVICE" --dtype "$DTYPE" --n "${REBUILD_N[@]}")
 
@@ -207,10 +211,13 @@ start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode "$PHASE1_S" "$PY" benchmarks/decode_step.py "${MODEL[@]}" \
     --quanto --quanto-bits 4 --lengths "${DECODE_LENGTHS[0]}" --max-cache-len "$MAX_CACHE_LEN" --steps 1 \
     --repeats 1 --warmup 2 --no-plot --out "$OUT/_warm_decode"
+TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode_graphs "$PHASE1_S" "$PY" benchmarks/decode_step.py \
+    "${MODEL[@]}" --mode reduce-overhead --lengths "${DECODE_LENGTHS[0]}" --max-cache-len "$MAX_CACHE_LEN" \
+    --steps 1 --repeats 1 --warmup 2 --no-plot --out "$OUT/_warm_decode_graphs"
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_rebuild "$PHASE1_S" "$PY" "${REBUILD[@]}" --repeats 1 \
     --out "$OUT/_warm_rebuild"
 finish_parallel
-rm -rf "$OUT/_warm_decode" "$OUT/_warm_rebuild"
+rm -rf "$OUT/_warm_decode" "$OUT/_warm_decode_graphs" "$OUT/_warm_rebuild"
 for f in "$OUT"/tests_*.log; do last_line "$f"; done | grep -o '[0-9]\+ \(passed\|failed\|skipped\|errors\?\)' \
     | awk '{n[$2] += $1} END {s = "tests in all:"; for (k in n) s = s " " n[k] " " k; print s}' | tee -a "$SUMMARY" || true
 
@@ -220,6 +227,9 @@ run_step decode 90 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --quanto --quan
     --lengths "${DECODE_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" --steps 5 --repeats 3 --warmup 2 \
     --out "$OUT/decode"
 run_step rebuild 40 "$PY" "${REBUILD[@]}" --repeats 20 --out "$OUT/rebuild"
+run_step decode_graphs 60 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --mode reduce-overhead \
+    --lengths "${GRAPH_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" \
+    --steps 5 --repeats 3 --warmup 2 --out "$OUT/decode_graphs"
 
 rm -rf "$OUT/_inductor_cache" "$OUT/_triton_cache" 2>/dev/null || true
 log "done in $(($(date +%s) - START))s; summary:"
