@@ -57,28 +57,60 @@ FAILED=0
 
 log() { echo "[gpu_check $(($(date +%s) - START))s] $*" | tee -a "$OUT/gpu_check.log"; }
 
-# run_step NAME CAP_SECONDS CMD...: runs CMD with stdout+stderr to $OUT/NAME.log under
-# timeout min(CAP, what is left of the budget); records "NAME rc=.. seconds=.." in the summary.
-run_step() {
-    local name=$1 cap=$2
-    shift 2
+last_line() { grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | cut -c1-160; }
+
+# step_limit NAME CAP: prints min(CAP, what is left of the budget); fails (and records NAME as skipped)
+# when the budget is spent. Called as $(...), a subshell: the caller sets FAILED.
+step_limit() {
     local left=$((BUDGET_S - ($(date +%s) - START)))
     if [ "$left" -le 5 ]; then
-        echo "$name SKIPPED (total budget of ${BUDGET_S}s spent)" | tee -a "$SUMMARY"
-        FAILED=1
-        return 0
+        echo "$1 SKIPPED (total budget of ${BUDGET_S}s spent)" | tee -a "$SUMMARY" >&2
+        return 1
     fi
-    local limit=$((cap < left ? cap : left))
-    log "step $name (timeout ${limit}s): $*"
-    local t0=$(date +%s) rc=0
+    echo $(($2 < left ? $2 : left))
+}
+# execute NAME LIMIT CMD...: CMD's stdout+stderr to $OUT/NAME.log under timeout LIMIT; "rc seconds limit"
+# to $OUT/.NAME.status for record.
+execute() {
+    local name=$1 limit=$2 t0 rc=0
+    shift 2
+    t0=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
-    local dt=$(($(date +%s) - t0))
-    local status=ok
+    echo "$rc $(($(date +%s) - t0)) $limit" > "$OUT/.$name.status"
+}
+# record NAME: "NAME rc=.. seconds=.. status: last line of its log" in the summary.
+record() {
+    local name=$1 rc dt limit status=ok
+    read -r rc dt limit < "$OUT/.$name.status" || { rc=1 dt=0 limit=0; }
+    rm -f "$OUT/.$name.status"
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT after ${limit}s"; elif [ "$rc" -ne 0 ]; then status=FAILED; fi
     [ "$rc" -eq 0 ] || FAILED=1
-    echo "$name rc=$rc seconds=$dt $status" | tee -a "$SUMMARY"
+    echo "$name rc=$rc seconds=$dt $status: $(last_line "$OUT/$name.log")" | tee -a "$SUMMARY"
+}
+# run_step NAME CAP CMD...: runs CMD now, under timeout min(CAP, what is left of the budget).
+run_step() {
+    local name=$1 limit
+    limit=$(step_limit "$1" "$2") || { FAILED=1; return 0; }
+    shift 2
+    log "step $name (timeout ${limit}s): $*"
+    execute "$name" "$limit" "$@"
+    record "$name"
     tail -n 5 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$OUT/gpu_check.log" || true
-    return 0
+}
+# start_step NAME CAP CMD...: the same in the background; finish_parallel waits for all and records them.
+PARALLEL=()
+start_step() {
+    local name=$1 limit
+    limit=$(step_limit "$1" "$2") || { FAILED=1; return 0; }
+    shift 2
+    PARALLEL+=("$name")
+    execute "$name" "$limit" "$@" &
+}
+finish_parallel() {
+    wait
+    local name
+    for name in "${PARALLEL[@]}"; do record "$name"; done
+    PARALLEL=()
 }
 
 # ---- install -------------------------------------------------------------------------------------
@@ -161,40 +193,6 @@ fi
 REBUILD=(benchmarks/rebuild_op.py --device "$DEVICE" --dtype "$DTYPE" --n "${REBUILD_N[@]}")
 
 # ---- phase 1: compile-bound steps in parallel ------------------------------------------------------
-PARALLEL=()
-last_line() { grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | cut -c1-160; }
-# start_step NAME CAP CMD...: like run_step, in the background; finish_parallel waits for all of them.
-start_step() {
-    local name=$1 cap=$2
-    shift 2
-    local left=$((BUDGET_S - ($(date +%s) - START)))
-    if [ "$left" -le 5 ]; then
-        echo "$name SKIPPED (total budget of ${BUDGET_S}s spent)" | tee -a "$SUMMARY"
-        FAILED=1
-        return 0
-    fi
-    local limit=$((cap < left ? cap : left))
-    PARALLEL+=("$name")
-    (
-        t0=$(date +%s) rc=0
-        timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
-        echo "$rc $(($(date +%s) - t0)) $limit" > "$OUT/.$name.status"
-    ) &
-}
-finish_parallel() {
-    wait
-    local name rc dt limit status
-    for name in "${PARALLEL[@]}"; do
-        read -r rc dt limit < "$OUT/.$name.status" || { rc=1 dt=0 limit=0; }
-        rm -f "$OUT/.$name.status"
-        status=ok
-        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT after ${limit}s"; elif [ "$rc" -ne 0 ]; then status=FAILED; fi
-        [ "$rc" -eq 0 ] || FAILED=1
-        echo "$name rc=$rc seconds=$dt $status: $(last_line "$OUT/$name.log")" | tee -a "$SUMMARY"
-    done
-    PARALLEL=()
-}
-
 PHASE1_S=${PHASE1_S:-170}
 log "phase 1 (parallel, at most ${PHASE1_S}s): $TEST_SHARDS test shards, $WARM_SHARDS attention warm-up shards," \
     "compile report, decode and rebuild warm-up"
