@@ -124,6 +124,16 @@ install() {
     return 1
 }
 LINK="$ROOT/xq_compile/passes"
+REMOVE_LINK=0
+# Compilation caches: fresh for this run, shared by its processes, outside $OUT (large; never fetched back,
+# even when the run is cut short).
+CACHES=$(mktemp -d "${TMPDIR:-/tmp}/xq_gpu_check.XXXXXX")
+cleanup() {
+    rm -rf "$CACHES"
+    if [ "$REMOVE_LINK" = 1 ]; then rm -f "$LINK"; fi
+}
+trap cleanup EXIT
+trap "exit 143" TERM INT   # a killed run cleans up too
 if ls "$ROOT"/.gpu_wheels/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install --no-deps --no-index "$ROOT"/.gpu_wheels/*.whl > "$OUT/wheels.log" 2>&1 \
         && echo "wheels rc=0 ok ($(ls "$ROOT"/.gpu_wheels | tr '\n' ' '))" | tee -a "$SUMMARY" \
@@ -134,7 +144,7 @@ if install > "$OUT/install.log" 2>&1; then
 else
     # Fallback: make xq_compile.passes importable from the source tree with a symlink (removed on exit).
     if [ ! -e "$LINK" ]; then
-        ln -s ../passes "$LINK" && trap 'rm -f "$LINK"' EXIT
+        ln -s ../passes "$LINK" && REMOVE_LINK=1
     fi
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     if "$PY" -c "import xq_compile.passes, xq_compile.kernels.dequant_project" >> "$OUT/install.log" 2>&1; then
@@ -171,11 +181,10 @@ EOF
 log "environment written to $OUT/env.txt"
 
 export PYTHONUNBUFFERED=1
-export TORCHINDUCTOR_CACHE_DIR="$OUT/_inductor_cache"   # fresh, local; not carried back (large)
 
 # ---- the checks ----------------------------------------------------------------------------------
 # Kernels compiled by one process are found by the others (and by the timed runs) in these caches.
-export TRITON_CACHE_DIR="$OUT/_triton_cache"
+export TORCHINDUCTOR_CACHE_DIR="$CACHES/inductor" TRITON_CACHE_DIR="$CACHES/triton"
 TEST_SHARDS=${TEST_SHARDS:-8}
 WARM_SHARDS=${WARM_SHARDS:-4}
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -229,7 +238,6 @@ run_step decode_graphs 60 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --mode r
     --lengths "${GRAPH_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" \
     --steps 5 --repeats 3 --warmup 2 --out "$OUT/decode_graphs"
 
-rm -rf "$OUT/_inductor_cache" "$OUT/_triton_cache" 2>/dev/null || true
 log "done in $(($(date +%s) - START))s; summary:"
 cat "$SUMMARY"
 exit "$FAILED"
