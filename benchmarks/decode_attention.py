@@ -222,13 +222,14 @@ def unfused(a: dict, n: int) -> torch.Tensor:
 
 
 def time_ms(fn, dev: str, iters: int, repeats: int, max_round_ms: float = float("inf")) -> float:
-    fn()
-    if dev == "cuda":
-        torch.cuda.synchronize()
+    def synced():
+        fn()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    synced()  # the first call compiles
     t0 = time.perf_counter()
-    fn()
-    if dev == "cuda":
-        torch.cuda.synchronize()
+    synced()
     one_ms = max((time.perf_counter() - t0) * 1e3, 1e-6)
     iters = max(1, min(iters, int(max_round_ms / one_ms)))
     rounds = []
@@ -247,6 +248,11 @@ def time_ms(fn, dev: str, iters: int, repeats: int, max_round_ms: float = float(
                 fn()
             rounds.append((time.perf_counter() - t0) * 1e3 / iters)
     return statistics.median(rounds)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest deviation from the reference, relative to the reference's largest magnitude."""
+    return ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
 
 def fused_launcher(a: dict, config: dict):
@@ -311,7 +317,7 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
     }
     # correctness of what is timed: fused against the unfused path
     ref = unfused(a, n).float()
-    err = ((fns["fused"]().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+    err = rel_err(fns["fused"](), ref)
     ms = {k: time_ms(f, dev, args.iters, args.repeats, args.max_round_ms) for k, f in fns.items()}
     flops = B * (2 * n * Ck * D * Hkv + 2 * n * D * Hq * S + 2 * n * Cv * Hq * S)
     tflops = flops / (ms["fused"] * 1e-3) / 1e12
@@ -320,7 +326,7 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
         for over in sweep_configs(da.resolve_config(*a.values())):
             run = fused_launcher(a, {**config, **over})
             try:
-                e = ((run().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                e = rel_err(run(), ref)
                 t = time_ms(run, dev, args.iters, args.repeats, args.max_round_ms)
             except Exception as exc:  # a config that does not compile (shared memory...) is a result
                 sweep.append({"config": over, "error": f"{type(exc).__name__}: {exc}"[:300]})

@@ -391,6 +391,8 @@ INTERPRETER_CONFIGS = [
 
 def default_config_of(case: Case) -> dict:
     return da.resolve_config(*make_inputs(case).values())
+
+
 SHARDS = 3
 
 

@@ -12,11 +12,15 @@ TESTS = Path(__file__).resolve().parent
 FILES = [str(TESTS / "test_quant.py")]
 
 
-def collected(*extra: str) -> tuple[int, list[str]]:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+def collect(*extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                            *FILES, *extra], capture_output=True, text=True, cwd=TESTS.parent)
-    ids = [line for line in proc.stdout.splitlines() if "::" in line]
-    return proc.returncode, ids
+
+
+def collected(*extra: str) -> list[str]:
+    proc = collect(*extra)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [line for line in proc.stdout.splitlines() if "::" in line]
 
 
 @pytest.mark.parametrize("shards, select", [
@@ -25,19 +29,14 @@ def collected(*extra: str) -> tuple[int, list[str]]:
     (2, ["-k", "round_trip or shrinks or hadamard or options"]),
 ])
 def test_shards_partition_the_selection(shards, select):
-    rc, everything = collected(*select)
-    assert rc == 0 and len(everything) >= 4
-    parts = []
-    for i in range(shards):
-        rc, ids = collected(*select, "--shard", f"{i}/{shards}")
-        assert rc == 0
-        parts.append(ids)
+    everything = collected(*select)
+    assert len(everything) >= 4
+    parts = [collected(*select, "--shard", f"{i}/{shards}") for i in range(shards)]
     assert sorted(sum(parts, [])) == sorted(everything)                 # every test in some shard, none twice
     assert all(abs(len(p) - len(everything) / shards) < 1 for p in parts)  # balanced counts
 
 
 def test_bad_shard_is_a_usage_error():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           FILES[0], "--shard", "3/3"], capture_output=True, text=True, cwd=TESTS.parent)
+    proc = collect("--shard", "3/3")
     assert proc.returncode == 4  # pytest's ExitCode.USAGE_ERROR
     assert "expected I/N with 0 <= I < N" in proc.stderr
