@@ -229,8 +229,8 @@ def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits
     return launches
 
 
-def dequant_project_launches(length: int, dtype, bits: int = 4, rope: bool = True) -> list[Launch]:
-    """The launch of the K rebuild op (``dequant_project_rope``) for SmolLM2's K projection."""
+def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
+    """The launch of the unfused K rebuild op (``dequant_project``) for SmolLM2's K projection."""
     from xq_compile import quant
     from xq_compile.kernels import dequant_project as dp
 
@@ -238,12 +238,8 @@ def dequant_project_launches(length: int, dtype, bits: int = 4, rope: bool = Tru
     codes, scale, zero = quant.quantize(x, bits, 64)
     packed = quant.pack(codes, bits)
     w = torch.randn(576, 576, dtype=dtype)
-    cos = sin = torch.ones(1, length, 64, dtype=dtype)
     with captured_launches(dp) as launches:
-        if rope:
-            dp.dequant_project_rope_triton(packed, scale, zero, w, None, torch.tensor(length), bits, 64, cos, sin, 64)
-        else:
-            dp.dequant_project_triton(packed, scale, zero, w, None, torch.tensor(length), bits, 64)
+        dp.dequant_project_triton(packed, scale, zero, w, None, torch.tensor(length), bits, 64)
     return launches
 
 
@@ -276,9 +272,8 @@ def main(argv=None) -> int:
     jobs = [(f"{shape} {bits}-bit", lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b))
             for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
-        jobs += [(f"dequant_project{'_rope' if rope else ''} {bits}-bit",
-                  lambda b=bits, r=rope: dequant_project_launches(args.length, dtype, b, rope=r))
-                 for bits in args.bits for rope in (True, False)]
+        jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
+                 for bits in args.bits]
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():

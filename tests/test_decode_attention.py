@@ -530,25 +530,6 @@ def test_cuda_graph_replay_follows_the_device_length(dtype):
         check_close(out.cpu(), OP(**a), dtype, f"graph replay n={n}")
 
 
-@needs_cuda
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_dequant_project_rope(bits, dtype):
-    """The RoPE epilogue of the K rebuild (``xq_compile::dequant_project_rope``) on the GPU, SmolLM2's
-    K shape (d 576 -> 9 heads of 64) and a 128-wide head, against the CPU reference."""
-    from test_kernels import make_inputs as dp_inputs, rope_tables
-
-    rope_op = torch.ops.xq_compile.dequant_project_rope.default
-    for B, L, d, N, gs, n, hd in ((2, 700, 576, 576, 64, 513, 64), (1, 300, 512, 1024, 128, 300, 128)):
-        packed, scale, zero, w, b = dp_inputs(B, L, d, N, bits, gs, dtype=dtype, poison_tail_from=n, seed=bits)
-        cos, sin = rope_tables(B, L, hd, dtype, poison_from=n)
-        args = (packed, scale, zero, w, b, torch.tensor(n), bits, gs, cos, sin, hd)
-        ref = rope_op(*args)
-        out = rope_op(*_to(dict(enumerate(args)), CUDA_DEVICE).values()).cpu()
-        assert (out[:, n:] == 0).all()
-        check_close(out, ref, dtype, f"rope B{B} L{L} d{d} N{N} n{n} hd{hd}")
-
-
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--interpreter":
         _run_interpreter_cases(int(sys.argv[2]))

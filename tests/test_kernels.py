@@ -30,7 +30,6 @@ from xq_compile.kernels import dequant_project as dp
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (2, 3, 4, 8)
 OP = torch.ops.xq_compile.dequant_project.default
-ROPE_OP = torch.ops.xq_compile.dequant_project_rope.default
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,31 +117,6 @@ def check_against_reference(out, packed, scale, zero, weight, bias, n, bits, gro
     torch.testing.assert_close(
         out.double(), reference(packed, scale, zero, weight, bias, n, bits, group_size), **tolerances(weight.dtype)
     )
-
-
-def rope_tables(B, L, head_dim, dtype, poison_from=None, seed=0):
-    """Arbitrary cos/sin tables [B, L, head_dim] (the two halves differ, unlike HF's, so reading the
-    wrong half shows); poisoned (NaN) from ``poison_from`` on."""
-    g = torch.Generator().manual_seed(seed)
-    cos = (torch.rand(B, L, head_dim, generator=g) * 2 - 1).to(dtype)
-    sin = (torch.rand(B, L, head_dim, generator=g) * 2 - 1).to(dtype)
-    if poison_from is not None:
-        cos[:, poison_from:] = float("nan")
-        sin[:, poison_from:] = float("nan")
-    return cos, sin
-
-
-def rope_reference(packed, scale, zero, weight, bias, n, bits, group_size, cos, sin, head_dim):
-    """float64: :func:`reference` then transformers' apply_rotary_pos_emb per head, tail zeroed."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    y = reference(packed, scale, zero, weight, bias, n, bits, group_size)
-    B, L, N = y.shape
-    heads = y.view(B, L, N // head_dim, head_dim).transpose(1, 2)
-    heads, _ = apply_rotary_pos_emb(heads, heads, cos.double(), sin.double())
-    y = heads.transpose(1, 2).reshape(B, L, N)
-    y[:, n:] = 0  # also the poisoned tables' NaNs
-    return y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,39 +219,6 @@ def test_op_compiles_with_data_dependent_length():
         out = compiled(packed, scale, zero, torch.tensor(n))
         torch.testing.assert_close(out, 2 * OP(packed, scale, zero, w, b, torch.tensor(n), 4, 12))
         assert (out[:, n:] == 0).all() and out[:, :n].abs().sum() > 0
-
-
-# (B, L, d, N, group_size, n, head_dim): a head_dim of 20 (half 10: blocks of 16 first-half features
-# straddle heads), an empty fill, a full one.
-ROPE_SHAPES = [
-    (2, 19, 48, 32, 16, 13, 16),
-    (1, 12, 48, 40, 12, 12, 20),
-    (3, 9, 24, 24, 12, 0, 8),
-    (2, 37, 48, 64, 16, 21, 32),
-]
-
-
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "B{}_L{}_d{}_N{}_g{}_n{}_hd{}".format(*s))
-def test_cpu_rope_op_matches_reference(bits, shape):
-    B, L, d, N, gs, n, hd = shape
-    packed, scale, zero, w, b = make_inputs(B, L, d, N, bits, gs, poison_tail_from=n, seed=bits + n)
-    cos, sin = rope_tables(B, L, hd, torch.float32, poison_from=n)
-    out = ROPE_OP(packed, scale, zero, w, b, torch.tensor(n), bits, gs, cos, sin, hd)
-    assert out.shape == (B, L, N) and (out[:, n:] == 0).all() and torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), rope_reference(packed, scale, zero, w, b, n, bits, gs, cos, sin, hd),
-                               **tolerances(torch.float32))
-
-
-def test_rope_op_checks_and_opcheck():
-    packed, scale, zero, w, b = make_inputs(2, 9, 24, 16, 3, 12)
-    cos, sin = rope_tables(2, 9, 8, torch.float32)
-    torch.library.opcheck(ROPE_OP, (packed, scale, zero, w, b, torch.tensor(5), 3, 12, cos, sin, 8))
-    with pytest.raises(ValueError, match="head_dim"):
-        ROPE_OP(packed, scale, zero, w, b, torch.tensor(5), 3, 12, cos, sin, 6)
-    with pytest.raises(ValueError, match="cos"):
-        ROPE_OP(packed, scale, zero, w, b, torch.tensor(5), 3, 12, cos.half(), sin, 8)
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(ROPE_OP.name(), "CUDA")
 
 
 def test_cuda_kernel_is_registered():
@@ -392,27 +333,6 @@ def _run_interpreter_cases(bits: int) -> None:
     out = dp.dequant_project_triton(packed, scale, zero, w, b, torch.tensor(n), bits, gs, block_m=16, block_k=32)
     check_against_reference(out, packed, scale, zero, w, b, n, bits, gs)
 
-    # The RoPE variant (same kernel, ROPE=True): 16 first-half features per program, so head_dim 20
-    # (half 10) puts parts of two heads in one tile; and the default blocks.
-    for case, (B, L, d, N, gs, n, hd) in enumerate(ROPE_SHAPES):
-        for dtype in (torch.float32, torch.float16):
-            seed = 1000 + 100 * bits + 10 * case + (dtype == torch.float16)
-            packed, scale, zero, w, b = make_inputs(
-                B, L, d, N, bits, gs, dtype=dtype, bias=case != 2, poison_tail_from=n, seed=seed
-            )
-            cos, sin = rope_tables(B, L, hd, dtype, poison_from=n, seed=seed)
-            expected = rope_reference(packed, scale, zero, w, b, n, bits, gs, cos, sin, hd)
-            for blocks in (dict(block_m=16, block_n=16, block_k=16), {}):
-                where = f"rope bits={bits} case={case} {dtype} blocks={blocks}"
-                out = dp.dequant_project_rope_triton(packed, scale, zero, w, b, torch.tensor(n), bits, gs,
-                                                     cos, sin, hd, **blocks)
-                assert out.dtype == dtype and torch.isfinite(out).all() and (out[:, n:] == 0).all(), where
-                ref = ROPE_OP(packed, scale, zero, w, b, torch.tensor(n), bits, gs, cos, sin, hd)
-                try:
-                    torch.testing.assert_close(out.double(), expected, **tolerances(dtype))
-                    torch.testing.assert_close(out, ref, **tolerances(dtype))
-                except AssertionError as e:
-                    raise AssertionError(f"{where}: {e}") from None
     print(f"interpreter cases passed: bits={bits}")
 
 

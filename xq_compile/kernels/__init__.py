@@ -1,7 +1,7 @@
 """Custom ops and kernels of xq-compile.
 
-Importing this package registers ``torch.ops.xq_compile.dequant_project``,
-``torch.ops.xq_compile.dequant_project_rope`` and ``torch.ops.xq_compile.decode_attention`` (CPU reference
+Importing this package registers ``torch.ops.xq_compile.dequant_project`` and
+``torch.ops.xq_compile.decode_attention`` (CPU reference
 kernels and, when triton is installed, the CUDA Triton kernels). Triton itself is optional.
 
 The ops are reached as ``torch.ops.xq_compile.<name>`` (or ``xq_compile.kernels.<module>.<name>``); this

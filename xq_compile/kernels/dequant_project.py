@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test that hi
 
 HAS_TRITON = triton is not None
 
-__all__ = ["HAS_TRITON", "dequant_project", "dequant_project_rope", "dequant_project_rope_triton", "dequant_project_triton"]
+__all__ = ["HAS_TRITON", "dequant_project", "dequant_project_triton"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,20 +84,6 @@ def _check_inputs(
             raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
 
 
-def _check_rope(weight: torch.Tensor, packed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> None:
-    out_features = weight.shape[0]
-    if head_dim < 2 or head_dim % 2 or out_features % head_dim:
-        raise ValueError(f"head_dim={head_dim} must be even and divide the {out_features} output features")
-    batch, max_len, _ = packed.shape
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (batch, max_len, head_dim) or t.dtype != weight.dtype:
-            raise ValueError(
-                f"{name} must be {weight.dtype} {(batch, max_len, head_dim)}, got {t.dtype} {tuple(t.shape)}"
-            )
-        if t.device != packed.device:
-            raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
-
-
 # --------------------------------------------------------------------------------------------------
 # The custom op. The default kernel (CPU and any device without its own kernel) is the torch reference.
 # --------------------------------------------------------------------------------------------------
@@ -137,54 +123,6 @@ def _(packed, scale, zero, weight, bias, length, bits, group_size):
         return dequant_project_triton(packed, scale, zero, weight, bias, length, bits, group_size)
 
 
-@torch.library.custom_op("xq_compile::dequant_project_rope", mutates_args=())
-def dequant_project_rope(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    length: torch.Tensor,
-    bits: int,
-    group_size: int,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    head_dim: int,
-) -> torch.Tensor:
-    """:func:`dequant_project` followed by RoPE on every head of ``head_dim`` features (the K rebuild):
-
-        y = x_hat @ weight.T + bias;  y_h = y_h * cos[b, j] + rotate_half(y_h) * sin[b, j]   (per head h)
-
-    with HF's ``rotate_half(x) = cat(-x[D/2:], x[:D/2])`` and tables cos/sin [B, L, head_dim] in the
-    weight dtype. Projection, bias and rotation are computed in fp32 and rounded once (as the CUDA
-    kernel does); rows past ``length`` are 0."""
-    _check_inputs(packed, scale, zero, weight, bias, length, bits, group_size)
-    _check_rope(weight, packed, cos, sin, head_dim)
-    batch, max_len, _ = packed.shape
-    out = packed.new_zeros((batch, max_len, weight.shape[0]), dtype=weight.dtype)
-    n = min(max(int(length), 0), max_len)
-    if n > 0:
-        x_hat = quant.dequantize(packed[:, :n], scale[:, :n], zero[:, :n], bits, group_size, dtype=weight.dtype)
-        y = F.linear(x_hat.float(), weight.float(), None if bias is None else bias.float())
-        y = y.unflatten(-1, (-1, head_dim))  # [B, n, H, D]
-        half = head_dim // 2
-        rotated = torch.cat([-y[..., half:], y[..., :half]], dim=-1)
-        y = y * cos[:, :n, None].float() + rotated * sin[:, :n, None].float()
-        out[:, :n] = y.flatten(-2).to(weight.dtype)
-    return out
-
-
-@dequant_project_rope.register_fake
-def _(packed, scale, zero, weight, bias, length, bits, group_size, cos, sin, head_dim):
-    return packed.new_empty((packed.shape[0], packed.shape[1], weight.shape[0]), dtype=weight.dtype)
-
-
-@dequant_project_rope.register_kernel("cuda")
-def _(packed, scale, zero, weight, bias, length, bits, group_size, cos, sin, head_dim):
-    with torch.cuda.device(packed.device):
-        return dequant_project_rope_triton(packed, scale, zero, weight, bias, length, bits, group_size, cos, sin, head_dim)
-
-
 # --------------------------------------------------------------------------------------------------
 # Triton kernel.
 # --------------------------------------------------------------------------------------------------
@@ -194,20 +132,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _dequant_project_kernel(
-        packed_ptr, scale_ptr, zero_ptr, weight_ptr, bias_ptr, length_ptr, out_ptr, cos_ptr, sin_ptr,
-        L, N, D, P, HALF,
+        packed_ptr, scale_ptr, zero_ptr, weight_ptr, bias_ptr, length_ptr, out_ptr,
+        L, N, D, P,
         stride_pb, stride_pl, stride_pp,
         stride_sb, stride_sl, stride_sg,
         stride_zb, stride_zl, stride_zg,
         stride_wn, stride_wk,
         stride_ob, stride_ol, stride_on,
-        stride_cb, stride_cl, stride_cd,
-        stride_snb, stride_snl, stride_snd,
         BITS: tl.constexpr,
         GROUP_SIZE: tl.constexpr,
         SCALE_BCAST: tl.constexpr,
         HAS_BIAS: tl.constexpr,
-        ROPE: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -221,17 +156,8 @@ if HAS_TRITON:
         m_block = pid_bm % num_m_blocks
 
         rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        if ROPE:
-            # RoPE mixes feature d of a head with feature d + HALF: the program's BLOCK_N features are
-            # first-half features (head, d < HALF) and it also computes their partners at + HALF, as a
-            # second accumulator, so every rotation pair stays within one program.
-            idx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = idx < N // 2
-            half_d = idx % HALF
-            cols = (idx // HALF) * (2 * HALF) + half_d
-        else:
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < N
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
         # Tiles are [features, rows] (outᵀ = W · X̂ᵀ): the dequantized X̂ is the second operand, which the
         # tensor cores read from shared memory, so its MMAs overlap the next tile's dequantization (as
         # the first operand it would be read from registers, and ptxas serializes each wgmma: C7515).
@@ -245,15 +171,11 @@ if HAS_TRITON:
         if m_block * BLOCK_M >= n:
             # Block entirely past the fill: the cost of these tokens is one store of zeros.
             tl.store(out_ptrs, tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=out_mask)
-            if ROPE:
-                tl.store(out_ptrs + HALF * stride_on, tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty),
-                         mask=out_mask)
             return
 
         row_mask = rows < n  # tokens of a partly filled block past n are never read
 
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # ROPE: the partner features (+ HALF)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < D  # ragged last tile when BLOCK_K does not divide d
@@ -273,36 +195,11 @@ if HAS_TRITON:
             )
             # X-hat is rounded to the weight dtype first (as the reference dequantizes to it), the
             # products accumulate in fp32.
-            xt = tl.trans(x.to(w.dtype))
-            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
-            if ROPE:
-                w2 = tl.load(
-                    weight_ptr + (cols[:, None] + HALF) * stride_wn + ks[None, :] * stride_wk,
-                    mask=col_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                acc2 = tl.dot(w2, xt, acc2, input_precision=DOT_PRECISION)
+            acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
 
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
             acc += b.to(tl.float32)[:, None]
-            if ROPE:
-                b2 = tl.load(bias_ptr + cols + HALF, mask=col_mask, other=0.0)
-                acc2 += b2.to(tl.float32)[:, None]
-        if ROPE:
-            # HF rotate_half: [y1, y2] -> [y1·cos1 - y2·sin1, y2·cos2 + y1·sin2], in fp32.
-            t_mask = col_mask[:, None] & row_mask[None, :]
-            cos_ptrs = cos_ptr + batch * stride_cb + rows[None, :] * stride_cl + half_d[:, None] * stride_cd
-            sin_ptrs = sin_ptr + batch * stride_snb + rows[None, :] * stride_snl + half_d[:, None] * stride_snd
-            c1 = tl.load(cos_ptrs, mask=t_mask, other=0.0).to(tl.float32)
-            c2 = tl.load(cos_ptrs + HALF * stride_cd, mask=t_mask, other=0.0).to(tl.float32)
-            s1 = tl.load(sin_ptrs, mask=t_mask, other=0.0).to(tl.float32)
-            s2 = tl.load(sin_ptrs + HALF * stride_snd, mask=t_mask, other=0.0).to(tl.float32)
-            first = acc * c1 - acc2 * s1
-            acc2 = acc2 * c2 + acc * s2
-            acc = first
-            acc2 = tl.where(row_mask[None, :], acc2, 0.0)
-            tl.store(out_ptrs + HALF * stride_on, acc2.to(out_ptr.dtype.element_ty), mask=out_mask)
         # Rows past n in this block must be exactly 0 (the bias would otherwise land there).
         acc = tl.where(row_mask[None, :], acc, 0.0)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -334,52 +231,12 @@ def dequant_project_triton(
     blocks), looping over d in ``block_k`` channels. All are powers of two >= 16 (``tl.dot`` needs
     that); d need not be a multiple of ``block_k``.
     """
-    return _launch(packed, scale, zero, weight, bias, length, bits, group_size, None, None, None,
-                   block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
-
-
-def dequant_project_rope_triton(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    length: torch.Tensor,
-    bits: int,
-    group_size: int,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    head_dim: int,
-    *,
-    block_m: int = 64,
-    block_n: Optional[int] = None,
-    block_k: int = 32,
-    num_warps: int = 4,
-    num_stages: int = 3,
-) -> torch.Tensor:
-    """The CUDA kernel of ``dequant_project_rope``: the same Triton kernel with ``ROPE=True``. Each
-    program then owns ``block_n`` first-half features (any heads, any d < head_dim/2) and their partners
-    d + head_dim/2, as two accumulators; the grid has half as many feature blocks (default ``block_n``:
-    N/2 rounded up to a power of two, capped at 64, so the two accumulators together match the 128 of
-    the plain kernel)."""
-    if block_n is None:
-        block_n = min(64, max(16, next_power_of_2(weight.shape[0] // 2)))
-    return _launch(packed, scale, zero, weight, bias, length, bits, group_size, cos, sin, head_dim,
-                   block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
-
-
-def _launch(packed, scale, zero, weight, bias, length, bits, group_size, cos, sin, head_dim, *,
-            block_m, block_n, block_k, num_warps, num_stages) -> torch.Tensor:
     if not HAS_TRITON:
-        name = "dequant_project" if cos is None else "dequant_project_rope"
         raise RuntimeError(
-            f"xq_compile::{name} on CUDA needs triton, which is not installed: "
+            "xq_compile::dequant_project on CUDA needs triton, which is not installed: "
             "pip install 'xq-compile[triton]' (or pip install triton)."
         )
     _check_inputs(packed, scale, zero, weight, bias, length, bits, group_size)
-    rope = cos is not None
-    if rope:
-        _check_rope(weight, packed, cos, sin, head_dim)
     batch, max_len, width = packed.shape
     out_features, hidden = weight.shape
     if block_n is None:
@@ -395,19 +252,15 @@ def _launch(packed, scale, zero, weight, bias, length, bits, group_size, cos, si
     # F.linear does); 16-bit weights get Triton's default, which does not apply to them anyway.
     fp32_exact = weight.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     precision = "ieee" if fp32_exact else "tf32"
-    columns = out_features // 2 if rope else out_features
-    grid = (batch * triton.cdiv(max_len, block_m), triton.cdiv(columns, block_n))
+    grid = (batch * triton.cdiv(max_len, block_m), triton.cdiv(out_features, block_n))
     _dequant_project_kernel[grid](
         packed, scale, zero, weight, weight if bias is None else bias, length, out,
-        cos if rope else out, sin if rope else out,
-        max_len, out_features, hidden, width, head_dim // 2 if rope else 1,
+        max_len, out_features, hidden, width,
         *packed.stride(), *scale.stride(), *zero.stride(), *weight.stride(), *out.stride(),
-        *(cos.stride() if rope else (0, 0, 0)), *(sin.stride() if rope else (0, 0, 0)),
         BITS=bits,
         GROUP_SIZE=group_size,
         SCALE_BCAST=scale_broadcast("per_token", group_size, block_m, block_k),
         HAS_BIAS=bias is not None,
-        ROPE=rope,
         DOT_PRECISION=precision,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
