@@ -3,7 +3,9 @@
     python benchmarks/compile_report.py                        # default configs, three model shapes
     python benchmarks/compile_report.py --shape llama7b --config block_h=1 num_warps=4
     python benchmarks/compile_report.py --check                # exit 1 unless every kernel is on the
-                                                               # tensor cores, spill-free, in shared memory
+                                                               # tensor cores, keeps its wgmma in flight,
+                                                               # is spill-free and fits shared memory
+    python benchmarks/compile_report.py --asm-dir asm          # also write each launch's PTX and SASS
 
 Triton compiles ahead of time for any target: the launches of ``xq_compile::decode_attention`` (and of
 ``dequant_project``) are captured on CPU tensors -- nothing runs -- specialized exactly as Triton's
@@ -11,9 +13,14 @@ launcher would specialize them (16-byte alignment, strides of 1), compiled for s
 the ``cuobjdump`` that ships inside Triton's wheel:
 
   * ``HGMMA``: Hopper warpgroup MMA instructions in the SASS (the dense bf16 path; ``HMMA`` is the older,
-    slower tensor-core path, neither means the dot fell back to FMAs); ``WGMMA SERIALIZED``: ptxas's
-    warning C7515, every wgmma waited for before the next one issues (no overlap with the loop's other
-    work: a register operand that the loop redefines, such as a tile dequantized as the first operand);
+    slower tensor-core path, neither means the dot fell back to FMAs);
+  * whether a kernel that issues wgmma keeps one *in flight* while it prepares the next step's operands:
+    ``wait N``, the pending counts of its ``wgmma.wait_group.sync.aligned N`` in the PTX. Triton makes a
+    dot asynchronous only when it can (an operand tile pipelined from global memory, see
+    ``docs/kernels.md``); otherwise every MMA is followed by ``wait_group 0`` (``WGMMA NEVER IN
+    FLIGHT``). Even with ``wait_group 1`` in the PTX, ptxas may serialize the MMAs (its warning C7515,
+    ``WGMMA SERIALIZED``: a register of an MMA redefined between its issue and its wait). A plain bf16
+    matmul compiled the same way is the positive control of this check (``control``);
   * registers per thread; spills (``STL``/``LDL``), counted apart inside the loops that issue the MMAs,
     where they cost every iteration (a few around them -- saved addresses, the epilogue -- do not);
     shared memory per program (an H200 program can use at most 227 KB);
@@ -64,16 +71,33 @@ class KernelReport:
     spill_instructions: int = -1
     loop_spill_instructions: int = -1
     loop_instructions: int = -1  # SASS instructions of one pass through the MMA loops: the per-step issue cost
+    wgmma: int = 0  # wgmma.mma_async instructions in the PTX
+    wgmma_waits: list = field(default_factory=list)  # distinct N of its wgmma.wait_group N
     wgmma_serialized: bool = False
+    asm_files: list = field(default_factory=list)
     shared_bytes: int = -1
     problems: list = field(default_factory=list)
 
-    def line(self) -> str:
+    @property
+    def wgmma_in_flight(self) -> bool:
+        """Whether the kernel lets an issued wgmma run while it goes on (a wait that leaves N >= 1
+        pending, and ptxas did not serialize the MMAs anyway)."""
+        return self.wgmma > 0 and max(self.wgmma_waits, default=0) >= 1 and not self.wgmma_serialized
+
+    def config(self) -> str:
         keys = ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_M", "BLOCK_CV", "BLOCK_K", "NUM_SPLITS", "BITS")
-        cfg = " ".join(f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs)
-        return (f"{self.name:24s} grid={self.grid} {cfg} | HGMMA {self.hgmma:4d} HMMA {self.hmma:3d} | "
+        return " ".join(f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs)
+
+    def line(self) -> str:
+        if not self.wgmma:
+            flight = ""
+        elif self.wgmma_serialized:
+            flight = " | WGMMA SERIALIZED"
+        else:
+            flight = f" | wait {','.join(map(str, self.wgmma_waits))}" + ("" if self.wgmma_in_flight else " WGMMA NEVER IN FLIGHT")
+        return (f"{self.name:24s} grid={self.grid} {self.config()} | HGMMA {self.hgmma:4d} HMMA {self.hmma:3d}{flight} | "
                 f"regs {self.registers:3d} spills {self.spill_instructions} ({self.loop_spill_instructions} in the "
-                f"MMA loop) | loop {self.loop_instructions} instr{' | WGMMA SERIALIZED' if self.wgmma_serialized else ''} | "
+                f"MMA loop) | loop {self.loop_instructions} instr | "
                 f"smem {self.shared_bytes / 1024:.1f} KB" + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
 
 
@@ -139,6 +163,15 @@ def loop_spills(sass: str) -> int:
     return sum(1 for op in mma_loop_ops(sass) if op in SPILL_OPS)
 
 
+_WAIT_GROUP = re.compile(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)\s*;")
+
+
+def wgmma_waits(ptx: str) -> list[int]:
+    """The distinct N of the PTX's ``wgmma.wait_group.sync.aligned N`` (wait until at most N wgmma
+    groups are pending), sorted: ``[0]`` alone means every MMA is waited for before the kernel goes on."""
+    return sorted({int(n) for n in _WAIT_GROUP.findall(ptx)})
+
+
 def _ptxas_serializes_wgmma(ptx: str, arch: int) -> bool:
     """Whether ptxas (the one Triton uses for this arch) reports C7515: wgmma instructions serialized,
     each waited for before the next is issued, because non-wgmma instructions inside the pipeline
@@ -153,8 +186,9 @@ def _ptxas_serializes_wgmma(ptx: str, arch: int) -> bool:
     return "C7515" in proc.stdout + proc.stderr
 
 
-def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
-    """Compile one captured launch for ``sm_{arch}`` and read its SASS and resource usage."""
+def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, title: str = "") -> KernelReport:
+    """Compile one captured launch for ``sm_{arch}`` and read its PTX, SASS and resource usage; with
+    ``asm_dir``, write the PTX and SASS there as ``<title>.<kernel>.<config>.{ptx,sass}``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
@@ -174,13 +208,22 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
         constexprs={names[k[0]]: v for k, v in constexprs.items() if len(k) == 1},
         shared_bytes=int(compiled.metadata.shared),
     )
-    report.wgmma_serialized = _ptxas_serializes_wgmma(compiled.asm["ptx"], arch)
+    ptx = compiled.asm["ptx"]
+    report.wgmma = len(re.findall(r"\bwgmma\.mma_async\b", ptx))
+    report.wgmma_waits = wgmma_waits(ptx)
+    report.wgmma_serialized = _ptxas_serializes_wgmma(ptx, arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
+    if asm_dir is not None:
+        stem = asm_dir / asm_stem(title, report)
+        for suffix, text in ((".ptx", ptx), (".sass", sass)):
+            path = stem.with_name(stem.name + suffix)
+            path.write_text(text)
+            report.asm_files.append(str(path))
     report.hgmma = len(re.findall(r"\bHGMMA\b", sass))
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
     report.spill_instructions = len(re.findall(r"\b(?:STL|LDL)\b", sass))
@@ -196,7 +239,55 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
                                "tensor-core loop")
     if report.shared_bytes > H200_SHARED_BYTES:
         report.problems.append(f"needs {report.shared_bytes} B of shared memory (> {H200_SHARED_BYTES})")
+    if report.wgmma_serialized:
+        report.problems.append("ptxas serializes its wgmma (C7515)")
+    elif report.wgmma and not report.wgmma_in_flight:
+        report.problems.append(f"never keeps a wgmma in flight: its PTX waits with wgmma.wait_group "
+                               f"{'/'.join(map(str, report.wgmma_waits))} only, each MMA finished before it goes on")
     return report
+
+
+def asm_stem(title: str, report: KernelReport) -> str:
+    """A file name for one launch's assembly: the job, the kernel and its configuration."""
+    cfg = "-".join(f"{k}{v}" for k, v in (item.split("=") for item in report.config().split()))
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{title}.{report.name.strip('_')}.{cfg}").strip("-.")
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the report needs triton; importing this module does not
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _control_matmul_kernel(a_ptr, b_ptr, c_ptr, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """C = A·B in bf16, both operand tiles loaded straight from global memory in the loop: the case
+        Triton's pipeliner turns into multi-buffered loads and asynchronous wgmma (``wait_group 1``)."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak)
+            b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn)
+            acc = tl.dot(a, b, acc)
+        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(tl.bfloat16))
+
+
+CONTROL = "control"
+
+
+def control_launches(size: int = 1024) -> list[Launch]:
+    """The positive control of the in-flight check: a plain bf16 matmul (128 x 128 tiles, 8 warps, 3
+    stages), which must show ``wait_group 1``. If it does not, the check cannot tell anything apart
+    (another Triton version, another target) and fails saying so."""
+    a, b, c = (torch.empty(size, size, dtype=torch.bfloat16) for _ in range(3))
+    grid = (size // 128, size // 128)
+    return [Launch(_control_matmul_kernel, grid, (a, b, c, size, *a.stride(), *b.stride(), *c.stride()),
+                   dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))]
 
 
 def _attention_benchmark():
@@ -260,7 +351,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", nargs="*", default=[], help="decode_attention config overrides, key=value")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside its MMA loop, exceeds "
-                   "shared memory, or a dot of the scores / dequant_project kernels is not on wgmma or serialized")
+                   "shared memory, issues wgmma but never keeps one in flight (or ptxas serializes them), or a dot "
+                   "of the scores / dequant_project kernels is not on wgmma")
+    p.add_argument("--asm-dir", type=Path, help="write each launch's PTX and SASS into this folder")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     import triton
@@ -268,8 +361,11 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     config = _parse_config(args.config)
     print(f"triton {triton.__version__}, target sm_90, {args.dtype}, n = {args.length}", flush=True)
-    reports, failed = [], False
-    jobs = [(f"{shape} {bits}-bit", lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b))
+    if args.asm_dir:
+        args.asm_dir.mkdir(parents=True, exist_ok=True)
+    reports, failures = [], []
+    jobs = [(CONTROL, control_launches)]
+    jobs += [(f"{shape} {bits}-bit", lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b))
             for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
         jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
@@ -277,21 +373,24 @@ def main(argv=None) -> int:
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():
-            r = compile_launch(launch)
-            if args.check and r.name in ("_scores_kernel", "_dequant_project_kernel"):
-                if r.hgmma == 0:
-                    r.problems.append("its dots are not on wgmma (no HGMMA in the SASS)")
-                if r.wgmma_serialized:
-                    r.problems.append("ptxas serializes its wgmma (C7515)")
-            failed |= bool(r.problems)
+            r = compile_launch(launch, asm_dir=args.asm_dir, title=title)
+            if args.check and r.name in ("_scores_kernel", "_dequant_project_kernel") and r.hgmma == 0:
+                r.problems.append("its dots are not on wgmma (no HGMMA in the SASS)")
+            if title == CONTROL and r.problems:
+                r.problems.append("the positive control fails: this check cannot tell pipelined kernels "
+                                  "from serialized ones with this Triton / target")
+            failures += [f"{title}: {r.name} grid={r.grid} {r.config()}: {problem}" for problem in r.problems]
             reports.append({"job": title, **{k: v for k, v in vars(r).items() if k != "constexprs"},
+                            "wgmma_in_flight": r.wgmma_in_flight,
                             "constexprs": {k: str(v) for k, v in r.constexprs.items()}})
             print("  " + r.line(), flush=True)
     if args.json:
         args.json.write_text(json.dumps(reports, indent=2))
     if args.check:
-        print("check:", "FAILED" if failed else "ok")
-        return int(failed)
+        print("check:", f"FAILED, {len(failures)} problems" if failures else "ok")
+        for failure in failures:
+            print("  " + failure)
+        return int(bool(failures))
     return 0
 
 
