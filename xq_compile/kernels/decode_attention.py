@@ -338,7 +338,7 @@ if HAS_TRITON:
     def _scores_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, mask_ptr, length_ptr,
         out_ptr,
-        L, HKV, C, P, R, S, GROUP_Q, HALF, qk_scale,
+        L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale,
         s_qb, s_qh, s_qs, s_qd,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_wn, s_wk, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind,
@@ -352,8 +352,8 @@ if HAS_TRITON:
     ):
         """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
 
-        The K rebuild is one dequantize-GEMM tile: the heads' Wk times X̂ᵀ [C, BLOCK_N] (dequantized
-        BLOCK_C channels at a time, once for all BLOCK_H heads), as two accumulators of BLOCK_H·HALF
+        The K rebuild is one dequantize-GEMM tile: X̂ [BLOCK_N, C] (dequantized BLOCK_C channels at a
+        time, once for all BLOCK_H heads) times the heads' Wkᵀ, as two accumulators of BLOCK_H·HALF
         features -- the first and the second half of every head -- so RoPE's rotate_half pairs meet
         elementwise. The scores then come from one dot with a block-diagonal query (each head's rows
         see only its own features): no per-head slicing of registers is needed.
@@ -376,36 +376,36 @@ if HAS_TRITON:
         w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
         w2_rows = w1_rows + HALF
 
-        # Kᵀ = Wk · X̂ᵀ, features by rows: the dequantized tile is the *second* operand, which the tensor
-        # cores read from shared memory, so the MMAs run asynchronously to the next tile's
-        # dequantization. (As the first operand it would sit in registers, and ptxas serializes every
-        # wgmma whose register operands the loop redefines: warning C7515.)
-        k1 = tl.zeros((BLOCK_H * HALF_PAD, BLOCK_N), dtype=tl.float32)
-        k2 = tl.zeros((BLOCK_H * HALF_PAD, BLOCK_N), dtype=tl.float32)
+        # K = X̂ · Wkᵀ, rows by features: the dequantized tile is the first operand, which wgmma reads
+        # from registers, and the Wkᵀ tiles -- plain loads from global memory -- the second, which
+        # Triton's pipeliner prefetches into multi-buffered shared memory; so each step's MMAs stay in
+        # flight while the next tile is dequantized (docs/kernels.md). The loop bound C is a
+        # constexpr: with a runtime bound ptxas serializes the MMAs for some widths (C7515).
+        k1 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
+        k2 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             x = dequant_tile(
                 kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
                 s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                 BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C,
             ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
-            xt = tl.trans(x)
             cols = c0 + tl.arange(0, BLOCK_C)
-            w_mask = f_ok[:, None] & (cols < C)[None, :]
-            # [BLOCK_H·HALF_PAD, BLOCK_C] tiles of Wk for the first and the second halves
-            w1 = tl.load(w_ptr + w1_rows[:, None] * s_wn + cols[None, :] * s_wk, mask=w_mask, other=0.0)
-            w2 = tl.load(w_ptr + w2_rows[:, None] * s_wn + cols[None, :] * s_wk, mask=w_mask, other=0.0)
-            k1 = _dot(w1, xt, k1, DOT_PRECISION, UPCAST)
-            k2 = _dot(w2, xt, k2, DOT_PRECISION, UPCAST)
+            w_mask = (cols < C)[:, None] & f_ok[None, :]
+            # [BLOCK_C, BLOCK_H·HALF_PAD] tiles of Wkᵀ for the first and the second halves
+            w1 = tl.load(w_ptr + cols[:, None] * s_wk + w1_rows[None, :] * s_wn, mask=w_mask, other=0.0)
+            w2 = tl.load(w_ptr + cols[:, None] * s_wk + w2_rows[None, :] * s_wn, mask=w_mask, other=0.0)
+            k1 = _dot(x, w1, k1, DOT_PRECISION, UPCAST)
+            k2 = _dot(x, w2, k2, DOT_PRECISION, UPCAST)
         if HAS_BIAS:
-            k1 += tl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(tl.float32)[:, None]
-            k2 += tl.load(bias_ptr + w2_rows, mask=f_ok, other=0.0).to(tl.float32)[:, None]
+            k1 += tl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+            k2 += tl.load(bias_ptr + w2_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
 
         # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2], in fp32.
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n
-        t_mask = f_ok[:, None] & row_ok[None, :]
-        cos_off = b * s_cosb + rows[None, :] * s_cosl + dh[:, None] * s_cosd
-        sin_off = b * s_sinb + rows[None, :] * s_sinl + dh[:, None] * s_sind
+        t_mask = row_ok[:, None] & f_ok[None, :]
+        cos_off = b * s_cosb + rows[:, None] * s_cosl + dh[None, :] * s_cosd
+        sin_off = b * s_sinb + rows[:, None] * s_sinl + dh[None, :] * s_sind
         # (the tables stay in the model dtype until each product: fewer live registers after the loop)
         c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0)
         s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0)
@@ -415,32 +415,32 @@ if HAS_TRITON:
         kr2 = (k2 * c2.to(tl.float32) + k1 * s2.to(tl.float32)).to(dtype)
 
         # Query rows m: (head h0 + m // R_PAD, row r = g·S + s of the query heads sharing it, in repeat_kv
-        # order), as a block-diagonal [BLOCK_H·R_PAD, BLOCK_H·HALF_PAD] operand (each head's rows see only
-        # its own features), so the scores of every head of the tile are one product Q·Kᵀ.
+        # order), as a block-diagonal [BLOCK_H·HALF_PAD, BLOCK_H·R_PAD] operand Qᵀ (each head's rows see
+        # only its own features), so the scores of every head of the tile are one product K·Qᵀ.
         m = tl.arange(0, BLOCK_H * R_PAD)
         m_head = h0 + m // R_PAD
         r = m % R_PAD
         m_ok = (m_head < HKV) & (r < R)
         q_head = m_head * GROUP_Q + r // S
         q_tok = r % S
-        q_off = b * s_qb + q_head[:, None] * s_qh + q_tok[:, None] * s_qs + dh[None, :] * s_qd
-        own = (m // R_PAD)[:, None] == (f // HALF_PAD)[None, :]  # the block-diagonal
-        q_mask = m_ok[:, None] & f_ok[None, :] & own
+        q_off = b * s_qb + q_head[None, :] * s_qh + q_tok[None, :] * s_qs + dh[:, None] * s_qd
+        own = (f // HALF_PAD)[:, None] == (m // R_PAD)[None, :]  # the block-diagonal
+        q_mask = f_ok[:, None] & m_ok[None, :] & own
         q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(dtype)
         q2 = tl.load(q_ptr + q_off + HALF * s_qd, mask=q_mask, other=0.0).to(dtype)
-        sc = tl.zeros((BLOCK_H * R_PAD, BLOCK_N), dtype=tl.float32)
-        sc = _dot(q1, kr1, sc, DOT_PRECISION, UPCAST)
-        sc = _dot(q2, kr2, sc, DOT_PRECISION, UPCAST)  # [BLOCK_H·R_PAD, BLOCK_N]
+        sc = tl.zeros((BLOCK_N, BLOCK_H * R_PAD), dtype=tl.float32)
+        sc = _dot(kr1, q1, sc, DOT_PRECISION, UPCAST)
+        sc = _dot(kr2, q2, sc, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_H·R_PAD]
         sc = sc * qk_scale
-        st_mask = m_ok[:, None] & row_ok[None, :]
+        st_mask = row_ok[:, None] & m_ok[None, :]
         if MASK_KIND != 0:
-            m_off = b * s_mb + q_head[:, None] * s_mh + q_tok[:, None] * s_ms + rows[None, :] * s_ml
+            m_off = b * s_mb + q_head[None, :] * s_mh + q_tok[None, :] * s_ms + rows[:, None] * s_ml
             mv = tl.load(mask_ptr + m_off, mask=st_mask, other=0)
             if MASK_KIND == 1:
                 sc = tl.where(mv != 0, sc, float("-inf"))
             else:
                 sc = sc + mv.to(tl.float32)
-        o_off = b * s_ob + m_head[:, None] * s_oh + r[:, None] * s_or + rows[None, :] * s_ol
+        o_off = b * s_ob + m_head[None, :] * s_oh + r[None, :] * s_or + rows[:, None] * s_ol
         tl.store(out_ptr + o_off, sc, mask=st_mask)
 
     @triton.jit

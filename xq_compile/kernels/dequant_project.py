@@ -133,7 +133,7 @@ if HAS_TRITON:
     @triton.jit
     def _dequant_project_kernel(
         packed_ptr, scale_ptr, zero_ptr, weight_ptr, bias_ptr, length_ptr, out_ptr,
-        L, N, D, P,
+        L, N, P, D: tl.constexpr,
         stride_pb, stride_pl, stride_pp,
         stride_sb, stride_sl, stride_sg,
         stride_zb, stride_zl, stride_zg,
@@ -158,11 +158,8 @@ if HAS_TRITON:
         rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        # Tiles are [features, rows] (outᵀ = W · X̂ᵀ): the dequantized X̂ is the second operand, which the
-        # tensor cores read from shared memory, so its MMAs overlap the next tile's dequantization (as
-        # the first operand it would be read from registers, and ptxas serializes each wgmma: C7515).
-        out_ptrs = out_ptr + batch * stride_ob + rows[None, :] * stride_ol + cols[:, None] * stride_on
-        out_mask = (rows[None, :] < L) & col_mask[:, None]
+        out_ptrs = out_ptr + batch * stride_ob + rows[:, None] * stride_ol + cols[None, :] * stride_on
+        out_mask = (rows[:, None] < L) & col_mask[None, :]
 
         # The fill n is read here, on the device: the host never syncs, so CUDA graphs can replay the
         # launch with a new n. Clamped to [0, L] like the CPU kernel.
@@ -170,12 +167,17 @@ if HAS_TRITON:
         n = tl.minimum(tl.maximum(n, 0), L)
         if m_block * BLOCK_M >= n:
             # Block entirely past the fill: the cost of these tokens is one store of zeros.
-            tl.store(out_ptrs, tl.zeros((BLOCK_N, BLOCK_M), dtype=out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=out_mask)
             return
 
         row_mask = rows < n  # tokens of a partly filled block past n are never read
 
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        # out = X̂ · Wᵀ: the dequantized tile is the first operand, which wgmma reads from registers,
+        # and the Wᵀ tile -- a plain load from global memory -- the second, which Triton's pipeliner
+        # prefetches into multi-buffered shared memory; so each step's MMA stays in flight while the
+        # next tile is dequantized (docs/kernels.md). The loop bound D is a constexpr: with a runtime
+        # bound ptxas serializes the MMAs for some widths (C7515).
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < D  # ragged last tile when BLOCK_K does not divide d
@@ -186,22 +188,21 @@ if HAS_TRITON:
                 0, 0, 0, 0, 0,
                 BITS, GROUP_SIZE, False, False, SCALE_BCAST, BLOCK_M, BLOCK_K,
             )
-
-            # weight is [N, d]: its [BLOCK_N, BLOCK_K] tile.
+            # weight is [N, d]: the [BLOCK_K, BLOCK_N] tile of its transpose.
             w = tl.load(
-                weight_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
-                mask=col_mask[:, None] & k_mask[None, :],
+                weight_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                mask=k_mask[:, None] & col_mask[None, :],
                 other=0.0,
             )
             # X-hat is rounded to the weight dtype first (as the reference dequantizes to it), the
             # products accumulate in fp32.
-            acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
 
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
-            acc += b.to(tl.float32)[:, None]
+            acc += b.to(tl.float32)[None, :]
         # Rows past n in this block must be exactly 0 (the bias would otherwise land there).
-        acc = tl.where(row_mask[None, :], acc, 0.0)
+        acc = tl.where(row_mask[:, None], acc, 0.0)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -255,7 +256,7 @@ def dequant_project_triton(
     grid = (batch * triton.cdiv(max_len, block_m), triton.cdiv(out_features, block_n))
     _dequant_project_kernel[grid](
         packed, scale, zero, weight, weight if bias is None else bias, length, out,
-        max_len, out_features, hidden, width,
+        max_len, out_features, width, hidden,
         *packed.stride(), *scale.stride(), *zero.stride(), *weight.stride(), *out.stride(),
         BITS=bits,
         GROUP_SIZE=group_size,
