@@ -310,13 +310,13 @@ def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits
     bench = _attention_benchmark()
 
     a = bench.make_inputs(bench.SHAPES[shape], 1, length, 1, bits, dtype, "cpu")
-    saved = da.multiprocessors
-    da.multiprocessors = lambda device: H200_MULTIPROCESSORS  # size the grid for the GPU compiled for
+    saved = da.config.multiprocessors
+    da.config.multiprocessors = lambda device: H200_MULTIPROCESSORS  # size the grid for the GPU compiled for
     try:
-        with captured_launches(da) as launches:
-            da.decode_attention_triton(*a.values(), **config)
+        with captured_launches(da.triton_kernels) as launches:
+            da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), **config)
     finally:
-        da.multiprocessors = saved
+        da.config.multiprocessors = saved
     return launches
 
 

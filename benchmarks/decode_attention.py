@@ -192,8 +192,9 @@ def make_inputs(shape: dict, B: int, L: int, S: int, bits: int, dtype, dev) -> d
 def unfused(a: dict, n: int) -> torch.Tensor:
     """The XQuant path without the fused op: rebuild K (dequant_project), RoPE and absorbed values in torch."""
     from xq_compile.attention import absorbed_attention
-    from xq_compile.kernels.decode_attention import source_rows
+    from xq_compile.kernels import decode_attention as da
 
+    inputs = da.DecodeAttentionInputs.from_op_args(**a)
     q = a["query"]
     B, Hq, S, D = q.shape
     Hkv = a["k_weight"].shape[0] // D
@@ -203,20 +204,17 @@ def unfused(a: dict, n: int) -> torch.Tensor:
                                                  a["k_bias"], a["length"], a["k_bits"], a["k_group"])[:, :n]
         x_k = None
     else:
-        x_k = source_rows(a["k_packed"], a["k_scale"], a["k_zero"], a["k_tail"], n, a["k_bits"], a["k_group"],
-                          a["k_layout"], dtype)
+        x_k = da.source_rows(inputs.keys, n, dtype)
         if a["col0"] is not None:
             x_k = torch.cat([a["col0"][:, :n, None].to(dtype), x_k[..., 1:]], -1)
         k = F.linear(x_k, a["k_weight"], a["k_bias"])
     k = k.view(B, n, Hkv, D).transpose(1, 2)
     cos, sin = a["cos"][:, None, :n], a["sin"][:, None, :n]
-    k = k * cos + torch.cat([-k[..., D // 2:], k[..., : D // 2]], -1) * sin
-    if a["v_packed"] is None:
-        x_v = x_k if x_k is not None else source_rows(a["k_packed"], a["k_scale"], a["k_zero"], a["k_tail"], n,
-                                                      a["k_bits"], a["k_group"], a["k_layout"], dtype)
+    k = k * cos + da.rotate_half(k) * sin
+    if inputs.values is None and x_k is not None:
+        x_v = x_k
     else:
-        x_v = source_rows(a["v_packed"], a["v_scale"], a["v_zero"], None, n, a["v_bits"], a["v_group"], "per_token",
-                          dtype)
+        x_v = da.source_rows(inputs.value_source, n, dtype)
     return absorbed_attention(q, k, x_v, a["v_weight"], a["v_bias"], None, scale=a["sm_scale"], query_heads=Hq,
                               kv_heads=Hkv, head_dim=D, seq_len=S, mask_is_bool=True)
 
@@ -261,7 +259,7 @@ def fused_launcher(a: dict, config: dict):
     from xq_compile.kernels import decode_attention as da
 
     if config:
-        return lambda: da.decode_attention_triton(*a.values(), **config)
+        return lambda: da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), **config)
     return lambda: torch.ops.xq_compile.decode_attention.default(**a)
 
 
@@ -276,7 +274,7 @@ def compile_only(args, config: dict, dtype) -> int:
     L, t_start, job, failures = max(args.lengths), time.perf_counter(), 0, 0
     for name in args.shape:
         a = make_inputs(SHAPES[name], args.batch, L, args.queries, args.bits, dtype, args.device)
-        overrides = sweep_configs(da.resolve_config(*a.values()))[1:] if args.sweep else []
+        overrides = sweep_configs(da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a)))[1:] if args.sweep else []
         launches = {"unfused": [lambda n=n: unfused(a, n) for n in args.lengths], "fused": [fused_launcher(a, config)]}
         launches.update({f"sweep {over}": [fused_launcher(a, {**config, **over})] for over in overrides})
         for what, calls in launches.items():
@@ -323,7 +321,7 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
     tflops = flops / (ms["fused"] * 1e-3) / 1e12
     sweep = []
     if args.sweep and n >= min(args.sweep_min_length, max(args.lengths)):
-        for over in sweep_configs(da.resolve_config(*a.values())):
+        for over in sweep_configs(da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a))):
             run = fused_launcher(a, {**config, **over})
             try:
                 e = rel_err(run(), ref)

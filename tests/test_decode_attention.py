@@ -155,6 +155,11 @@ def make_inputs(case: Case) -> dict:
     )
 
 
+def inputs(a: dict) -> da.DecodeAttentionInputs:
+    """The op's arguments (a dict in schema order) as the launcher and the reference take them."""
+    return da.DecodeAttentionInputs.from_op_args(**a)
+
+
 def _independent_rows(packed, scale, zero, tail, n, bits, group, layout):
     """float64 rows [B, n, C] straight from quant (per_channel: scale gathered per token)."""
     if layout == "per_token":
@@ -305,13 +310,13 @@ def test_triton_launcher_rejects_bad_configs():
     """Checked before anything is launched (so on CPU tensors without the interpreter too)."""
     a = make_inputs(Case(n=7, L=24))
     with pytest.raises(TypeError, match="unknown decode_attention config.*block_q"):
-        da.decode_attention_triton(*a.values(), block_q=16)
+        da.decode_attention_triton(inputs(a), block_q=16)
     with pytest.raises(ValueError, match="block_h=3"):
-        da.decode_attention_triton(*a.values(), block_h=3)
+        da.decode_attention_triton(inputs(a), block_h=3)
     with pytest.raises(ValueError, match="block_nv=8"):
-        da.decode_attention_triton(*a.values(), block_nv=8)
+        da.decode_attention_triton(inputs(a), block_nv=8)
     with pytest.raises(ValueError, match="num_splits=0"):
-        da.decode_attention_triton(*a.values(), num_splits=0)
+        da.decode_attention_triton(inputs(a), num_splits=0)
 
 
 def test_default_config_shapes_the_tiles():
@@ -362,7 +367,7 @@ import torch
 from xq_compile.kernels import decode_attention as da
 assert not da.HAS_TRITON
 try:
-    da.decode_attention_triton(*[None] * 25)
+    da.decode_attention_triton(None)
 except RuntimeError as e:
     assert "install" in str(e) and "triton" in str(e), e
 else:
@@ -390,7 +395,7 @@ INTERPRETER_CONFIGS = [
 
 
 def default_config_of(case: Case) -> dict:
-    return da.resolve_config(*make_inputs(case).values())
+    return da.resolve_config(inputs(make_inputs(case)))
 
 
 SHARDS = 3
@@ -417,7 +422,8 @@ def test_triton_kernels_interpreted(shard):
 
 def _run_interpreter_cases(shard: int) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    assert type(da._scores_kernel).__name__ == "InterpretedFunction", type(da._scores_kernel)
+    kernel = da.triton_kernels._scores_kernel
+    assert type(kernel).__name__ == "InterpretedFunction", type(kernel)
     t0 = time.perf_counter()
     for i, case in enumerate(CASES):
         if i % SHARDS != shard:
@@ -426,7 +432,7 @@ def _run_interpreter_cases(shard: int) -> None:
         ref = OP(**a)
         # a small-block configuration, and the defaults (what runs on the GPU)
         for cfg in (INTERPRETER_CONFIGS[i % len(INTERPRETER_CONFIGS)], {}):
-            out = da.decode_attention_triton(*a.values(), **cfg)
+            out = da.decode_attention_triton(inputs(a), **cfg)
             what = f"{case} cfg={cfg or default_config_of(case)}"
             assert out.shape == ref.shape and out.dtype == ref.dtype, what
             check_close(out, ref, case.dtype, what)
@@ -437,7 +443,7 @@ def _run_interpreter_cases(shard: int) -> None:
     if shard == 0:
         # int32 length, n = 0 (every split empty), and non-contiguous query / weight / cache views
         a = make_inputs(Case(**GQA, n=0, L=24, mask="bool"))
-        assert (da.decode_attention_triton(*a.values(), block_n=16, block_nv=16, num_splits=2) == 0).all()
+        assert (da.decode_attention_triton(inputs(a), block_n=16, block_nv=16, num_splits=2) == 0).all()
         a = make_inputs(Case(Hq=2, Hkv=2, S=2, C=64, n=21, L=40, k_bits=3, mask="float"))
         a["length"] = torch.tensor([21], dtype=torch.int32)
         a["query"] = a["query"].transpose(1, 2).contiguous().transpose(1, 2)
@@ -449,7 +455,7 @@ def _run_interpreter_cases(shard: int) -> None:
             a[key] = torch.cat([big[key][:, :5], a[key]], 1)[:, 5:]  # ... as a non-contiguous view
         a["cos"], a["sin"] = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (a["cos"], a["sin"])]
         assert not a["k_weight"].is_contiguous() and not a["query"].is_contiguous()
-        out = da.decode_attention_triton(*a.values(), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
+        out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
         check_close(out, OP(**a), torch.float32, "non-contiguous")
         print("ok extras", flush=True)
     if shard == 1:
@@ -457,7 +463,7 @@ def _run_interpreter_cases(shard: int) -> None:
         # so the last tile is half empty; d 576 = 9 channel steps; ragged last row block; batch 2)
         case = CUDA_CASES[len(CASES)]
         a = make_inputs(case)
-        check_close(da.decode_attention_triton(*a.values()), OP(**a), case.dtype, f"{case} (default config)")
+        check_close(da.decode_attention_triton(inputs(a)), OP(**a), case.dtype, f"{case} (default config)")
         print(f"ok {case} ({time.perf_counter() - t0:.1f}s)", flush=True)
     print(f"interpreter cases passed: shard={shard}")
 

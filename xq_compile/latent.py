@@ -164,9 +164,7 @@ def key_latent_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     """
     g = group_size
     index = torch.arange(rows, device=codes.device)
-    values = quant.unpack(codes.narrow(1, 0, rows), bits).float()            # [B, rows, C]
-    group = index // g
-    x_hat = values * scale.index_select(1, group).float() + zero.index_select(1, group).float()
+    x_hat = quant.dequantize_along_tokens(quant.unpack(codes.narrow(1, 0, rows), bits), scale, zero, g)  # [B, rows, C]
     complete = length - length % g
     open_rows = tail.index_select(1, index % g).float()
     x_hat = torch.where((index < complete).unsqueeze(-1), x_hat, open_rows)
@@ -189,9 +187,7 @@ def fake_quantize_key_latent(latent: torch.Tensor, bits: int | None, group_size:
     out = latent.to(TAIL_DTYPE).float()
     if complete:
         codes, scale, zero = quant.quantize_along_tokens(out[..., :complete, :], bits, group_size)
-        groups = codes.float().unflatten(-2, (-1, group_size))
-        deq = (groups * scale.float().unsqueeze(-2) + zero.float().unsqueeze(-2)).flatten(-3, -2)
-        out = torch.cat([deq, out[..., complete:, :]], -2)
+        out = torch.cat([quant.dequantize_along_tokens(codes, scale, zero, group_size), out[..., complete:, :]], -2)
     if keep_channel0:
         out[..., 0] = latent[..., 0].to(TAIL_DTYPE).float()
     return out.to(latent.dtype)

@@ -114,6 +114,16 @@ def codes_along_tokens(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return _codes(groups, scale, zero, bits, -2).flatten(-3, -2)
 
 
+def dequantize_along_tokens(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                            group_size: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_along_tokens`: fp32 [..., T, C] from (unpacked) codes [..., T, C] and
+    scale/zero [..., G, C]; row j uses token group j // group_size. T need not be a multiple of the
+    group size, and G may be larger than the groups in use (the groups are gathered by index, which
+    also traces with a symbolic T)."""
+    group = torch.arange(codes.shape[-2], device=codes.device) // group_size
+    return codes.float() * scale.index_select(-2, group).float() + zero.index_select(-2, group).float()
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack b-bit codes (uint8 [..., d]) densely into uint8 [..., packed_width(d, bits)]."""
     codes_per_word, bytes_per_word = word_layout(bits)

@@ -1,12 +1,13 @@
 """Custom ops and kernels of xq-compile.
 
 Importing this package registers ``torch.ops.xq_compile.dequant_project`` and
-``torch.ops.xq_compile.decode_attention`` (CPU reference
-kernels and, when triton is installed, the CUDA Triton kernels). Triton itself is optional.
+``torch.ops.xq_compile.decode_attention`` (CPU reference kernels and, when triton is installed, the CUDA
+Triton kernels). Triton itself is optional.
 
 The ops are reached as ``torch.ops.xq_compile.<name>`` (or ``xq_compile.kernels.<module>.<name>``); this
 package deliberately does not re-export them under the names ``dequant_project`` / ``decode_attention``,
-which would shadow the submodules of the same names.
+which would shadow the module / subpackage of the same names. ``tiles`` holds the Triton tile loader
+both use; ``docs/kernels.md`` the design notes.
 """
 
 from xq_compile.kernels import decode_attention, dequant_project

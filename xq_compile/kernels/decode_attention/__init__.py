@@ -1,0 +1,65 @@
+"""``xq_compile::decode_attention``: one attention layer's decode output straight from the quantized cache.
+
+For a few query tokens (decode, S = 1..16) and the ``n`` cached rows (``n`` = ``length``, read on the
+device), per batch ``b`` and KV head ``h`` (query head ``i`` uses KV head ``i // group``, repeat_kv order):
+
+    x̂k_j = key-source row j, dequantized                      (width Ck)
+    k_j  = x̂k_j · Wk[h·D:(h+1)·D]ᵀ (+ bk),  then RoPE with cos[b, j], sin[b, j] (HF rotate_half)
+    p    = softmax(sm_scale · q·kᵀ (+ mask))                   (fp32; a fully masked row gives 0)
+    out  = (Σ_j p_j · x̂v_j) · Wv[h·D:(h+1)·D]ᵀ + (Σ_j p_j) · bv  (absorbed values: V is never built)
+
+K and V are never written to memory. The CPU (default) kernel is the plain-torch reference
+(:func:`reference_decode_attention`); the CUDA kernel is three Triton launches (see
+:func:`decode_attention_triton`, block sizes from :func:`default_config`):
+
+  1. ``_scores_kernel``   grid (B · KV-head tiles, row blocks of the capacity L): the K rebuild as one
+     dequantize-GEMM tile per program -- ``block_n`` cached rows (dequantized once, ``block_c`` channels
+     at a time, by :func:`xq_compile.kernels.tiles.dequant_tile`) times the Wkᵀ of ``block_h`` KV heads,
+     two accumulators for the two halves of every head so RoPE (fp32) pairs meet elementwise -- then
+     the scores of those heads' query rows as one more dot with a block-diagonal query, scaled and
+     masked (natural log domain, so an HF finfo.min float mask cannot overflow to -inf), written to a
+     small fp32 scratch [B, Hkv, R, L]. Scores, not K: R·n floats instead of n·D. The tile is computed
+     transposed (Kᵀ = Wk·X̂ᵀ): see the kernel for why.
+  2. ``_values_kernel``   grid (B · query-row blocks, splits, Cv blocks): online softmax over one chunk of
+     the rows and acc += p · x̂v for one block of value channels, for the query rows of *all* KV heads
+     at once (the value rows -- the X cache or the one value latent -- are the same for every head, so
+     each dequantized tile serves them all); writes the chunk's (acc, max, sum) (flash-decoding).
+  3. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks, normalizes, projects with Wv (tl.dot) and
+     adds the bias, writing [B, Hq, S, D].
+
+Why scores go through memory instead of one fused pass: the absorbed-value accumulator of a KV head's
+query rows is [group·S, Cv] with Cv up to the hidden size (4096 for a 7B MHA model), too large for
+registers next to the K tile, and splitting Cv across programs would rebuild K once per Cv block,
+multiplying the dominant cost. The round trip costs R·n·8 bytes per KV head, next to the
+2·n·Ck·D FLOPs of its K rebuild.
+
+Every launch reads ``n`` on the device (no ``.item()``, no host sync): a split whose chunk starts at or
+past ``n`` does nothing but write an empty partial result (a row block past ``n`` returns at once), so
+one CUDA graph serves every fill. The grids depend only on the capacity L and the shapes.
+
+Row sources (the "key source" and the optional "value source"; omitted = the key source's rows, the MHA
+X-cache case): ``per_token`` (exactly the format of :mod:`xq_compile.quant`) or ``per_channel`` (KIVI-style
+GQA key latents, the open token group read from a model-dtype tail); see :class:`QuantizedSource`. ``col0``
+fp16 [B, L] (optional) replaces channel 0 of the dequantized key-source rows (and of the value rows of a
+shared source).
+
+Modules: ``inputs`` (:class:`QuantizedSource`, :class:`DecodeAttentionInputs` and their checks: the op's
+flat arguments become these once, at the op boundary), ``op`` (the custom op), ``reference`` (the torch
+reference, the CPU kernel), ``config`` (launch configuration), ``triton_kernels`` (the kernels and their
+launcher).
+
+Triton is optional: without it the module imports and the CPU kernel works; only dispatching CUDA
+tensors to the op raises (asking to install triton).
+"""
+
+from xq_compile.kernels.decode_attention.config import CONFIG_KEYS, default_config, resolve_config
+from xq_compile.kernels.decode_attention.inputs import LAYOUTS, DecodeAttentionInputs, QuantizedSource
+from xq_compile.kernels.decode_attention.op import decode_attention
+from xq_compile.kernels.decode_attention.reference import reference_decode_attention, rotate_half, source_rows
+from xq_compile.kernels.decode_attention.triton_kernels import HAS_TRITON, decode_attention_triton
+
+__all__ = [
+    "CONFIG_KEYS", "HAS_TRITON", "LAYOUTS", "DecodeAttentionInputs", "QuantizedSource", "decode_attention",
+    "decode_attention_triton", "default_config", "reference_decode_attention", "resolve_config", "rotate_half",
+    "source_rows",
+]

@@ -1,0 +1,114 @@
+"""Launch configuration of the decode-attention Triton kernels: block sizes, head tiles, split count and
+warps for a shape (:func:`default_config`, a fixed rule), with checked overrides (:func:`resolve_config`,
+the one place the launcher, the benchmarks' sweep and the tests get a configuration from)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, Shapes
+from xq_compile.kernels.tiles import next_power_of_2
+
+CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "num_warps",
+               "num_stages")
+
+
+def pow2_at_least_16(x: int) -> int:
+    """The smallest power of two >= max(x, 16): the smallest block ``tl.dot`` takes."""
+    return max(16, next_power_of_2(x))
+
+
+def _largest_pow2_divisor(x: int, cap: int) -> int:
+    p = 1
+    while p < cap and x % (2 * p) == 0:
+        p *= 2
+    return p
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (8 for CPU tensors, i.e. the interpreter; benchmarks/compile_report.py
+    replaces this function to size the grid of a GPU it compiles for)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+
+
+def default_config(
+    *, batch: int, kv_heads: int, head_dim: int, query_rows: int, max_len: int, v_width: int,
+    k_layout: str, k_group: int, v_layout: str, v_group: int, dtype: torch.dtype, device: torch.device,
+) -> dict:
+    """Block sizes, head tiles, split count and warps for a shape: a fixed rule, no autotuning (compile
+    time matters, and GPU time to tune is scarce; ``benchmarks/decode_attention.py --sweep`` measures
+    the alternatives on a GPU).
+
+    Scores kernel (the K rebuild, where almost all FLOPs are): a [block_h·D, block_n] dequantize-GEMM
+    tile of up to 256 features (2 heads of 128, 4 of 64) by 128 rows on 8 warps: each dequantized X̂
+    element feeds 256 MACs, so the dequantization's instructions (about as many per step as for a
+    128-feature tile, ``benchmarks/compile_report.py``) are spread over twice the tensor-core work.
+    Fewer heads when the KV heads would leave more than 15% of a tile empty (SmolLM2's 9 heads of
+    64: tiles of 2). ``block_c`` = 64 channels per step, or the scale group when that is smaller, so
+    the scale is one broadcast vector per tile. Compiled for sm_90 this keeps every MMA loop free of
+    register spills and of serialized wgmma for 2/3/4/8 bits under triton 3.6 and 3.9 (at 255
+    registers, with a few spills after the loop); ``--sweep`` times the alternatives on a GPU.
+
+    Values kernel: ``block_m`` flattened query rows (all heads share the value rows), ``block_nv``
+    rows by ``block_cv`` value channels per step, ``num_splits`` chunks of the rows so that about two
+    programs run per multiprocessor.
+    """
+    d_pad = pow2_at_least_16(head_dim // 2) * 2
+    block_h = max(1, 256 // d_pad)
+    while block_h > 1 and -(-kv_heads // block_h) * block_h > 1.15 * kv_heads:  # also keeps block_h <= 2·Hkv
+        block_h //= 2
+    block_n = 128 if dtype != torch.float32 else 64  # fp32 operands: twice the registers per element
+    if k_layout == "per_channel":  # a row block inside one token group broadcasts its scales
+        block_n = max(64, min(block_n, _largest_pow2_divisor(k_group, block_n)))
+    block_c = 64
+    if k_layout == "per_token" and k_group % 64:
+        block_c = max(16, _largest_pow2_divisor(k_group, 64))
+    num_warps = 8 if block_n * block_h * d_pad >= 128 * 128 else 4  # two warpgroups from 128 x 128 on
+
+    block_m = min(64, pow2_at_least_16(kv_heads * query_rows))
+    block_nv = 64
+    block_cv = 128 if v_layout == "per_channel" or v_group % 128 == 0 else 64
+    block_cv = min(block_cv, pow2_at_least_16(v_width))
+    sms = multiprocessors(device)
+    programs = batch * -(-kv_heads * query_rows // block_m) * -(-v_width // block_cv)
+    splits = max(1, min(-(-2 * sms // max(programs, 1)), -(-max_len // block_nv), 128))
+    return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
+                block_cv=block_cv, num_splits=splits, num_warps=num_warps, num_stages=3)
+
+
+def resolve_config(inputs: DecodeAttentionInputs, **config: int) -> dict:
+    """The configuration :func:`~xq_compile.kernels.decode_attention.decode_attention_triton` launches
+    ``inputs`` with: :func:`default_config` for their shapes, then the keyword overrides
+    (:data:`CONFIG_KEYS`), checked."""
+    return resolve(inputs, config)[1]
+
+
+def resolve(inputs: DecodeAttentionInputs, config: dict) -> tuple[Shapes, dict]:
+    """(the checked sizes of ``inputs``, the launch configuration)."""
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise TypeError(f"unknown decode_attention config {sorted(unknown)}; known: {CONFIG_KEYS}")
+    shapes = inputs.check()
+    values = inputs.value_source
+    cfg = default_config(
+        batch=shapes.batch, kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
+        query_rows=shapes.q_heads // shapes.kv_heads * shapes.seq, max_len=shapes.max_len, v_width=shapes.v_width,
+        k_layout=inputs.keys.layout, k_group=inputs.keys.group, v_layout=values.layout, v_group=values.group,
+        dtype=inputs.k_weight.dtype, device=inputs.query.device,
+    )
+    cfg.update({k: v for k, v in config.items() if v is not None})
+    for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv"):
+        if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+            raise ValueError(f"{key}={cfg[key]} must be a power of two >= 16")
+    if cfg["block_h"] < 1 or cfg["block_h"] & (cfg["block_h"] - 1):
+        raise ValueError(f"block_h={cfg['block_h']} must be a power of two >= 1")
+    if cfg["num_splits"] < 1:
+        raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
+    return shapes, cfg

@@ -1,0 +1,64 @@
+"""The custom op ``xq_compile::decode_attention`` (its schema is what the rewrite emits, see
+``passes/rewrite.py``): the flat arguments become a :class:`DecodeAttentionInputs` here, once; the CPU
+(default) kernel is the torch reference, the CUDA kernel the Triton launcher."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs
+from xq_compile.kernels.decode_attention.reference import reference_decode_attention
+from xq_compile.kernels.decode_attention.triton_kernels import decode_attention_triton
+
+
+@torch.library.custom_op("xq_compile::decode_attention", mutates_args=())
+def decode_attention(
+    query: torch.Tensor,
+    k_packed: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_tail: Optional[torch.Tensor],
+    v_packed: Optional[torch.Tensor],
+    v_scale: Optional[torch.Tensor],
+    v_zero: Optional[torch.Tensor],
+    v_tail: Optional[torch.Tensor],
+    col0: Optional[torch.Tensor],
+    k_weight: torch.Tensor,
+    k_bias: Optional[torch.Tensor],
+    v_weight: torch.Tensor,
+    v_bias: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    length: torch.Tensor,
+    k_bits: int,
+    k_group: int,
+    k_layout: str,
+    v_bits: int,
+    v_group: int,
+    v_layout: str,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Decode attention over the first ``length`` cached rows, from the quantized sources: [B, Hq, S, D].
+
+    ``v_packed=None``: the value rows are the key-source rows (v_scale/v_zero/v_tail must be None and
+    v_bits/v_group/v_layout are ignored). The CPU kernel is :func:`reference_decode_attention`.
+    """
+    return reference_decode_attention(DecodeAttentionInputs.from_op_args(
+        query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
+        k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
+        v_bits, v_group, v_layout, sm_scale,
+    ))
+
+
+@decode_attention.register_fake
+def _(query, *args):
+    return query.new_empty(query.shape)
+
+
+@decode_attention.register_kernel("cuda")
+def _(*args):
+    with torch.cuda.device(args[0].device):
+        return decode_attention_triton(DecodeAttentionInputs.from_op_args(*args))

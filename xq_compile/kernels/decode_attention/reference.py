@@ -1,0 +1,67 @@
+"""The op's semantics in plain torch: the CPU kernel of ``xq_compile::decode_attention`` and the
+reference the Triton kernels are tested against."""
+
+from __future__ import annotations
+
+import torch
+
+from xq_compile import quant
+from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, QuantizedSource
+
+
+def source_rows(source: QuantizedSource, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``n`` rows of a source, dequantized: [B, n, C] in ``dtype`` (computed in fp32)."""
+    if source.layout == "per_token":
+        return quant.dequantize(source.packed[:, :n], source.scale[:, :n], source.zero[:, :n], source.bits,
+                                source.group, dtype=dtype)
+    n_full = n // source.group * source.group
+    codes = quant.unpack(source.packed[:, :n_full], source.bits)
+    rows = quant.dequantize_along_tokens(codes, source.scale, source.zero, source.group)
+    return torch.cat([rows.to(dtype), source.tail[:, : n - n_full].to(dtype)], dim=1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's rotate_half: [x1, x2] -> [-x2, x1] over the last dimension (RoPE pairs d with d + D/2)."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def reference_decode_attention(inputs: DecodeAttentionInputs) -> torch.Tensor:
+    """The op's semantics in plain torch, rounding where the Triton kernel rounds: X̂ to the model dtype,
+    K (after bias and RoPE in fp32) to the model dtype before q·Kᵀ, the unnormalized probabilities to the
+    model dtype before P·X̂v, and the mixed rows to the model dtype before the Wv projection; every
+    product accumulates in fp32. ``length`` is read on the host here (``int``), clamped to [0, L]."""
+    a = inputs
+    batch, q_heads, seq, head_dim, kv_heads, max_len, _, _ = a.check()
+    dtype = a.k_weight.dtype
+    n = min(max(int(a.length), 0), max_len)
+    if n == 0:
+        return a.query.new_zeros(a.query.shape)
+    rows = q_heads // kv_heads * seq
+    x_k = source_rows(a.keys, n, dtype)
+    if a.col0 is not None:
+        x_k = torch.cat([a.col0[:, :n, None].to(dtype), x_k[..., 1:]], dim=-1)
+    x_v = x_k if a.values is None else source_rows(a.values, n, dtype)
+
+    k = x_k.float() @ a.k_weight.float().T
+    if a.k_bias is not None:
+        k = k + a.k_bias.float()
+    k = k.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)  # [B, Hkv, n, D]
+    c, s = a.cos[:, None, :n].float(), a.sin[:, None, :n].float()
+    k = (k * c + rotate_half(k) * s).to(dtype)
+
+    q = a.query.reshape(batch, kv_heads, rows, head_dim)  # rows g·S + s share KV head h (repeat_kv order)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * a.sm_scale  # [B, Hkv, R, n]
+    if a.mask is not None:
+        m = a.mask.expand(batch, q_heads, seq, max_len)[..., :n].reshape(batch, kv_heads, rows, n)
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # fully masked row: p = 0, not NaN
+    p = torch.exp(scores - top)
+    total = p.sum(-1, keepdim=True)
+    mixed = p.to(dtype).float() @ x_v.float()[:, None]  # [B, Hkv, R, Cv]
+    mixed = torch.where(total > 0, mixed / total, torch.zeros_like(mixed)).to(dtype)
+    out = mixed.float() @ a.v_weight.float().unflatten(0, (kv_heads, head_dim)).transpose(-1, -2)  # [B, Hkv, R, D]
+    if a.v_bias is not None:  # Σ p_j (x_j·Wᵀ + b) = (Σ p_j x_j)·Wᵀ + b, or 0 for a fully masked row
+        out = out + (total > 0).float() * a.v_bias.float().unflatten(0, (kv_heads, head_dim))[None, :, None]
+    return out.reshape(batch, q_heads, seq, head_dim).to(a.query.dtype)

@@ -1,0 +1,377 @@
+"""The Triton kernels of ``xq_compile::decode_attention`` and their launcher,
+:func:`decode_attention_triton` (what the op's CUDA kernel calls; see the package docstring for the
+three launches and why).
+
+Triton is optional: without it this module imports and :data:`HAS_TRITON` is False; only the launcher
+raises (asking to install triton).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xq_compile.kernels.decode_attention import config as launch_config
+from xq_compile.kernels.decode_attention.config import pow2_at_least_16
+from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, QuantizedSource
+from xq_compile.kernels.tiles import next_power_of_2, scale_broadcast
+
+try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by a subprocess test that hides triton
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+if HAS_TRITON:
+    from xq_compile.kernels.tiles import dequant_tile
+
+    @triton.jit
+    def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """tl.dot(a, b, acc). UPCAST (set for CPU tensors, i.e. under the Triton interpreter, whose bf16
+        tl.dot is wrong in triton 3.x) first converts the operands to fp32, exactly: bf16·bf16 products
+        are exact in fp32, so only the fp32 accumulation order can differ from the tensor cores."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _fill(length_ptr, L):
+        """n, the cache fill, read on the device and clamped to [0, L]."""
+        n = tl.load(length_ptr).to(tl.int32)
+        return tl.minimum(tl.maximum(n, 0), L)
+
+    @triton.jit
+    def _scores_kernel(
+        q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, mask_ptr, length_ptr,
+        out_ptr,
+        L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale,
+        s_qb, s_qh, s_qs, s_qd,
+        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        s_wn, s_wk, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind,
+        s_mb, s_mh, s_ms, s_ml,
+        s_ob, s_oh, s_or, s_ol,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
+        HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr,  # 0 none, 1 bool (as uint8), 2 additive float
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_BCAST: tl.constexpr,
+        R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
+
+        The K rebuild is one dequantize-GEMM tile: X̂ [BLOCK_N, C] (dequantized BLOCK_C channels at a
+        time, once for all BLOCK_H heads) times the heads' Wkᵀ, as two accumulators of BLOCK_H·HALF
+        features -- the first and the second half of every head -- so RoPE's rotate_half pairs meet
+        elementwise. The scores then come from one dot with a block-diagonal query (each head's rows
+        see only its own features): no per-head slicing of registers is needed.
+        """
+        pid_bh = tl.program_id(0)
+        r0 = tl.program_id(1) * BLOCK_N
+        n = _fill(length_ptr, L)
+        if r0 >= n:
+            return  # a row block past the fill: nothing to do (one CUDA graph serves every fill)
+        num_ht = tl.cdiv(HKV, BLOCK_H)
+        b = (pid_bh // num_ht).to(tl.int64)  # int64: B * L * stride may exceed 2**31
+        h0 = (pid_bh % num_ht) * BLOCK_H
+        n_full = n // GROUP * GROUP
+        dtype = w_ptr.dtype.element_ty
+
+        # Features f: (head h0 + f // HALF_PAD, dh = f % HALF_PAD of its first half).
+        f = tl.arange(0, BLOCK_H * HALF_PAD)
+        dh = f % HALF_PAD
+        f_ok = (h0 + f // HALF_PAD < HKV) & (dh < HALF)
+        w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
+        w2_rows = w1_rows + HALF
+
+        # K = X̂ · Wkᵀ, rows by features: the dequantized tile is the first operand, which wgmma reads
+        # from registers, and the Wkᵀ tiles -- plain loads from global memory -- the second, which
+        # Triton's pipeliner prefetches into multi-buffered shared memory; so each step's MMAs stay in
+        # flight while the next tile is dequantized (docs/kernels.md). The loop bound C is a
+        # constexpr: with a runtime bound ptxas serializes the MMAs for some widths (C7515).
+        k1 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
+        k2 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            x = dequant_tile(
+                kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
+                s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C,
+            ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
+            cols = c0 + tl.arange(0, BLOCK_C)
+            w_mask = (cols < C)[:, None] & f_ok[None, :]
+            # [BLOCK_C, BLOCK_H·HALF_PAD] tiles of Wkᵀ for the first and the second halves
+            w1 = tl.load(w_ptr + cols[:, None] * s_wk + w1_rows[None, :] * s_wn, mask=w_mask, other=0.0)
+            w2 = tl.load(w_ptr + cols[:, None] * s_wk + w2_rows[None, :] * s_wn, mask=w_mask, other=0.0)
+            k1 = _dot(x, w1, k1, DOT_PRECISION, UPCAST)
+            k2 = _dot(x, w2, k2, DOT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            k1 += tl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+            k2 += tl.load(bias_ptr + w2_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+
+        # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2], in fp32.
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        t_mask = row_ok[:, None] & f_ok[None, :]
+        cos_off = b * s_cosb + rows[:, None] * s_cosl + dh[None, :] * s_cosd
+        sin_off = b * s_sinb + rows[:, None] * s_sinl + dh[None, :] * s_sind
+        # (the tables stay in the model dtype until each product: fewer live registers after the loop)
+        c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0)
+        s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0)
+        kr1 = (k1 * c1.to(tl.float32) - k2 * s1.to(tl.float32)).to(dtype)
+        c2 = tl.load(cos_ptr + cos_off + HALF * s_cosd, mask=t_mask, other=0.0)
+        s2 = tl.load(sin_ptr + sin_off + HALF * s_sind, mask=t_mask, other=0.0)
+        kr2 = (k2 * c2.to(tl.float32) + k1 * s2.to(tl.float32)).to(dtype)
+
+        # Query rows m: (head h0 + m // R_PAD, row r = g·S + s of the query heads sharing it, in repeat_kv
+        # order), as a block-diagonal [BLOCK_H·HALF_PAD, BLOCK_H·R_PAD] operand Qᵀ (each head's rows see
+        # only its own features), so the scores of every head of the tile are one product K·Qᵀ.
+        m = tl.arange(0, BLOCK_H * R_PAD)
+        m_head = h0 + m // R_PAD
+        r = m % R_PAD
+        m_ok = (m_head < HKV) & (r < R)
+        q_head = m_head * GROUP_Q + r // S
+        q_tok = r % S
+        q_off = b * s_qb + q_head[None, :] * s_qh + q_tok[None, :] * s_qs + dh[:, None] * s_qd
+        own = (f // HALF_PAD)[:, None] == (m // R_PAD)[None, :]  # the block-diagonal
+        q_mask = f_ok[:, None] & m_ok[None, :] & own
+        q1 = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(dtype)
+        q2 = tl.load(q_ptr + q_off + HALF * s_qd, mask=q_mask, other=0.0).to(dtype)
+        sc = tl.zeros((BLOCK_N, BLOCK_H * R_PAD), dtype=tl.float32)
+        sc = _dot(kr1, q1, sc, DOT_PRECISION, UPCAST)
+        sc = _dot(kr2, q2, sc, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_H·R_PAD]
+        sc = sc * qk_scale
+        st_mask = row_ok[:, None] & m_ok[None, :]
+        if MASK_KIND != 0:
+            m_off = b * s_mb + q_head[None, :] * s_mh + q_tok[None, :] * s_ms + rows[:, None] * s_ml
+            mv = tl.load(mask_ptr + m_off, mask=st_mask, other=0)
+            if MASK_KIND == 1:
+                sc = tl.where(mv != 0, sc, float("-inf"))
+            else:
+                sc = sc + mv.to(tl.float32)
+        o_off = b * s_ob + m_head[None, :] * s_oh + r[None, :] * s_or + rows[:, None] * s_ol
+        tl.store(out_ptr + o_off, sc, mask=st_mask)
+
+    @triton.jit
+    def _values_kernel(
+        sc_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, acc_ptr, m_ptr, l_ptr,
+        L, M_ALL, C, P,
+        s_cb_, s_cm_, s_cl_,
+        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        s_ab, s_as, s_am, s_ac,
+        s_mb, s_ms, s_mm,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
+        SCALE_BCAST: tl.constexpr, OUT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
+    ):
+        """Online softmax over one split's rows and acc += p · x̂v for one block of value channels.
+
+        The value rows are the same for every KV head (the X cache, or the one value latent), so the
+        query rows of all heads -- M_ALL = Hkv·R, flattened -- share each dequantized tile: BLOCK_M of
+        them per program (flash-decoding over the splits)."""
+        pid_bm = tl.program_id(0)
+        split = tl.program_id(1)
+        c0 = tl.program_id(2) * BLOCK_CV
+        num_mb = tl.cdiv(M_ALL, BLOCK_M)
+        b = (pid_bm // num_mb).to(tl.int64)
+        m = (pid_bm % num_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M_ALL
+        # this split's rows: the n rows cut into NUM_SPLITS chunks of whole BLOCK_N blocks, from the n
+        # on the device (so every fill spreads over all splits)
+        n = _fill(length_ptr, L)
+        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(start + per_split, n)
+        n_full = n // GROUP * GROUP
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_CV), dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_N):
+            rows = j0 + tl.arange(0, BLOCK_N)
+            s = tl.load(sc_ptr + b * s_cb_ + m[:, None] * s_cm_ + rows[None, :] * s_cl_,
+                        mask=m_ok[:, None] & (rows < end)[None, :], other=float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with every score -inf so far (masked) keeps p = 0 instead of exp(-inf + inf) = NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            x = dequant_tile(
+                vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
+                s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV,
+            ).to(OUT_DTYPE)
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(OUT_DTYPE), x, acc, DOT_PRECISION, UPCAST)
+            m_i = m_new
+        cols = c0 + tl.arange(0, BLOCK_CV)
+        a_off = b * s_ab + split * s_as + m[:, None] * s_am + cols[None, :] * s_ac
+        tl.store(acc_ptr + a_off, acc, mask=m_ok[:, None] & (cols < C)[None, :])
+        if c0 == 0:
+            ml_off = b * s_mb + split * s_ms + m * s_mm
+            tl.store(m_ptr + ml_off, m_i, mask=m_ok)
+            tl.store(l_ptr + ml_off, l_i, mask=m_ok)
+
+    @triton.jit
+    def _reduce_kernel(
+        acc_ptr, m_ptr, l_ptr, w_ptr, bias_ptr, out_ptr,
+        HKV, C, R, S, GROUP_Q, D, NUM_SPLITS,
+        s_ab, s_as, s_am, s_ac,
+        s_mb, s_ms, s_mm,
+        s_wn, s_wk,
+        s_ob, s_oh, s_os, s_od,
+        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        R_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_CV: tl.constexpr,
+    ):
+        """Combines the splits of KV head h's R query rows (flattened rows h·R + r), normalizes, projects
+        with Wv and adds the bias, writing [B, Hq, S, D]."""
+        pid_bh = tl.program_id(0)
+        b = (pid_bh // HKV).to(tl.int64)
+        h = pid_bh % HKV
+        dtype = w_ptr.dtype.element_ty
+        r = tl.arange(0, R_PAD)
+        r_ok = r < R
+        ml_base = b * s_mb + (h * R + r) * s_mm
+        # Global max and sum over the splits (an empty split has m = -inf, l = 0).
+        m = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            m = tl.maximum(m, tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.zeros((R_PAD,), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            m_s = tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf"))
+            total += tl.load(l_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) * tl.exp(m_s - m_safe)
+        inv = tl.where(total > 0, 1.0 / total, 0.0)  # fully masked row (or n = 0): 0
+
+        d = tl.arange(0, D_PAD)
+        d_ok = d < D
+        out = tl.zeros((R_PAD, D_PAD), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_CV):
+            cols = c0 + tl.arange(0, BLOCK_CV)
+            c_ok = cols < C
+            mixed = tl.zeros((R_PAD, BLOCK_CV), dtype=tl.float32)
+            for sp in range(0, NUM_SPLITS):
+                m_s = tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf"))
+                part = tl.load(
+                    acc_ptr + b * s_ab + sp * s_as + (h * R + r)[:, None] * s_am + cols[None, :] * s_ac,
+                    mask=r_ok[:, None] & c_ok[None, :], other=0.0,
+                )
+                mixed += part * tl.exp(m_s - m_safe)[:, None]
+            mixed = (mixed * inv[:, None]).to(dtype)  # rounded like the reference's mixed rows
+            w = tl.load(w_ptr + (h * D + d)[None, :] * s_wn + cols[:, None] * s_wk,
+                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            out = _dot(mixed, w, out, DOT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + h * D + d, mask=d_ok, other=0.0).to(tl.float32)
+            out += tl.where(total > 0, 1.0, 0.0)[:, None] * bv[None, :]
+        q_head = h * GROUP_Q + r // S
+        o_off = b * s_ob + q_head[:, None] * s_oh + (r % S)[:, None] * s_os + d[None, :] * s_od
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
+    """Pointers and strides of a source for ``dequant_tile`` (absent tensors: any valid pointer, stride 0)."""
+    tail = source.packed if source.tail is None else source.tail
+    c = source.packed if col0 is None else col0
+    t_strides = (0, 0, 0) if source.tail is None else source.tail.stride()
+    c_strides = (0, 0) if col0 is None else col0.stride()
+    return ((source.packed, source.scale, source.zero, tail, c),
+            (*source.packed.stride(), *source.scale.stride(), *source.zero.stride(), *t_strides, *c_strides))
+
+
+def decode_attention_triton(inputs: DecodeAttentionInputs, **config: int) -> torch.Tensor:
+    """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
+
+    Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
+    pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
+    arguments (``CONFIG_KEYS``) override the default configuration (see ``resolve_config``); block
+    sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the
+    scores kernel.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "xq_compile::decode_attention on CUDA needs triton, which is not installed: "
+            "pip install 'xq-compile[triton]' (or pip install triton)."
+        )
+    (batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width), cfg = launch_config.resolve(inputs, config)
+    a = inputs
+    keys, values = a.keys, a.value_source
+    group_q = q_heads // kv_heads
+    rows = group_q * seq
+    dtype = a.k_weight.dtype
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"model dtype {dtype} is not supported by the Triton kernel")
+    out = torch.empty(a.query.shape, device=a.query.device, dtype=a.query.dtype)
+    if out.numel() == 0:
+        return out
+    dev = a.query.device
+    r_pad = pow2_at_least_16(rows)
+    half = head_dim // 2
+    splits = cfg["num_splits"]
+    fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    precision = "ieee" if fp32_exact else "tf32"
+    # The Triton interpreter (the only way these kernels run on CPU tensors) gets bf16 tl.dot wrong.
+    upcast = launch_config.interpreted() and dtype == torch.bfloat16
+
+    # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written
+    scores = torch.empty((batch, kv_heads, rows, max_len), device=dev, dtype=torch.float32)
+    k_ptrs, k_strides = _tile_args(keys, a.col0)
+    if a.mask is None:
+        mask_kind, mask_t, m_strides = 0, scores, (0, 0, 0, 0)
+    else:
+        mask_e = a.mask.expand(batch, q_heads, seq, max_len)  # broadcast dims get stride 0
+        mask_kind = 1 if a.mask.dtype == torch.bool else 2
+        mask_t = mask_e.view(torch.uint8) if mask_kind == 1 else mask_e
+        m_strides = mask_e.stride()
+    block_h = min(cfg["block_h"], next_power_of_2(kv_heads))  # an override may exceed the heads
+    grid = (batch * triton.cdiv(kv_heads, block_h), triton.cdiv(max_len, cfg["block_n"]))
+    _scores_kernel[grid](
+        a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, a.cos, a.sin, mask_t, a.length,
+        scores,
+        max_len, kv_heads, k_width, keys.packed.shape[2], rows, seq, group_q, half, float(a.sm_scale),
+        *a.query.stride(), *k_strides, *a.k_weight.stride(), *a.cos.stride(), *a.sin.stride(), *m_strides,
+        *scores.stride(),
+        BITS=keys.bits, GROUP=keys.group, PER_CHANNEL=keys.layout == "per_channel", HAS_COL0=a.col0 is not None,
+        HAS_BIAS=a.k_bias is not None, MASK_KIND=mask_kind, DOT_PRECISION=precision, UPCAST=upcast,
+        SCALE_BCAST=scale_broadcast(keys.layout, keys.group, cfg["block_n"], cfg["block_c"]),
+        R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
+        BLOCK_C=cfg["block_c"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+    # 2. per split: online softmax and the absorbed values Σ p·x̂v for one block of value channels,
+    #    for the query rows of every KV head at once (flattened: row h·R + r); a shared source's value
+    #    rows get its col0 too
+    v_ptrs, v_strides = _tile_args(values, a.col0 if a.values is None else None)
+    m_all = kv_heads * rows
+    block_m = min(cfg["block_m"], pow2_at_least_16(m_all))
+    block_cv = min(cfg["block_cv"], pow2_at_least_16(v_width))
+    flat_scores = scores.view(batch, m_all, max_len)
+    acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
+    m_part = torch.empty((batch, splits, m_all), device=dev, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
+        flat_scores, *v_ptrs, a.length, acc, m_part, l_part,
+        max_len, m_all, v_width, values.packed.shape[2],
+        *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
+        BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
+        HAS_COL0=a.values is None and a.col0 is not None,
+        SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
+        OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
+        BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv,
+        # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
+        num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
+    )
+
+    # 3. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
+    _reduce_kernel[(batch * kv_heads,)](
+        acc, m_part, l_part, a.v_weight, a.v_weight if a.v_bias is None else a.v_bias, out,
+        kv_heads, v_width, rows, seq, group_q, head_dim, splits,
+        *acc.stride(), *m_part.stride(), *a.v_weight.stride(), *out.stride(),
+        HAS_BIAS=a.v_bias is not None, DOT_PRECISION=precision, UPCAST=upcast,
+        R_PAD=r_pad, D_PAD=pow2_at_least_16(head_dim), BLOCK_CV=min(64, block_cv),
+        num_warps=4, num_stages=1,
+    )
+    return out
