@@ -420,6 +420,30 @@ def test_triton_kernels_interpreted(shard):
     assert f"interpreter cases passed: shard={shard}" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_read_rows_past_2_31_bytes():
+    """Row offsets are computed in int64 in the scores and the values kernels: the key source (shared
+    with the values) has its last row 2**31 + 8 KB bytes in (tests/test_kernels.py's wide_rows); with
+    int32 offsets the interpreter reads below the allocation (a crash) or wrong bytes."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--interpreter", "wide"],
+        env=_subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: " + proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "wide offsets passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _run_wide_offset_case() -> None:
+    from test_kernels import wide_rows
+
+    a = make_inputs(Case(B=1, Hq=4, Hkv=2, L=3, n=3, C=64, k_bits=4, k_group=16, S=2, mask="bool"))
+    ref = OP(**a)
+    a["k_packed"] = wide_rows(a["k_packed"])
+    out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
+    check_close(out, ref, torch.float32, "k_packed rows 2**30 + 4096 bytes apart")
+    print("wide offsets passed")
+
+
 def _run_interpreter_cases(shard: int) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     kernel = da.triton_kernels._scores_kernel
@@ -538,6 +562,6 @@ def test_cuda_graph_replay_follows_the_device_length(dtype):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--interpreter":
-        _run_interpreter_cases(int(sys.argv[2]))
+        _run_wide_offset_case() if sys.argv[2] == "wide" else _run_interpreter_cases(int(sys.argv[2]))
     else:
-        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD")
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD|wide")

@@ -291,6 +291,41 @@ INTERPRETER_SHAPES = [
 ]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernel_reads_rows_past_2_31_bytes():
+    """Row offsets are computed in int64: a packed cache whose last row starts 2**31 + 8 KB bytes in.
+    With int32 offsets (row index x row stride) the address wraps below the allocation: the
+    interpreter then reads unmapped memory (a crash) or wrong bytes."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--interpreter", "wide"],
+        env=_subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: " + proc.stdout + proc.stderr
+    assert "wide offsets passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def wide_rows(packed: torch.Tensor, row_stride: int = 2**30 + 4096) -> torch.Tensor:
+    """``packed`` [1, L, P] copied into a view whose rows lie ``row_stride`` bytes apart (below 2**31,
+    so Triton passes the stride as int32; from row 2 on the offsets pass 2**31). The storage is
+    virtual: only the pages of the L rows are ever touched, a few KB of memory."""
+    batch, length, width = packed.shape
+    assert batch == 1 and 2 * row_stride >= 2**31
+    storage = torch.empty((length - 1) * row_stride + width, dtype=torch.uint8)
+    wide = storage.as_strided(packed.shape, (length * row_stride, row_stride, 1))
+    wide.copy_(packed)
+    return wide
+
+
+def _run_wide_offset_case() -> None:
+    """Runs in the subprocess with TRITON_INTERPRET=1 (see test_triton_kernel_reads_rows_past_2_31_bytes)."""
+    B, L, d, N, bits, gs, n = 1, 3, 64, 32, 4, 16, 3
+    packed, scale, zero, w, b = make_inputs(B, L, d, N, bits, gs, seed=3)
+    wide = wide_rows(packed)
+    out = dp.dequant_project_triton(wide, scale, zero, w, b, torch.tensor(n), bits, gs, block_m=16, block_k=32)
+    check_against_reference(out, packed, scale, zero, w, b, n, bits, gs)
+    print("wide offsets passed")
+
+
 def _run_interpreter_cases(bits: int) -> None:
     """Runs in the subprocess with TRITON_INTERPRET=1: every case for one bit width."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -338,6 +373,6 @@ def _run_interpreter_cases(bits: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--interpreter":
-        _run_interpreter_cases(int(sys.argv[2]))
+        _run_wide_offset_case() if sys.argv[2] == "wide" else _run_interpreter_cases(int(sys.argv[2]))
     else:
-        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter BITS")
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter BITS|wide")

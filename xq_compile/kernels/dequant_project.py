@@ -128,7 +128,7 @@ def _(packed, scale, zero, weight, bias, length, bits, group_size):
 # --------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
-    from xq_compile.kernels.tiles import dequant_tile, scale_broadcast
+    from xq_compile.kernels.tiles import dequant_tile, offset64, scale_broadcast
 
     @triton.jit
     def _dequant_project_kernel(
@@ -158,7 +158,7 @@ if HAS_TRITON:
         rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        out_ptrs = out_ptr + batch * stride_ob + rows[:, None] * stride_ol + cols[None, :] * stride_on
+        out_ptrs = out_ptr + batch * stride_ob + offset64(rows, stride_ol)[:, None] + cols[None, :] * stride_on
         out_mask = (rows[:, None] < L) & col_mask[None, :]
 
         # The fill n is read here, on the device: the host never syncs, so CUDA graphs can replay the

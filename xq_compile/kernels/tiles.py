@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["dequant_tile", "next_power_of_2", "scale_broadcast"]
+__all__ = ["dequant_tile", "next_power_of_2", "offset64", "scale_broadcast"]
 
 
 def next_power_of_2(x: int) -> int:
@@ -43,6 +43,17 @@ def scale_broadcast(layout: str, group: int, block_rows: int, block_cols: int) -
 
 
 if triton is not None:
+
+    @triton.jit
+    def offset64(index, stride):
+        """``index * stride`` computed in int64, for a pointer offset that can pass 2**31 elements.
+
+        Triton computes ``tl.arange`` indices and program ids in int32 and passes a stride below 2**31
+        as int32, so their product wraps silently: a row index times a row stride does once
+        L x row size reaches 2**31 (e.g. 4-bit codes of d = 4096 at L = 1M; a [L, 4096] output at
+        L = 512K). Every offset that grows with the cache length L goes through here; offsets inside
+        one row (channels, features) stay int32."""
+        return index.to(tl.int64) * stride
 
     @triton.jit
     def dequant_tile(
@@ -70,7 +81,7 @@ if triton is not None:
             code_rows = row_ok & (rows < n_full)  # rows of completed token groups
         else:
             code_rows = row_ok
-        base = packed_ptr + b * s_pb + rows[:, None] * s_pl
+        base = packed_ptr + b * s_pb + offset64(rows, s_pl)[:, None]
 
         if BITS == 3:
             # 8 codes per 3-byte word: load the words' three bytes (one strided load each), then cut the
@@ -106,23 +117,23 @@ if triton is not None:
                 # a row block of the open group reads the tail only (the scalar test is spelled as a
                 # vector: the Triton interpreter rejects a scalar-and-vector mask)
                 g_ok = col_ok & (cols * 0 + r0 < n_full)
-                s_off = b * s_sb + (r0 // GROUP) * s_sl + cols * s_sc
-                z_off = b * s_zb + (r0 // GROUP) * s_zl + cols * s_zc
+                s_off = b * s_sb + offset64(r0 // GROUP, s_sl) + cols * s_sc
+                z_off = b * s_zb + offset64(r0 // GROUP, s_zl) + cols * s_zc
                 s = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
                 z = tl.load(zero_ptr + z_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
             else:
-                s_off = b * s_sb + rows * s_sl + (c0 // GROUP) * s_sc
-                z_off = b * s_zb + rows * s_zl + (c0 // GROUP) * s_zc
+                s_off = b * s_sb + offset64(rows, s_sl) + (c0 // GROUP) * s_sc
+                z_off = b * s_zb + offset64(rows, s_zl) + (c0 // GROUP) * s_zc
                 s = tl.load(scale_ptr + s_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
                 z = tl.load(zero_ptr + z_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         else:
             q_ok = code_rows[:, None] & col_ok[None, :]
             if PER_CHANNEL:  # groups of GROUP tokens per channel
-                s_off = b * s_sb + (rows // GROUP)[:, None] * s_sl + cols[None, :] * s_sc
-                z_off = b * s_zb + (rows // GROUP)[:, None] * s_zl + cols[None, :] * s_zc
+                s_off = b * s_sb + offset64(rows // GROUP, s_sl)[:, None] + cols[None, :] * s_sc
+                z_off = b * s_zb + offset64(rows // GROUP, s_zl)[:, None] + cols[None, :] * s_zc
             else:
-                s_off = b * s_sb + rows[:, None] * s_sl + (cols // GROUP)[None, :] * s_sc
-                z_off = b * s_zb + rows[:, None] * s_zl + (cols // GROUP)[None, :] * s_zc
+                s_off = b * s_sb + offset64(rows, s_sl)[:, None] + (cols // GROUP)[None, :] * s_sc
+                z_off = b * s_zb + offset64(rows, s_zl)[:, None] + (cols // GROUP)[None, :] * s_zc
             s = tl.load(scale_ptr + s_off, mask=q_ok, other=0.0).to(tl.float32)
             z = tl.load(zero_ptr + z_off, mask=q_ok, other=0.0).to(tl.float32)
         # The code as an fp32 number without an int-to-float conversion (those issue at a fraction of the
@@ -137,6 +148,6 @@ if triton is not None:
                         mask=t_ok, other=0.0)
             x = tl.where(t_ok, t.to(tl.float32), x)
         if HAS_COL0:
-            v0 = tl.load(col0_ptr + b * s_cb + rows * s_cl, mask=row_ok, other=0.0).to(tl.float32)
+            v0 = tl.load(col0_ptr + b * s_cb + offset64(rows, s_cl), mask=row_ok, other=0.0).to(tl.float32)
             x = tl.where((cols == 0)[None, :] & row_ok[:, None], v0[:, None], x)
         return x

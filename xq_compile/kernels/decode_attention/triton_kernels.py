@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test that hi
 HAS_TRITON = triton is not None
 
 if HAS_TRITON:
-    from xq_compile.kernels.tiles import dequant_tile
+    from xq_compile.kernels.tiles import dequant_tile, offset64
 
     @triton.jit
     def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -113,8 +113,8 @@ if HAS_TRITON:
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         t_mask = row_ok[:, None] & f_ok[None, :]
-        cos_off = b * s_cosb + rows[:, None] * s_cosl + dh[None, :] * s_cosd
-        sin_off = b * s_sinb + rows[:, None] * s_sinl + dh[None, :] * s_sind
+        cos_off = b * s_cosb + offset64(rows, s_cosl)[:, None] + dh[None, :] * s_cosd
+        sin_off = b * s_sinb + offset64(rows, s_sinl)[:, None] + dh[None, :] * s_sind
         # (the tables stay in the model dtype until each product: fewer live registers after the loop)
         c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0)
         s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0)
@@ -143,13 +143,14 @@ if HAS_TRITON:
         sc = sc * qk_scale
         st_mask = row_ok[:, None] & m_ok[None, :]
         if MASK_KIND != 0:
-            m_off = b * s_mb + q_head[None, :] * s_mh + q_tok[None, :] * s_ms + rows[:, None] * s_ml
+            m_off = (b * s_mb + offset64(q_head, s_mh)[None, :] + offset64(q_tok, s_ms)[None, :]
+                     + offset64(rows, s_ml)[:, None])
             mv = tl.load(mask_ptr + m_off, mask=st_mask, other=0)
             if MASK_KIND == 1:
                 sc = tl.where(mv != 0, sc, float("-inf"))
             else:
                 sc = sc + mv.to(tl.float32)
-        o_off = b * s_ob + m_head[None, :] * s_oh + r[None, :] * s_or + rows[:, None] * s_ol
+        o_off = b * s_ob + offset64(m_head, s_oh)[None, :] + offset64(r, s_or)[None, :] + rows[:, None] * s_ol
         tl.store(out_ptr + o_off, sc, mask=st_mask)
 
     @triton.jit
@@ -189,7 +190,7 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_CV), dtype=tl.float32)
         for j0 in range(start, end, BLOCK_N):
             rows = j0 + tl.arange(0, BLOCK_N)
-            s = tl.load(sc_ptr + b * s_cb_ + m[:, None] * s_cm_ + rows[None, :] * s_cl_,
+            s = tl.load(sc_ptr + b * s_cb_ + offset64(m, s_cm_)[:, None] + rows[None, :] * s_cl_,
                         mask=m_ok[:, None] & (rows < end)[None, :], other=float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row with every score -inf so far (masked) keeps p = 0 instead of exp(-inf + inf) = NaN.
