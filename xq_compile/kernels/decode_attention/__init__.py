@@ -18,8 +18,8 @@ K and V are never written to memory. The CPU (default) kernel is the plain-torch
      two accumulators for the two halves of every head so RoPE (fp32) pairs meet elementwise -- then
      the scores of those heads' query rows as one more dot with a block-diagonal query, scaled and
      masked (natural log domain, so an HF finfo.min float mask cannot overflow to -inf), written to a
-     small fp32 scratch [B, Hkv, R, L]. Scores, not K: R·n floats instead of n·D. The tile is computed
-     transposed (Kᵀ = Wk·X̂ᵀ): see the kernel for why.
+     small fp32 scratch [B, Hkv, R, L]. Scores, not K: R·n floats instead of n·D. The tile is
+     K = X̂·Wkᵀ with X̂ the register operand, so its MMAs stay in flight (``docs/kernels.md``).
   2. ``_values_kernel``   grid (B · query-row blocks, splits, Cv blocks): online softmax over one chunk of
      the rows and acc += p · x̂v for one block of value channels, for the query rows of *all* KV heads
      at once (the value rows -- the X cache or the one value latent -- are the same for every head, so
@@ -48,7 +48,7 @@ flat arguments become these once, at the op boundary), ``op`` (the custom op), `
 reference, the CPU kernel), ``config`` (launch configuration), ``triton_kernels`` (the kernels and their
 launcher).
 
-Triton is optional: without it the module imports and the CPU kernel works; only dispatching CUDA
+Triton is optional: without it the package imports and the CPU kernel works; only dispatching CUDA
 tensors to the op raises (asking to install triton).
 """
 
