@@ -175,7 +175,8 @@ def wgmma_waits(ptx: str) -> list[int]:
 def _ptxas_serializes_wgmma(ptx: str, arch: int) -> bool:
     """Whether ptxas (the one Triton uses for this arch) reports C7515: wgmma instructions serialized,
     each waited for before the next is issued, because non-wgmma instructions inside the pipeline
-    redefine their register operands -- e.g. an operand dequantized in registers every iteration."""
+    redefine their registers (e.g. the accumulator copied on the path that skips a loop with a runtime
+    bound: docs/kernels.md)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:
