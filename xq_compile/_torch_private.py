@@ -45,6 +45,17 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, mode: str | None)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def recompile_limit_at_least(limit: int):
+    # Dynamo allows recompile_limit graphs per code object and guarded object (8 by default); a model
+    # compiled for several XQuantConfigs needs two per configuration. There is no per-compile setting,
+    # so compile_model raises it only around its own calls (a context manager, restored on exit).
+    # The option was named cache_size_limit before torch 2.6.
+    from torch._dynamo import config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(**{name: max(limit, getattr(dynamo_config, name))})
+
+
 def copy_dynamo_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     # Dynamo keeps using the graph module it handed to the backend (it reads placeholder
     # meta["grapharg"] after the backend returns), so passes must rewrite a copy. The copy carries the
