@@ -240,8 +240,9 @@ class XQuantLayer(StaticLayer):
         self.host_length = 0
 
     def crop(self, max_length: int) -> None:
-        """transformers' semantics: keep the first ``max_length`` tokens, or drop ``-max_length`` (< 0)."""
-        keep = max_length if max_length >= 0 else max(self.host_length + max_length, 0)
+        """transformers' semantics: keep the first ``max_length`` tokens (> 0), or drop ``-max_length`` (<= 0;
+        transformers' generate calls ``crop(0)`` between steps, which changes nothing)."""
+        keep = max_length if max_length > 0 else max(self.host_length + max_length, 0)
         if not self.tracks_length:
             raise NotImplementedError(
                 "This X state belongs to a model's own K/V buffers (options= mode): the model chooses the "

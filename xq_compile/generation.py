@@ -150,8 +150,9 @@ def _check_generate(model: torch.nn.Module, max_batch_size: int, max_cache_len: 
             f"num_return_sequences {setting('num_return_sequences') or 1}) but the XQuantCache has "
             f"max_batch_size={max_batch_size}: call xq.compile_model(..., max_batch_size={rows})."
         )
-    new = setting("max_new_tokens")
-    total = prompt + new if new is not None else setting("max_length")
+    new, explicit_length = setting("max_new_tokens"), kwargs.get("max_length")
+    # transformers' own defaults for the length vary across versions: then only the per-call check runs
+    total = prompt + new if new is not None else explicit_length
     # The last generated token is returned, never written: a sequence of `total` tokens caches total - 1.
     if total is not None and total - 1 > max_cache_len:
         raise ValueError(
