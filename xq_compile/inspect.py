@@ -107,11 +107,11 @@ class Explanation:
         kv = sum(r.kv_bytes_per_token for r in self.layers)
         if not isinstance(self.cache, XQuantCache):
             return kv, None
+        unchanged = [r for r in self.layers if r.x_bytes_per_token is None]
+        allocated = self.cache.nbytes() - sum(_state_bytes(self.cache.layers[r.layer]) for r in unchanged
+                                              if r.layer is not None and r.layer < len(self.cache.layers))
         rows = self.cache.max_batch_size * self.cache.max_cache_len
-        shared = self.cache.nbytes() - sum(_state_bytes(layer) for layer in self.cache.layers)
-        layers = sum(r.x_bytes_per_token if r.x_bytes_per_token is not None else r.kv_bytes_per_token
-                     for r in self.layers)
-        return kv, layers + shared / rows
+        return kv, allocated / rows + sum(r.kv_bytes_per_token for r in unchanged)
 
     @property
     def bytes_per_token_limit(self) -> tuple[float, float | None]:
