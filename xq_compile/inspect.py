@@ -153,9 +153,9 @@ class Explanation:
             lines += [f"note: {n}" for n in self.notes]
             return "\n".join(lines)
         at = f"at {capacity} tokens" if capacity else "at capacity"
-        lines += [f"bytes per token of one sequence; fp16/X = how many times smaller than the fp16 K+V cache", "",
+        lines += ["bytes per token of one sequence; fp16/X = how many times smaller than the fp16 K+V cache", "",
                   f"| layer | site | form / reason | fp16 K+V | X state {at} (measured) | fp16/X "
-                  f"| X state as n -> inf | fp16/X |",
+                  "| X state as n -> inf | fp16/X |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in self.layers:
             detail = row.form if row.status == "rewritten" else row.reason
