@@ -319,8 +319,11 @@ def find_sites(graph: fx.Graph) -> tuple[list[Site], list[SiteReport]]:
         by_x.setdefault(x, []).append((append, proj))
 
     sites = []
+    already_reported = {r.layer for r in reports if r.layer is not None}
     for order, (x, group) in enumerate(by_x.items()):
         layer = layer_from_source(group[0][0].cache)
+        if len(group) == 1 and layer in already_reported:
+            continue  # the other append of this layer was skipped: its reason is the layer's reason
         layer = order if layer is None else layer
         try:
             sites.append(_site(x, group, layer))
@@ -365,7 +368,8 @@ def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Sit
                 raise SkipSite("the keys' RoPE cos/sin are inputs of this graph, not computed from position ids "
                                "in it: the model was split by a graph break; compile with fullgraph=True")
             raise SkipSite("the keys' RoPE tables do not derive from a [batch, seq] integer position tensor")
-    if key.append.index is not value.append.index and example_value(value.append.index) is None:
+    if key.append.index is not value.append.index:
+        # The rewrite stores one X row per position, written at the key's positions.
         raise SkipSite("key and value are written at different positions")
     return Site(layer=layer, x=x, key=key, value=value, position_source=position_source,
                 rope_inputs=rope_inputs, num_heads=int(num_heads), head_dim=int(head_dim), seq_len=seq_len)
