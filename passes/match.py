@@ -16,18 +16,18 @@ import re
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
-LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+from xq_compile._torch_private import dynamo_source_name, example_value
+
+# Dynamo records F.linear calls with the target it prints as torch._C._nn.linear: F.linear is that
+# very function object (likewise F.scaled_dot_product_attention below), so no private name is needed.
+LINEAR_TARGETS = (F.linear,)
 
 # Ops that only regroup a projection's output into heads: [B, S, H*D] -> [B, H, S, D].
 SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unflatten"}
 SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.unflatten}
-
-
-def example_value(node: fx.Node):
-    """The fake tensor Dynamo recorded for a node (None if it recorded none)."""
-    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
 def is_call(node: fx.Node, *, methods: Iterable[str] = (), functions: Iterable[Callable] = ()) -> bool:
@@ -261,12 +261,8 @@ _LAYER_IN_SOURCE = re.compile(r"layers\[(\d+)\]|layers_(\d+)_")
 
 
 def source_name(node: fx.Node) -> str:
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    if source is None:
-        return node.name
-    name = source.name  # a property in recent torch, a method in older ones
-    return name() if callable(name) else str(name)
+    """Dynamo's name for where a placeholder comes from, else the node's name (which Dynamo derives from it)."""
+    return dynamo_source_name(node) or node.name
 
 
 def _which_source(cache: fx.Node) -> str | None:
@@ -375,7 +371,7 @@ def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Sit
                 rope_inputs=rope_inputs, num_heads=int(num_heads), head_dim=int(head_dim), seq_len=seq_len)
 
 
-SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+SDPA_TARGETS = (F.scaled_dot_product_attention,)
 # What transformers' repeat_kv does between the cache and attention: [B, Hkv, L, D] -> [B, Hq, L, D].
 READ_METHODS = {"expand", "reshape", "view", "contiguous", "unsqueeze"}
 

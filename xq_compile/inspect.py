@@ -182,7 +182,7 @@ def explain(
     notes = []
     if not records:
         notes.append("no graph was compiled by this call: Dynamo reused graphs compiled before for this "
-                     "forward; call torch._dynamo.reset() first to see them.")
+                     "forward; call torch.compiler.reset() first to see them.")
     return Explanation(name, _layers(graphs, config, cache), graphs, cache, logits, notes)
 
 
