@@ -205,8 +205,8 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
         def repeat(cache):
             group = HEADS // kv_heads
             chain = [g.call(operator.getitem, cache, (slice(None), slice(None), None, slice(None), slice(None)))]
-            chain.append(g.method("expand", chain[-1], BATCH, kv_heads, group, k_all.meta["example_value"].shape[2],
-                                  HEAD_DIM))
+            length = cache.meta["example_value"].shape[2]
+            chain.append(g.method("expand", chain[-1], BATCH, kv_heads, group, length, HEAD_DIM))
             chain.append(g.method("reshape", chain[-1], BATCH, HEADS, -1, HEAD_DIM))
             layer_nodes.read_chain += chain
             return chain[-1]
@@ -334,7 +334,8 @@ def gpt_fast_layer() -> Layer:
     _, k = split_heads(g, k_linear)
     _, v = split_heads(g, v_linear)
     half = HEAD_DIM // 2
-    rope = [g.call(operator.getitem, k, (Ellipsis, slice(half, None)))]  # rotated = cat([-x2, x1]); x·cos + rotated·sin
+    # rotated = cat([-x2, x1]); x·cos + rotated·sin
+    rope = [g.call(operator.getitem, k, (Ellipsis, slice(half, None)))]
     rope.append(g.call(operator.neg, rope[-1]))
     rope.append(g.call(operator.getitem, k, (Ellipsis, slice(None, half))))
     rope.append(g.call(torch.cat, [rope[1], rope[2]], dim=-1))
