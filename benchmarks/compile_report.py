@@ -219,13 +219,8 @@ def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits
     bench = _attention_benchmark()
 
     a = bench.make_inputs(bench.SHAPES[shape], 1, length, 1, bits, dtype, "cpu")
-    saved = da.multiprocessors
-    da.multiprocessors = lambda device: H200_MULTIPROCESSORS  # size the grid for the GPU compiled for
-    try:
-        with captured_launches(da) as launches:
-            da.decode_attention_triton(*a.values(), **config)
-    finally:
-        da.multiprocessors = saved
+    with captured_launches(da) as launches:  # the grid sized for the GPU compiled for
+        da.decode_attention_triton(*a.values(), sms=H200_MULTIPROCESSORS, **config)
     return launches
 
 

@@ -26,11 +26,10 @@ Shared by all layers: positions int64 [B, L], the position id each cached row wa
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 from transformers.cache_utils import Cache, StaticLayer
 
 from . import quant, refusal
-from ._torch_private import mark_static_address
+from ._torch_private import mark_static_address, weak_tensor_map
 from .config import XQuantConfig
 from .latent import TAIL_DTYPE, key_latent_rows, latent_groups, latent_width
 from .rotation import hadamard
@@ -38,7 +37,7 @@ from .rotation import hadamard
 # Maps each layer's K and V placeholder tensor to its XQuantLayer. The compiled graph receives those
 # placeholders as inputs (Dynamo lifts ``cache.layers[i].keys``); this is how the backend finds the
 # X state that belongs to them, both at compile time and on every call. Weak: dies with the cache.
-_LAYER_OF_PLACEHOLDER: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_LAYER_OF_PLACEHOLDER = weak_tensor_map()
 
 
 def layer_of(tensor: torch.Tensor) -> "XQuantLayer | None":
@@ -64,7 +63,7 @@ EAGER_WRITE_MESSAGE = (
     "uncompiled model; use model.compile(backend='xquant', fullgraph=True) or xq.compile_model). Or "
     "Dynamo gave up compiling it: a graph break (compile with fullgraph=True), or its recompile limit "
     "(torch._dynamo.config.recompile_limit graphs per model object; each XQuantConfig x cache size "
-    "takes two: torch._dynamo.reset() between configurations, or xq.compile_model, which raises the "
+    "takes two: torch.compiler.reset() between configurations, or xq.compile_model, which raises the "
     "limit for its own calls)."
 )
 

@@ -272,7 +272,7 @@ def explain(
     notes = []
     if not records:
         notes.append("no graph was compiled by this call: Dynamo reused graphs compiled before for this "
-                     "forward; call torch._dynamo.reset() first to see them.")
+                     "forward; call torch.compiler.reset() first to see them.")
     memory = None
     if isinstance(cache, XQuantCache):
         memory = memory_report(config, cache.xquant, cache.max_cache_len, cache.max_batch_size,

@@ -588,8 +588,7 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
 
 
 def multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device (8 for CPU tensors, i.e. the interpreter; benchmarks/compile_report.py
-    replaces this function to size the grid of a GPU it compiles for)."""
+    """SMs of a CUDA device (8 for CPU tensors, i.e. the interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
@@ -601,6 +600,7 @@ def interpreted() -> bool:
 def default_config(
     *, batch: int, kv_heads: int, head_dim: int, query_rows: int, max_len: int, v_width: int,
     k_layout: str, k_group: int, v_layout: str, v_group: int, dtype: torch.dtype, device: torch.device,
+    sms: int | None = None,
 ) -> dict:
     """Block sizes, head tiles, split count and warps for a shape: a fixed rule, no autotuning (compile
     time matters, and GPU time to tune is scarce; ``benchmarks/decode_attention.py --sweep`` measures
@@ -618,7 +618,7 @@ def default_config(
 
     Values kernel: ``block_m`` flattened query rows (all heads share the value rows), ``block_nv``
     rows by ``block_cv`` value channels per step, ``num_splits`` chunks of the rows so that about two
-    programs run per multiprocessor.
+    programs run per multiprocessor (``sms`` of them; default: those of ``device``).
     """
     d_pad = _pow2_at_least_16(head_dim // 2) * 2
     block_h = max(1, 256 // d_pad)
@@ -636,7 +636,7 @@ def default_config(
     block_nv = 64
     block_cv = 128 if v_layout == "per_channel" or v_group % 128 == 0 else 64
     block_cv = min(block_cv, _pow2_at_least_16(v_width))
-    sms = multiprocessors(device)
+    sms = sms or multiprocessors(device)
     programs = batch * -(-kv_heads * query_rows // block_m) * -(-v_width // block_cv)
     splits = max(1, min(-(-2 * sms // max(programs, 1)), -(-max_len // block_nv), 128))
     return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
@@ -646,7 +646,7 @@ def default_config(
 def resolve_config(
     query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
     k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
-    v_bits, v_group, v_layout, sm_scale,
+    v_bits, v_group, v_layout, sm_scale, sms: int | None = None,
     **config: int,
 ) -> dict:
     """The configuration :func:`decode_attention_triton` launches these arguments with:
@@ -654,11 +654,11 @@ def resolve_config(
     return _resolve(
         (query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
          k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
-         v_bits, v_group, v_layout), config,
+         v_bits, v_group, v_layout), config, sms,
     )[1]
 
 
-def _resolve(args: tuple, config: dict) -> tuple[tuple, dict]:
+def _resolve(args: tuple, config: dict, sms: int | None = None) -> tuple[tuple, dict]:
     """(the shapes of :func:`_check_inputs`, the launch configuration) for the op's arguments."""
     (query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
      k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
@@ -676,7 +676,7 @@ def _resolve(args: tuple, config: dict) -> tuple[tuple, dict]:
     cfg = default_config(
         batch=batch, kv_heads=kv_heads, head_dim=head_dim, query_rows=q_heads // kv_heads * seq, max_len=max_len,
         v_width=v_width, k_layout=k_layout, k_group=k_group, v_layout=k_layout if shared else v_layout,
-        v_group=k_group if shared else v_group, dtype=k_weight.dtype, device=query.device,
+        v_group=k_group if shared else v_group, dtype=k_weight.dtype, device=query.device, sms=sms,
     )
     cfg.update({k: v for k, v in config.items() if v is not None})
     for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv"):
@@ -692,7 +692,7 @@ def _resolve(args: tuple, config: dict) -> tuple[tuple, dict]:
 def decode_attention_triton(
     query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
     k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
-    v_bits, v_group, v_layout, sm_scale,
+    v_bits, v_group, v_layout, sm_scale, sms: int | None = None,
     **config: int,
 ) -> torch.Tensor:
     """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
@@ -701,7 +701,8 @@ def decode_attention_triton(
     pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
     arguments (:data:`CONFIG_KEYS`) override :func:`default_config` (see :func:`resolve_config`);
     block sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to
-    the scores kernel.
+    the scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead
+    of the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
     """
     if not HAS_TRITON:
         raise RuntimeError(
@@ -711,7 +712,7 @@ def decode_attention_triton(
     (batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width), cfg = _resolve(  # checks everything
         (query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
          k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
-         v_bits, v_group, v_layout), config,
+         v_bits, v_group, v_layout), config, sms,
     )
     group_q = q_heads // kv_heads
     rows = group_q * seq
