@@ -311,13 +311,8 @@ def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits
     bench = _attention_benchmark()
 
     a = bench.make_inputs(bench.SHAPES[shape], 1, length, 1, bits, dtype, "cpu")
-    saved = da.config.multiprocessors
-    da.config.multiprocessors = lambda device: H200_MULTIPROCESSORS  # size the grid for the GPU compiled for
-    try:
-        with captured_launches(da.triton_kernels) as launches:
-            da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), **config)
-    finally:
-        da.config.multiprocessors = saved
+    with captured_launches(da.triton_kernels) as launches:  # the grid sized for the GPU compiled for
+        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS, **config)
     return launches
 
 

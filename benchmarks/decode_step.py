@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, build_model, environment, md_table, median, timed, write_json  # noqa: E402
+from xq_compile._torch_private import mark_dynamic
 from xq_compile.cache import cache_kwargs
 
 
@@ -96,8 +97,8 @@ class StaticRunner:
         ids = self.tokens[:, :length].to(self.device)
         positions = torch.arange(length, device=self.device).expand(self.args.batch, -1).contiguous()
         # One prefill graph for every length (instead of a static graph, then a dynamic recompile).
-        torch._dynamo.mark_dynamic(ids, 1)
-        torch._dynamo.mark_dynamic(positions, 1)
+        mark_dynamic(ids, 1)
+        mark_dynamic(positions, 1)
         t = timed(lambda: self._call(ids, positions), self.device)
         self.length = length
         return t

@@ -42,12 +42,15 @@ def parse_args(argv=None):
 
 
 def make_rebuild(bits: int, group_size: int, max_len: int, dtype: torch.dtype, project: bool):
+    """The rebuild compiled by Inductor; call it inside ``capture_scalar_outputs()`` (n = length.item()
+    stays in the graph, as in the rewrite's decode graph)."""
     from xq_compile import quant
+    from xq_compile._torch_private import check
 
     def rebuild(codes, scale, zero, w, length):
         n = length.item()
-        torch._check(n >= 1)
-        torch._check(n <= max_len)
+        check(n >= 1)
+        check(n <= max_len)
         x_hat = quant.dequantize(codes.narrow(1, 0, n), scale.narrow(1, 0, n), zero.narrow(1, 0, n),
                                  bits, group_size, dtype)
         return F.linear(x_hat, w) if project else x_hat
@@ -60,7 +63,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    torch._dynamo.config.capture_scalar_outputs = True  # n = length.item() inside the graph, as the rewrite does
+    from xq_compile._torch_private import capture_scalar_outputs
+
+    with capture_scalar_outputs():  # for this run only: importing or calling main() leaves Dynamo's config as it was
+        return measure(args)
+
+
+def measure(args) -> int:
     from xq_compile import quant
     from xq_compile.kernels import dequant_project  # noqa: F401 - registers the op
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import xq_compile as xq
+from xq_compile._torch_private import lookup_backend
 
 
 def replace_silu(gm: torch.fx.GraphModule) -> int:
@@ -39,8 +40,9 @@ def replace_silu(gm: torch.fx.GraphModule) -> int:
 
 def make_backend(stats: dict) -> callable:
     """A Dynamo backend: XQuant rewrite -> replace_silu -> aot_eager. ``stats`` counts what each step did."""
-    # torch has no public lookup of a backend by name; this is what torch.compile(backend="aot_eager") uses.
-    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    # torch has no public lookup of a backend by name: xq_compile._torch_private wraps the one that
+    # torch.compile(backend="aot_eager") uses (in your own code: torch._dynamo.lookup_backend).
+    aot_eager = lookup_backend("aot_eager")
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         rw = xq.rewrite_for_backend(gm, example_inputs)           # 1. XQuant: K/V cache -> X cache

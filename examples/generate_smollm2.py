@@ -16,12 +16,10 @@ tok.pad_token = tok.pad_token or tok.eos_token
 batch = tok(["The first folio of Shakespeare's plays", "Stratford-on-Avon is"], return_tensors="pt", padding=True)
 max_len = batch["input_ids"].shape[1] + 40
 
-cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=max_len,
-                       xquant=xq.XQuantConfig(bits=4), dtype=torch.float32)
-model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
+model = xq.compile_model(model, xq.XQuantConfig(bits=4), max_cache_len=max_len, max_batch_size=2)
 with torch.no_grad():
-    out = model.generate(**batch, **xq.cache_kwargs(model, cache), max_new_tokens=40, do_sample=False, disable_compile=True,
-                         pad_token_id=tok.pad_token_id)
+    out = model.generate(**batch, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+cache = model.xquant_cache
 
 print("\n---\n".join(tok.batch_decode(out, skip_special_tokens=True)))
 kv_bytes = xq.fp16_kv_cache_bytes(model.config, batch_size=2, seq_len=max_len)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import fx
 from torch.fx.proxy import GraphAppendingTracer
+
+from xq_compile._torch_private import emit_check, forget_example_values
 
 
 class Emitter:
@@ -32,7 +33,7 @@ class Emitter:
 
     def check(self, condition: fx.Node) -> None:
         """A runtime assertion that also teaches the symbolic shape system a fact (e.g. n <= max_len)."""
-        self.graph.call_function(torch._check, (condition,))
+        emit_check(self.graph, condition)
 
 
 def _unwrap(out: Any) -> Any:
@@ -53,7 +54,6 @@ def clone_region(graph: fx.Graph, nodes: list[fx.Node], replace: dict[fx.Node, f
     for node in nodes:
         new = graph.node_copy(node, lambda n: mapping.get(n, n))
         # The recorded example value has the original shapes (S tokens), not the cached length.
-        new.meta.pop("example_value", None)
-        new.meta.pop("val", None)
+        forget_example_values(new)
         mapping[node] = new
     return mapping

@@ -16,18 +16,18 @@ import re
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
-LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+from xq_compile._torch_private import dynamo_source_name, example_value
+
+# Dynamo records F.linear calls with the target it prints as torch._C._nn.linear: F.linear is that
+# very function object (likewise F.scaled_dot_product_attention below), so no private name is needed.
+LINEAR_TARGETS = (F.linear,)
 
 # Ops that only regroup a projection's output into heads: [B, S, H*D] -> [B, H, S, D].
 SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unflatten"}
 SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.unflatten}
-
-
-def example_value(node: fx.Node):
-    """The fake tensor Dynamo recorded for a node (None if it recorded none)."""
-    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
 def is_call(node: fx.Node, *, methods: Iterable[str] = (), functions: Iterable[Callable] = ()) -> bool:
@@ -261,12 +261,8 @@ _LAYER_IN_SOURCE = re.compile(r"layers\[(\d+)\]|layers_(\d+)_")
 
 
 def source_name(node: fx.Node) -> str:
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    if source is None:
-        return node.name
-    name = source.name  # a property in recent torch, a method in older ones
-    return name() if callable(name) else str(name)
+    """Dynamo's name for where a placeholder comes from, else the node's name (which Dynamo derives from it)."""
+    return dynamo_source_name(node) or node.name
 
 
 def _which_source(cache: fx.Node) -> str | None:
@@ -319,8 +315,11 @@ def find_sites(graph: fx.Graph) -> tuple[list[Site], list[SiteReport]]:
         by_x.setdefault(x, []).append((append, proj))
 
     sites = []
+    already_reported = {r.layer for r in reports if r.layer is not None}
     for order, (x, group) in enumerate(by_x.items()):
         layer = layer_from_source(group[0][0].cache)
+        if len(group) == 1 and layer in already_reported:
+            continue  # the other append of this layer was skipped: its reason is the layer's reason
         layer = order if layer is None else layer
         try:
             sites.append(_site(x, group, layer))
@@ -365,13 +364,14 @@ def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Sit
                 raise SkipSite("the keys' RoPE cos/sin are inputs of this graph, not computed from position ids "
                                "in it: the model was split by a graph break; compile with fullgraph=True")
             raise SkipSite("the keys' RoPE tables do not derive from a [batch, seq] integer position tensor")
-    if key.append.index is not value.append.index and example_value(value.append.index) is None:
+    if key.append.index is not value.append.index:
+        # The rewrite stores one X row per position, written at the key's positions.
         raise SkipSite("key and value are written at different positions")
     return Site(layer=layer, x=x, key=key, value=value, position_source=position_source,
                 rope_inputs=rope_inputs, num_heads=int(num_heads), head_dim=int(head_dim), seq_len=seq_len)
 
 
-SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+SDPA_TARGETS = (F.scaled_dot_product_attention,)
 # What transformers' repeat_kv does between the cache and attention: [B, Hkv, L, D] -> [B, Hq, L, D].
 READ_METHODS = {"expand", "reshape", "view", "contiguous", "unsqueeze"}
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from xq_compile import quant
-from xq_compile._torch_private import declare_static_placeholder
+from xq_compile._torch_private import declare_static_placeholder, forget_example_values
 from xq_compile.attention import absorbed_attention, decode_sdpa
 from xq_compile.cache import XQuantLayer, layer_of
 from xq_compile.config import XQuantConfig
@@ -670,7 +670,8 @@ def _attend_over_cached_rows(state: "_GraphState", emit: Emitter, attention, key
                 else:
                     kwargs["attn_mask"] = mask
             new = graph.call_function(sdpa.target, tuple(args), kwargs)
-            new.meta = {k: v for k, v in sdpa.meta.items() if k not in ("example_value", "val")}
+            new.meta = dict(sdpa.meta)
+            forget_example_values(new)
     sdpa.replace_all_uses_with(new)
     graph.erase_node(sdpa)
 

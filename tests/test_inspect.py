@@ -23,15 +23,64 @@ def test_explain_reports_each_layer_form_bytes_and_both_graphs():
     prompt = decode_inputs(batch=2, steps=0)[0]
     e = xq.explain(model, prompt, xquant=xq.XQuantConfig(bits=4, group_size=16))
     assert [g.name for g in e.graphs] == ["prefill", "decode"]
+    # the bytes are those of a realistic cache; the run itself writes only the prompt and one decode step
+    assert e.cache.max_cache_len == xq.inspect.DEFAULT_CACHE_LEN == 4096 and e.tokens_written == 7
     assert [(r.layer, r.status, r.form) for r in e.layers] == [(0, "rewritten", "X (4-bit)"), (1, "rewritten", "X (4-bit)")]
     # fp16 K+V: 2 x 4 heads x 16 x 2 bytes; X: 32 bytes of 4-bit codes + fp16 scale and zero per group of 16
-    assert all(r.kv_bytes_per_token == 256 and r.x_bytes_per_token == 32 + 2 * 4 * 2 for r in e.layers)
+    assert all(r.kv_bytes_per_token == 256 and r.x_bytes_per_token == r.x_bytes_per_token_limit == 32 + 2 * 4 * 2
+               for r in e.layers)
     before, after = e.graphs[0].code_before, e.graphs[0].code_after
     assert "index_copy_" in before and "xq_layer0_codes" not in before
     assert "xq_layer0_codes" in after and "xq_layer1_codes" in after
     text = str(e)
-    assert "| 0 | rewritten | X (4-bit) | 256 | 48 | 5.33x |" in text
+    assert "| 0 | rewritten | X (4-bit) | 256 | 48 | 5.33x | 48 | 5.33x |" in text
+    # total: 2 layers x 48 + the int64 position (8) + fixed bytes (placeholders, counters, 16x16 fp32
+    # Hadamard block: 2 x 16 + 1024) spread over 2 sequences x 4096 tokens
+    assert e.bytes_per_token == (512, 104 + 1056 / (2 * 4096)) and e.bytes_per_token_limit == (512, 104)
+    assert "all layers at 4096 tokens: 512 -> 104.1 bytes per token (4.92x smaller;" in text
     assert "===== decode graph after the xquant rewrite =====" in text
+
+
+def test_explain_latent_bytes_are_measured_and_agree_with_memory_report():
+    """The GQA latent form has a fixed fp16 open key group per layer: at a few dozen tokens it dominates
+    (the cache is larger than fp16 K/V), at a realistic capacity it does not. explain() reports both the
+    bytes at its capacity (measured) and the rate as n grows (memory_report), and they agree."""
+    model = tiny_llama(num_kv_heads=1)  # X 64 wide, K+V 2 x 16: latent form, r = 16
+    prompt = decode_inputs(batch=2, steps=0)[0]
+    config = xq.XQuantConfig(bits=4, group_size=16)
+    e = xq.explain(model, prompt, xquant=config)
+    assert all(r.form.startswith("GQA latent") for r in e.layers)
+    # per layer and sequence: value latent 8 B codes + 4 B scale/zero per token; key latent in
+    # ceil(4096/16) + 1 groups of 16 rows x 8 B codes + 16 channels x fp16 scale/zero; a 16 x 16 fp16 open group
+    layer_bytes = 4096 * 12 + (256 + 1) * (16 * 8 + 4 * 16) + 16 * 16 * 2
+    assert [r.x_bytes_per_token for r in e.layers] == [layer_bytes / 4096] * 2
+    assert [r.x_bytes_per_token_limit for r in e.layers] == [24, 24]  # 12 B value + 8 B key codes + 4 B key groups
+    report = xq.memory_report(model.config, config, 4096, batch=2)
+    assert e.memory.xquant.total_at == report.xquant.total_at
+    assert [r.x_bytes_per_token for r in e.layers] == [m.per_token_at for m in report.xquant_layers]
+    assert [r.x_bytes_per_token_limit for r in e.layers] == [float(m.per_token) for m in report.xquant_layers]
+    measured = e.cache.nbytes() / (2 * 4096)
+    assert e.bytes_per_token == (128, measured) and measured == report.xquant.per_token_at
+    assert e.bytes_per_token_limit == (128, 56) and float(report.xquant.per_token) == 56
+    table = e.ratio_by_capacity()
+    assert [n for n, _, _ in table] == [128, 512, 2048, 4096, 32768]
+    assert table[3] == (4096, measured, 128 / measured)
+    assert [round(r, 2) for _, _, r in table] == [1.80, 2.14, 2.25, 2.27, 2.28]  # rising towards 128 / 56 = 2.29
+    text = e.report()
+    assert "| 0 | rewritten | GQA latent" in text and "| 64 | 24.2 | 2.65x | 24 | 2.67x |" in text
+    assert "all layers as n -> inf: 128 -> 56 bytes per token (2.29x smaller;" in text
+    assert "| fp16/X | 1.80x | 2.14x | 2.25x | 2.27x | 2.28x | 2.29x |" in text
+
+    # a cache of a few dozen tokens: the fixed bytes dominate and the report says so (prefill only: faster)
+    short = xq.explain(model, prompt, xquant=config, max_cache_len=24, decode_steps=0)
+    measured = short.cache.nbytes() / (2 * 24)
+    assert short.bytes_per_token == (128, measured) == (128, xq.memory_report(model.config, config, 24, 2).xquant.per_token_at)
+    assert short.bytes_per_token_limit == (128, 56)  # the rate does not depend on the capacity
+    assert f"all layers at 24 tokens: 128 -> {measured:.1f} bytes per token ({measured / 128:.2f}x larger;" in short.report()
+    assert [n for n, _, _ in short.ratio_by_capacity()] == [24, 128, 512, 2048, 4096, 32768]
+    with pytest.raises(ValueError, match=r"explain\(\) needs max_cache_len >= 7 \(the prompt's 6 tokens "
+                                         r"\+ decode_steps=1\), got 6: pass a larger max_cache_len"):
+        xq.explain(model, prompt, xquant=config, max_cache_len=6)
 
 
 def test_explain_unquantized_runs_the_model_unchanged():
@@ -83,7 +132,12 @@ def test_cli_explain_prints_the_table_and_writes_files(monkeypatch, tmp_path, ca
     cli.main(["explain", "--model", "tiny", "--bits", "4", "--group-size", "16", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| 1 | rewritten | X (4-bit) |" in out and "wrote" in out
+    assert "max_cache_len=4096, batch=1); the explained run wrote 6 of its 4096 token rows" in out
     assert {p.name for p in tmp_path.iterdir()} == {"before.py", "after.py", "report.md"}
+    cli.main(["explain", "--model", "tiny", "--group-size", "16", "--max-cache-len", "100", "--decode-steps", "0"])
+    out = capsys.readouterr().out
+    assert "max_cache_len=100, batch=1)" in out and "| X state at 100 tokens (measured) |" in out
+    assert "| tokens | 100 | 128 | 512 | 2048 | 4096 | 32768 | n -> inf |" in out
 
 
 def test_torch_logs_artifact_shows_the_site_reports(capfd):

@@ -54,3 +54,17 @@ def test_4bit_generation_is_coherent_and_cache_is_7x_smaller(smollm2):
     assert len(set(text.split())) >= 8, text
     ratio = xq.fp16_kv_cache_bytes(model.config, 1, max_len) / cache.nbytes()
     assert ratio >= 7.0, ratio
+
+
+def test_demo_the_main_job_generates_through_compile_model(capsys):
+    """`xq-compile demo` (the README's first command): every layer rewritten, X cache >= 7x smaller."""
+    from xq_compile.cli import main
+
+    try:
+        main(["demo", "--max-new-tokens", "8"])
+    except models.MissingResourceError as err:
+        pytest.skip(str(err))
+    out = capsys.readouterr().out
+    assert "XQuant 4-bit g64, rotation=hadamard: 30/30 attention layers rewritten" in out
+    ratio = float(out.rsplit("-> ", 1)[1].split("x smaller")[0])
+    assert 7.0 <= ratio < 7.2  # (bits + 32/g) / 32 of fp16 K/V, plus the int64 positions

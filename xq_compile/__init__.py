@@ -19,6 +19,7 @@ from .backend import (COMPILE_LOG, CompileRecord, RewrittenGraph, make_xquant_ba
                       rewrite_for_backend, xquant_backend)
 from .cache import XQuantCache, XQuantLayer, cache_argument, cache_kwargs
 from .config import XQuantConfig
+from .generation import compile_model
 from . import models
 from .memory import fp16_kv_cache_bytes, memory_report, xquant_cache_bytes
 from .inspect import Explanation, explain
@@ -33,6 +34,7 @@ __all__ = [
     "XQuantLayer",
     "cache_argument",
     "cache_kwargs",
+    "compile_model",
     "explain",
     "fp16_kv_cache_bytes",
     "make_xquant_backend",

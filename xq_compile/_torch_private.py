@@ -1,12 +1,15 @@
 """Every private torch API xq-compile touches, in one place, each with the reason it is needed.
 
-torch has no public API yet for these; if one changes between torch 2.11 and 2.13+, this file is
-the only one to adapt.
+torch has no public API for these (or only an underscore-named one, like ``torch._check``); if one
+changes between torch 2.11 and 2.13+, this file is the only one to adapt. The rest of the package,
+``passes/``, ``benchmarks/`` and ``examples/`` reach them only through the functions here.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def mark_static_address(tensor: torch.Tensor) -> None:
@@ -43,6 +46,17 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, mode: str | None)
         # for slightly different scales (off by one step at rounding edges).
         patches["emulate_precision_casts"] = True
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def recompile_limit_at_least(limit: int):
+    # Dynamo allows recompile_limit graphs per code object and guarded object (8 by default); a model
+    # compiled for several XQuantConfigs needs two per configuration. There is no per-compile setting,
+    # so compile_model raises it only around its own calls (a context manager, restored on exit).
+    # The option was named cache_size_limit before torch 2.6.
+    from torch._dynamo import config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(**{name: max(limit, getattr(dynamo_config, name))})
 
 
 def copy_dynamo_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -126,3 +140,86 @@ def compile_counters():
     # users read match counts from counters["xquant"]. torch._dynamo.reset() does not clear it;
     # counters.clear() does.
     return torch._dynamo.utils.counters
+
+
+# -- what Dynamo records on the graph it hands to a backend -------------------------------------------
+# The matcher reads both; torch documents neither (they are Dynamo's own bookkeeping).
+
+
+def example_value(node) -> object | None:
+    """The value Dynamo recorded for a node while tracing (a FakeTensor, SymInt...), None if none."""
+    # Dynamo stores it as meta["example_value"] on every node it creates; AOT autograd and Inductor
+    # use meta["val"] instead, which Dynamo's graph does not have yet.
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def forget_example_values(node: fx.Node) -> None:
+    """Drop the recorded values of a node copied to a new place, where its shapes differ (e.g. a region
+    cloned to run over the n cached rows instead of the S new tokens): downstream passes recompute them."""
+    node.meta.pop("example_value", None)
+    node.meta.pop("val", None)
+
+
+def dynamo_source_name(node: fx.Node) -> str | None:
+    """Where Dynamo lifted a placeholder from, e.g. ``L['kwargs']['cache'].layers[3].keys``; None if unknown.
+
+    The only record of which Python object a graph input is (the cache tensor of which layer, keys or
+    values). Dynamo keeps it in meta["grapharg"] while the backend runs and deletes it afterwards.
+    """
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name  # a property in recent torch, a method in older ones
+    return name() if callable(name) else str(name)
+
+
+# -- tensors ------------------------------------------------------------------------------------------
+
+
+def version_counter(tensor: torch.Tensor) -> int:
+    """A number that changes with every in-place write to ``tensor`` (autograd's version counter).
+
+    Weights are folded with the rotation, or factored by SVD, once and reused while unchanged; a
+    weight modified in place (fine-tuning, loading a checkpoint into the model) must be redone. torch
+    has no public way to ask whether a tensor was written since; ``Tensor._version`` is that counter.
+    """
+    return tensor._version
+
+
+def weak_tensor_map() -> WeakIdKeyDictionary:
+    """A dict keyed by tensor identity that does not keep its keys alive.
+
+    ``weakref.WeakKeyDictionary`` compares keys with ``==``, which on tensors is elementwise (and
+    fails); torch's own WeakIdKeyDictionary (what Dynamo uses for the same purpose) compares identity.
+    """
+    return WeakIdKeyDictionary()
+
+
+# -- compiling ----------------------------------------------------------------------------------------
+
+
+def check(condition) -> None:
+    """A runtime assertion that also tells the symbolic-shape system a fact, e.g. of a data-dependent
+    length n (``n <= max_len``), so compiled code needs no guard on it. ``torch._check`` is documented
+    but underscore-named."""
+    torch._check(condition)
+
+
+def emit_check(graph: fx.Graph, condition: fx.Node) -> fx.Node:
+    """:func:`check` as a node of a graph being rewritten (its target is ``torch._check`` itself, which
+    AOT autograd and Inductor know)."""
+    return graph.call_function(torch._check, (condition,))
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Compile ``dim`` of ``tensor`` as a symbolic size from the first call on (one graph for every
+    length) instead of a static graph followed by a dynamic recompile. No public API does this."""
+    torch._dynamo.mark_dynamic(tensor, dim)
+
+
+def capture_scalar_outputs():
+    """A context in which Dynamo keeps ``tensor.item()`` inside the graph (a data-dependent size)
+    instead of breaking the graph there. A Dynamo config option; patched for the context only, never
+    globally, so a library importing xq-compile keeps its own setting."""
+    return torch._dynamo.config.patch(capture_scalar_outputs=True)

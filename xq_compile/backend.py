@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import _torch_private as private
+from . import _torch_private as private, refusal
 from .config import XQuantConfig
 from .passes import RewriteResult, SiteReport, XQuantRewrite
 
@@ -94,9 +94,14 @@ class RewrittenGraph:
     example_inputs: list[Any]
     result: RewriteResult
     record: CompileRecord
+    # An error a check found while Dynamo traced (see refusal.py): the graph must not run, and every
+    # call of what bind() returns raises it.
+    refused: Exception | None = None
 
     def bind(self, compiled: Callable) -> Callable:
         """Wrap ``compiled`` (the compiled ``graph_module``) into what a Dynamo backend returns."""
+        if self.refused is not None:
+            return refusal.raiser(self.refused)
         return _bind_x_state(compiled, self.result) if self.result.extra_inputs else compiled
 
 
@@ -110,6 +115,11 @@ def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     """
     graph_module = private.copy_dynamo_graph_module(gm)
     code_before = graph_module.code
+    refused = refusal.refusal_in(graph_module)
+    if refused is not None:  # a check failed while Dynamo traced: nothing to rewrite, nothing may run
+        result = RewriteResult(graph_module, extra_inputs=[], reports=[], appends=[])
+        return RewrittenGraph(graph_module, list(example_inputs), result,
+                              CompileRecord([], code_before, code_before), refused)
     result = XQuantRewrite(options, rebuild).apply(graph_module, example_inputs)
     record = CompileRecord(result.reports, code_before, graph_module.code)
     _publish(record)
@@ -139,10 +149,35 @@ def make_xquant_backend(inner: str | Callable = "inductor", rebuild: str = "auto
         # StaticCache): their X state is then created by the rewrite and owned by the compiled function.
         config = XQuantConfig.from_options(options) if options else None
         rewritten = rewrite_for_backend(gm, example_inputs, config, rebuild)
+        if config is not None and rewritten.refused is None:
+            rewritten.refused = _options_ignored(config, rewritten.record)
+        if rewritten.refused is not None:
+            return rewritten.bind(None)  # nothing to compile: every call raises the error
         compiled = _compile_inner(inner, rewritten.graph_module, rewritten.example_inputs, mode)
         return rewritten.bind(compiled)
 
     return xquant
+
+
+def _options_ignored(config: XQuantConfig, record: CompileRecord) -> Exception | None:
+    """The error for options= that would change nothing: attention sites found, none rewritten.
+
+    The user asked for an X cache; running the model with its full K/V cache instead would look like
+    success. (A graph with no attention at all, e.g. one side of a graph break, is not an error.)
+    """
+    if not record.reports or record.rewritten:
+        return None
+    message = (f"xquant was asked for {config.describe()} (options=), but none of this graph's "
+               f"{len(record.reports)} attention sites could be rewritten, so the model would run with its "
+               "full K/V cache:\n  " + "\n  ".join(str(r) for r in record.reports))
+    if any("allocated lazily" in r.reason for r in record.reports):
+        message += (
+            "\nA StaticCache created the usual way allocates its K/V inside the first compiled call. Allocate "
+            "it before that call with transformers' cache.early_initialization(batch_size=..., "
+            "num_heads=config.num_key_value_heads, head_dim=..., dtype=model.dtype, device=model.device), "
+            "or use xq.compile_model(model, ...) / an xq.XQuantCache."
+        )
+    return ValueError(message)
 
 
 def _compile_inner(inner, gm, example_inputs, mode):

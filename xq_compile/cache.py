@@ -26,11 +26,10 @@ Shared by all layers: positions int64 [B, L], the position id each cached row wa
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 from transformers.cache_utils import Cache, StaticLayer
 
-from . import quant
-from ._torch_private import mark_static_address
+from . import quant, refusal
+from ._torch_private import mark_static_address, weak_tensor_map
 from .config import XQuantConfig
 from .latent import TAIL_DTYPE, key_latent_rows, latent_groups, latent_width
 from .rotation import hadamard
@@ -38,7 +37,7 @@ from .rotation import hadamard
 # Maps each layer's K and V placeholder tensor to its XQuantLayer. The compiled graph receives those
 # placeholders as inputs (Dynamo lifts ``cache.layers[i].keys``); this is how the backend finds the
 # X state that belongs to them, both at compile time and on every call. Weak: dies with the cache.
-_LAYER_OF_PLACEHOLDER: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_LAYER_OF_PLACEHOLDER = weak_tensor_map()
 
 
 def layer_of(tensor: torch.Tensor) -> "XQuantLayer | None":
@@ -48,6 +47,25 @@ def layer_of(tensor: torch.Tensor) -> "XQuantLayer | None":
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _static_or_none(size) -> int | None:
+    """``size`` if it is a plain int; None for a symbolic size (the run-time check covers that case)."""
+    return size if isinstance(size, int) else None
+
+
+EAGER_WRITE_MESSAGE = (
+    "XQuantCache holds only the quantized X and cannot be written by eager code, but the model ran "
+    "uncompiled. Either its forward is not compiled with the xquant backend: use "
+    "xq.compile_model(model, ...), or model.forward = torch.compile(model.forward, backend='xquant', "
+    "fullgraph=True) and generate(..., disable_compile=True) so transformers does not run its own "
+    "compile (cm = torch.compile(model, ...) compiles cm(...) only: cm.generate() runs the original, "
+    "uncompiled model; use model.compile(backend='xquant', fullgraph=True) or xq.compile_model). Or "
+    "Dynamo gave up compiling it: a graph break (compile with fullgraph=True), or its recompile limit "
+    "(torch._dynamo.config.recompile_limit graphs per model object; each XQuantConfig x cache size "
+    "takes two: torch.compiler.reset() between configurations, or xq.compile_model, which raises the "
+    "limit for its own calls)."
+)
 
 
 class XQuantLayer(StaticLayer):
@@ -157,23 +175,48 @@ class XQuantLayer(StaticLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not _is_compiling():
-            raise RuntimeError(
-                "XQuantCache holds only the quantized X and cannot be written by eager code: compile the "
-                "model's forward with torch.compile(model.forward, backend='xquant', fullgraph=True) and "
-                "pass generate(..., disable_compile=True) so transformers does not run its own compile."
-            )
+            raise RuntimeError(EAGER_WRITE_MESSAGE)
         for setting in self.compile_key:  # never true: only here so that Dynamo guards on the settings
             if setting == "unreachable":
                 raise AssertionError
-        if key_states.dtype != self.dtype or key_states.device.type != self.device.type:
-            # Checked while Dynamo traces (dtype/device are static), so the user sees this message
-            # instead of a dtype error deep inside attention.
-            raise TypeError(
-                f"XQuantCache was created with dtype={self.dtype}, device={self.device}, but layer "
-                f"{self.layer_idx} runs in dtype={key_states.dtype} on {key_states.device}: create the "
-                f"cache with dtype={key_states.dtype}, device='{key_states.device}' (the model's)."
-            )
+        problem = self.call_problem(key_states.shape[0], _static_or_none(key_states.shape[-2]),
+                                    key_states.dtype, key_states.device)
+        if problem is not None:
+            # Checked while Dynamo traces (shapes, dtype and device are static there); see refusal.py
+            # for why this is not a plain raise.
+            error, message = problem
+            return (refusal.refuse(key_states, self.max_cache_len, error, message),
+                    refusal.refuse(value_states, self.max_cache_len, error, message))
         return super().update(key_states, value_states, *args, **kwargs)
+
+    def call_problem(self, rows: int, new_tokens: int | None, dtype: torch.dtype,
+                     device: torch.device) -> tuple[type[Exception], str] | None:
+        """Why a call with these inputs cannot run on this layer (error type, message), or None.
+
+        The one place these rules live: the traced check in update(), and the eager checks of
+        :func:`xq_compile.compile_model` before a call, both ask here.
+        """
+        if dtype != self.dtype or device.type != self.device.type:
+            return TypeError, (
+                f"XQuantCache was created with dtype={self.dtype}, device={self.device}, but layer "
+                f"{self.layer_idx} runs in dtype={dtype} on {device}: create the cache with dtype={dtype}, "
+                f"device='{device}' (the model's)."
+            )
+        if rows != self.batch_size:
+            return ValueError, (
+                f"XQuantCache was created with max_batch_size={self.batch_size}, but this call has {rows} rows, "
+                "and its rows are fixed, as in transformers' StaticCache. generate() runs batch x num_beams x "
+                "num_return_sequences rows, so max_batch_size must be at least batch x num_beams: create the "
+                f"cache with max_batch_size={rows}"
+                + (" (or pad the batch to its size)." if rows < self.batch_size else ".")
+            )
+        if new_tokens is not None and new_tokens > self.max_cache_len:
+            return ValueError, (
+                f"XQuantCache overflow: a call with {new_tokens} new tokens does not fit in "
+                f"max_cache_len={self.max_cache_len}. Create the cache with max_cache_len >= the prompt length "
+                "+ max_new_tokens."
+            )
+        return None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer owns (what nbytes counts)."""
@@ -185,7 +228,8 @@ class XQuantLayer(StaticLayer):
             raise ValueError(
                 f"XQuantCache overflow in layer {self.layer_idx}: it holds {self.host_length} tokens and "
                 f"{new_tokens} more do not fit in max_cache_len={self.max_cache_len}. Create the cache "
-                "with a larger max_cache_len, or call cache.reset() / cache.crop() first."
+                "with max_cache_len >= prompt + max_new_tokens, or call cache.reset() before an unrelated "
+                "prompt (a used cache is continued, as transformers' StaticCache is) or cache.crop(n) first."
             )
 
     def reset(self) -> None:
@@ -194,17 +238,23 @@ class XQuantLayer(StaticLayer):
         self.cumulative_length.zero_()
         self.host_length = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
+    def crop(self, max_length: int) -> None:
+        """transformers' semantics: keep the first ``max_length`` tokens (> 0), or drop ``-max_length`` (<= 0;
+        transformers' generate calls ``crop(0)`` between steps, which changes nothing)."""
+        keep = max_length if max_length > 0 else max(self.host_length + max_length, 0)
+        if not self.tracks_length:
+            raise NotImplementedError(
+                "This X state belongs to a model's own K/V buffers (options= mode): the model chooses the "
+                "positions it writes, so there is no length to crop."
+            )
+        if keep >= self.host_length:
+            return
         # Rows past cumulative_length are never read (the rebuild follows the current length), so
         # cropping is moving the counter back; the next store overwrites the stale rows.
         # Done here rather than by StaticLayer.crop, which transformers 5.17 does not have.
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"XQuantCache layers are cropped by a negative count of tokens to remove, got {tokens_to_remove}"
-            )
         before = self.host_length
-        self.cumulative_length.sub_(abs(tokens_to_remove))  # in place: the counter's address is static
-        self.host_length -= abs(tokens_to_remove)
+        self.cumulative_length.fill_(keep)  # in place: the counter's address is static
+        self.host_length = keep
         if self.form == "latent" and self.bits is not None:
             self._reopen_key_group(before)
 

@@ -27,14 +27,13 @@ def demo(args: argparse.Namespace) -> None:
     max_len = prompt_len + args.max_new_tokens
     config = xq.XQuantConfig(bits=None if args.bits == 16 else args.bits, group_size=args.group_size,
                              rotation=args.rotation)
-    cache = xq.XQuantCache(model.config, max_batch_size=batch_size, max_cache_len=max_len,
-                           xquant=config, dtype=torch.float32)
-    model.forward = torch.compile(model.forward, backend="xquant", fullgraph=True)
+    model = xq.compile_model(model, config, max_cache_len=max_len, max_batch_size=batch_size)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**batch, **xq.cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens, do_sample=False,
-                             disable_compile=True, pad_token_id=tok.pad_token_id)
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
     elapsed = time.perf_counter() - start
+    cache = model.xquant_cache
     for prompt, text in zip(PROMPTS, tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)):
         print(f"--- {prompt}\n{text.strip()}\n")
     record = xq.COMPILE_LOG[-1]

@@ -218,7 +218,7 @@ def eval_simulated(model, windows, context_factory: Callable, desc: str = "", pr
 def compile_xquant(model) -> Callable:
     """A fresh xquant-compiled forward. Each configuration compiles its own graphs (Dynamo guards on the
     cache's settings); resetting first keeps one eval of many methods clear of the recompile limit."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return torch.compile(model.forward, backend="xquant", fullgraph=True)
 
 

@@ -30,9 +30,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
-
 from . import quant
+from ._torch_private import version_counter, weak_tensor_map
 from .rotation import rotate
 
 TAIL_DTYPE = torch.float16  # the open key group, kept in half precision like KIVI's residual window
@@ -68,13 +67,13 @@ class LatentFactors:
     """
 
     def __init__(self) -> None:
-        self._factors: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._factors = weak_tensor_map()
         self.computed = 0  # how many SVDs ran (tests check that steps do not recompute)
 
     def get(self, weight: torch.Tensor, rows: tuple[int, int] | None = None,
             rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) of ``weight[rows[0]:rows[1]]`` (all rows if None), rotated by ``rotation``."""
-        return self._get(weight, ("rows", rows), (weight._version,), rotation,
+        return self._get(weight, ("rows", rows), (version_counter(weight),), rotation,
                          lambda: weight if rows is None else weight[rows[0]:rows[1]])
 
     def get_joint(self, k_weight: torch.Tensor, v_weight: torch.Tensor, k_rows=None, v_rows=None,
@@ -86,7 +85,7 @@ class LatentFactors:
             return torch.cat([k, v], 0)
 
         return self._get(k_weight, ("joint", id(v_weight), k_rows, v_rows),
-                         (k_weight._version, v_weight._version), rotation, stacked)
+                         (version_counter(k_weight), version_counter(v_weight)), rotation, stacked)
 
     def _get(self, anchor, slot, versions, rotation, weight):
         key = (versions, None if rotation is None else rotation.shape[0])

@@ -114,6 +114,9 @@ class MemoryReport:
     # of layers. Plain XQuant materializes one X̂ [batch, n, hidden] in the model dtype at a time;
     # XQuant-CL keeps the fp32 accumulator X̂ plus one dequantized fp32 delta.
     rebuild_working: sympy.Expr = sympy.Integer(0)
+    # The X state of each layer alone (what ``xquant`` sums over layers, without the shared int64
+    # positions and the fixed bytes): for per-layer tables such as ``xq.explain``'s.
+    xquant_layers: tuple[CacheMemory, ...] = ()
 
     @property
     def rebuild_working_at(self) -> int:
@@ -185,5 +188,9 @@ def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch
     xq_total = _xquant_total(model_config, xquant_config, B, dtype_bytes) + fixed
     xquant = CacheMemory("xquant", xquant_config.describe(), sympy.nsimplify(xq_per_token), xq_total, fixed,
                          seq_len, B)
+    per_layer = []
+    for i in range(layers):
+        rate, rows = _layer_bytes(model_config, xquant_config, i, dtype_bytes)
+        per_layer.append(CacheMemory(f"xquant_layer{i}", f"layer {i} X state", rate, B * rows, 0, seq_len, B))
     working = (2 * 4 if xquant_config.cross_layer else dtype_bytes) * B * N * hidden
-    return MemoryReport(fp16, kivi, xquant, seq_len, B, working)
+    return MemoryReport(fp16, kivi, xquant, seq_len, B, working, tuple(per_layer))

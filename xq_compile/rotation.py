@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from ._torch_private import version_counter, weak_tensor_map
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
@@ -42,12 +43,12 @@ class FoldedWeights:
     """
 
     def __init__(self) -> None:
-        self._folded: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._folded = weak_tensor_map()
 
     def get(self, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         entry = self._folded.get(weight)
-        if entry is None or entry[0] != weight._version or entry[1].shape[0] != h.shape[0]:
-            entry = (weight._version, h, fold_into_weight(weight, h))
+        if entry is None or entry[0] != version_counter(weight) or entry[1].shape[0] != h.shape[0]:
+            entry = (version_counter(weight), h, fold_into_weight(weight, h))
             self._folded[weight] = entry
         return entry[2]
 

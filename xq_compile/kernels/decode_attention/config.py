@@ -28,8 +28,7 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
 
 
 def multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device (8 for CPU tensors, i.e. the interpreter; benchmarks/compile_report.py
-    replaces this function to size the grid of a GPU it compiles for)."""
+    """SMs of a CUDA device (8 for CPU tensors, i.e. the interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
@@ -41,6 +40,7 @@ def interpreted() -> bool:
 def default_config(
     *, batch: int, kv_heads: int, head_dim: int, query_rows: int, max_len: int, v_width: int,
     k_layout: str, k_group: int, v_layout: str, v_group: int, dtype: torch.dtype, device: torch.device,
+    sms: int | None = None,
 ) -> dict:
     """Block sizes, head tiles, split count and warps for a shape: a fixed rule, no autotuning (compile
     time matters, and GPU time to tune is scarce; ``benchmarks/decode_attention.py --sweep`` measures
@@ -59,7 +59,7 @@ def default_config(
 
     Values kernel: ``block_m`` flattened query rows (all heads share the value rows), ``block_nv``
     rows by ``block_cv`` value channels per step, ``num_splits`` chunks of the rows so that about two
-    programs run per multiprocessor.
+    programs run per multiprocessor (``sms`` of them; default: those of ``device``).
     """
     d_pad = pow2_at_least_16(head_dim // 2) * 2
     block_h = max(1, 256 // d_pad)
@@ -77,21 +77,21 @@ def default_config(
     block_nv = 64
     block_cv = 128 if v_layout == "per_channel" or v_group % 128 == 0 else 64
     block_cv = min(block_cv, pow2_at_least_16(v_width))
-    sms = multiprocessors(device)
+    sms = sms or multiprocessors(device)
     programs = batch * -(-kv_heads * query_rows // block_m) * -(-v_width // block_cv)
     splits = max(1, min(-(-2 * sms // max(programs, 1)), -(-max_len // block_nv), 128))
     return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
                 block_cv=block_cv, num_splits=splits, num_warps=num_warps, num_stages=3)
 
 
-def resolve_config(inputs: DecodeAttentionInputs, **config: int) -> dict:
+def resolve_config(inputs: DecodeAttentionInputs, sms: int | None = None, **config: int) -> dict:
     """The configuration :func:`~xq_compile.kernels.decode_attention.decode_attention_triton` launches
-    ``inputs`` with: :func:`default_config` for their shapes, then the keyword overrides
-    (:data:`CONFIG_KEYS`), checked."""
-    return resolve(inputs, config)[1]
+    ``inputs`` with: :func:`default_config` for their shapes (and ``sms`` multiprocessors), then the
+    keyword overrides (:data:`CONFIG_KEYS`), checked."""
+    return resolve(inputs, config, sms)[1]
 
 
-def resolve(inputs: DecodeAttentionInputs, config: dict) -> tuple[Shapes, dict]:
+def resolve(inputs: DecodeAttentionInputs, config: dict, sms: int | None = None) -> tuple[Shapes, dict]:
     """(the checked sizes of ``inputs``, the launch configuration)."""
     unknown = set(config) - set(CONFIG_KEYS)
     if unknown:
@@ -102,7 +102,7 @@ def resolve(inputs: DecodeAttentionInputs, config: dict) -> tuple[Shapes, dict]:
         batch=shapes.batch, kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
         query_rows=shapes.q_heads // shapes.kv_heads * shapes.seq, max_len=shapes.max_len, v_width=shapes.v_width,
         k_layout=inputs.keys.layout, k_group=inputs.keys.group, v_layout=values.layout, v_group=values.group,
-        dtype=inputs.k_weight.dtype, device=inputs.query.device,
+        dtype=inputs.k_weight.dtype, device=inputs.query.device, sms=sms,
     )
     cfg.update({k: v for k, v in config.items() if v is not None})
     for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv"):
