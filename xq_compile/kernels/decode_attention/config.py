@@ -54,7 +54,7 @@ def default_config(
     64: tiles of 2). ``block_c`` = 64 channels per step, or the scale group when that is smaller, so
     the scale is one broadcast vector per tile. Compiled for sm_90 this keeps every MMA loop free of
     register spills, with its wgmma in flight, for 2/3/4/8 bits under triton 3.6 and 3.9 (128-wide
-    heads at 255 registers, with 76-94 spill instructions after the loop, once per tile); ``--sweep``
+    heads at 255 registers, with 76-92 spill instructions after the loop, once per tile); ``--sweep``
     times the alternatives on a GPU.
 
     Values kernel: ``block_m`` flattened query rows (all heads share the value rows), ``block_nv``
