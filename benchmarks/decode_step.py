@@ -12,7 +12,7 @@ For every cached length L:
      ``--repeats`` rounds of ``--steps`` steps, so machine noise hits both alike; medians are reported.
      After every step the caches are cropped back by one token, so each step runs at exactly L cached
      tokens (the decode graph compiles once and serves every step and every length).
-  3. the K/V rebuild FLOP model of DESIGN.md §1 (4·n·d·d_kv per layer per step) is priced at the
+  3. the K/V rebuild FLOP model of docs/design.md §1 (4·n·d·d_kv per layer per step) is priced at the
      measured torch.mm time of the same shapes ([B·n, d] x [d, d_kv], twice per layer), timed in the
      same rounds: predicted = baseline step + layers · 2 · t_mm(n). Target: measured ≤ 1.25 × predicted.
 
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     xq_config = xq.XQuantConfig(bits=args.bits, group_size=args.group_size, rotation=args.rotation)
 
     # Caches are created (and the StaticCache allocated) before the first compiled call: a lazily
-    # allocated StaticCache would be allocated inside the prefill graph (DESIGN.md §3).
+    # allocated StaticCache would be allocated inside the prefill graph (docs/design.md §3).
     rss0 = rss()
     base_cache = StaticCache(config=config, max_cache_len=args.max_cache_len)
     base_cache.early_initialization(args.batch, heads, head_dim, dtype, torch.device(args.device))

@@ -25,7 +25,7 @@ class XQuantConfig:
             hidden size; with rotation it must be a power of two (the block Hadamard size).
         rotation: ``"hadamard"`` rotates X by a block-diagonal Hadamard matrix of ``group_size`` before
             quantizing and folds the inverse into the K/V weights, so it costs nothing when rebuilding.
-            It spreads the outlier channels of X inside each group (DESIGN.md §2: 4-bit loss +13% -> +2%
+            It spreads the outlier channels of X inside each group (docs/design.md §2: 4-bit loss +13% -> +2%
             on SmolLM2). ``"none"`` quantizes X as it is (the paper's plain XQuant).
         cross_layer: XQuant-CL. Layer i caches the delta Q(X_i - X̂_{i-1}) against the *reconstructed*
             X of the layer below (closed loop: errors do not pile up); an accumulator carries X̂ up the

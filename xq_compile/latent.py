@@ -1,7 +1,7 @@
 """The latent form for grouped-query attention: cache X·U_k and X·U_v instead of X.
 
 With fewer K/V heads than query heads, X (width d) is wider than K+V (2·Hkv·D), so caching X would
-cost more than an fp16 K/V cache. The paper (DESIGN.md §1) caches the latents instead:
+cost more than an fp16 K/V cache. The paper (docs/design.md §1) caches the latents instead:
 
     W_k = P_k Σ_k Q_kᵀ  (SVD, exact: rank W_k <= Hkv·D)
     latent_k = X·Q_k          [n, r]    cached, r = Hkv·D
