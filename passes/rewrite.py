@@ -38,6 +38,7 @@ from xq_compile.latent import LATENT_FACTORS, key_latent_rows, store_key_latent
 from xq_compile.rotation import FOLDED_WEIGHTS, hadamard, rotate
 
 from .emit import Emitter, clone_region
+from .positions import rows_after_write
 from .rows import fit_to_rows
 from .match import Site, SiteReport, _arg, attention_read, example_value, find_sites, _ancestors, _descendants
 
@@ -319,7 +320,8 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             return lambda args: LATENT_FACTORS.get(
                 args[w_idx], rows, fetch_layer(args).rotation if rotated else None)[which]
 
-        return tuple(state.add_input(("latent", w_idx, rows, rotated, which), f"{tag}_{proj.weight.name}_{name}",
+        part = f"_{rows[0]}_{rows[1]}" if rows else ""  # K and V of one fused weight: one input each
+        return tuple(state.add_input(("latent", w_idx, rows, rotated, which), f"{tag}_{proj.weight.name}{part}_{name}",
                                      fetch(which)) for which, name in enumerate(("down", "up")))
 
     latent = layer.form == "latent" and not layer.joint_latent
@@ -383,7 +385,9 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             if on_cuda:
                 state.length = emit(lambda i: i.max().reshape(1) + 1, index)
             else:
-                length = emit(lambda i: (i.max() + 1).item(), index)
+                # checked first (clear errors for positions that do not fit), then bounded for the shape system
+                in_order = latent and layer.bits is not None  # store_key_latent needs consecutive rows
+                length = emit(lambda i: rows_after_write(i, layer.max_cache_len, in_order).item(), index)
                 # The call writes seq_len distinct rows, so n >= seq_len: telling the shape system spares
                 # Inductor guards on n it cannot decide (torch 2.11's CPU SDPA lowering asks n > 1).
                 written = (max(1, site.seq_len) if isinstance(site.seq_len, int)

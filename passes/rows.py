@@ -57,11 +57,13 @@ def fit_to_rows(nodes: Sequence[fx.Node], clones: dict[fx.Node, fx.Node], inputs
         shape[axis] = grown
         meta[node] = torch.empty(shape, dtype=value.dtype, device="meta")
     decided: dict[fx.Node, tuple[int, int] | None] = {}
+    furthest = [0]  # the first node no choice fits, for the error
 
     def visit(i: int) -> bool:
         if i == len(nodes):
             return True
         node = nodes[i]
+        furthest[0] = max(furthest[0], i)
         for choice in ([choices[node]] if node in choices else _candidates(node, meta, seq_len)):
             try:
                 out = _evaluate(node, meta, choice, grown)
@@ -76,13 +78,25 @@ def fit_to_rows(nodes: Sequence[fx.Node], clones: dict[fx.Node, fx.Node], inputs
 
     if not visit(0):
         raise RowReplayError(
-            "xquant cannot apply this model's RoPE code to the rebuilt cache rows: it was traced for "
-            f"{seq_len} token(s) and its shapes do not follow the number of rows. Compile with "
-            "dynamic=True, or report the model's rotary-embedding code.")
+            f"xquant cannot apply this model's RoPE code to the cached rows: the graph was traced for "
+            f"{seq_len} token(s), and {_describe(nodes[furthest[0]])} does not follow the number of rows "
+            "(xquant adapts the sizes given to view/reshape only). Compile this model without the xquant "
+            "backend, or report its rotary-embedding code.")
     for node, choice in decided.items():
         choices[node] = choice
         if choice is not None and node in clones:
             _set_shape_literal(clones[node], choice, rows)
+
+
+def _describe(node: fx.Node) -> str:
+    """``expand(view_4, 1, 8, 2, -1, -1)`` at the model's source line, for an error message."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    text = f"{name}({', '.join(str(a) for a in node.args)})"
+    lines = (node.meta.get("stack_trace") or "").splitlines()
+    files = [i for i, line in enumerate(lines) if line.strip().startswith("File ")]
+    if files and files[-1] + 1 < len(lines):
+        text += f" ({lines[files[-1]].strip()}: {lines[files[-1] + 1].strip()})"
+    return text
 
 
 def _as_meta(value, node: fx.Node):
