@@ -414,10 +414,21 @@ class AttentionRead:
     mask_in_args: bool           # attn_mask passed positionally (args[3]) rather than by keyword
 
 
+def _is_head_repeat(node: fx.Node) -> bool:
+    """gpt-fast's GQA expansion ``k.repeat_interleave(n_head // n_local_heads, dim=1)``: repeat_kv's order."""
+    return (node.op == "call_method" and node.target == "repeat_interleave" and len(node.args) == 2
+            and isinstance(node.args[1], int) and node.kwargs.get("dim") == 1 and len(node.kwargs) == 1)
+
+
+def _is_read_step(node: fx.Node) -> bool:
+    return (is_call(node, methods=READ_METHODS) or _is_head_repeat(node)
+            or (node.op == "call_function" and node.target is operator.getitem))
+
+
 def _read_chain_end(node: fx.Node, chain: list[fx.Node]) -> fx.Node:
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if not (is_call(user, methods=READ_METHODS) or (user.op == "call_function" and user.target is operator.getitem)):
+        if not _is_read_step(user):
             break
         chain.append(user)
         node = user
@@ -439,6 +450,8 @@ def attention_read(site: Site, max_cache_len: int) -> AttentionRead | None:
         if len(readers) != 1:
             return None
         chain = [] if readers[0].op == "call_function" and readers[0].target in SDPA_TARGETS else [readers[0]]
+        if chain and not _is_read_step(readers[0]):
+            return None  # the cache is transformed before attention: keep the cache-shaped rebuild
         end = _read_chain_end(readers[0], chain) if chain else proj.append.cache
         sdpa = next(iter(end.users)) if chain and len(end.users) == 1 else readers[0]
         if sdpa.op != "call_function" or sdpa.target not in SDPA_TARGETS:

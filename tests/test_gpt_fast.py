@@ -149,3 +149,18 @@ def test_write_positions_that_do_not_fit_are_refused(positions, consecutive, mes
 def test_rows_after_write_is_one_past_the_highest_position():
     assert rows_after_write(torch.tensor([5, 6, 7], dtype=torch.int32), 16, True).item() == 8
     assert rows_after_write(torch.tensor([9, 2]), 16, False).item() == 10
+
+
+def test_cache_transformed_before_attention_keeps_the_transform(monkeypatch):
+    """Only reshapes and the GQA head repeat may sit between the cache and SDPA when attention is
+    rewritten over the cached rows; any other op there is kept (the rebuild is cache-shaped)."""
+    import gpt_fast_model
+
+    update = gpt_fast_model.KVCache.update
+    monkeypatch.setattr(gpt_fast_model.KVCache, "update",
+                        lambda self, pos, k, v: tuple(t * 1.5 for t in update(self, pos, k, v)))
+    model, reference = tiny_gpt_fast(2), tiny_gpt_fast(2)
+    prompt, tokens = random_tokens(steps=2)
+    out = generate_logits(compiled(model, None), prompt, tokens)
+    assert max_error(out, generate_logits(reference, prompt, tokens)) < 1e-5
+    assert xq.COMPILE_LOG[-1].rewritten == 2
