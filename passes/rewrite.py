@@ -562,15 +562,14 @@ def _rope_at_cached_rows(state: "_GraphState", site: Site, roots, rows, per_laye
     region = [nd for nd in state.graph.nodes if (nd in tables and nd not in state.rope_tables) or nd in per_layer]
     mapping = clone_region(state.graph, region, {**state.rope_tables, **(replace or {})})
     state.rope_tables.update({nd: mapping[nd] for nd in tables if nd in mapping})
-    if isinstance(site.seq_len, int):
-        # The code was traced for this call's tokens; sizes it read off them are literals that must follow
-        # the rows (gpt-fast: freqs_cis.view(1, x.size(1), ...)). A dynamic-shape graph computes them.
-        inputs = {source: example_value(source).dim() - 1}
-        if site.key.heads in (replace or {}):
-            inputs[site.key.heads] = 2 if site.key.heads_first else 1
-        fit_to_rows([nd for nd in state.graph.nodes if nd in tables or nd in per_layer],
-                    {nd: mapping[nd] for nd in region}, inputs, site.seq_len, rows, state.row_choices,
-                    {site.key.append.value: 2} if per_layer else None)
+    # The code was traced for this call's tokens: sizes it read off them (gpt-fast: freqs_cis.view(1,
+    # x.size(1), ...)) are literals or the token-count symbol, and must follow the rows instead.
+    inputs = {source: example_value(source).dim() - 1}
+    if site.key.heads in (replace or {}):
+        inputs[site.key.heads] = 2 if site.key.heads_first else 1
+    fit_to_rows([nd for nd in state.graph.nodes if nd in tables or nd in per_layer],
+                {nd: mapping[nd] for nd in region}, inputs, site.seq_len, rows, state.row_choices,
+                {site.key.append.value: 2} if per_layer else None)
     return mapping
 
 

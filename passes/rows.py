@@ -38,7 +38,7 @@ class RowReplayError(RuntimeError):
 
 
 def fit_to_rows(nodes: Sequence[fx.Node], clones: dict[fx.Node, fx.Node], inputs: dict[fx.Node, int],
-                seq_len: int, rows, choices: dict[fx.Node, tuple[int, int] | None],
+                seq_len, rows, choices: dict[fx.Node, tuple[int, int] | None],
                 expected_axis: dict[fx.Node, int] | None = None) -> None:
     """Rewrite the shape literals of ``clones`` (original node -> its clone) that stand for ``seq_len``.
 
@@ -46,7 +46,15 @@ def fit_to_rows(nodes: Sequence[fx.Node], clones: dict[fx.Node, fx.Node], inputs
     is in ``choices``, which this call extends). ``inputs``: the region's inputs that now hold ``rows``
     rows, with the axis of their rows. ``rows``: an int or an fx node (a data-dependent length).
     ``expected_axis``: region nodes whose rows must end up on that axis (the appended keys: dim 2).
+
+    In a dynamic-shape graph the token count is a symbol (a SymInt input of the graph, e.g. ``s75``):
+    its uses in the clones become ``rows``, no search needed.
     """
+    if not isinstance(seq_len, int):
+        for clone in clones.values():
+            clone.args, clone.kwargs = (fx.node.map_arg(a, lambda n: rows if _is_symbol(n, seq_len) else n)
+                                        for a in (clone.args, clone.kwargs))
+        return
     grown = seq_len * SENTINEL_FACTOR
     meta: dict[fx.Node, object] = {}
     for node, axis in inputs.items():
@@ -57,13 +65,14 @@ def fit_to_rows(nodes: Sequence[fx.Node], clones: dict[fx.Node, fx.Node], inputs
         shape[axis] = grown
         meta[node] = torch.empty(shape, dtype=value.dtype, device="meta")
     decided: dict[fx.Node, tuple[int, int] | None] = {}
-    furthest = [0]  # the first node no choice fits, for the error
+    furthest = 0  # the first node no choice fits, for the error
 
     def visit(i: int) -> bool:
+        nonlocal furthest
         if i == len(nodes):
             return True
         node = nodes[i]
-        furthest[0] = max(furthest[0], i)
+        furthest = max(furthest, i)
         for choice in ([choices[node]] if node in choices else _candidates(node, meta, seq_len)):
             try:
                 out = _evaluate(node, meta, choice, grown)
@@ -79,13 +88,18 @@ def fit_to_rows(nodes: Sequence[fx.Node], clones: dict[fx.Node, fx.Node], inputs
     if not visit(0):
         raise RowReplayError(
             f"xquant cannot apply this model's RoPE code to the cached rows: the graph was traced for "
-            f"{seq_len} token(s), and {_describe(nodes[furthest[0]])} does not follow the number of rows "
+            f"{seq_len} token(s), and {_describe(nodes[furthest])} does not follow the number of rows "
             "(xquant adapts the sizes given to view/reshape only). Compile this model without the xquant "
             "backend, or report its rotary-embedding code.")
     for node, choice in decided.items():
         choices[node] = choice
         if choice is not None and node in clones:
             _set_shape_literal(clones[node], choice, rows)
+
+
+def _is_symbol(node: fx.Node, symbol) -> bool:
+    value = example_value(node)
+    return isinstance(value, torch.SymInt) and str(value) == str(symbol)
 
 
 def _describe(node: fx.Node) -> str:
@@ -104,6 +118,8 @@ def _as_meta(value, node: fx.Node):
         if any(not isinstance(s, int) for s in (*value.shape, *value.stride())):
             raise RowReplayError(f"{node.name} has a symbolic shape")
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):  # e.g. the pieces of x.chunk(2, dim=-1)
+        return type(value)(_as_meta(v, node) for v in value)
     if isinstance(value, (int, float, bool)) or value is None:
         return value
     raise RowReplayError(f"no example value recorded for {node.name}")

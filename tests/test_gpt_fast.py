@@ -37,6 +37,23 @@ def test_prefill_and_decode_exact_unquantized(kv_heads):
     assert all(form in r.form for record in records for r in record.reports)
 
 
+def test_chunks_written_at_an_offset_exact_unquantized():
+    """Chunks of several tokens after the prompt, as gpt-fast's speculative decoding verifies k+1 draft
+    tokens at arange(input_pos, input_pos + k + 1). Chunks of 3 and then 4 tokens make Dynamo compile a
+    graph whose token count is a symbol; the cloned RoPE code must use the cached rows there too."""
+    model, reference = tiny_gpt_fast(2), tiny_gpt_fast(2)
+    forward = compiled(model, None)
+    g = torch.Generator().manual_seed(0)
+    out, expected = [], []
+    with collect_records() as records, torch.no_grad():
+        for start, size in [(0, 8), (8, 1), (9, 3), (12, 4), (16, 1)]:
+            idx, pos = torch.randint(0, 96, (1, size), generator=g), torch.arange(start, start + size)
+            out.append(forward(idx, pos))
+            expected.append(reference(idx, pos))
+    assert max_error(out, expected) < 1e-5
+    assert [r.rewritten for r in records] == [2, 2, 2]  # prefill, decode, chunks of any size
+
+
 def test_complex_rope_exact_unquantized():
     model, reference = tiny_gpt_fast(2, rope="complex"), tiny_gpt_fast(2, rope="complex")
     prompt, tokens = random_tokens(steps=8)
