@@ -10,8 +10,11 @@ Only the sizes are tiny; the code paths a compiler sees are gpt-fast's:
 * attention projects q, k and v with one fused ``wqkv`` linear and splits it, applies the rotary
   embedding on ``[B, S, H, D]`` before the transpose, expands GQA heads with ``repeat_interleave`` and
   calls SDPA with the boolean mask;
-* ``generate`` prefills with ``input_pos = torch.arange(T)`` and then decodes one token at a time with an
-  int32 ``input_pos = torch.tensor([T])`` that it increments in place, as ``generate.py`` does.
+* ``generate_logits`` (the model compiled) and ``generate_greedy`` (``prefill`` and ``decode_one_token``
+  compiled, the model an argument, as ``generate.py`` compiles them) prefill with
+  ``input_pos = torch.arange(T)`` and then decode one token at a time with an int32
+  ``input_pos = torch.tensor([T])`` incremented in place, as ``generate.py`` does (greedy here, not
+  sampled, so that runs are comparable).
 
 ``rope="complex"`` swaps in the other common way to write the same rotation (``view_as_complex`` on a
 complex ``freqs_cis``, as Meta's Llama reference code does).
@@ -214,6 +217,33 @@ def generate_logits(forward, prompt: torch.Tensor, next_tokens: torch.Tensor) ->
             logits.append(forward(next_tokens[:, step:step + 1], input_pos))
             input_pos += 1
         return logits
+
+
+def prefill(model, x, input_pos):
+    """generate.py's prefill, greedy instead of sampled: (next token, logits)."""
+    logits = model(x, input_pos)
+    return logits[:, -1].argmax(-1, keepdim=True), logits
+
+
+def decode_one_token(model, x, input_pos):
+    assert input_pos.shape[-1] == 1
+    logits = model(x, input_pos)
+    return logits[:, -1].argmax(-1, keepdim=True), logits
+
+
+def generate_greedy(prefill_fn, decode_fn, model, prompt: torch.Tensor, max_new_tokens: int):
+    """generate.py's loop with the given (compiled or plain) prefill and decode functions:
+    (generated tokens, every call's logits)."""
+    with torch.no_grad():
+        token, logits = prefill_fn(model, prompt, torch.arange(0, prompt.shape[1]))
+        tokens, all_logits = [token], [logits]
+        input_pos = torch.tensor([prompt.shape[1]], dtype=torch.int)
+        for _ in range(max_new_tokens - 1):
+            token, logits = decode_fn(model, token.view(1, -1), input_pos)
+            input_pos += 1
+            tokens.append(token)
+            all_logits.append(logits)
+        return torch.cat(tokens, dim=1), all_logits
 
 
 def random_tokens(batch: int = 1, prompt: int = 8, steps: int = 8, vocab: int = 96, seed: int = 1):

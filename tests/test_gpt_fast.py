@@ -14,7 +14,7 @@ from xq_compile.passes.positions import rows_after_write
 from xq_compile.simulate import simulate_xquant
 
 from conftest import max_error
-from gpt_fast_model import generate_logits, random_tokens, tiny_gpt_fast
+from gpt_fast_model import decode_one_token, generate_greedy, generate_logits, prefill, random_tokens, tiny_gpt_fast
 
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
 
@@ -52,6 +52,21 @@ def test_chunks_written_at_an_offset_exact_unquantized():
             expected.append(reference(idx, pos))
     assert max_error(out, expected) < 1e-5
     assert [r.rewritten for r in records] == [2, 2, 2]  # prefill, decode, chunks of any size
+
+
+def test_compiled_prefill_and_decode_one_token_functions_as_generate_py_compiles_them():
+    """generate.py compiles its prefill and decode_one_token functions, the model being an argument."""
+    model, reference = tiny_gpt_fast(2), tiny_gpt_fast(2)
+    prompt, _ = random_tokens()
+    options = {"bits": None, "group_size": 16}
+    with collect_records() as records:
+        tokens, logits = generate_greedy(
+            torch.compile(prefill, backend=AOT_EAGER, fullgraph=True, options=options),
+            torch.compile(decode_one_token, backend=AOT_EAGER, fullgraph=True, options=options), model, prompt, 9)
+    expected_tokens, expected_logits = generate_greedy(prefill, decode_one_token, reference, prompt, 9)
+    assert torch.equal(tokens, expected_tokens)
+    assert max_error(logits, expected_logits) < 1e-5
+    assert [r.rewritten for r in records] == [2, 2]
 
 
 def test_complex_rope_exact_unquantized():
