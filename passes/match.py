@@ -208,9 +208,13 @@ def _projection(append: Append) -> Projection:
 
 
 def _channel_slice(linear: fx.Node, append: Append) -> tuple[fx.Node, tuple[int, int]] | None:
-    """A fused projection's output sliced on its last dim (``qkv[..., a:b]``) on the way to the append."""
+    """A fused projection's output sliced on its last dim on the way to the append: ``qkv[..., a:b]``
+    (Phi-3), or one piece of ``qkv.split([dq, dk, dv], dim=-1)`` (gpt-fast's ``wqkv``)."""
     out = example_value(linear)
     for user in linear.users:
+        piece = _split_piece(user, append, out)
+        if piece is not None:
+            return piece
         if (user.op == "call_function" and user.target is operator.getitem and append.value in _descendants(user)
                 and out is not None):
             index = user.args[1]
@@ -220,6 +224,27 @@ def _channel_slice(linear: fx.Node, append: Append) -> tuple[fx.Node, tuple[int,
             if isinstance(last, slice) and last.step in (None, 1) and leading_ok:
                 start, stop, _ = last.indices(int(out.shape[-1]))
                 return user, (start, stop)
+    return None
+
+
+def _split_piece(split: fx.Node, append: Append, out) -> tuple[fx.Node, tuple[int, int]] | None:
+    """``split(sizes, dim=-1)[i]`` of a projection's output [..., C] feeding the append: (that getitem,
+    its channels)."""
+    if out is None or not is_call(split, methods={"split"}, functions={torch.split}):
+        return None
+    sizes = _arg(split, 1, "split_size" if split.op == "call_method" else "split_size_or_sections")
+    dim, width = _arg(split, 2, "dim") or 0, int(out.shape[-1])
+    if dim not in (-1, out.dim() - 1):
+        return None
+    if isinstance(sizes, int):
+        sizes = [min(sizes, width - start) for start in range(0, width, sizes)]
+    if not isinstance(sizes, (list, tuple)) or not all(isinstance(s, int) for s in sizes):
+        return None
+    for piece in split.users:
+        if (piece.op == "call_function" and piece.target is operator.getitem and isinstance(piece.args[1], int)
+                and append.value in _descendants(piece)):
+            i = piece.args[1] % len(sizes)
+            return piece, (sum(sizes[:i]), sum(sizes[:i + 1]))
     return None
 
 
@@ -389,10 +414,21 @@ class AttentionRead:
     mask_in_args: bool           # attn_mask passed positionally (args[3]) rather than by keyword
 
 
+def _is_head_repeat(node: fx.Node) -> bool:
+    """gpt-fast's GQA expansion ``k.repeat_interleave(n_head // n_local_heads, dim=1)``: repeat_kv's order."""
+    return (node.op == "call_method" and node.target == "repeat_interleave" and len(node.args) == 2
+            and isinstance(node.args[1], int) and node.kwargs.get("dim") == 1 and len(node.kwargs) == 1)
+
+
+def _is_read_step(node: fx.Node) -> bool:
+    return (is_call(node, methods=READ_METHODS) or _is_head_repeat(node)
+            or (node.op == "call_function" and node.target is operator.getitem))
+
+
 def _read_chain_end(node: fx.Node, chain: list[fx.Node]) -> fx.Node:
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if not (is_call(user, methods=READ_METHODS) or (user.op == "call_function" and user.target is operator.getitem)):
+        if not _is_read_step(user):
             break
         chain.append(user)
         node = user
@@ -414,6 +450,8 @@ def attention_read(site: Site, max_cache_len: int) -> AttentionRead | None:
         if len(readers) != 1:
             return None
         chain = [] if readers[0].op == "call_function" and readers[0].target in SDPA_TARGETS else [readers[0]]
+        if chain and not _is_read_step(readers[0]):
+            return None  # the cache is transformed before attention: keep the cache-shaped rebuild
         end = _read_chain_end(readers[0], chain) if chain else proj.append.cache
         sdpa = next(iter(end.users)) if chain and len(end.users) == 1 else readers[0]
         if sdpa.op != "call_function" or sdpa.target not in SDPA_TARGETS:

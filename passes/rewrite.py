@@ -38,6 +38,8 @@ from xq_compile.latent import LATENT_FACTORS, key_latent_rows, store_key_latent
 from xq_compile.rotation import FOLDED_WEIGHTS, hadamard, rotate
 
 from .emit import Emitter, clone_region
+from .positions import rows_after_write
+from .rows import fit_to_rows
 from .match import Site, SiteReport, _arg, attention_read, example_value, find_sites, _ancestors, _descendants
 
 
@@ -191,6 +193,7 @@ class _GraphState:
         self.accumulator: fx.Node | None = None   # XQuant-CL: X̂ of the layer below, all cached rows
         self.cut_masks: dict[fx.Node, fx.Node] = {}  # attention mask -> its first n columns
         self.rope_tables: dict[fx.Node, fx.Node] = {}  # position source / RoPE table node -> at cached rows
+        self.row_choices: dict = {}  # RoPE table node -> which of its shape literals counts the rows
         self.next_cross_layer = 0
         self.shared_positions: torch.Tensor | None = None  # options= mode: shared by the graph's layers
         self.shared_rotation: torch.Tensor | None = None
@@ -317,7 +320,8 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             return lambda args: LATENT_FACTORS.get(
                 args[w_idx], rows, fetch_layer(args).rotation if rotated else None)[which]
 
-        return tuple(state.add_input(("latent", w_idx, rows, rotated, which), f"{tag}_{proj.weight.name}_{name}",
+        part = f"_{rows[0]}_{rows[1]}" if rows else ""  # K and V of one fused weight: one input each
+        return tuple(state.add_input(("latent", w_idx, rows, rotated, which), f"{tag}_{proj.weight.name}{part}_{name}",
                                      fetch(which)) for which, name in enumerate(("down", "up")))
 
     latent = layer.form == "latent" and not layer.joint_latent
@@ -341,6 +345,10 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     first, last = sorted((site.key.append.node, site.value.append.node), key=order.__getitem__)
     index = site.key.append.index
+    if example_value(index) is not None and example_value(index).dtype != torch.int64:
+        # gpt-fast decodes with int32 positions; index_copy_ takes int64 indices only
+        with graph.inserting_before(first):
+            index = emit(lambda i: i.long(), index)
     # The fused-op form (device-side length, max_cache_len rows, no host sync: CUDA graphs) or the
     # inline form (plain torch over the data-dependent length n, fused by Inductor's C++ backend).
     on_cuda = state.rebuild in ("op", "fused") or (state.rebuild == "auto" and layer.device.type == "cuda")
@@ -368,15 +376,18 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             state.positions = state.add_input(("positions", k_idx), "positions", lambda args: fetch_layer(args).positions)
             if site.position_source is not None:
                 if layer.positions.dim() == 2:  # one row of position ids per sequence (left padding)
-                    emit(lambda p, i, pos: p.index_copy_(1, i, pos.expand(p.shape[0], -1)),
+                    emit(lambda p, i, pos: p.index_copy_(1, i, pos.expand(p.shape[0], -1).to(p.dtype)),
                          state.positions, index, site.position_source)
                 else:  # positions shared by the whole batch (the model indexes its tables with [S])
-                    emit(lambda p, i, pos: p.index_copy_(0, i, pos), state.positions, index, site.position_source)
+                    emit(lambda p, i, pos: p.index_copy_(0, i, pos.to(p.dtype)), state.positions, index,
+                         site.position_source)
             # rows [0, n) are cached once this call has written: n = 1 + the highest position written
             if on_cuda:
                 state.length = emit(lambda i: i.max().reshape(1) + 1, index)
             else:
-                length = emit(lambda i: (i.max() + 1).item(), index)
+                # checked first (clear errors for positions that do not fit), then bounded for the shape system
+                in_order = latent and layer.bits is not None  # store_key_latent needs consecutive rows
+                length = emit(lambda i: rows_after_write(i, layer.max_cache_len, in_order).item(), index)
                 # The call writes seq_len distinct rows, so n >= seq_len: telling the shape system spares
                 # Inductor guards on n it cannot decide (torch 2.11's CPU SDPA lowering asks n > 1).
                 written = (max(1, site.seq_len) if isinstance(site.seq_len, int)
@@ -499,7 +510,8 @@ def _rewrite_site(state: _GraphState, site: Site, layer: XQuantLayer) -> None:
             if source not in state.rope_tables:  # the cached rows' positions, once per graph
                 state.rope_tables[source] = (state.positions if on_cuda else
                                              emit(lambda p, n: p.narrow(-1, 0, n), state.positions, n))
-            mapping = _rope_at_cached_rows(state, site, site.rope_inputs, site.key.rope, {site.key.heads: k_heads})
+            mapping = _rope_at_cached_rows(state, site, site.rope_inputs, layer.max_cache_len if on_cuda else n,
+                                           site.key.rope, {site.key.heads: k_heads})
             k_heads = mapping[site.key.append.value]
         new_keys = to_cache_shape(k_heads)
         new_values = _projection_rows(emit, site.value, v_weight, layer) if absorb else to_cache_shape(v_heads)
@@ -538,17 +550,26 @@ def _projection_rows(emit: Emitter, proj, weight: fx.Node, layer: XQuantLayer) -
     return weight, bias
 
 
-def _rope_at_cached_rows(state: "_GraphState", site: Site, roots, per_layer=(), replace=None) -> dict:
+def _rope_at_cached_rows(state: "_GraphState", site: Site, roots, rows, per_layer=(), replace=None) -> dict:
     """Clone the model's RoPE table code feeding ``roots`` with the cached rows' positions, at the
     insertion point (``state.rope_tables`` maps the position source to them already). The tables
     are cloned once per graph and shared by the layers that share them in the model; ``per_layer``
-    nodes (a layer's norm and rotation region) are cloned every time. Returns the node mapping."""
+    nodes (a layer's norm and rotation region) are cloned every time. ``rows``: how many rows the
+    clones compute (an int, or the node of the data-dependent length). Returns the node mapping."""
     source = site.position_source
     tables = (_descendants(source) - {source}) & set().union(*(_ancestors(i, lambda _: False) for i in roots))
     per_layer = set(per_layer)
     region = [nd for nd in state.graph.nodes if (nd in tables and nd not in state.rope_tables) or nd in per_layer]
     mapping = clone_region(state.graph, region, {**state.rope_tables, **(replace or {})})
     state.rope_tables.update({nd: mapping[nd] for nd in tables if nd in mapping})
+    # The code was traced for this call's tokens: sizes it read off them (gpt-fast: freqs_cis.view(1,
+    # x.size(1), ...)) are literals or the token-count symbol, and must follow the rows instead.
+    inputs = {source: example_value(source).dim() - 1}
+    if site.key.heads in (replace or {}):
+        inputs[site.key.heads] = 2 if site.key.heads_first else 1
+    fit_to_rows([nd for nd in state.graph.nodes if nd in tables or nd in per_layer],
+                {nd: mapping[nd] for nd in region}, inputs, site.seq_len, rows, state.row_choices,
+                {site.key.append.value: 2} if per_layer else None)
     return mapping
 
 
@@ -599,7 +620,7 @@ def _fused_decode_attention(state: "_GraphState", emit: Emitter, site: Site, lay
     with graph.inserting_before(sdpa):
         # cos/sin of every cached row: the model's own table code, cloned with the cached positions
         state.rope_tables.setdefault(site.position_source, state.positions)
-        _rope_at_cached_rows(state, site, rope)
+        _rope_at_cached_rows(state, site, rope, L)
         cos, sin = (emit(lambda t: t.reshape(-1, L, D).expand(B, L, D).to(layer.dtype).contiguous(),
                          state.rope_tables.get(t, t)) for t in rope)
         (k_weight, k_bias), (v_weight, v_bias) = (_projection_rows(emit, site.key, key, layer),
@@ -687,8 +708,8 @@ def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
         changed = False
         for node in reversed(list(graph.nodes)):
             if node in candidates and not node.users and node.op in ("call_function", "call_method"):
-                if node.op == "call_method" and str(node.target).endswith("_"):
-                    continue  # in-place ops have effects even without users
+                if (node.op == "call_method" and str(node.target).endswith("_")) or node.target is operator.setitem:
+                    continue  # in-place ops have effects even without users (e.g. a later layer's cache write)
                 graph.erase_node(node)
                 candidates.discard(node)
                 changed = True

@@ -38,13 +38,16 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
     """Per attention layer, in order: (k_proj, v_proj), or (qkv_proj, first K/V row) for a fused one."""
     layers = []
     for module in model.modules():
-        k, v, qkv = (getattr(module, name, None) for name in ("k_proj", "v_proj", "qkv_proj"))
+        k, v, qkv, wqkv = (getattr(module, name, None) for name in ("k_proj", "v_proj", "qkv_proj", "wqkv"))
         if isinstance(k, torch.nn.Linear) and isinstance(v, torch.nn.Linear):
             layers.append((k, v))
         elif isinstance(qkv, torch.nn.Linear):  # Phi-3 style: rows [q | k | v]
             layers.append((qkv, module.config.num_attention_heads * module.head_dim))
+        elif isinstance(wqkv, torch.nn.Linear):  # gpt-fast: rows [q | k | v], q as wide as the model
+            layers.append((wqkv, module.dim))
     if not layers:
-        raise ValueError("no attention module with k_proj/v_proj or qkv_proj Linear layers to simulate XQuant on")
+        raise ValueError("no attention module with k_proj/v_proj, qkv_proj or wqkv Linear layers to simulate "
+                         "XQuant on")
     return layers
 
 

@@ -1,0 +1,43 @@
+"""The cache length after a call's write, read from the positions it writes, with their checks.
+
+The CPU rebuild covers the n = max(positions) + 1 cached rows, a data-dependent size that the
+rewrite reads with ``.item()`` and bounds for the shape system (``torch._check``: S <= n <= L). A
+bound that fails at run time would surface as Inductor's bare ``RuntimeError: u1 <= 32``; this op
+refuses such positions first, with a message that says what is wrong. It is an opaque custom op
+whose result feeds the ``.item()``, so it always runs before the bounds are asserted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("xq_compile::rows_after_write", mutates_args=())
+def rows_after_write(positions: torch.Tensor, max_rows: int, consecutive: bool) -> torch.Tensor:
+    """1 + the highest of ``positions`` (a 0-d int64 tensor) once they are known to fit.
+
+    ``max_rows``: the cache's rows (max_cache_len). ``consecutive``: the cache form stores tokens in
+    order (the GQA key latent), so the positions must be p, p+1, ..., p+S-1.
+    """
+    flat = positions.reshape(-1)
+    low, high, count = int(flat.min()), int(flat.max()), flat.numel()
+    if low < 0:
+        raise ValueError(f"xquant: cache position {low} is negative; positions index the cache rows "
+                         f"0..{max_rows - 1}.")
+    if high >= max_rows:
+        raise ValueError(
+            f"xquant: cache position {high} is past the end of the cache ({max_rows} rows, positions "
+            f"0..{max_rows - 1}). Allocate a longer cache (gpt-fast: setup_caches(max_seq_length=...); "
+            "XQuantCache or StaticCache: max_cache_len=...).")
+    if high + 1 < count:
+        raise ValueError(f"xquant: the call writes {count} tokens but its highest cache position is {high}: "
+                         "the positions a call writes must be distinct.")
+    if consecutive and not torch.equal(flat, torch.arange(low, low + count, device=flat.device, dtype=flat.dtype)):
+        raise ValueError(f"xquant: the GQA latent cache stores tokens in order, but the call writes positions "
+                         f"{flat.tolist()}: write consecutive positions p, p+1, ... (or use form='x').")
+    return torch.tensor(high + 1, dtype=torch.int64, device=positions.device)
+
+
+@rows_after_write.register_fake
+def _(positions, max_rows, consecutive):
+    return positions.new_empty((), dtype=torch.int64)
