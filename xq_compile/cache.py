@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from . import quant, refusal
 from ._torch_private import mark_static_address, weak_tensor_map
+from ._transformers_compat import make_mask_creation_traceable
 from .config import XQuantConfig
 from .latent import TAIL_DTYPE, key_latent_rows, latent_groups, latent_width
 from .rotation import hadamard
@@ -363,6 +364,7 @@ class XQuantCache(Cache):
         head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
         device = torch.device(device if device is not None else "cpu")
 
+        make_mask_creation_traceable()  # transformers 5.18/5.19 only: see _transformers_compat
         self.xquant = xquant
         self._max_batch_size = max_batch_size
         self._max_cache_len = max_cache_len
