@@ -34,7 +34,8 @@ def _layer_bytes(config, xquant: XQuantConfig, layer: int, dtype_bytes: int) -> 
     the cache dtype. Latent form (two latents of width r = K/V heads x head dim): the value latent per
     token like X; the key latent in whole token groups (ceil(N/g) plus the spare group a write may
     land in) with an fp16 scale and zero per channel per group, and an fp16 open group (the tail);
-    + 2 bytes per token for channel 0 kept in fp16. XQuant-CL's base layers use ``base_bits``.
+    + 2 bytes per token for channel 0 kept in fp16. The layer's width is ``bits_of_layer(layer)``
+    (``layer_bits``, or XQuant-CL's ``base_bits`` for the base layers).
     """
     _, hidden, kv_heads, head_dim = _dims(config)
     bits, g = xquant.bits_of_layer(layer), xquant.group_size
@@ -157,11 +158,12 @@ def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch
       values per *token* in groups of ``group_size`` channels; codes densely packed (bits/8 bytes per
       element) plus one fp16 scale and one fp16 zero per group. A formula: no allocator is measured.
     * XQuant: exactly what :class:`~xq_compile.cache.XQuantCache` allocates (``nbytes()``): per token,
-      every layer's packed codes + fp16 scale/zero at that layer's bits (XQuant-CL base layers at
-      ``base_bits``; X in ``dtype_bytes`` when unquantized) + one int64 position; fixed, per layer a 1-element K and a 1-element V placeholder (``dtype_bytes``
+      every layer's packed codes + fp16 scale/zero at that layer's bits (``layer_bits``, or XQuant-CL
+      base layers at ``base_bits``; X in ``dtype_bytes`` when unquantized) + one int64 position; fixed, per layer a 1-element K and a 1-element V placeholder (``dtype_bytes``
       each) and an int64 length counter, plus the fp32 Hadamard block (group²·4) with rotation.
     """
     layers, hidden, kv_heads, head_dim = _dims(model_config)
+    xquant_config.check_layer_count(layers)
     kv_dim = kv_heads * head_dim
     B = batch
 
