@@ -187,7 +187,7 @@ def test_kivi_window_exact_when_it_holds_the_whole_window(tiny):
     small_nll, _ = ev.eval_kivi_window(tiny, windows, bits=2, group_size=32, residual=32, prefill=16, step=8)
     assert abs(small_nll - ref_nll) > 1e-5 * ref_nll  # a shorter window quantizes: 100x the rounding above
     with pytest.raises(ValueError, match="KIVI's residual window \\(48 tokens\\) must be a positive multiple "
-                                         "of the group size 32"):
+                                         "of the group size 32 or shorter than it"):
         ev.KIVICache(tiny.config, 2, 32, 48)
 
 
@@ -197,8 +197,9 @@ def test_kivi_bytes_formula():
     config = LlamaConfig(hidden_size=256, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)
     kv, layers = 256, 3
     for n, r in ((20, 32), (32, 32), (100, 32), (512, 128), (77, 0)):
-        q = max(n - r, 0)
-        expected = layers * (2 * kv * q * 2 // 8 + 4 * kv * -(-q // 64) + 4 * (kv // 64) * q + 4 * kv * min(n, r))
+        q, key_group = max(n - r, 0), min(64, r) if r else 64  # R = 32 < 64: keys in groups of 32 tokens
+        expected = layers * (2 * kv * q * 2 // 8 + 4 * kv * -(-q // key_group) + 4 * (kv // 64) * q
+                             + 4 * kv * min(n, r))
         assert xq.memory.kivi_memory(config, 2, 64, n, residual=r).total_at == expected
     assert (xq.memory.kivi_memory(config, 4, 64, 77).total_at
             == xq.memory_report(config, xq.XQuantConfig(bits=4), 77).kivi_kv.total_at)

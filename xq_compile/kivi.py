@@ -70,6 +70,11 @@ def simulate_kivi(model: torch.nn.Module, bits: int, group_size: int) -> Iterato
         yield
 
 
+def kivi_key_group(group_size: int, residual: int) -> int:
+    """Tokens per key group: ``group_size``, or the window itself when it is shorter (and not 0: KIVI*)."""
+    return min(group_size, residual) if residual else group_size
+
+
 class KIVILayer(DynamicLayer):
     """One layer of :class:`KIVICache`. ``keys``/``values`` hold every cached row as the attention sees
     it: the first ``quantized_keys`` / ``quantized_values`` rows fake-quantized, the rest exact.
@@ -83,6 +88,7 @@ class KIVILayer(DynamicLayer):
     def __init__(self, bits: int, group_size: int, residual: int) -> None:
         super().__init__()
         self.bits, self.group_size, self.residual = bits, group_size, residual
+        self.key_group = kivi_key_group(group_size, residual)
         self.quantized_keys = self.quantized_values = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -94,7 +100,7 @@ class KIVILayer(DynamicLayer):
         length, r = self.keys.shape[-2], self.residual
         start, stop = self.quantized_keys, self.quantized_keys + (length - self.quantized_keys) // r * r
         if stop > start:
-            self.keys[..., start:stop, :] = fake_quantize_keys(self.keys[..., start:stop, :], self.bits, self.group_size)
+            self.keys[..., start:stop, :] = fake_quantize_keys(self.keys[..., start:stop, :], self.bits, self.key_group)
             self.quantized_keys = stop
         start, stop = self.quantized_values, max(self.quantized_values, length - r)
         if stop > start:
@@ -107,16 +113,18 @@ class KIVICache(Cache):
     """KIVI with its full-precision window of the ``residual`` most recent tokens, for eager models.
 
     Simulated memory (the rows are kept as floats); its bytes are :func:`xq_compile.memory.kivi_memory`'s
-    formula. Needs ``residual`` a multiple of ``group_size`` (KIVI's own rule: keys are flushed in whole
-    groups) and ``group_size`` dividing the head dim (the value groups of one head).
+    formula. Keys are flushed in whole token groups, so ``residual`` must be a multiple of the key group
+    (KIVI's own rule), which is ``group_size`` tokens, or ``residual`` tokens for a shorter window (KIVI's
+    R = 32 runs with groups of 32). ``group_size`` must divide the head dim (value groups of one head).
     """
 
     def __init__(self, config, bits: int, group_size: int, residual: int) -> None:
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if residual < group_size or residual % group_size:
+        if residual < 1 or residual % kivi_key_group(group_size, residual):
             raise ValueError(f"KIVI's residual window ({residual} tokens) must be a positive multiple of the "
-                             f"group size {group_size}: keys are quantized in whole groups of tokens")
+                             f"group size {group_size} or shorter than it: keys are quantized in whole groups "
+                             "of tokens")
         if head_dim % group_size:
             raise ValueError(f"group_size={group_size} does not divide the head dim {head_dim}: KIVI's values "
                              "are quantized per token in groups of channels within each head")

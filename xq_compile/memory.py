@@ -8,6 +8,7 @@ import sympy
 
 from . import quant
 from .config import XQuantConfig
+from .kivi import kivi_key_group
 from .latent import latent_width
 
 N = sympy.Symbol("n", positive=True, integer=True)  # cached tokens (the cache's capacity, max_cache_len)
@@ -156,20 +157,22 @@ def kivi_memory(model_config, bits: int, group_size: int, seq_len: int, batch: i
     scale+zero: ``ceiling(n/g)``), values per *token* in groups of ``group_size`` channels; codes densely
     packed (bits/8 bytes per element) plus one fp16 scale and one fp16 zero per group. With ``residual``
     R > 0 the R most recent tokens' K and V are in fp16 instead (KIVI's full-precision window; R = 0 is
-    KIVI*): ``max(n - R, 0)`` quantized rows + ``min(n, R)`` fp16 rows. The rate per token is the same.
+    KIVI*): ``max(n - R, 0)`` quantized rows + ``min(n, R)`` fp16 rows; a window shorter than the group
+    quantizes keys in groups of R tokens (:func:`~xq_compile.kivi.kivi_key_group`).
     """
     layers, _, kv_heads, head_dim = _dims(model_config)
     kv_dim, g, B = kv_heads * head_dim, group_size, batch
+    key_group = kivi_key_group(g, residual)
     quantized = sympy.Max(N - residual, 0)
     codes = sympy.Rational(bits, 8) * kv_dim  # bytes of codes per token, K or V
-    key_params = 4 * kv_dim * sympy.ceiling(quantized / g)  # fp16 scale+zero per channel per token-group
+    key_params = 4 * kv_dim * sympy.ceiling(quantized / key_group)  # fp16 scale+zero per channel per token-group
     value_params = 4 * sympy.Rational(kv_dim, g)  # per token: fp16 scale+zero per channel-group
     window = 2 * 2 * kv_dim * sympy.Min(N, residual)  # K and V rows in fp16
     total = layers * B * (2 * codes * quantized + key_params + value_params * quantized + window)
-    rate = layers * (2 * codes + 4 * sympy.Rational(kv_dim, g) * 2)
+    rate = layers * (2 * codes + 4 * sympy.Rational(kv_dim, key_group) + 4 * sympy.Rational(kv_dim, g))
     window_text = f", the last {residual} tokens in fp16" if residual else ""
     return CacheMemory(
-        "kivi_kv", f"KIVI: K per channel (groups of {g} tokens), V per token (groups of {g} channels), "
+        "kivi_kv", f"KIVI: K per channel (groups of {key_group} tokens), V per token (groups of {g} channels), "
         f"{bits}-bit codes + fp16 scale/zero{window_text}", rate, total, 0, seq_len, B)
 
 
