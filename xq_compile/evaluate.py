@@ -374,6 +374,7 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
     fp16_per_token = memory.fp16_kv_cache_bytes(model.config, 1, 1)
     dtype_bytes = torch.finfo(model.dtype).bits // 8
     results = []
+    calibrated: dict[tuple, tuple[XQuantConfig, str]] = {}
     for method in methods:
         start = time.perf_counter()
         desc = method.label
@@ -389,7 +390,11 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                 if method.kind == "xquant-auto":
                     if calib_ids is None:
                         calib_ids = calibration_ids(tokenizer, text, n_windows, window_len)[0]
-                    cfg, note = calibrated_config(model, method, calib_ids, group_size, window_len, progress)
+                    key = (method.target_ratio, method.base_layers)  # :sim and real share one calibration
+                    if key not in calibrated:
+                        calibrated[key] = calibrated_config(model, method, calib_ids, group_size, window_len,
+                                                            progress)
+                    cfg, note = calibrated[key]
                 else:
                     base = {} if method.base_layers is None else {"base_layers": method.base_layers}
                     cfg = XQuantConfig(bits=method.bits, group_size=group_size, rotation=method.rotation,
@@ -474,7 +479,8 @@ def plot(results: list[MethodResult], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"fp16": "black", "kivi": "tab:orange", "hf-quanto": "tab:green", "xquant": "tab:blue"}
+    colors = {"fp16": "black", "kivi": "tab:orange", "hf-quanto": "tab:green", "xquant": "tab:blue",
+              "xquant-cl": "tab:blue", "xquant-auto": "tab:purple"}
     for r in results:
         if r.perplexity is None:
             continue
