@@ -142,3 +142,44 @@ def test_calibrate_refuses_the_latent_form():
     with pytest.raises(ValueError, match="calibrate supports the X form only"):
         xq.calibrate(model, torch.arange(16), target_ratio=2.0, base=xq.XQuantConfig(bits=4, group_size=16),
                      progress=False)
+
+
+def test_sensitivity_probes_estimate_the_per_token_fisher():
+    """The random-sign probes converge to ½·Σ_t Σ (g_t·R ⊙ δ)², computed here with one backward pass per
+    token's loss (g_t: gradient of token t's loss with respect to the layer's X̂, R the Hadamard block)."""
+    from xq_compile.rotation import hadamard, rotate
+    from xq_compile.simulate import hooks_removed_after, rotated_reconstruction
+
+    model = tiny_llama(num_layers=2, hidden=64, heads=4, num_kv_heads=4)
+    ids = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(5))
+    base = xq.XQuantConfig(bits=3, group_size=32)
+    h = hadamard(32)
+    leaves, trace = {}, {}
+
+    def as_leaf(module, args, i):
+        leaves.setdefault(i, []).append(args[0].detach().requires_grad_())
+        return (leaves[i][-1], *args[1:])
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with simulate_xquant(model, base, trace=trace), torch.enable_grad():
+        projections = [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in model.model.layers]
+        handles = [proj.register_forward_pre_hook(lambda m, a, i=i: as_leaf(m, a, i))
+                   for i, pair in enumerate(projections) for proj in pair]
+        with hooks_removed_after(handles):
+            losses = torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:], reduction="none")
+    fisher = {i: 0 for i in leaves}
+    for t in range(len(losses)):
+        grads = torch.autograd.grad(losses[t], [leaf for i in sorted(leaves) for leaf in leaves[i]], retain_graph=True)
+        for i in leaves:
+            fisher[i] = fisher[i] + rotate(grads[2 * i] + grads[2 * i + 1], h).square()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    expected = [{b: 0.5 * (fisher[i] * (rotated_reconstruction(*trace[i], b, 32) - trace[i][0]).square()).sum().item()
+                 / len(losses) for b in (2, 4)} for i in range(2)]
+    estimated = layer_sensitivity(model, ids, base, (2, 4), probes=1500)
+    for want, got in zip(expected, estimated):
+        for b in (2, 4):
+            assert got[b] == pytest.approx(want[b], rel=0.1)
+    one_probe = layer_sensitivity(model, ids, base, (2, 4), probes=1)
+    assert any(abs(got[2] / want[2] - 1) > 0.1 for got, want in zip(one_probe, expected))  # the probes matter
