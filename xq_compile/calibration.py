@@ -82,15 +82,17 @@ def layer_sensitivity(model: torch.nn.Module, input_ids: torch.Tensor, base: XQu
             "GQA latent form: give XQuantConfig(layer_bits=...) by hand, or base=XQuantConfig(form='x', ...)")
     if not base.quantized:
         raise ValueError("calibrate needs a quantized base config (bits=2, 3, 4 or 8), got bits=None")
+    if probes < 1:
+        raise ValueError(f"probes={probes}: at least one backward pass is needed")
     fisher: dict[int, torch.Tensor] = {}  # layer -> Σ_t g_t² per element of X̂·R (diagonal empirical Fisher)
-    errors: dict[int, dict[int, torch.Tensor]] = {}  # layer -> width -> squared error of X̂·R vs X·R
+    damage: dict[int, dict[int, float]] = {}  # layer -> width -> ½·Σ fisher ⊙ error², summed over windows
     tokens = 0
     signs = torch.Generator().manual_seed(0)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:  # gradients for X̂ only, not for the weights
         p.requires_grad_(False)
     try:
-        for window, ids in enumerate(_progress(rows, "calibrate: forward + backward", progress)):
+        for ids in _progress(rows, "calibrate: forward + backward", progress):
             trace: dict = {}
             leaves: dict[int, list[torch.Tensor]] = {}
 
@@ -121,15 +123,15 @@ def layer_sensitivity(model: torch.nn.Module, input_ids: torch.Tensor, base: XQu
                             leaf.grad = None
             tokens += ids.numel() - 1
             for i, (rotated_x, below) in trace.items():
-                errors.setdefault(i, {})
+                layer_damage = damage.setdefault(i, dict.fromkeys(candidate_bits, 0.0))
                 for bits in candidate_bits:
                     error = rotated_reconstruction(rotated_x, below, bits, base.group_size) - rotated_x.float()
-                    errors[i][bits] = 0.5 * (fisher[i] * error.square()).sum().item() + errors[i].get(bits, 0.0)
+                    layer_damage[bits] += 0.5 * (fisher[i] * error.square()).sum().item()
             fisher.clear()
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return [{bits: errors[i][bits] / tokens for bits in candidate_bits} for i in range(len(layers))]
+    return [{bits: damage[i][bits] / tokens for bits in candidate_bits} for i in range(len(layers))]
 
 
 def allocate_bits(costs: Sequence[dict[int, float]], damage: Sequence[dict[int, float]],
