@@ -22,8 +22,9 @@ estimated damage:
    damage least, total bytes within the budget, solved exactly over the Pareto front of (bytes, damage).
 3. **A second round** measures again around the widths of the first and allocates again: with XQuant-CL a
    narrow layer enlarges the delta the layer above it stores, which the first round cannot see. On
-   SmolLM2 (10x, calibrated on Hamlet, simulated on Britannica) it moved two layers and took the
-   perplexity change from +3.22% to +1.95%.
+   SmolLM2 (10x, 512 Hamlet tokens, simulated on Britannica) it moved two layers and took the
+   perplexity change from +3.22% to +1.95%; with 1024 calibration tokens the result was +3.51%: at
+   this level the estimates do not separate configs reliably (docs/eval_smollm2_mha_auto.md).
 
 The estimates assume that the damage of the layers adds up; the returned config is what they rank best,
 not a measured optimum. Only the X form is calibrated (MHA-like models, where X is not wider than K+V).
