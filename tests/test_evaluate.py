@@ -150,6 +150,97 @@ def test_cli_registers_eval():
         add(sub)
     args = parser.parse_args(["eval", "--methods", "fp16,xquant:4", "--windows", "2"])
     assert args.func is ev.eval_command and args.window_len == 512 and args.windows == 2
+    assert args.calib_text is None and args.calib_tokens == 512
+    args = parser.parse_args(["eval", "--window-tokens", "2048", "--calib-text", "hamlet"])
+    assert args.window_len == 2048 and args.calib_text == "hamlet"
+    assert parser.parse_args(["eval", "--window-len", "1024"]).window_len == 1024
+
+
+def test_kivi_window_cache_holds_what_kivi_holds():
+    """Per step, the rows KIVI has quantized (keys R at a time, values older than R) and only those."""
+    from xq_compile.kivi import KIVILayer, fake_quantize_values
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g)
+    layer, r, start = KIVILayer(bits=2, group_size=4, residual=8), 8, 0
+    for length in (11, 1, 1, 3, 4, 8, 1, 11):  # a prefill of 11, then decode chunks; 40 rows in all
+        k, v = layer.update(keys[..., start:start + length, :], values[..., start:start + length, :])
+        flushed_k = start // r * r  # keys: whole blocks of R flushed before this call
+        flushed_v = max(start - r, 0)  # values: all but the R most recent rows before this call
+        start += length
+        assert torch.equal(k[..., flushed_k:start, :], keys[..., flushed_k:start, :])
+        assert torch.equal(v[..., flushed_v:start, :], values[..., flushed_v:start, :])
+        if flushed_k:
+            torch.testing.assert_close(k[..., :flushed_k, :], fake_quantize_keys(keys[..., :flushed_k, :], 2, 4))
+        if flushed_v:
+            torch.testing.assert_close(v[..., :flushed_v, :], fake_quantize_values(values[..., :flushed_v, :], 2, 4))
+    assert (layer.quantized_keys, layer.quantized_values) == (24, 21)
+    assert not torch.equal(k[..., :24, :], keys[..., :24, :])  # 2-bit codes really changed them
+
+
+def test_kivi_window_exact_when_it_holds_the_whole_window(tiny):
+    """R >= the window length: nothing is ever quantized, the loop scores exactly like the fp16 model."""
+    windows = _windows()
+    nll, n = ev.eval_kivi_window(tiny, windows, bits=2, group_size=32, residual=64, prefill=16, step=8)
+    ref_nll, ref_n, _ = ev.eval_fp16(tiny, windows, prefill=16, step=8)
+    assert n == ref_n and nll == pytest.approx(ref_nll, rel=1e-6)
+    small_nll, _ = ev.eval_kivi_window(tiny, windows, bits=2, group_size=32, residual=32, prefill=16, step=8)
+    assert abs(small_nll - ref_nll) > 1e-5 * ref_nll  # a shorter window quantizes: 100x the rounding above
+    with pytest.raises(ValueError, match="KIVI's residual window \\(48 tokens\\) must be a positive multiple "
+                                         "of the group size 32 or shorter than it"):
+        ev.KIVICache(tiny.config, 2, 32, 48)
+
+
+def test_kivi_bytes_formula():
+    """Hand count: max(n-R, 0) quantized rows (keys' partial group pays a full scale+zero), min(n, R)
+    fp16 rows of K and V; R = 0 is memory_report's KIVI*."""
+    config = LlamaConfig(hidden_size=256, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)
+    kv, layers = 256, 3
+    for n, r in ((20, 32), (32, 32), (100, 32), (512, 128), (77, 0)):
+        q, key_group = max(n - r, 0), min(64, r) if r else 64  # R = 32 < 64: keys in groups of 32 tokens
+        expected = layers * (2 * kv * q * 2 // 8 + 4 * kv * -(-q // key_group) + 4 * (kv // 64) * q
+                             + 4 * kv * min(n, r))
+        assert xq.memory.kivi_memory(config, 2, 64, n, residual=r).total_at == expected
+    assert (xq.memory.kivi_memory(config, 4, 64, 77).total_at
+            == xq.memory_report(config, xq.XQuantConfig(bits=4), 77).kivi_kv.total_at)
+    # R rows at fp16 instead of 2-bit: the window costs (16 - 2 - 0.5) / 16 of R fp16 K/V rows more
+    with_window = xq.memory.kivi_memory(config, 2, 64, 512, residual=128).total_at
+    without = xq.memory.kivi_memory(config, 2, 64, 512).total_at
+    assert with_window - without == layers * 128 * (4 * kv - 2 * kv * 2 // 8 - 2 * 4 * kv // 64)
+
+
+def test_parse_kivi_window_and_auto_methods():
+    ms = ev.parse_methods("kivi:2:r32,kivi:2:r128,xquant-auto:10x,xquant-auto:9.5x:sim:base2")
+    assert [m.label for m in ms] == ["kivi:2:r32", "kivi:2:r128", "xquant-auto:10x", "xquant-auto:9.5x:base2:sim"]
+    assert ms[0] == ev.Method("kivi", 2, simulated=True, residual=32)
+    assert ms[3] == ev.Method("xquant-auto", simulated=True, target_ratio=9.5, base_layers=2)
+    for bad in ("kivi:2:r0", "xquant:4:r32", "kivi:2:r32:sim", "xquant-auto:10", "xquant-auto:1x",
+                "xquant-auto:10x:norot", "xquant-auto"):
+        with pytest.raises(ValueError):
+            ev.parse_methods(bad)
+
+
+def test_auto_method_calibrates_on_held_out_tokens(tiny):
+    """xquant-auto: layer_bits calibrated on other tokens than the scored ones, meeting the ratio at the
+    window length; the note says what was chosen."""
+
+    class Tok:
+        def __call__(self, text, return_tensors):
+            return type("B", (), {"input_ids": torch.tensor([[ord(c) % 101 for c in text]])})()
+
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(300))
+    ids, where = ev.calibration_ids(Tok(), text, n_windows=2, window_len=64, calib_tokens=100)
+    assert where == "tokens 128-228 of the text" and torch.equal(ids, Tok()(text, "pt").input_ids[0, 128:228])
+    with pytest.raises(ValueError, match="the calibration text has 300 tokens, fewer than the 400 needed"):
+        ev.calibration_ids(Tok(), text, 2, 64, calib_text=text, calib_tokens=400)
+    # 2 layers, d 128, g 64, 64 tokens: rows of 72/56/40 B at 4/3/2 bits + 8 for the position, 16 KiB fixed
+    # (the Hadamard block); fp16 K/V 64 KiB. 2.8x needs a 2-bit layer: 3+2 bits 2.84x, 4+3 bits 2.61x.
+    results = ev.run_eval(tiny, Tok(), text, ev.parse_methods("xquant-auto:2.8x:sim,xquant-cl:3:base1:sim"),
+                          n_windows=2, window_len=64, group_size=64, prefill=16, step=8, calib_ids=ids)
+    auto, uniform = results
+    assert auto.mode == "simulated", auto.note
+    assert auto.ratio_to_fp16_kv >= 2.8 > uniform.ratio_to_fp16_kv
+    assert "calibrated on 100 tokens" in auto.note and "layer_bits " in auto.note
 
 
 # ---------------------------------------------------------------------------------------------- real model

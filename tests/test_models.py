@@ -140,6 +140,26 @@ def test_load_text_path(tmp_path):
         models.load_text(str(tmp_path / "nope.txt"))
 
 
+def test_shipped_texts_read_from_the_cache(tmp_path, monkeypatch):
+    """A cached text is read from <cache>/text/ without any download; unknown names list the shipped ones."""
+    monkeypatch.setenv("XQ_COMPILE_CACHE", str(tmp_path))
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / models._HAMLET_CACHE_NAME).write_text("Ber.\nWho's there?", encoding="utf-8")
+    assert models.load_text("hamlet") == "Ber.\nWho's there?"
+    with pytest.raises(ValueError, match=r"expected one of \['britannica', 'hamlet'\]"):
+        models.load_text("macbeth")
+
+
+def test_hamlet_text():
+    try:
+        hamlet = models.load_text("hamlet")
+    except models.MissingResourceError as err:
+        pytest.skip(str(err))
+    assert hamlet.startswith("HAMLET, PRINCE OF DENMARK") and "To be, or not to be" in hamlet
+    assert "\r" not in hamlet and len(hamlet) > 170_000
+    assert models.load_text("hamlet") == hamlet  # second call: from the cache
+
+
 # ---------------------------------------------------------------------------------------------- real model
 
 

@@ -17,6 +17,7 @@ from importlib import metadata as _metadata
 from . import kernels  # registers the xq_compile:: torch.library ops
 from .backend import (COMPILE_LOG, CompileRecord, RewrittenGraph, make_xquant_backend, release_kv_buffers,
                       rewrite_for_backend, xquant_backend)
+from .calibration import Calibration, calibrate
 from .cache import XQuantCache, XQuantLayer, cache_argument, cache_kwargs
 from .config import XQuantConfig
 from .generation import compile_model
@@ -26,6 +27,7 @@ from .inspect import Explanation, explain
 
 __all__ = [
     "COMPILE_LOG",
+    "Calibration",
     "CompileRecord",
     "Explanation",
     "RewrittenGraph",
@@ -33,6 +35,7 @@ __all__ = [
     "XQuantConfig",
     "XQuantLayer",
     "cache_argument",
+    "calibrate",
     "cache_kwargs",
     "compile_model",
     "explain",

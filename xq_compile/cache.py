@@ -358,6 +358,7 @@ class XQuantCache(Cache):
             raise ValueError(
                 f"XQuantCache supports full-attention layers only; this model has layer types {sliding}."
             )
+        xquant.check_layer_count(config.num_hidden_layers)
         hidden_size = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads

@@ -43,6 +43,10 @@ class XQuantConfig:
         absorb_values: in decode steps, compute attention as (softmax·X̂)·W_vᵀ instead of rebuilding V
             for every cached row (V has no RoPE); exact up to rounding. ``False`` rebuilds V, for
             comparison.
+        layer_bits: one code width (2, 3, 4 or 8) per attention layer, in layer order; when given it
+            decides every layer's width and ``bits`` / ``base_bits`` are not used for the cache
+            (with ``cross_layer`` the layers above ``base_layers`` still store deltas, at their own
+            width). :func:`xq_compile.calibrate` picks it for a memory target.
     """
 
     bits: int | None = 4
@@ -54,8 +58,18 @@ class XQuantConfig:
     absorb_values: bool = True
     form: str = "auto"
     keep_channel0: bool = False
+    layer_bits: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.layer_bits is not None:
+            # A tuple, so that the frozen config stays hashable (options= may pass a list).
+            object.__setattr__(self, "layer_bits", tuple(self.layer_bits))
+            wrong = [b for b in self.layer_bits if b not in SUPPORTED_BITS]
+            if wrong or not self.layer_bits:
+                raise ValueError(
+                    f"XQuantConfig.layer_bits={self.layer_bits!r}: give one width per layer, each one of "
+                    f"{SUPPORTED_BITS} (use bits=None, not layer_bits, for an unquantized cache)."
+                )
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
             raise ValueError(
                 f"XQuantConfig.bits={self.bits!r} is not supported: use one of {SUPPORTED_BITS}, "
@@ -84,10 +98,18 @@ class XQuantConfig:
 
     @property
     def quantized(self) -> bool:
-        return self.bits is not None
+        return self.bits is not None or self.layer_bits is not None
 
     def bits_of_layer(self, layer_idx: int) -> int | None:
-        """Code width of one layer's cached rows (base layers of XQuant-CL use ``base_bits``)."""
+        """Code width of one layer's cached rows: ``layer_bits[layer_idx]`` when given, else ``bits``
+        (base layers of XQuant-CL: ``base_bits``)."""
+        if self.layer_bits is not None:
+            if not 0 <= layer_idx < len(self.layer_bits):
+                raise ValueError(
+                    f"XQuantConfig.layer_bits has {len(self.layer_bits)} entries, but the model has a layer "
+                    f"{layer_idx}: give one width per attention layer."
+                )
+            return self.layer_bits[layer_idx]
         if self.cross_layer and layer_idx < self.base_layers:
             return self.base_bits
         return self.bits
@@ -95,6 +117,14 @@ class XQuantConfig:
     def stores_delta(self, layer_idx: int) -> bool:
         """Whether the layer caches X - X̂ of the layer below (XQuant-CL above the base layers)."""
         return self.cross_layer and layer_idx >= self.base_layers
+
+    def check_layer_count(self, num_layers: int) -> None:
+        """Refuse ``layer_bits`` of another length than the model's number of layers."""
+        if self.layer_bits is not None and len(self.layer_bits) != num_layers:
+            raise ValueError(
+                f"XQuantConfig.layer_bits has {len(self.layer_bits)} entries but the model has {num_layers} "
+                "attention layers: give one width per layer."
+            )
 
     def form_of(self, hidden_size: int, kv_width: int) -> str:
         """``"x"`` or ``"latent"`` for a layer with input width ``hidden_size`` and K (= V) width
@@ -113,7 +143,10 @@ class XQuantConfig:
             )
 
     def effective_bits(self) -> float:
-        """Bits per cached element, scales and zeros included (paper: b + 32/g)."""
+        """Bits per cached element, scales and zeros included (paper: b + 32/g); with ``layer_bits``
+        the mean over the layers."""
+        if self.layer_bits is not None:
+            return sum(self.layer_bits) / len(self.layer_bits) + 32.0 / self.group_size
         if self.bits is None:
             return 16.0
         return self.bits + 32.0 / self.group_size
@@ -121,8 +154,12 @@ class XQuantConfig:
     def describe(self) -> str:
         name = "XQuant-CL" if self.cross_layer else "XQuant"
         bits = "unquantized" if self.bits is None else f"{self.bits}-bit g{self.group_size}"
+        if self.layer_bits is not None:
+            bits = f"per-layer bits {''.join(map(str, self.layer_bits))} g{self.group_size}"
         base = ""
-        if self.cross_layer:
+        if self.cross_layer and self.layer_bits is not None:
+            base = f", first {self.base_layers} layers store X"
+        elif self.cross_layer:
             base_bits = "unquantized" if self.base_bits is None else f"{self.base_bits}-bit"
             base = f", first {self.base_layers} layers {base_bits}"
         form = "" if self.form == "auto" else f", form={self.form}"

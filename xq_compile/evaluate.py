@@ -10,7 +10,15 @@ Methods (``--methods``, comma separated):
                 ``prefill`` tokens go through the prefill graph, the rest ``step`` tokens at a time through
                 the decode graph, scoring every logit. Memory = ``cache.nbytes()`` (allocated tensors).
   xquant:B:sim  simulated: one eager forward of the whole window under ``simulate_xquant``.
+  xquant-auto:Rx  XQuant-CL with per-layer bits from :func:`xq_compile.calibrate` for a cache R times
+                smaller than fp16 K/V at the window length (R may be fractional, e.g. 10x or 9.5x),
+                calibrated on ``calib_ids`` (``--calib-text``), then evaluated like xquant:B (real, or
+                ``:sim``); ``:baseN`` sets XQuant-CL's base layers (default 1).
   kivi:B        KIVI* (K per channel, V per token, no fp16 window), simulated in one pass; memory formula.
+  kivi:B:rR     KIVI with its full-precision window of the R most recent tokens (e.g. kivi:2:r32,
+                kivi:2:r128): a simulated KIVI cache (:class:`~xq_compile.kivi.KIVICache`, post-RoPE keys
+                as KIVI's code quantizes them) in the same prefill + decode loop as the real paths;
+                memory formula with the R rows at fp16.
   hf-quanto:B   transformers' QuantizedCache with the optimum-quanto backend (B = 2 or 4), eager, in the
                 same prefill + decode loop; memory measured from the quantized tensors it holds.
 Suffix ``:norot`` on xquant switches off the Hadamard rotation (the paper's plain XQuant); ``:x`` or
@@ -35,11 +43,12 @@ import torch
 from . import memory, models
 from .cache import cache_kwargs
 from .config import XQuantConfig
-from .kivi import simulate_kivi
+from .kivi import KIVICache, simulate_kivi
 from .simulate import simulate_xquant
 
 DEFAULT_METHODS = "fp16,kivi:4,kivi:2,hf-quanto:4,xquant:4,xquant:3,xquant:2"
-KINDS = ("fp16", "kivi", "hf-quanto", "xquant", "xquant-cl")
+KINDS = ("fp16", "kivi", "hf-quanto", "xquant", "xquant-cl", "xquant-auto")
+AUTO_BASE_LAYERS = 1  # xquant-auto's XQuant-CL base layers unless :baseN says otherwise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,12 +64,14 @@ class Method:
     base_layers: int | None = None  # xquant-cl: layers stored as X at 4 bits (None: the config default)
     form: str = "auto"  # xquant: "x", "latent" or "auto" (XQuantConfig.form)
     keep_channel0: bool = False
+    target_ratio: float | None = None  # xquant-auto: fp16 K/V bytes / cache bytes to calibrate for
+    residual: int = 0  # kivi: recent tokens kept in full precision (0: KIVI*)
 
     @property
     def label(self) -> str:
         if self.kind == "fp16":
             return "fp16"
-        label = f"{self.kind}:{self.bits}"
+        label = f"{self.kind}:{self.target_ratio:g}x" if self.kind == "xquant-auto" else f"{self.kind}:{self.bits}"
         if self.base_layers is not None:
             label += f":base{self.base_layers}"
         if self.kind.startswith("xquant") and self.rotation == "none":
@@ -69,6 +80,8 @@ class Method:
             label += f":{self.form}"
         if self.keep_channel0:
             label += ":ch0"
+        if self.residual:
+            label += f":r{self.residual}"
         if self.kind.startswith("xquant") and self.simulated:
             label += ":sim"
         return label
@@ -91,15 +104,25 @@ def parse_methods(spec: str) -> list[Method]:
                 raise ValueError(f"{item!r}: fp16 takes no bits")
             methods.append(Method("fp16"))
             continue
+        if kind == "xquant-auto":
+            methods.append(_parse_auto(item, rest))
+            continue
         if not rest or not rest[0].isdigit():
             raise ValueError(f"{item!r}: give the bits, e.g. {kind}:4")
         bits, flags = int(rest[0]), set(rest[1:])
+        window = [f for f in flags if re.fullmatch(r"r\d+", f)]
+        if kind == "kivi" and window and len(flags) == 1:  # kivi:B:rR, KIVI with its fp16 window
+            flags, residual = set(), int(window[0][1:])
+            if residual < 1:
+                raise ValueError(f"{item!r}: the window of kivi:B:rR must hold at least one token")
+        else:
+            residual = 0
         base = [f for f in flags if re.fullmatch(r"base\d+", f)]
         unknown = flags - {"sim", "norot", "x", "latent", "ch0"} - set(base)
         if unknown or (flags and not kind.startswith("xquant")) or (base and kind != "xquant-cl") \
                 or {"x", "latent"} <= flags:
             raise ValueError(f"{item!r}: suffixes ':sim', ':norot', ':x' or ':latent', ':ch0' apply to xquant "
-                             "and xquant-cl, ':baseN' to xquant-cl only")
+                             "and xquant-cl, ':baseN' to xquant-cl and xquant-auto only, ':rR' to kivi only")
         if kind == "hf-quanto" and bits not in (2, 4):
             raise ValueError(f"{item!r}: the quanto backend of QuantizedCache supports 2 and 4 bits only")
         if kind in ("xquant", "xquant-cl", "kivi"):
@@ -108,10 +131,23 @@ def parse_methods(spec: str) -> list[Method]:
                               rotation="none" if "norot" in flags else "hadamard",
                               base_layers=int(base[0][4:]) if base else None,
                               form=next((f for f in ("x", "latent") if f in flags), "auto"),
-                              keep_channel0="ch0" in flags))
+                              keep_channel0="ch0" in flags, residual=residual))
     if not methods:
         raise ValueError("no methods given")
     return methods
+
+
+def _parse_auto(item: str, rest: list[str]) -> Method:
+    """``xquant-auto:10x[:sim][:baseN]``."""
+    ratio = re.fullmatch(r"(\d+(?:\.\d+)?)x", rest[0]) if rest else None
+    if ratio is None or float(ratio.group(1)) <= 1:
+        raise ValueError(f"{item!r}: give the target ratio to fp16 K/V (> 1), e.g. xquant-auto:10x")
+    flags = set(rest[1:])
+    base = [f for f in flags if re.fullmatch(r"base\d+", f)]
+    if flags - {"sim"} - set(base) or len(base) > 1:
+        raise ValueError(f"{item!r}: xquant-auto takes the suffixes ':sim' and ':baseN' only")
+    return Method("xquant-auto", simulated="sim" in flags, target_ratio=float(ratio.group(1)),
+                  base_layers=int(base[0][4:]) if base else None)
 
 
 @dataclasses.dataclass
@@ -258,6 +294,19 @@ def eval_fp16(model, windows, prefill: int, step: int, desc: str = "", progress:
     return total, count, held
 
 
+def eval_kivi_window(model, windows, bits: int, group_size: int, residual: int, prefill: int, step: int,
+                     desc: str = "", progress: bool = False):
+    """KIVI with its fp16 window (:class:`~xq_compile.kivi.KIVICache`), eager, chunk by chunk: (nll_sum, tokens)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in _progress(windows, desc, progress):
+            cache = KIVICache(model.config, bits, group_size, residual)
+            logits = teacher_forced_logits(model, ids, cache, prefill, step)
+            nll, n = window_nll(logits, ids)
+            total, count = total + nll, count + n
+    return total, count
+
+
 def eval_quanto(model, windows, bits: int, group_size: int, prefill: int, step: int, residual: int,
                 desc: str = "", progress: bool = False):
     """transformers' QuantizedCache (quanto backend), eager: (nll_sum, tokens, bytes held at the end)."""
@@ -281,15 +330,51 @@ def eval_quanto(model, windows, bits: int, group_size: int, prefill: int, step: 
 # the whole comparison
 
 
+def calibration_ids(tokenizer, text: str, n_windows: int, window_len: int, calib_text: str | None = None,
+                    calib_tokens: int = 512) -> tuple[torch.Tensor, str]:
+    """(calibration tokens [calib_tokens], where they come from): the start of ``calib_text``, or without
+    one the tokens of ``text`` right after the evaluated windows (held out from the score)."""
+    if calib_text is not None:
+        ids, start, what = tokenizer(calib_text, return_tensors="pt").input_ids[0], 0, "the calibration text"
+    else:
+        ids, start, what = tokenizer(text, return_tensors="pt").input_ids[0], n_windows * window_len, "the text"
+    if ids.numel() < start + calib_tokens:
+        raise ValueError(f"{what} has {ids.numel()} tokens, fewer than the {start + calib_tokens} needed for "
+                         f"{calib_tokens} calibration tokens from token {start} on")
+    return ids[start:start + calib_tokens], f"tokens {start}-{start + calib_tokens} of {what}"
+
+
+def calibrated_config(model, method: Method, calib_ids: torch.Tensor, group_size: int, window_len: int,
+                      progress: bool = False) -> tuple[XQuantConfig, str]:
+    """xquant-auto: (XQuant-CL config with calibrated layer_bits for the method's ratio at the window
+    length, a note saying what was chosen and how long it took)."""
+    from .calibration import calibrate
+
+    base_layers = AUTO_BASE_LAYERS if method.base_layers is None else method.base_layers
+    base = XQuantConfig(bits=3, group_size=group_size, cross_layer=True, base_layers=base_layers)
+    start = time.perf_counter()
+    result = calibrate(model, calib_ids, target_ratio=method.target_ratio, base=base, seq_len=window_len,
+                       progress=progress, return_details=True)
+    widths = "".join(map(str, result.config.layer_bits))
+    counts = ", ".join(f"{result.config.layer_bits.count(b)}x{b}-bit" for b in sorted(set(result.config.layer_bits)))
+    return result.config, (f"calibrated on {calib_ids.numel()} tokens in {time.perf_counter() - start:.0f} s: "
+                           f"layer_bits {widths} ({counts}; XQuant-CL, {base_layers} base layer(s)), "
+                           f"estimated +{result.estimated_damage:.4f} nats/token; ")
+
+
 def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int = 8, window_len: int = 512,
              group_size: int = 64, prefill: int = 64, step: int = 8, quanto_residual: int = 64,
-             progress: bool = False, log: Callable[[str], None] = lambda s: None) -> list[MethodResult]:
+             progress: bool = False, log: Callable[[str], None] = lambda s: None,
+             calib_ids: torch.Tensor | None = None) -> list[MethodResult]:
+    """Score ``methods`` on ``n_windows`` windows of ``text``. ``calib_ids``: the tokens xquant-auto
+    calibrates on (default: see :func:`calibration_ids`)."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     windows = text_windows(ids, n_windows, window_len)
     chunks(window_len, prefill, step)  # validate the tiling before anything runs
     fp16_per_token = memory.fp16_kv_cache_bytes(model.config, 1, 1)
     dtype_bytes = torch.finfo(model.dtype).bits // 8
     results = []
+    calibrated: dict[tuple, tuple[XQuantConfig, str]] = {}
     for method in methods:
         start = time.perf_counter()
         desc = method.label
@@ -301,11 +386,20 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                 note = (f"fp16 KV formula; the model runs in {model.dtype} and its StaticCache held "
                         f"{held / window_len:.0f} B/token (measured)")
                 mode = "real"
-            elif method.kind in ("xquant", "xquant-cl"):
-                base = {} if method.base_layers is None else {"base_layers": method.base_layers}
-                cfg = XQuantConfig(bits=method.bits, group_size=group_size, rotation=method.rotation,
-                                   cross_layer=method.kind == "xquant-cl", form=method.form,
-                                   keep_channel0=method.keep_channel0, **base)
+            elif method.kind.startswith("xquant"):
+                if method.kind == "xquant-auto":
+                    if calib_ids is None:
+                        calib_ids = calibration_ids(tokenizer, text, n_windows, window_len)[0]
+                    key = (method.target_ratio, method.base_layers)  # :sim and real share one calibration
+                    if key not in calibrated:
+                        calibrated[key] = calibrated_config(model, method, calib_ids, group_size, window_len,
+                                                            progress)
+                    cfg, note = calibrated[key]
+                else:
+                    base = {} if method.base_layers is None else {"base_layers": method.base_layers}
+                    cfg = XQuantConfig(bits=method.bits, group_size=group_size, rotation=method.rotation,
+                                       cross_layer=method.kind == "xquant-cl", form=method.form,
+                                       keep_channel0=method.keep_channel0, **base)
                 report = memory.memory_report(model.config, cfg, window_len, dtype_bytes=dtype_bytes)
                 if method.simulated:
                     nll, n = eval_simulated(model, windows, lambda: simulate_xquant(model, cfg), desc, progress)
@@ -313,7 +407,7 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                 else:
                     nll, n, held = eval_xquant_real(model, windows, cfg, prefill, step, desc, progress)
                     per_token, mode = held / window_len, "real"
-                    note = f"XQuantCache.nbytes() = {held} B for {window_len} tokens; "
+                    note += f"XQuantCache.nbytes() = {held} B for {window_len} tokens; "
                 note += f"rebuild working memory (not cache) {report.rebuild_working_at} B"
                 config = model.config
                 kv_width = config.num_key_value_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
@@ -321,12 +415,17 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     note = ("GQA latent form (key latent per channel, open group fp16; value latent per token); "
                             + note)
             elif method.kind == "kivi":
-                nll, n = eval_simulated(model, windows, lambda: simulate_kivi(model, method.bits, group_size),
-                                        desc, progress)
-                cfg = XQuantConfig(bits=method.bits, group_size=group_size, rotation="none")
-                report = memory.memory_report(model.config, cfg, window_len, dtype_bytes=dtype_bytes)
-                per_token, source, mode = report.kivi_kv.per_token_at, "formula", "simulated"
-                note = "KIVI*: K per channel, V per token, no fp16 window"
+                if method.residual:
+                    nll, n = eval_kivi_window(model, windows, method.bits, group_size, method.residual, prefill,
+                                              step, desc, progress)
+                    note = (f"KIVI: K after RoPE per channel, V per token, the last {method.residual} tokens in "
+                            "full precision (bytes: at fp16), simulated in the prefill + decode loop")
+                else:
+                    nll, n = eval_simulated(model, windows, lambda: simulate_kivi(model, method.bits, group_size),
+                                            desc, progress)
+                    note = "KIVI*: K before RoPE per channel, V per token, no fp16 window"
+                kivi = memory.kivi_memory(model.config, method.bits, group_size, window_len, residual=method.residual)
+                per_token, source, mode = kivi.per_token_at, "formula", "simulated"
             elif method.kind == "hf-quanto":
                 nll, n, held = eval_quanto(model, windows, method.bits, group_size, prefill, step,
                                            quanto_residual, desc, progress)
@@ -380,7 +479,8 @@ def plot(results: list[MethodResult], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"fp16": "black", "kivi": "tab:orange", "hf-quanto": "tab:green", "xquant": "tab:blue"}
+    colors = {"fp16": "black", "kivi": "tab:orange", "hf-quanto": "tab:green", "xquant": "tab:blue",
+              "xquant-cl": "tab:blue", "xquant-auto": "tab:purple"}
     for r in results:
         if r.perplexity is None:
             continue
@@ -405,8 +505,9 @@ def write_outputs(results: list[MethodResult], out_dir: Path, meta: dict) -> dic
              f"group {meta['group_size']}")
     table = format_table(results)
     notes = "\n".join(f"- **{r.method}**: {r.note}" for r in results if r.note)
+    calibration = f" xquant-auto calibrated on {meta['calibration']}." if meta.get("calibration") else ""
     md = (f"# {title}\n\n{table}\n\nPrefill {meta['prefill']} tokens, then {meta['step']} tokens per decode "
-          f"call (real paths). XQuant rotation: block Hadamard unless `:norot`.\n\n{notes}\n\n"
+          f"call (real paths). XQuant rotation: block Hadamard unless `:norot`.{calibration}\n\n{notes}\n\n"
           f"![perplexity vs memory](results.png)\n")
     paths = {"md": out_dir / "results.md", "json": out_dir / "results.json", "png": out_dir / "results.png"}
     paths["md"].write_text(md)
@@ -421,12 +522,19 @@ def eval_command(args: argparse.Namespace) -> None:
     methods = parse_methods(args.methods)
     model, tokenizer = models.load_model(args.model)
     text = models.load_text(args.text)
-    log = print
-    results = run_eval(model, tokenizer, text, methods, n_windows=args.windows, window_len=args.window_len,
-                       group_size=args.group_size, prefill=args.prefill, step=args.step, progress=True, log=log)
     meta = {"model": args.model, "text": args.text, "windows": args.windows, "window_len": args.window_len,
             "group_size": args.group_size, "prefill": args.prefill, "step": args.step,
             "torch": torch.__version__}
+    calib_ids = None
+    if any(m.kind == "xquant-auto" for m in methods):
+        calib_text = None if args.calib_text is None else models.load_text(args.calib_text)
+        calib_ids, where = calibration_ids(tokenizer, text, args.windows, args.window_len, calib_text,
+                                           args.calib_tokens)
+        meta["calibration"] = f"{where} ({args.calib_text or args.text})"
+        print(f"xquant-auto calibrates on {meta['calibration']}")
+    results = run_eval(model, tokenizer, text, methods, n_windows=args.windows, window_len=args.window_len,
+                       group_size=args.group_size, prefill=args.prefill, step=args.step, progress=True, log=print,
+                       calib_ids=calib_ids)
     paths = write_outputs(results, Path(args.out), meta)
     print(format_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -437,9 +545,15 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--model", default="smollm2-mha", help="smollm2-mha | smollm2-gqa | a local model directory")
     p.add_argument("--text", default="britannica", help="britannica | the path of a UTF-8 text file")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list of fp16, kivi:B, hf-quanto:B, xquant:B[:norot][:sim]")
+                   help="comma list of fp16, kivi:B[:rR], hf-quanto:B, xquant:B[:norot][:sim], xquant-cl:B[:baseN], "
+                        "xquant-auto:Rx[:sim] (see xq_compile/evaluate.py)")
     p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--window-len", type=int, default=512)
+    p.add_argument("--window-tokens", "--window-len", dest="window_len", type=int, default=512,
+                   help="tokens per window, e.g. 2048 for a long-context table (prefill + a multiple of step)")
+    p.add_argument("--calib-text", default=None,
+                   help="text xquant-auto calibrates on (britannica | hamlet | a file); default: the tokens of "
+                        "--text right after the evaluated windows")
+    p.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens for xquant-auto")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--prefill", type=int, default=64, help="tokens of the prefill chunk (real paths)")
     p.add_argument("--step", type=int, default=8, help="tokens per decode call (real paths)")

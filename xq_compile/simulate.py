@@ -51,12 +51,24 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
     return layers
 
 
+def rotated_reconstruction(rotated_x: torch.Tensor, below: torch.Tensor | None, bits: int | None,
+                           group_size: int) -> torch.Tensor:
+    """X̂·R of one layer (fp32) from its rotated X: Q(X·R), or with XQuant-CL's delta against the
+    reconstruction ``below`` of the layer underneath, X̂_{i-1}·R + Q(X·R - X̂_{i-1}·R)."""
+    if below is None:
+        return quant.fake_quantize(rotated_x.float(), bits, group_size)
+    return below + quant.fake_quantize(rotated_x.float() - below, bits, group_size)
+
+
 @contextlib.contextmanager
-def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[None]:
+def simulate_xquant(model: torch.nn.Module, config: XQuantConfig, trace: dict | None = None) -> Iterator[None]:
     """Within the block, every k_proj/v_proj of ``model`` sees X̂ instead of X.
 
     With ``cross_layer`` the layers are chained in module order exactly as the compiled path chains
     them: layer i sees X̂_{i-1} + deq(Q(X_i·R - X̂_{i-1})) for the tokens of the current call.
+    ``trace``, if given, receives for every X-form layer i ``trace[i] = (X·R, X̂_{i-1}·R or None)``:
+    what its reconstruction was computed from (:mod:`xq_compile.calibrate` re-quantizes it at other
+    widths).
     """
     layers = _kv_projections(model)
     reconstructed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (its X, X̂·R)
@@ -67,13 +79,11 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[No
         else:
             h = _rotation(config, x)
             xr = rotate(x, h) if h is not None else x
-            bits = config.bits_of_layer(i)
-            if config.stores_delta(i):
-                below = reconstructed[i - 1][1]
-                rotated_hat = below + quant.fake_quantize(xr.float() - below, bits, config.group_size)
-            else:
-                rotated_hat = quant.fake_quantize(xr.float(), bits, config.group_size)
+            below = reconstructed[i - 1][1] if config.stores_delta(i) else None
+            rotated_hat = rotated_reconstruction(xr, below, config.bits_of_layer(i), config.group_size)
             reconstructed[i] = (x, rotated_hat)
+            if trace is not None:
+                trace[i] = (xr, below)
         h = _rotation(config, x)
         return (rotate(rotated_hat, h) if h is not None else rotated_hat).to(x.dtype)
 
@@ -88,7 +98,7 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[No
     for i, (first, second) in enumerate(layers):
         if not isinstance(second, int) and config.form_of(first.in_features, first.out_features) == "latent":
             handles += (_joint_latent_hooks(i, first, second, config, joint) if config.cross_layer
-                        else _latent_hooks(first, second, config))
+                        else _latent_hooks(first, second, config, config.bits_of_layer(i)))
             continue
         if isinstance(second, int):
             handles.append(first.register_forward_hook(lambda m, a, o, i=i, s=second: fused_hook(m, a, o, i, s)))
@@ -99,7 +109,7 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig) -> Iterator[No
         yield
 
 
-def _latent_hooks(k_proj: torch.nn.Module, v_proj: torch.nn.Module, config: XQuantConfig) -> list:
+def _latent_hooks(k_proj: torch.nn.Module, v_proj: torch.nn.Module, config: XQuantConfig, bits: int | None) -> list:
     """GQA latent form: K and V from the latents as the cache holds them once the window is written.
 
     Key latent: complete token groups quantized per channel, the open group in fp16; value latent per
@@ -107,13 +117,12 @@ def _latent_hooks(k_proj: torch.nn.Module, v_proj: torch.nn.Module, config: XQua
     """
     def key_hook(module, args, out):
         down, up = LATENT_FACTORS.get(module.weight)
-        latent = fake_quantize_key_latent(F.linear(args[0], down), config.bits, config.group_size,
-                                          config.keep_channel0)
+        latent = fake_quantize_key_latent(F.linear(args[0], down), bits, config.group_size, config.keep_channel0)
         return F.linear(latent, up, module.bias)
 
     def value_hook(module, args, out):
         down, up = LATENT_FACTORS.get(module.weight, None, _rotation(config, args[0]))
-        latent = quant.fake_quantize(F.linear(args[0], down), config.bits, config.group_size)
+        latent = quant.fake_quantize(F.linear(args[0], down), bits, config.group_size)
         return F.linear(latent, up, module.bias)
 
     return [k_proj.register_forward_hook(key_hook), v_proj.register_forward_hook(value_hook)]
