@@ -57,7 +57,8 @@ def test_4bit_generation_is_coherent_and_cache_is_7x_smaller(smollm2):
 
 
 def test_demo_the_main_job_generates_through_compile_model(capsys):
-    """`xq-compile demo` (the README's first command): every layer rewritten, X cache >= 7x smaller."""
+    """`xq-compile demo` (the README's first command): every layer rewritten, the X cache
+    about 7x smaller than fp16 K/V."""
     from xq_compile.cli import main
 
     try:
@@ -67,4 +68,6 @@ def test_demo_the_main_job_generates_through_compile_model(capsys):
     out = capsys.readouterr().out
     assert "XQuant 4-bit g64, rotation=hadamard: 30/30 attention layers rewritten" in out
     ratio = float(out.rsplit("-> ", 1)[1].split("x smaller")[0])
-    assert 7.0 <= ratio < 7.2  # (bits + 32/g) / 32 of fp16 K/V, plus the int64 positions
+    # 4-bit g64 caps the ratio at 32 / (4 + 0.5) = 7.11 (less the int64 position of each token); at this
+    # 2 x ~25-token cache the fixed bytes (the 64x64 rotation, the length counters) cost a little more
+    assert 6.8 <= ratio < 7.11
