@@ -105,14 +105,18 @@ def _uninstall(model: torch.nn.Module) -> None:
     model.__dict__.pop("xquant_cache", None)
 
 
+def _input_tokens(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The call's input ids (or embeddings): rows x new tokens are its first two sizes."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    return kwargs.get("inputs_embeds") if tokens is None else tokens
+
+
 def _check_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: refuse, before Dynamo traces anything, a call the cache cannot take."""
     cache = kwargs.get(cache_argument(model))
     if not isinstance(cache, XQuantCache):
         return
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
+    tokens = _input_tokens(args, kwargs)
     if tokens is None:
         return
     rows, new_tokens = tokens.shape[0], tokens.shape[1]
@@ -137,9 +141,7 @@ def _check_generate(model: torch.nn.Module, max_batch_size: int, max_cache_len: 
     """
     config = kwargs.get("generation_config") or model.generation_config
     setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
-    inputs = kwargs.get("input_ids", args[0] if args else None)
-    if inputs is None:
-        inputs = kwargs.get("inputs_embeds")
+    inputs = _input_tokens(args, kwargs)
     if inputs is None:
         return None
     batch, prompt = inputs.shape[0], inputs.shape[1]
