@@ -1,4 +1,4 @@
-"""The cache length after a call's write, read from the positions it writes, with their checks.
+"""The positions of the cached rows, and the cache length after a call's write, with their checks.
 
 The CPU rebuild covers the n = max(positions) + 1 cached rows, a data-dependent size that the
 rewrite reads with ``.item()`` and bounds for the shape system (``torch._check``: S <= n <= L). A
@@ -8,6 +8,8 @@ whose result feeds the ``.item()``, so it always runs before the bounds are asse
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -41,3 +43,30 @@ def rows_after_write(positions: torch.Tensor, max_rows: int, consecutive: bool) 
 @rows_after_write.register_fake
 def _(positions, max_rows, consecutive):
     return positions.new_empty((), dtype=torch.int64)
+
+
+def emit_positions_and_length(ctx) -> None:
+    """Once per graph, before the first store: record the positions the new rows are written with
+    (RoPE is re-applied to rebuilt keys at them), and the number n of rows cached after this call."""
+    graph_state, emit, index, site, layer = ctx.graph_state, ctx.emit, ctx.index, ctx.site, ctx.layer
+    fetch_layer = ctx.fetch_layer
+    positions = graph_state.add_input(("positions",), "positions", lambda args: fetch_layer(args).positions)
+    graph_state.positions = positions
+    if site.position_source is not None:
+        if layer.positions.dim() == 2:  # one row of position ids per sequence (left padding)
+            emit(lambda p, i, pos: p.index_copy_(1, i, pos.expand(p.shape[0], -1).to(p.dtype)),
+                 positions, index, site.position_source)
+        else:  # positions shared by the whole batch (the model indexes its tables with [S])
+            emit(lambda p, i, pos: p.index_copy_(0, i, pos.to(p.dtype)), positions, index, site.position_source)
+    if ctx.strategy.device_length:
+        graph_state.length = emit(lambda i: i.max().reshape(1) + 1, index)
+        return
+    # checked first (clear errors for positions that do not fit), then bounded for the shape system
+    length = emit(lambda i: rows_after_write(i, layer.max_cache_len, layer.form.consecutive_writes).item(), index)
+    # The call writes seq_len distinct rows, so n >= seq_len: telling the shape system spares Inductor
+    # guards on n it cannot decide (torch 2.11's CPU SDPA lowering asks n > 1).
+    written = (max(1, site.seq_len) if isinstance(site.seq_len, int)
+               else emit(lambda i: i.shape[0], index))  # dynamic: the index's (symbolic) length
+    emit.check(graph_state.graph.call_function(operator.ge, (length, written)))
+    emit.check(graph_state.graph.call_function(operator.le, (length, layer.max_cache_len)))
+    graph_state.length = length

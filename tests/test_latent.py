@@ -77,7 +77,7 @@ def test_unquantized_latent_reproduces_the_model_and_is_chosen_automatically():
     with collect_records() as records:
         out, cache = compiled_run(model, calls, xq.XQuantConfig(bits=None, group_size=16))
     assert max_error(out, reference_logits(model, calls, MAX_LEN)) < 1e-4
-    assert all(layer.form == "latent" for layer in cache.layers)
+    assert all(layer.form.name == "latent" for layer in cache.layers)
     assert len(records) == 2 and all(r.rewritten == 2 for r in records)
     assert all("GQA latent" in r.form for rec in records for r in rec.reports)
 
@@ -91,7 +91,7 @@ def test_forced_forms_on_a_gqa_model_are_exact_unquantized(rebuild):
         torch._dynamo.reset()
         out, cache = compiled_run(model, calls, xq.XQuantConfig(bits=None, group_size=16, form=form),
                                   backend=xq.make_xquant_backend("aot_eager", rebuild=rebuild))
-        assert cache.layers[0].form == form
+        assert cache.layers[0].form.name == form
         assert max_error(out, ref) < 1e-4, form
 
 
@@ -191,7 +191,7 @@ def test_cross_layer_joint_latent_matches_the_reference(config, rebuild):
     assert max_error(out, reference) < 2e-4
     if config.bits is None:
         assert max_error(out, exact) < 1e-4
-    assert all(layer.joint_latent and layer.latent_width == 32 for layer in cache.layers)
+    assert all(layer.form.name == "joint_latent" and layer.form.width == 32 for layer in cache.layers)
     forms = [r.form for r in xq.COMPILE_LOG[-1].reports]
     assert "base layer" in forms[0] and "delta vs layer 2" in forms[3]
     assert cache.nbytes() == xq.memory_report(model.config, config, 32, 2).xquant.total_at

@@ -65,7 +65,7 @@ def test_latent_formula_equals_allocated_bytes(bits, group, rotation, channel0, 
     config = _config(2)  # X (256) is wider than K+V (2·64): "auto" picks the latent form
     xcfg = xq.XQuantConfig(bits=bits, group_size=group, rotation=rotation, keep_channel0=channel0)
     cache = xq.XQuantCache(config, max_batch_size=batch, max_cache_len=seq_len, xquant=xcfg)
-    assert all(layer.form == "latent" for layer in cache.layers)
+    assert all(layer.form.name == "latent" for layer in cache.layers)
     report = memory_report(config, xcfg, seq_len, batch)
     assert report.xquant.total_at == cache.nbytes()
     r, layers = 64, 3

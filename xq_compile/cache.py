@@ -6,19 +6,8 @@ reads into a K/V rebuild from X. So the cache must keep K/V *shapes* but never t
 ``keys``/``values`` are stride-0 views of one 4-byte tensor. Any eager (un-rewritten) write into them
 fails loudly instead of silently corrupting the X cache.
 
-With XQuant-CL (``cross_layer=True``) the rows of layers above the base layers hold the delta
-X - X̂(layer below) instead of X, in the same format.
-
-State per layer (``B`` = max_batch_size, ``L`` = max_cache_len, ``d`` = hidden size, ``G = d/group``):
-  quantized:   codes uint8 [B, L, packed_width(d, bits)], scale fp16 [B, L, G], zero fp16 [B, L, G]
-  unquantized: x [B, L, d] in the cache dtype
-XQuant-CL in the latent form: as the X form, with rows of the joint K|V latent width instead of d.
-Latent form (GQA, see :mod:`xq_compile.latent`; ``r`` = latent width = K/V heads x head dim):
-  quantized:   k_codes uint8 [B, (ceil(L/g)+1)·g, packed_width(r, bits)], k_scale/k_zero fp16
-               [B, ceil(L/g)+1, r] (per channel per token group), k_tail fp16 [B, g, r] (the open
-               group), optional k_col0 fp16 [B, L] (channel 0 kept exact); v_codes [B, L, packed],
-               v_scale/v_zero fp16 [B, L, r/g] (per token)
-  unquantized: k_latent, v_latent [B, L, r] in the cache dtype
+Each layer's state is what its cache form (:mod:`xq_compile.forms`) specifies: e.g. packed codes +
+fp16 scale/zero per token for the X form, the key and value latents for GQA models.
 Shared by all layers: positions int64 [B, L], the position id each cached row was written with
 (RoPE is re-applied to rebuilt keys at these positions, so left-padded rows keep their own).
 """
@@ -28,11 +17,11 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from . import quant, refusal
+from . import refusal
 from ._torch_private import mark_static_address, weak_tensor_map
 from ._transformers_compat import make_mask_creation_traceable
 from .config import XQuantConfig
-from .latent import TAIL_DTYPE, key_latent_rows, latent_groups, latent_width
+from .forms import LayerShape, allocate, form_for
 from .rotation import hadamard
 
 # Maps each layer's K and V placeholder tensor to its XQuantLayer. The compiled graph receives those
@@ -92,23 +81,19 @@ class XQuantLayer(StaticLayer):
         self.layer_idx = layer_idx
         self.xquant = xquant
         self.hidden_size = hidden_size
-        self.bits = xquant.bits_of_layer(layer_idx)
-        self.stores_delta = xquant.stores_delta(layer_idx)
+        self.form = form_for(xquant, layer_idx, LayerShape(hidden_size, num_kv_heads * head_dim))
+        self.bits = self.form.bits
         self.dtype = dtype
         self.device = device
         self.batch_size, self.num_heads = batch_size, num_kv_heads
         self.k_head_dim = self.v_head_dim = head_dim
         self.positions = positions
         self.rotation = rotation
-        self.form = xquant.form_of(hidden_size, num_kv_heads * head_dim)
-        # XQuant-CL in the latent form caches the joint latent of [W_k; W_v] per token (see latent.py)
-        self.joint_latent = self.form == "latent" and xquant.cross_layer
-        self.keep_channel0 = xquant.keep_channel0 and self.form == "latent"
         # Everything the rewrite bakes into a compiled graph. update() reads it while Dynamo traces, so
         # Dynamo guards on it and a forward compiled for one configuration recompiles for another.
-        self.compile_key = (self.bits, xquant.group_size, xquant.rotation, xquant.cross_layer, self.stores_delta,
-                            xquant.absorb_values, self.form, self.keep_channel0,
-                            max_cache_len, batch_size, hidden_size, num_kv_heads, head_dim)
+        self.compile_key = (self.bits, xquant.group_size, xquant.rotation, xquant.cross_layer, self.form.name,
+                            xquant.absorb_values, xquant.keep_channel0, max_cache_len, batch_size, hidden_size,
+                            num_kv_heads, head_dim)
         # Host-side mirror of cumulative_length: lets us refuse an overflow before running the graph,
         # without reading the device counter (a sync, and impossible under CUDA graphs). A model's own
         # buffers (options= mode) are written at positions the model picks: no mirror is possible.
@@ -122,53 +107,13 @@ class XQuantLayer(StaticLayer):
         else:  # the model's own K/V buffers, read by its graph until release_kv_buffers() drops them
             self.keys, self.values = model_buffers
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=device)
-        if self.joint_latent:
-            self.latent_width = latent_width(2 * num_kv_heads, head_dim, hidden_size)
-            self.state = self._x_state(self.latent_width, "the joint K|V latent width (2 x K/V heads x head dim)")
-        elif self.form == "latent":
-            self.state = self._latent_state(num_kv_heads * head_dim)
-        else:
-            self.state = self._x_state(hidden_size, "the hidden size")
+        self.state = allocate(self.form.state_spec(batch_size, max_cache_len, dtype), device)
         for tensor in (*self.state.values(), self.cumulative_length):
             # Fixed addresses: the compiled graph writes them in place, and CUDA graphs need them stable.
             mark_static_address(tensor)
         _LAYER_OF_PLACEHOLDER[self.keys] = self
         _LAYER_OF_PLACEHOLDER[self.values] = self
         self.is_initialized = True
-
-    def _x_state(self, d: int, what: str) -> dict[str, torch.Tensor]:
-        """Rows of width ``d`` quantized per token (X, or XQuant-CL's joint latent)."""
-        b, L, device = self.batch_size, self.max_cache_len, self.device
-        self.xquant.check_hidden_size(d, what)
-        if self.bits is None:
-            return {"x": torch.zeros(b, L, d, dtype=self.dtype, device=device)}
-        groups = d // self.xquant.group_size
-        return {
-            "codes": torch.zeros(b, L, quant.packed_width(d, self.bits), dtype=torch.uint8, device=device),
-            "scale": torch.zeros(b, L, groups, dtype=quant.SCALE_DTYPE, device=device),
-            "zero": torch.zeros(b, L, groups, dtype=quant.SCALE_DTYPE, device=device),
-        }
-
-    def _latent_state(self, kv_width: int) -> dict[str, torch.Tensor]:
-        b, L, device, g = self.batch_size, self.max_cache_len, self.device, self.xquant.group_size
-        r = self.latent_width = latent_width(self.num_heads, self.k_head_dim, self.hidden_size)
-        if self.bits is None:
-            return {name: torch.zeros(b, L, r, dtype=self.dtype, device=device) for name in ("k_latent", "v_latent")}
-        self.xquant.check_hidden_size(r, "the latent width (K/V heads x head dim)")
-        key_groups = latent_groups(L, g)
-        width = quant.packed_width(r, self.bits)
-        state = {
-            "k_codes": torch.zeros(b, key_groups * g, width, dtype=torch.uint8, device=device),
-            "k_scale": torch.zeros(b, key_groups, r, dtype=quant.SCALE_DTYPE, device=device),
-            "k_zero": torch.zeros(b, key_groups, r, dtype=quant.SCALE_DTYPE, device=device),
-            "k_tail": torch.zeros(b, g, r, dtype=TAIL_DTYPE, device=device),
-            "v_codes": torch.zeros(b, L, width, dtype=torch.uint8, device=device),
-            "v_scale": torch.zeros(b, L, r // g, dtype=quant.SCALE_DTYPE, device=device),
-            "v_zero": torch.zeros(b, L, r // g, dtype=quant.SCALE_DTYPE, device=device),
-        }
-        if self.keep_channel0:
-            state["k_col0"] = torch.zeros(b, L, dtype=TAIL_DTYPE, device=device)
-        return state
 
     # -- what transformers calls -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:  # allocated in __init__
@@ -256,23 +201,7 @@ class XQuantLayer(StaticLayer):
         before = self.host_length
         self.cumulative_length.fill_(keep)  # in place: the counter's address is static
         self.host_length = keep
-        if self.form == "latent" and self.bits is not None:
-            self._reopen_key_group(before)
-
-    def _reopen_key_group(self, before: int) -> None:
-        """After a crop into a completed key group, put its kept rows back into the fp16 tail.
-
-        The next store continues that group from the tail; its kept rows were quantized once already,
-        so they are re-quantized from their dequantized values (a second rounding, for those rows only).
-        """
-        g, n = self.xquant.group_size, self.host_length
-        if n // g == before // g or n % g == 0:
-            return  # still the same open group (the tail holds it), or the crop ends on a group boundary
-        st = self.state
-        end = (n // g + 1) * g
-        rows = key_latent_rows(st["k_codes"], st["k_scale"], st["k_zero"], st["k_tail"], end, end,
-                               self.bits, g, TAIL_DTYPE, st.get("k_col0"))
-        st["k_tail"].copy_(rows[:, end - g:])
+        self.form.after_crop(self.state, before, keep)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         beam_idx = beam_idx.to(self.device)

@@ -6,10 +6,9 @@ import dataclasses
 
 import sympy
 
-from . import quant
 from .config import XQuantConfig
+from .forms import LayerShape, form_for
 from .kivi import kivi_key_group
-from .latent import latent_width
 
 N = sympy.Symbol("n", positive=True, integer=True)  # cached tokens (the cache's capacity, max_cache_len)
 
@@ -29,30 +28,11 @@ def fp16_kv_cache_bytes(config, batch_size: int, seq_len: int) -> int:
 
 
 def _layer_bytes(config, xquant: XQuantConfig, layer: int, dtype_bytes: int) -> tuple[sympy.Expr, sympy.Expr]:
-    """(bytes per token at large n, bytes for a capacity of N rows) of one layer's X state, one sequence.
-
-    X form, quantized: packed codes + fp16 scale + fp16 zero per group of channels; unquantized: X in
-    the cache dtype. Latent form (two latents of width r = K/V heads x head dim): the value latent per
-    token like X; the key latent in whole token groups (ceil(N/g) plus the spare group a write may
-    land in) with an fp16 scale and zero per channel per group, and an fp16 open group (the tail);
-    + 2 bytes per token for channel 0 kept in fp16. The layer's width is ``bits_of_layer(layer)``
-    (``layer_bits``, or XQuant-CL's ``base_bits`` for the base layers).
-    """
+    """(bytes per token at large n, bytes for a capacity of N rows) of one layer's X state, one sequence:
+    the layer's cache form's state spec (what the cache allocates) evaluated at a symbolic capacity."""
     _, hidden, kv_heads, head_dim = _dims(config)
-    bits, g = xquant.bits_of_layer(layer), xquant.group_size
-    latent = xquant.form_of(hidden, kv_heads * head_dim) == "latent"
-    if not latent or xquant.cross_layer:  # X, or XQuant-CL's joint K|V latent: rows quantized per token
-        width = latent_width(2 * kv_heads, head_dim, hidden) if latent else hidden
-        row = width * dtype_bytes if bits is None else quant.packed_width(width, bits) + 4 * (width // g)
-        return sympy.Integer(row), row * N
-    r = latent_width(kv_heads, head_dim, hidden)
-    if bits is None:
-        return sympy.Integer(2 * r * dtype_bytes), 2 * r * dtype_bytes * N
-    width = quant.packed_width(r, bits)
-    value_row = width + 4 * (r // g) + 2 * xquant.keep_channel0
-    key_groups = sympy.ceiling(N / g) + 1
-    rate = value_row + width + sympy.Rational(4 * r, g)
-    return rate, value_row * N + key_groups * (g * width + 4 * r) + g * r * 2
+    form = form_for(xquant, layer, LayerShape(hidden, kv_heads * head_dim))
+    return form.bytes_per_token(dtype_bytes), sympy.sympify(form.state_bytes(N, dtype_bytes))
 
 
 def _xquant_token_bytes(config, xquant: XQuantConfig, dtype_bytes: int) -> sympy.Expr:

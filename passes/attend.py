@@ -1,0 +1,124 @@
+"""Attention over the rebuilt cache: the layer's SDPA call replaced by one over the n rebuilt rows
+(or the absorbed-values form), or by the fused decode-attention op over the packed cache."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from xq_compile._torch_private import forget_example_values
+from xq_compile.attention import absorbed_attention, decode_sdpa
+from xq_compile.forms import FusedSources
+
+from .context import SiteContext
+from .emit import Emitter
+from .graph_state import GraphState
+from .match import AttentionRead, Site, _arg, example_value
+from .rope import rope_at_cached_rows
+
+
+def plain_rope(site: Site) -> tuple[fx.Node, fx.Node] | None:
+    """(cos, sin) if the key's per-token region is exactly HF's ``k·cos + rotate_half(k)·sin``, else None.
+
+    The fused decode-attention kernel applies that RoPE itself; anything else between the projection
+    and the cache (a k_norm, another rotation layout) keeps the unfused form.
+    """
+    k, out, half = site.key.heads, site.key.append.value, site.head_dim // 2
+
+    def operands(node, targets):
+        ok = node.op == "call_function" and node.target in targets and len(node.args) == 2 and not node.kwargs
+        return node.args if ok else None
+
+    def is_half(node, upper):
+        if node.op != "call_function" or node.target is not operator.getitem or node.args[0] is not k:
+            return False
+        index = node.args[1]
+        want = slice(half, None, None) if upper else slice(None, half, None)
+        return isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and index[1] == want
+
+    pair = operands(out, (operator.add, torch.add))
+    for direct, rotated in (pair, pair[::-1]) if pair else ():
+        a, b = operands(direct, (operator.mul, torch.mul)), operands(rotated, (operator.mul, torch.mul))
+        if not a or not b or k not in a:
+            continue
+        cat = next((x for x in b if isinstance(x, fx.Node) and x.target is torch.cat), None)
+        if cat is None or len(cat.args[0]) != 2 or cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0) not in (-1, 3):
+            continue
+        neg, lower = cat.args[0]
+        if neg.op != "call_function" or neg.target not in (operator.neg, torch.neg):
+            continue
+        if not (is_half(neg.args[0], upper=True) and is_half(lower, upper=False)):
+            continue
+        if set(site.key.rope) != {direct, rotated, out, cat, neg, neg.args[0], lower}:
+            continue
+        return a[1] if a[0] is k else a[0], b[1] if b[0] is cat else b[0]
+    return None
+
+
+def fused_decode_attention(ctx: SiteContext, attention: AttentionRead, rope: tuple[fx.Node, fx.Node],
+                           sources: FusedSources, weights: tuple[fx.Node, fx.Node]) -> None:
+    """Replace the layer's SDPA by ``xq_compile::decode_attention`` over the packed cache (emitted
+    before the SDPA, where ``sources`` and ``weights`` were)."""
+    state, emit, site, layer, sdpa = ctx.graph_state, ctx.emit, ctx.site, ctx.layer, attention.sdpa
+    L, D, B = layer.max_cache_len, site.head_dim, layer.batch_size
+    # cos/sin of every cached row: the model's own table code, cloned with the cached positions
+    state.rope_tables.setdefault(site.position_source, state.positions)
+    rope_at_cached_rows(state, site, rope, L)
+    cos, sin = (emit(lambda t: t.reshape(-1, L, D).expand(B, L, D).to(layer.dtype).contiguous(),
+                     state.rope_tables.get(t, t)) for t in rope)
+    (k_weight, v_weight), (k_bias, v_bias) = weights, (ctx.bias("key"), ctx.bias("value"))
+    query, scale = _arg(sdpa, 0, "query"), _arg(sdpa, 6, "scale")
+    g = layer.xquant.group_size
+    new = emit(torch.ops.xq_compile.decode_attention.default, query, *sources.key, *sources.value, None,
+               sources.key_channel0, k_weight, k_bias, v_weight, v_bias, cos, sin, attention.mask, state.length,
+               layer.bits, g, sources.layouts[0], layer.bits, g, sources.layouts[1],
+               float(D ** -0.5 if scale is None else scale))
+    sdpa.replace_all_uses_with(new)
+    state.graph.erase_node(sdpa)
+
+
+def attend_over_cached_rows(state: GraphState, emit: Emitter, attention: AttentionRead, keys: fx.Node, values,
+                            kv_heads: int, x_hat: fx.Node | None) -> None:
+    """Replace the layer's SDPA call by one over the n rebuilt rows.
+
+    ``values`` are the rebuilt V heads, or with ``x_hat`` given, the (weight, bias) of the value
+    projection, which is then absorbed after the attention weights.
+    """
+    graph, sdpa = state.graph, attention.sdpa
+    with graph.inserting_before(sdpa):
+        mask = attention.mask
+        if mask is not None:
+            # all layers of a graph share the mask and the length: cut it once
+            if mask not in state.cut_masks:
+                state.cut_masks[mask] = emit(lambda m, n: m.narrow(-1, 0, n), mask, state.length)
+            mask = state.cut_masks[mask]
+        query, scale = _arg(sdpa, 0, "query"), _arg(sdpa, 6, "scale")
+        mask_value = example_value(attention.mask) if attention.mask is not None else None
+        shape = dict(scale=scale, query_heads=attention.query_heads, kv_heads=kv_heads, head_dim=attention.head_dim,
+                     seq_len=attention.seq_len, mask_is_bool=mask_value is not None and mask_value.dtype == torch.bool)
+        plain = not sdpa.kwargs.get("is_causal", False) and not sdpa.kwargs.get("dropout_p", 0.0)
+        if x_hat is not None:
+            v_weight, v_bias = values
+            new = emit(absorbed_attention, query, keys, x_hat, v_weight, v_bias, mask, **shape)
+        elif attention.seq_len == 1 and plain:
+            # one query row over n rows: n >= 1 is all the shape system knows, too little for SDPA's lowering
+            new = emit(decode_sdpa, query, keys, values, mask, **shape)
+        else:
+            repeat = attention.query_heads // kv_heads
+            if repeat > 1 and not sdpa.kwargs.get("enable_gqa", False):
+                expand = lambda t: t.unsqueeze(2).expand(-1, -1, repeat, -1, -1).flatten(1, 2)  # noqa: E731
+                keys, values = emit(expand, keys), emit(expand, values)
+            args, kwargs = list(sdpa.args), dict(sdpa.kwargs)
+            args[1:3] = [keys, values]
+            if attention.mask is not None:
+                if attention.mask_in_args:
+                    args[3] = mask
+                else:
+                    kwargs["attn_mask"] = mask
+            new = graph.call_function(sdpa.target, tuple(args), kwargs)
+            new.meta = dict(sdpa.meta)
+            forget_example_values(new)
+    sdpa.replace_all_uses_with(new)
+    graph.erase_node(sdpa)

@@ -1,0 +1,159 @@
+"""The GQA latent form: a layer caches the key latent X·U_k and the value latent X·U_v (see
+:mod:`xq_compile.latent` for the factors and the key latent's grouping along tokens).
+
+State (``r`` = latent width = K/V heads x head dim, ``g`` = group size, ``G = ceil(L/g) + 1`` token
+groups: one spare, where a chunk's last group may land):
+  quantized:   k_codes uint8 [B, G·g, packed_width(r, bits)], k_scale/k_zero fp16 [B, G, r] (per channel
+               per token group), k_tail fp16 [B, g, r] (the open group), optional k_col0 fp16 [B, L]
+               (channel 0 kept exact); v_codes [B, L, packed], v_scale/v_zero fp16 [B, L, r/g] (per token)
+  unquantized: k_latent, v_latent [B, L, r] in the cache dtype
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+from ..config import XQuantConfig
+from ..latent import (LATENT_FACTORS, TAIL_DTYPE, fake_quantize_key_latent, key_latent_rows, latent_width,
+                      store_key_latent)
+from .base import CacheForm, FusedSources, LayerShape, StateTensor, ceil_div
+from .per_token import per_token_spec, store_rows
+from .x import emit_store_per_token
+
+VALUE_NAMES = ("v_codes", "v_scale", "v_zero", "v_latent")
+
+
+class SplitLatentForm(CacheForm):
+    """Key latent per channel over token groups (open group fp16), value latent per token (rotated)."""
+
+    name = "latent"
+
+    @classmethod
+    def applies(cls, xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> bool:
+        return xquant.form_of(shape.hidden_size, shape.kv_width) == "latent" and not xquant.cross_layer
+
+    def __init__(self, xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> None:
+        super().__init__(xquant, layer_idx, shape)
+        self.width = latent_width(shape.kv_width, 1, shape.hidden_size)
+        self.keep_channel0 = xquant.keep_channel0
+        if self.bits is not None:
+            xquant.check_hidden_size(self.width, "the latent width (K/V heads x head dim)")
+
+    @property
+    def consecutive_writes(self) -> bool:
+        return self.bits is not None  # a key group is quantized from its rows in order
+
+    def state_spec(self, batch, rows, dtype: torch.dtype) -> dict[str, StateTensor]:
+        r, g, bits = self.width, self.group_size, self.bits
+        if bits is None:
+            return {name: StateTensor((batch, rows, r), dtype) for name in ("k_latent", "v_latent")}
+        key_groups = ceil_div(rows, g) + 1  # the spare group: see xq_compile.latent.latent_groups
+        spec = {
+            "k_codes": StateTensor((batch, key_groups * g, quant.packed_width(r, bits)), torch.uint8),
+            "k_scale": StateTensor((batch, key_groups, r), quant.SCALE_DTYPE),
+            "k_zero": StateTensor((batch, key_groups, r), quant.SCALE_DTYPE),
+            "k_tail": StateTensor((batch, g, r), TAIL_DTYPE),
+            **per_token_spec(VALUE_NAMES, r, bits, g, batch, rows, dtype),
+        }
+        if self.keep_channel0:
+            spec["k_col0"] = StateTensor((batch, rows), TAIL_DTYPE)
+        return spec
+
+    def describe(self, note: str = "") -> str:
+        if self.bits is None:
+            return f"GQA latents X·U_k and X·U_v (unquantized{note})"
+        bits, channel0 = self._bits_text(), ", channel 0 fp16" if self.keep_channel0 else ""
+        return (f"GQA latent X·U_k ({bits}, per channel over {self.group_size}-token groups, open group "
+                f"fp16{channel0}) + X·U_v ({bits}, per token{note})")
+
+    # -- the rewrite ------------------------------------------------------------------------------
+    # The key latent is not rotated: its per-channel groups already give every channel (the outlier
+    # channel 0 included) its own range; the value latent is quantized per token, rotated.
+    def emit_store(self, ctx) -> None:
+        (k_down, _), (v_down, _) = ctx.latent_factors("key", rotated=False), ctx.latent_factors("value", rotated=True)
+        key_latent, st = ctx.emit(F.linear, ctx.x, k_down), ctx.state
+        if self.bits is None:
+            ctx.emit(store_rows, st["k_latent"], ctx.index, key_latent)
+        else:
+            start = ctx.emit(lambda i: i.min(), ctx.index)
+            ctx.emit(store_key_latent, st["k_codes"], st["k_scale"], st["k_zero"], st["k_tail"], key_latent, start,
+                     self.bits, self.group_size)
+            if self.keep_channel0:
+                ctx.emit(store_rows, st["k_col0"], ctx.index, ctx.emit(lambda t: t[..., 0], key_latent))
+        emit_store_per_token(ctx, VALUE_NAMES, ctx.emit(F.linear, ctx.x, v_down), self.bits, self.group_size)
+
+    def emit_weights(self, ctx):
+        return ctx.latent_factors("key", rotated=False)[1], ctx.latent_factors("value", rotated=True)[1]
+
+    def emit_rebuild(self, ctx):
+        if self.bits is None:
+            return ctx.rows_of("k_latent"), ctx.rows_of("v_latent")
+        st, g = ctx.state, self.group_size
+        key_rows = ctx.emit(key_latent_rows, st["k_codes"], st["k_scale"], st["k_zero"], st["k_tail"], ctx.rows,
+                            ctx.length, self.bits, g, ctx.dtype, st.get("k_col0"))
+        value_rows = ctx.emit(quant.dequantize, ctx.rows_of("v_codes"), ctx.rows_of("v_scale"), ctx.rows_of("v_zero"),
+                              self.bits, g, ctx.dtype)
+        return key_rows, value_rows
+
+    def fused_sources(self, ctx, rows: int):
+        if self.bits is None:
+            return None
+        st, key_groups = ctx.state, ceil_div(rows, self.group_size)  # the spare group is only written
+        key = (ctx.emit(lambda t: t.narrow(1, 0, rows), st["k_codes"]),
+               ctx.emit(lambda t: t.narrow(1, 0, key_groups), st["k_scale"]),
+               ctx.emit(lambda t: t.narrow(1, 0, key_groups), st["k_zero"]),
+               ctx.emit(lambda t, dtype: t.to(dtype), st["k_tail"], ctx.dtype))
+        value = (st["v_codes"], st["v_scale"], st["v_zero"])
+        return FusedSources(key, value, ("per_channel", "per_token"), st.get("k_col0"))
+
+    # -- the runtime ------------------------------------------------------------------------------
+    def after_crop(self, state: dict[str, torch.Tensor], before: int, after: int) -> None:
+        """After a crop into a completed key group, put its kept rows back into the fp16 tail.
+
+        The next store continues that group from the tail; its kept rows were quantized once already,
+        so they are re-quantized from their dequantized values (a second rounding, for those rows only).
+        """
+        g = self.group_size
+        if self.bits is None or after // g == before // g or after % g == 0:
+            return  # still the same open group (the tail holds it), or the crop ends on a group boundary
+        end = (after // g + 1) * g
+        rows = key_latent_rows(state["k_codes"], state["k_scale"], state["k_zero"], state["k_tail"], end, end,
+                               self.bits, g, TAIL_DTYPE, state.get("k_col0"))
+        state["k_tail"].copy_(rows[:, end - g:])
+
+    # -- the torch reference --------------------------------------------------------------------------
+    def simulation_hooks(self, k_proj, v_proj, chain: dict) -> list:
+        """K and V from the latents as the cache holds them once the window is written: complete key
+        groups per channel with the open group in fp16, the value latent per token (rotated)."""
+        def key_latent(latent):
+            return fake_quantize_key_latent(latent, self.bits, self.group_size, self.keep_channel0)
+
+        def value_latent(latent):
+            return quant.fake_quantize(latent, self.bits, self.group_size)
+
+        return latent_projection_hooks(k_proj, v_proj, self.shape.kv_width, (
+            lambda x: None, key_latent), (self.rotation_for, value_latent))
+
+
+def latent_projection_hooks(k_proj, v_proj, kv_width: int, key, value) -> list:
+    """Hooks replacing K (V) by ``up · quantize(down · x)`` with the latent factors of its weight rows.
+
+    ``key`` / ``value``: (rotation of x or None, the latent's quantization). ``v_proj`` is the V Linear,
+    or the first K/V row of a fused projection ``k_proj`` (rows [.. | K | V]; the queries keep exact X)."""
+    def project(module, x, rows, rotation_of, quantize):
+        down, up = LATENT_FACTORS.get(module.weight, rows, rotation_of(x))
+        bias = module.bias if module.bias is None or rows is None else module.bias[rows[0]:rows[1]]
+        return F.linear(quantize(F.linear(x, down)), up, bias)
+
+    if isinstance(v_proj, int):
+        k_rows, v_rows = (v_proj, v_proj + kv_width), (v_proj + kv_width, v_proj + 2 * kv_width)
+
+        def fused(module, args, out):
+            k, v = project(module, args[0], k_rows, *key), project(module, args[0], v_rows, *value)
+            return torch.cat([out[..., :k_rows[0]], k, v, out[..., v_rows[1]:]], dim=-1)
+
+        return [k_proj.register_forward_hook(fused)]
+    return [k_proj.register_forward_hook(lambda m, a, o: project(m, a[0], None, *key)),
+            v_proj.register_forward_hook(lambda m, a, o: project(m, a[0], None, *value))]
