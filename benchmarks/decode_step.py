@@ -1,6 +1,6 @@
 """Decode-step time of backend="xquant" + XQuantCache against a compiled StaticCache baseline.
 
-    python benchmarks/decode_step.py --out docs/benchmarks/cpu            # CPU defaults
+    python benchmarks/decode_step.py --out docs/benchmarks/$(date +%F)-cpu            # CPU defaults
     python benchmarks/decode_step.py --device cuda --dtype bf16 --lengths 256 1024 4096 16384 32768 \
         --max-cache-len 32832 --out gpu_results/decode
 
@@ -21,6 +21,7 @@ Outputs under --out: decode_step.json, decode_step.md (tables) and decode_step.p
 
 from __future__ import annotations
 
+import datetime
 import argparse
 import dataclasses
 import gc
@@ -67,7 +68,7 @@ def parse_args(argv=None):
                    help="after timing these lengths, profile a few steps of each compiled runner with "
                         "torch.profiler and write profile_<name>_L<length>.txt to --out")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/cpu"))
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks") / f"{datetime.date.today()}-cpu")
     return p.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """The K/V rebuild (dequantize + project) as xquant emits it, against torch.mm of the same shape.
 
-    python benchmarks/rebuild_op.py --out docs/benchmarks/cpu
+    python benchmarks/rebuild_op.py --out docs/benchmarks/$(date +%F)-cpu
 
 For each bit width and fill n (capacity L = max(n) tokens, d = 576, N = d_kv = 576, SmolLM2's MHA shape):
   * ``mm``        torch.mm(x[B·n, d], Wᵀ) in the model dtype: the compute floor of the rebuild;
@@ -14,6 +14,7 @@ All are timed in the same rounds, in rotating order; medians. Target on CPU: com
 
 from __future__ import annotations
 
+import datetime
 import argparse
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=25)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU); see decode_step.py")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/cpu"))
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks") / f"{datetime.date.today()}-cpu")
     return p.parse_args(argv)
 
 
