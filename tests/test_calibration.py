@@ -44,7 +44,7 @@ def test_layer_bits_latent_form_exact_bytes():
     config = _config(kv_heads=2)  # X (256) wider than K+V (128): the latent form
     cfg = xq.XQuantConfig(layer_bits=(2, 4, 8, 3), group_size=32)
     cache = xq.XQuantCache(config, max_batch_size=1, max_cache_len=70, xquant=cfg)
-    assert [layer.form for layer in cache.layers] == ["latent"] * 4
+    assert [layer.form.name for layer in cache.layers] == ["latent"] * 4
     assert memory_report(config, cfg, 70).xquant.total_at == cache.nbytes()
 
 

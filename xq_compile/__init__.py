@@ -23,7 +23,7 @@ from .config import XQuantConfig
 from .generation import compile_model
 from . import models
 from .memory import fp16_kv_cache_bytes, memory_report, xquant_cache_bytes
-from .inspect import Explanation, explain
+from .explanation import Explanation, explain
 
 __all__ = [
     "COMPILE_LOG",

@@ -69,7 +69,7 @@ SUBCOMMANDS.append(_add_eval)
 
 
 def _add_explain(sub) -> None:
-    from .inspect import add_explain_parser  # the logic lives in inspect.py
+    from .explanation import add_explain_parser  # the logic lives in explanation.py
 
     add_explain_parser(sub)
 

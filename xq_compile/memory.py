@@ -156,7 +156,7 @@ def kivi_memory(model_config, bits: int, group_size: int, seq_len: int, batch: i
         f"{bits}-bit codes + fp16 scale/zero{window_text}", rate, total, 0, seq_len, B)
 
 
-def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch: int = 1,
+def memory_report(model_config, xquant: XQuantConfig, seq_len: int, batch: int = 1,
                   dtype_bytes: int = 4) -> MemoryReport:
     """fp16 KV vs KIVI-style quantized KV vs XQuant, for ``seq_len`` tokens of ``batch`` sequences.
 
@@ -169,7 +169,7 @@ def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch
       each) and an int64 length counter, plus the fp32 Hadamard block (group²·4) with rotation.
     """
     layers, hidden, kv_heads, head_dim = _dims(model_config)
-    xquant_config.check_layer_count(layers)
+    xquant.check_layer_count(layers)
     kv_dim = kv_heads * head_dim
     B = batch
 
@@ -178,19 +178,19 @@ def memory_report(model_config, xquant_config: XQuantConfig, seq_len: int, batch
                        fp16_per_token * B * N, 0, seq_len, B)
 
     kivi = None
-    if xquant_config.bits is not None and xquant_config.layer_bits is None:
-        kivi = kivi_memory(model_config, xquant_config.bits, xquant_config.group_size, seq_len, batch)
+    if xquant.bits is not None and xquant.layer_bits is None:
+        kivi = kivi_memory(model_config, xquant.bits, xquant.group_size, seq_len, batch)
 
-    xq_per_token = _xquant_token_bytes(model_config, xquant_config, dtype_bytes)
+    xq_per_token = _xquant_token_bytes(model_config, xquant, dtype_bytes)
     fixed = layers * (2 * dtype_bytes + 8)
-    if xquant_config.rotation == "hadamard":
-        fixed += xquant_config.group_size ** 2 * 4
-    xq_total = _xquant_total(model_config, xquant_config, B, dtype_bytes) + fixed
-    xquant = CacheMemory("xquant", xquant_config.describe(), sympy.nsimplify(xq_per_token), xq_total, fixed,
+    if xquant.rotation == "hadamard":
+        fixed += xquant.group_size ** 2 * 4
+    xq_total = _xquant_total(model_config, xquant, B, dtype_bytes) + fixed
+    x_cache = CacheMemory("xquant", xquant.describe(), sympy.nsimplify(xq_per_token), xq_total, fixed,
                          seq_len, B)
     per_layer = []
     for i in range(layers):
-        rate, rows = _layer_bytes(model_config, xquant_config, i, dtype_bytes)
+        rate, rows = _layer_bytes(model_config, xquant, i, dtype_bytes)
         per_layer.append(CacheMemory(f"xquant_layer{i}", f"layer {i} X state", rate, B * rows, 0, seq_len, B))
-    working = (2 * 4 if xquant_config.cross_layer else dtype_bytes) * B * N * hidden
-    return MemoryReport(fp16, kivi, xquant, seq_len, B, working, tuple(per_layer))
+    working = (2 * 4 if xquant.cross_layer else dtype_bytes) * B * N * hidden
+    return MemoryReport(fp16, kivi, x_cache, seq_len, B, working, tuple(per_layer))

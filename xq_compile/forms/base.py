@@ -83,6 +83,9 @@ class CacheForm:
         self.bits = xquant.bits_of_layer(layer_idx)
         self.group_size = xquant.group_size
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer {self.layer_idx}: {self.describe()})"
+
     @classmethod
     def applies(cls, xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> bool:
         """Whether this form is the one for such a layer (the registry asks the forms in order)."""

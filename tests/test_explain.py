@@ -24,7 +24,7 @@ def test_explain_reports_each_layer_form_bytes_and_both_graphs():
     e = xq.explain(model, prompt, xquant=xq.XQuantConfig(bits=4, group_size=16))
     assert [g.name for g in e.graphs] == ["prefill", "decode"]
     # the bytes are those of a realistic cache; the run itself writes only the prompt and one decode step
-    assert e.cache.max_cache_len == xq.inspect.DEFAULT_CACHE_LEN == 4096 and e.tokens_written == 7
+    assert e.cache.max_cache_len == xq.explanation.DEFAULT_CACHE_LEN == 4096 and e.tokens_written == 7
     assert [(r.layer, r.status, r.form) for r in e.layers] == [(0, "rewritten", "X (4-bit)"), (1, "rewritten", "X (4-bit)")]
     # fp16 K+V: 2 x 4 heads x 16 x 2 bytes; X: 32 bytes of 4-bit codes + fp16 scale and zero per group of 16
     assert all(r.kv_bytes_per_token == 256 and r.x_bytes_per_token == r.x_bytes_per_token_limit == 32 + 2 * 4 * 2
