@@ -78,6 +78,7 @@ class XQuantLayer(StaticLayer):
         model_buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(max_cache_len=max_cache_len)
+        xquant.check_window_fits(max_cache_len)
         self.layer_idx = layer_idx
         self.xquant = xquant
         self.hidden_size = hidden_size
@@ -92,8 +93,8 @@ class XQuantLayer(StaticLayer):
         # Everything the rewrite bakes into a compiled graph. update() reads it while Dynamo traces, so
         # Dynamo guards on it and a forward compiled for one configuration recompiles for another.
         self.compile_key = (self.bits, xquant.group_size, xquant.rotation, xquant.cross_layer, self.form.name,
-                            xquant.absorb_values, xquant.keep_channel0, max_cache_len, batch_size, hidden_size,
-                            num_kv_heads, head_dim)
+                            xquant.absorb_values, xquant.keep_channel0, xquant.recent, xquant.sink, max_cache_len,
+                            batch_size, hidden_size, num_kv_heads, head_dim)
         # Host-side mirror of cumulative_length: lets us refuse an overflow before running the graph,
         # without reading the device counter (a sync, and impossible under CUDA graphs). A model's own
         # buffers (options= mode) are written at positions the model picks: no mirror is possible.

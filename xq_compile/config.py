@@ -47,6 +47,14 @@ class XQuantConfig:
             decides every layer's width and ``bits`` / ``base_bits`` are not used for the cache
             (with ``cross_layer`` the layers above ``base_layers`` still store deltas, at their own
             width). :func:`xq_compile.calibrate` picks it for a memory target.
+        recent: keep the last ``recent`` cached rows also in the cache dtype (a ring of that many rows
+            per layer), and rebuild them from it instead of from their codes: the tokens attention
+            weighs most are exact. Every row is still stored quantized too (its codes serve once it
+            leaves the window), so the window costs ``recent`` rows in the cache dtype per layer on
+            top. With XQuant-CL the chain of deltas runs on the quantized rows only (closed loop at
+            every length); the exact rows replace them in what K and V are projected from.
+        sink: the same for the first ``sink`` rows (attention sinks: the first tokens draw large
+            attention weights whatever they say).
     """
 
     bits: int | None = 4
@@ -59,8 +67,11 @@ class XQuantConfig:
     form: str = "auto"
     keep_channel0: bool = False
     layer_bits: tuple[int, ...] | None = None
+    recent: int = 0
+    sink: int = 0
 
     def __post_init__(self) -> None:
+        self._check_window()
         if self.layer_bits is not None:
             # A tuple, so that the frozen config stays hashable (options= may pass a list).
             object.__setattr__(self, "layer_bits", tuple(self.layer_bits))
@@ -94,6 +105,29 @@ class XQuantConfig:
             raise ValueError(
                 f"rotation='hadamard' needs a power-of-two group_size (the Hadamard block size), got "
                 f"{self.group_size}. Use group_size=64 or 128, or rotation='none'."
+            )
+
+    def _check_window(self) -> None:
+        for name in ("recent", "sink"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"XQuantConfig.{name} must be an integer >= 0 (rows kept exact), got {value!r}.")
+        if (self.recent or self.sink) and not self.quantized:
+            raise ValueError("XQuantConfig.recent/sink keep rows exact next to quantized ones; with bits=None every "
+                             "row is exact already: set bits (e.g. bits=2) or leave recent=0, sink=0.")
+
+    @property
+    def has_window(self) -> bool:
+        """Whether some rows are kept exact (``recent`` or ``sink``)."""
+        return bool(self.recent or self.sink)
+
+    def check_window_fits(self, max_cache_len: int) -> None:
+        """Refuse a window that holds the whole cache: every row would be exact and the codes wasted."""
+        if self.has_window and self.recent + self.sink >= max_cache_len:
+            raise ValueError(
+                f"XQuantConfig recent={self.recent} + sink={self.sink} rows kept exact >= max_cache_len="
+                f"{max_cache_len}: every cached row would be exact and its quantized copy wasted. Use a "
+                "smaller window, or bits=None for an unquantized cache."
             )
 
     @property
@@ -165,6 +199,8 @@ class XQuantConfig:
         form = "" if self.form == "auto" else f", form={self.form}"
         if self.keep_channel0:
             form += ", key latent channel 0 in fp16"
+        if self.has_window:
+            form += f", exact rows: last {self.recent} + first {self.sink}"
         return f"{name} {bits}{base}, rotation={self.rotation}{form}"
 
     @classmethod

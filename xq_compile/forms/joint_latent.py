@@ -5,6 +5,10 @@ State (``r`` = 2 x K/V heads x head dim, at most the hidden size): as the X form
 
 The graph carries X̃ (fp32, as wide as X) up the layers: a layer's latent is X̃·downᵀ plus its delta
 (or its own rows, for a base layer), and X̃ then moves to match it in that layer's subspace.
+
+With ``recent`` / ``sink`` (:mod:`.window`) the exact joint latent X·downᵀ of the window's rows is kept
+too (stream ``latent``); X̃ stays the chain of quantized reconstructions (closed loop), the exact rows
+replace the rebuilt latent only where K and V are projected from it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ..config import XQuantConfig
 from ..latent import LATENT_FACTORS, latent_width
 from .base import CacheForm, LayerShape, StateTensor
 from .per_token import per_token_spec
+from .window import ExactRows
 from .x import STATE_NAMES, emit_store_per_token
 
 
@@ -33,6 +38,7 @@ class JointLatentForm(CacheForm):
         super().__init__(xquant, layer_idx, shape)
         self.width = latent_width(2 * shape.kv_width, 1, shape.hidden_size)
         self.stores_delta = xquant.stores_delta(layer_idx)
+        self.window = ExactRows.of(xquant, self.bits)
         xquant.check_hidden_size(self.width, "the joint K|V latent width (2 x K/V heads x head dim)")
 
     @property
@@ -40,16 +46,22 @@ class JointLatentForm(CacheForm):
         return True
 
     def state_spec(self, batch, rows, dtype: torch.dtype) -> dict[str, StateTensor]:
-        return per_token_spec(STATE_NAMES, self.width, self.bits, self.group_size, batch, rows, dtype)
+        spec = per_token_spec(STATE_NAMES, self.width, self.bits, self.group_size, batch, rows, dtype)
+        if self.window is not None:
+            spec.update(self.window.spec("latent", batch, self.width, dtype))
+        return spec
 
     def describe(self, note: str = "") -> str:
         what = f"delta vs layer {self.layer_idx - 1}" if self.stores_delta else "base layer"
-        return f"GQA joint K|V latent, {what} (cross-layer, {self._bits_text()} per token{note})"
+        window = f", {self.window.describe()}" if self.window is not None else ""
+        return f"GQA joint K|V latent, {what} (cross-layer, {self._bits_text()} per token{window}{note})"
 
     # -- the rewrite ------------------------------------------------------------------------------
     def emit_store(self, ctx) -> None:
         down, _ = ctx.joint_factors()
         latent = ctx.emit(F.linear, ctx.x, down)
+        if self.window is not None:
+            self.window.emit_store(ctx, "latent", latent)
         if self.stores_delta:  # closed loop: against the layers below *as reconstructed*, in this subspace
             below = ctx.emit(lambda acc, i: acc.index_select(1, i), ctx.accumulator, ctx.index)
             latent = ctx.emit(lambda x, below, down: x.float() - F.linear(below, down.float()), latent, below, down)
@@ -74,7 +86,14 @@ class JointLatentForm(CacheForm):
             ctx.accumulator = ctx.emit(lambda acc, new, seen, down: acc + F.linear(new - seen, down.float().t()),
                                        ctx.accumulator, latent_hat, seen, down)
         rows = ctx.emit(lambda t, dtype: t.to(dtype), latent_hat, ctx.dtype)
+        if self.window is not None:  # in K/V only: X̃ above stays the quantized chain
+            rows = self.window.emit_exact(ctx, "latent", rows)
         return rows, rows
+
+    # -- the runtime ------------------------------------------------------------------------------
+    def after_crop(self, state: dict[str, torch.Tensor], before: int, after: int) -> None:
+        if self.window is not None:
+            self.window.after_crop(state, "latent", after)
 
     # -- the torch reference --------------------------------------------------------------------------
     def simulation_hooks(self, k_proj, v_proj, chain: dict) -> list:
@@ -98,6 +117,8 @@ class JointLatentForm(CacheForm):
                 hat = (seen + quant.fake_quantize(latent - seen, bits, g) if self.stores_delta
                        else quant.fake_quantize(latent, bits, g))
                 acc = below + F.linear(hat - seen, d32.t())
+            if self.window is not None:  # in K/V only: X̃ above stays the quantized chain
+                hat = self.window.simulate(latent, hat)
             chain["acc"], chain[i] = acc, (x, hat.to(x.dtype), up)
             return chain[i][1], up
 

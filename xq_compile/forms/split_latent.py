@@ -7,6 +7,11 @@ groups: one spare, where a chunk's last group may land):
                per token group), k_tail fp16 [B, g, r] (the open group), optional k_col0 fp16 [B, L]
                (channel 0 kept exact); v_codes [B, L, packed], v_scale/v_zero fp16 [B, L, r/g] (per token)
   unquantized: k_latent, v_latent [B, L, r] in the cache dtype
+
+With ``recent`` / ``sink`` (:mod:`.window`) both latents keep their window's rows exact (streams ``k``
+and ``v``: the key latent's last R rows too, not only its open group, which holds fewer than g rows
+and only until its group closes): k_recent, v_recent [B, R, r], k_sink, v_sink [B, S, r] in the cache
+dtype, plus k_recent_rows, v_recent_rows int32 [B, R].
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from ..latent import (LATENT_FACTORS, TAIL_DTYPE, fake_quantize_key_latent, key_
                       store_key_latent)
 from .base import CacheForm, FusedSources, LayerShape, StateTensor, ceil_div
 from .per_token import per_token_spec, store_rows
+from .window import ExactRows
 from .x import emit_store_per_token
 
 VALUE_NAMES = ("v_codes", "v_scale", "v_zero", "v_latent")
@@ -38,6 +44,7 @@ class SplitLatentForm(CacheForm):
         super().__init__(xquant, layer_idx, shape)
         self.width = latent_width(shape.kv_width, 1, shape.hidden_size)
         self.keep_channel0 = xquant.keep_channel0
+        self.window = ExactRows.of(xquant, self.bits)
         if self.bits is not None:
             xquant.check_hidden_size(self.width, "the latent width (K/V heads x head dim)")
 
@@ -59,14 +66,17 @@ class SplitLatentForm(CacheForm):
         }
         if self.keep_channel0:
             spec["k_col0"] = StateTensor((batch, rows), TAIL_DTYPE)
+        if self.window is not None:
+            spec.update({**self.window.spec("k", batch, r, dtype), **self.window.spec("v", batch, r, dtype)})
         return spec
 
     def describe(self, note: str = "") -> str:
         if self.bits is None:
             return f"GQA latents X·U_k and X·U_v (unquantized{note})"
         bits, channel0 = self._bits_text(), ", channel 0 fp16" if self.keep_channel0 else ""
+        window = f", {self.window.describe()}" if self.window is not None else ""
         return (f"GQA latent X·U_k ({bits}, per channel over {self.group_size}-token groups, open group "
-                f"fp16{channel0}) + X·U_v ({bits}, per token{note})")
+                f"fp16{channel0}{window}) + X·U_v ({bits}, per token{window}{note})")
 
     # -- the rewrite ------------------------------------------------------------------------------
     # The key latent is not rotated: its per-channel groups already give every channel (the outlier
@@ -82,7 +92,11 @@ class SplitLatentForm(CacheForm):
                      self.bits, self.group_size)
             if self.keep_channel0:
                 ctx.emit(store_rows, st["k_col0"], ctx.index, ctx.emit(lambda t: t[..., 0], key_latent))
-        emit_store_per_token(ctx, VALUE_NAMES, ctx.emit(F.linear, ctx.x, v_down), self.bits, self.group_size)
+        value_latent = ctx.emit(F.linear, ctx.x, v_down)
+        emit_store_per_token(ctx, VALUE_NAMES, value_latent, self.bits, self.group_size)
+        if self.window is not None:
+            self.window.emit_store(ctx, "k", key_latent)
+            self.window.emit_store(ctx, "v", value_latent)
 
     def emit_weights(self, ctx):
         return ctx.latent_factors("key", rotated=False)[1], ctx.latent_factors("value", rotated=True)[1]
@@ -95,10 +109,12 @@ class SplitLatentForm(CacheForm):
                             ctx.length, self.bits, g, ctx.dtype, st.get("k_col0"))
         value_rows = ctx.emit(quant.dequantize, ctx.rows_of("v_codes"), ctx.rows_of("v_scale"), ctx.rows_of("v_zero"),
                               self.bits, g, ctx.dtype)
+        if self.window is not None:
+            key_rows, value_rows = self.window.emit_exact(ctx, "k", key_rows), self.window.emit_exact(ctx, "v", value_rows)
         return key_rows, value_rows
 
     def fused_sources(self, ctx, rows: int):
-        if self.bits is None:
+        if self.bits is None or self.window is not None:  # the kernel reads codes and the open group only
             return None
         st, key_groups = ctx.state, ceil_div(rows, self.group_size)  # the spare group is only written
         key = (ctx.emit(lambda t: t.narrow(1, 0, rows), st["k_codes"]),
@@ -116,6 +132,9 @@ class SplitLatentForm(CacheForm):
         so they are re-quantized from their dequantized values (a second rounding, for those rows only).
         """
         g = self.group_size
+        if self.window is not None:
+            self.window.after_crop(state, "k", after)
+            self.window.after_crop(state, "v", after)
         if self.bits is None or after // g == before // g or after % g == 0:
             return  # still the same open group (the tail holds it), or the crop ends on a group boundary
         end = (after // g + 1) * g
@@ -128,13 +147,17 @@ class SplitLatentForm(CacheForm):
         """K and V from the latents as the cache holds them once the window is written: complete key
         groups per channel with the open group in fp16, the value latent per token (rotated)."""
         def key_latent(latent):
-            return fake_quantize_key_latent(latent, self.bits, self.group_size, self.keep_channel0)
+            return self._simulated_window(latent, fake_quantize_key_latent(latent, self.bits, self.group_size,
+                                                                           self.keep_channel0))
 
         def value_latent(latent):
-            return quant.fake_quantize(latent, self.bits, self.group_size)
+            return self._simulated_window(latent, quant.fake_quantize(latent, self.bits, self.group_size))
 
         return latent_projection_hooks(k_proj, v_proj, self.shape.kv_width, (
             lambda x: None, key_latent), (self.rotation_for, value_latent))
+
+    def _simulated_window(self, exact, approx):
+        return self.window.simulate(exact, approx) if self.window is not None else approx
 
 
 def latent_projection_hooks(k_proj, v_proj, kv_width: int, key, value) -> list:

@@ -8,6 +8,12 @@ State (``B`` = batch, ``L`` = capacity, ``d`` = hidden size, ``G = d / group_siz
 X is rotated by the block Hadamard R before quantizing; R is folded into the K/V weights, so the
 rebuild is X̂·(W·R)ᵀ and costs nothing more. With XQuant-CL the graph carries an fp32 accumulator X̂ up
 the layers: a base layer seeds it with its own X̂, a delta layer adds its dequantized delta to it.
+
+With ``recent`` / ``sink`` (:mod:`.window`) the exact X·R of the window's rows is kept too, stream
+``x``: x_recent [B, R, d], x_recent_rows int32 [B, R], x_sink [B, S, d] in the cache dtype. XQuant-CL's
+accumulator stays the chain of *quantized* reconstructions (each delta is taken against what the
+layer below rebuilds from its codes, whether or not the row is in the window: closed loop at every
+length); the exact rows replace the reconstruction only in the rows K and V are projected from.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from ..config import XQuantConfig
 from ..rotation import rotate
 from .base import CacheForm, FusedSources, LayerShape, StateTensor
 from .per_token import per_token_spec, store_quantized, store_rows
+from .window import ExactRows
 
 STATE_NAMES = ("codes", "scale", "zero", "x")
 
@@ -45,13 +52,21 @@ class XForm(CacheForm):
         super().__init__(xquant, layer_idx, shape)
         self.width = shape.hidden_size
         xquant.check_hidden_size(self.width, "the hidden size")
+        self.window = ExactRows.of(xquant, self.bits)
 
     @property
     def chained(self) -> bool:
         return self.xquant.cross_layer
 
     def state_spec(self, batch, rows, dtype: torch.dtype) -> dict[str, StateTensor]:
-        return per_token_spec(STATE_NAMES, self.width, self.bits, self.group_size, batch, rows, dtype)
+        spec = per_token_spec(STATE_NAMES, self.width, self.bits, self.group_size, batch, rows, dtype)
+        if self.window is not None:
+            spec.update(self.window.spec("x", batch, self.width, dtype))
+        return spec
+
+    def _bits_text(self) -> str:
+        window = f", {self.window.describe()}" if self.window is not None else ""
+        return super()._bits_text() + window
 
     def describe(self, note: str = "") -> str:
         return f"X ({self._bits_text()}{note})"
@@ -59,6 +74,8 @@ class XForm(CacheForm):
     # -- the rewrite ------------------------------------------------------------------------------
     def emit_store(self, ctx) -> None:
         x = ctx.emit(rotate, ctx.x, ctx.rotation) if ctx.rotation is not None else ctx.x
+        if self.window is not None:
+            self.window.emit_store(ctx, "x", x)
         below = self._emit_below(ctx)
         if below is not None:  # closed loop: the delta against the layer below *as reconstructed*
             x = ctx.emit(lambda x, below: x.float() - below, x, below)
@@ -77,23 +94,30 @@ class XForm(CacheForm):
                         self.group_size, own_dtype) if self.bits is not None else ctx.rows_of("x"))
         own = self._emit_add_below(ctx, own)
         if self.chained:
-            ctx.accumulator = own
+            ctx.accumulator = own  # the quantized chain: what the layer above stored its deltas against
         rows = ctx.emit(lambda t, dtype: t.to(dtype), own, ctx.dtype) if own_dtype != ctx.dtype else own
+        if self.window is not None:
+            rows = self.window.emit_exact(ctx, "x", rows)
         return rows, rows
 
     def _emit_add_below(self, ctx, own):
         return own
 
     def packed_rows(self, ctx):
-        if self.bits is None or self.chained:
+        if self.bits is None or self.chained or self.window is not None:  # the op reads codes only
             return None
         return ctx.state["codes"], ctx.state["scale"], ctx.state["zero"]
 
     def fused_sources(self, ctx, rows: int):
-        if self.bits is None or self.chained:
+        if self.bits is None or self.chained or self.window is not None:  # the kernel reads codes only
             return None
         key = (ctx.state["codes"], ctx.state["scale"], ctx.state["zero"], None)
         return FusedSources(key, (None, None, None), ("per_token", "per_token"), None)
+
+    # -- the runtime ------------------------------------------------------------------------------
+    def after_crop(self, state: dict[str, torch.Tensor], before: int, after: int) -> None:
+        if self.window is not None:
+            self.window.after_crop(state, "x", after)
 
     # -- the torch reference --------------------------------------------------------------------------
     def simulation_hooks(self, k_proj, v_proj, chain: dict) -> list:
@@ -110,7 +134,9 @@ class XForm(CacheForm):
                 reconstructed[i] = (x, rotated_hat)
                 if "trace" in chain:
                     chain["trace"][i] = (xr, below)
-            return (rotate(rotated_hat, h) if h is not None else rotated_hat).to(x.dtype)
+            x_hat = (rotate(rotated_hat, h) if h is not None else rotated_hat).to(x.dtype)
+            # the window's rows exact in K/V only: the chain above keeps the quantized X̂ (closed loop)
+            return self.window.simulate(x, x_hat) if self.window is not None else x_hat
 
         if isinstance(v_proj, int):  # fused projection: queries keep the exact X, K/V rows see X̂
             def fused(module, args, out, kv_start=v_proj):
