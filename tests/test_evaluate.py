@@ -214,10 +214,19 @@ def test_parse_kivi_window_and_auto_methods():
     assert [m.label for m in ms] == ["kivi:2:r32", "kivi:2:r128", "xquant-auto:10x", "xquant-auto:9.5x:base2:sim"]
     assert ms[0] == ev.Method("kivi", 2, simulated=True, residual=32)
     assert ms[3] == ev.Method("xquant-auto", simulated=True, target_ratio=9.5, base_layers=2)
-    for bad in ("kivi:2:r0", "xquant:4:r32", "kivi:2:r32:sim", "xquant-auto:10", "xquant-auto:1x",
-                "xquant-auto:10x:norot", "xquant-auto"):
+    for bad in ("kivi:2:r0", "xquant:4:r32:sim", "kivi:2:r32:sim", "kivi:2:s4", "xquant:2:r8:r16", "hf-quanto:2:s4",
+                "xquant-auto:10", "xquant-auto:1x", "xquant-auto:10x:norot", "xquant-auto"):
         with pytest.raises(ValueError):
             ev.parse_methods(bad)
+
+
+def test_parse_xquant_exact_rows():
+    """xquant:B:rR:sS is XQuantConfig(recent=R, sink=S); the sink alone may be simulated (its rows do not move)."""
+    ms = ev.parse_methods("xquant:2:r128:s4,xquant-cl:3:base1:r32,xquant:2:s4:sim")
+    assert [m.label for m in ms] == ["xquant:2:r128:s4", "xquant-cl:3:base1:r32", "xquant:2:s4:sim"]
+    assert (ms[0].residual, ms[0].sink, ms[1].residual, ms[1].sink, ms[2].sink) == (128, 4, 32, 0, 4)
+    with pytest.raises(ValueError, match="no :sim with :rR"):
+        ev.parse_methods("xquant:2:r128:s4:sim")
 
 
 def test_auto_method_calibrates_on_held_out_tokens(tiny):

@@ -72,6 +72,20 @@ def test_decode_matches_the_reference_as_rows_leave_the_window(name):
     assert max_error(out, exact) < 0.7 * max_error(without, exact)
 
 
+@pytest.mark.parametrize("name", ["x", "latent"])
+def test_device_length_strategies_fall_back_from_the_code_reading_ops(name):
+    """rebuild="fused" (the CUDA default, forced here on CPU): the length stays on device, the rows are
+    rebuilt over the whole capacity, and the fused attention and dequant_project ops, which read codes
+    only, are not used for a layer with a window: the same logits as the plain rebuild."""
+    kv_heads, config, _ = CONFIGS[name]
+    model, calls = history_free_model(kv_heads), decode_inputs(batch=2, prompt=6, steps=12)
+    with collect_records() as records:
+        out, _ = compiled_run(model, calls, config, backend=xq.make_xquant_backend(EAGER, rebuild="fused"))
+    assert max_error(out, prefix_reference(model, calls, config)) < 2e-5
+    code = records[-1].code_after
+    assert "decode_attention" not in code and "dequant_project" not in code
+
+
 def test_a_long_prefill_keeps_only_its_last_rows_and_its_first_exact():
     """One call of 20 rows (> R + S): the ring takes the call's last R rows only; the simulation of
     that call (the eval's one-pass mode) is what the compiled rebuild gives."""

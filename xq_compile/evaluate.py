@@ -23,7 +23,9 @@ Methods (``--methods``, comma separated):
                 same prefill + decode loop; memory measured from the quantized tensors it holds.
 Suffix ``:norot`` on xquant switches off the Hadamard rotation (the paper's plain XQuant); ``:x`` or
 ``:latent`` forces the cached form (default: the GQA latent form where X is wider than K+V), ``:ch0``
-keeps channel 0 of the key latent in fp16.
+keeps channel 0 of the key latent in fp16; ``:rR`` / ``:sS`` keep the last R / first S rows exact
+(``XQuantConfig(recent=R, sink=S)``, e.g. xquant:2:r128:s4), real path only for ``:rR``: the one-pass
+simulation cannot move the window with each query, as the prefill + decode loop does.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class Method:
     form: str = "auto"  # xquant: "x", "latent" or "auto" (XQuantConfig.form)
     keep_channel0: bool = False
     target_ratio: float | None = None  # xquant-auto: fp16 K/V bytes / cache bytes to calibrate for
-    residual: int = 0  # kivi: recent tokens kept in full precision (0: KIVI*)
+    residual: int = 0  # kivi, xquant: recent tokens kept in full precision (0: KIVI*, or no window)
+    sink: int = 0  # xquant: first tokens kept in full precision
 
     @property
     def label(self) -> str:
@@ -82,6 +85,8 @@ class Method:
             label += ":ch0"
         if self.residual:
             label += f":r{self.residual}"
+        if self.sink:
+            label += f":s{self.sink}"
         if self.kind.startswith("xquant") and self.simulated:
             label += ":sim"
         return label
@@ -92,7 +97,7 @@ def parse_methods(spec: str) -> list[Method]:
 
     Suffixes: ``:sim`` (simulated, one pass), ``:norot`` (no Hadamard rotation), ``:baseN`` (XQuant-CL
     with N base layers), ``:x`` / ``:latent`` (force the cached form), ``:ch0`` (key latent channel 0
-    in fp16).
+    in fp16), ``:rR`` / ``:sS`` (the last R / first S rows exact; ``:rR`` also on kivi, its window).
     """
     methods = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -111,18 +116,25 @@ def parse_methods(spec: str) -> list[Method]:
             raise ValueError(f"{item!r}: give the bits, e.g. {kind}:4")
         bits, flags = int(rest[0]), set(rest[1:])
         window = [f for f in flags if re.fullmatch(r"r\d+", f)]
+        sink = [f for f in flags if re.fullmatch(r"s\d+", f)]
+        residual = int(window[0][1:]) if len(window) == 1 else 0
         if kind == "kivi" and window and len(flags) == 1:  # kivi:B:rR, KIVI with its fp16 window
-            flags, residual = set(), int(window[0][1:])
+            flags = set()
             if residual < 1:
                 raise ValueError(f"{item!r}: the window of kivi:B:rR must hold at least one token")
-        else:
-            residual = 0
+        elif kind in ("xquant", "xquant-cl") and (window or sink):
+            if len(window) > 1 or len(sink) > 1 or (window and "sim" in flags):
+                raise ValueError(f"{item!r}: give one :rR and one :sS at most, and no :sim with :rR (the one-pass "
+                                 "simulation cannot move the recent window with each query: use the real path)")
+            flags -= set(window) | set(sink)
+        elif window or sink:
+            raise ValueError(f"{item!r}: ':rR' applies to kivi, xquant and xquant-cl, ':sS' to xquant and xquant-cl")
         base = [f for f in flags if re.fullmatch(r"base\d+", f)]
         unknown = flags - {"sim", "norot", "x", "latent", "ch0"} - set(base)
         if unknown or (flags and not kind.startswith("xquant")) or (base and kind != "xquant-cl") \
                 or {"x", "latent"} <= flags:
-            raise ValueError(f"{item!r}: suffixes ':sim', ':norot', ':x' or ':latent', ':ch0' apply to xquant "
-                             "and xquant-cl, ':baseN' to xquant-cl and xquant-auto only, ':rR' to kivi only")
+            raise ValueError(f"{item!r}: suffixes ':sim', ':norot', ':x' or ':latent', ':ch0', ':rR', ':sS' apply to "
+                             "xquant and xquant-cl, ':baseN' to xquant-cl and xquant-auto only, ':rR' also to kivi")
         if kind == "hf-quanto" and bits not in (2, 4):
             raise ValueError(f"{item!r}: the quanto backend of QuantizedCache supports 2 and 4 bits only")
         if kind in ("xquant", "xquant-cl", "kivi"):
@@ -131,7 +143,8 @@ def parse_methods(spec: str) -> list[Method]:
                               rotation="none" if "norot" in flags else "hadamard",
                               base_layers=int(base[0][4:]) if base else None,
                               form=next((f for f in ("x", "latent") if f in flags), "auto"),
-                              keep_channel0="ch0" in flags, residual=residual))
+                              keep_channel0="ch0" in flags, residual=residual,
+                              sink=int(sink[0][1:]) if sink else 0))
     if not methods:
         raise ValueError("no methods given")
     return methods
@@ -399,7 +412,8 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     base = {} if method.base_layers is None else {"base_layers": method.base_layers}
                     cfg = XQuantConfig(bits=method.bits, group_size=group_size, rotation=method.rotation,
                                        cross_layer=method.kind == "xquant-cl", form=method.form,
-                                       keep_channel0=method.keep_channel0, **base)
+                                       keep_channel0=method.keep_channel0, recent=method.residual,
+                                       sink=method.sink, **base)
                 report = memory.memory_report(model.config, cfg, window_len, dtype_bytes=dtype_bytes)
                 if method.simulated:
                     nll, n = eval_simulated(model, windows, lambda: simulate_xquant(model, cfg), desc, progress)
