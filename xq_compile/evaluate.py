@@ -422,6 +422,9 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     nll, n, held = eval_xquant_real(model, windows, cfg, prefill, step, desc, progress)
                     per_token, mode = held / window_len, "real"
                     note += f"XQuantCache.nbytes() = {held} B for {window_len} tokens; "
+                if cfg.has_window:
+                    note += (f"last {cfg.recent} + first {cfg.sink} rows also kept exact in {model.dtype} (in the "
+                             "bytes); ")
                 note += f"rebuild working memory (not cache) {report.rebuild_working_at} B"
                 config = model.config
                 kv_width = config.num_key_value_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
