@@ -110,7 +110,8 @@ class SplitLatentForm(CacheForm):
         value_rows = ctx.emit(quant.dequantize, ctx.rows_of("v_codes"), ctx.rows_of("v_scale"), ctx.rows_of("v_zero"),
                               self.bits, g, ctx.dtype)
         if self.window is not None:
-            key_rows, value_rows = self.window.emit_exact(ctx, "k", key_rows), self.window.emit_exact(ctx, "v", value_rows)
+            key_rows = self.window.emit_exact(ctx, "k", key_rows)
+            value_rows = self.window.emit_exact(ctx, "v", value_rows)
         return key_rows, value_rows
 
     def fused_sources(self, ctx, rows: int):
