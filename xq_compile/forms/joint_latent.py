@@ -21,7 +21,7 @@ from ..config import XQuantConfig
 from ..latent import LATENT_FACTORS, latent_width
 from .base import CacheForm, LayerShape, StateTensor
 from .per_token import per_token_spec
-from .window import ExactRows
+from .exact_rows import ExactRows
 from .x import STATE_NAMES, emit_store_per_token
 
 

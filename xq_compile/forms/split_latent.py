@@ -25,7 +25,7 @@ from ..latent import (LATENT_FACTORS, TAIL_DTYPE, fake_quantize_key_latent, key_
                       store_key_latent)
 from .base import CacheForm, FusedSources, LayerShape, StateTensor, ceil_div
 from .per_token import per_token_spec, store_rows
-from .window import ExactRows
+from .exact_rows import ExactRows
 from .x import emit_store_per_token
 
 VALUE_NAMES = ("v_codes", "v_scale", "v_zero", "v_latent")

@@ -25,7 +25,7 @@ from ..config import XQuantConfig
 from ..rotation import rotate
 from .base import CacheForm, FusedSources, LayerShape, StateTensor
 from .per_token import per_token_spec, store_quantized, store_rows
-from .window import ExactRows
+from .exact_rows import ExactRows
 
 STATE_NAMES = ("codes", "scale", "zero", "x")
 
