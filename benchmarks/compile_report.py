@@ -304,13 +304,15 @@ def _attention_benchmark():
     return sys.modules[name]
 
 
-def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4) -> list[Launch]:
-    """The launches of one decode-attention call for a benchmark shape (CPU tensors, nothing runs)."""
+def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4,
+                              queries: int = 1) -> list[Launch]:
+    """The launches of one decode-attention call for a benchmark shape with ``queries`` query tokens
+    (CPU tensors, nothing runs)."""
     from xq_compile.kernels import decode_attention as da
 
     bench = _attention_benchmark()
 
-    a = bench.make_inputs(bench.SHAPES[shape], 1, length, 1, bits, dtype, "cpu")
+    a = bench.make_inputs(bench.SHAPES[shape], 1, length, queries, bits, dtype, "cpu")
     with captured_launches(da.triton_kernels) as launches:  # the grid sized for the GPU compiled for
         da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS, **config)
     return launches
@@ -343,6 +345,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", nargs="+", default=["smollm2", "llama7b", "gqa"])
     p.add_argument("--bits", type=int, nargs="+", default=[4])
     p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--queries", type=int, default=1, help="query tokens per call (S: 1 decode, up to 16 for "
+                   "speculative decoding / short chunks)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", nargs="*", default=[], help="decode_attention config overrides, key=value")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
@@ -356,13 +360,14 @@ def main(argv=None) -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     config = _parse_config(args.config)
-    print(f"triton {triton.__version__}, target sm_90, {args.dtype}, n = {args.length}", flush=True)
+    print(f"triton {triton.__version__}, target sm_90, {args.dtype}, n = {args.length}, S = {args.queries}", flush=True)
     if args.asm_dir:
         args.asm_dir.mkdir(parents=True, exist_ok=True)
     reports, failures = [], []
     jobs = [(CONTROL, control_launches)]
-    jobs += [(f"{shape} {bits}-bit", lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b))
-            for shape in args.shape for bits in args.bits]
+    jobs += [(f"{shape} {bits}-bit S={args.queries}",
+              lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries))
+             for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
         jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
                  for bits in args.bits]

@@ -433,6 +433,52 @@ def test_triton_kernels_read_rows_past_2_31_bytes():
     assert "wide offsets passed" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_query_tokens_share_one_rebuild():
+    """S = 1, 4, 16 query tokens (decode, speculative decoding, short chunks) under the interpreter: the
+    output matches the reference, and the K-rebuild launch (_scores_kernel, where the dequantize-GEMM
+    runs) has the same grid and the same K tile for every S -- the S·group query rows of a KV head are
+    one more dot on the tile rebuilt once, not S rebuilds."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--interpreter", "queries"],
+        env=_subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: " + proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "query tokens passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _run_query_token_cases() -> None:
+    kernels = da.triton_kernels
+    real = kernels._scores_kernel
+    launches = []
+
+    class Recorder:  # records each scores launch's grid and block sizes, then runs it
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((tuple(grid), kwargs["BLOCK_N"], kwargs["BLOCK_H"], kwargs["BLOCK_C"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    kernels._scores_kernel = Recorder()
+    try:
+        per_s = {}
+        for s in (1, 4, 16):
+            # GQA group 2 (2·S query rows per KV head), a causal-style bool mask over the last S rows
+            case = Case(B=2, Hq=4, Hkv=2, S=s, D=32, C=64, L=48, n=40, k_bits=4, k_group=16, mask="bool",
+                        dtype=torch.bfloat16, seed=100 + s)
+            a = make_inputs(case)
+            ref = OP(**a)
+            out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32,
+                                             num_splits=2)
+            check_close(out, ref, case.dtype, str(case))
+            per_s[s] = launches[-1]
+            print(f"ok S={s} scores launch {launches[-1]}", flush=True)
+    finally:
+        kernels._scores_kernel = real
+    assert len(set(per_s.values())) == 1, f"the K-rebuild launch depends on S: {per_s}"
+    print("query tokens passed")
+
+
 def _run_wide_offset_case() -> None:
     from test_kernels import wide_rows
 
@@ -562,6 +608,11 @@ def test_cuda_graph_replay_follows_the_device_length(dtype):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--interpreter":
-        _run_wide_offset_case() if sys.argv[2] == "wide" else _run_interpreter_cases(int(sys.argv[2]))
+        if sys.argv[2] == "wide":
+            _run_wide_offset_case()
+        elif sys.argv[2] == "queries":
+            _run_query_token_cases()
+        else:
+            _run_interpreter_cases(int(sys.argv[2]))
     else:
-        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD|wide")
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD|wide|queries")
