@@ -305,14 +305,19 @@ def _attention_benchmark():
 
 
 def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4,
-                              queries: int = 1) -> list[Launch]:
+                              queries: int = 1, rope: str = "tables") -> list[Launch]:
     """The launches of one decode-attention call for a benchmark shape with ``queries`` query tokens
-    (CPU tensors, nothing runs)."""
+    and RoPE from ``rope`` (``tables``: cos/sin read; ``positions``: computed in the kernel) (CPU
+    tensors, nothing runs)."""
     from xq_compile.kernels import decode_attention as da
 
     bench = _attention_benchmark()
 
     a = bench.make_inputs(bench.SHAPES[shape], 1, length, queries, bits, dtype, "cpu")
+    if rope == "positions":
+        head_dim = a["query"].shape[-1]
+        a.update(cos=None, sin=None, positions=torch.arange(length)[None], rope_scale=1.0,
+                 rope_inv_freq=1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)))
     with captured_launches(da.triton_kernels) as launches:  # the grid sized for the GPU compiled for
         da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS, **config)
     return launches
@@ -347,6 +352,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--queries", type=int, default=1, help="query tokens per call (S: 1 decode, up to 16 for "
                    "speculative decoding / short chunks)")
+    p.add_argument("--rope", default="tables", choices=["tables", "positions"],
+                   help="RoPE read from cos/sin tables, or computed in the kernel from the positions")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", nargs="*", default=[], help="decode_attention config overrides, key=value")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
@@ -365,8 +372,9 @@ def main(argv=None) -> int:
         args.asm_dir.mkdir(parents=True, exist_ok=True)
     reports, failures = [], []
     jobs = [(CONTROL, control_launches)]
-    jobs += [(f"{shape} {bits}-bit S={args.queries}",
-              lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries))
+    jobs += [(f"{shape} {bits}-bit S={args.queries}" + ("" if args.rope == "tables" else " rope=positions"),
+              lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries,
+                                                                args.rope))
              for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
         jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))

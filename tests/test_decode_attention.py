@@ -67,6 +67,8 @@ class Case:
     mask: str | None = None   # None, "bool", "float"
     mask_shape: str = "B1"    # "B1": [B, 1, S, L]; "1H": [1, Hq, S, L]
     dtype: torch.dtype = torch.float32
+    rope: str = "tables"      # "tables": cos/sin given; "positions": computed in the kernel (HF default RoPE)
+    pos_offset: int = 0       # first position id (large: the in-kernel angle reduction is exercised)
     seed: int = 0
 
     def __str__(self):
@@ -74,7 +76,7 @@ class Case:
         return (f"B{self.B}_Hq{self.Hq}_Hkv{self.Hkv}_S{self.S}_D{self.D}_L{self.L}_n{self.n}_C{self.C}_"
                 f"k{self.k_bits}{self.k_layout[4]}{self.k_group}_{v}{'_col0' if self.col0 else ''}"
                 f"{'' if self.bias else '_nobias'}_{self.mask}{self.mask_shape if self.mask else ''}_"
-                f"{str(self.dtype)[6:]}")
+                f"{str(self.dtype)[6:]}{'' if self.rope == 'tables' else f'_pos{self.pos_offset}'}")
 
 
 def _source(g, B, L, C, bits, layout, group, n, dtype):
@@ -131,9 +133,20 @@ def make_inputs(case: Case) -> dict:
     wv = (torch.randn(N, cv, generator=g) / math.sqrt(cv)).to(dtype)
     bk = torch.randn(N, generator=g).to(dtype) if c.bias else None
     bv = torch.randn(N, generator=g).to(dtype) if c.bias else None
-    cos, sin = rope_tables(c.B, c.L, c.D, dtype)
-    cos[:, c.n:] = float("nan")
-    sin[:, c.n:] = float("nan")
+    rope = dict(positions=None, rope_inv_freq=None, rope_scale=1.0)
+    if c.rope == "tables":
+        cos, sin = rope_tables(c.B, c.L, c.D, dtype)
+        cos[:, c.n:] = float("nan")
+        sin[:, c.n:] = float("nan")
+    else:
+        cos = sin = None
+        # positions shifted per batch row (left padding), rows past n a wild value; Llama-3-style
+        # non-uniform frequencies and an attention scaling != 1
+        pos = torch.arange(c.L)[None] + 3 * torch.arange(c.B)[:, None] + c.pos_offset
+        pos[:, c.n:] = 2**40
+        inv_freq = (1.0 / (500000 ** (torch.arange(0, c.D, 2, dtype=torch.float32) / c.D)))
+        inv_freq[c.D // 4:] /= 8
+        rope = dict(positions=pos, rope_inv_freq=inv_freq, rope_scale=0.9)
     q = (torch.randn(c.B, c.Hq, c.S, c.D, generator=g) * 1.5).to(dtype)
     mask = None
     if c.mask is not None:
@@ -151,7 +164,7 @@ def make_inputs(case: Case) -> dict:
         query=q, k_packed=kp, k_scale=ks, k_zero=kz, k_tail=kt, v_packed=vp, v_scale=vs, v_zero=vz, v_tail=vt,
         col0=col0, k_weight=wk, k_bias=bk, v_weight=wv, v_bias=bv, cos=cos, sin=sin, mask=mask,
         length=torch.tensor(c.n), k_bits=c.k_bits, k_group=c.k_group, k_layout=c.k_layout,
-        v_bits=c.v_bits, v_group=c.v_group, v_layout=c.v_layout, sm_scale=c.D ** -0.5,
+        v_bits=c.v_bits, v_group=c.v_group, v_layout=c.v_layout, sm_scale=c.D ** -0.5, **rope,
     )
 
 
@@ -193,7 +206,12 @@ def independent(a: dict) -> torch.Tensor:
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
     k = F.linear(xk, f64(a["k_weight"]), f64(a["k_bias"])).view(B, n, Hkv, D).transpose(1, 2)
     v = F.linear(xv, f64(a["v_weight"]), f64(a["v_bias"])).view(B, n, Hkv, D).transpose(1, 2)
-    _, k = apply_rotary_pos_emb(k, k, a["cos"][:, :n].double(), a["sin"][:, :n].double())
+    cos, sin = a["cos"], a["sin"]
+    if a["positions"] is not None:  # transformers' default rotary embedding (fp32 angles, both halves)
+        angles = a["positions"].float()[..., None] * a["rope_inv_freq"]
+        emb = torch.cat([angles, angles], dim=-1)
+        cos, sin = (emb.cos() * a["rope_scale"]).to(dt), (emb.sin() * a["rope_scale"]).to(dt)
+    _, k = apply_rotary_pos_emb(k, k, cos[:, :n].double(), sin[:, :n].double())
     k, v = repeat_kv(k, Hq // Hkv), repeat_kv(v, Hq // Hkv)
     mask = a["mask"]
     if mask is not None:
@@ -252,6 +270,10 @@ CASES = [
     Case(B=1, Hq=3, Hkv=1, D=64, C=96, n=50, L=70, k_bits=3, k_group=12, S=16, mask="bool"),
     Case(B=2, Hq=6, Hkv=2, D=16, C=32, Cv=48, n=70, L=70, k_bits=2, k_layout="per_channel", k_group=32,
          v_bits=3, v_group=12, S=3, col0=True, mask="float", dtype=torch.bfloat16),
+    # RoPE computed in the kernel from the positions (HF default RoPE): near 0 and at positions ~100K
+    Case(Hq=2, Hkv=2, C=64, n=29, k_bits=4, S=2, mask="bool", rope="positions"),
+    Case(**GQA, n=37, k_bits=4, v_bits=4, S=4, col0=True, mask="bool", rope="positions", pos_offset=100_000,
+         dtype=torch.bfloat16),
 ]
 CASES = [replace(c, seed=i) for i, c in enumerate(CASES)]
 
@@ -303,6 +325,13 @@ def test_rejects_bad_inputs():
         OP(**{**a, "length": torch.tensor([1, 2])})
     with pytest.raises(ValueError, match="bytes|packed"):
         OP(**{**a, "k_bits": 2})
+    with pytest.raises(ValueError, match="either cos and sin"):  # tables and positions at once
+        OP(**{**a, "positions": torch.zeros(2, 24, dtype=torch.long), "rope_inv_freq": torch.ones(16)})
+    with pytest.raises(ValueError, match="either cos and sin"):
+        OP(**{**a, "cos": None})
+    with pytest.raises(ValueError, match="rope_inv_freq must be float32"):
+        OP(**{**a, "cos": None, "sin": None, "positions": torch.zeros(2, 24, dtype=torch.long),
+              "rope_inv_freq": torch.ones(16, dtype=torch.float64)})
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
