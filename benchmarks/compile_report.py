@@ -202,7 +202,10 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     kwargs = dict(launch.kwargs)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel: its own front end (layouts, warps)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    compiled = triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     names = fn.arg_names
     report = KernelReport(
         name=fn.__name__, grid=launch.grid,
@@ -279,6 +282,7 @@ if triton is not None:
 
 
 CONTROL = "control"
+REBUILD_KERNELS = ("_scores_kernel", "_dequant_project_kernel", "_gluon_rebuild_kernel")  # must be on wgmma
 
 
 def control_launches(size: int = 1024) -> list[Launch]:
@@ -337,6 +341,22 @@ def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
     return launches
 
 
+def gluon_rebuild_launches(length: int, bits: int = 4) -> list[Launch]:
+    """The Gluon K-rebuild prototype (``xq_compile.kernels.gluon_rebuild``) for SmolLM2's K projection
+    (4-bit only: the prototype decodes 4-bit codes)."""
+    from xq_compile import quant
+    from xq_compile.kernels import gluon_rebuild as gr
+
+    if bits != 4:
+        return []
+    x = torch.randn(length, 576)
+    codes, scale, zero = quant.quantize(x, 4, 64)
+    w = torch.randn(576, 576, dtype=torch.bfloat16)
+    kernel, grid, args, kwargs = gr.gluon_rebuild_launch_args(
+        quant.pack(codes, 4), scale, zero, w, torch.empty(length, 576), torch.tensor(length), 64)
+    return [Launch(kernel, grid, args, kwargs)]
+
+
 def _parse_config(items: list[str]) -> dict:
     cfg = {}
     for item in items:
@@ -357,6 +377,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", nargs="*", default=[], help="decode_attention config overrides, key=value")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
+    p.add_argument("--no-gluon", action="store_true", help="skip the Gluon K-rebuild prototype")
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside its MMA loop, exceeds "
                    "shared memory, issues wgmma but never keeps one in flight (or ptxas serializes them), or a dot "
                    "of the scores / dequant_project kernels is not on wgmma")
@@ -379,11 +400,15 @@ def main(argv=None) -> int:
     if not args.no_dequant_project:
         jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
                  for bits in args.bits]
+    from xq_compile.kernels.gluon_rebuild import HAS_GLUON
+
+    if HAS_GLUON and not args.no_gluon and 4 in args.bits:
+        jobs.append(("gluon_rebuild 4-bit (prototype)", lambda: gluon_rebuild_launches(args.length)))
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():
             r = compile_launch(launch, asm_dir=args.asm_dir, title=title)
-            if args.check and r.name in ("_scores_kernel", "_dequant_project_kernel") and r.hgmma == 0:
+            if args.check and r.name in REBUILD_KERNELS and r.hgmma == 0:
                 r.problems.append("its dots are not on wgmma (no HGMMA in the SASS)")
             if title == CONTROL and r.problems:
                 r.problems.append("the positive control fails: this check cannot tell pipelined kernels "
