@@ -5,7 +5,7 @@ compiles to for sm_90 (``tests/test_compile_report.py`` runs ``benchmarks/compil
 which includes it: wgmma with ``wait_group 1`` in its loop, not serialized, no spills). Its values are
 checked here on a GPU only (skipped without one):
 
-    pytest tests/test_gluon_rebuild.py
+    pytest tests/test_gluon_rebuild.py      (scripts/gpu_check.sh runs it with the other -k cuda tests)
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_launch_args_reject_tiles_across_scale_groups():
 
 @needs_hopper
 @pytest.mark.parametrize("n", [1, 100, 1000])
-def test_gluon_rebuild_matches_dequantize_then_matmul(n):
+def test_cuda_gluon_rebuild_matches_dequantize_then_matmul(n):
     """K = X̂·Wᵀ for the first n of L = 1000 rows (SmolLM2's 576 channels, 4-bit, groups of 64); rows past
     n keep their poison (the kernel must not write them)."""
     g = torch.Generator().manual_seed(n)
