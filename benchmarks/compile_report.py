@@ -341,19 +341,17 @@ def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
     return launches
 
 
-def gluon_rebuild_launches(length: int, bits: int = 4) -> list[Launch]:
-    """The Gluon K-rebuild prototype (``xq_compile.kernels.gluon_rebuild``) for SmolLM2's K projection
-    (4-bit only: the prototype decodes 4-bit codes)."""
+def gluon_rebuild_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
+    """The Gluon K rebuild (``xq_compile.kernels.gluon_rebuild``, not dispatched) for SmolLM2's K
+    projection, as ``dequant_project_launches`` (4-bit only: the kernel decodes 4-bit codes)."""
     from xq_compile import quant
     from xq_compile.kernels import gluon_rebuild as gr
 
-    if bits != 4:
-        return []
-    x = torch.randn(length, 576)
-    codes, scale, zero = quant.quantize(x, 4, 64)
-    w = torch.randn(576, 576, dtype=torch.bfloat16)
-    kernel, grid, args, kwargs = gr.gluon_rebuild_launch_args(
-        quant.pack(codes, 4), scale, zero, w, torch.empty(length, 576), torch.tensor(length), 64)
+    x = torch.randn(1, length, 576)
+    codes, scale, zero = quant.quantize(x, bits, 64)
+    w = torch.randn(576, 576, dtype=dtype)
+    kernel, grid, args, kwargs, _ = gr.dequant_project_gluon_launch(
+        quant.pack(codes, bits), scale, zero, w, None, torch.tensor(length), bits, 64)
     return [Launch(kernel, grid, args, kwargs)]
 
 
@@ -403,7 +401,7 @@ def main(argv=None) -> int:
     from xq_compile.kernels.gluon_rebuild import HAS_GLUON
 
     if HAS_GLUON and not args.no_gluon and 4 in args.bits:
-        jobs.append(("gluon_rebuild 4-bit (prototype)", lambda: gluon_rebuild_launches(args.length)))
+        jobs.append(("gluon_rebuild 4-bit (not dispatched)", lambda: gluon_rebuild_launches(args.length, dtype)))
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():

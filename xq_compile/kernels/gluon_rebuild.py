@@ -1,9 +1,10 @@
-"""A Gluon K rebuild for Hopper (sm_90): K = X̂ · Wᵀ from 4-bit per-token codes, with the MMA of one
-channel step in flight while the next step is dequantized. **Compile-only prototype**: Gluon kernels do
-not run under the Triton interpreter, so on CPU this is checked by what it compiles to
-(``benchmarks/compile_report.py --gluon``: ``wgmma.wait_group 1`` in the PTX), and its correctness test
-(``tests/test_gluon_rebuild.py``) needs a GPU. The tested kernels are the plain-Triton ones
-(``dequant_project``, ``decode_attention``); nothing dispatches here yet.
+"""The K rebuild of ``xq_compile::dequant_project`` written in Gluon for Hopper (sm_90): the MMA of one
+channel step stays in flight while the next step is dequantized. **Not dispatched; values checked on a
+GPU only.** Gluon kernels do not run under the Triton interpreter, so on CPU this is checked by what it
+compiles to (``benchmarks/compile_report.py``: ``wgmma.wait_group 1`` in its loop), and its values by
+``tests/test_gluon_rebuild.py`` on a Hopper GPU (``scripts/gpu_check.sh`` runs it;
+``benchmarks/rebuild_op.py`` times it next to the op there). The op's CUDA kernel stays the plain-Triton
+``_dequant_project_kernel``, the tested path and the fallback.
 
 Why Gluon: Triton's pipeliner makes a dot asynchronous only when its shared-memory operand comes from a
 pipelined load; a tile dequantized in the loop never is (``docs/kernels.md``). In Gluon the kernel owns
@@ -12,12 +13,16 @@ buffers, the MMA reading it is issued asynchronously, and the wait that follows 
 pending (``warpgroup_mma_wait(1)``), so step i's MMA runs while step i + 1 is dequantized; the buffer
 step i + 1 overwrites belonged to MMA i - 1, which that wait has retired.
 
-Layout: ``packed`` uint8 [L, C/2] (two codes per byte, low nibble first, as :mod:`xq_compile.quant`),
-``scale``/``zero`` fp16 [L, C / GROUP], ``weight`` [N, C] in the model dtype (bf16), ``out`` fp32 [L, N].
-Rows >= n (``length`` on the device) are not written.
+Semantics: those of ``dequant_project`` (``out[:, :n] = dequantize(...)[:, :n] @ weight.T + bias``,
+``out[:, n:] = 0``, ``n`` read on the device) for the case :func:`supports` accepts: 4-bit codes, a
+16-bit model dtype, scale groups and the hidden size multiples of 64.
 """
 
 from __future__ import annotations
+
+from typing import Optional
+
+import torch
 
 try:
     from triton.experimental import gluon
@@ -28,34 +33,46 @@ except ImportError:  # triton < 3.4 (or without Gluon): the plain-Triton kernels
     gluon = None
 
 HAS_GLUON = gluon is not None
+BLOCK_C = 64  # channels per step: one scale group per step (groups are multiples of it)
 
 if HAS_GLUON:
 
     @gluon.jit
     def _gluon_rebuild_kernel(
-        packed_ptr, scale_ptr, zero_ptr, w_ptr, out_ptr, length_ptr,
-        L, s_pl, s_sl, s_wn, s_ol,
-        C: gl.constexpr, N: gl.constexpr, GROUP: gl.constexpr,
+        packed_ptr, scale_ptr, zero_ptr, w_ptr, bias_ptr, out_ptr, length_ptr,
+        L, s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, s_ob, s_ol,
+        C: gl.constexpr, N: gl.constexpr, GROUP: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, BLOCK_F: gl.constexpr, NUM_BUF: gl.constexpr,
         num_warps: gl.constexpr,
     ):
-        r0 = gl.program_id(0) * BLOCK_N
+        num_row_blocks = gl.cdiv(L, BLOCK_N)
+        b = (gl.program_id(0) // num_row_blocks).to(gl.int64)
+        r0 = (gl.program_id(0) % num_row_blocks) * BLOCK_N
         f0 = gl.program_id(1) * BLOCK_F
         n = gl.minimum(gl.maximum(gl.load(length_ptr).to(gl.int32), 0), L)
-        if r0 >= n:
+
+        out_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+        o_rows = r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+        o_cols = f0 + gl.arange(0, BLOCK_F, layout=gl.SliceLayout(0, out_l))
+        o_ptrs = out_ptr + b * s_ob + o_rows.to(gl.int64)[:, None] * s_ol + o_cols[None, :]
+        o_mask = (o_rows < L)[:, None] & (o_cols < N)[None, :]
+        if r0 >= n:  # a row block past the fill: zeros (one CUDA graph serves every fill)
+            gl.store(o_ptrs, gl.zeros((BLOCK_N, BLOCK_F), out_ptr.dtype.element_ty, out_l), mask=o_mask)
             return
 
-        # registers: the dequantization (8 consecutive channels per thread) and the wgmma accumulator
+        # registers: the packed bytes, the dequantization (8 consecutive channels per thread), the
+        # wgmma accumulator
+        half: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
         dq: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BLOCK_F, 16])
-        # shared memory: NUM_BUF bf16 tiles of X̂ [BLOCK_N, BLOCK_C] and of W [BLOCK_F, BLOCK_C]
-        x_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_C], gl.bfloat16)
-        w_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_F, BLOCK_C], gl.bfloat16)
-        x_buf = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_N, BLOCK_C], x_sl)
-        w_buf = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_F, BLOCK_C], w_sl)
+        # shared memory: NUM_BUF tiles of X̂ [BLOCK_N, BLOCK_C] and of W [BLOCK_F, BLOCK_C]
+        dtype: gl.constexpr = w_ptr.dtype.element_ty
+        x_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_C], dtype)
+        w_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_F, BLOCK_C], dtype)
+        x_buf = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, BLOCK_C], x_sl)
+        w_buf = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_F, BLOCK_C], w_sl)
 
-        half: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])  # the packed bytes
         rows_h = (r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, half))).to(gl.int64)
         row_ok_h = rows_h < n
         rows = r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dq))
@@ -67,18 +84,18 @@ if HAS_GLUON:
         for i in range(C // BLOCK_C):
             slot = i % NUM_BUF
             cols = i * BLOCK_C + cols_in
-            # X̂ = code · scale + zero in fp32 (as quant.dequantize), rounded to bf16
             # a row's BLOCK_C / 2 bytes, split into low and high nibbles and interleaved (join + reshape)
             byte_idx = i * (BLOCK_C // 2) + gl.arange(0, BLOCK_C // 2, layout=gl.SliceLayout(0, half))
-            byte = gl.load(packed_ptr + rows_h[:, None] * s_pl + byte_idx[None, :], mask=row_ok_h[:, None],
-                           other=0).to(gl.int32)
+            byte = gl.load(packed_ptr + b * s_pb + rows_h[:, None] * s_pl + byte_idx[None, :],
+                           mask=row_ok_h[:, None], other=0).to(gl.int32)
             code = gl.convert_layout(gl.reshape(gl.join(byte & 15, byte >> 4), [BLOCK_N, BLOCK_C]), dq)
-            # one scale group per step (GROUP % BLOCK_C == 0): a scale and a zero per row, broadcast
-            sz_off = rows64 * s_sl + (i * BLOCK_C) // GROUP
-            s = gl.load(scale_ptr + sz_off, mask=row_ok, other=0.0).to(gl.float32)[:, None]
-            z = gl.load(zero_ptr + sz_off, mask=row_ok, other=0.0).to(gl.float32)[:, None]
+            # one scale group per step (GROUP % BLOCK_C == 0): a scale and a zero per row, broadcast;
+            # X̂ = code · scale + zero in fp32 (as quant.dequantize), rounded to the model dtype
+            group = (i * BLOCK_C) // GROUP
+            s = gl.load(scale_ptr + b * s_sb + rows64 * s_sl + group, mask=row_ok, other=0.0).to(gl.float32)
+            z = gl.load(zero_ptr + b * s_zb + rows64 * s_zl + group, mask=row_ok, other=0.0).to(gl.float32)
             code_f = (code | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
-            x = (code_f * s + z).to(gl.bfloat16)
+            x = (code_f * s[:, None] + z[:, None]).to(dtype)
             w = gl.load(w_ptr + feats[:, None].to(gl.int64) * s_wn + cols[None, :],
                         mask=(feats < N)[:, None], other=0.0)
             # the slot was last read by MMA i - NUM_BUF, retired by the wait of step i - NUM_BUF + 1
@@ -90,25 +107,53 @@ if HAS_GLUON:
             acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, x_buf.index(slot), w_buf.index(slot)))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-        out_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
         res = gl.convert_layout(acc, out_l)
-        o_rows = r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
-        o_cols = f0 + gl.arange(0, BLOCK_F, layout=gl.SliceLayout(0, out_l))
-        gl.store(out_ptr + o_rows.to(gl.int64)[:, None] * s_ol + o_cols[None, :], res,
-                 mask=(o_rows < n)[:, None] & (o_cols < N)[None, :])
+        if HAS_BIAS:
+            res += gl.load(bias_ptr + o_cols, mask=o_cols < N, other=0.0).to(gl.float32)[None, :]
+        res = gl.where((o_rows < n)[:, None], res, 0.0)  # rows past n are exactly 0 (no bias)
+        gl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def gluon_rebuild_launch_args(packed, scale, zero, weight, out, length, group: int, block_n: int = 64,
-                              block_c: int = 64, block_f: int = 128, num_buf: int = 2, num_warps: int = 4):
-    """(kernel, grid, args, kwargs) of one launch: what a caller (or the compile report) launches as
-    ``kernel[grid](*args, **kwargs)``."""
-    L, C = packed.shape[0], weight.shape[1]
-    N = weight.shape[0]
-    if C % block_c or group % block_c:
-        raise ValueError(f"C={C} and the scale group {group} must be multiples of block_c={block_c}")
-    grid = (-(-L // block_n), -(-N // block_f))
-    args = (packed, scale, zero, weight, out, length, L, packed.stride(0), scale.stride(0), weight.stride(0),
-            out.stride(0))
-    kwargs = dict(C=C, N=N, GROUP=group, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_F=block_f, NUM_BUF=num_buf,
-                  num_warps=num_warps)
-    return _gluon_rebuild_kernel, grid, args, kwargs
+def supports(weight: torch.Tensor, bits: int, group_size: int) -> bool:
+    """Whether the Gluon kernel handles this rebuild (else: the plain-Triton ``dequant_project``)."""
+    return (HAS_GLUON and bits == 4 and weight.dtype in (torch.bfloat16, torch.float16)
+            and group_size % BLOCK_C == 0 and weight.shape[1] % BLOCK_C == 0)
+
+
+def dequant_project_gluon_launch(packed, scale, zero, weight, bias: Optional[torch.Tensor], length, bits: int,
+                                 group_size: int, *, block_n: int = 64, block_f: int = 128, num_buf: int = 2,
+                                 num_warps: int = 4):
+    """(kernel, grid, args, kwargs, out) of one launch with ``dequant_project``'s arguments and
+    semantics; the caller launches ``kernel[grid](*args, **kwargs)`` (the compile report compiles it
+    instead). Raises ValueError for what :func:`supports` rejects."""
+    from xq_compile.kernels.dequant_project import _check_inputs
+
+    _check_inputs(packed, scale, zero, weight, bias, length, bits, group_size)
+    if not supports(weight, bits, group_size):
+        raise ValueError(f"the Gluon rebuild takes 4-bit codes, 16-bit weights and scale groups / widths that are "
+                         f"multiples of {BLOCK_C} (got bits={bits}, {weight.dtype}, group {group_size}, "
+                         f"width {weight.shape[1]}, Gluon {'present' if HAS_GLUON else 'absent'}): use "
+                         "dequant_project")
+    inner = {"packed": packed.stride(2), "scale": scale.stride(2), "zero": zero.stride(2), "weight": weight.stride(1)}
+    if any(stride != 1 for stride in inner.values()):
+        raise ValueError(f"the Gluon rebuild reads rows with unit inner strides, got {inner}: use dequant_project")
+    batch, max_len, _ = packed.shape
+    out_features, hidden = weight.shape
+    out = torch.empty((batch, max_len, out_features), device=packed.device, dtype=weight.dtype)
+    grid = (batch * -(-max_len // block_n), -(-out_features // block_f))
+    args = (packed, scale, zero, weight, weight if bias is None else bias, out, length, max_len,
+            packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
+            weight.stride(0), out.stride(0), out.stride(1))
+    kwargs = dict(C=hidden, N=out_features, GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                  BLOCK_C=BLOCK_C, BLOCK_F=block_f, NUM_BUF=num_buf, num_warps=num_warps)
+    return _gluon_rebuild_kernel, grid, args, kwargs, out
+
+
+def dequant_project_gluon(packed, scale, zero, weight, bias, length, bits: int, group_size: int,
+                          **blocks) -> torch.Tensor:
+    """``dequant_project`` through the Gluon kernel (CUDA tensors on sm_90; see :func:`supports`)."""
+    kernel, grid, args, kwargs, out = dequant_project_gluon_launch(packed, scale, zero, weight, bias, length,
+                                                                   bits, group_size, **blocks)
+    if out.numel():
+        kernel[grid](*args, **kwargs)
+    return out
