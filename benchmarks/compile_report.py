@@ -282,7 +282,8 @@ if triton is not None:
 
 
 CONTROL = "control"
-REBUILD_KERNELS = ("_scores_kernel", "_dequant_project_kernel", "_gluon_rebuild_kernel")  # must be on wgmma
+REBUILD_KERNELS = ("_scores_kernel", "_dequant_project_kernel", "_gluon_rebuild_kernel",  # must be on wgmma
+                   "_gluon_rebuild_ws_kernel")
 
 
 def control_launches(size: int = 1024) -> list[Launch]:
@@ -343,16 +344,21 @@ def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
 
 def gluon_rebuild_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
     """The Gluon K rebuild (``xq_compile.kernels.gluon_rebuild``, not dispatched) for SmolLM2's K
-    projection, as ``dequant_project_launches`` (4-bit only: the kernel decodes 4-bit codes)."""
+    projection, as ``dequant_project_launches`` (4-bit only: the kernel decodes 4-bit codes): one
+    warpgroup dequantizing and issuing the MMAs, and the warp-specialized form."""
     from xq_compile import quant
     from xq_compile.kernels import gluon_rebuild as gr
 
     x = torch.randn(1, length, 576)
     codes, scale, zero = quant.quantize(x, bits, 64)
     w = torch.randn(576, 576, dtype=dtype)
-    kernel, grid, args, kwargs, _ = gr.dequant_project_gluon_launch(
-        quant.pack(codes, bits), scale, zero, w, None, torch.tensor(length), bits, 64)
-    return [Launch(kernel, grid, args, kwargs)]
+    launches = []
+    for warp_specialize in (False, True):
+        kernel, grid, args, kwargs, _ = gr.dequant_project_gluon_launch(
+            quant.pack(codes, bits), scale, zero, w, None, torch.tensor(length), bits, 64,
+            warp_specialize=warp_specialize)
+        launches.append(Launch(kernel, grid, args, kwargs))
+    return launches
 
 
 def _parse_config(items: list[str]) -> dict:

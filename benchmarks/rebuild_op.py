@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -103,7 +104,8 @@ def measure(args) -> int:
             tol = 1e-3 if dtype == torch.float32 else 5e-2
             outs = [got, got_op]
             if gluon:
-                outs.append(gluon_rebuild.dequant_project_gluon(packed, scale, zero, w, None, length, bits, g)[:, :n])
+                outs += [gluon_rebuild.dequant_project_gluon(packed, scale, zero, w, None, length, bits, g,
+                                                             warp_specialize=ws)[:, :n] for ws in (False, True)]
             err = max((o.float() - ref.float()).abs().max().item() for o in outs)
             scale_ref = ref.float().abs().max().item()
             deq(packed, scale, zero, w, length)
@@ -114,8 +116,9 @@ def measure(args) -> int:
                 "op": lambda: op(packed, scale, zero, w, None, length, bits, g),
             }
             if gluon:
-                cands["gluon"] = lambda: gluon_rebuild.dequant_project_gluon(packed, scale, zero, w, None, length,
-                                                                             bits, g)
+                for name, ws in (("gluon", False), ("gluon_ws", True)):
+                    cands[name] = partial(gluon_rebuild.dequant_project_gluon, packed, scale, zero, w, None, length,
+                                          bits, g, warp_specialize=ws)
             for f in cands.values():
                 f()
             times = {k: [] for k in cands}
@@ -130,6 +133,7 @@ def measure(args) -> int:
             row = {"bits": bits, "n": n, "capacity": L, "median_s": med,
                    "compiled_over_mm": paired["compiled"], "op_over_mm": paired["op"],
                    "dequant_over_mm": paired["dequant"], "gluon_over_mm": paired.get("gluon"),
+                   "gluon_ws_over_mm": paired.get("gluon_ws"),
                    "ratio_of_medians": {k: med[k] / med["mm"] for k in ("compiled", "dequant", "op")},
                    "mm_gflops": 2 * B * n * d * N / med["mm"] / 1e9, "max_abs_err": err,
                    "rel_err": err / max(scale_ref, 1e-12), "ok": err <= tol * max(scale_ref, 1.0)}
@@ -137,7 +141,8 @@ def measure(args) -> int:
             print(f"bits {bits} n {n}: mm {med['mm'] * 1e3:.3f} ms ({row['mm_gflops']:.1f} GFLOP/s), "
                   f"compiled {row['compiled_over_mm']:.2f}x, dequant alone {row['dequant_over_mm']:.2f}x, "
                   f"op {row['op_over_mm']:.2f}x"
-                  + (f", gluon {row['gluon_over_mm']:.2f}x" if gluon else "") + f", rel err {row['rel_err']:.1e}",
+                  + (f", gluon {row['gluon_over_mm']:.2f}x, warp-specialized {row['gluon_ws_over_mm']:.2f}x"
+                     if gluon else "") + f", rel err {row['rel_err']:.1e}",
                   flush=True)
             write_json(args.out / "rebuild_op.json", results)
     rows = results["rows"]

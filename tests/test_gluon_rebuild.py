@@ -44,19 +44,26 @@ def test_supports_and_rejects():
         gr.dequant_project_gluon_launch(packed, scale, zero, w.T.contiguous().T, None, torch.tensor(8), 4, 64)
     kernel, grid, args, kwargs, out = gr.dequant_project_gluon_launch(packed, scale, zero, w, bias,
                                                                       torch.tensor(8), 4, 64)
-    assert grid == (1, 1) and out.shape == (1, 8, 64) and kwargs["HAS_BIAS"]
+    assert grid == (1, 1) and out.shape == (1, 8, 64) and kwargs["HAS_BIAS"] and kernel is gr._gluon_rebuild_kernel
+    kernel, *_ = gr.dequant_project_gluon_launch(packed, scale, zero, w, bias, torch.tensor(8), 4, 64,
+                                                 warp_specialize=True)
+    assert kernel is gr._gluon_rebuild_ws_kernel
 
 
 @needs_hopper
 @pytest.mark.parametrize("n", [0, 1, 100, 1000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_cuda_gluon_rebuild_matches_dequant_project(n, dtype):
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["one_warpgroup", "warp_specialized"])
+def test_cuda_gluon_rebuild_matches_dequant_project(n, dtype, warp_specialize):
     """Against the op's CPU kernel (the torch reference): batch 2, L = 1000 rows of SmolLM2's 576
-    channels, 4-bit in groups of 64, bias, the first n rows; rows past n exactly 0."""
+    channels, 4-bit in groups of 64, bias, the first n rows; rows past n exactly 0. Both forms: one
+    warpgroup dequantizing and issuing the MMAs, and dequantizing warps handing two buffers to an MMA
+    warpgroup through mbarriers (9 channel steps: each buffer changes hands 4-5 times)."""
     packed, scale, zero, w, bias = _inputs(2, 1000, 576, 576, 4, 64, dtype, seed=n)
     length = torch.tensor(n)
     expected = OP(packed, scale, zero, w, bias, length, 4, 64)
-    out = gr.dequant_project_gluon(*(t.cuda() for t in (packed, scale, zero, w, bias, length)), 4, 64)
+    out = gr.dequant_project_gluon(*(t.cuda() for t in (packed, scale, zero, w, bias, length)), 4, 64,
+                                   warp_specialize=warp_specialize)
     torch.cuda.synchronize()
     torch.testing.assert_close(out.cpu().float(), expected.float(), rtol=2e-2, atol=2e-2)
     assert (out[:, n:] == 0).all(), "rows past n must be 0"
