@@ -154,7 +154,7 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     rebuild = [r for r in reports if r["name"] in (*cr_rebuild_kernels(), "_control_matmul_kernel")]
     from xq_compile.kernels.gluon_rebuild import HAS_GLUON
 
-    if HAS_GLUON:  # the Gluon prototype (4-bit): compiled, on wgmma, one MMA group left pending in its loop
+    if HAS_GLUON:  # the Gluon K rebuild (not dispatched; 4-bit), both forms: on wgmma, one MMA group left pending
         assert names.count("_gluon_rebuild_kernel") == names.count("_gluon_rebuild_ws_kernel") == 1, names
     for r in rebuild:
         assert r["wgmma"] > 0 and max(r["wgmma_waits"]) >= 1 and not r["wgmma_serialized"], r
