@@ -38,32 +38,42 @@ BLOCK_C = 64  # channels per step: one scale group per step (groups are multiple
 if HAS_GLUON:
 
     @gluon.jit
-    def _dequant_step(packed_ptr, scale_ptr, zero_ptr, w_ptr, x_smem, w_smem, b, r0, f0, n, i,
-                      s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, N: gl.constexpr, GROUP: gl.constexpr,
-                      BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, BLOCK_F: gl.constexpr, WARPS: gl.constexpr):
-        """Channel step ``i``: X̂ [BLOCK_N, BLOCK_C] of rows r0.. (0 past n) and the W tile
-        [BLOCK_F, BLOCK_C] of features f0.., stored into the given shared-memory buffers."""
+    def dequant_x4(packed_ptr, scale_ptr, zero_ptr, b, r0, row_end, c0, s_pb, s_pl, s_sb, s_sl, s_zb, s_zl,
+                   GROUP: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, WARPS: gl.constexpr,
+                   dtype: gl.constexpr):
+        """Rows r0 .. r0 + BLOCK_N (0 from row_end on), channels c0 .. c0 + BLOCK_C of a 4-bit per-token
+        source, dequantized in fp32 (as quant.dequantize) and rounded to ``dtype``; the channels lie in
+        one scale group (GROUP % BLOCK_C == 0, c0 a multiple of BLOCK_C)."""
         # registers: the packed bytes, the dequantization (8 consecutive channels per thread)
         half: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
         dq: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
         rows_h = (r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, half))).to(gl.int64)
         rows = r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dq))
-        row_ok = rows < n
+        row_ok = rows < row_end
         rows64 = rows.to(gl.int64)
-        cols = i * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, dq))
-        feats = f0 + gl.arange(0, BLOCK_F, layout=gl.SliceLayout(1, dq))
         # a row's BLOCK_C / 2 bytes, split into low and high nibbles and interleaved (join + reshape)
-        byte_idx = i * (BLOCK_C // 2) + gl.arange(0, BLOCK_C // 2, layout=gl.SliceLayout(0, half))
+        byte_idx = c0 // 2 + gl.arange(0, BLOCK_C // 2, layout=gl.SliceLayout(0, half))
         byte = gl.load(packed_ptr + b * s_pb + rows_h[:, None] * s_pl + byte_idx[None, :],
-                       mask=(rows_h < n)[:, None], other=0).to(gl.int32)
+                       mask=(rows_h < row_end)[:, None], other=0).to(gl.int32)
         code = gl.convert_layout(gl.reshape(gl.join(byte & 15, byte >> 4), [BLOCK_N, BLOCK_C]), dq)
-        # one scale group per step (GROUP % BLOCK_C == 0): a scale and a zero per row, broadcast;
-        # X̂ = code · scale + zero in fp32 (as quant.dequantize), rounded to the model dtype
-        group = (i * BLOCK_C) // GROUP
+        # one scale and one zero per row, broadcast over the channels
+        group = c0 // GROUP
         s = gl.load(scale_ptr + b * s_sb + rows64 * s_sl + group, mask=row_ok, other=0.0).to(gl.float32)
         z = gl.load(zero_ptr + b * s_zb + rows64 * s_zl + group, mask=row_ok, other=0.0).to(gl.float32)
         code_f = (code | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
-        x_smem.store((code_f * s[:, None] + z[:, None]).to(x_smem.dtype))
+        return (code_f * s[:, None] + z[:, None]).to(dtype)
+
+    @gluon.jit
+    def _dequant_step(packed_ptr, scale_ptr, zero_ptr, w_ptr, x_smem, w_smem, b, r0, f0, n, i,
+                      s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, N: gl.constexpr, GROUP: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, BLOCK_F: gl.constexpr, WARPS: gl.constexpr):
+        """Channel step ``i``: X̂ [BLOCK_N, BLOCK_C] of rows r0.. (0 past n) and the W tile
+        [BLOCK_F, BLOCK_C] of features f0.., stored into the given shared-memory buffers."""
+        x_smem.store(dequant_x4(packed_ptr, scale_ptr, zero_ptr, b, r0, n, i * BLOCK_C, s_pb, s_pl, s_sb, s_sl,
+                                s_zb, s_zl, GROUP, BLOCK_N, BLOCK_C, WARPS, x_smem.dtype))
+        dq: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+        cols = i * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, dq))
+        feats = f0 + gl.arange(0, BLOCK_F, layout=gl.SliceLayout(1, dq))
         w_smem.store(gl.load(w_ptr + feats[:, None].to(gl.int64) * s_wn + cols[None, :],
                              mask=(feats < N)[:, None], other=0.0))
 

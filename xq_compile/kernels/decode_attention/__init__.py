@@ -47,7 +47,8 @@ shared source).
 Modules: ``inputs`` (:class:`QuantizedSource`, :class:`DecodeAttentionInputs` and their checks: the op's
 flat arguments become these once, at the op boundary), ``op`` (the custom op), ``reference`` (the torch
 reference, the CPU kernel), ``config`` (launch configuration), ``triton_kernels`` (the kernels and their
-launcher).
+launcher), ``gluon_values`` (an opt-in Gluon values stage for Hopper, ``values_kernel="gluon"``; checked
+on a GPU only).
 
 Triton is optional: without it the package imports and the CPU kernel works; only dispatching CUDA
 tensors to the op raises (asking to install triton).

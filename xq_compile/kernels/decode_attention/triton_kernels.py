@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from xq_compile.kernels.decode_attention import config as launch_config
+from xq_compile.kernels.decode_attention import gluon_values
 from xq_compile.kernels.decode_attention.config import pow2_at_least_16
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, QuantizedSource
 from xq_compile.kernels.tiles import next_power_of_2, scale_broadcast
@@ -309,6 +310,21 @@ if HAS_TRITON:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def _launch_gluon_values(flat_scores, values: QuantizedSource, length, acc, m_part, l_part, max_len: int,
+                         m_all: int, v_width: int, splits: int, dtype: torch.dtype) -> None:
+    """Launch 2 through the Gluon values kernel (same outputs as ``_values_kernel``)."""
+    batch = flat_scores.shape[0]
+    block_m, block_n, block_cv = gluon_values.BLOCK_M, gluon_values.BLOCK_N, gluon_values.BLOCK_CV
+    grid = (batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))
+    gluon_values._gluon_values_kernel[grid](
+        flat_scores, values.packed, values.scale, values.zero, length, acc, m_part, l_part, max_len, m_all,
+        *flat_scores.stride(), values.packed.stride(0), values.packed.stride(1), values.scale.stride(0),
+        values.scale.stride(1), values.zero.stride(0), values.zero.stride(1), *acc.stride(), *m_part.stride(),
+        DTYPE=_TL_DTYPES[dtype], GROUP=values.group, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_CV=block_cv, NUM_BUF=2, num_warps=4,
+    )
+
+
 def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
     """Pointers and strides of a source for ``dequant_tile`` (absent tensors: any valid pointer, stride 0)."""
     tail = source.packed if source.tail is None else source.tail
@@ -319,7 +335,8 @@ def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
             (*source.packed.stride(), *source.scale.stride(), *source.zero.stride(), *t_strides, *c_strides))
 
 
-def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, **config: int) -> torch.Tensor:
+def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, *, values_kernel: str = "triton",
+                            **config: int) -> torch.Tensor:
     """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
 
     Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
@@ -328,6 +345,8 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the
     scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead of
     the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
+    ``values_kernel="gluon"``: the values stage through the Gluon kernel (``gluon_values``; Hopper only,
+    checked on a GPU only, not the op's default) where it supports the value source, else the Triton one.
     """
     if not HAS_TRITON:
         raise RuntimeError(
@@ -400,18 +419,25 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
     m_part = torch.empty((batch, splits, m_all), device=dev, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
-        flat_scores, *v_ptrs, a.length, acc, m_part, l_part,
-        max_len, m_all, v_width, values.packed.shape[2],
-        *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
-        BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
-        HAS_COL0=a.values is None and a.col0 is not None,
-        SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
-        OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
-        BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv,
-        # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
-        num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
-    )
+    if values_kernel not in ("triton", "gluon"):
+        raise ValueError(f"values_kernel={values_kernel!r}: 'triton' or 'gluon'")
+    if values_kernel == "gluon" and gluon_values.supports(values, a.col0 if a.values is None else None, dtype,
+                                                          v_width):
+        _launch_gluon_values(flat_scores, values, a.length, acc, m_part, l_part, max_len, m_all, v_width, splits,
+                             dtype)
+    else:
+        _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
+            flat_scores, *v_ptrs, a.length, acc, m_part, l_part,
+            max_len, m_all, v_width, values.packed.shape[2],
+            *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
+            BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
+            HAS_COL0=a.values is None and a.col0 is not None,
+            SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
+            OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
+            BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv,
+            # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
+            num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
+        )
 
     # 3. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
     _reduce_kernel[(batch * kv_heads,)](
