@@ -159,3 +159,26 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     for r in rebuild:
         assert r["wgmma"] > 0 and max(r["wgmma_waits"]) >= 1 and not r["wgmma_serialized"], r
         assert r["wgmma_in_flight"] and r["loop_spill_instructions"] == 0, r
+
+
+@pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
+def test_gluon_values_kernel_keeps_its_mma_in_flight(tmp_path):
+    """The opt-in Gluon values stage at S = 16 (7B MHA shape: 512 query rows, where the Triton values
+    kernel waits for every wgmma): on wgmma, ``wait_group 1`` in its loop, not serialized by ptxas (the
+    peeled first step), no spills in the loop."""
+    from xq_compile.kernels.gluon_rebuild import HAS_GLUON
+
+    if not HAS_GLUON:
+        pytest.skip("triton without Gluon")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--shape", "llama7b", "--bits", "4",
+         "--queries", "16", "--values-kernel", "gluon", "--no-dequant-project", "--no-gluon",
+         "--json", str(tmp_path / "report.json")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    (values,) = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["name"] == "_gluon_values_kernel"]
+    assert values["wgmma"] > 0 and values["wgmma_waits"] == [0, 1] and not values["wgmma_serialized"], values
+    assert values["wgmma_in_flight"] and values["loop_spill_instructions"] == 0, values
