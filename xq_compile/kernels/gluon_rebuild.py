@@ -29,7 +29,7 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
-except ImportError:  # triton < 3.4 (or without Gluon): the plain-Triton kernels are the only path
+except (ImportError, AttributeError):  # triton < 3.4, or a Gluon API this code does not know: Triton only
     gluon = None
 
 HAS_GLUON = gluon is not None
