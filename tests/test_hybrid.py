@@ -1,0 +1,104 @@
+"""Hybrid models: sliding-window layers keep the model's own K/V window (transformers' static sliding-window
+layer, exact), full-attention layers get the XQuant form. Sequences run past the window."""
+
+import pytest
+import torch
+import transformers as tf
+
+import xq_compile as xq
+from xq_compile.backend import collect_records
+from xq_compile.cache import ModelWindowLayer, XQuantLayer
+from xq_compile.simulate import simulate_xquant
+
+from conftest import decode_inputs, max_error, reference_logits, run_calls
+
+WINDOW = 8
+CAPACITY = 32
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+ALTERNATING = ["sliding_attention", "full_attention"] * 2
+FAMILIES = {
+    "qwen2": lambda: tf.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, layer_types=ALTERNATING),
+    "gemma2": lambda: tf.Gemma2Config(**COMMON, head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING),
+}
+AOT_EAGER = xq.make_xquant_backend("aot_eager")
+KEPT = f"sliding-window layer (window {WINDOW}): K/V kept in the model's own window cache"
+
+
+def build(family, seed=0):
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # weights large enough that K/V errors (and the window) visibly move the logits
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("k_proj", "q_proj")):
+                p.mul_(4)
+    return model
+
+
+def compiled(model, xquant, calls, backend=AOT_EAGER):
+    cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=CAPACITY, xquant=xquant)
+    return run_calls(torch.compile(model.forward, backend=backend, fullgraph=True), cache, calls), cache
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_unquantized_hybrid_is_exact_past_the_window(family):
+    model = build(family)
+    calls = decode_inputs(steps=12)  # 6-token prompt + 12 decode steps: 18 tokens > window 8
+    torch.compiler.reset()
+    with collect_records() as records:
+        out, cache = compiled(model, xq.XQuantConfig(bits=None, group_size=16), calls)
+    reference = reference_logits(model, calls, CAPACITY)  # transformers' StaticCache: windows on sliding layers
+    assert max_error(out, reference) < 1e-4
+    # the window matters: the same model with every layer attending to everything differs
+    model.config.layer_types = ["full_attention"] * 4
+    assert max_error(reference_logits(model, calls, CAPACITY), reference) > 1e-2
+    assert [type(layer) for layer in cache.layers] == [ModelWindowLayer, XQuantLayer] * 2
+    for record in records:  # prefill, decode before and after the window fills: every layer reported
+        assert [(r.layer, r.status) for r in record.reports] == [
+            (0, "kept"), (1, "rewritten"), (2, "kept"), (3, "rewritten")]
+        assert {r.reason for r in record.reports if r.status == "kept"} == {KEPT}
+        assert record.skipped == 0
+    assert int(cache.layers[0].cumulative_length_int) == 18
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_quantized_hybrid_matches_the_simulation(family):
+    model = build(family)
+    calls = decode_inputs(steps=12)
+    config = xq.XQuantConfig(bits=4, group_size=16)
+    torch.compiler.reset()
+    out, _ = compiled(model, config, calls)
+    with simulate_xquant(model, config):
+        simulated = reference_logits(model, calls, CAPACITY)
+    exact = reference_logits(model, calls, CAPACITY)
+    assert max_error(out, simulated) < 2e-4 < max_error(simulated, exact)
+
+
+def test_memory_counts_the_window_exactly():
+    config = FAMILIES["qwen2"]()
+    for bits, capacity in ((None, 4), (4, 4), (4, 32), (2, 200)):
+        xquant = xq.XQuantConfig(bits=bits, group_size=16)
+        cache = xq.XQuantCache(config, max_batch_size=2, max_cache_len=capacity, xquant=xquant)
+        report = xq.memory_report(config, xquant, capacity, batch=2)
+        assert cache.nbytes() == report.xquant.total_at
+        # the two sliding layers: K and V of 2 heads x 16 in fp32, min(capacity, window) rows, 2 sequences
+        window = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers[::2])
+        assert window == 2 * 2 * 2 * 2 * 16 * 4 * min(capacity, WINDOW)
+        assert sum(report.xquant_layers[i].total_at for i in (0, 2)) == window
+        # fp16 K/V as the model's own cache holds it: full layers n rows, sliding layers their window
+        fp16 = 2 * (2 * 2 * 32 * 2) * (capacity + min(capacity, WINDOW))
+        assert report.fp16_kv.total_at == xq.fp16_kv_cache_bytes(config, 2, capacity) == fp16
+    # past the window, a token costs only the full layers' X state (+ its position)
+    assert report.xquant_layers[0].per_token == 0 and report.xquant_layers[1].per_token > 0
+
+
+def test_refusals_name_the_fix():
+    config = FAMILIES["qwen2"]()
+    with pytest.raises(ValueError, match="cross_layer=False"):
+        xq.XQuantCache(config, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(cross_layer=True,
+                                                                                            group_size=16))
+    every = tf.MistralConfig(**COMMON, sliding_window=WINDOW)  # no layer_types: every layer slides
+    with pytest.raises(ValueError, match="every layer of this model is a sliding-window layer.*StaticCache"):
+        xq.XQuantCache(every, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(group_size=16))
