@@ -86,8 +86,13 @@ class XQuantRewrite:
         sites.sort(key=lambda s: order[s.key.append.node])
         appends = []
         kept = _window_layers(state)  # sliding-window layers: left as the model wrote them
+        state.longest_buffer = _longest_buffer(state, sites)
         for site in sites:
             if site.layer in kept:
+                continue
+            window = state.model_window(site)
+            if window is not None:
+                reports.append(SiteReport(site.layer, "kept", window))
                 continue
             layer = state.layer_for(site)
             if isinstance(layer, str):
@@ -112,6 +117,14 @@ def _window_layers(state: GraphState) -> dict:
     """Layer index -> ModelWindowLayer, for the sliding-window layers of an XQuantCache in this graph."""
     layers = (window_layer_of(t) for t in state.example_inputs[:len(state.placeholders)] if isinstance(t, torch.Tensor))
     return {layer.layer_idx: layer for layer in layers if layer is not None}
+
+
+def _longest_buffer(state: GraphState, sites: list[Site]) -> int:
+    """Rows of the longest K cache written in this graph (options= mode tells sliding windows by it)."""
+    caches = [state.example_inputs[state.arg_index[s.key.append.cache]] for s in sites
+              if s.key.append.cache in state.arg_index]
+    rows = [c.shape[2] for c in caches if isinstance(c, torch.Tensor) and c.dim() == 4]
+    return max([r for r in rows if isinstance(r, int)], default=0)
 
 
 def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> None:

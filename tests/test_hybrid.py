@@ -125,3 +125,27 @@ def test_explain_counts_the_window_layers_as_allocated():
     assert f"| 0 | kept | {KEPT} | 32 | 64 | 0.50x | 0 | - |" in text
     assert "2/4 layers rewritten, 2 kept as the model's own K/V window" in text
     assert [n for n, _, _ in e.ratio_by_capacity()][0] == CAPACITY
+
+
+def test_static_cache_with_options_keeps_the_sliding_windows():
+    """options= mode has no XQuantCache to say which layers slide: transformers' StaticCache gives a sliding
+    layer a shorter buffer (the window) than the full layers, and the pass leaves those as they are."""
+    from transformers import StaticCache
+
+    model = build("qwen2")
+    calls = decode_inputs(steps=12)
+    cache = StaticCache(config=model.config, max_cache_len=CAPACITY)
+    cache.early_initialization(2, 2, 16, torch.float32, torch.device("cpu"))  # allocated before compiling
+    torch.compiler.reset()
+    forward = torch.compile(model.forward, backend=AOT_EAGER, options={"bits": None, "group_size": 16},
+                            fullgraph=True)
+    with collect_records() as records:
+        out = run_calls(forward, cache, calls)
+    assert max_error(out, reference_logits(model, calls, CAPACITY)) < 1e-4
+    assert len(records) >= 3  # prefill, decode, decode once the window is full (it rolls)
+    for record in records:
+        assert [(r.layer, r.status) for r in record.reports] == [
+            (0, "kept"), (1, "rewritten"), (2, "kept"), (3, "rewritten")]
+        assert "holds 8 rows, the full layers' 32" in record.reports[0].reason
+    # the full layers' K/V were never written (their X state was); the windows were, by the model's code
+    assert cache.layers[1].keys.count_nonzero() == 0 and cache.layers[0].keys.count_nonzero() > 0
