@@ -149,3 +149,14 @@ def test_static_cache_with_options_keeps_the_sliding_windows():
         assert "holds 8 rows, the full layers' 32" in record.reports[0].reason
     # the full layers' K/V were never written (their X state was); the windows were, by the model's code
     assert cache.layers[1].keys.count_nonzero() == 0 and cache.layers[0].keys.count_nonzero() > 0
+
+
+def test_window_layers_reorder_in_place():
+    cache = xq.XQuantCache(FAMILIES["qwen2"](), max_batch_size=2, max_cache_len=CAPACITY,
+                           xquant=xq.XQuantConfig(bits=4, group_size=16))
+    window = cache.layers[0]
+    keys = window.keys
+    keys[1].fill_(1.0)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert window.keys is keys and keys[0].eq(1).all() and keys[1].eq(0).all()
+    assert xq.cache.window_layer_of(keys) is window

@@ -8,7 +8,9 @@ fails loudly instead of silently corrupting the X cache.
 
 Each layer's state is what its cache form (:mod:`xq_compile.forms`) specifies: e.g. packed codes +
 fp16 scale/zero per token for the X form, the key and value latents for GQA models.
-Shared by all layers: positions int64 [B, L], the position id each cached row was written with
+A sliding-window layer keeps the model's own K/V window instead (:class:`ModelWindowLayer`, transformers'
+static sliding-window layer): the pass leaves it as the model wrote it.
+Shared by all X layers: positions int64 [B, L], the position id each cached row was written with
 (RoPE is re-applied to rebuilt keys at these positions, so left-padded rows keep their own).
 """
 
@@ -267,7 +269,6 @@ class ModelWindowLayer(StaticSlidingWindowLayer):
         # compiled graphs take these tensors as inputs, so they must exist (at fixed addresses) before.
         empty = torch.zeros(batch_size, form.num_kv_heads, 0, form.head_dim, dtype=dtype, device=device)
         self.lazy_initialization(empty, empty)
-        self.state = {"keys": self.keys, "values": self.values}
         for name, tensor in self.state.items():  # memory_report counts the form's spec: they must agree
             if tuple(tensor.shape) != spec[name].shape or tensor.dtype != spec[name].dtype:
                 raise RuntimeError(
@@ -278,9 +279,20 @@ class ModelWindowLayer(StaticSlidingWindowLayer):
         _WINDOW_OF_PLACEHOLDER[self.keys] = self
         _WINDOW_OF_PLACEHOLDER[self.values] = self
 
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the form's spec."""
+        return {"keys": self.keys, "values": self.values}
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer owns (what nbytes counts)."""
         return [self.keys, self.values, self.cumulative_length]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # in place (transformers' own assigns new tensors): the compiled graphs hold these addresses
+        beam_idx = beam_idx.to(self.keys.device)
+        for tensor in (self.keys, self.values):
+            tensor.copy_(tensor.index_select(0, beam_idx))
 
 
 class XQuantCache(Cache):

@@ -208,7 +208,7 @@ def memory_report(model_config, xquant: XQuantConfig, seq_len: int, batch: int =
     per_layer = []
     for i in range(layers):
         rate, rows = _layer_bytes(model_config, xquant, i, dtype_bytes)
-        per_layer.append(CacheMemory(f"xquant_layer{i}", f"layer {i}: {_layer_form(model_config, xquant, i).describe()}",
-                                     rate, B * rows, 0, seq_len, B))
+        what = _layer_form(model_config, xquant, i).describe()
+        per_layer.append(CacheMemory(f"xquant_layer{i}", f"layer {i}: {what}", rate, B * rows, 0, seq_len, B))
     working = (2 * 4 if xquant.cross_layer else dtype_bytes) * B * N * hidden
     return MemoryReport(fp16, kivi, x_cache, seq_len, B, working, tuple(per_layer))
