@@ -60,7 +60,7 @@ def layer_types_and_windows(config) -> tuple[list[str], list[int | None]]:
         types = list(getattr(config, "layer_types", None) or [default] * config.num_hidden_layers)
         return types, [window if t == "sliding_attention" else None for t in types]
     types, kwargs = get_layer_types_and_kwargs(config)
-    # transformers 5.17-5.19 return one kwargs dict for all layers, later releases one per layer
+    # transformers 5.17 and 5.18 return one kwargs dict for all layers, 5.19 on one per layer
     per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(types)
     return list(types), [k.get("sliding_window") if t == "sliding_attention" else None
                          for t, k in zip(types, per_layer)]
