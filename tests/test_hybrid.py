@@ -160,3 +160,14 @@ def test_window_layers_reorder_in_place():
     cache.reorder_cache(torch.tensor([1, 0]))
     assert window.keys is keys and keys[0].eq(1).all() and keys[1].eq(0).all()
     assert xq.cache.window_layer_of(keys) is window
+
+
+def test_compile_model_generates_past_the_window_as_transformers_does():
+    model = build("qwen2")
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(ids, max_new_tokens=14, do_sample=False, cache_implementation="static",
+                              disable_compile=True)
+    torch.compiler.reset()
+    xq.compile_model(model, xq.XQuantConfig(bits=None, group_size=16), max_cache_len=CAPACITY, backend=AOT_EAGER)
+    assert torch.equal(model.generate(ids, max_new_tokens=14, do_sample=False), expected)  # 20 tokens, window 8
+    assert xq.COMPILE_LOG[-1].kept == 2 and xq.COMPILE_LOG[-1].rewritten == 2
