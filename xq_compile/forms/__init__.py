@@ -52,9 +52,10 @@ def layer_shapes(model_config) -> list[LayerShape]:
 
 def layer_types_and_windows(config) -> tuple[list[str], list[int | None]]:
     """(attention type, sliding window or None) of each layer, as transformers' StaticCache reads them."""
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-    except ImportError:  # not a transformers release we support; a plain config: layer_types or one window
+    from transformers import PretrainedConfig
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    if not isinstance(config, PretrainedConfig):  # e.g. a gpt-fast ModelArgs: layer_types, or one window
         window = getattr(config, "sliding_window", None)
         default = "sliding_attention" if window is not None else "full_attention"
         types = list(getattr(config, "layer_types", None) or [default] * config.num_hidden_layers)
