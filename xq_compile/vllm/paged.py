@@ -88,14 +88,15 @@ def store(pages: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor, layo
 
 def gather(pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...], xquant: XQuantConfig,
            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """X̂ of every request's rows, ``[R, max_seq_len, d]``, and which rows exist ``[R, max_seq_len]``."""
+    """X̂ of every request's rows, packed ``[sum(seq_lens), d]`` (request by request, in position order),
+    and where they sit in the padded ``[R, max_seq_len]`` batch (a bool mask). Only existing rows are
+    read and dequantized: the rebuild cost follows the tokens held, not R x the longest request."""
     block_size = pages.shape[2]
     rows = torch.arange(batch.max_seq_len, device=pages.device)
-    which = (rows // block_size).clamp(max=batch.block_table.shape[1] - 1)
-    blocks = batch.block_table.long().index_select(1, which)  # [R, M]
-    valid = rows < batch.seq_lens.long().unsqueeze(1)
-    blocks = torch.where(valid, blocks, 0)  # unused table entries may hold anything
-    raw = pages[blocks, 0, (rows % block_size).expand_as(blocks)]  # [R, M, C]
+    valid = rows < batch.seq_lens.long().unsqueeze(1)  # [R, M]
+    request, position = valid.nonzero(as_tuple=True)
+    blocks = batch.block_table.long()[request, position // block_size]
+    raw = pages[blocks, 0, position % block_size]  # [T, C]
     return x_hat(decode_rows(layout, raw), xquant, dtype), valid
 
 
@@ -109,9 +110,10 @@ def absorb_values(xquant: XQuantConfig, max_query_len: int, proj: Projection) ->
 def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: PagedBatch, proj: Projection,
            rope: Rope, absorb: bool) -> torch.Tensor:
     """Causal attention of each request's new tokens (``query`` [N, heads * head_dim], RoPE applied) over
-    its rows X̂ ``[R, M, d]``; returns [N, heads * head_dim] in the flat token order."""
+    its rows X̂ (packed, with their places ``valid`` [R, M]: see :func:`gather`); returns
+    [N, heads * head_dim] in the flat token order."""
     num_tokens, heads, kv_heads, head_dim = query.shape[0], proj.num_heads, proj.num_kv_heads, proj.head_dim
-    requests, max_len, width = rows.shape
+    requests, max_len = valid.shape
     starts = batch.query_start_loc.long()
     query_lens = starts[1:] - starts[:-1]
     token = torch.arange(num_tokens, device=query.device)
@@ -127,12 +129,17 @@ def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: 
                                                                                  device=query.device)
     mask = (positions <= query_pos.unsqueeze(-1)) & valid.unsqueeze(1)  # [R, Q, M]
 
-    keys = F.linear(rows, proj.k_weight, proj.k_bias).flatten(0, 1)
-    keys = rope(positions.repeat(requests), keys).view(requests, max_len, kv_heads, head_dim).transpose(1, 2)
+    def padded(packed: torch.Tensor) -> torch.Tensor:  # [T, ...] -> [R, M, ...], zeros where no row
+        out = packed.new_zeros(requests, max_len, *packed.shape[1:])
+        out[valid] = packed
+        return out
+
+    keys = rope(positions.expand(requests, -1)[valid], F.linear(rows, proj.k_weight, proj.k_bias))
+    keys = padded(keys).view(requests, max_len, kv_heads, head_dim).transpose(1, 2)
     if absorb:
-        out = _absorbed_attention(padded_q, keys, rows, mask, proj)
+        out = _absorbed_attention(padded_q, keys, padded(rows), mask, proj)
     else:
-        values = F.linear(rows, proj.v_weight, proj.v_bias).view(requests, max_len, kv_heads, head_dim)
+        values = padded(F.linear(rows, proj.v_weight, proj.v_bias)).view(requests, max_len, kv_heads, head_dim)
         out = F.scaled_dot_product_attention(padded_q, keys, values.transpose(1, 2), attn_mask=mask.unsqueeze(1),
                                              scale=proj.scale, enable_gqa=kv_heads != heads)
     return out.transpose(1, 2)[request, local].reshape(num_tokens, heads * head_dim)
