@@ -26,15 +26,19 @@ class Served:
     prompt_nll: float  # mean negative log-likelihood of the prompts' own tokens (prompt_logprobs)
     capacity_tokens: int  # what vLLM reports as "KV cache size: N tokens" (blocks x block size)
     preemptions: int
+    prefix_cache_hits: int  # prompt tokens whose cached rows were reused from another request
 
 
 def prompt_ids(tokenizer) -> list[list[int]]:
     return [tokenizer(p).input_ids for p in PROMPTS]
 
 
-def serve(variant: str, xquant=None, *, dtype: str = "float32", prompts: int = len(PROMPTS), **engine: object) -> Served:
-    """Start an engine on SmolLM2 (``"mha"`` or ``"gqa"``), stock or with the X cache, generate greedily for
-    the first ``prompts`` prompts all submitted at once, shut the engine down."""
+def serve(variant: str, xquant=None, *, dtype: str = "float32", prompts: int = len(PROMPTS),
+          new_tokens: int = NEW_TOKENS, prompt_logprobs: bool = True, **engine: object) -> Served:
+    """Start an engine on SmolLM2 (``"mha"`` or ``"gqa"``, or a model folder), stock or with the X cache,
+    generate greedily for the first ``prompts`` prompts all submitted at once, shut the engine down.
+    ``prompt_logprobs`` (the prompts' likelihood) makes vLLM compute every prompt token, so it turns off
+    the reuse of cached prefixes."""
     from vllm import LLM, SamplingParams
 
     from xq_compile.models import smollm2_hf_dir
@@ -46,20 +50,23 @@ def serve(variant: str, xquant=None, *, dtype: str = "float32", prompts: int = l
     kwargs.update(engine)
     if xquant is not None:
         kwargs.update(engine_args(xquant))
-    llm = LLM(str(smollm2_hf_dir(variant)), **kwargs)
+    llm = LLM(str(smollm2_hf_dir(variant)) if variant in ("mha", "gqa") else variant, **kwargs)
     try:
         ids = prompt_ids(llm.get_tokenizer())[:prompts]
-        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=0)
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
+                                prompt_logprobs=0 if prompt_logprobs else None)
         outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
         nll, count = 0.0, 0
-        for out in outs:
+        for out in outs if prompt_logprobs else ():
             for token, logprobs in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
                 nll -= logprobs[token].logprob
                 count += 1
         config = llm.llm_engine.vllm_config.cache_config
-        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-        return Served(tokens=[list(o.outputs[0].token_ids) for o in outs], prompt_nll=nll / count,
-                      capacity_tokens=config.num_gpu_blocks * config.block_size, preemptions=int(preemptions))
+        metrics = {m.name: m for m in llm.get_metrics()}
+        return Served(tokens=[list(o.outputs[0].token_ids) for o in outs], prompt_nll=nll / max(count, 1),
+                      capacity_tokens=config.num_gpu_blocks * config.block_size,
+                      preemptions=int(metrics["vllm:num_preemptions"].value),
+                      prefix_cache_hits=int(metrics["vllm:prefix_cache_hits"].value))
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -106,3 +113,34 @@ def disagreements(served: Served, ref: Reference, prompts: list[list[int]]) -> l
             if best != token:
                 out.append((r, step, float(logits[step, best] - logits[step, token])))
     return out
+
+
+def twelve_head_dir() -> str:
+    """SmolLM2's MHA variant with 3 more attention heads whose weights are zero (their output is zero and
+    o_proj ignores it): the same function, with a head count tensor parallelism 2 can split (9 cannot;
+    transformers wants the hidden size 576 to be a multiple of the head count: 12 is the next)."""
+    from transformers import AutoTokenizer
+
+    from xq_compile.models import cache_dir, load_smollm2, smollm2_hf_dir
+
+    path = cache_dir() / "models" / "smollm2-135m-mha-12-heads-v1"
+    if (path / "config.json").is_file():
+        return str(path)
+    model, _ = load_smollm2("mha")
+    head_dim, extra = model.config.head_dim, 3 * model.config.head_dim
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.weight = torch.nn.Parameter(torch.cat([proj.weight, proj.weight.new_zeros(extra, proj.in_features)]))
+                proj.out_features += extra
+            attn.o_proj.weight = torch.nn.Parameter(
+                torch.cat([attn.o_proj.weight, attn.o_proj.weight.new_zeros(attn.o_proj.out_features, extra)], 1))
+            attn.o_proj.in_features += extra
+    model.config.num_attention_heads = model.config.num_key_value_heads = 12
+    model.config.head_dim = head_dim
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(smollm2_hf_dir("mha"))).save_pretrained(tmp)
+    tmp.rename(path)
+    return str(path)
