@@ -103,3 +103,24 @@ def test_absorb_rule_follows_the_query_length():
     assert paged.absorb_values(XQuantConfig(bits=4), 1, proj)  # decode: absorb
     assert not paged.absorb_values(XQuantConfig(bits=4), 128, proj)  # a prefill chunk: rebuild V
     assert not paged.absorb_values(XQuantConfig(bits=4, absorb_values=False), 1, proj)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_sharded_by_token_merges_to_the_full_attention(kv_heads):
+    """Decode context parallelism: rows dealt round-robin to 3 ranks, each attends over its own rows; the
+    merged result is the attention over all rows (a query that sees no row on a rank is handled)."""
+    torch.manual_seed(0)
+    heads, queries, rows, dim = 4, 3, 10, 8
+    q = torch.randn(2, heads, queries, dim)
+    keys, values = torch.randn(2, kv_heads, rows, dim), torch.randn(2, kv_heads, rows, dim)
+    mask = torch.arange(rows)[None, None] <= torch.tensor([[1, 5, 9], [0, 4, 7]])[..., None]  # causal, per request
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), scale=0.3,
+                                          enable_gqa=kv_heads != heads)
+    full, full_lse = paged.attention_with_lse(q, keys, values, mask, 0.3)
+    torch.testing.assert_close(full, want, atol=1e-5, rtol=1e-5)
+    parts = [paged.attention_with_lse(q, keys[..., r::3, :], values[..., r::3, :], mask[..., r::3], 0.3)
+             for r in range(3)]
+    assert torch.isinf(parts[1][1][1, :, 0]).all()  # request 1's first query sees row 0 only (rank 0)
+    merged, lse = paged.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse)

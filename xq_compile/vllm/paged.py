@@ -161,3 +161,31 @@ def _absorbed_attention(q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor,
     if proj.v_bias is not None:
         out = out + proj.v_bias.view(1, kv_heads, 1, 1, head_dim)
     return out.reshape(requests, heads, queries, head_dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode context parallelism (rows sharded by token across ranks): each rank attends over its own rows
+# and returns the softmax log-sum-exp; the partial outputs merge exactly. Not wired into the plugin yet
+# (vLLM 0.32 runs decode context parallelism on GPU backends only).
+
+
+def attention_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` [..., H, Q, D] over ``keys``/``values`` [..., KV, M, D] (query head h uses KV head
+    h // (H / KV)) where ``mask`` [..., Q, M] allows; returns the output [..., H, Q, D] and the log-sum-exp
+    of the scaled scores [..., H, Q] (-inf, with a zero output, where a query sees no row here)."""
+    group = q.shape[-3] // keys.shape[-3]
+    keys, values = keys.repeat_interleave(group, -3), values.repeat_interleave(group, -3)
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return (weights @ values.float()).to(q.dtype), lse
+
+
+def merge_attention(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine partial attentions over disjoint row sets (:func:`attention_with_lse` on each shard) into
+    the attention over their union, and its log-sum-exp."""
+    lse = torch.logsumexp(torch.stack(lses), 0)
+    merged = sum(out.float() * torch.exp(part - lse).nan_to_num(0.0).unsqueeze(-1) for out, part in zip(outputs, lses))
+    return merged.to(outputs[0].dtype), lse
