@@ -1,8 +1,9 @@
 """Helpers for the vLLM serving tests: run an engine on the 16 prompts, and the torch reference.
 
 These tests run in the vLLM environment (``bash scripts/setup_vllm.sh``, then
-``.venv-vllm/bin/python -m pytest -q tests/vllm``). Nothing here imports vLLM at module level: in the
-main environment the test modules skip themselves (``pytest.importorskip("vllm")``).
+``.venv-vllm/bin/python -m pytest -q tests/vllm_serving``). Nothing here imports vLLM at module level: in
+the main environment the test modules skip themselves (``pytest.importorskip("vllm")``). The folder is not
+called ``vllm``: on sys.path it would pass for the vllm package.
 """
 
 from __future__ import annotations
