@@ -124,3 +124,19 @@ def test_attention_sharded_by_token_merges_to_the_full_attention(kv_heads):
     merged, lse = paged.merge_attention([p[0] for p in parts], [p[1] for p in parts])
     torch.testing.assert_close(merged, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, full_lse)
+
+
+def test_engine_args_select_the_plugin_and_refuse_what_it_does_not_serve():
+    import json
+
+    from xq_compile.vllm import engine_args, serve_flags
+
+    args = engine_args(XQuantConfig(bits=4, form="x"))
+    assert args["hf_overrides"]["architectures"] == ["XQuantLlamaForCausalLM"]
+    assert XQuantConfig.from_options(args["hf_overrides"]["xquant"]) == XQuantConfig(bits=4, form="x")
+    assert json.loads(serve_flags(XQuantConfig(bits=4, form="x"))[1]) == args["hf_overrides"]
+    for config in (XQuantConfig(cross_layer=True), XQuantConfig(form="latent"), XQuantConfig(layer_bits=(4, 2))):
+        with pytest.raises(NotImplementedError, match="does not serve"):
+            engine_args(config)
+    with pytest.raises(ValueError, match="serves"):
+        engine_args(XQuantConfig(), architecture="Qwen2ForCausalLM")

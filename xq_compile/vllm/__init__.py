@@ -21,8 +21,8 @@ from typing import Any
 from ..config import XQuantConfig
 from .layout import StateField, bytes_per_token, token_state_layout
 
-__all__ = ["ARCHITECTURES", "StateField", "bytes_per_token", "engine_args", "register", "serve_flags",
-           "token_state_layout"]
+__all__ = ["ARCHITECTURES", "StateField", "bytes_per_token", "check_servable", "engine_args", "register",
+           "serve_flags", "token_state_layout"]
 
 # The stock architecture each served class stands in for (Llama family first).
 ARCHITECTURES = {"LlamaForCausalLM": "XQuantLlamaForCausalLM"}
@@ -35,11 +35,19 @@ def engine_args(xquant: XQuantConfig, architecture: str = "LlamaForCausalLM") ->
         raise TypeError(f"engine_args takes an XQuantConfig, got {type(xquant).__name__}")
     if architecture not in ARCHITECTURES:
         raise ValueError(f"the vLLM plugin serves {sorted(ARCHITECTURES)} so far, not {architecture!r}")
-    unsupported = [name for name, on in (("cross_layer", xquant.cross_layer), ("layer_bits", xquant.layer_bits),
-                                         ("keep_channel0", xquant.keep_channel0)) if on]
-    if unsupported:
-        raise NotImplementedError(f"the vLLM plugin does not serve XQuantConfig({', '.join(unsupported)}) yet")
+    check_servable(xquant)
     return {"hf_overrides": {"architectures": [ARCHITECTURES[architecture]], "xquant": dataclasses.asdict(xquant)}}
+
+
+def check_servable(xquant: XQuantConfig) -> None:
+    """Refuse the settings the plugin does not serve yet (before any engine starts)."""
+    unsupported = [name for name, on in (("cross_layer", xquant.cross_layer), ("layer_bits", xquant.layer_bits),
+                                         ("keep_channel0", xquant.keep_channel0), ("form='latent'",
+                                                                                   xquant.form == "latent")) if on]
+    if unsupported:
+        raise NotImplementedError(
+            f"the vLLM plugin does not serve XQuantConfig({', '.join(unsupported)}) yet: it caches X itself "
+            "(form='x'), one code width for all layers.")
 
 
 def serve_flags(xquant: XQuantConfig, architecture: str = "LlamaForCausalLM") -> list[str]:

@@ -34,7 +34,11 @@ def xquant_of(hf_config) -> XQuantConfig:
             "this model class serves with an X cache and needs an XQuantConfig: build the engine with "
             "vllm.LLM(model, **xq_compile.vllm.engine_args(XQuantConfig(...)))"
         )
-    return XQuantConfig.from_options(options)
+    from . import check_servable
+
+    xquant = XQuantConfig.from_options(options)
+    check_servable(xquant)
+    return xquant
 
 
 # --------------------------------------------------------------------------------------------------
