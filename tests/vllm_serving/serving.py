@@ -133,7 +133,8 @@ def twelve_head_dir() -> str:
         for layer in model.model.layers:
             attn = layer.self_attn
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-                proj.weight = torch.nn.Parameter(torch.cat([proj.weight, proj.weight.new_zeros(extra, proj.in_features)]))
+                zeros = proj.weight.new_zeros(extra, proj.in_features)
+                proj.weight = torch.nn.Parameter(torch.cat([proj.weight, zeros]))
                 proj.out_features += extra
             attn.o_proj.weight = torch.nn.Parameter(
                 torch.cat([attn.o_proj.weight, attn.o_proj.weight.new_zeros(attn.o_proj.out_features, extra)], 1))

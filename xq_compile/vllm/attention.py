@@ -71,10 +71,9 @@ class XQuantAttentionImpl(AttentionImpl[XQuantMetadata]):
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, **extra) -> None:
-        unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
-                       "logits_soft_cap": logits_soft_cap, "kv_sharing_target_layer_name": kv_sharing_target_layer_name,
-                       **{k: v for k, v in extra.items() if v is not None}}
-        unsupported = {k: v for k, v in unsupported.items() if v is not None}
+        asked = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap,
+                 "kv_sharing_target_layer_name": kv_sharing_target_layer_name, **extra}
+        unsupported = {name: value for name, value in asked.items() if value is not None}
         if unsupported or attn_type != AttentionType.DECODER or kv_cache_dtype != "auto":
             raise NotImplementedError(
                 f"the XQuant X cache serves plain causal decoder attention; this layer asks for {unsupported}, "
