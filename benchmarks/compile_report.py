@@ -202,7 +202,10 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     kwargs = dict(launch.kwargs)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel: its own front end (layouts, warps)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    compiled = triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     names = fn.arg_names
     report = KernelReport(
         name=fn.__name__, grid=launch.grid,
@@ -279,6 +282,8 @@ if triton is not None:
 
 
 CONTROL = "control"
+REBUILD_KERNELS = ("_scores_kernel", "_dequant_project_kernel", "_gluon_rebuild_kernel",  # must be on wgmma
+                   "_gluon_rebuild_ws_kernel")
 
 
 def control_launches(size: int = 1024) -> list[Launch]:
@@ -304,15 +309,24 @@ def _attention_benchmark():
     return sys.modules[name]
 
 
-def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4) -> list[Launch]:
-    """The launches of one decode-attention call for a benchmark shape (CPU tensors, nothing runs)."""
+def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4,
+                              queries: int = 1, rope: str = "tables", values_kernel: str = "triton") -> list[Launch]:
+    """The launches of one decode-attention call for a benchmark shape with ``queries`` query tokens
+    and RoPE from ``rope`` (``tables``: cos/sin read; ``positions``: computed in the kernel) (CPU
+    tensors, nothing runs); ``values_kernel``: the launcher's choice for the values stage."""
     from xq_compile.kernels import decode_attention as da
+    from xq_compile.kernels.decode_attention import gluon_values
 
     bench = _attention_benchmark()
 
-    a = bench.make_inputs(bench.SHAPES[shape], 1, length, 1, bits, dtype, "cpu")
-    with captured_launches(da.triton_kernels) as launches:  # the grid sized for the GPU compiled for
-        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS, **config)
+    a = bench.make_inputs(bench.SHAPES[shape], 1, length, queries, bits, dtype, "cpu")
+    if rope == "positions":
+        head_dim = a["query"].shape[-1]
+        a.update(cos=None, sin=None, positions=torch.arange(length)[None], rope_scale=1.0,
+                 rope_inv_freq=1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)))
+    with captured_launches(da.triton_kernels, gluon_values) as launches:  # the grid sized for the GPU compiled for
+        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS,
+                                   values_kernel=values_kernel, **config)
     return launches
 
 
@@ -330,6 +344,25 @@ def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
     return launches
 
 
+def gluon_rebuild_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
+    """The Gluon K rebuild (``xq_compile.kernels.gluon_rebuild``, not dispatched) for SmolLM2's K
+    projection, as ``dequant_project_launches`` (4-bit only: the kernel decodes 4-bit codes): one
+    warpgroup dequantizing and issuing the MMAs, and the warp-specialized form."""
+    from xq_compile import quant
+    from xq_compile.kernels import gluon_rebuild as gr
+
+    x = torch.randn(1, length, 576)
+    codes, scale, zero = quant.quantize(x, bits, 64)
+    w = torch.randn(576, 576, dtype=dtype)
+    launches = []
+    for warp_specialize in (False, True):
+        kernel, grid, args, kwargs, _ = gr.dequant_project_gluon_launch(
+            quant.pack(codes, bits), scale, zero, w, None, torch.tensor(length), bits, 64,
+            warp_specialize=warp_specialize)
+        launches.append(Launch(kernel, grid, args, kwargs))
+    return launches
+
+
 def _parse_config(items: list[str]) -> dict:
     cfg = {}
     for item in items:
@@ -343,9 +376,16 @@ def main(argv=None) -> int:
     p.add_argument("--shape", nargs="+", default=["smollm2", "llama7b", "gqa"])
     p.add_argument("--bits", type=int, nargs="+", default=[4])
     p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--queries", type=int, default=1, help="query tokens per call (S: 1 decode, up to 16 for "
+                   "speculative decoding / short chunks)")
+    p.add_argument("--values-kernel", default="triton", choices=["triton", "gluon"],
+                   help="the values stage: the Triton kernel, or the Gluon one where it applies (4-bit per-token)")
+    p.add_argument("--rope", default="tables", choices=["tables", "positions"],
+                   help="RoPE read from cos/sin tables, or computed in the kernel from the positions")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", nargs="*", default=[], help="decode_attention config overrides, key=value")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
+    p.add_argument("--no-gluon", action="store_true", help="skip the Gluon K-rebuild prototype")
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside its MMA loop, exceeds "
                    "shared memory, issues wgmma but never keeps one in flight (or ptxas serializes them), or a dot "
                    "of the scores / dequant_project kernels is not on wgmma")
@@ -356,21 +396,38 @@ def main(argv=None) -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     config = _parse_config(args.config)
-    print(f"triton {triton.__version__}, target sm_90, {args.dtype}, n = {args.length}", flush=True)
+    print(f"triton {triton.__version__}, target sm_90, {args.dtype}, n = {args.length}, S = {args.queries}", flush=True)
     if args.asm_dir:
         args.asm_dir.mkdir(parents=True, exist_ok=True)
     reports, failures = [], []
     jobs = [(CONTROL, control_launches)]
-    jobs += [(f"{shape} {bits}-bit", lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b))
-            for shape in args.shape for bits in args.bits]
+    variant = ("" if args.rope == "tables" else " rope=positions") + (
+        "" if args.values_kernel == "triton" else " values=gluon")
+    jobs += [(f"{shape} {bits}-bit S={args.queries}" + variant,
+              lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries,
+                                                                args.rope, args.values_kernel))
+             for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
         jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
                  for bits in args.bits]
+    from xq_compile.kernels.gluon_rebuild import HAS_GLUON
+
+    if HAS_GLUON and not args.no_gluon and 4 in args.bits:
+        jobs.append(("gluon_rebuild 4-bit (not dispatched)", lambda: gluon_rebuild_launches(args.length, dtype)))
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():
-            r = compile_launch(launch, asm_dir=args.asm_dir, title=title)
-            if args.check and r.name in ("_scores_kernel", "_dequant_project_kernel") and r.hgmma == 0:
+            try:
+                r = compile_launch(launch, asm_dir=args.asm_dir, title=title)
+            except Exception as exc:  # a Gluon kernel against another Triton's Gluon API: say so, go on
+                if not getattr(launch.kernel, "is_gluon", lambda: False)():
+                    raise
+                message = f"does not compile with triton {triton.__version__}: {type(exc).__name__}: " + \
+                    str(exc).strip().splitlines()[-1][:200]
+                print(f"  {launch.kernel.__name__}: {message}", flush=True)
+                failures.append(f"{title}: {launch.kernel.__name__}: {message}")
+                continue
+            if args.check and r.name in REBUILD_KERNELS and r.hgmma == 0:
                 r.problems.append("its dots are not on wgmma (no HGMMA in the SASS)")
             if title == CONTROL and r.problems:
                 r.problems.append("the positive control fails: this check cannot tell pipelined kernels "

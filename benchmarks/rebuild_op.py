@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
 def measure(args) -> int:
     from xq_compile import quant
     from xq_compile.kernels import dequant_project  # noqa: F401 - registers the op
+    from xq_compile.kernels import gluon_rebuild
 
     op = torch.ops.xq_compile.dequant_project.default
     dtype, dev = DTYPES[args.dtype], args.device
@@ -90,6 +92,9 @@ def measure(args) -> int:
         scale, zero = scale.to(dev), zero.to(dev)
         compiled = make_rebuild(bits, g, L, dtype, project=True)
         deq = make_rebuild(bits, g, L, dtype, project=False)
+        # the Gluon K rebuild (not dispatched by the op) where it applies: Hopper, 4-bit, 16-bit weights
+        gluon = (dev.startswith("cuda") and torch.cuda.get_device_capability(dev)[0] == 9
+                 and gluon_rebuild.supports(w, bits, g))
         for n in args.n:
             length = torch.tensor(n, device=dev)
             xs = x_full[: B * n]
@@ -98,7 +103,11 @@ def measure(args) -> int:
             got = compiled(packed, scale, zero, w, length)
             got_op = op(packed, scale, zero, w, None, length, bits, g)[:, :n]
             tol = 1e-3 if dtype == torch.float32 else 5e-2
-            err = max((got.float() - ref.float()).abs().max().item(), (got_op.float() - ref.float()).abs().max().item())
+            outs = [got, got_op]
+            if gluon:
+                outs += [gluon_rebuild.dequant_project_gluon(packed, scale, zero, w, None, length, bits, g,
+                                                             warp_specialize=ws)[:, :n] for ws in (False, True)]
+            err = max((o.float() - ref.float()).abs().max().item() for o in outs)
             scale_ref = ref.float().abs().max().item()
             deq(packed, scale, zero, w, length)
             cands = {
@@ -107,6 +116,10 @@ def measure(args) -> int:
                 "dequant": lambda: deq(packed, scale, zero, w, length),
                 "op": lambda: op(packed, scale, zero, w, None, length, bits, g),
             }
+            if gluon:
+                for name, ws in (("gluon", False), ("gluon_ws", True)):
+                    cands[name] = partial(gluon_rebuild.dequant_project_gluon, packed, scale, zero, w, None, length,
+                                          bits, g, warp_specialize=ws)
             for f in cands.values():
                 f()
             times = {k: [] for k in cands}
@@ -117,17 +130,21 @@ def measure(args) -> int:
             med = {k: median(v) for k, v in times.items()}
             # Paired: each round's ratio of two timings taken next to each other, then the median over
             # rounds (cancels the slow load drift of a shared machine better than a ratio of medians).
-            paired = {k: median([a / m for a, m in zip(times[k], times["mm"])]) for k in ("compiled", "dequant", "op")}
+            paired = {k: median([a / m for a, m in zip(times[k], times["mm"])]) for k in cands if k != "mm"}
             row = {"bits": bits, "n": n, "capacity": L, "median_s": med,
                    "compiled_over_mm": paired["compiled"], "op_over_mm": paired["op"],
-                   "dequant_over_mm": paired["dequant"],
+                   "dequant_over_mm": paired["dequant"], "gluon_over_mm": paired.get("gluon"),
+                   "gluon_ws_over_mm": paired.get("gluon_ws"),
                    "ratio_of_medians": {k: med[k] / med["mm"] for k in ("compiled", "dequant", "op")},
                    "mm_gflops": 2 * B * n * d * N / med["mm"] / 1e9, "max_abs_err": err,
                    "rel_err": err / max(scale_ref, 1e-12), "ok": err <= tol * max(scale_ref, 1.0)}
             results["rows"].append(row)
             print(f"bits {bits} n {n}: mm {med['mm'] * 1e3:.3f} ms ({row['mm_gflops']:.1f} GFLOP/s), "
                   f"compiled {row['compiled_over_mm']:.2f}x, dequant alone {row['dequant_over_mm']:.2f}x, "
-                  f"op {row['op_over_mm']:.2f}x, rel err {row['rel_err']:.1e}", flush=True)
+                  f"op {row['op_over_mm']:.2f}x"
+                  + (f", gluon {row['gluon_over_mm']:.2f}x, warp-specialized {row['gluon_ws_over_mm']:.2f}x"
+                     if gluon else "") + f", rel err {row['rel_err']:.1e}",
+                  flush=True)
             write_json(args.out / "rebuild_op.json", results)
     rows = results["rows"]
     worst = max(r["compiled_over_mm"] for r in rows)

@@ -61,6 +61,7 @@ class GraphState:
         self.next_cross_layer = 0
         self.shared_positions: torch.Tensor | None = None  # options= mode: shared by the graph's layers
         self.shared_rotation: torch.Tensor | None = None
+        self.longest_buffer = 0  # rows of the longest K cache the graph writes (see model_window)
 
     # -- inputs -------------------------------------------------------------------------------
     def add_input(self, key: tuple, name: str, fetch) -> fx.Node:
@@ -120,6 +121,25 @@ class GraphState:
                 "fullgraph=True (a graph break splits the layer chain), or use cross_layer=False."
             )
         self.next_cross_layer += 1
+
+    def model_window(self, site: Site) -> str | None:
+        """options= mode: why a site's K/V buffers are a sliding-window layer's window, left unmodified; None
+        if they are not. transformers' StaticCache gives such a layer min(capacity, window) rows where the
+        full layers have the capacity: a buffer shorter than the graph's longest is a window that rolls once
+        full (a window at least the capacity never rolls, and is rewritten as a full layer)."""
+        cache = site.key.append.cache
+        if cache.op in ("call_method", "call_function") and str(cache.target).split(".")[-1] == "roll":
+            cache = cache.args[0]  # a full window rolls its buffer before writing the new row
+        if self.options is None or cache not in self.arg_index:
+            return None
+        keys = self.example_inputs[self.arg_index[cache]]
+        if layer_of(keys) is not None or not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            return None
+        rows = keys.shape[2]
+        if isinstance(rows, int) and rows < self.longest_buffer:
+            return (f"sliding-window layer (its K/V buffer holds {rows} rows, the full layers' "
+                    f"{self.longest_buffer}): K/V kept in the model's own window cache")
+        return None
 
     def state_for_model_buffers(self, site: Site) -> XQuantLayer | str:
         """options= mode: X state for a model's own K/V buffers, owned by the compiled function."""

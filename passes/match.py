@@ -144,7 +144,7 @@ class SiteReport:
     """What happened at one site: shown by explain() and the backend's log."""
 
     layer: int | None
-    status: str          # "rewritten" or "skipped"
+    status: str          # "rewritten", "skipped", or "kept" (left as the model wrote it by design: reason says why)
     reason: str = ""
     form: str = "X"
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from xq_compile.cache import XQuantLayer, layer_of
+from xq_compile.cache import XQuantLayer, layer_of, window_layer_of
 from xq_compile.config import XQuantConfig
 
 from .attend import attend_over_cached_rows, fused_decode_attention, plain_rope
@@ -85,7 +85,15 @@ class XQuantRewrite:
         order = {n: i for i, n in enumerate(graph.nodes)}
         sites.sort(key=lambda s: order[s.key.append.node])
         appends = []
+        kept = _window_layers(state)  # sliding-window layers: left as the model wrote them
+        state.longest_buffer = _longest_buffer(state, sites)
         for site in sites:
+            if site.layer in kept:
+                continue
+            window = state.model_window(site)
+            if window is not None:
+                reports.append(SiteReport(site.layer, "kept", window))
+                continue
             layer = state.layer_for(site)
             if isinstance(layer, str):
                 reports.append(SiteReport(site.layer, "skipped", layer))
@@ -95,11 +103,28 @@ class XQuantRewrite:
             owner = "" if layer.tracks_length else ", state owned by the compiled model"
             reports.append(SiteReport(layer.layer_idx, "rewritten", form=layer.form.describe(owner)))
             appends.append((state.arg_index[site.key.append.cache], state.token_count(site.seq_len)))
+        # One report per window layer, whether or not its writes matched a site (the window's roll does not)
+        reports = [r for r in reports if r.layer not in kept]
+        reports += [SiteReport(i, "kept", layer.form.describe()) for i, layer in kept.items()]
         reports.sort(key=lambda r: (r.layer is None, r.layer if r.layer is not None else 0))
         _refuse_unrewritten_xquant_appends(graph, state.arg_index, example_inputs, reports)
         graph.lint()
         gm.recompile()
         return RewriteResult(gm, state.extra_inputs, reports, appends, state.owned)
+
+
+def _window_layers(state: GraphState) -> dict:
+    """Layer index -> ModelWindowLayer, for the sliding-window layers of an XQuantCache in this graph."""
+    layers = (window_layer_of(t) for t in state.example_inputs[:len(state.placeholders)] if isinstance(t, torch.Tensor))
+    return {layer.layer_idx: layer for layer in layers if layer is not None}
+
+
+def _longest_buffer(state: GraphState, sites: list[Site]) -> int:
+    """Rows of the longest K cache written in this graph (options= mode tells sliding windows by it)."""
+    caches = [state.example_inputs[state.arg_index[s.key.append.cache]] for s in sites
+              if s.key.append.cache in state.arg_index]
+    rows = [c.shape[2] for c in caches if isinstance(c, torch.Tensor) and c.dim() == 4]
+    return max([r for r in rows if isinstance(r, int)], default=0)
 
 
 def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> None:

@@ -22,7 +22,7 @@ declare -A PINS=(
 
 # prefill + decode through generate() (with and without padding, a second turn on the same cache),
 # the XQuantCache's own API (crop/reset, the cache keyword), the GQA latent form, a transformers
-# StaticCache rewritten through options=.
+# StaticCache rewritten through options=, a hybrid model (sliding-window layers kept) past its window.
 SMOKE=(
     tests/test_transformers_compat.py
     tests/test_backend.py::test_generate_with_left_padding_matches_unquantized_greedy
@@ -30,6 +30,7 @@ SMOKE=(
     tests/test_cache.py::test_cache_kwargs_follow_the_models_keyword
     tests/test_latent.py::test_unquantized_latent_reproduces_the_model_and_is_chosen_automatically
     tests/test_model_buffers.py::test_static_cache_with_options_is_rewritten_and_exact
+    "tests/test_hybrid.py::test_unquantized_hybrid_is_exact_past_the_window[qwen2]"
 )
 
 if [ ! -x .venv/bin/python ]; then

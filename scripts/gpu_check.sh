@@ -27,6 +27,8 @@
 #      attn          decode_attention.py --sweep --profile: the fused op vs the unfused path vs SDPA over a
 #                    16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak, the fastest of
 #                    sweep_configs() per shape and length, device time per Triton kernel
+#      attn_s4       decode_attention.py with S = 4 query tokens, default configuration (warm_attn_s4 compiles it)
+#      attn_s4_gluon the same with the Gluon values kernel (values_kernel="gluon"; warm_attn_s4_gluon compiles it)
 #      decode        decode_step.py, bf16, lengths up to 32K, vs the compiled StaticCache and quanto's
 #                    QuantizedCache (if its wheel is installed)
 #      rebuild       rebuild_op.py on CUDA, bf16: dequant_project and the compiled rebuild vs torch.mm
@@ -199,6 +201,8 @@ else
     DECODE_LENGTHS=(256 1024 4096 8192 16384 32768) GRAPH_LENGTHS=(256 4096 32768) MAX_CACHE_LEN=32832
     REBUILD_N=(1024 4096 32768)
 fi
+# S = 4 query tokens (speculative decoding): the target is a step within 1.4x of the S = 1 step of "attn"
+ATTN_S4=("${ATTN[@]}" --queries 4)
 REBUILD=(benchmarks/rebuild_op.py --device "$DEVICE" --dtype "$DTYPE" --n "${REBUILD_N[@]}")
 
 # ---- phase 1: compile-bound steps in parallel ------------------------------------------------------
@@ -207,13 +211,17 @@ log "phase 1 (parallel, at most ${PHASE1_S}s): $TEST_SHARDS test shards, $WARM_S
     "compile report, decode and rebuild warm-up"
 for ((i = 0; i < TEST_SHARDS; i++)); do
     TORCHINDUCTOR_COMPILE_THREADS=1 start_step "tests_$i" "$PHASE1_S" "$PY" -m pytest -q -p no:cacheprovider \
-        tests/test_decode_attention.py tests/test_kernels_cuda.py -k cuda --shard "$i/$TEST_SHARDS" \
+        tests/test_decode_attention.py tests/test_kernels_cuda.py tests/test_gluon_rebuild.py -k cuda \
+        --shard "$i/$TEST_SHARDS" \
         --junitxml="$OUT/tests_$i.xml" -rfs
 done
 for ((i = 0; i < WARM_SHARDS; i++)); do
     start_step "warm_attn_$i" "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN[@]}" --sweep --compile-only \
         --shard "$i/$WARM_SHARDS"
 done
+start_step warm_attn_s4 "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --compile-only
+start_step warm_attn_s4_gluon "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --values-kernel gluon \
+    --compile-only
 start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode "$PHASE1_S" "$PY" benchmarks/decode_step.py "${MODEL[@]}" \
     --quanto --quanto-bits 4 --lengths "${DECODE_LENGTHS[0]}" --max-cache-len "$MAX_CACHE_LEN" --steps 1 \
@@ -230,6 +238,9 @@ for f in "$OUT"/tests_*.log; do last_line "$f"; done | grep -o '[0-9]\+ \(passed
 
 # ---- phase 2: timed, one at a time ------------------------------------------------------------------
 run_step attn 90 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" --sweep --profile --out "$OUT/decode_attention.json"
+run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --profile --out "$OUT/decode_attention_s4.json"
+run_step attn_s4_gluon 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --values-kernel gluon --profile \
+    --out "$OUT/decode_attention_s4_gluon.json"
 run_step decode 90 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --quanto --quanto-bits 4 \
     --lengths "${DECODE_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" --steps 5 --repeats 3 --warmup 2 \
     --out "$OUT/decode"

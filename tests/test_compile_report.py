@@ -63,6 +63,10 @@ def _compile_report_module():
     return module
 
 
+def cr_rebuild_kernels() -> tuple:
+    return _compile_report_module().REBUILD_KERNELS
+
+
 def test_loop_spills_counts_only_spills_inside_mma_loops():
     cr = _compile_report_module()
 
@@ -147,7 +151,34 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     assert names.count("_scores_kernel") == names.count("_values_kernel") == names.count("_reduce_kernel") == 12
     # the K rebuild (scores, dequant_project) runs on wgmma with an MMA in flight: a wait that leaves at
     # least one pending and no serialization by ptxas
-    rebuild = [r for r in reports if r["name"] in ("_scores_kernel", "_dequant_project_kernel", "_control_matmul_kernel")]
+    rebuild = [r for r in reports if r["name"] in (*cr_rebuild_kernels(), "_control_matmul_kernel")]
+    from xq_compile.kernels.gluon_rebuild import HAS_GLUON
+
+    if HAS_GLUON:  # the Gluon K rebuild (not dispatched; 4-bit), both forms: on wgmma, one MMA group left pending
+        assert names.count("_gluon_rebuild_kernel") == names.count("_gluon_rebuild_ws_kernel") == 1, names
     for r in rebuild:
         assert r["wgmma"] > 0 and max(r["wgmma_waits"]) >= 1 and not r["wgmma_serialized"], r
         assert r["wgmma_in_flight"] and r["loop_spill_instructions"] == 0, r
+
+
+@pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
+def test_gluon_values_kernel_keeps_its_mma_in_flight(tmp_path):
+    """The opt-in Gluon values stage at S = 16 (7B MHA shape: 512 query rows, where the Triton values
+    kernel waits for every wgmma): on wgmma, ``wait_group 1`` in its loop, not serialized by ptxas (the
+    peeled first step), no spills in the loop."""
+    from xq_compile.kernels.gluon_rebuild import HAS_GLUON
+
+    if not HAS_GLUON:
+        pytest.skip("triton without Gluon")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--shape", "llama7b", "--bits", "4",
+         "--queries", "16", "--values-kernel", "gluon", "--no-dequant-project", "--no-gluon",
+         "--json", str(tmp_path / "report.json")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    (values,) = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["name"] == "_gluon_values_kernel"]
+    assert values["wgmma"] > 0 and values["wgmma_waits"] == [0, 1] and not values["wgmma_serialized"], values
+    assert values["wgmma_in_flight"] and values["loop_spill_instructions"] == 0, values

@@ -67,6 +67,8 @@ class Case:
     mask: str | None = None   # None, "bool", "float"
     mask_shape: str = "B1"    # "B1": [B, 1, S, L]; "1H": [1, Hq, S, L]
     dtype: torch.dtype = torch.float32
+    rope: str = "tables"      # "tables": cos/sin given; "positions": computed in the kernel (HF default RoPE)
+    pos_offset: int = 0       # first position id (large: the in-kernel angle reduction is exercised)
     seed: int = 0
 
     def __str__(self):
@@ -74,7 +76,7 @@ class Case:
         return (f"B{self.B}_Hq{self.Hq}_Hkv{self.Hkv}_S{self.S}_D{self.D}_L{self.L}_n{self.n}_C{self.C}_"
                 f"k{self.k_bits}{self.k_layout[4]}{self.k_group}_{v}{'_col0' if self.col0 else ''}"
                 f"{'' if self.bias else '_nobias'}_{self.mask}{self.mask_shape if self.mask else ''}_"
-                f"{str(self.dtype)[6:]}")
+                f"{str(self.dtype)[6:]}{'' if self.rope == 'tables' else f'_pos{self.pos_offset}'}")
 
 
 def _source(g, B, L, C, bits, layout, group, n, dtype):
@@ -131,9 +133,20 @@ def make_inputs(case: Case) -> dict:
     wv = (torch.randn(N, cv, generator=g) / math.sqrt(cv)).to(dtype)
     bk = torch.randn(N, generator=g).to(dtype) if c.bias else None
     bv = torch.randn(N, generator=g).to(dtype) if c.bias else None
-    cos, sin = rope_tables(c.B, c.L, c.D, dtype)
-    cos[:, c.n:] = float("nan")
-    sin[:, c.n:] = float("nan")
+    rope = dict(positions=None, rope_inv_freq=None, rope_scale=1.0)
+    if c.rope == "tables":
+        cos, sin = rope_tables(c.B, c.L, c.D, dtype)
+        cos[:, c.n:] = float("nan")
+        sin[:, c.n:] = float("nan")
+    else:
+        cos = sin = None
+        # positions shifted per batch row (left padding), rows past n a wild value; Llama-3-style
+        # non-uniform frequencies and an attention scaling != 1
+        pos = torch.arange(c.L)[None] + 3 * torch.arange(c.B)[:, None] + c.pos_offset
+        pos[:, c.n:] = 2**40
+        inv_freq = (1.0 / (500000 ** (torch.arange(0, c.D, 2, dtype=torch.float32) / c.D)))
+        inv_freq[c.D // 4:] /= 8
+        rope = dict(positions=pos, rope_inv_freq=inv_freq, rope_scale=0.9)
     q = (torch.randn(c.B, c.Hq, c.S, c.D, generator=g) * 1.5).to(dtype)
     mask = None
     if c.mask is not None:
@@ -151,7 +164,7 @@ def make_inputs(case: Case) -> dict:
         query=q, k_packed=kp, k_scale=ks, k_zero=kz, k_tail=kt, v_packed=vp, v_scale=vs, v_zero=vz, v_tail=vt,
         col0=col0, k_weight=wk, k_bias=bk, v_weight=wv, v_bias=bv, cos=cos, sin=sin, mask=mask,
         length=torch.tensor(c.n), k_bits=c.k_bits, k_group=c.k_group, k_layout=c.k_layout,
-        v_bits=c.v_bits, v_group=c.v_group, v_layout=c.v_layout, sm_scale=c.D ** -0.5,
+        v_bits=c.v_bits, v_group=c.v_group, v_layout=c.v_layout, sm_scale=c.D ** -0.5, **rope,
     )
 
 
@@ -193,7 +206,12 @@ def independent(a: dict) -> torch.Tensor:
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
     k = F.linear(xk, f64(a["k_weight"]), f64(a["k_bias"])).view(B, n, Hkv, D).transpose(1, 2)
     v = F.linear(xv, f64(a["v_weight"]), f64(a["v_bias"])).view(B, n, Hkv, D).transpose(1, 2)
-    _, k = apply_rotary_pos_emb(k, k, a["cos"][:, :n].double(), a["sin"][:, :n].double())
+    cos, sin = a["cos"], a["sin"]
+    if a["positions"] is not None:  # transformers' default rotary embedding (fp32 angles, both halves)
+        angles = a["positions"].float()[..., None] * a["rope_inv_freq"]
+        emb = torch.cat([angles, angles], dim=-1)
+        cos, sin = (emb.cos() * a["rope_scale"]).to(dt), (emb.sin() * a["rope_scale"]).to(dt)
+    _, k = apply_rotary_pos_emb(k, k, cos[:, :n].double(), sin[:, :n].double())
     k, v = repeat_kv(k, Hq // Hkv), repeat_kv(v, Hq // Hkv)
     mask = a["mask"]
     if mask is not None:
@@ -252,6 +270,10 @@ CASES = [
     Case(B=1, Hq=3, Hkv=1, D=64, C=96, n=50, L=70, k_bits=3, k_group=12, S=16, mask="bool"),
     Case(B=2, Hq=6, Hkv=2, D=16, C=32, Cv=48, n=70, L=70, k_bits=2, k_layout="per_channel", k_group=32,
          v_bits=3, v_group=12, S=3, col0=True, mask="float", dtype=torch.bfloat16),
+    # RoPE computed in the kernel from the positions (HF default RoPE): near 0 and at positions ~100K
+    Case(Hq=2, Hkv=2, C=64, n=29, k_bits=4, S=2, mask="bool", rope="positions"),
+    Case(**GQA, n=37, k_bits=4, v_bits=4, S=4, col0=True, mask="bool", rope="positions", pos_offset=100_000,
+         dtype=torch.bfloat16),
 ]
 CASES = [replace(c, seed=i) for i, c in enumerate(CASES)]
 
@@ -303,6 +325,13 @@ def test_rejects_bad_inputs():
         OP(**{**a, "length": torch.tensor([1, 2])})
     with pytest.raises(ValueError, match="bytes|packed"):
         OP(**{**a, "k_bits": 2})
+    with pytest.raises(ValueError, match="either cos and sin"):  # tables and positions at once
+        OP(**{**a, "positions": torch.zeros(2, 24, dtype=torch.long), "rope_inv_freq": torch.ones(16)})
+    with pytest.raises(ValueError, match="either cos and sin"):
+        OP(**{**a, "cos": None})
+    with pytest.raises(ValueError, match="rope_inv_freq must be float32"):
+        OP(**{**a, "cos": None, "sin": None, "positions": torch.zeros(2, 24, dtype=torch.long),
+              "rope_inv_freq": torch.ones(16, dtype=torch.float64)})
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -433,6 +462,56 @@ def test_triton_kernels_read_rows_past_2_31_bytes():
     assert "wide offsets passed" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_query_tokens_share_one_rebuild():
+    """S = 1, 4, 16 query tokens (decode, speculative decoding, short chunks) under the interpreter: the
+    output matches the reference, and the K-rebuild launch (_scores_kernel, where the dequantize-GEMM
+    runs) has the same grid and the same K tile for every S -- the S·group query rows of a KV head are
+    one more dot on the tile rebuilt once, not S rebuilds."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--interpreter", "queries"],
+        env=_subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: " + proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "query tokens passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _run_query_token_cases() -> None:
+    kernels = da.triton_kernels
+    real = kernels._scores_kernel
+    launches = []
+
+    class Recorder:  # records each scores launch's grid and block sizes, then runs it
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((tuple(grid), kwargs["BLOCK_N"], kwargs["BLOCK_H"], kwargs["BLOCK_C"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    kernels._scores_kernel = Recorder()
+    try:
+        per_s = {}
+        for s in (1, 4, 16):
+            # GQA group 2 (2·S query rows per KV head), a causal-style bool mask over the last S rows
+            case = Case(B=2, Hq=4, Hkv=2, S=s, D=32, C=64, L=48, n=40, k_bits=4, k_group=16, mask="bool",
+                        dtype=torch.bfloat16, seed=100 + s)
+            a = make_inputs(case)
+            ref = OP(**a)
+            out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32,
+                                             num_splits=2)
+            check_close(out, ref, case.dtype, str(case))
+            per_s[s] = launches[-1]
+            print(f"ok S={s} scores launch {launches[-1]}", flush=True)
+    finally:
+        kernels._scores_kernel = real
+    assert len(set(per_s.values())) == 1, f"the K-rebuild launch depends on S: {per_s}"
+    # values_kernel="gluon" falls back to the Triton values kernel under the interpreter (Gluon cannot run)
+    out_gluon = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32,
+                                           num_splits=2, values_kernel="gluon")
+    assert torch.equal(out_gluon, out), "the fallback must be the Triton values kernel"
+    print("query tokens passed")
+
+
 def _run_wide_offset_case() -> None:
     from test_kernels import wide_rows
 
@@ -533,6 +612,40 @@ def test_cuda_matches_reference(case):
         assert (out.cpu()[full] == 0).all()
 
 
+# Cases the Gluon values kernel takes (4-bit per-token value rows, groups and widths multiples of 64, bf16):
+# SmolLM2's MHA X cache at S = 16 (144 query rows: 3 row blocks of 64), a 7B-like MHA tile at S = 4, the
+# GQA latent (per-channel keys, per-token values) at S = 4, with masks, biases and ragged fills.
+GLUON_VALUE_CASES = [
+    Case(B=2, Hq=9, Hkv=9, D=64, C=576, L=700, n=613, k_bits=4, k_group=64, S=16, mask="bool",
+         dtype=torch.bfloat16),
+    Case(B=1, Hq=4, Hkv=4, D=128, C=512, L=1100, n=1037, k_bits=4, k_group=128, S=4, mask="float",
+         dtype=torch.bfloat16),
+    Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=600, n=455, k_bits=4, k_layout="per_channel",
+         k_group=128, v_bits=4, v_group=128, S=4, bias=False, dtype=torch.bfloat16),
+]
+needs_hopper_gluon = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and da.gluon_values.HAS_GLUON),
+    reason="needs a Hopper GPU and triton with Gluon",
+)
+
+
+@needs_hopper_gluon
+@pytest.mark.parametrize("case", GLUON_VALUE_CASES, ids=str)
+def test_cuda_gluon_values_match_reference(case):
+    """decode_attention_triton(..., values_kernel="gluon"): the values stage in Gluon (two-pass softmax,
+    MMAs in flight), the other launches as usual, against the reference."""
+    a = make_inputs(case)
+    dev = inputs(_to(a, "cuda"))
+    assert da.gluon_values.supports(dev.value_source, dev.col0 if dev.values is None else None, case.dtype,
+                                    dev.v_weight.shape[1]), "the case must take the Gluon path"
+    out = da.decode_attention_triton(dev, values_kernel="gluon")
+    torch.cuda.synchronize()
+    check_close(out.cpu(), OP(**a), case.dtype, f"{case} values=gluon")
+    full = fully_masked_rows(a)
+    if full is not None:
+        assert (out.cpu()[full] == 0).all()
+
+
 @needs_cuda
 @pytest.mark.skipif(CUDA_DEVICE != "cuda", reason="CUDA graphs")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -562,6 +675,11 @@ def test_cuda_graph_replay_follows_the_device_length(dtype):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--interpreter":
-        _run_wide_offset_case() if sys.argv[2] == "wide" else _run_interpreter_cases(int(sys.argv[2]))
+        if sys.argv[2] == "wide":
+            _run_wide_offset_case()
+        elif sys.argv[2] == "queries":
+            _run_query_token_cases()
+        else:
+            _run_interpreter_cases(int(sys.argv[2]))
     else:
-        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD|wide")
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD|wide|queries")

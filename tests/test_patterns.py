@@ -67,9 +67,11 @@ def test_qwen2_with_inductor():
     assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
 
 
-def test_sliding_window_layers_are_refused_clearly():
+def test_a_model_of_sliding_window_layers_only_is_refused_clearly():
+    """Hybrid models (sliding and full layers) are tests/test_hybrid.py's; with no full layer there is
+    nothing to hold X."""
     config = tf.MistralConfig(**COMMON, sliding_window=8)
-    with pytest.raises(ValueError, match="full-attention layers only.*sliding_attention"):
+    with pytest.raises(ValueError, match="every layer of this model is a sliding-window layer.*StaticCache"):
         xq.XQuantCache(config, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(group_size=16))
 
 

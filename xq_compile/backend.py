@@ -54,8 +54,15 @@ class CompileRecord:
     def skipped(self) -> int:
         return sum(r.status == "skipped" for r in self.reports)
 
+    @property
+    def kept(self) -> int:
+        """Sites left as the model wrote them by design (sliding-window layers): no warning."""
+        return sum(r.status == "kept" for r in self.reports)
+
     def summary(self) -> str:
         head = f"xquant: {self.rewritten} site(s) rewritten, {self.skipped} skipped"
+        if self.kept:
+            head += f", {self.kept} kept (sliding-window layers)"
         if not self.reports:
             head += " (no attention K/V cache write found in this graph)"
         return "\n  ".join([head, *(str(r) for r in self.reports)])

@@ -8,20 +8,23 @@ fails loudly instead of silently corrupting the X cache.
 
 Each layer's state is what its cache form (:mod:`xq_compile.forms`) specifies: e.g. packed codes +
 fp16 scale/zero per token for the X form, the key and value latents for GQA models.
-Shared by all layers: positions int64 [B, L], the position id each cached row was written with
+A sliding-window layer keeps the model's own K/V window instead (:class:`ModelWindowLayer`, transformers'
+static sliding-window layer): the pass leaves it as the model wrote it.
+Shared by all X layers: positions int64 [B, L], the position id each cached row was written with
 (RoPE is re-applied to rebuilt keys at these positions, so left-padded rows keep their own).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, StaticLayer
+from transformers.cache_utils import Cache, StaticLayer, StaticSlidingWindowLayer
 
 from . import refusal
 from ._torch_private import mark_static_address, weak_tensor_map
 from ._transformers_compat import make_mask_creation_traceable
 from .config import XQuantConfig
-from .forms import LayerShape, allocate, form_for
+from .forms import CacheForm, LayerShape, allocate, form_for, layer_shapes
+from .forms.window import ModelWindowForm
 from .rotation import hadamard
 
 # Maps each layer's K and V placeholder tensor to its XQuantLayer. The compiled graph receives those
@@ -33,6 +36,15 @@ _LAYER_OF_PLACEHOLDER = weak_tensor_map()
 def layer_of(tensor: torch.Tensor) -> "XQuantLayer | None":
     """The XQuantLayer whose K or V placeholder ``tensor`` is, or None for any other tensor."""
     return _LAYER_OF_PLACEHOLDER.get(tensor)
+
+
+# The same for the sliding-window layers of an XQuantCache: their K/V are real, the pass leaves them.
+_WINDOW_OF_PLACEHOLDER = weak_tensor_map()
+
+
+def window_layer_of(tensor: torch.Tensor) -> "ModelWindowLayer | None":
+    """The ModelWindowLayer whose K or V ``tensor`` is, or None for any other tensor."""
+    return _WINDOW_OF_PLACEHOLDER.get(tensor)
 
 
 def _is_compiling() -> bool:
@@ -76,13 +88,14 @@ class XQuantLayer(StaticLayer):
         positions: torch.Tensor,
         rotation: torch.Tensor | None,
         model_buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+        form: CacheForm | None = None,
     ) -> None:
         super().__init__(max_cache_len=max_cache_len)
         xquant.check_window_fits(max_cache_len)
         self.layer_idx = layer_idx
         self.xquant = xquant
         self.hidden_size = hidden_size
-        self.form = form_for(xquant, layer_idx, LayerShape(hidden_size, num_kv_heads * head_dim))
+        self.form = form or form_for(xquant, layer_idx, LayerShape(hidden_size, num_kv_heads * head_dim))
         self.bits = self.form.bits
         self.dtype = dtype
         self.device = device
@@ -244,15 +257,43 @@ def cache_kwargs(model, cache) -> dict:
     return {cache_argument(model): cache}
 
 
-def _layer_types(config) -> list[str]:
-    """Attention type of each layer, as transformers' StaticCache reads it from the config."""
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-    except ImportError:  # older transformers: layer_types, or one global sliding window
-        sliding = getattr(config, "sliding_window", None) is not None
-        default = "sliding_attention" if sliding else "full_attention"
-        return list(getattr(config, "layer_types", None) or [default] * config.num_hidden_layers)
-    return list(get_layer_types_and_kwargs(config)[0])
+class ModelWindowLayer(StaticSlidingWindowLayer):
+    """A sliding-window layer of an XQuantCache: transformers' own static sliding-window layer (the
+    model's K/V, last ``sliding_window`` rows), allocated up front. The pass leaves its site unmodified."""
+
+    def __init__(self, *, layer_idx: int, form: ModelWindowForm, max_cache_len: int, batch_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(max_cache_len=max_cache_len, sliding_window=form.window)
+        self.layer_idx, self.form, self.dtype = layer_idx, form, dtype
+        spec = form.state_spec(batch_size, max_cache_len, dtype)
+        # Allocated now by transformers' own code, as a StaticCache allocates it on its first update: the
+        # compiled graphs take these tensors as inputs, so they must exist (at fixed addresses) before.
+        empty = torch.zeros(batch_size, form.num_kv_heads, 0, form.head_dim, dtype=dtype, device=device)
+        self.lazy_initialization(empty, empty)
+        for name, tensor in self.state.items():  # memory_report counts the form's spec: they must agree
+            if tuple(tensor.shape) != spec[name].shape or tensor.dtype != spec[name].dtype:
+                raise RuntimeError(
+                    f"transformers allocated the sliding-window layer's {name} as {tuple(tensor.shape)} "
+                    f"{tensor.dtype}, the window form expects {spec[name].shape} {spec[name].dtype}: this "
+                    "transformers release lays its window cache out differently; report it to xq-compile."
+                )
+        _WINDOW_OF_PLACEHOLDER[self.keys] = self
+        _WINDOW_OF_PLACEHOLDER[self.values] = self
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the form's spec."""
+        return {"keys": self.keys, "values": self.values}
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer owns (what nbytes counts)."""
+        return [self.keys, self.values, self.cumulative_length]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # in place (transformers' own assigns new tensors): the compiled graphs hold these addresses
+        beam_idx = beam_idx.to(self.keys.device)
+        for tensor in (self.keys, self.values):
+            tensor.copy_(tensor.index_select(0, beam_idx))
 
 
 class XQuantCache(Cache):
@@ -283,12 +324,21 @@ class XQuantCache(Cache):
             raise ValueError(f"max_batch_size and max_cache_len must be >= 1, got {max_batch_size}, {max_cache_len}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be the model's floating dtype, got {dtype}")
-        sliding = sorted({t for t in _layer_types(config) if t != "full_attention"})
-        if sliding:
-            raise ValueError(
-                f"XQuantCache supports full-attention layers only; this model has layer types {sliding}."
-            )
+        shapes = layer_shapes(config)  # raises for layer types other than full and sliding-window attention
         xquant.check_layer_count(config.num_hidden_layers)
+        forms = [form_for(xquant, i, shape) for i, shape in enumerate(shapes)]
+        windows = [form for form in forms if not form.rewritten]
+        if len(windows) == len(forms):
+            raise ValueError(
+                f"every layer of this model is a sliding-window layer (window {windows[0].window}), which keeps "
+                "the model's own K/V window: there is no layer to hold X. Use transformers' StaticCache."
+            )
+        if windows and xquant.cross_layer:
+            raise ValueError(
+                "cross_layer=True chains every layer's X to the layer below, but this model has sliding-window "
+                f"layers ({', '.join(str(f.layer_idx) for f in windows)}), which keep the model's own K/V window: "
+                "use cross_layer=False."
+            )
         hidden_size = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -306,6 +356,9 @@ class XQuantCache(Cache):
             hadamard(xquant.group_size, dtype=torch.float32, device=device) if xquant.rotation == "hadamard" else None
         )
         layers = [
+            ModelWindowLayer(layer_idx=i, form=form, max_cache_len=max_cache_len, batch_size=max_batch_size,
+                             dtype=dtype, device=device)
+            if isinstance(form, ModelWindowForm) else
             XQuantLayer(
                 layer_idx=i,
                 max_cache_len=max_cache_len,
@@ -318,8 +371,9 @@ class XQuantCache(Cache):
                 device=device,
                 positions=self.positions,
                 rotation=self.rotation,
+                form=form,
             )
-            for i in range(config.num_hidden_layers)
+            for i, form in enumerate(forms)
         ]
         super().__init__(layers=layers)
 
@@ -332,6 +386,11 @@ class XQuantCache(Cache):
     @property
     def max_cache_len(self) -> int:
         return self._max_cache_len
+
+    @property
+    def xquant_layers(self) -> list[XQuantLayer]:
+        """The layers holding X state (all but the sliding-window layers, which keep the model's K/V)."""
+        return [layer for layer in self.layers if isinstance(layer, XQuantLayer)]
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [self.positions] + ([self.rotation] if self.rotation is not None else [])

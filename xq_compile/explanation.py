@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from .backend import CompileRecord, collect_records, make_xquant_backend
-from .cache import XQuantCache, XQuantLayer, cache_kwargs
+from .cache import ModelWindowLayer, XQuantCache, XQuantLayer, cache_kwargs
 from .config import XQuantConfig
 from .memory import MemoryReport, fp16_kv_cache_bytes, memory_report
 
@@ -49,6 +49,9 @@ class LayerExplanation:
     # measured from its tensors; and the rate as the capacity grows (memory_report's slope).
     x_bytes_per_token: float | None = None
     x_bytes_per_token_limit: float | None = None
+    # fp16 K+V per token as n -> infinity, where it differs from kv_bytes_per_token: 0 for a sliding-window
+    # layer (its window stops growing; kv_bytes_per_token is then its window at the cache's capacity)
+    kv_bytes_per_token_limit: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -56,9 +59,13 @@ class LayerExplanation:
         return self.kv_bytes_per_token / self.x_bytes_per_token if self.x_bytes_per_token else None
 
     @property
+    def kv_limit(self) -> float:
+        return self.kv_bytes_per_token if self.kv_bytes_per_token_limit is None else self.kv_bytes_per_token_limit
+
+    @property
     def ratio_limit(self) -> float | None:
         """fp16 K+V / X state per token as n -> infinity."""
-        return self.kv_bytes_per_token / self.x_bytes_per_token_limit if self.x_bytes_per_token_limit else None
+        return self.kv_limit / self.x_bytes_per_token_limit if self.x_bytes_per_token_limit else None
 
 
 @dataclasses.dataclass
@@ -97,12 +104,19 @@ class Explanation:
         return sum(layer.status == "rewritten" for layer in self.layers)
 
     @property
+    def kept(self) -> int:
+        """Sliding-window layers, left with the model's own K/V window by design."""
+        return sum(layer.status == "kept" for layer in self.layers)
+
+    @property
     def bytes_per_token(self) -> tuple[float, float | None]:
         """(fp16 K+V, this cache) bytes per token of one sequence, all layers, at the cache's capacity.
 
         Measured: every tensor the cache allocated (``cache.nbytes()``: X state, the shared int64
-        positions, placeholders, counters, Hadamard block) / (batch x capacity); layers that were not
-        rewritten counted at fp16 K+V instead of their X state. None without an XQuantCache.
+        positions, placeholders, counters, Hadamard block; a sliding-window layer's K/V window) / (batch x
+        capacity); layers neither rewritten nor kept counted at fp16 K+V instead of their X state. The
+        fp16 side counts a sliding-window layer at its window, as the model's own cache holds it. None
+        without an XQuantCache.
         """
         kv = sum(r.kv_bytes_per_token for r in self.layers)
         if not isinstance(self.cache, XQuantCache):
@@ -117,16 +131,17 @@ class Explanation:
     def bytes_per_token_limit(self) -> tuple[float, float | None]:
         """(fp16 K+V, this cache) bytes per token as n -> infinity: memory_report's slope per layer,
         + 8 for the int64 position; layers not rewritten at fp16 K+V. None without an XQuantCache."""
-        kv = sum(r.kv_bytes_per_token for r in self.layers)
+        kv = sum(r.kv_limit for r in self.layers)
         if self.memory is None:
             return kv, None
         return kv, 8 + sum(r.x_bytes_per_token_limit if r.x_bytes_per_token_limit is not None
-                           else r.kv_bytes_per_token for r in self.layers)
+                           else r.kv_limit for r in self.layers)
 
     def ratio_by_capacity(self, capacities=REPORTED_CAPACITIES) -> list[tuple[int, float, float]]:
         """(capacity, bytes per token, times smaller than fp16 K+V) of this cache's configuration at
-        each capacity (and its own), from memory_report; [] unless every layer was rewritten."""
-        if self.memory is None or self.rewritten != len(self.layers) or not self.layers:
+        each capacity (and its own), from memory_report; [] unless every layer was rewritten (or kept
+        as a sliding-window layer)."""
+        if self.memory is None or self.rewritten + self.kept != len(self.layers) or not self.layers:
             return []
         cache, rows = self.cache, []
         for n in sorted({*capacities, cache.max_cache_len}):
@@ -164,8 +179,9 @@ class Explanation:
             where = "-" if row.layer is None else row.layer
             lines.append(f"| {where} | {row.status} | {detail} | {_bytes(row.kv_bytes_per_token)} | {after} "
                          f"| {_ratio(row.ratio)} | {limit} | {_ratio(row.ratio_limit)} |")
-        lines += ["", f"{self.rewritten}/{len(self.layers)} layers rewritten (layers not rewritten are counted "
-                      "at fp16 K+V below)"]
+        kept = f", {self.kept} kept as the model's own K/V window (sliding-window layers)" if self.kept else ""
+        lines += ["", f"{self.rewritten}/{len(self.layers)} layers rewritten{kept} (layers neither rewritten nor "
+                      "kept are counted at fp16 K+V below)"]
         kv, x = self.bytes_per_token
         if x is None:
             lines.append(f"all layers: {_bytes(kv)} bytes per token of fp16 K+V, unchanged")
@@ -282,8 +298,9 @@ def explain(
 
 
 def _state_bytes(layer: Any) -> int:
-    """Bytes of one XQuantLayer's X state (codes, scales, zeros, open key group...); 0 for other layers."""
-    if not isinstance(layer, XQuantLayer):
+    """Bytes of one XQuantCache layer's state (codes, scales, zeros, open key group...; a sliding-window
+    layer's K/V window); 0 for other layers."""
+    if not isinstance(layer, (XQuantLayer, ModelWindowLayer)):
         return 0
     return sum(t.numel() * t.element_size() for t in layer.state.values())
 
@@ -355,6 +372,7 @@ def _layers(graphs: list[GraphExplanation], config: Any, cache: Any,
     indices = list(range(num_layers)) if num_layers and graphs and reports else []
     indices += [i for i in reports if i not in indices]
     kv = fp16_kv_cache_bytes(config, 1, 1) / num_layers if num_layers else 0.0
+    capacity = cache.max_cache_len if isinstance(cache, XQuantCache) else None
     rows = []
     for i in indices:
         r = reports.get(i)
@@ -366,9 +384,13 @@ def _layers(graphs: list[GraphExplanation], config: Any, cache: Any,
         if len(reasons.get(i, {})) > 1:  # e.g. a lazily allocated cache: another reason in the prefill graph
             reason = "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons[i].items())
         row = LayerExplanation(i, r.status, reason, r.form if r.status == "rewritten" else None, kv)
-        layer = cache.layers[i] if r.status == "rewritten" and i is not None and cache is not None else None
-        if isinstance(layer, XQuantLayer):
-            row.x_bytes_per_token = _state_bytes(layer) / layer.max_cache_len / layer.batch_size
+        layer = (cache.layers[i] if r.status in ("rewritten", "kept") and i is not None and cache is not None
+                 else None)
+        if isinstance(layer, ModelWindowLayer) and capacity:  # fp16 K+V of the window the model would keep
+            row.kv_bytes_per_token = kv * layer.form.window_rows(capacity) / capacity
+            row.kv_bytes_per_token_limit = 0.0
+        if isinstance(layer, (XQuantLayer, ModelWindowLayer)):
+            row.x_bytes_per_token = _state_bytes(layer) / (capacity or layer.max_cache_len) / layer.batch_size
             if memory is not None:
                 row.x_bytes_per_token_limit = float(memory.xquant_layers[i].per_token)
         rows.append(row)

@@ -120,7 +120,7 @@ def _check_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     if tokens is None:
         return
     rows, new_tokens = tokens.shape[0], tokens.shape[1]
-    layer = cache.layers[0]  # every layer has the same rows, dtype, device and length
+    layer = cache.xquant_layers[0]  # every X layer has the same rows, dtype, device and length
     problem = layer.call_problem(rows, new_tokens, model.dtype, model.device)
     if problem is not None:
         error, message = problem

@@ -7,7 +7,7 @@ import dataclasses
 import sympy
 
 from .config import XQuantConfig
-from .forms import LayerShape, form_for
+from .forms import form_for, layer_shapes
 from .kivi import kivi_key_group
 
 N = sympy.Symbol("n", positive=True, integer=True)  # cached tokens (the cache's capacity, max_cache_len)
@@ -21,17 +21,27 @@ def _dims(config) -> tuple[int, int, int, int]:
     return config.num_hidden_layers, config.hidden_size, kv_heads, head_dim
 
 
+def _fp16_kv_rows(config) -> list[tuple[int, sympy.Expr]]:
+    """Per layer, (bytes of one token's fp16 K and V, rows held for a capacity of N): N, or a
+    sliding-window layer's min(N, window), as the model's own transformers cache holds them."""
+    return [(2 * shape.kv_width * 2, N if shape.sliding_window is None else sympy.Min(N, shape.sliding_window))
+            for shape in layer_shapes(config)]
+
+
 def fp16_kv_cache_bytes(config, batch_size: int, seq_len: int) -> int:
-    """Bytes of an fp16 K and V cache of all layers for ``seq_len`` tokens (the paper's baseline)."""
-    layers, _, kv_heads, head_dim = _dims(config)
-    return 2 * layers * batch_size * seq_len * kv_heads * head_dim * 2
+    """Bytes of an fp16 K and V cache of all layers for ``seq_len`` tokens (the paper's baseline; a
+    sliding-window layer holds only its window, as in the model's own cache)."""
+    return int(sum(width * rows for width, rows in _fp16_kv_rows(config)).subs(N, seq_len)) * batch_size
+
+
+def _layer_form(config, xquant: XQuantConfig, layer: int):
+    return form_for(xquant, layer, layer_shapes(config)[layer])
 
 
 def _layer_bytes(config, xquant: XQuantConfig, layer: int, dtype_bytes: int) -> tuple[sympy.Expr, sympy.Expr]:
-    """(bytes per token at large n, bytes for a capacity of N rows) of one layer's X state, one sequence:
+    """(bytes per token at large n, bytes for a capacity of N rows) of one layer's state, one sequence:
     the layer's cache form's state spec (what the cache allocates) evaluated at a symbolic capacity."""
-    _, hidden, kv_heads, head_dim = _dims(config)
-    form = form_for(xquant, layer, LayerShape(hidden, kv_heads * head_dim))
+    form = _layer_form(config, xquant, layer)
     return form.bytes_per_token(dtype_bytes), sympy.sympify(form.state_bytes(N, dtype_bytes))
 
 
@@ -162,27 +172,34 @@ def memory_report(model_config, xquant: XQuantConfig, seq_len: int, batch: int =
 
     * fp16 KV: K and V of every layer, 2 bytes per element (the paper's baseline; no overhead counted).
     * quantized KV (KIVI* grouping, same bits and group size as the X cache, no fp16 window; see
-      :func:`kivi_memory`; ``None`` with ``layer_bits``, which has no one width to compare at).
+      :func:`kivi_memory`; ``None`` with ``layer_bits``, which has no one width to compare at, and for a
+      model with sliding-window layers).
+
+    A sliding-window layer holds its window of the model's own K/V in both fp16 K/V and XQuant (the
+    :class:`~xq_compile.forms.window.ModelWindowForm` spec: min(n, window) rows in the cache dtype, and an
+    int64 length counter as its fixed bytes): its bytes stop growing at the window.
     * XQuant: exactly what :class:`~xq_compile.cache.XQuantCache` allocates (``nbytes()``): per token,
       every layer's packed codes + fp16 scale/zero at that layer's bits (``layer_bits``, or XQuant-CL
       base layers at ``base_bits``; X in ``dtype_bytes`` when unquantized) + one int64 position; fixed, per layer a 1-element K and a 1-element V placeholder (``dtype_bytes``
       each) and an int64 length counter, plus the fp32 Hadamard block (group²·4) with rotation.
     """
-    layers, hidden, kv_heads, head_dim = _dims(model_config)
+    layers, hidden, _, _ = _dims(model_config)
     xquant.check_layer_count(layers)
-    kv_dim = kv_heads * head_dim
     B = batch
 
-    fp16_per_token = 2 * layers * kv_dim * 2
-    fp16 = CacheMemory("fp16_kv", "K and V of all layers in fp16", sympy.Integer(fp16_per_token),
-                       fp16_per_token * B * N, 0, seq_len, B)
+    fp16_rows = _fp16_kv_rows(model_config)
+    fp16_per_token = sum(width for width, rows in fp16_rows if rows == N)
+    sliding = len(fp16_rows) - sum(rows == N for _, rows in fp16_rows)
+    fp16 = CacheMemory("fp16_kv", "K and V of all layers in fp16" + (
+        f" ({sliding} sliding-window layers: their window only)" if sliding else ""),
+        sympy.Integer(fp16_per_token), B * sum(width * rows for width, rows in fp16_rows), 0, seq_len, B)
 
     kivi = None
-    if xquant.bits is not None and xquant.layer_bits is None:
+    if xquant.bits is not None and xquant.layer_bits is None and not sliding:
         kivi = kivi_memory(model_config, xquant.bits, xquant.group_size, seq_len, batch)
 
     xq_per_token = _xquant_token_bytes(model_config, xquant, dtype_bytes)
-    fixed = layers * (2 * dtype_bytes + 8)
+    fixed = sum(_layer_form(model_config, xquant, i).fixed_bytes(dtype_bytes) for i in range(layers))
     if xquant.rotation == "hadamard":
         fixed += xquant.group_size ** 2 * 4
     xq_total = _xquant_total(model_config, xquant, B, dtype_bytes) + fixed
@@ -191,6 +208,7 @@ def memory_report(model_config, xquant: XQuantConfig, seq_len: int, batch: int =
     per_layer = []
     for i in range(layers):
         rate, rows = _layer_bytes(model_config, xquant, i, dtype_bytes)
-        per_layer.append(CacheMemory(f"xquant_layer{i}", f"layer {i} X state", rate, B * rows, 0, seq_len, B))
+        what = _layer_form(model_config, xquant, i).describe()
+        per_layer.append(CacheMemory(f"xquant_layer{i}", f"layer {i}: {what}", rate, B * rows, 0, seq_len, B))
     working = (2 * 4 if xquant.cross_layer else dtype_bytes) * B * N * hidden
     return MemoryReport(fp16, kivi, x_cache, seq_len, B, working, tuple(per_layer))

@@ -44,6 +44,7 @@ __all__ = [
     "cache_dir",
     "smollm2_gguf_path",
     "load_smollm2",
+    "smollm2_hf_dir",
     "to_mha",
     "load_model",
     "clean_britannica",
@@ -279,6 +280,33 @@ def load_smollm2(variant: str = "mha", dtype: torch.dtype = torch.float32):
         to_mha(model)
     model.eval()
     return model, tokenizer
+
+
+def smollm2_hf_dir(variant: str = "mha") -> Path:
+    """A transformers-format directory (config.json, safetensors, tokenizer) of SmolLM2 for engines that load
+    model folders (vLLM): the GQA model as shipped, or its MHA variant (:func:`to_mha`), written once
+    under :func:`cache_dir` and reused."""
+    if variant == "gqa":
+        return _smollm2_cached_dir()
+    if variant != "mha":
+        raise ValueError(f"variant must be 'mha' or 'gqa', not {variant!r}")
+    root = cache_dir() / "models"
+    final = root / f"{_MODEL_CACHE_NAME}-mha"
+    if (final / _MODEL_MARKER).is_file():
+        return final
+    model, tokenizer = load_smollm2("mha")
+    _remove_stale_temps(root, f".tmp-{final.name}-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MODEL_MARKER).write_text(json.dumps({"source": SMOLLM2_GGUF, "variant": "mha"}, indent=1))
+        _publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):

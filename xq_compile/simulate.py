@@ -15,7 +15,7 @@ import torch
 
 from . import quant
 from .config import XQuantConfig
-from .forms import LayerShape, form_for
+from .forms import LayerShape, form_for, layer_shapes
 from .forms.x import rotated_reconstruction
 from .rotation import hadamard, rotate
 
@@ -53,23 +53,34 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
     return layers
 
 
+def _sliding_windows(model: torch.nn.Module) -> list[int | None]:
+    """Each layer's sliding window (None: full attention) for a transformers model; [] for any other."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "get_text_config"):
+        return []
+    return [shape.sliding_window for shape in layer_shapes(config)]
+
+
 @contextlib.contextmanager
 def simulate_xquant(model: torch.nn.Module, config: XQuantConfig, trace: dict | None = None) -> Iterator[None]:
     """Within the block, every k_proj/v_proj of ``model`` sees X̂ instead of X.
 
     With ``cross_layer`` the layers are chained in module order exactly as the compiled path chains
     them: layer i sees X̂_{i-1} + deq(Q(X_i·R - X̂_{i-1})) for the tokens of the current call.
-    Each layer's cache form (:mod:`xq_compile.forms`) installs the hooks that quantize as it stores.
+    Each layer's cache form (:mod:`xq_compile.forms`) installs the hooks that quantize as it stores; a
+    sliding-window layer's form installs none (the compiled path leaves its K/V exact too).
     ``trace``, if given, receives for every X-form layer i ``trace[i] = (X·R, X̂_{i-1}·R or None)``:
     what its reconstruction was computed from (:mod:`xq_compile.calibrate` re-quantizes it at other
     widths).
     """
     chain: dict = {"trace": trace} if trace is not None else {}  # shared by the layers' hooks
+    windows = _sliding_windows(model)
     handles = []
     for i, (first, second) in enumerate(_kv_projections(model)):
         # widths as the cache sees them: a fused projection's rows are [q | K | V] from row ``second``
         kv_width = (first.out_features - second) // 2 if isinstance(second, int) else first.out_features
-        form = form_for(config, i, LayerShape(first.in_features, kv_width))
+        window = windows[i] if i < len(windows) else None
+        form = form_for(config, i, LayerShape(first.in_features, kv_width, sliding_window=window))
         handles += form.simulation_hooks(first, second, chain)
     with hooks_removed_after(handles):
         yield

@@ -13,11 +13,13 @@ from ..config import XQuantConfig
 from .base import CacheForm, FusedSources, LayerShape, StateTensor, allocate
 from .joint_latent import JointLatentForm
 from .split_latent import SplitLatentForm
+from .window import ModelWindowForm
 from .x import XDeltaForm, XForm
 
 # In order: a layer's form is the first entry whose ``applies`` is true (a specialization goes before the
-# form it specializes). The four built-in predicates are exclusive and cover every config and shape.
-FORMS: list[type[CacheForm]] = [XForm, XDeltaForm, SplitLatentForm, JointLatentForm]
+# form it specializes). Sliding-window layers take ModelWindowForm; the four others are exclusive and
+# cover every config and shape of a full-attention layer.
+FORMS: list[type[CacheForm]] = [ModelWindowForm, XForm, XDeltaForm, SplitLatentForm, JointLatentForm]
 
 
 def form_for(xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> CacheForm:
@@ -28,4 +30,41 @@ def form_for(xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> CacheFo
     raise RuntimeError(f"no cache form applies to layer {layer_idx} ({shape}, {xquant.describe()})")
 
 
-__all__ = ["FORMS", "CacheForm", "FusedSources", "LayerShape", "StateTensor", "allocate", "form_for"]
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_shapes(model_config) -> list[LayerShape]:
+    """Each decoder layer's :class:`LayerShape`, from a transformers config: the widths, and the window of
+    the layers transformers' StaticCache gives a sliding-window layer (its ``layer_types``)."""
+    config = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    types, windows = layer_types_and_windows(config)
+    unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        raise ValueError(
+            f"XQuantCache supports full-attention and sliding-window layers ({', '.join(SUPPORTED_LAYER_TYPES)}); "
+            f"this model also has layer types {unsupported}."
+        )
+    return [LayerShape(config.hidden_size, kv_heads * head_dim, kv_heads, window) for window in windows]
+
+
+def layer_types_and_windows(config) -> tuple[list[str], list[int | None]]:
+    """(attention type, sliding window or None) of each layer, as transformers' StaticCache reads them."""
+    from transformers import PretrainedConfig
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    if not isinstance(config, PretrainedConfig):  # e.g. a gpt-fast ModelArgs: layer_types, or one window
+        window = getattr(config, "sliding_window", None)
+        default = "sliding_attention" if window is not None else "full_attention"
+        types = list(getattr(config, "layer_types", None) or [default] * config.num_hidden_layers)
+        return types, [window if t == "sliding_attention" else None for t in types]
+    types, kwargs = get_layer_types_and_kwargs(config)
+    # transformers 5.17 and 5.18 return one kwargs dict for all layers, 5.19 on one per layer
+    per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(types)
+    return list(types), [k.get("sliding_window") if t == "sliding_attention" else None
+                         for t, k in zip(types, per_layer)]
+
+
+__all__ = ["FORMS", "CacheForm", "FusedSources", "LayerShape", "StateTensor", "allocate", "form_for", "layer_shapes"]

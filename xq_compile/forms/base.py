@@ -35,10 +35,13 @@ if TYPE_CHECKING:  # the pass imports the forms, not the other way round
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
-    """The widths that decide a layer's form: its input X and its K (= V) projection."""
+    """What decides a layer's form: the widths of its input X and its K (= V) projection, and its
+    attention type (``sliding_window``: the window of a sliding-window layer, None for full attention)."""
 
     hidden_size: int
     kv_width: int  # K/V heads x head dim
+    num_kv_heads: int | None = None
+    sliding_window: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,7 @@ class CacheForm:
     """Base of the forms: what a layer caches, how many bytes, and the code that writes and reads it."""
 
     name: ClassVar[str]
+    rewritten: ClassVar[bool] = True  # False: the pass leaves the layer's site as the model wrote it
 
     def __init__(self, xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> None:
         self.xquant = xquant
@@ -100,6 +104,11 @@ class CacheForm:
         """Bytes of one sequence's state at capacity ``rows`` (an int, or a sympy expression)."""
         dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}[dtype_bytes]
         return sum(t.nbytes() for t in self.state_spec(1, rows, dtype).values())
+
+    def fixed_bytes(self, dtype_bytes: int) -> int:
+        """Bytes the cache layer holds besides the state, whatever the capacity: its stride-0 K and V
+        placeholders (one element each) and its int64 length counter."""
+        return 2 * dtype_bytes + 8
 
     def bytes_per_token(self, dtype_bytes: int) -> sympy.Rational:
         """What one more cached token costs as the capacity grows (fixed parts such as open groups

@@ -4,7 +4,8 @@ For a few query tokens (decode, S = 1..16) and the ``n`` cached rows (``n`` = ``
 device), per batch ``b`` and KV head ``h`` (query head ``i`` uses KV head ``i // group``, repeat_kv order):
 
     x̂k_j = key-source row j, dequantized                      (width Ck)
-    k_j  = x̂k_j · Wk[h·D:(h+1)·D]ᵀ (+ bk),  then RoPE with cos[b, j], sin[b, j] (HF rotate_half)
+    k_j  = x̂k_j · Wk[h·D:(h+1)·D]ᵀ (+ bk),  then RoPE with cos[b, j], sin[b, j] (HF rotate_half; the
+           tables given, or HF's default RoPE computed in the kernel from positions[b, j] and inv_freq)
     p    = softmax(sm_scale · q·kᵀ (+ mask))                   (fp32; a fully masked row gives 0)
     out  = (Σ_j p_j · x̂v_j) · Wv[h·D:(h+1)·D]ᵀ + (Σ_j p_j) · bv  (absorbed values: V is never built)
 
@@ -46,7 +47,8 @@ shared source).
 Modules: ``inputs`` (:class:`QuantizedSource`, :class:`DecodeAttentionInputs` and their checks: the op's
 flat arguments become these once, at the op boundary), ``op`` (the custom op), ``reference`` (the torch
 reference, the CPU kernel), ``config`` (launch configuration), ``triton_kernels`` (the kernels and their
-launcher).
+launcher), ``gluon_values`` (an opt-in Gluon values stage for Hopper, ``values_kernel="gluon"``; checked
+on a GPU only).
 
 Triton is optional: without it the package imports and the CPU kernel works; only dispatching CUDA
 tensors to the op raises (asking to install triton).
@@ -55,11 +57,12 @@ tensors to the op raises (asking to install triton).
 from xq_compile.kernels.decode_attention.config import CONFIG_KEYS, default_config, resolve_config
 from xq_compile.kernels.decode_attention.inputs import LAYOUTS, DecodeAttentionInputs, QuantizedSource
 from xq_compile.kernels.decode_attention.op import decode_attention
-from xq_compile.kernels.decode_attention.reference import reference_decode_attention, rotate_half, source_rows
+from xq_compile.kernels.decode_attention.reference import (reference_decode_attention, rope_tables, rotate_half,
+                                                           source_rows)
 from xq_compile.kernels.decode_attention.triton_kernels import HAS_TRITON, decode_attention_triton
 
 __all__ = [
     "CONFIG_KEYS", "HAS_TRITON", "LAYOUTS", "DecodeAttentionInputs", "QuantizedSource", "decode_attention",
-    "decode_attention_triton", "default_config", "reference_decode_attention", "resolve_config", "rotate_half",
-    "source_rows",
+    "decode_attention_triton", "default_config", "reference_decode_attention", "resolve_config", "rope_tables",
+    "rotate_half", "source_rows",
 ]

@@ -108,17 +108,25 @@ class DecodeAttentionInputs:
     k_bias: Optional[torch.Tensor]
     v_weight: torch.Tensor
     v_bias: Optional[torch.Tensor]
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: Optional[torch.Tensor]
+    sin: Optional[torch.Tensor]
     mask: Optional[torch.Tensor]
     length: torch.Tensor
     sm_scale: float
+    positions: Optional[torch.Tensor] = None
+    rope_inv_freq: Optional[torch.Tensor] = None
+    rope_scale: float = 1.0
+
+    @property
+    def rope_from_positions(self) -> bool:
+        """Whether RoPE is HF's default rotary embedding computed from ``positions`` (else: the tables)."""
+        return self.positions is not None
 
     @classmethod
     def from_op_args(
         cls, query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
-        v_bits, v_group, v_layout, sm_scale,
+        v_bits, v_group, v_layout, sm_scale, positions=None, rope_inv_freq=None, rope_scale=1.0,
     ) -> "DecodeAttentionInputs":
         """From the op's flat arguments, in schema order (positional or by name)."""
         if v_packed is None:
@@ -130,7 +138,8 @@ class DecodeAttentionInputs:
                 raise ValueError("v_packed needs v_scale and v_zero")
             values = QuantizedSource(v_packed, v_scale, v_zero, v_tail, v_bits, v_group, v_layout)
         return cls(query, QuantizedSource(k_packed, k_scale, k_zero, k_tail, k_bits, k_group, k_layout), values,
-                   col0, k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, sm_scale)
+                   col0, k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, sm_scale, positions,
+                   rope_inv_freq, rope_scale)
 
     @property
     def value_source(self) -> QuantizedSource:
@@ -172,9 +181,7 @@ class DecodeAttentionInputs:
         col0 = self.col0
         if col0 is not None and (tuple(col0.shape) != (batch, max_len) or col0.dtype != quant.SCALE_DTYPE):
             raise ValueError(f"col0 must be {quant.SCALE_DTYPE} {(batch, max_len)}, got {col0.dtype} {tuple(col0.shape)}")
-        for name, t in (("cos", self.cos), ("sin", self.sin)):
-            if tuple(t.shape) != (batch, max_len, head_dim) or t.dtype != dtype:
-                raise ValueError(f"{name} must be {dtype} {(batch, max_len, head_dim)}, got {t.dtype} {tuple(t.shape)}")
+        self._check_rope(batch, max_len, head_dim, dtype)
         mask = self.mask
         if mask is not None:
             ok = (
@@ -195,7 +202,28 @@ class DecodeAttentionInputs:
             raise ValueError(f"length must be a 1-element int32/int64 tensor, got {length.dtype} {tuple(length.shape)}")
         for name, t in (("k_weight", k_weight), ("v_weight", v_weight), ("k_bias", self.k_bias),
                         ("v_bias", self.v_bias), ("col0", col0), ("cos", self.cos), ("sin", self.sin),
-                        ("mask", mask), ("length", length)):
+                        ("mask", mask), ("length", length), ("positions", self.positions),
+                        ("rope_inv_freq", self.rope_inv_freq)):
             if t is not None and t.device != device:
                 raise ValueError(f"{name} is on {t.device} but query is on {device}")
         return Shapes(batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width)
+
+    def _check_rope(self, batch: int, max_len: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Either the cos/sin tables, or positions and inv_freq (HF's default RoPE, computed in the kernel)."""
+        tables = (self.cos is not None, self.sin is not None)
+        computed = (self.positions is not None, self.rope_inv_freq is not None)
+        if tables != (True, True) and computed != (True, True) or any(tables) and any(computed):
+            raise ValueError("RoPE: give either cos and sin (tables [B, L, D]) or positions and rope_inv_freq "
+                             "(HF's default rotary embedding, computed in the kernel), not a mix")
+        if any(tables):
+            for name, t in (("cos", self.cos), ("sin", self.sin)):
+                if tuple(t.shape) != (batch, max_len, head_dim) or t.dtype != dtype:
+                    raise ValueError(f"{name} must be {dtype} {(batch, max_len, head_dim)}, got {t.dtype} {tuple(t.shape)}")
+            return
+        pos, freq = self.positions, self.rope_inv_freq
+        if tuple(pos.shape) != (batch, max_len) or pos.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"positions must be int32/int64 [B={batch}, L={max_len}] (the cached rows' position "
+                             f"ids), got {pos.dtype} {tuple(pos.shape)}")
+        if tuple(freq.shape) != (head_dim // 2,) or freq.dtype != torch.float32:
+            raise ValueError(f"rope_inv_freq must be float32 [{head_dim // 2}] (HF's inv_freq), got {freq.dtype} "
+                             f"{tuple(freq.shape)}")

@@ -29,8 +29,8 @@ def decode_attention(
     k_bias: Optional[torch.Tensor],
     v_weight: torch.Tensor,
     v_bias: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
     length: torch.Tensor,
     k_bits: int,
@@ -40,16 +40,22 @@ def decode_attention(
     v_group: int,
     v_layout: str,
     sm_scale: float,
+    positions: Optional[torch.Tensor] = None,
+    rope_inv_freq: Optional[torch.Tensor] = None,
+    rope_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode attention over the first ``length`` cached rows, from the quantized sources: [B, Hq, S, D].
 
     ``v_packed=None``: the value rows are the key-source rows (v_scale/v_zero/v_tail must be None and
-    v_bits/v_group/v_layout are ignored). The CPU kernel is :func:`reference_decode_attention`.
+    v_bits/v_group/v_layout are ignored). RoPE: either the tables ``cos``/``sin`` [B, L, D], or (with
+    cos = sin = None) HF's default rotary embedding computed in the kernel from the cached rows'
+    ``positions`` [B, L] and ``rope_inv_freq`` fp32 [D/2], times ``rope_scale`` (HF's
+    attention_scaling). The CPU kernel is :func:`reference_decode_attention`.
     """
     return reference_decode_attention(DecodeAttentionInputs.from_op_args(
         query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
-        v_bits, v_group, v_layout, sm_scale,
+        v_bits, v_group, v_layout, sm_scale, positions, rope_inv_freq, rope_scale,
     ))
 
 

@@ -26,6 +26,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def rope_tables(inputs: DecodeAttentionInputs, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, n, D] of the first ``n`` cached rows in the model dtype: the given tables, or HF's
+    default rotary embedding from the positions (angles pos·inv_freq in fp32, both halves alike, times
+    ``rope_scale``, rounded to the model dtype -- as transformers' rotary embedding computes them)."""
+    a = inputs
+    if not a.rope_from_positions:
+        return a.cos[:, :n], a.sin[:, :n]
+    angles = a.positions[:, :n].float()[..., None] * a.rope_inv_freq.float()
+    emb = torch.cat([angles, angles], dim=-1)
+    dtype = a.k_weight.dtype
+    return (emb.cos() * a.rope_scale).to(dtype), (emb.sin() * a.rope_scale).to(dtype)
+
+
 def reference_decode_attention(inputs: DecodeAttentionInputs) -> torch.Tensor:
     """The op's semantics in plain torch, rounding where the Triton kernel rounds: X̂ to the model dtype,
     K (after bias and RoPE in fp32) to the model dtype before q·Kᵀ, the unnormalized probabilities to the
@@ -47,7 +60,8 @@ def reference_decode_attention(inputs: DecodeAttentionInputs) -> torch.Tensor:
     if a.k_bias is not None:
         k = k + a.k_bias.float()
     k = k.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)  # [B, Hkv, n, D]
-    c, s = a.cos[:, None, :n].float(), a.sin[:, None, :n].float()
+    cos, sin = rope_tables(a, n)
+    c, s = cos[:, None].float(), sin[:, None].float()
     k = (k * c + rotate_half(k) * s).to(dtype)
 
     q = a.query.reshape(batch, kv_heads, rows, head_dim)  # rows g·S + s share KV head h (repeat_kv order)

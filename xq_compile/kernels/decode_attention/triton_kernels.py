@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from xq_compile.kernels.decode_attention import config as launch_config
+from xq_compile.kernels.decode_attention import gluon_values
 from xq_compile.kernels.decode_attention.config import pow2_at_least_16
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, QuantizedSource
 from xq_compile.kernels.tiles import next_power_of_2, scale_broadcast
@@ -44,17 +45,47 @@ if HAS_TRITON:
         return tl.minimum(tl.maximum(n, 0), L)
 
     @triton.jit
+    def _rope_cos_sin(pos_ptr, freq_ptr, b, rows, row_ok, dh, f_ok, s_posb, s_posl, rope_scale,
+                      dtype: tl.constexpr, FAST_TRIG: tl.constexpr):
+        """HF's default rotary embedding at the cached rows, [rows, features] in fp32: cos/sin of the
+        angle pos·inv_freq[dh] (an fp32 product, as transformers computes it), times ``rope_scale``,
+        rounded to the model dtype like transformers' tables -- computed instead of read (a table row
+        costs 4·D bytes of cos and sin; this costs a few instructions per element after the K loop).
+
+        The angle is first reduced to [-π, π] (Cody-Waite, two FMAs with 2π split in two fp32 parts:
+        exact to ~k·1e-14 for k turns), so the hardware's fast cos/sin (``FAST_TRIG``: MUFU, absolute
+        error 2^-20.5 on that range) can be used; the interpreter has no libdevice and takes tl.cos/sin.
+        """
+        pos = tl.load(pos_ptr + b * s_posb + offset64(rows, s_posl), mask=row_ok, other=0).to(tl.float32)
+        freq = tl.load(freq_ptr + dh, mask=f_ok, other=0.0)
+        angle = pos[:, None] * freq[None, :]
+        turns = tl.extra.cuda.libdevice.rint(angle * 0.15915494309189535) if FAST_TRIG else \
+            tl.floor(angle * 0.15915494309189535 + 0.5)
+        reduced = tl.fma(turns, -6.2831854820251465, angle)  # 2π rounded to fp32 ...
+        reduced = tl.fma(turns, 1.7484556000744883e-07, reduced)  # ... and what that rounding left out
+        if FAST_TRIG:
+            c = tl.extra.cuda.libdevice.fast_cosf(reduced)
+            s = tl.extra.cuda.libdevice.fast_sinf(reduced)
+        else:
+            c = tl.cos(reduced)
+            s = tl.sin(reduced)
+        c = (c * rope_scale).to(dtype).to(tl.float32)
+        s = (s * rope_scale).to(dtype).to(tl.float32)
+        return c, s
+
+    @triton.jit
     def _scores_kernel(
-        q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, mask_ptr, length_ptr,
-        out_ptr,
-        L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale,
+        q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
+        mask_ptr, length_ptr, out_ptr,
+        L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale, rope_scale,
         s_qb, s_qh, s_qs, s_qd,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-        s_wn, s_wk, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind,
+        s_wn, s_wk, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
         s_mb, s_mh, s_ms, s_ml,
         s_ob, s_oh, s_or, s_ol,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr,  # 0 none, 1 bool (as uint8), 2 additive float
+        ROPE_FROM_POSITIONS: tl.constexpr, FAST_TRIG: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_BCAST: tl.constexpr,
         R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -112,16 +143,22 @@ if HAS_TRITON:
         # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2], in fp32.
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n
-        t_mask = row_ok[:, None] & f_ok[None, :]
-        cos_off = b * s_cosb + offset64(rows, s_cosl)[:, None] + dh[None, :] * s_cosd
-        sin_off = b * s_sinb + offset64(rows, s_sinl)[:, None] + dh[None, :] * s_sind
-        # (the tables stay in the model dtype until each product: fewer live registers after the loop)
-        c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0)
-        s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0)
-        kr1 = (k1 * c1.to(tl.float32) - k2 * s1.to(tl.float32)).to(dtype)
-        c2 = tl.load(cos_ptr + cos_off + HALF * s_cosd, mask=t_mask, other=0.0)
-        s2 = tl.load(sin_ptr + sin_off + HALF * s_sind, mask=t_mask, other=0.0)
-        kr2 = (k2 * c2.to(tl.float32) + k1 * s2.to(tl.float32)).to(dtype)
+        if ROPE_FROM_POSITIONS:  # HF's default RoPE: both halves share the frequency
+            c, s = _rope_cos_sin(pos_ptr, freq_ptr, b, rows, row_ok, dh, f_ok, s_posb, s_posl, rope_scale,
+                                 dtype, FAST_TRIG)
+            kr1 = (k1 * c - k2 * s).to(dtype)
+            kr2 = (k2 * c + k1 * s).to(dtype)
+        else:
+            t_mask = row_ok[:, None] & f_ok[None, :]
+            cos_off = b * s_cosb + offset64(rows, s_cosl)[:, None] + dh[None, :] * s_cosd
+            sin_off = b * s_sinb + offset64(rows, s_sinl)[:, None] + dh[None, :] * s_sind
+            # (the tables stay in the model dtype until each product: fewer live registers after the loop)
+            c1 = tl.load(cos_ptr + cos_off, mask=t_mask, other=0.0)
+            s1 = tl.load(sin_ptr + sin_off, mask=t_mask, other=0.0)
+            kr1 = (k1 * c1.to(tl.float32) - k2 * s1.to(tl.float32)).to(dtype)
+            c2 = tl.load(cos_ptr + cos_off + HALF * s_cosd, mask=t_mask, other=0.0)
+            s2 = tl.load(sin_ptr + sin_off + HALF * s_sind, mask=t_mask, other=0.0)
+            kr2 = (k2 * c2.to(tl.float32) + k1 * s2.to(tl.float32)).to(dtype)
 
         # Query rows m: (head h0 + m // R_PAD, row r = g·S + s of the query heads sharing it, in repeat_kv
         # order), as a block-diagonal [BLOCK_H·HALF_PAD, BLOCK_H·R_PAD] operand Qᵀ (each head's rows see
@@ -273,6 +310,21 @@ if HAS_TRITON:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def _launch_gluon_values(flat_scores, values: QuantizedSource, length, acc, m_part, l_part, max_len: int,
+                         m_all: int, v_width: int, splits: int, dtype: torch.dtype) -> None:
+    """Launch 2 through the Gluon values kernel (same outputs as ``_values_kernel``)."""
+    batch = flat_scores.shape[0]
+    block_m, block_n, block_cv = gluon_values.BLOCK_M, gluon_values.BLOCK_N, gluon_values.BLOCK_CV
+    grid = (batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))
+    gluon_values._gluon_values_kernel[grid](
+        flat_scores, values.packed, values.scale, values.zero, length, acc, m_part, l_part, max_len, m_all,
+        *flat_scores.stride(), values.packed.stride(0), values.packed.stride(1), values.scale.stride(0),
+        values.scale.stride(1), values.zero.stride(0), values.zero.stride(1), *acc.stride(), *m_part.stride(),
+        DTYPE=_TL_DTYPES[dtype], GROUP=values.group, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_CV=block_cv, NUM_BUF=2, num_warps=4,
+    )
+
+
 def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
     """Pointers and strides of a source for ``dequant_tile`` (absent tensors: any valid pointer, stride 0)."""
     tail = source.packed if source.tail is None else source.tail
@@ -283,7 +335,8 @@ def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
             (*source.packed.stride(), *source.scale.stride(), *source.zero.stride(), *t_strides, *c_strides))
 
 
-def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, **config: int) -> torch.Tensor:
+def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, *, values_kernel: str = "triton",
+                            **config: int) -> torch.Tensor:
     """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
 
     Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
@@ -292,6 +345,8 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the
     scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead of
     the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
+    ``values_kernel="gluon"``: the values stage through the Gluon kernel (``gluon_values``; Hopper only,
+    checked on a GPU only, not the op's default) where it supports the value source, else the Triton one.
     """
     if not HAS_TRITON:
         raise RuntimeError(
@@ -330,14 +385,24 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
         m_strides = mask_e.stride()
     block_h = min(cfg["block_h"], next_power_of_2(kv_heads))  # an override may exceed the heads
     grid = (batch * triton.cdiv(kv_heads, block_h), triton.cdiv(max_len, cfg["block_n"]))
+    # RoPE: the tables, or positions and inv_freq (absent tensors: any valid pointer, stride 0)
+    if a.rope_from_positions:
+        cos = sin = a.positions
+        table_strides, pos_strides = (0,) * 6, a.positions.stride()
+        freq = a.rope_inv_freq
+    else:
+        cos, sin, freq = a.cos, a.sin, a.cos
+        table_strides, pos_strides = (*a.cos.stride(), *a.sin.stride()), (0, 0)
     _scores_kernel[grid](
-        a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, a.cos, a.sin, mask_t, a.length,
-        scores,
+        a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq, mask_t,
+        a.length, scores,
         max_len, kv_heads, k_width, keys.packed.shape[2], rows, seq, group_q, half, float(a.sm_scale),
-        *a.query.stride(), *k_strides, *a.k_weight.stride(), *a.cos.stride(), *a.sin.stride(), *m_strides,
+        float(a.rope_scale),
+        *a.query.stride(), *k_strides, *a.k_weight.stride(), *table_strides, *pos_strides, *m_strides,
         *scores.stride(),
         BITS=keys.bits, GROUP=keys.group, PER_CHANNEL=keys.layout == "per_channel", HAS_COL0=a.col0 is not None,
-        HAS_BIAS=a.k_bias is not None, MASK_KIND=mask_kind, DOT_PRECISION=precision, UPCAST=upcast,
+        HAS_BIAS=a.k_bias is not None, MASK_KIND=mask_kind, ROPE_FROM_POSITIONS=a.rope_from_positions,
+        FAST_TRIG=not launch_config.interpreted(), DOT_PRECISION=precision, UPCAST=upcast,
         SCALE_BCAST=scale_broadcast(keys.layout, keys.group, cfg["block_n"], cfg["block_c"]),
         R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
         BLOCK_C=cfg["block_c"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -354,18 +419,25 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
     m_part = torch.empty((batch, splits, m_all), device=dev, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
-        flat_scores, *v_ptrs, a.length, acc, m_part, l_part,
-        max_len, m_all, v_width, values.packed.shape[2],
-        *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
-        BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
-        HAS_COL0=a.values is None and a.col0 is not None,
-        SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
-        OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
-        BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv,
-        # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
-        num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
-    )
+    if values_kernel not in ("triton", "gluon"):
+        raise ValueError(f"values_kernel={values_kernel!r}: 'triton' or 'gluon'")
+    if values_kernel == "gluon" and gluon_values.supports(values, a.col0 if a.values is None else None, dtype,
+                                                          v_width):
+        _launch_gluon_values(flat_scores, values, a.length, acc, m_part, l_part, max_len, m_all, v_width, splits,
+                             dtype)
+    else:
+        _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
+            flat_scores, *v_ptrs, a.length, acc, m_part, l_part,
+            max_len, m_all, v_width, values.packed.shape[2],
+            *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
+            BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
+            HAS_COL0=a.values is None and a.col0 is not None,
+            SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
+            OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
+            BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv,
+            # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
+            num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
+        )
 
     # 3. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
     _reduce_kernel[(batch * kv_heads,)](

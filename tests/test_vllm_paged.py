@@ -1,0 +1,142 @@
+"""The paged X-cache attention of the vLLM plugin (xq_compile.vllm.paged/layout), in plain torch: no vLLM
+needed. Checked against per-request dense attention over X̂ as the simulation computes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xq_compile import XQuantConfig
+from xq_compile.rotation import fold_into_weight, hadamard, rotate
+from xq_compile.simulate import simulated_x
+from xq_compile.vllm import bytes_per_token, token_state_layout
+from xq_compile.vllm import paged
+from xq_compile.vllm.layout import decode_rows, encode_rows
+
+
+def test_layout_bytes_are_the_x_form_of_xquantcache():
+    four = token_state_layout(XQuantConfig(bits=4, group_size=64), 576, torch.float32)
+    assert [(f.name, f.width, f.dtype) for f in four] == [
+        ("codes", 288, torch.uint8), ("scale", 9, torch.float16), ("zero", 9, torch.float16)]
+    assert bytes_per_token(four) == 324  # 2 x 576 x 2 / 324 = 7.11x an fp16 K+V token
+    assert bytes_per_token(token_state_layout(XQuantConfig(bits=3, group_size=64), 576, torch.float32)) == 252
+    assert bytes_per_token(token_state_layout(XQuantConfig(bits=None), 576, torch.bfloat16)) == 1152
+    with pytest.raises(ValueError, match="group_size=64 does not divide"):
+        token_state_layout(XQuantConfig(bits=4, group_size=64), 96, torch.float32)
+
+
+def test_rows_round_trip_through_bytes():
+    layout = token_state_layout(XQuantConfig(bits=4, group_size=32), 64, torch.float32)
+    x = torch.randn(5, 64)
+    state = paged.x_state(x, XQuantConfig(bits=4, group_size=32), None)
+    back = decode_rows(layout, encode_rows(layout, state))
+    for name in state:
+        assert torch.equal(back[name], state[name]), name
+
+
+def _rope(positions: torch.Tensor, keys: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Neox-style RoPE (as Llama), for [T, heads * head_dim] at positions [T]."""
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions.float()[:, None] * inv[None]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    k = keys.view(keys.shape[0], -1, head_dim)
+    a, b = k[..., : head_dim // 2], k[..., head_dim // 2:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1).flatten(1)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 2])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("absorb", [False, True])
+def test_paged_attention_equals_dense_attention_per_request(bits, kv_heads, absorb):
+    torch.manual_seed(0)
+    d, heads, head_dim, block_size, num_blocks, g = 128, 4, 16, 4, 40, 32
+    xquant = XQuantConfig(bits=bits, group_size=g)
+    layout = token_state_layout(xquant, d, torch.float32)
+    pages = torch.zeros(num_blocks, 1, block_size, bytes_per_token(layout), dtype=torch.uint8)
+    w_k, w_v = torch.randn(kv_heads * head_dim, d) / d**0.5, torch.randn(kv_heads * head_dim, d) / d**0.5
+    b_k, b_v = torch.randn(kv_heads * head_dim), torch.randn(kv_heads * head_dim)
+    h = hadamard(g) if bits is not None else None
+    fold = (lambda w: fold_into_weight(w, h)) if h is not None else (lambda w: w)
+    proj = paged.Projection(k_weight=fold(w_k), v_weight=fold(w_v), k_bias=b_k, v_bias=b_v, num_heads=heads,
+                            num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5)
+    rope = lambda pos, keys: _rope(pos, keys, head_dim)  # noqa: E731
+
+    cached, new = [5, 0, 9], [1, 6, 3]  # a decode step, a first prefill chunk, a later chunk
+    totals = [c + n for c, n in zip(cached, new)]
+    xs = [torch.randn(t, d) for t in totals]
+    tables = torch.randperm(num_blocks)[:12].view(3, 4)  # blocks in no particular order
+
+    def slot(r, pos):
+        return int(tables[r, pos // block_size]) * block_size + pos % block_size
+
+    # the cached rows were written by earlier steps
+    for r, c in enumerate(cached):
+        if c:
+            paged.store(pages, torch.tensor([slot(r, p) for p in range(c)]), xs[r][:c], layout, xquant, h)
+    slots = [slot(r, p) for r in range(3) for p in range(cached[r], totals[r])]
+    starts = torch.tensor([0, 1, 7, 10], dtype=torch.int32)
+    batch = paged.PagedBatch(query_start_loc=starts, seq_lens=torch.tensor(totals, dtype=torch.int32),
+                             block_table=tables.int(), slot_mapping=torch.tensor(slots + [-1, -1]),  # 2 padding
+                             max_query_len=max(new), max_seq_len=max(totals))
+    x_new = torch.cat([xs[r][cached[r]:] for r in range(3)] + [torch.randn(2, d)])
+    query = torch.randn(x_new.shape[0], heads * head_dim)
+
+    paged.store(pages, batch.slot_mapping, x_new, layout, xquant, h)
+    rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32)
+    out = paged.attend(query[:10], rows, valid, batch, proj, rope, absorb)
+
+    for r in range(3):
+        x_hat = simulated_x(xs[r], xquant) if bits is not None else xs[r]
+        keys = rope(torch.arange(totals[r]), F.linear(x_hat, w_k, b_k)).view(-1, kv_heads, head_dim).transpose(0, 1)
+        values = F.linear(x_hat, w_v, b_v).view(-1, kv_heads, head_dim).transpose(0, 1)
+        q = query[starts[r]:starts[r + 1]].view(-1, heads, head_dim).transpose(0, 1)
+        visible = torch.arange(totals[r])[None] <= torch.arange(cached[r], totals[r])[:, None]
+        want = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=kv_heads != heads)
+        got = out[starts[r]:starts[r + 1]].view(-1, heads, head_dim).transpose(0, 1)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_absorb_rule_follows_the_query_length():
+    proj = paged.Projection(k_weight=None, v_weight=None, k_bias=None, v_bias=None, num_heads=9, num_kv_heads=9,
+                            head_dim=64, scale=0.125)
+    assert paged.absorb_values(XQuantConfig(bits=4), 1, proj)  # decode: absorb
+    assert not paged.absorb_values(XQuantConfig(bits=4), 128, proj)  # a prefill chunk: rebuild V
+    assert not paged.absorb_values(XQuantConfig(bits=4, absorb_values=False), 1, proj)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_sharded_by_token_merges_to_the_full_attention(kv_heads):
+    """Decode context parallelism: rows dealt round-robin to 3 ranks, each attends over its own rows; the
+    merged result is the attention over all rows (a query that sees no row on a rank is handled)."""
+    torch.manual_seed(0)
+    heads, queries, rows, dim = 4, 3, 10, 8
+    q = torch.randn(2, heads, queries, dim)
+    keys, values = torch.randn(2, kv_heads, rows, dim), torch.randn(2, kv_heads, rows, dim)
+    mask = torch.arange(rows)[None, None] <= torch.tensor([[1, 5, 9], [0, 4, 7]])[..., None]  # causal, per request
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), scale=0.3,
+                                          enable_gqa=kv_heads != heads)
+    full, full_lse = paged.attention_with_lse(q, keys, values, mask, 0.3)
+    torch.testing.assert_close(full, want, atol=1e-5, rtol=1e-5)
+    parts = [paged.attention_with_lse(q, keys[..., r::3, :], values[..., r::3, :], mask[..., r::3], 0.3)
+             for r in range(3)]
+    assert torch.isinf(parts[1][1][1, :, 0]).all()  # request 1's first query sees row 0 only (rank 0)
+    merged, lse = paged.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse)
+
+
+def test_engine_args_select_the_plugin_and_refuse_what_it_does_not_serve():
+    import json
+
+    from xq_compile.vllm import engine_args, serve_flags
+
+    args = engine_args(XQuantConfig(bits=4, form="x"))
+    assert args["hf_overrides"]["architectures"] == ["XQuantLlamaForCausalLM"]
+    assert XQuantConfig.from_options(args["hf_overrides"]["xquant"]) == XQuantConfig(bits=4, form="x")
+    assert json.loads(serve_flags(XQuantConfig(bits=4, form="x"))[1]) == args["hf_overrides"]
+    for config in (XQuantConfig(cross_layer=True), XQuantConfig(form="latent"), XQuantConfig(layer_bits=(4, 2))):
+        with pytest.raises(NotImplementedError, match="does not serve"):
+            engine_args(config)
+    with pytest.raises(ValueError, match="serves"):
+        engine_args(XQuantConfig(), architecture="Qwen2ForCausalLM")

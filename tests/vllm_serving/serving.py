@@ -1,0 +1,148 @@
+"""Helpers for the vLLM serving tests: run an engine on the 16 prompts, and the torch reference.
+
+These tests run in the vLLM environment (``bash scripts/setup_vllm.sh``, then
+``.venv-vllm/bin/python -m pytest -q tests/vllm_serving``). Nothing here imports vLLM at module level: in
+the main environment the test modules skip themselves (``pytest.importorskip("vllm")``). The folder is not
+called ``vllm``: on sys.path it would pass for the vllm package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+
+import torch
+
+from prompts import PROMPTS
+
+NEW_TOKENS = 12
+# Small, and the same for every engine so that capacities compare: 1 GiB of cache space.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@dataclasses.dataclass
+class Served:
+    tokens: list[list[int]]  # greedy continuation of each prompt
+    prompt_nll: float  # mean negative log-likelihood of the prompts' own tokens (prompt_logprobs)
+    capacity_tokens: int  # what vLLM reports as "KV cache size: N tokens" (blocks x block size)
+    preemptions: int
+    prefix_cache_hits: int  # prompt tokens whose cached rows were reused from another request
+
+
+def prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+def serve(variant: str, xquant=None, *, dtype: str = "float32", prompts: int = len(PROMPTS),
+          new_tokens: int = NEW_TOKENS, prompt_logprobs: bool = True, **engine: object) -> Served:
+    """Start an engine on SmolLM2 (``"mha"`` or ``"gqa"``, or a model folder), stock or with the X cache,
+    generate greedily for the first ``prompts`` prompts all submitted at once, shut the engine down.
+    ``prompt_logprobs`` (the prompts' likelihood) makes vLLM compute every prompt token, so it turns off
+    the reuse of cached prefixes."""
+    from vllm import LLM, SamplingParams
+
+    from xq_compile.models import smollm2_hf_dir
+    from xq_compile.vllm import engine_args
+
+    kwargs = dict(dtype=dtype, enforce_eager=True, max_model_len=512, max_num_seqs=16, seed=0,
+                  max_num_batched_tokens=128,  # prompts longer than this are prefilled in chunks
+                  disable_log_stats=False)
+    kwargs.update(engine)
+    if xquant is not None:
+        kwargs.update(engine_args(xquant))
+    llm = LLM(str(smollm2_hf_dir(variant)) if variant in ("mha", "gqa") else variant, **kwargs)
+    try:
+        ids = prompt_ids(llm.get_tokenizer())[:prompts]
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
+                                prompt_logprobs=0 if prompt_logprobs else None)
+        outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        nll, count = 0.0, 0
+        for out in outs if prompt_logprobs else ():
+            for token, logprobs in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+                nll -= logprobs[token].logprob
+                count += 1
+        config = llm.llm_engine.vllm_config.cache_config
+        metrics = {m.name: m for m in llm.get_metrics()}
+        return Served(tokens=[list(o.outputs[0].token_ids) for o in outs], prompt_nll=nll / max(count, 1),
+                      capacity_tokens=config.num_gpu_blocks * config.block_size,
+                      preemptions=int(metrics["vllm:num_preemptions"].value),
+                      prefix_cache_hits=int(metrics["vllm:prefix_cache_hits"].value))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+@dataclasses.dataclass
+class Reference:
+    logits: list[torch.Tensor]  # per prompt: [len(prompt) + len(continuation) - 1, vocab]
+    prompt_nll: float
+
+
+def reference(variant: str, xquant, continuations: list[list[int]]) -> Reference:
+    """Teacher-forced logits of xq-compile's torch reference (:func:`xq_compile.simulate.simulate_xquant`:
+    the same quantizer, packing and rotation as XQuantCache; K/V of every token from X̂) over each prompt
+    followed by ``continuations``; one right-padded batch."""
+    from xq_compile.models import load_smollm2
+    from xq_compile.simulate import simulate_xquant
+
+    model, tokenizer = load_smollm2(variant)
+    prompts = prompt_ids(tokenizer)[: len(continuations)]
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad(), simulate_xquant(model, xquant):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    nll, count = 0.0, 0
+    for row, p in enumerate(prompts):
+        logprobs = torch.log_softmax(logits[row, : len(p) - 1].double(), -1)
+        nll -= logprobs.gather(1, torch.tensor(p[1:]).unsqueeze(1)).sum().item()
+        count += len(p) - 1
+    return Reference(logits=[logits[r, : len(s) - 1] for r, s in enumerate(seqs)], prompt_nll=nll / count)
+
+
+def disagreements(served: Served, ref: Reference, prompts: list[list[int]]) -> list[tuple[int, int, float]]:
+    """(prompt, step, logit margin) where the served greedy token is not the reference's argmax, the margin
+    being how far the reference's own choice was ahead of the served token."""
+    out = []
+    for r, (p, tokens) in enumerate(zip(prompts, served.tokens)):
+        logits = ref.logits[r][len(p) - 1:]
+        for step, token in enumerate(tokens):
+            best = int(logits[step].argmax())
+            if best != token:
+                out.append((r, step, float(logits[step, best] - logits[step, token])))
+    return out
+
+
+def twelve_head_dir() -> str:
+    """SmolLM2's MHA variant with 3 more attention heads whose weights are zero (their output is zero and
+    o_proj ignores it): the same function, with a head count tensor parallelism 2 can split (9 cannot;
+    transformers wants the hidden size 576 to be a multiple of the head count: 12 is the next)."""
+    from transformers import AutoTokenizer
+
+    from xq_compile.models import cache_dir, load_smollm2, smollm2_hf_dir
+
+    path = cache_dir() / "models" / "smollm2-135m-mha-12-heads-v1"
+    if (path / "config.json").is_file():
+        return str(path)
+    model, _ = load_smollm2("mha")
+    head_dim, extra = model.config.head_dim, 3 * model.config.head_dim
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                zeros = proj.weight.new_zeros(extra, proj.in_features)
+                proj.weight = torch.nn.Parameter(torch.cat([proj.weight, zeros]))
+                proj.out_features += extra
+            attn.o_proj.weight = torch.nn.Parameter(
+                torch.cat([attn.o_proj.weight, attn.o_proj.weight.new_zeros(attn.o_proj.out_features, extra)], 1))
+            attn.o_proj.in_features += extra
+    model.config.num_attention_heads = model.config.num_key_value_heads = 12
+    model.config.head_dim = head_dim
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(smollm2_hf_dir("mha"))).save_pretrained(tmp)
+    tmp.rename(path)
+    return str(path)

@@ -1,0 +1,122 @@
+"""XQuant served by vLLM (the plugin in xq_compile.vllm) on the real SmolLM2, 16 prompts at once.
+
+Runs in the vLLM environment only (scripts/setup_vllm.sh); skipped where vLLM is not installed. Each test
+starts one or two engines (~30-40 s each on 2 cores): results are shared through module-level caches.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from serving import NEW_TOKENS, disagreements, prompt_ids, reference, serve, twelve_head_dir  # noqa: E402
+
+from xq_compile import XQuantConfig  # noqa: E402
+
+UNQUANTIZED = XQuantConfig(bits=None, form="x")
+FOUR_BIT = XQuantConfig(bits=4, form="x")
+
+
+LONG = 40  # new tokens of the stock runs and of the preemption run (the others compare their first 12)
+
+
+@functools.cache
+def stock(variant: str, dtype: str = "float32"):
+    return serve(variant, dtype=dtype, new_tokens=LONG)
+
+
+def first(tokens, n=NEW_TOKENS):
+    return [t[:n] for t in tokens]
+
+
+@functools.cache
+def unquantized(variant: str):
+    return serve(variant, UNQUANTIZED)
+
+
+@functools.cache
+def four_bit():
+    return serve("mha", FOUR_BIT)
+
+
+@functools.cache
+def four_bit_reference():
+    served = four_bit()
+    return reference("mha", FOUR_BIT, served.tokens)
+
+
+@functools.cache
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from xq_compile.models import smollm2_hf_dir
+
+    return AutoTokenizer.from_pretrained(str(smollm2_hf_dir("mha")))
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa"])
+def test_unquantized_x_cache_gives_stock_vllm_tokens(variant):
+    """bits=None caches X exactly: every prompt's greedy tokens equal stock vLLM's (chunked prefill of the
+    long prompts, decode of all 16 in one batch)."""
+    expected, served = stock(variant), unquantized(variant)
+    assert served.tokens == first(expected.tokens)
+    assert abs(served.prompt_nll - expected.prompt_nll) < 1e-3
+
+
+def check_against_reference(served, ref, prompts):
+    """Teacher-forced: at each step the served token is the reference's argmax, except where two
+    4-bit implementations legitimately part: a rounding difference flips a code, which moves later
+    layers' X and so more codes, and a close call goes the other way. Such partings are few and close."""
+    wrong = disagreements(served, ref, prompts)
+    total = sum(map(len, served.tokens))
+    assert len(wrong) <= 0.08 * total, wrong
+    assert all(margin < 1.0 for _, _, margin in wrong), wrong
+    # the prompts' likelihood, a sum over ~2700 positions, agrees far closer than 4-bit moves it
+    assert abs(served.prompt_nll - ref.prompt_nll) < 0.005, (served.prompt_nll, ref.prompt_nll)
+
+
+def test_four_bit_matches_the_torch_reference():
+    served, ref = four_bit(), four_bit_reference()
+    check_against_reference(served, ref, prompt_ids(tokenizer()))
+    # and 4-bit is not the unquantized model: the reference's likelihood differs from stock's
+    print(f"prompt NLL: stock {stock('mha').prompt_nll:.4f}, 4-bit served {served.prompt_nll:.4f}, "
+          f"reference {ref.prompt_nll:.4f}")
+
+
+def test_capacity_at_four_bits_is_at_least_six_and_a_half_times_stock():
+    """Same cache space (VLLM_CPU_KVCACHE_SPACE): stock vLLM keeps K and V in bf16 (2 x 576 x 2 bytes
+    per token per layer), XQuant 4-bit g64 keeps 288 code bytes + 18 fp16 scale/zero pairs = 324 bytes:
+    32 / 4.5 = 7.11x at most; vLLM's block rounding takes a little."""
+    stock_tokens = stock("mha", "bfloat16").capacity_tokens
+    ratio = four_bit().capacity_tokens / stock_tokens
+    print(f"KV cache size: stock bf16 {stock_tokens} tokens, XQuant 4-bit {four_bit().capacity_tokens} ({ratio:.2f}x)")
+    assert 6.5 <= ratio <= 7.2
+
+
+def test_preemption_and_prefix_caching_keep_tokens():
+    """18 blocks of 32 tokens cannot hold 16 requests growing by 40 tokens: vLLM preempts and recomputes.
+    The prompts share their first sentences: later requests reuse the X rows of earlier ones (prefix
+    caching; off in the runs above, whose prompt likelihoods need every prompt token computed)."""
+    served = serve("mha", UNQUANTIZED, num_gpu_blocks_override=18, block_size=32, new_tokens=LONG,
+                   prompt_logprobs=False)
+    assert served.preemptions > 0
+    assert served.prefix_cache_hits > 0
+    assert served.tokens == stock("mha").tokens
+
+
+def test_tensor_parallel_two_ranks():
+    """TP=2 over gloo (each rank rebuilds its own heads from the whole X) on SmolLM2 with three zero heads
+    added (9 heads do not split in two): stock vLLM's tokens on one rank. The capacity is the single-rank
+    one: every rank stores all of X."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        served = serve(twelve_head_dir(), UNQUANTIZED, tensor_parallel_size=2, distributed_executor_backend="mp",
+                       prompt_logprobs=False)
+    finally:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    assert served.tokens == first(stock("mha").tokens)
+    assert served.capacity_tokens == unquantized("mha").capacity_tokens

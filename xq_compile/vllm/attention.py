@@ -1,0 +1,230 @@
+"""vLLM glue: the XQUANT attention backend, the attention layer that owns a layer's X pages, and the
+Llama attention module that feeds it X instead of K and V.
+
+Needs vLLM (``pip install xq-compile[vllm]``); the computation itself is :mod:`xq_compile.vllm.paged`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.llama import LlamaAttention
+from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata)
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from ..config import XQuantConfig
+from ..rotation import fold_into_weight, hadamard
+from . import paged
+from .layout import bytes_per_token, token_state_layout
+
+BACKEND_NAME = "XQUANT"
+
+
+def xquant_of(hf_config) -> XQuantConfig:
+    """The XQuantConfig that :func:`xq_compile.vllm.engine_args` put into the model's config."""
+    options = getattr(hf_config, "xquant", None)
+    if options is None:
+        raise ValueError(
+            "this model class serves with an X cache and needs an XQuantConfig: build the engine with "
+            "vllm.LLM(model, **xq_compile.vllm.engine_args(XQuantConfig(...)))"
+        )
+    from . import check_servable
+
+    xquant = XQuantConfig.from_options(options)
+    check_servable(xquant)
+    return xquant
+
+
+# --------------------------------------------------------------------------------------------------
+# backend
+
+
+@dataclasses.dataclass
+class XQuantMetadata:
+    batch: paged.PagedBatch
+    num_actual_tokens: int
+
+
+class XQuantMetadataBuilder(AttentionMetadataBuilder[XQuantMetadata]):
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> XQuantMetadata:
+        m = common_attn_metadata
+        batch = paged.PagedBatch(query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+                                 block_table=m.block_table_tensor, slot_mapping=m.slot_mapping,
+                                 max_query_len=m.max_query_len, max_seq_len=m.max_seq_len)
+        return XQuantMetadata(batch=batch, num_actual_tokens=m.num_actual_tokens)
+
+
+class XQuantAttentionImpl(AttentionImpl[XQuantMetadata]):
+    """Holds the layer's settings only: the computation runs in ``torch.ops.xq_compile.vllm_attention``,
+    which needs X, not the K and V that vLLM's attention interface passes."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **extra) -> None:
+        asked = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap,
+                 "kv_sharing_target_layer_name": kv_sharing_target_layer_name, **extra}
+        unsupported = {name: value for name, value in asked.items() if value is not None}
+        if unsupported or attn_type != AttentionType.DECODER or kv_cache_dtype != "auto":
+            raise NotImplementedError(
+                f"the XQuant X cache serves plain causal decoder attention; this layer asks for {unsupported}, "
+                f"attn_type={attn_type}, kv_cache_dtype={kv_cache_dtype!r}. Serve this model without "
+                "xq_compile.vllm.engine_args (stock vLLM).")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("XQuant attention reads X, not K/V: it runs through torch.ops.xq_compile.vllm_attention")
+
+
+class XQuantAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update = True  # the op writes the X rows itself
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls():
+        return XQuantAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return XQuantMetadataBuilder
+
+
+# --------------------------------------------------------------------------------------------------
+# the op: opaque to torch.compile, like vLLM's own attention op
+
+
+@torch.library.custom_op("xq_compile::vllm_attention", mutates_args=("output",))
+def vllm_attention(query: torch.Tensor, x: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    """Store the new tokens' X in the layer's pages, attend over every request's rows, write ``output``."""
+    context = get_forward_context()
+    layer = context.no_compile_layers[layer_name]
+    metadata = context.attn_metadata
+    if isinstance(metadata, dict):
+        metadata = metadata.get(layer_name)
+    if metadata is None:  # a profiling / warm-up run without a cache
+        output.zero_()
+        return
+    layer.run(query, x, output, metadata)
+
+
+@vllm_attention.register_fake
+def _vllm_attention_fake(query, x, output, layer_name) -> None:
+    return None
+
+
+class XQuantPagedAttention(Attention):
+    """An attention layer whose cache pages hold the packed X of each token (see layout.py)."""
+
+    def __init__(self, *, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, hidden_size: int,
+                 xquant: XQuantConfig, rotary_emb, cache_config, prefix: str) -> None:
+        super().__init__(num_heads, head_dim, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
+                         prefix=prefix, attn_backend=XQuantAttentionBackend)
+        self.xquant = xquant
+        self.hidden_size = hidden_size
+        self.layout = token_state_layout(xquant, hidden_size, torch.get_default_dtype())
+        self._rotary = (rotary_emb,)  # a tuple: the module belongs to the parent, not registered twice
+        self.projection: paged.Projection | None = None
+        # bits=None reproduces the unmodified model exactly: nothing to spread, no rotation.
+        self.rotation = (hadamard(xquant.group_size) if xquant.rotation == "hadamard" and xquant.quantized
+                         else None)
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> FullAttentionSpec:
+        # One "head" of state_content_bytes per token: vLLM's block manager then sizes the cache in X bytes.
+        # Every tensor-parallel rank stores all of X (it rebuilds only its own heads): max_tp_shards=1.
+        return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
+                                 head_size=self.hidden_size, dtype=torch.uint8, max_tp_shards=1,
+                                 state_content_bytes=bytes_per_token(self.layout))
+
+    def set_projection(self, k_weight, k_bias, v_weight, v_bias) -> None:
+        """Keep this rank's K/V weights (once, folded with the rotation) for rebuilding K and V from X̂."""
+        if self.rotation is not None:
+            h = self.rotation.to(k_weight.device)
+            k_weight, v_weight = fold_into_weight(k_weight, h), fold_into_weight(v_weight, h)
+            self.rotation = h
+        self.projection = paged.Projection(k_weight=k_weight.contiguous(), v_weight=v_weight.contiguous(),
+                                           k_bias=k_bias, v_bias=v_bias, num_heads=self.num_heads,
+                                           num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+                                           scale=self.impl.scale)
+
+    def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        output = torch.empty(query.shape[0], self.num_heads * self.head_size, dtype=query.dtype, device=query.device)
+        torch.ops.xq_compile.vllm_attention(query, x, output, self.layer_name)
+        return output
+
+    def run(self, query: torch.Tensor, x: torch.Tensor, output: torch.Tensor, metadata: XQuantMetadata) -> None:
+        if self.projection is None:
+            raise RuntimeError(f"{self.layer_name}: K/V weights were never handed over (model not loaded?)")
+        batch, n = metadata.batch, metadata.num_actual_tokens
+        pages = self.kv_cache
+        paged.store(pages, batch.slot_mapping[:n], x[:n], self.layout, self.xquant, self.rotation)
+        rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype)
+        rotary = self._rotary[0]
+        absorb = paged.absorb_values(self.xquant, batch.max_query_len, self.projection)
+        out = paged.attend(query[:n], rows, valid, batch, self.projection,
+                           lambda pos, keys: rotary.forward_native(pos, keys)[0], absorb)
+        output[:n] = out
+        output[n:] = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the model side: Llama's attention with X in, the same projections and RoPE
+
+
+class XQuantLlamaAttention(LlamaAttention):
+    """vLLM's LlamaAttention (same weights, same qkv/o projections, same rotary) whose attention layer
+    caches X. Passed to vLLM's LlamaDecoderLayer as ``attn_layer_type``: the model is not copied."""
+
+    def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int, *args, quant_config=None,
+                 cache_config=None, prefix: str = "", **kwargs) -> None:
+        if quant_config is not None:
+            raise NotImplementedError("XQuant rebuilds K/V from dense K/V weights: quantized checkpoints are "
+                                      "not supported; serve a dense model.")
+        super().__init__(config, hidden_size, num_heads, num_kv_heads, *args, quant_config=quant_config,
+                         cache_config=cache_config, prefix=prefix, **kwargs)
+        xquant = xquant_of(config)
+        form = xquant.form_of(hidden_size, self.total_num_kv_heads * self.head_dim)
+        if form != "x":
+            raise NotImplementedError(
+                f"XQuantConfig(form={xquant.form!r}) picks the GQA latent form for this model, which the vLLM "
+                "plugin does not serve yet: pass XQuantConfig(form='x') (caches X, wider than K+V here).")
+        if self.attn.sliding_window is not None:
+            raise NotImplementedError("sliding-window attention is not supported by the XQuant X cache")
+        # The stock layer registered itself under this name; ours takes its place.
+        forward_context = get_current_vllm_config().compilation_config.static_forward_context
+        del forward_context[self.attn.layer_name]
+        self.attn = XQuantPagedAttention(
+            num_heads=self.num_heads, head_dim=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
+            hidden_size=hidden_size, xquant=xquant, rotary_emb=self.rotary_emb, cache_config=cache_config,
+            prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, _ = self.rotary_emb(positions, q, k)  # as the stock layer does (k is dropped: rebuilt from X)
+        output, _ = self.o_proj(self.attn(q, hidden_states))
+        return output
+
+    def hand_over_kv_weights(self) -> None:
+        """Copy this rank's K/V rows of the fused qkv weight to the attention layer. Called right after
+        loading: on CPU, vLLM then repacks qkv_proj for oneDNN and frees its weight."""
+        weight, bias = self.qkv_proj.weight.detach(), self.qkv_proj.bias
+        k_rows = slice(self.q_size, self.q_size + self.kv_size)
+        v_rows = slice(self.q_size + self.kv_size, self.q_size + 2 * self.kv_size)
+        self.attn.set_projection(weight[k_rows].clone(), None if bias is None else bias.detach()[k_rows].clone(),
+                                 weight[v_rows].clone(), None if bias is None else bias.detach()[v_rows].clone())

@@ -1,0 +1,191 @@
+"""Attention over X rows kept in paged memory, for a whole batch of requests at once.
+
+Plain torch, independent of vLLM (the plugin in :mod:`xq_compile.vllm.attention` feeds it vLLM's
+metadata). The layout is vLLM's: a layer's pages are a ``[num_blocks, 1, block_size, C]`` uint8 tensor, a
+token's ``C`` bytes are its X state (:mod:`xq_compile.vllm.layout`), ``slot_mapping[t]`` is the slot
+(``block * block_size + offset``) new token ``t`` is written to, and ``block_table[r]`` lists request
+``r``'s blocks in order. Requests are flattened token by token (``query_start_loc``), each request's new
+tokens are the last ``query_len`` of its ``seq_len`` tokens: prefill, chunked prefill and decode are one
+case.
+
+Every step: (1) quantize + pack the new tokens' X (rotated) into their slots; (2) gather every request's
+rows through its block table into one ``[requests, max_seq_len]`` batch (padded, masked); (3) rebuild K
+(RoPE at each row's position) and V, or, for short queries, attend over X̂ and project once per head
+(absorbed values); (4) scatter the outputs back to the flat token order. No loop over requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+from ..config import XQuantConfig
+from ..rotation import rotate
+from .layout import StateField, decode_rows, encode_rows
+
+Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""RoPE of keys ``[tokens, kv_heads * head_dim]`` at positions ``[tokens]`` (the model's own rotary)."""
+
+
+@dataclasses.dataclass
+class PagedBatch:
+    """Where a step's tokens go and which rows each request reads (vLLM's attention metadata)."""
+
+    query_start_loc: torch.Tensor  # [R + 1] offsets of each request's new tokens in the flat batch
+    seq_lens: torch.Tensor  # [R] tokens of each request after this step (cached + new)
+    block_table: torch.Tensor  # [R, max_blocks] block ids
+    slot_mapping: torch.Tensor  # [N] slot of each new token (< 0: padding, not written)
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclasses.dataclass
+class Projection:
+    """One layer's rebuild weights (this rank's K/V heads) and attention shape."""
+
+    k_weight: torch.Tensor  # [kv_heads * head_dim, d], rotated (W·R) when X is stored rotated
+    v_weight: torch.Tensor
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+
+def x_state(x: torch.Tensor, xquant: XQuantConfig, rotation: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The cached state of new tokens' X [N, d]: exactly what XQuantCache's X form stores for them."""
+    if rotation is not None:
+        x = rotate(x, rotation)
+    if xquant.bits is None:
+        return {"x": x}
+    codes, scale, zero = quant.quantize(x, xquant.bits, xquant.group_size)
+    return {"codes": quant.pack(codes, xquant.bits), "scale": scale, "zero": zero}
+
+
+def x_hat(state: dict[str, torch.Tensor], xquant: XQuantConfig, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`x_state` up to the quantization error (still rotated)."""
+    if xquant.bits is None:
+        return state["x"].to(dtype)
+    return quant.dequantize(state["codes"], state["scale"], state["zero"], xquant.bits, xquant.group_size, dtype)
+
+
+def store(pages: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor, layout: tuple[StateField, ...],
+          xquant: XQuantConfig, rotation: torch.Tensor | None) -> None:
+    """Write the X state of the tokens with a slot (``slot_mapping >= 0``) into ``pages``."""
+    slots, x = slot_mapping.long(), x[: slot_mapping.shape[0]]
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, x = slots[keep], x[keep]
+    rows = encode_rows(layout, x_state(x, xquant, rotation))
+    block_size = pages.shape[2]
+    pages[slots // block_size, 0, slots % block_size] = rows
+
+
+def gather(pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...], xquant: XQuantConfig,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """X̂ of every request's rows, packed ``[sum(seq_lens), d]`` (request by request, in position order),
+    and where they sit in the padded ``[R, max_seq_len]`` batch (a bool mask). Only existing rows are
+    read and dequantized: the rebuild cost follows the tokens held, not R x the longest request."""
+    block_size = pages.shape[2]
+    rows = torch.arange(batch.max_seq_len, device=pages.device)
+    valid = rows < batch.seq_lens.long().unsqueeze(1)  # [R, M]
+    request, position = valid.nonzero(as_tuple=True)
+    blocks = batch.block_table.long()[request, position // block_size]
+    raw = pages[blocks, 0, position % block_size]  # [T, C]
+    return x_hat(decode_rows(layout, raw), xquant, dtype), valid
+
+
+def absorb_values(xquant: XQuantConfig, max_query_len: int, proj: Projection) -> bool:
+    """Attend over X̂ and project V once per head, instead of rebuilding V for every row, when that is
+    cheaper: the same rule as the graph rewrite (a query-head·token·d reduction, weighed 4x a GEMM's
+    FLOP, against the kv_heads·head_dim·d V projection of every row)."""
+    return xquant.absorb_values and 4 * max_query_len * proj.num_heads <= proj.num_kv_heads * proj.head_dim
+
+
+def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: PagedBatch, proj: Projection,
+           rope: Rope, absorb: bool) -> torch.Tensor:
+    """Causal attention of each request's new tokens (``query`` [N, heads * head_dim], RoPE applied) over
+    its rows X̂ (packed, with their places ``valid`` [R, M]: see :func:`gather`); returns
+    [N, heads * head_dim] in the flat token order."""
+    num_tokens, heads, kv_heads, head_dim = query.shape[0], proj.num_heads, proj.num_kv_heads, proj.head_dim
+    requests, max_len = valid.shape
+    starts = batch.query_start_loc.long()
+    query_lens = starts[1:] - starts[:-1]
+    token = torch.arange(num_tokens, device=query.device)
+    request = torch.searchsorted(starts[1:], token, right=True)  # the request each token belongs to
+    local = token - starts[request]
+    padded_q = query.new_zeros(requests, batch.max_query_len, heads, head_dim)
+    padded_q[request, local] = query.view(num_tokens, heads, head_dim)
+    padded_q = padded_q.transpose(1, 2)  # [R, H, Q, D]
+
+    # query i of request r sits at position (seq_len - query_len) + i and sees rows 0..that position
+    positions = torch.arange(max_len, device=query.device)
+    query_pos = (batch.seq_lens.long() - query_lens).unsqueeze(1) + torch.arange(batch.max_query_len,
+                                                                                 device=query.device)
+    mask = (positions <= query_pos.unsqueeze(-1)) & valid.unsqueeze(1)  # [R, Q, M]
+
+    def padded(packed: torch.Tensor) -> torch.Tensor:  # [T, ...] -> [R, M, ...], zeros where no row
+        out = packed.new_zeros(requests, max_len, *packed.shape[1:])
+        out[valid] = packed
+        return out
+
+    keys = rope(positions.expand(requests, -1)[valid], F.linear(rows, proj.k_weight, proj.k_bias))
+    keys = padded(keys).view(requests, max_len, kv_heads, head_dim).transpose(1, 2)
+    if absorb:
+        out = _absorbed_attention(padded_q, keys, padded(rows), mask, proj)
+    else:
+        values = padded(F.linear(rows, proj.v_weight, proj.v_bias)).view(requests, max_len, kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(padded_q, keys, values.transpose(1, 2), attn_mask=mask.unsqueeze(1),
+                                             scale=proj.scale, enable_gqa=kv_heads != heads)
+    return out.transpose(1, 2)[request, local].reshape(num_tokens, heads * head_dim)
+
+
+def _absorbed_attention(q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
+                        proj: Projection) -> torch.Tensor:
+    """softmax(q·Kᵀ)·(X̂·W_vᵀ) computed as (softmax(q·Kᵀ)·X̂)·W_vᵀ: V has no RoPE, so the projection moves
+    after the sum over rows (the bias too: the weights of a row sum to 1). Returns [R, H, Q, D]."""
+    requests, heads, queries, head_dim = q.shape
+    kv_heads, group = proj.num_kv_heads, heads // proj.num_kv_heads
+    grouped = q.view(requests, kv_heads, group, queries, head_dim)  # query head h uses KV head h // group
+    scores = torch.einsum("rkgqe,rkme->rkgqm", grouped, keys) * proj.scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(rows.dtype)
+    mixed = torch.einsum("rkgqm,rmd->rkgqd", weights, rows)  # [R, KV, G, Q, d]
+    w_v = proj.v_weight.view(kv_heads, head_dim, -1)
+    out = torch.einsum("rkgqd,ked->rkgqe", mixed, w_v)
+    if proj.v_bias is not None:
+        out = out + proj.v_bias.view(1, kv_heads, 1, 1, head_dim)
+    return out.reshape(requests, heads, queries, head_dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode context parallelism (rows sharded by token across ranks): each rank attends over its own rows
+# and returns the softmax log-sum-exp; the partial outputs merge exactly. Not wired into the plugin yet
+# (vLLM 0.32 runs decode context parallelism on GPU backends only).
+
+
+def attention_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` [..., H, Q, D] over ``keys``/``values`` [..., KV, M, D] (query head h uses KV head
+    h // (H / KV)) where ``mask`` [..., Q, M] allows; returns the output [..., H, Q, D] and the log-sum-exp
+    of the scaled scores [..., H, Q] (-inf, with a zero output, where a query sees no row here)."""
+    group = q.shape[-3] // keys.shape[-3]
+    keys, values = keys.repeat_interleave(group, -3), values.repeat_interleave(group, -3)
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return (weights @ values.float()).to(q.dtype), lse
+
+
+def merge_attention(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine partial attentions over disjoint row sets (:func:`attention_with_lse` on each shard) into
+    the attention over their union, and its log-sum-exp."""
+    lse = torch.logsumexp(torch.stack(lses), 0)
+    merged = sum(out.float() * torch.exp(part - lse).nan_to_num(0.0).unsqueeze(-1) for out, part in zip(outputs, lses))
+    return merged.to(outputs[0].dtype), lse
