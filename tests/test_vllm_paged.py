@@ -135,7 +135,8 @@ def test_engine_args_select_the_plugin_and_refuse_what_it_does_not_serve():
     assert args["hf_overrides"]["architectures"] == ["XQuantLlamaForCausalLM"]
     assert XQuantConfig.from_options(args["hf_overrides"]["xquant"]) == XQuantConfig(bits=4, form="x")
     assert json.loads(serve_flags(XQuantConfig(bits=4, form="x"))[1]) == args["hf_overrides"]
-    for config in (XQuantConfig(cross_layer=True), XQuantConfig(form="latent"), XQuantConfig(layer_bits=(4, 2))):
+    for config in (XQuantConfig(cross_layer=True), XQuantConfig(form="latent"), XQuantConfig(layer_bits=(4, 2)),
+                   XQuantConfig(form="x", recent=32)):
         with pytest.raises(NotImplementedError, match="does not serve"):
             engine_args(config)
     with pytest.raises(ValueError, match="serves"):

@@ -43,11 +43,12 @@ def check_servable(xquant: XQuantConfig) -> None:
     """Refuse the settings the plugin does not serve yet (before any engine starts)."""
     unsupported = [name for name, on in (("cross_layer", xquant.cross_layer), ("layer_bits", xquant.layer_bits),
                                          ("keep_channel0", xquant.keep_channel0), ("form='latent'",
-                                                                                   xquant.form == "latent")) if on]
+                                                                                   xquant.form == "latent"),
+                                         ("recent/sink rows", xquant.recent or xquant.sink)) if on]
     if unsupported:
         raise NotImplementedError(
             f"the vLLM plugin does not serve XQuantConfig({', '.join(unsupported)}) yet: it caches X itself "
-            "(form='x'), one code width for all layers.")
+            "(form='x'), one code width for all layers, every row quantized.")
 
 
 def serve_flags(xquant: XQuantConfig, architecture: str = "LlamaForCausalLM") -> list[str]:
