@@ -335,45 +335,11 @@ def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
             (*source.packed.stride(), *source.scale.stride(), *source.zero.stride(), *t_strides, *c_strides))
 
 
-def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, *, values_kernel: str = "triton",
-                            **config: int) -> torch.Tensor:
-    """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
-
-    Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
-    pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
-    arguments (``CONFIG_KEYS``) override the default configuration (see ``resolve_config``); block
-    sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the
-    scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead of
-    the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
-    ``values_kernel="gluon"``: the values stage through the Gluon kernel (``gluon_values``; Hopper only,
-    checked on a GPU only, not the op's default) where it supports the value source, else the Triton one.
-    """
-    if not HAS_TRITON:
-        raise RuntimeError(
-            "xq_compile::decode_attention on CUDA needs triton, which is not installed: "
-            "pip install 'xq-compile[triton]' (or pip install triton)."
-        )
-    (batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width), cfg = launch_config.resolve(inputs, config, sms)
-    a = inputs
-    keys, values = a.keys, a.value_source
-    group_q = q_heads // kv_heads
-    rows = group_q * seq
-    dtype = a.k_weight.dtype
-    if dtype not in _TL_DTYPES:
-        raise ValueError(f"model dtype {dtype} is not supported by the Triton kernel")
-    out = torch.empty(a.query.shape, device=a.query.device, dtype=a.query.dtype)
-    if out.numel() == 0:
-        return out
-    dev = a.query.device
-    r_pad = pow2_at_least_16(rows)
-    half = head_dim // 2
-    splits = cfg["num_splits"]
-    fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    precision = "ieee" if fp32_exact else "tf32"
-    # The Triton interpreter (the only way these kernels run on CPU tensors) gets bf16 tl.dot wrong.
-    upcast = launch_config.interpreted() and dtype == torch.bfloat16
-
-    # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written
+def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int, kv_heads: int, max_len: int,
+                   k_width: int, rows: int, seq: int, group_q: int, half: int, r_pad: int, precision: str,
+                   upcast: bool) -> torch.Tensor:
+    """Stage 1: the scores [B, Hkv, rows, L] fp32 of every query row against the K rebuilt in tiles."""
+    keys, dev = a.keys, a.query.device
     scores = torch.empty((batch, kv_heads, rows, max_len), device=dev, dtype=torch.float32)
     k_ptrs, k_strides = _tile_args(keys, a.col0)
     if a.mask is None:
@@ -407,6 +373,50 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
         R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
         BLOCK_C=cfg["block_c"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    return scores
+
+
+def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, *, values_kernel: str = "triton",
+                            **config: int) -> torch.Tensor:
+    """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
+
+    Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
+    pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
+    arguments (``CONFIG_KEYS``) override the default configuration (see ``resolve_config``); block
+    sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the
+    scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead of
+    the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
+    ``values_kernel="gluon"``: the values stage through the Gluon kernel (``gluon_values``; Hopper only,
+    checked on a GPU only, not the op's default) where it supports the value source, else the Triton one.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "xq_compile::decode_attention on CUDA needs triton, which is not installed: "
+            "pip install 'xq-compile[triton]' (or pip install triton)."
+        )
+    (batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width), cfg = launch_config.resolve(inputs, config, sms)
+    a = inputs
+    values = a.value_source
+    group_q = q_heads // kv_heads
+    rows = group_q * seq
+    dtype = a.k_weight.dtype
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"model dtype {dtype} is not supported by the Triton kernel")
+    out = torch.empty(a.query.shape, device=a.query.device, dtype=a.query.dtype)
+    if out.numel() == 0:
+        return out
+    dev = a.query.device
+    r_pad = pow2_at_least_16(rows)
+    half = head_dim // 2
+    splits = cfg["num_splits"]
+    fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    precision = "ieee" if fp32_exact else "tf32"
+    # The Triton interpreter (the only way these kernels run on CPU tensors) gets bf16 tl.dot wrong.
+    upcast = launch_config.interpreted() and dtype == torch.bfloat16
+
+    # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written
+    scores = _launch_scores(a, cfg, batch, q_heads, kv_heads, max_len, k_width, rows, seq, group_q, half, r_pad,
+                            precision, upcast)
 
     # 2. per split: online softmax and the absorbed values Σ p·x̂v for one block of value channels,
     #    for the query rows of every KV head at once (flattened: row h·R + r); a shared source's value
