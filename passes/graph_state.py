@@ -12,7 +12,7 @@ from torch import fx
 from xq_compile._torch_private import declare_static_placeholder
 from xq_compile.cache import XQuantLayer, layer_of
 from xq_compile.config import XQuantConfig
-from xq_compile.rotation import hadamard
+from xq_compile.rotation import rotation_of
 
 from .match import Site, example_value
 
@@ -157,8 +157,7 @@ class GraphState:
             source = example_value(site.position_source) if site.position_source is not None else None
             shape = (batch, max_len) if source is None or source.dim() == 2 else (max_len,)
             self.shared_positions = torch.zeros(shape, dtype=torch.int64, device=keys.device)
-            self.shared_rotation = (hadamard(self.options.group_size, device=keys.device)
-                                    if self.options.rotation == "hadamard" else None)
+            self.shared_rotation = rotation_of(self.options, keys.device)
         layer = XQuantLayer(layer_idx=site.layer, max_cache_len=max_len, batch_size=batch, hidden_size=x.shape[-1],
                             num_kv_heads=heads, head_dim=head_dim, xquant=self.options, dtype=x.dtype,
                             device=keys.device, positions=self.shared_positions, rotation=self.shared_rotation,

@@ -25,7 +25,7 @@ from ._transformers_compat import make_mask_creation_traceable
 from .config import XQuantConfig
 from .forms import CacheForm, LayerShape, allocate, form_for, layer_shapes
 from .forms.window import ModelWindowForm
-from .rotation import hadamard
+from .rotation import rotation_of
 
 # Maps each layer's K and V placeholder tensor to its XQuantLayer. The compiled graph receives those
 # placeholders as inputs (Dynamo lifts ``cache.layers[i].keys``); this is how the backend finds the
@@ -352,9 +352,7 @@ class XQuantCache(Cache):
         self.dtype = dtype
         self.positions = torch.zeros(max_batch_size, max_cache_len, dtype=torch.int64, device=device)
         mark_static_address(self.positions)
-        self.rotation = (
-            hadamard(xquant.group_size, dtype=torch.float32, device=device) if xquant.rotation == "hadamard" else None
-        )
+        self.rotation = rotation_of(xquant, device)
         layers = [
             ModelWindowLayer(layer_idx=i, form=form, max_cache_len=max_cache_len, batch_size=max_batch_size,
                              dtype=dtype, device=device)

@@ -54,3 +54,8 @@ class FoldedWeights:
 
 
 FOLDED_WEIGHTS = FoldedWeights()
+
+
+def rotation_of(xquant, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """The block-Hadamard matrix an ``XQuantConfig`` rotates X by (fp32, on ``device``), or None."""
+    return hadamard(xquant.group_size, device=device) if xquant.rotation == "hadamard" else None

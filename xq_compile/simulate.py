@@ -17,13 +17,13 @@ from . import quant
 from .config import XQuantConfig
 from .forms import LayerShape, form_for, layer_shapes
 from .forms.x import rotated_reconstruction
-from .rotation import hadamard, rotate
+from .rotation import rotate, rotation_of
 
 __all__ = ["hooks_removed_after", "rotated_reconstruction", "simulate_xquant", "simulated_x"]
 
 
 def _rotation(config: XQuantConfig, x: torch.Tensor) -> torch.Tensor | None:
-    return hadamard(config.group_size, device=x.device) if config.rotation == "hadamard" else None
+    return rotation_of(config, x.device)
 
 
 def simulated_x(x: torch.Tensor, config: XQuantConfig, bits: int | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ import sympy
 import torch
 
 from ..config import XQuantConfig
-from ..rotation import hadamard
+from ..rotation import rotation_of
 
 if TYPE_CHECKING:  # the pass imports the forms, not the other way round
     from torch import fx
@@ -135,7 +135,7 @@ class CacheForm:
 
     def rotation_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The block-Hadamard matrix X is rotated by (on ``x``'s device), or None."""
-        return hadamard(self.group_size, device=x.device) if self.xquant.rotation == "hadamard" else None
+        return rotation_of(self.xquant, x.device)
 
     def _bits_text(self) -> str:
         return "unquantized" if self.bits is None else f"{self.bits}-bit"
