@@ -3,6 +3,8 @@ needed. Checked against per-request dense attention over X̂ as the simulation c
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,8 +129,6 @@ def test_attention_sharded_by_token_merges_to_the_full_attention(kv_heads):
 
 
 def test_engine_args_select_the_plugin_and_refuse_what_it_does_not_serve():
-    import json
-
     from xq_compile.vllm import engine_args, serve_flags
 
     args = engine_args(XQuantConfig(bits=4, form="x"))
@@ -140,4 +140,21 @@ def test_engine_args_select_the_plugin_and_refuse_what_it_does_not_serve():
         with pytest.raises(NotImplementedError, match="does not serve"):
             engine_args(config)
     with pytest.raises(ValueError, match="serves"):
-        engine_args(XQuantConfig(), architecture="Qwen2ForCausalLM")
+        engine_args(XQuantConfig(), architecture="Gemma2ForCausalLM")
+
+
+def test_engine_args_read_the_architecture_from_the_model_folder(tmp_path):
+    from xq_compile.vllm import engine_args
+
+    four_bit = XQuantConfig(bits=4, form="x")
+    for stock, served in (("Qwen2ForCausalLM", "XQuantQwen2ForCausalLM"),
+                          ("MistralForCausalLM", "XQuantLlamaForCausalLM"),
+                          ("LlamaForCausalLM", "XQuantLlamaForCausalLM")):
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [stock]}))
+        assert engine_args(four_bit, model=str(tmp_path))["hf_overrides"]["architectures"] == [served]
+        assert engine_args(four_bit, stock) == engine_args(four_bit, model=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GptOssForCausalLM"]}))
+    with pytest.raises(ValueError, match="GptOssForCausalLM.*stock vLLM"):
+        engine_args(four_bit, model=str(tmp_path))
+    with pytest.raises(ValueError, match="not a model folder with a config.json"):
+        engine_args(four_bit, model=str(tmp_path / "missing"))

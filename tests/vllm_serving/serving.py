@@ -49,9 +49,10 @@ def serve(variant: str, xquant=None, *, dtype: str = "float32", prompts: int = l
                   max_num_batched_tokens=128,  # prompts longer than this are prefilled in chunks
                   disable_log_stats=False)
     kwargs.update(engine)
+    model = str(smollm2_hf_dir(variant)) if variant in ("mha", "gqa") else variant
     if xquant is not None:
-        kwargs.update(engine_args(xquant))
-    llm = LLM(str(smollm2_hf_dir(variant)) if variant in ("mha", "gqa") else variant, **kwargs)
+        kwargs.update(engine_args(xquant, model=model))
+    llm = LLM(model, **kwargs)
     try:
         ids = prompt_ids(llm.get_tokenizer())[:prompts]
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
@@ -84,10 +85,10 @@ def reference(variant: str, xquant, continuations: list[list[int]]) -> Reference
     """Teacher-forced logits of xq-compile's torch reference (:func:`xq_compile.simulate.simulate_xquant`:
     the same quantizer, packing and rotation as XQuantCache; K/V of every token from X̂) over each prompt
     followed by ``continuations``; one right-padded batch."""
-    from xq_compile.models import load_smollm2
+    from xq_compile.models import load_model
     from xq_compile.simulate import simulate_xquant
 
-    model, tokenizer = load_smollm2(variant)
+    model, tokenizer = load_model(f"smollm2-{variant}" if variant in ("mha", "gqa") else variant)
     prompts = prompt_ids(tokenizer)[: len(continuations)]
     seqs = [p + c for p, c in zip(prompts, continuations)]
     width = max(map(len, seqs))
@@ -144,5 +145,45 @@ def twelve_head_dir() -> str:
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(smollm2_hf_dir("mha"))).save_pretrained(tmp)
+    tmp.rename(path)
+    return str(path)
+
+
+def family_dir(family: str) -> str:
+    """SmolLM2 (GQA as shipped) written as another architecture the plugin serves, for the serving tests:
+    ``"mistral"`` (the same weights under MistralForCausalLM, no sliding window: Llama's computation) or
+    ``"qwen2"`` (Qwen2ForCausalLM, which has q/k/v biases: SmolLM2 has none, so they are drawn at random,
+    seeded, large enough to move the model's likelihood)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from xq_compile.models import cache_dir, load_smollm2, smollm2_hf_dir
+
+    path = cache_dir() / "models" / f"smollm2-135m-as-{family}-v1"
+    if (path / "config.json").is_file():
+        return str(path)
+    source, _ = load_smollm2("gqa")
+    c = source.config
+    shape = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                 num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                 num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                 max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
+                 rope_parameters=dict(c.rope_parameters), bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                 pad_token_id=c.pad_token_id)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=None))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False))
+    else:
+        raise ValueError(family)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected and all(name.endswith("_proj.bias") for name in missing), (missing, unexpected)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in missing:
+            bias = model.get_parameter(name)
+            bias.copy_(torch.randn(bias.shape, generator=generator) * 0.1)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(smollm2_hf_dir("gqa"))).save_pretrained(tmp)
     tmp.rename(path)
     return str(path)

@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from serving import NEW_TOKENS, disagreements, prompt_ids, reference, serve, twelve_head_dir  # noqa: E402
+from serving import (NEW_TOKENS, disagreements, family_dir, prompt_ids, reference, serve,  # noqa: E402
+                     twelve_head_dir)
 
 from xq_compile import XQuantConfig  # noqa: E402
 
@@ -120,3 +121,23 @@ def test_tensor_parallel_two_ranks():
         del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     assert served.tokens == first(stock("mha").tokens)
     assert served.capacity_tokens == unquantized("mha").capacity_tokens
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_serve_stock_tokens_unquantized(family):
+    """The other Llama-family architectures (SmolLM2's weights written as each, see ``family_dir``): stock
+    vLLM's own Mistral/Qwen2 classes against the plugin's, bits=None. Qwen2's random q/k/v biases move the
+    model (its likelihood is not SmolLM2's), and the X cache must rebuild K and V with them."""
+    path = family_dir(family)
+    expected, served = serve(path), serve(path, UNQUANTIZED)
+    assert served.tokens == first(expected.tokens, NEW_TOKENS)
+    assert abs(served.prompt_nll - expected.prompt_nll) < 1e-3
+    moved = abs(expected.prompt_nll - stock("gqa").prompt_nll)
+    assert (moved > 0.05) if family == "qwen2" else (moved < 1e-3), moved
+
+
+def test_qwen2_four_bit_matches_the_torch_reference():
+    """4 bits with biases: the served tokens teacher-forced against xq-compile's reference of the same model."""
+    path = family_dir("qwen2")
+    served = serve(path, FOUR_BIT)
+    check_against_reference(served, reference(path, FOUR_BIT, served.tokens), prompt_ids(tokenizer()))

@@ -4,39 +4,62 @@
     from xq_compile import XQuantConfig
     from xq_compile.vllm import engine_args
 
-    llm = LLM("path/to/llama", **engine_args(XQuantConfig(bits=4, form="x")))
+    llm = LLM("path/to/model", **engine_args(XQuantConfig(bits=4, form="x"), model="path/to/model"))
 
 Installing xq-compile declares the ``vllm.general_plugins`` entry point :func:`register`, which vLLM
-loads in every process: it adds the ``XQUANT`` attention backend and the model class
-``XQuantLlamaForCausalLM``. :func:`engine_args` selects them for one engine (``hf_overrides``), so stock
-models in the same installation are untouched. Importing this module does not import vLLM.
+loads in every process: it adds the ``XQUANT`` attention backend and the model classes
+``XQuantLlamaForCausalLM`` (Llama, Mistral) and ``XQuantQwen2ForCausalLM``. :func:`engine_args` selects them
+for one engine (``hf_overrides``), so stock models in the same installation are untouched. Importing this module does not import vLLM.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from ..config import XQuantConfig
 from .layout import StateField, bytes_per_token, token_state_layout
 
-__all__ = ["ARCHITECTURES", "StateField", "bytes_per_token", "check_servable", "engine_args", "register",
+__all__ = ["ARCHITECTURES", "StateField", "architecture_of", "bytes_per_token", "check_servable", "engine_args", "register",
            "serve_flags", "token_state_layout"]
 
-# The stock architecture each served class stands in for (Llama family first).
-ARCHITECTURES = {"LlamaForCausalLM": "XQuantLlamaForCausalLM"}
+# The stock architecture each served class stands in for. Mistral without a sliding window is Llama's
+# computation with Llama's weight names: the Llama class serves it (and refuses the Mistral variants that differ).
+ARCHITECTURES = {"LlamaForCausalLM": "XQuantLlamaForCausalLM", "MistralForCausalLM": "XQuantLlamaForCausalLM",
+                 "Qwen2ForCausalLM": "XQuantQwen2ForCausalLM"}
 
 
-def engine_args(xquant: XQuantConfig, architecture: str = "LlamaForCausalLM") -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM(model, **engine_args(xquant))`` (or ``AsyncEngineArgs``) that serve
-    the model with the X cache: the plugin's model class, and the config it reads."""
+def engine_args(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM(model, **engine_args(xquant, model=model))`` (or ``AsyncEngineArgs``)
+    that serve the model with the X cache: the plugin's model class, and the config it reads.
+
+    The class stands in for the model's own architecture: give ``model`` (a model folder: its config.json
+    names it) or ``architecture`` (one of :data:`ARCHITECTURES`); Llama when neither is given."""
     if not isinstance(xquant, XQuantConfig):
         raise TypeError(f"engine_args takes an XQuantConfig, got {type(xquant).__name__}")
+    if model is not None:
+        if architecture is not None:
+            raise ValueError("give engine_args the model folder or the architecture, not both")
+        architecture = architecture_of(model)
+    architecture = architecture or "LlamaForCausalLM"
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"the vLLM plugin serves {sorted(ARCHITECTURES)} so far, not {architecture!r}")
+        raise ValueError(f"the vLLM plugin serves {sorted(ARCHITECTURES)} so far, not {architecture!r}; "
+                         "serve this model without xq_compile.vllm.engine_args (stock vLLM).")
     check_servable(xquant)
     return {"hf_overrides": {"architectures": [ARCHITECTURES[architecture]], "xquant": dataclasses.asdict(xquant)}}
+
+
+def architecture_of(model: str) -> str:
+    """The architecture a local model folder's config.json names (its first)."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{model!r} is not a model folder with a config.json: pass architecture= instead")
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    if not architectures:
+        raise ValueError(f"{config} names no architecture: pass architecture= instead")
+    return architectures[0]
 
 
 def check_servable(xquant: XQuantConfig) -> None:
@@ -51,9 +74,9 @@ def check_servable(xquant: XQuantConfig) -> None:
             "(form='x'), one code width for all layers, every row quantized.")
 
 
-def serve_flags(xquant: XQuantConfig, architecture: str = "LlamaForCausalLM") -> list[str]:
+def serve_flags(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None) -> list[str]:
     """The same switches for ``vllm serve MODEL ...``."""
-    return ["--hf-overrides", json.dumps(engine_args(xquant, architecture)["hf_overrides"])]
+    return ["--hf-overrides", json.dumps(engine_args(xquant, architecture, model=model)["hf_overrides"])]
 
 
 def register() -> None:
@@ -65,6 +88,6 @@ def register() -> None:
 
     if BACKEND_NAME not in AttentionBackendEnum.__members__:
         AttentionBackendEnum.register(BACKEND_NAME, "xq_compile.vllm.attention.XQuantAttentionBackend")
-    for served in ARCHITECTURES.values():
+    for served in set(ARCHITECTURES.values()):
         if served not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(served, f"xq_compile.vllm.model:{served}")

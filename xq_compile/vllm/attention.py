@@ -1,5 +1,5 @@
 """vLLM glue: the XQUANT attention backend, the attention layer that owns a layer's X pages, and the
-Llama attention module that feeds it X instead of K and V.
+Llama and Qwen2 attention modules that feed it X instead of K and V.
 
 Needs vLLM (``pip install xq-compile[vllm]``); the computation itself is :mod:`xq_compile.vllm.paged`.
 """
@@ -14,6 +14,7 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention
+from vllm.model_executor.models.qwen2 import Qwen2Attention
 from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -183,27 +184,23 @@ class XQuantPagedAttention(Attention):
 
 
 # --------------------------------------------------------------------------------------------------
-# the model side: Llama's attention with X in, the same projections and RoPE
+# the model side: a family's attention module with X in, the same projections and RoPE
 
 
-class XQuantLlamaAttention(LlamaAttention):
-    """vLLM's LlamaAttention (same weights, same qkv/o projections, same rotary) whose attention layer
-    caches X. Passed to vLLM's LlamaDecoderLayer as ``attn_layer_type``: the model is not copied."""
+class XCacheAttention:
+    """What turns a vLLM attention module of the Llama shape (fused ``qkv_proj``, ``rotary_emb``, ``o_proj``,
+    ``attn``) into one that caches X: mixed in before the family's own class (``LlamaAttention``,
+    ``Qwen2Attention``), whose ``__init__`` builds the weights; :meth:`use_x_cache` then replaces its
+    ``attn`` layer. The model is not copied."""
 
-    def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int, *args, quant_config=None,
-                 cache_config=None, prefix: str = "", **kwargs) -> None:
-        if quant_config is not None:
-            raise NotImplementedError("XQuant rebuilds K/V from dense K/V weights: quantized checkpoints are "
-                                      "not supported; serve a dense model.")
-        super().__init__(config, hidden_size, num_heads, num_kv_heads, *args, quant_config=quant_config,
-                         cache_config=cache_config, prefix=prefix, **kwargs)
+    def use_x_cache(self, config, hidden_size: int, cache_config, prefix: str) -> None:
         xquant = xquant_of(config)
         form = xquant.form_of(hidden_size, self.total_num_kv_heads * self.head_dim)
         if form != "x":
             raise NotImplementedError(
                 f"XQuantConfig(form={xquant.form!r}) picks the GQA latent form for this model, which the vLLM "
                 "plugin does not serve yet: pass XQuantConfig(form='x') (caches X, wider than K+V here).")
-        if self.attn.sliding_window is not None:
+        if getattr(self.attn, "sliding_window", None) is not None:
             raise NotImplementedError("sliding-window attention is not supported by the XQuant X cache")
         # The stock layer registered itself under this name; ours takes its place.
         forward_context = get_current_vllm_config().compilation_config.static_forward_context
@@ -221,10 +218,49 @@ class XQuantLlamaAttention(LlamaAttention):
         return output
 
     def hand_over_kv_weights(self) -> None:
-        """Copy this rank's K/V rows of the fused qkv weight to the attention layer. Called right after
-        loading: on CPU, vLLM then repacks qkv_proj for oneDNN and frees its weight."""
+        """Copy this rank's K/V rows of the fused qkv weight (and bias: Qwen2) to the attention layer. Called
+        right after loading: on CPU, vLLM then repacks qkv_proj for oneDNN and frees its weight."""
         weight, bias = self.qkv_proj.weight.detach(), self.qkv_proj.bias
         k_rows = slice(self.q_size, self.q_size + self.kv_size)
         v_rows = slice(self.q_size + self.kv_size, self.q_size + 2 * self.kv_size)
         self.attn.set_projection(weight[k_rows].clone(), None if bias is None else bias.detach()[k_rows].clone(),
                                  weight[v_rows].clone(), None if bias is None else bias.detach()[v_rows].clone())
+
+
+def refuse_quantized_checkpoint(quant_config) -> None:
+    if quant_config is not None:
+        raise NotImplementedError("XQuant rebuilds K/V from dense K/V weights: quantized checkpoints are "
+                                  "not supported; serve a dense model.")
+
+
+class XQuantLlamaAttention(XCacheAttention, LlamaAttention):
+    """vLLM's LlamaAttention (Llama, and Mistral without a sliding window) caching X. Passed to vLLM's
+    LlamaDecoderLayer as ``attn_layer_type``."""
+
+    def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int, *args, quant_config=None,
+                 cache_config=None, prefix: str = "", **kwargs) -> None:
+        refuse_quantized_checkpoint(quant_config)
+        super().__init__(config, hidden_size, num_heads, num_kv_heads, *args, quant_config=quant_config,
+                         cache_config=cache_config, prefix=prefix, **kwargs)
+        self.use_x_cache(config, hidden_size, cache_config, prefix)
+
+
+class XQuantQwen2Attention(XCacheAttention, Qwen2Attention):
+    """vLLM's Qwen2Attention (q/k/v biases) caching X. vLLM's Qwen2 decoder layer builds its attention
+    itself (it takes no ``attn_layer_type`` as Llama's does), so :meth:`replacing` turns the stock module
+    into this class after the fact."""
+
+    @classmethod
+    def replacing(cls, stock: Qwen2Attention, config, cache_config, prefix: str) -> XQuantQwen2Attention:
+        unsupported = [name for name, on in (("qk_norm", stock.qk_norm),
+                                             ("dual_chunk_attention_config", stock.dual_chunk_attention_config),
+                                             ("use_sliding_window", getattr(config, "use_sliding_window", False)))
+                       if on]
+        if unsupported:
+            raise NotImplementedError(f"the XQuant X cache serves Qwen2 without {', '.join(unsupported)}; "
+                                      "serve this model without xq_compile.vllm.engine_args (stock vLLM).")
+        # Changing the class keeps the module's weights, projections and rotary as vLLM built them (nothing
+        # allocated twice); the two classes differ only in methods, then use_x_cache swaps the layer.
+        stock.__class__ = cls
+        stock.use_x_cache(config, stock.hidden_size, cache_config, prefix)
+        return stock
