@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xq_compile import XQuantConfig
+from xq_compile import XQuantConfig, quant
+from xq_compile.latent import svd_factors
 from xq_compile.rotation import fold_into_weight, hadamard, rotate
 from xq_compile.simulate import simulated_x
 from xq_compile.vllm import bytes_per_token, token_state_layout
@@ -47,21 +48,39 @@ def _rope(positions: torch.Tensor, keys: torch.Tensor, head_dim: int) -> torch.T
     return torch.cat([a * cos - b * sin, b * cos + a * sin], -1).flatten(1)
 
 
+def _reference_rows(form: str, x: torch.Tensor, xquant: XQuantConfig, w_k, w_v, h):
+    """X̂ for K and for V as the torch reference computes them: the simulation's X̂ (X form), or each
+    latent fake-quantized per token through the rotated SVD factors and mapped back (latent form)."""
+    if xquant.bits is None:
+        return x, x, w_k, w_v
+    if form == "x":
+        return simulated_x(x, xquant), simulated_x(x, xquant), w_k, w_v
+    (down_k, up_k), (down_v, up_v) = svd_factors(w_k, h), svd_factors(w_v, h)
+    fake = lambda latent: quant.fake_quantize(latent, xquant.bits, xquant.group_size)  # noqa: E731
+    return fake(F.linear(x, down_k)), fake(F.linear(x, down_v)), up_k, up_v
+
+
+@pytest.mark.parametrize("form", ["x", "latent"])
 @pytest.mark.parametrize("bits", [None, 4, 2])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("absorb", [False, True])
-def test_paged_attention_equals_dense_attention_per_request(bits, kv_heads, absorb):
+def test_paged_attention_equals_dense_attention_per_request(form, bits, kv_heads, absorb):
     torch.manual_seed(0)
     d, heads, head_dim, block_size, num_blocks, g = 128, 4, 16, 4, 40, 32
-    xquant = XQuantConfig(bits=bits, group_size=g)
-    layout = token_state_layout(xquant, d, torch.float32)
-    pages = torch.zeros(num_blocks, 1, block_size, bytes_per_token(layout), dtype=torch.uint8)
+    xquant = XQuantConfig(bits=bits, group_size=g, form=form)
     w_k, w_v = torch.randn(kv_heads * head_dim, d) / d**0.5, torch.randn(kv_heads * head_dim, d) / d**0.5
     b_k, b_v = torch.randn(kv_heads * head_dim), torch.randn(kv_heads * head_dim)
     h = hadamard(g) if bits is not None else None
-    fold = (lambda w: fold_into_weight(w, h)) if h is not None else (lambda w: w)
-    proj = paged.Projection(k_weight=fold(w_k), v_weight=fold(w_v), k_bias=b_k, v_bias=b_v, num_heads=heads,
-                            num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5)
+    shape = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5)
+    if form == "x":
+        fold = (lambda w: fold_into_weight(w, h)) if h is not None else (lambda w: w)
+        proj = paged.Projection(k_weight=fold(w_k), v_weight=fold(w_v), k_bias=b_k, v_bias=b_v, **shape)
+        row_width, store_rotation = d, h
+    else:  # the rows are the latents, already rotated by the factors
+        proj = paged.latent_projection(w_k, b_k, w_v, b_v, h, **shape)
+        row_width, store_rotation = 2 * kv_heads * head_dim, None
+    layout = token_state_layout(xquant, row_width, torch.float32)
+    pages = torch.zeros(num_blocks, 1, block_size, bytes_per_token(layout), dtype=torch.uint8)
     rope = lambda pos, keys: _rope(pos, keys, head_dim)  # noqa: E731
 
     cached, new = [5, 0, 9], [1, 6, 3]  # a decode step, a first prefill chunk, a later chunk
@@ -72,10 +91,13 @@ def test_paged_attention_equals_dense_attention_per_request(bits, kv_heads, abso
     def slot(r, pos):
         return int(tables[r, pos // block_size]) * block_size + pos % block_size
 
+    def store(slots, x):
+        paged.store(pages, slots, proj.row_source(x), layout, xquant, store_rotation)
+
     # the cached rows were written by earlier steps
     for r, c in enumerate(cached):
         if c:
-            paged.store(pages, torch.tensor([slot(r, p) for p in range(c)]), xs[r][:c], layout, xquant, h)
+            store(torch.tensor([slot(r, p) for p in range(c)]), xs[r][:c])
     slots = [slot(r, p) for r in range(3) for p in range(cached[r], totals[r])]
     starts = torch.tensor([0, 1, 7, 10], dtype=torch.int32)
     batch = paged.PagedBatch(query_start_loc=starts, seq_lens=torch.tensor(totals, dtype=torch.int32),
@@ -84,19 +106,20 @@ def test_paged_attention_equals_dense_attention_per_request(bits, kv_heads, abso
     x_new = torch.cat([xs[r][cached[r]:] for r in range(3)] + [torch.randn(2, d)])
     query = torch.randn(x_new.shape[0], heads * head_dim)
 
-    paged.store(pages, batch.slot_mapping, x_new, layout, xquant, h)
+    store(batch.slot_mapping, x_new)
     rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32)
     out = paged.attend(query[:10], rows, valid, batch, proj, rope, absorb)
 
     for r in range(3):
-        x_hat = simulated_x(xs[r], xquant) if bits is not None else xs[r]
-        keys = rope(torch.arange(totals[r]), F.linear(x_hat, w_k, b_k)).view(-1, kv_heads, head_dim).transpose(0, 1)
-        values = F.linear(x_hat, w_v, b_v).view(-1, kv_heads, head_dim).transpose(0, 1)
+        k_rows, v_rows, k_weight, v_weight = _reference_rows(form, xs[r], xquant, w_k, w_v, h)
+        keys = rope(torch.arange(totals[r]), F.linear(k_rows, k_weight, b_k)).view(-1, kv_heads, head_dim)
+        values = F.linear(v_rows, v_weight, b_v).view(-1, kv_heads, head_dim).transpose(0, 1)
         q = query[starts[r]:starts[r + 1]].view(-1, heads, head_dim).transpose(0, 1)
         visible = torch.arange(totals[r])[None] <= torch.arange(cached[r], totals[r])[:, None]
-        want = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=kv_heads != heads)
+        want = F.scaled_dot_product_attention(q, keys.transpose(0, 1), values, attn_mask=visible,
+                                              enable_gqa=kv_heads != heads)
         got = out[starts[r]:starts[r + 1]].view(-1, heads, head_dim).transpose(0, 1)
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
 
 
 def test_absorb_rule_follows_the_query_length():
@@ -135,8 +158,8 @@ def test_engine_args_select_the_plugin_and_refuse_what_it_does_not_serve():
     assert args["hf_overrides"]["architectures"] == ["XQuantLlamaForCausalLM"]
     assert XQuantConfig.from_options(args["hf_overrides"]["xquant"]) == XQuantConfig(bits=4, form="x")
     assert json.loads(serve_flags(XQuantConfig(bits=4, form="x"))[1]) == args["hf_overrides"]
-    for config in (XQuantConfig(cross_layer=True), XQuantConfig(form="latent"), XQuantConfig(layer_bits=(4, 2)),
-                   XQuantConfig(form="x", recent=32)):
+    for config in (XQuantConfig(cross_layer=True), XQuantConfig(form="latent", keep_channel0=True),
+                   XQuantConfig(layer_bits=(4, 2)), XQuantConfig(form="x", recent=32)):
         with pytest.raises(NotImplementedError, match="does not serve"):
             engine_args(config)
     with pytest.raises(ValueError, match="serves"):

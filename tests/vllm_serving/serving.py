@@ -8,6 +8,7 @@ called ``vllm``: on sys.path it would pass for the vllm package.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -94,7 +95,9 @@ def reference(variant: str, xquant, continuations: list[list[int]]) -> Reference
     width = max(map(len, seqs))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    with torch.no_grad(), simulate_xquant(model, xquant):
+    served_form = xquant.form_of(model.config.hidden_size, model.config.num_key_value_heads * model.config.head_dim)
+    simulation = per_token_latents if served_form == "latent" else simulate_xquant
+    with torch.no_grad(), simulation(model, xquant):
         logits = model(input_ids=ids, attention_mask=mask).logits
     nll, count = 0.0, 0
     for row, p in enumerate(prompts):
@@ -102,6 +105,29 @@ def reference(variant: str, xquant, continuations: list[list[int]]) -> Reference
         nll -= logprobs.gather(1, torch.tensor(p[1:]).unsqueeze(1)).sum().item()
         count += len(p) - 1
     return Reference(logits=[logits[r, : len(s) - 1] for r, s in enumerate(seqs)], prompt_nll=nll / count)
+
+
+@contextlib.contextmanager
+def per_token_latents(model, xquant):
+    """The torch reference of the plugin's latent form: K and V rebuilt from the key and value latents
+    (SVD factors, rotated), each fake-quantized per token. (XQuantCache's latent form quantizes the key
+    latent per channel over token groups instead: vLLM's pages hold whole tokens.)"""
+    from xq_compile import quant
+    from xq_compile.forms.split_latent import latent_projection_hooks
+    from xq_compile.rotation import rotation_of
+
+    def per_token(latent):
+        return quant.fake_quantize(latent, xquant.bits, xquant.group_size)
+
+    rotated = (lambda x: rotation_of(xquant, x.device), per_token)
+    width = model.config.num_key_value_heads * model.config.head_dim
+    hooks = [h for layer in model.model.layers
+             for h in latent_projection_hooks(layer.self_attn.k_proj, layer.self_attn.v_proj, width, rotated, rotated)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def disagreements(served: Served, ref: Reference, prompts: list[list[int]]) -> list[tuple[int, int, float]]:

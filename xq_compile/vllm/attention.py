@@ -20,6 +20,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import XQuantConfig
+from ..latent import latent_width
 from ..rotation import fold_into_weight, hadamard
 from . import paged
 from .layout import bytes_per_token, token_state_layout
@@ -130,15 +131,24 @@ def _vllm_attention_fake(query, x, output, layer_name) -> None:
 
 
 class XQuantPagedAttention(Attention):
-    """An attention layer whose cache pages hold the packed X of each token (see layout.py)."""
+    """An attention layer whose cache pages hold, per token, the packed X (the X form) or the packed key and
+    value latents of this rank's heads (the GQA latent form); see layout.py and paged.py."""
 
-    def __init__(self, *, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, hidden_size: int,
-                 xquant: XQuantConfig, rotary_emb, cache_config, prefix: str) -> None:
+    def __init__(self, *, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, total_num_kv_heads: int,
+                 hidden_size: int, xquant: XQuantConfig, rotary_emb, cache_config, prefix: str) -> None:
         super().__init__(num_heads, head_dim, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          prefix=prefix, attn_backend=XQuantAttentionBackend)
         self.xquant = xquant
-        self.hidden_size = hidden_size
-        self.layout = token_state_layout(xquant, hidden_size, torch.get_default_dtype())
+        self.latent = xquant.form_of(hidden_size, total_num_kv_heads * head_dim) == "latent"
+        self.total_num_kv_heads = total_num_kv_heads
+        # A latent row is [key latent | value latent] of this rank's heads: each quantized in whole groups.
+        width = latent_width(num_kv_heads, head_dim, hidden_size)
+        if self.latent and xquant.quantized and width % xquant.group_size:
+            raise NotImplementedError(
+                f"the latent form quantizes each rank's {width}-wide key and value latents in groups of "
+                f"{xquant.group_size}: pass an XQuantConfig(group_size=...) dividing {width}, or form='x'")
+        self.row_width = 2 * width if self.latent else hidden_size
+        self.layout = token_state_layout(xquant, self.row_width, torch.get_default_dtype())
         self._rotary = (rotary_emb,)  # a tuple: the module belongs to the parent, not registered twice
         self.projection: paged.Projection | None = None
         # bits=None reproduces the unmodified model exactly: nothing to spread, no rotation.
@@ -146,22 +156,30 @@ class XQuantPagedAttention(Attention):
                          else None)
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> FullAttentionSpec:
-        # One "head" of state_content_bytes per token: vLLM's block manager then sizes the cache in X bytes.
-        # Every tensor-parallel rank stores all of X (it rebuilds only its own heads): max_tp_shards=1.
+        # One "head" of state_content_bytes per token: vLLM's block manager then sizes the cache in those
+        # bytes. X form: every tensor-parallel rank stores all of X (it rebuilds only its own heads), a
+        # replica: max_tp_shards=1. Latent form: each rank stores its own heads' latents, as many distinct
+        # shards as K/V heads.
         return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
-                                 head_size=self.hidden_size, dtype=torch.uint8, max_tp_shards=1,
+                                 head_size=self.row_width, dtype=torch.uint8,
+                                 max_tp_shards=self.total_num_kv_heads if self.latent else 1,
                                  state_content_bytes=bytes_per_token(self.layout))
 
     def set_projection(self, k_weight, k_bias, v_weight, v_bias) -> None:
-        """Keep this rank's K/V weights (once, folded with the rotation) for rebuilding K and V from X̂."""
-        if self.rotation is not None:
-            h = self.rotation.to(k_weight.device)
+        """Keep this rank's rebuild weights (once): W_k, W_v folded with the rotation (X form), or the latent
+        factors of W_k and W_v (latent form, the rotation in the factors)."""
+        shape = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+                     scale=self.impl.scale)
+        h = None if self.rotation is None else self.rotation.to(k_weight.device)
+        if self.latent:
+            self.projection = paged.latent_projection(k_weight, k_bias, v_weight, v_bias, h, **shape)
+            self.rotation = None  # the stored latents come out of the factors already rotated
+            return
+        if h is not None:
             k_weight, v_weight = fold_into_weight(k_weight, h), fold_into_weight(v_weight, h)
             self.rotation = h
         self.projection = paged.Projection(k_weight=k_weight.contiguous(), v_weight=v_weight.contiguous(),
-                                           k_bias=k_bias, v_bias=v_bias, num_heads=self.num_heads,
-                                           num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
-                                           scale=self.impl.scale)
+                                           k_bias=k_bias, v_bias=v_bias, **shape)
 
     def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         output = torch.empty(query.shape[0], self.num_heads * self.head_size, dtype=query.dtype, device=query.device)
@@ -173,7 +191,8 @@ class XQuantPagedAttention(Attention):
             raise RuntimeError(f"{self.layer_name}: K/V weights were never handed over (model not loaded?)")
         batch, n = metadata.batch, metadata.num_actual_tokens
         pages = self.kv_cache
-        paged.store(pages, batch.slot_mapping[:n], x[:n], self.layout, self.xquant, self.rotation)
+        paged.store(pages, batch.slot_mapping[:n], self.projection.row_source(x[:n]), self.layout, self.xquant,
+                    self.rotation)
         rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype)
         rotary = self._rotary[0]
         absorb = paged.absorb_values(self.xquant, batch.max_query_len, self.projection)
@@ -195,11 +214,6 @@ class XCacheAttention:
 
     def use_x_cache(self, config, hidden_size: int, cache_config, prefix: str) -> None:
         xquant = xquant_of(config)
-        form = xquant.form_of(hidden_size, self.total_num_kv_heads * self.head_dim)
-        if form != "x":
-            raise NotImplementedError(
-                f"XQuantConfig(form={xquant.form!r}) picks the GQA latent form for this model, which the vLLM "
-                "plugin does not serve yet: pass XQuantConfig(form='x') (caches X, wider than K+V here).")
         if getattr(self.attn, "sliding_window", None) is not None:
             raise NotImplementedError("sliding-window attention is not supported by the XQuant X cache")
         # The stock layer registered itself under this name; ours takes its place.
@@ -207,7 +221,7 @@ class XCacheAttention:
         del forward_context[self.attn.layer_name]
         self.attn = XQuantPagedAttention(
             num_heads=self.num_heads, head_dim=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
-            hidden_size=hidden_size, xquant=xquant, rotary_emb=self.rotary_emb, cache_config=cache_config,
+            total_num_kv_heads=self.total_num_kv_heads, hidden_size=hidden_size, xquant=xquant, rotary_emb=self.rotary_emb, cache_config=cache_config,
             prefix=f"{prefix}.attn")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ token's ``C`` bytes are its X state (:mod:`xq_compile.vllm.layout`), ``slot_mapp
 tokens are the last ``query_len`` of its ``seq_len`` tokens: prefill, chunked prefill and decode are one
 case.
 
-Every step: (1) quantize + pack the new tokens' X (rotated) into their slots; (2) gather every request's
+Every step: (1) quantize + pack the new tokens' X (rotated), or with the GQA latent form their key and
+value latents (:func:`latent_projection`), into their slots; (2) gather every request's
 rows through its block table into one ``[requests, max_seq_len]`` batch (padded, masked); (3) rebuild K
 (RoPE at each row's position) and V, or, for short queries, attend over X̂ and project once per head
 (absorbed values); (4) scatter the outputs back to the flat token order. No loop over requests.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..config import XQuantConfig
+from ..latent import svd_factors
 from ..rotation import rotate
 from .layout import StateField, decode_rows, encode_rows
 
@@ -45,9 +47,13 @@ class PagedBatch:
 
 @dataclasses.dataclass
 class Projection:
-    """One layer's rebuild weights (this rank's K/V heads) and attention shape."""
+    """One layer's rebuild weights (this rank's K/V heads) and attention shape.
 
-    k_weight: torch.Tensor  # [kv_heads * head_dim, d], rotated (W·R) when X is stored rotated
+    X form: a cached row is X̂ (rotated), ``k_weight``/``v_weight`` are W_k·R, W_v·R [kv_heads * head_dim, d].
+    Latent form (:func:`latent_projection`): a cached row is [key latent | value latent], ``down`` maps X to
+    it, the first ``key_width`` columns rebuild K through ``k_weight`` (the up factor), the rest V."""
+
+    k_weight: torch.Tensor
     v_weight: torch.Tensor
     k_bias: torch.Tensor | None
     v_bias: torch.Tensor | None
@@ -55,6 +61,30 @@ class Projection:
     num_kv_heads: int
     head_dim: int
     scale: float
+    down: torch.Tensor | None = None  # latent form: [key_width + value width, d]
+    key_width: int | None = None
+
+    def row_source(self, x: torch.Tensor) -> torch.Tensor:
+        """What a token caches before quantization: X, or its latents."""
+        return x if self.down is None else F.linear(x, self.down)
+
+    def key_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.down is None else rows[:, : self.key_width]
+
+    def value_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.down is None else rows[:, self.key_width:]
+
+
+def latent_projection(k_weight: torch.Tensor, k_bias: torch.Tensor | None, v_weight: torch.Tensor,
+                      v_bias: torch.Tensor | None, rotation: torch.Tensor | None, **shape) -> Projection:
+    """The GQA latent form over this rank's K/V rows: X·U_k and X·U_v (the SVD factors of
+    :func:`xq_compile.latent.svd_factors`, rotated by ``rotation`` so the stored latents are already
+    spread), each quantized per token like X. Each tensor-parallel rank factors only its own heads' rows,
+    so it caches only their latent."""
+    down_k, up_k = svd_factors(k_weight, rotation)
+    down_v, up_v = svd_factors(v_weight, rotation)
+    return Projection(k_weight=up_k.contiguous(), v_weight=up_v.contiguous(), k_bias=k_bias, v_bias=v_bias,
+                      down=torch.cat([down_k, down_v]).contiguous(), key_width=down_k.shape[0], **shape)
 
 
 def x_state(x: torch.Tensor, xquant: XQuantConfig, rotation: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -134,12 +164,13 @@ def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: 
         out[valid] = packed
         return out
 
-    keys = rope(positions.expand(requests, -1)[valid], F.linear(rows, proj.k_weight, proj.k_bias))
+    keys = rope(positions.expand(requests, -1)[valid], F.linear(proj.key_rows(rows), proj.k_weight, proj.k_bias))
     keys = padded(keys).view(requests, max_len, kv_heads, head_dim).transpose(1, 2)
     if absorb:
-        out = _absorbed_attention(padded_q, keys, padded(rows), mask, proj)
+        out = _absorbed_attention(padded_q, keys, padded(proj.value_rows(rows)), mask, proj)
     else:
-        values = padded(F.linear(rows, proj.v_weight, proj.v_bias)).view(requests, max_len, kv_heads, head_dim)
+        values = padded(F.linear(proj.value_rows(rows), proj.v_weight, proj.v_bias))
+        values = values.view(requests, max_len, kv_heads, head_dim)
         out = F.scaled_dot_product_attention(padded_q, keys, values.transpose(1, 2), attn_mask=mask.unsqueeze(1),
                                              scale=proj.scale, enable_gqa=kv_heads != heads)
     return out.transpose(1, 2)[request, local].reshape(num_tokens, heads * head_dim)
