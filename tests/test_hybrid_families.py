@@ -120,6 +120,18 @@ def test_unquantized_is_exact_past_the_window(family):
         assert max_error(reference_logits(build(variant(), attention), calls, CAPACITY), reference) > 1e-2, name
 
 
+def test_gemma3_with_inductor():
+    """backend="xquant" itself: Inductor compiles the latent rebuild with the q/k norm and the global RoPE."""
+    model = family_model("gemma3")
+    calls = decode_inputs(steps=4)  # 6 + 4 tokens: past the window of 8
+    torch.compiler.reset()
+    cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=CAPACITY,
+                           xquant=xq.XQuantConfig(bits=None, group_size=16))
+    out = run_calls(torch.compile(model.forward, backend="xquant", fullgraph=True), cache, calls)
+    assert max_error(out, reference_logits(model, calls, CAPACITY)) < 1e-4
+    assert xq.COMPILE_LOG[-1].rewritten == 2 and xq.COMPILE_LOG[-1].kept == 2
+
+
 def test_gemma3_mqa_quantized_matches_the_reference():
     """Gemma 3's own 5:1 pattern: the one global layer caches the 4-bit GQA latents of its one K/V head.
     Its inputs come from exact sliding layers, so the per-prefix simulation is its exact reference."""
