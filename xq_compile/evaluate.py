@@ -5,7 +5,8 @@ token after the first, perplexity = exp(mean NLL over all windows' tokens).
 
 Methods (``--methods``, comma separated):
   fp16          the unmodified model, teacher-forced through a transformers StaticCache in the same
-                prefill + decode loop as the real XQuant path (reference perplexity; memory = fp16 KV).
+                prefill + decode loop as the real XQuant path (reference perplexity; memory = fp16 KV as
+                the model's own cache holds it: a sliding-window layer only its window).
   xquant:B      *real*: ``torch.compile(model.forward, backend="xquant")`` with an XQuantCache. The first
                 ``prefill`` tokens go through the prefill graph, the rest ``step`` tokens at a time through
                 the decode graph, scoring every logit. Memory = ``cache.nbytes()`` (allocated tensors).
