@@ -64,6 +64,28 @@ def reference_logits(model, calls, max_cache_len: int) -> list[torch.Tensor]:
     return run_calls(model.forward, cache, calls)
 
 
+def prefix_reference(model, calls, config) -> list[torch.Tensor]:
+    """Per call, ``simulate_xquant`` over the whole prefix up to it, cut to the call's tokens: K/V from the
+    state as the cache holds it after that call (the latent form's complete key groups quantized and its
+    open group fp16; an exact-rows window relative to the prefix's end, as the compiled rebuild places it).
+
+    Exact only where a cached token's X does not depend on another rewritten layer's quantization: a
+    one-layer model, or one rewritten layer whose inputs come from exact (e.g. sliding-window) layers.
+    With more, a token's X in layer 2 depends on what layer 1 attended to when that token was written,
+    which a one-pass recompute does not reproduce."""
+    from xq_compile.simulate import simulate_xquant
+
+    out = []
+    with torch.no_grad(), simulate_xquant(model, config):
+        for k, call in enumerate(calls):
+            ids = torch.cat([c["input_ids"] for c in calls[:k + 1]], 1)
+            positions = torch.cat([c["position_ids"] for c in calls[:k + 1]], 1)
+            logits = model(input_ids=ids, attention_mask=call["attention_mask"], position_ids=positions,
+                           use_cache=False).logits
+            out.append(logits[:, -call["input_ids"].shape[1]:])
+    return out
+
+
 def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 

@@ -21,6 +21,13 @@ def tiny():
     return LlamaForCausalLM(config).eval()
 
 
+class CharTokenizer:
+    """One token per character: enough for run_eval, which only asks for input_ids."""
+
+    def __call__(self, text, return_tensors):
+        return type("Batch", (), {"input_ids": torch.tensor([[ord(c) % 101 for c in text]])})()
+
+
 def _windows(n=2, length=64, seed=1):
     ids = torch.randint(0, 101, (n * length,), generator=torch.Generator().manual_seed(seed))
     return ev.text_windows(ids, n, length)
@@ -118,13 +125,9 @@ def test_parse_methods():
 def test_run_eval_and_outputs(tiny, tmp_path):
     """The whole table on the tiny model with a fake tokenizer; a failing method is recorded, not faked."""
 
-    class Tok:
-        def __call__(self, text, return_tensors):
-            return type("B", (), {"input_ids": torch.tensor([[ord(c) % 101 for c in text]])})()
-
     text = "".join(chr(32 + (i * 7919) % 90) for i in range(200))
     methods = ev.parse_methods("fp16,kivi:4,xquant:8,xquant:8:sim,hf-quanto:4")
-    results = ev.run_eval(tiny, Tok(), text, methods, n_windows=2, window_len=64, group_size=64,
+    results = ev.run_eval(tiny, CharTokenizer(), text, methods, n_windows=2, window_len=64, group_size=64,
                           prefill=16, step=8, quanto_residual=16)
     by = {r.method: r for r in results}
     assert by["fp16"].change_vs_fp16 == 0 and by["fp16"].ratio_to_fp16_kv == 1
@@ -137,6 +140,30 @@ def test_run_eval_and_outputs(tiny, tmp_path):
     assert [r["method"] for r in data["results"]] == [m.label for m in methods]
     assert "| xquant:8 | real |" in paths["md"].read_text()
     assert paths["png"].stat().st_size > 1000
+
+
+def test_hybrid_model_ratio_is_against_its_own_cache():
+    """A sliding-window layer's cache holds only its window, in transformers' StaticCache (the fp16 row) as in
+    the XQuantCache: the baseline counts it so, not at the full window length."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         use_sliding_window=True, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
+    model = Qwen2ForCausalLM(config).eval()
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(200))
+    results = ev.run_eval(model, CharTokenizer(), text, ev.parse_methods("fp16,xquant:4:sim,kivi:4"), n_windows=2,
+                          window_len=64, group_size=16, prefill=16, step=8)
+    fp16, xquant, kivi = results
+    # fp16 K+V of 2 heads x 16: 128 B a token per layer; the full layers hold 64 rows, the sliding ones 8
+    assert fp16.bytes_per_token == (2 * 128 * 64 + 2 * 128 * 8) / 64 == 288  # was 512: every layer at 64 rows
+    # the fp32 StaticCache the fp16 row ran with holds twice that, measured
+    assert "StaticCache held 576 B/token (measured)" in fp16.note and "2 sliding-window layers" in fp16.note
+    cache = xq.XQuantCache(config, max_batch_size=1, max_cache_len=64, xquant=xq.XQuantConfig(bits=4, group_size=16))
+    assert xquant.bytes_per_token == cache.nbytes() / 64
+    assert xquant.ratio_to_fp16_kv == 288 / xquant.bytes_per_token
+    assert kivi.mode == "failed" and "sliding-window layers" in kivi.note
 
 
 def test_cli_registers_eval():
@@ -233,19 +260,16 @@ def test_auto_method_calibrates_on_held_out_tokens(tiny):
     """xquant-auto: layer_bits calibrated on other tokens than the scored ones, meeting the ratio at the
     window length; the note says what was chosen."""
 
-    class Tok:
-        def __call__(self, text, return_tensors):
-            return type("B", (), {"input_ids": torch.tensor([[ord(c) % 101 for c in text]])})()
-
     text = "".join(chr(32 + (i * 7919) % 90) for i in range(300))
-    ids, where = ev.calibration_ids(Tok(), text, n_windows=2, window_len=64, calib_tokens=100)
-    assert where == "tokens 128-228 of the text" and torch.equal(ids, Tok()(text, "pt").input_ids[0, 128:228])
+    ids, where = ev.calibration_ids(CharTokenizer(), text, n_windows=2, window_len=64, calib_tokens=100)
+    assert where == "tokens 128-228 of the text"
+    assert torch.equal(ids, CharTokenizer()(text, "pt").input_ids[0, 128:228])
     with pytest.raises(ValueError, match="the calibration text has 300 tokens, fewer than the 400 needed"):
-        ev.calibration_ids(Tok(), text, 2, 64, calib_text=text, calib_tokens=400)
+        ev.calibration_ids(CharTokenizer(), text, 2, 64, calib_text=text, calib_tokens=400)
     # 2 layers, d 128, g 64, 64 tokens: rows of 72/56/40 B at 4/3/2 bits + 8 for the position, 16 KiB fixed
     # (the Hadamard block); fp16 K/V 64 KiB. 2.8x needs a 2-bit layer: 3+2 bits 2.84x, 4+3 bits 2.61x.
-    results = ev.run_eval(tiny, Tok(), text, ev.parse_methods("xquant-auto:2.8x:sim,xquant-cl:3:base1:sim"),
-                          n_windows=2, window_len=64, group_size=64, prefill=16, step=8, calib_ids=ids)
+    results = ev.run_eval(tiny, CharTokenizer(), text,
+                          ev.parse_methods("xquant-auto:2.8x:sim,xquant-cl:3:base1:sim"), n_windows=2, window_len=64, group_size=64, prefill=16, step=8, calib_ids=ids)
     auto, uniform = results
     assert auto.mode == "simulated", auto.note
     assert auto.ratio_to_fp16_kv >= 2.8 > uniform.ratio_to_fp16_kv

@@ -163,7 +163,7 @@ def test_fused_decode_on_device_matches_the_reference(form):
     """backend="xquant" on CUDA runs decode steps through the fused decode-attention kernel (checked in
     the graph); one layer, fp32, against the eager torch reference of the same cache contents."""
     import xq_compile as xq
-    from test_latent import prefix_reference
+    from conftest import prefix_reference
 
     torch._dynamo.reset()
     model = tiny_llama(num_kv_heads=1, num_layers=1).to(DEVICE)

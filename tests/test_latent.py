@@ -12,31 +12,14 @@ from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, key_lat
 from xq_compile.rotation import hadamard
 from xq_compile.simulate import simulate_xquant
 
-from conftest import compiled_run as _compiled_run, decode_inputs, max_error, reference_logits, run_calls, tiny_llama
+from conftest import (compiled_run as _compiled_run, decode_inputs, max_error, prefix_reference, reference_logits,
+                      run_calls, tiny_llama)
 
 MAX_LEN = 48
 
 
 def compiled_run(model, calls, config, backend="xquant", max_len=MAX_LEN):
     return _compiled_run(model, calls, config, backend, max_len)  # a longer cache: groups complete mid-run
-
-
-def prefix_reference(model, calls, config):
-    """Per call, the eager model over the whole prefix with K/V from the latents as the cache holds them
-    after that call (complete key groups quantized, the open group fp16).
-
-    Exact for a one-layer model only: with more layers, a cached token's X in layer 2 depends on what
-    layer 1 attended to when that token was written, which a one-pass recompute does not reproduce.
-    """
-    out = []
-    for i, call in enumerate(calls):
-        prefix = calls[:i + 1]
-        full = dict(input_ids=torch.cat([c["input_ids"] for c in prefix], 1), attention_mask=call["attention_mask"],
-                    position_ids=torch.cat([c["position_ids"] for c in prefix], 1))
-        with torch.no_grad(), simulate_xquant(model, config):
-            logits = model(**full, use_cache=False).logits
-        out.append(logits[:, -call["input_ids"].shape[1]:])
-    return out
 
 
 def test_svd_factors_reproduce_the_projection_with_and_without_rotation():

@@ -5,7 +5,8 @@ token after the first, perplexity = exp(mean NLL over all windows' tokens).
 
 Methods (``--methods``, comma separated):
   fp16          the unmodified model, teacher-forced through a transformers StaticCache in the same
-                prefill + decode loop as the real XQuant path (reference perplexity; memory = fp16 KV).
+                prefill + decode loop as the real XQuant path (reference perplexity; memory = fp16 KV as
+                the model's own cache holds it: a sliding-window layer only its window).
   xquant:B      *real*: ``torch.compile(model.forward, backend="xquant")`` with an XQuantCache. The first
                 ``prefill`` tokens go through the prefill graph, the rest ``step`` tokens at a time through
                 the decode graph, scoring every logit. Memory = ``cache.nbytes()`` (allocated tensors).
@@ -45,6 +46,7 @@ import torch
 from . import memory, models
 from .cache import cache_kwargs
 from .config import XQuantConfig
+from .forms import layer_shapes
 from .kivi import KIVICache, simulate_kivi
 from .simulate import simulate_xquant
 
@@ -307,6 +309,13 @@ def eval_fp16(model, windows, prefill: int, step: int, desc: str = "", progress:
     return total, count, held
 
 
+def _sliding_note(config) -> str:
+    windows = [shape.sliding_window for shape in layer_shapes(config) if shape.sliding_window is not None]
+    if not windows:
+        return ""
+    return f" ({len(windows)} sliding-window layers at their window of {max(windows)} rows, as the model's cache)"
+
+
 def eval_kivi_window(model, windows, bits: int, group_size: int, residual: int, prefill: int, step: int,
                      desc: str = "", progress: bool = False):
     """KIVI with its fp16 window (:class:`~xq_compile.kivi.KIVICache`), eager, chunk by chunk: (nll_sum, tokens)."""
@@ -384,7 +393,9 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     windows = text_windows(ids, n_windows, window_len)
     chunks(window_len, prefill, step)  # validate the tiling before anything runs
-    fp16_per_token = memory.fp16_kv_cache_bytes(model.config, 1, 1)
+    # The baseline is the model's own cache in fp16 at the window length: a sliding-window layer holds only
+    # its window there (transformers' StaticCache too), so a hybrid model's bytes per token are an average.
+    fp16_per_token = memory.fp16_kv_cache_bytes(model.config, 1, window_len) / window_len
     dtype_bytes = torch.finfo(model.dtype).bits // 8
     results = []
     calibrated: dict[tuple, tuple[XQuantConfig, str]] = {}
@@ -395,9 +406,9 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
         try:
             if method.kind == "fp16":
                 nll, n, held = eval_fp16(model, windows, prefill, step, desc, progress)
-                per_token, source = float(fp16_per_token), "formula"
-                note = (f"fp16 KV formula; the model runs in {model.dtype} and its StaticCache held "
-                        f"{held / window_len:.0f} B/token (measured)")
+                per_token, source = fp16_per_token, "formula"
+                note = (f"fp16 KV formula{_sliding_note(model.config)}; the model runs in {model.dtype} and its "
+                        f"StaticCache held {held / window_len:.0f} B/token (measured)")
                 mode = "real"
             elif method.kind.startswith("xquant"):
                 if method.kind == "xquant-auto":
@@ -432,6 +443,8 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     note = ("GQA latent form (key latent per channel, open group fp16; value latent per token); "
                             + note)
             elif method.kind == "kivi":
+                # the formula first: it refuses a model it cannot count before the evaluation runs
+                kivi = memory.kivi_memory(model.config, method.bits, group_size, window_len, residual=method.residual)
                 if method.residual:
                     nll, n = eval_kivi_window(model, windows, method.bits, group_size, method.residual, prefill,
                                               step, desc, progress)
@@ -441,7 +454,6 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     nll, n = eval_simulated(model, windows, lambda: simulate_kivi(model, method.bits, group_size),
                                             desc, progress)
                     note = "KIVI*: K before RoPE per channel, V per token, no fp16 window"
-                kivi = memory.kivi_memory(model.config, method.bits, group_size, window_len, residual=method.residual)
                 per_token, source, mode = kivi.per_token_at, "formula", "simulated"
             elif method.kind == "hf-quanto":
                 nll, n, held = eval_quanto(model, windows, method.bits, group_size, prefill, step,

@@ -150,6 +150,11 @@ def kivi_memory(model_config, bits: int, group_size: int, seq_len: int, batch: i
     KIVI*): ``max(n - R, 0)`` quantized rows + ``min(n, R)`` fp16 rows; a window shorter than the group
     quantizes keys in groups of R tokens (:func:`~xq_compile.kivi.kivi_key_group`).
     """
+    sliding = sum(rows != N for _, rows in _fp16_kv_rows(model_config))
+    if sliding:
+        raise ValueError(
+            f"KIVI's memory formula counts every layer's K/V at full length; this model has {sliding} sliding-window "
+            "layers, which hold only their window. Compare KIVI on a model without sliding-window layers.")
     layers, _, kv_heads, head_dim = _dims(model_config)
     kv_dim, g, B = kv_heads * head_dim, group_size, batch
     key_group = kivi_key_group(g, residual)
