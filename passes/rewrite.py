@@ -202,6 +202,7 @@ def _rewrite_window_site(state: GraphState, site: Site, layer: XQuantLayer) -> s
                                           {site.key.heads: k_heads}, cloned=tables)
             k_heads = mapping[site.key.append.value]
         v_heads = _project_heads(ctx, "value", rows, v_weight, None)
+        k_heads, v_heads = form.emit_heads(ctx, k_heads, first), form.emit_heads(ctx, v_heads, first)
     for read, rebuilt in ((key_read, k_heads), (value_read, v_heads)):
         read.replace_all_uses_with(rebuilt)
         graph.erase_node(read)

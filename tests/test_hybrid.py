@@ -1,5 +1,7 @@
-"""Hybrid models: sliding-window layers keep the model's own K/V window (transformers' static sliding-window
-layer, exact), full-attention layers get the XQuant form. Sequences run past the window."""
+"""Hybrid models: full-attention layers get the XQuant form; sliding-window layers keep an X window where its
+rows are smaller (4-bit here), else the model's own K/V window (transformers' static sliding-window layer,
+exact: unquantized here, where X and K/V rows of these GQA models are the same size). Sequences run past
+the window. The X window's own tests (MHA, every layer sliding) are in test_x_window.py."""
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import transformers as tf
 
 import xq_compile as xq
 from xq_compile.backend import collect_records
-from xq_compile.cache import ModelWindowLayer, XQuantLayer
+from xq_compile.cache import ModelWindowLayer, XQuantLayer, XWindowLayer
 from xq_compile.simulate import simulate_xquant
 
 from conftest import decode_inputs, max_error, reference_logits, run_calls
@@ -22,7 +24,8 @@ FAMILIES = {
     "gemma2": lambda: tf.Gemma2Config(**COMMON, head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING),
 }
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
-KEPT = f"sliding-window layer (window {WINDOW}): K/V kept in the model's own window cache"
+KEPT = (f"sliding-window layer (window {WINDOW}): K/V kept in the model's own window cache (128 B/row in fp16, "
+        "an X window 128 B/row)")
 
 
 def build(family, seed=0):
@@ -69,11 +72,13 @@ def test_quantized_hybrid_matches_the_simulation(family):
     calls = decode_inputs(steps=12)
     config = xq.XQuantConfig(bits=4, group_size=16)
     torch.compiler.reset()
-    out, _ = compiled(model, config, calls)
+    out, cache = compiled(model, config, calls)
     with simulate_xquant(model, config):
         simulated = reference_logits(model, calls, CAPACITY)
     exact = reference_logits(model, calls, CAPACITY)
     assert max_error(out, simulated) < 2e-4 < max_error(simulated, exact)
+    # 4-bit X rows (48 B) are smaller than fp16 K/V rows (2 x 32 x 2 B): the sliding layers keep an X window
+    assert [type(layer) for layer in cache.layers] == [XWindowLayer, XQuantLayer] * 2
 
 
 def test_memory_counts_the_window_exactly():
@@ -83,9 +88,11 @@ def test_memory_counts_the_window_exactly():
         cache = xq.XQuantCache(config, max_batch_size=2, max_cache_len=capacity, xquant=xquant)
         report = xq.memory_report(config, xquant, capacity, batch=2)
         assert cache.nbytes() == report.xquant.total_at
-        # the two sliding layers: K and V of 2 heads x 16 in fp32, min(capacity, window) rows, 2 sequences
-        window = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers[::2])
-        assert window == 2 * 2 * 2 * 2 * 16 * 4 * min(capacity, WINDOW)
+        # the two sliding layers, min(capacity, window) rows of 2 sequences: unquantized the model's K and V
+        # (2 heads x 16, fp32); quantized an X window (64 channels: codes + fp16 scale/zero per 16)
+        row = {None: 2 * 2 * 16 * 4, 4: 32 + 4 * 2 * 2, 2: 16 + 4 * 2 * 2}[bits]
+        window = sum(t.nbytes for layer in cache.layers[::2] for t in layer.state.values())
+        assert window == 2 * 2 * row * min(capacity, WINDOW)
         assert sum(report.xquant_layers[i].total_at for i in (0, 2)) == window
         # fp16 K/V as the model's own cache holds it: full layers n rows, sliding layers their window
         fp16 = 2 * (2 * 2 * 32 * 2) * (capacity + min(capacity, WINDOW))
@@ -99,9 +106,6 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="cross_layer=False"):
         xq.XQuantCache(config, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(cross_layer=True,
                                                                                             group_size=16))
-    every = tf.MistralConfig(**COMMON, sliding_window=WINDOW)  # no layer_types: every layer slides
-    with pytest.raises(ValueError, match="every layer of this model is a sliding-window layer.*StaticCache"):
-        xq.XQuantCache(every, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(group_size=16))
 
 
 def test_explain_counts_the_window_layers_as_allocated():
@@ -153,7 +157,7 @@ def test_static_cache_with_options_keeps_the_sliding_windows():
 
 def test_window_layers_reorder_in_place():
     cache = xq.XQuantCache(FAMILIES["qwen2"](), max_batch_size=2, max_cache_len=CAPACITY,
-                           xquant=xq.XQuantConfig(bits=4, group_size=16))
+                           xquant=xq.XQuantConfig(bits=None, group_size=16))  # unquantized: the model's window
     window = cache.layers[0]
     keys = window.keys
     keys[1].fill_(1.0)

@@ -113,6 +113,10 @@ class XWindowForm(XForm):
     def after_crop(self, state: dict[str, torch.Tensor], before: int, after: int) -> None:
         """The ring still holds every row a query at ``after`` attends to (the cache refuses other crops)."""
 
+    def emit_heads(self, ctx, heads, start):
+        """The rebuilt K or V heads [..., count, D] of cache rows ``start``.. as the model's window holds them."""
+        return ctx.emit(zero_unwritten_rows, heads, start, ctx.index)
+
     # simulation_hooks: XForm's. Per-token quantization does not depend on the other rows, and the eager
     # model's own sliding mask limits the rows each query sees, as the ring does.
 
@@ -173,6 +177,14 @@ def rows_of_window(ring: tuple, chunk: tuple, index: torch.Tensor, start, count)
     slot = p % ring[0].shape[1]
     return tuple(torch.where(new, c.index_select(1, chunk_row).to(r.dtype), r.index_select(1, slot))
                  for r, c in zip(ring, chunk))
+
+
+def zero_unwritten_rows(heads: torch.Tensor, start, index: torch.Tensor) -> torch.Tensor:
+    """``heads`` [..., count, D] (K or V of cache rows ``start``..) with the rows past the last one written
+    zeroed: where transformers' window has never been written it holds zeros, and a query that masks every
+    row (left padding) averages over all of them, so they must be the same."""
+    p = torch.arange(heads.shape[-2], device=heads.device) + start
+    return torch.where((p <= index.max())[:, None], heads, torch.zeros((), dtype=heads.dtype, device=heads.device))
 
 
 def store_window(ring: tuple, chunk: tuple, index: torch.Tensor) -> None:
