@@ -113,22 +113,39 @@ def test_explain_counts_the_window_layers_as_allocated():
     prompt = decode_inputs(batch=2, steps=0)[0]
     config = xq.XQuantConfig(bits=4, group_size=16)
     e = xq.explain(model, prompt, xquant=config, max_cache_len=CAPACITY, decode_steps=0)
-    assert [(r.layer, r.status) for r in e.layers] == [(0, "kept"), (1, "rewritten"), (2, "kept"), (3, "rewritten")]
+    assert [(r.layer, r.status) for r in e.layers] == [(i, "rewritten") for i in range(4)]
     report = xq.memory_report(model.config, config, CAPACITY, batch=2)
-    # measured: everything the cache allocated, the two fp32 K/V windows included
+    # measured: everything the cache allocated, the two X windows included
     measured = e.cache.nbytes() / (2 * CAPACITY)
     assert e.bytes_per_token == (report.fp16_kv.per_token_at, measured) and measured == report.xquant.per_token_at
     # fp16 K+V per token: full layers 2 x 2 heads x 16 x 2 bytes = 128, sliding layers 128 x 8 / 32 rows
     assert [r.kv_bytes_per_token for r in e.layers] == [32, 128, 32, 128]
-    window = 2 * 2 * 16 * 4 * WINDOW / CAPACITY  # fp32 K and V of the window, per token of one sequence
+    # X: 48 B a row (4-bit codes + fp16 scale/zero per 16), the window's 8 rows only on the sliding layers
+    window = 48 * WINDOW / CAPACITY
     assert [r.x_bytes_per_token for r in e.layers] == [window, 48, window, 48]
-    # as n grows only the full layers' X (48 B: 4-bit codes + fp16 scale/zero per 16) and the position count
+    # as n grows only the full layers' X and the position count
     assert e.bytes_per_token_limit == (256, 8 + 2 * 48)
+    text = e.report()
+    assert "X window (4-bit, last 8 rows: 48 B/row, the model's fp16 K/V window 128 B/row)" in text
+    assert "4/4 layers rewritten" in text
+    assert [n for n, _, _ in e.ratio_by_capacity()][0] == CAPACITY
+
+
+def test_explain_counts_the_model_windows_as_allocated():
+    model = build("qwen2")
+    prompt = decode_inputs(batch=2, steps=0)[0]
+    config = xq.XQuantConfig(bits=None, group_size=16)  # X rows (64 x 2 B) no smaller than K/V rows: kept
+    e = xq.explain(model, prompt, xquant=config, max_cache_len=CAPACITY, decode_steps=0)
+    assert [(r.layer, r.status) for r in e.layers] == [(0, "kept"), (1, "rewritten"), (2, "kept"), (3, "rewritten")]
+    report = xq.memory_report(model.config, config, CAPACITY, batch=2)
+    measured = e.cache.nbytes() / (2 * CAPACITY)
+    assert e.bytes_per_token == (report.fp16_kv.per_token_at, measured) and measured == report.xquant.per_token_at
+    window = 2 * 2 * 16 * 4 * WINDOW / CAPACITY  # fp32 K and V of the window, per token of one sequence
+    assert [r.x_bytes_per_token for r in e.layers] == [window, 64 * 4, window, 64 * 4]
     text = e.report()
     # the window is in the cache dtype (the model's: fp32 here), the fp16 column in fp16
     assert f"| 0 | kept | {KEPT} | 32 | 64 | 0.50x | 0 | - |" in text
     assert "2/4 layers rewritten, 2 kept as the model's own K/V window" in text
-    assert [n for n, _, _ in e.ratio_by_capacity()][0] == CAPACITY
 
 
 def test_static_cache_with_options_keeps_the_sliding_windows():
