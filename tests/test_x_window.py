@@ -154,6 +154,12 @@ def test_every_layer_keeping_the_model_window_runs_exactly():
         out, cache = compiled(model, xq.XQuantConfig(bits=8, group_size=16), calls)
     assert max_error(out, reference_logits(model, calls, CAPACITY)) < 1e-4
     assert all(r.status == "kept" for record in records for r in record.reports)
+    # compile_model too (its call checks have no X layer to ask)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                              disable_compile=True)
+    xq.compile_model(model, xq.XQuantConfig(bits=8, group_size=16), max_cache_len=CAPACITY, backend=AOT_EAGER)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
 
 
 def test_compile_model_generates_past_the_window_as_transformers_does():
