@@ -85,6 +85,20 @@ def test_quantized_x_window_matches_the_simulation(family):
     assert cache.layers[0].state["codes"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("rebuild", ["op", "fused"])
+def test_device_strategies_of_the_full_layers_read_the_length_the_window_emitted(rebuild):
+    """What a CUDA device runs (forced on CPU): layer 0, an X window, is the graph's first site and emits the
+    cached length, on the device; the full layers' rebuild reads it there."""
+    model = build("qwen2")
+    calls = decode_inputs(prompt=12, steps=6)
+    config = xq.XQuantConfig(bits=4, group_size=16)
+    torch.compiler.reset()
+    out, _ = compiled(model, config, calls, backend=xq.make_xquant_backend("aot_eager", rebuild=rebuild))
+    with simulate_xquant(model, config):
+        simulated = reference_logits(model, calls, CAPACITY)
+    assert max_error(out, simulated) < 2e-4
+
+
 def test_inductor_x_window_matches_the_simulation():
     model = build("mistral")
     calls = decode_inputs(prompt=12, steps=2)  # a prefill past the window, then decode steps
@@ -160,6 +174,20 @@ def test_every_layer_keeping_the_model_window_runs_exactly():
                               disable_compile=True)
     xq.compile_model(model, xq.XQuantConfig(bits=8, group_size=16), max_cache_len=CAPACITY, backend=AOT_EAGER)
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+
+
+def test_an_x_window_and_a_model_window_share_the_models_sliding_mask():
+    """transformers builds one sliding mask for all sliding layers: an X window returns its rows in the order
+    of the model's window, so both read it right (MQA at layer_bits 4 and 8: one of each)."""
+    model = build("mistral", mqa_config())
+    calls = decode_inputs(prompt=12, steps=8)
+    config = xq.XQuantConfig(bits=4, layer_bits=[4, 8], group_size=16)
+    torch.compiler.reset()
+    out, cache = compiled(model, config, calls)
+    assert [type(layer) for layer in cache.layers] == [XWindowLayer, ModelWindowLayer]
+    with simulate_xquant(model, config):
+        simulated = reference_logits(model, calls, CAPACITY)
+    assert max_error(out, simulated) < 2e-4 < 1e-2 < max_error(simulated, reference_logits(model, calls, CAPACITY))
 
 
 def test_compile_model_generates_past_the_window_as_transformers_does():
