@@ -201,6 +201,20 @@ def test_compile_model_generates_past_the_window_as_transformers_does():
     assert xq.COMPILE_LOG[-1].rewritten == 2
 
 
+def test_mask_sizes_are_transformers_own():
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    from xq_compile.cache import sliding_mask_sizes
+
+    for capacity in (4, WINDOW, CAPACITY):
+        theirs = StaticSlidingWindowLayer(max_cache_len=capacity, sliding_window=WINDOW)
+        for length in range(0, 2 * WINDOW + 2):
+            for query_length in (1, 2, WINDOW - 1, WINDOW, WINDOW + 3):
+                theirs.cumulative_length_int = length
+                assert sliding_mask_sizes(length, min(capacity, WINDOW), query_length) == \
+                    theirs.get_mask_sizes(query_length)
+
+
 def test_crop_refuses_rows_the_ring_overwrote():
     cache = xq.XQuantCache(FAMILIES["mistral"](), max_batch_size=1, max_cache_len=CAPACITY,
                            xquant=xq.XQuantConfig(bits=4, group_size=16))

@@ -233,6 +233,19 @@ class XQuantLayer(StaticLayer):
         raise NotImplementedError("XQuantCache has a fixed batch; selecting rows would move its static buffers.")
 
 
+def sliding_mask_sizes(length: int, window: int, query_length: int) -> tuple[int, int]:
+    """(kv_length, kv_offset) of the mask of a query of ``query_length`` tokens over transformers' static
+    sliding-window layer of ``window`` rows holding ``length`` tokens: its ``get_mask_sizes``, written out
+    (a test compares the two) so that Dynamo traces plain int arithmetic. The K/V rows it returns are the
+    cache rows ``kv_offset`` .. ``kv_offset + kv_length - 1``."""
+    kv_offset = max(length - window + 1, 0)
+    if length >= window:  # full: the window's last rows before this call, and the call's rows
+        return window + query_length - 1, kv_offset
+    if length + query_length > window:  # filled by this call: every row so far
+        return length + query_length, kv_offset
+    return window, kv_offset  # not full: the whole (static) window
+
+
 class XWindowLayer(XQuantLayer):
     """A sliding-window layer whose cache is the last ``sliding_window`` rows of X (:class:`XWindowForm`).
 
@@ -253,11 +266,7 @@ class XWindowLayer(XQuantLayer):
         self.cumulative_length_int = 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset) as transformers' static sliding-window layer computes them (its own code)."""
-        window = StaticSlidingWindowLayer.__new__(StaticSlidingWindowLayer)
-        window.max_cache_len = self.form.window_rows(self.max_cache_len)
-        window.cumulative_length_int = self.cumulative_length_int
-        return StaticSlidingWindowLayer.get_mask_sizes(window, query_length)
+        return sliding_mask_sizes(self.cumulative_length_int, self.form.window_rows(self.max_cache_len), query_length)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length_int
