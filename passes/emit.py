@@ -26,9 +26,11 @@ class Emitter:
         return fx.Proxy(node, self.tracer)
 
     def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` with every fx.Node argument replaced by a proxy; return node(s) for its result(s)."""
+        """Run ``fn`` with every fx.Node argument (also inside tuples and lists) replaced by a proxy; return
+        node(s) for its result(s)."""
         wrap = lambda a: self.proxy(a) if isinstance(a, fx.Node) else a  # noqa: E731
-        out = fn(*[wrap(a) for a in args], **{k: wrap(v) for k, v in kwargs.items()})
+        args, kwargs = fx.node.map_aggregate((args, kwargs), wrap)
+        out = fn(*args, **kwargs)
         return _unwrap(out)
 
     def check(self, condition: fx.Node) -> None:

@@ -57,6 +57,7 @@ class GraphState:
         self.accumulator: fx.Node | None = None   # XQuant-CL: X̂ of the layer below, all cached rows
         self.cut_masks: dict[fx.Node, fx.Node] = {}  # attention mask -> its first n columns
         self.rope_tables: dict[fx.Node, fx.Node] = {}  # position source / RoPE table node -> at cached rows
+        self.window_rope_tables: dict[tuple, dict] = {}  # the same at an X window's rows, per (first, count)
         self.row_choices: dict = {}  # RoPE table node -> which of its shape literals counts the rows
         self.next_cross_layer = 0
         self.shared_positions: torch.Tensor | None = None  # options= mode: shared by the graph's layers

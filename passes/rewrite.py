@@ -31,6 +31,7 @@ from torch import fx
 
 from xq_compile.cache import XQuantLayer, layer_of, window_layer_of
 from xq_compile.config import XQuantConfig
+from xq_compile.forms import XWindowForm
 
 from .attend import attend_over_cached_rows, fused_decode_attention, plain_rope
 from .cleanup import erase_site, replace_cache_reads
@@ -98,8 +99,14 @@ class XQuantRewrite:
             if isinstance(layer, str):
                 reports.append(SiteReport(site.layer, "skipped", layer))
                 continue
-            state.check_chain_order(layer)
-            _rewrite_site(state, site, layer)
+            if isinstance(layer.form, XWindowForm):
+                problem = _rewrite_window_site(state, site, layer)
+                if problem is not None:
+                    reports.append(SiteReport(site.layer, "skipped", problem))
+                    continue
+            else:
+                state.check_chain_order(layer)
+                _rewrite_site(state, site, layer)
             owner = "" if layer.tracks_length else ", state owned by the compiled model"
             reports.append(SiteReport(layer.layer_idx, "rewritten", form=layer.form.describe(owner)))
             appends.append((state.arg_index[site.key.append.cache], state.token_count(site.seq_len)))
@@ -163,6 +170,62 @@ def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> None:
         return
     attend_over_cached_rows(state, ctx.emit, attention, new_keys, new_values, site.num_heads, x_hat)
     erase_site(graph, site, attention)
+
+
+def _rewrite_window_site(state: GraphState, site: Site, layer: XQuantLayer) -> str | None:
+    """An X window layer (cache.XWindowLayer): its update() wrote the placeholders at absolute cache rows
+    and returns the slice ``narrow(-2, first, count)`` of them that its sliding mask covers. That slice
+    becomes K and V rebuilt from the ring (the rows' X̂, RoPE at their own positions), and the write the
+    ring's store. None, or why the site is not in that form (it is then left, and refused)."""
+    graph, form = state.graph, layer.form
+    reads = _window_reads(graph, site)
+    if isinstance(reads, str):
+        return reads
+    key_read, value_read = reads
+    first, count = key_read.args[2:4]
+    ctx = SiteContext(state, site, layer, strategy_for(state.rebuild, layer.device))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_before(min(reads, key=order.__getitem__)):
+        ctx.index = _int64_index(ctx, site.key.append.index)
+        if state.positions is None:
+            emit_positions_and_length(ctx)
+        rows = form.emit_window(ctx, first, count)
+        k_weight, v_weight = form.emit_weights(ctx)
+        k_heads = _project_heads(ctx, "key", rows, k_weight, None)
+        if site.key.rope:
+            source = site.position_source
+            tables = state.window_rope_tables.setdefault((first, count), {})
+            if source not in tables:
+                tables[source] = ctx.emit(lambda p, first, count: p.narrow(-1, first, count), state.positions,
+                                          first, count)
+            mapping = rope_at_cached_rows(state, site, site.rope_inputs, count, site.key.rope,
+                                          {site.key.heads: k_heads}, cloned=tables)
+            k_heads = mapping[site.key.append.value]
+        v_heads = _project_heads(ctx, "value", rows, v_weight, None)
+        k_heads, v_heads = form.emit_heads(ctx, k_heads, first), form.emit_heads(ctx, v_heads, first)
+    for read, rebuilt in ((key_read, k_heads), (value_read, v_heads)):
+        read.replace_all_uses_with(rebuilt)
+        graph.erase_node(read)
+    erase_site(graph, site)
+    return None
+
+
+def _window_reads(graph: fx.Graph, site: Site) -> tuple[fx.Node, fx.Node] | str:
+    """The K and V reads of an X window layer after its writes: ``narrow(-2, first, count)`` each, with the
+    same rows; or why the site reads its cache otherwise."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    reads = []
+    for append in (site.key.append, site.value.append):
+        users = [u for u in (*append.cache.users, *append.node.users)
+                 if u is not append.node and order[u] > order[append.node]]
+        if len(users) != 1 or users[0].target not in ("narrow", torch.narrow) or len(users[0].args) != 4 \
+                or users[0].args[1] not in (2, -2):
+            return ("the sliding-window layer's K/V are read other than by the slice its XWindowLayer.update "
+                    f"returns ({', '.join(str(u.target) for u in users) or 'no reads'})")
+        reads.append(users[0])
+    if reads[0].args[2:] != reads[1].args[2:]:
+        return "the sliding-window layer's K and V reads cover different rows"
+    return reads[0], reads[1]
 
 
 def _int64_index(ctx: SiteContext, index: fx.Node) -> fx.Node:

@@ -31,6 +31,8 @@ SMOKE=(
     tests/test_latent.py::test_unquantized_latent_reproduces_the_model_and_is_chosen_automatically
     tests/test_model_buffers.py::test_static_cache_with_options_is_rewritten_and_exact
     "tests/test_hybrid.py::test_unquantized_hybrid_is_exact_past_the_window[qwen2]"
+    "tests/test_x_window.py::test_unquantized_x_window_is_exact_past_the_window[qwen2-12]"
+    "tests/test_x_window.py::test_quantized_x_window_matches_the_simulation[mistral]"
 )
 
 if [ ! -x .venv/bin/python ]; then

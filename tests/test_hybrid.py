@@ -1,5 +1,7 @@
-"""Hybrid models: sliding-window layers keep the model's own K/V window (transformers' static sliding-window
-layer, exact), full-attention layers get the XQuant form. Sequences run past the window."""
+"""Hybrid models: full-attention layers get the XQuant form; sliding-window layers keep an X window where its
+rows are smaller (4-bit here), else the model's own K/V window (transformers' static sliding-window layer,
+exact: unquantized here, where X and K/V rows of these GQA models are the same size). Sequences run past
+the window. The X window's own tests (MHA, every layer sliding) are in test_x_window.py."""
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import transformers as tf
 
 import xq_compile as xq
 from xq_compile.backend import collect_records
-from xq_compile.cache import ModelWindowLayer, XQuantLayer
+from xq_compile.cache import ModelWindowLayer, XQuantLayer, XWindowLayer
 from xq_compile.simulate import simulate_xquant
 
 from conftest import decode_inputs, max_error, reference_logits, run_calls
@@ -22,7 +24,8 @@ FAMILIES = {
     "gemma2": lambda: tf.Gemma2Config(**COMMON, head_dim=16, sliding_window=WINDOW, layer_types=ALTERNATING),
 }
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
-KEPT = f"sliding-window layer (window {WINDOW}): K/V kept in the model's own window cache"
+KEPT = (f"sliding-window layer (window {WINDOW}): K/V kept in the model's own window cache (128 B/row in fp16, "
+        "an X window 128 B/row)")
 
 
 def build(family, seed=0):
@@ -69,11 +72,13 @@ def test_quantized_hybrid_matches_the_simulation(family):
     calls = decode_inputs(steps=12)
     config = xq.XQuantConfig(bits=4, group_size=16)
     torch.compiler.reset()
-    out, _ = compiled(model, config, calls)
+    out, cache = compiled(model, config, calls)
     with simulate_xquant(model, config):
         simulated = reference_logits(model, calls, CAPACITY)
     exact = reference_logits(model, calls, CAPACITY)
     assert max_error(out, simulated) < 2e-4 < max_error(simulated, exact)
+    # 4-bit X rows (48 B) are smaller than fp16 K/V rows (2 x 32 x 2 B): the sliding layers keep an X window
+    assert [type(layer) for layer in cache.layers] == [XWindowLayer, XQuantLayer] * 2
 
 
 def test_memory_counts_the_window_exactly():
@@ -83,9 +88,11 @@ def test_memory_counts_the_window_exactly():
         cache = xq.XQuantCache(config, max_batch_size=2, max_cache_len=capacity, xquant=xquant)
         report = xq.memory_report(config, xquant, capacity, batch=2)
         assert cache.nbytes() == report.xquant.total_at
-        # the two sliding layers: K and V of 2 heads x 16 in fp32, min(capacity, window) rows, 2 sequences
-        window = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers[::2])
-        assert window == 2 * 2 * 2 * 2 * 16 * 4 * min(capacity, WINDOW)
+        # the two sliding layers, min(capacity, window) rows of 2 sequences: unquantized the model's K and V
+        # (2 heads x 16, fp32); quantized an X window (64 channels: codes + fp16 scale/zero per 16)
+        row = {None: 2 * 2 * 16 * 4, 4: 32 + 4 * 2 * 2, 2: 16 + 4 * 2 * 2}[bits]
+        window = sum(t.nbytes for layer in cache.layers[::2] for t in layer.state.values())
+        assert window == 2 * 2 * row * min(capacity, WINDOW)
         assert sum(report.xquant_layers[i].total_at for i in (0, 2)) == window
         # fp16 K/V as the model's own cache holds it: full layers n rows, sliding layers their window
         fp16 = 2 * (2 * 2 * 32 * 2) * (capacity + min(capacity, WINDOW))
@@ -99,9 +106,6 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="cross_layer=False"):
         xq.XQuantCache(config, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(cross_layer=True,
                                                                                             group_size=16))
-    every = tf.MistralConfig(**COMMON, sliding_window=WINDOW)  # no layer_types: every layer slides
-    with pytest.raises(ValueError, match="every layer of this model is a sliding-window layer.*StaticCache"):
-        xq.XQuantCache(every, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(group_size=16))
 
 
 def test_explain_counts_the_window_layers_as_allocated():
@@ -109,22 +113,39 @@ def test_explain_counts_the_window_layers_as_allocated():
     prompt = decode_inputs(batch=2, steps=0)[0]
     config = xq.XQuantConfig(bits=4, group_size=16)
     e = xq.explain(model, prompt, xquant=config, max_cache_len=CAPACITY, decode_steps=0)
-    assert [(r.layer, r.status) for r in e.layers] == [(0, "kept"), (1, "rewritten"), (2, "kept"), (3, "rewritten")]
+    assert [(r.layer, r.status) for r in e.layers] == [(i, "rewritten") for i in range(4)]
     report = xq.memory_report(model.config, config, CAPACITY, batch=2)
-    # measured: everything the cache allocated, the two fp32 K/V windows included
+    # measured: everything the cache allocated, the two X windows included
     measured = e.cache.nbytes() / (2 * CAPACITY)
     assert e.bytes_per_token == (report.fp16_kv.per_token_at, measured) and measured == report.xquant.per_token_at
     # fp16 K+V per token: full layers 2 x 2 heads x 16 x 2 bytes = 128, sliding layers 128 x 8 / 32 rows
     assert [r.kv_bytes_per_token for r in e.layers] == [32, 128, 32, 128]
-    window = 2 * 2 * 16 * 4 * WINDOW / CAPACITY  # fp32 K and V of the window, per token of one sequence
+    # X: 48 B a row (4-bit codes + fp16 scale/zero per 16), the window's 8 rows only on the sliding layers
+    window = 48 * WINDOW / CAPACITY
     assert [r.x_bytes_per_token for r in e.layers] == [window, 48, window, 48]
-    # as n grows only the full layers' X (48 B: 4-bit codes + fp16 scale/zero per 16) and the position count
+    # as n grows only the full layers' X and the position count
     assert e.bytes_per_token_limit == (256, 8 + 2 * 48)
+    text = e.report()
+    assert "X window (4-bit, last 8 rows: 48 B/row, the model's fp16 K/V window 128 B/row)" in text
+    assert "4/4 layers rewritten" in text
+    assert [n for n, _, _ in e.ratio_by_capacity()][0] == CAPACITY
+
+
+def test_explain_counts_the_model_windows_as_allocated():
+    model = build("qwen2")
+    prompt = decode_inputs(batch=2, steps=0)[0]
+    config = xq.XQuantConfig(bits=None, group_size=16)  # X rows (64 x 2 B) no smaller than K/V rows: kept
+    e = xq.explain(model, prompt, xquant=config, max_cache_len=CAPACITY, decode_steps=0)
+    assert [(r.layer, r.status) for r in e.layers] == [(0, "kept"), (1, "rewritten"), (2, "kept"), (3, "rewritten")]
+    report = xq.memory_report(model.config, config, CAPACITY, batch=2)
+    measured = e.cache.nbytes() / (2 * CAPACITY)
+    assert e.bytes_per_token == (report.fp16_kv.per_token_at, measured) and measured == report.xquant.per_token_at
+    window = 2 * 2 * 16 * 4 * WINDOW / CAPACITY  # fp32 K and V of the window, per token of one sequence
+    assert [r.x_bytes_per_token for r in e.layers] == [window, 64 * 4, window, 64 * 4]
     text = e.report()
     # the window is in the cache dtype (the model's: fp32 here), the fp16 column in fp16
     assert f"| 0 | kept | {KEPT} | 32 | 64 | 0.50x | 0 | - |" in text
     assert "2/4 layers rewritten, 2 kept as the model's own K/V window" in text
-    assert [n for n, _, _ in e.ratio_by_capacity()][0] == CAPACITY
 
 
 def test_static_cache_with_options_keeps_the_sliding_windows():
@@ -153,7 +174,7 @@ def test_static_cache_with_options_keeps_the_sliding_windows():
 
 def test_window_layers_reorder_in_place():
     cache = xq.XQuantCache(FAMILIES["qwen2"](), max_batch_size=2, max_cache_len=CAPACITY,
-                           xquant=xq.XQuantConfig(bits=4, group_size=16))
+                           xquant=xq.XQuantConfig(bits=None, group_size=16))  # unquantized: the model's window
     window = cache.layers[0]
     keys = window.keys
     keys[1].fill_(1.0)

@@ -67,12 +67,16 @@ def test_qwen2_with_inductor():
     assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
 
 
-def test_a_model_of_sliding_window_layers_only_is_refused_clearly():
-    """Hybrid models (sliding and full layers) are tests/test_hybrid.py's; with no full layer there is
-    nothing to hold X."""
+def test_a_model_of_sliding_window_layers_only_gets_window_layers():
+    """Every layer slides: each keeps a window (an X window at 4 bits, the model's K/V window unquantized
+    where X rows are no smaller); tests/test_x_window.py runs such models."""
+    from xq_compile.cache import ModelWindowLayer, XWindowLayer
+
     config = tf.MistralConfig(**COMMON, sliding_window=8)
-    with pytest.raises(ValueError, match="every layer of this model is a sliding-window layer.*StaticCache"):
-        xq.XQuantCache(config, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(group_size=16))
+    for bits, kind in ((4, XWindowLayer), (None, ModelWindowLayer)):
+        cache = xq.XQuantCache(config, max_batch_size=1, max_cache_len=16, xquant=xq.XQuantConfig(bits=bits,
+                                                                                               group_size=16))
+        assert {type(layer) for layer in cache.layers} == {kind}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,8 +8,9 @@ fails loudly instead of silently corrupting the X cache.
 
 Each layer's state is what its cache form (:mod:`xq_compile.forms`) specifies: e.g. packed codes +
 fp16 scale/zero per token for the X form, the key and value latents for GQA models.
-A sliding-window layer keeps the model's own K/V window instead (:class:`ModelWindowLayer`, transformers'
-static sliding-window layer): the pass leaves it as the model wrote it.
+A sliding-window layer keeps the last ``sliding_window`` rows of X (:class:`XWindowLayer`), or where that is
+not smaller, the model's own K/V window (:class:`ModelWindowLayer`, transformers' static sliding-window
+layer): the pass leaves that one as the model wrote it.
 Shared by all X layers: positions int64 [B, L], the position id each cached row was written with
 (RoPE is re-applied to rebuilt keys at these positions, so left-padded rows keep their own).
 """
@@ -24,7 +25,7 @@ from ._torch_private import mark_static_address, weak_tensor_map
 from ._transformers_compat import make_mask_creation_traceable
 from .config import XQuantConfig
 from .forms import CacheForm, LayerShape, allocate, form_for, layer_shapes
-from .forms.window import ModelWindowForm
+from .forms.window import ModelWindowForm, XWindowForm
 from .rotation import rotation_of
 
 # Maps each layer's K and V placeholder tensor to its XQuantLayer. The compiled graph receives those
@@ -232,6 +233,69 @@ class XQuantLayer(StaticLayer):
         raise NotImplementedError("XQuantCache has a fixed batch; selecting rows would move its static buffers.")
 
 
+def sliding_mask_sizes(length: int, window: int, query_length: int) -> tuple[int, int]:
+    """(kv_length, kv_offset) of the mask of a query of ``query_length`` tokens over transformers' static
+    sliding-window layer of ``window`` rows holding ``length`` tokens: its ``get_mask_sizes``, written out
+    (a test compares the two) so that Dynamo traces plain int arithmetic. The K/V rows it returns are the
+    cache rows ``kv_offset`` .. ``kv_offset + kv_length - 1``."""
+    kv_offset = max(length - window + 1, 0)
+    if length >= window:  # full: the window's last rows before this call, and the call's rows
+        return window + query_length - 1, kv_offset
+    if length + query_length > window:  # filled by this call: every row so far
+        return length + query_length, kv_offset
+    return window, kv_offset  # not full: the whole (static) window
+
+
+class XWindowLayer(XQuantLayer):
+    """A sliding-window layer whose cache is the last ``sliding_window`` rows of X (:class:`XWindowForm`).
+
+    To the model it is transformers' static sliding-window layer: the same mask sizes, and update()
+    returns K/V rows in the same order (cache rows ``kv_offset .. kv_offset + kv_length - 1`` of
+    :meth:`get_mask_sizes`: the window, or all rows of a chunk that runs past it), so the model's own
+    sliding mask applies to them. The traced code writes the placeholders at absolute cache rows and
+    reads that slice of them; the pass turns the write into the ring's store and the slice into the
+    rebuild of those rows. As in transformers, the mask sizes follow a host-side length
+    (``cumulative_length_int``): graphs specialize on whether the window is full, not on the length.
+    """
+
+    is_sliding = True
+
+    def __init__(self, *, form: XWindowForm, max_cache_len: int, **kwargs) -> None:
+        super().__init__(form=form, max_cache_len=max_cache_len, **kwargs)
+        self.sliding_window = form.sliding_window
+        self.cumulative_length_int = 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return sliding_mask_sizes(self.cumulative_length_int, self.form.window_rows(self.max_cache_len), query_length)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length_int
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        kv_length, kv_offset = self.get_mask_sizes(key_states.shape[-2])
+        self.cumulative_length_int += key_states.shape[-2]
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return keys.narrow(-2, kv_offset, kv_length), values.narrow(-2, kv_offset, kv_length)
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length_int = 0
+
+    def crop(self, max_length: int) -> None:
+        """As :meth:`XQuantLayer.crop`, while the ring still holds the window of the kept tokens' last
+        query: a crop past the window would need rows the ring has overwritten."""
+        keep = max_length if max_length > 0 else max(self.host_length + max_length, 0)
+        ring = self.form.window_rows(self.max_cache_len)
+        if keep < self.host_length - 1 and self.host_length > ring:
+            raise NotImplementedError(
+                f"layer {self.layer_idx} keeps only the last {ring} rows of X (a sliding window): cropping "
+                f"{self.host_length} tokens to {keep} needs rows it has overwritten. Reset the cache and "
+                "run the kept prompt again."
+            )
+        super().crop(max_length)
+        self.cumulative_length_int = self.host_length
+
+
 def register_placeholders(layer: XQuantLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Make ``keys``/``values`` (new K/V tensors of a model, e.g. after release) lead to ``layer``."""
     layer.keys, layer.values = keys, values
@@ -327,17 +391,11 @@ class XQuantCache(Cache):
         shapes = layer_shapes(config)  # raises for layer types other than full and sliding-window attention
         xquant.check_layer_count(config.num_hidden_layers)
         forms = [form_for(xquant, i, shape) for i, shape in enumerate(shapes)]
-        windows = [form for form in forms if not form.rewritten]
-        if len(windows) == len(forms):
-            raise ValueError(
-                f"every layer of this model is a sliding-window layer (window {windows[0].window}), which keeps "
-                "the model's own K/V window: there is no layer to hold X. Use transformers' StaticCache."
-            )
+        windows = [i for i, shape in enumerate(shapes) if shape.sliding_window is not None]
         if windows and xquant.cross_layer:
             raise ValueError(
                 "cross_layer=True chains every layer's X to the layer below, but this model has sliding-window "
-                f"layers ({', '.join(str(f.layer_idx) for f in windows)}), which keep the model's own K/V window: "
-                "use cross_layer=False."
+                f"layers ({', '.join(map(str, windows))}), which keep only their window: use cross_layer=False."
             )
         hidden_size = config.hidden_size
         num_heads = config.num_attention_heads
@@ -357,7 +415,7 @@ class XQuantCache(Cache):
             ModelWindowLayer(layer_idx=i, form=form, max_cache_len=max_cache_len, batch_size=max_batch_size,
                              dtype=dtype, device=device)
             if isinstance(form, ModelWindowForm) else
-            XQuantLayer(
+            (XWindowLayer if isinstance(form, XWindowForm) else XQuantLayer)(
                 layer_idx=i,
                 max_cache_len=max_cache_len,
                 batch_size=max_batch_size,

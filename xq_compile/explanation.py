@@ -299,7 +299,7 @@ def explain(
 
 def _state_bytes(layer: Any) -> int:
     """Bytes of one XQuantCache layer's state (codes, scales, zeros, open key group...; a sliding-window
-    layer's K/V window); 0 for other layers."""
+    layer's X or K/V window); 0 for other layers."""
     if not isinstance(layer, (XQuantLayer, ModelWindowLayer)):
         return 0
     return sum(t.numel() * t.element_size() for t in layer.state.values())
@@ -386,7 +386,7 @@ def _layers(graphs: list[GraphExplanation], config: Any, cache: Any,
         row = LayerExplanation(i, r.status, reason, r.form if r.status == "rewritten" else None, kv)
         layer = (cache.layers[i] if r.status in ("rewritten", "kept") and i is not None and cache is not None
                  else None)
-        if isinstance(layer, ModelWindowLayer) and capacity:  # fp16 K+V of the window the model would keep
+        if getattr(layer, "is_sliding", False) and capacity:  # fp16 K+V of the window the model would keep
             row.kv_bytes_per_token = kv * layer.form.window_rows(capacity) / capacity
             row.kv_bytes_per_token_limit = 0.0
         if isinstance(layer, (XQuantLayer, ModelWindowLayer)):

@@ -119,8 +119,10 @@ def _check_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     tokens = _input_tokens(args, kwargs)
     if tokens is None:
         return
+    if not cache.xquant_layers:  # every layer slides and keeps the model's own K/V window: transformers checks
+        return
     rows, new_tokens = tokens.shape[0], tokens.shape[1]
-    layer = cache.xquant_layers[0]  # every X layer has the same rows, dtype, device and length
+    layer = cache.xquant_layers[0]  # every X layer (X windows too) has the same rows, dtype, device and length
     problem = layer.call_problem(rows, new_tokens, model.dtype, model.device)
     if problem is not None:
         error, message = problem

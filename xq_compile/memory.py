@@ -180,9 +180,10 @@ def memory_report(model_config, xquant: XQuantConfig, seq_len: int, batch: int =
       :func:`kivi_memory`; ``None`` with ``layer_bits``, which has no one width to compare at, and for a
       model with sliding-window layers).
 
-    A sliding-window layer holds its window of the model's own K/V in both fp16 K/V and XQuant (the
-    :class:`~xq_compile.forms.window.ModelWindowForm` spec: min(n, window) rows in the cache dtype, and an
-    int64 length counter as its fixed bytes): its bytes stop growing at the window.
+    A sliding-window layer holds min(n, window) rows in both: the model's own K/V in fp16 K/V, and in
+    XQuant its form's (:mod:`xq_compile.forms.window`: the X window's codes and scales, or the model's K/V
+    window in the cache dtype with an int64 length counter as its fixed bytes): its bytes stop growing at
+    the window (the shared int64 position per token still grows with n).
     * XQuant: exactly what :class:`~xq_compile.cache.XQuantCache` allocates (``nbytes()``): per token,
       every layer's packed codes + fp16 scale/zero at that layer's bits (``layer_bits``, or XQuant-CL
       base layers at ``base_bits``; X in ``dtype_bytes`` when unquantized) + one int64 position; fixed, per layer a 1-element K and a 1-element V placeholder (``dtype_bytes``

@@ -68,7 +68,8 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig, trace: dict | 
     With ``cross_layer`` the layers are chained in module order exactly as the compiled path chains
     them: layer i sees X̂_{i-1} + deq(Q(X_i·R - X̂_{i-1})) for the tokens of the current call.
     Each layer's cache form (:mod:`xq_compile.forms`) installs the hooks that quantize as it stores; a
-    sliding-window layer's form installs none (the compiled path leaves its K/V exact too).
+    sliding-window layer's X window quantizes as the X form does, its model window installs none (the
+    compiled path leaves its K/V exact too).
     ``trace``, if given, receives for every X-form layer i ``trace[i] = (X·R, X̂_{i-1}·R or None)``:
     what its reconstruction was computed from (:mod:`xq_compile.calibrate` re-quantizes it at other
     widths).

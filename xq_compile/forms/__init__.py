@@ -13,13 +13,14 @@ from ..config import XQuantConfig
 from .base import CacheForm, FusedSources, LayerShape, StateTensor, allocate
 from .joint_latent import JointLatentForm
 from .split_latent import SplitLatentForm
-from .window import ModelWindowForm
+from .window import ModelWindowForm, XWindowForm
 from .x import XDeltaForm, XForm
 
 # In order: a layer's form is the first entry whose ``applies`` is true (a specialization goes before the
-# form it specializes). Sliding-window layers take ModelWindowForm; the four others are exclusive and
-# cover every config and shape of a full-attention layer.
-FORMS: list[type[CacheForm]] = [ModelWindowForm, XForm, XDeltaForm, SplitLatentForm, JointLatentForm]
+# form it specializes). Sliding-window layers take XWindowForm where its rows are smaller than the model's
+# K/V window's, else ModelWindowForm; the four others are exclusive and cover every config and shape of a
+# full-attention layer.
+FORMS: list[type[CacheForm]] = [XWindowForm, ModelWindowForm, XForm, XDeltaForm, SplitLatentForm, JointLatentForm]
 
 
 def form_for(xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> CacheForm:

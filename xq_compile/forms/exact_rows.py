@@ -81,7 +81,7 @@ class ExactRows:
         return torch.where(keep[:, None], exact.to(approx.dtype), approx)
 
 
-def _store_slots(target: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, keep: torch.Tensor):
+def store_slots(target: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, keep: torch.Tensor):
     """Write row t of ``rows`` [B, s, w] at slot ``slot[t]`` of ``target`` [B, K, w] where ``keep[t]`` (at most
     one kept row per slot). Static shapes; no duplicate indices. Returns (source row, written) per slot."""
     match = keep[:, None] & (slot[:, None] == torch.arange(target.shape[1], device=slot.device))
@@ -94,14 +94,14 @@ def store_recent(ring: torch.Tensor, ring_rows: torch.Tensor, index: torch.Tenso
     """Rows ``index`` [s] of this call into the ring [B, R, w] (row p at slot p % R): only the last R of
     them, the older ones of a long chunk would be overwritten in the same call."""
     r = ring.shape[1]
-    source, written = _store_slots(ring, rows, index % r, index > index.max() - r)
+    source, written = store_slots(ring, rows, index % r, index > index.max() - r)
     held = index.index_select(0, source).to(ring_rows.dtype)
     ring_rows.copy_(torch.where(written[None, :], held[None, :], ring_rows))
 
 
 def store_sink(sink: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """Rows ``index`` [s] of this call that are among the first S into the sink [B, S, w]."""
-    _store_slots(sink, rows, index, index < sink.shape[1])
+    store_slots(sink, rows, index, index < sink.shape[1])
 
 
 def with_exact_rows(rows: torch.Tensor, count, length, ring: torch.Tensor | None, ring_rows: torch.Tensor | None,
