@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from unittest import mock
+
 import pytest
 import torch
 import torch._dynamo
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from xq_compile.cache import cache_kwargs
+from xq_compile.forms import split_latent
+from xq_compile.latent import fake_quantize_key_latent
 
 
 def tiny_llama(num_kv_heads: int = 4, num_layers: int = 2, hidden: int = 64, heads: int = 4,
@@ -106,3 +112,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def key_latent_chunks(calls):
+    """The GQA latent form's simulation told the chunks ``calls`` write: the cache requantizes its open
+    key group after each chunk (see xq_compile.latent.fake_quantize_key_latent), a one-pass forward
+    over the prefix cannot see them."""
+    chunked = functools.partial(fake_quantize_key_latent, chunks=[c["input_ids"].shape[1] for c in calls])
+    with mock.patch.object(split_latent, "fake_quantize_key_latent", chunked):
+        yield

@@ -1,8 +1,5 @@
 """The GQA latent form: X·U_k / X·U_v cached instead of X (xq_compile/latent.py)."""
 
-import functools
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,14 +8,14 @@ import xq_compile as xq
 from xq_compile.backend import collect_records
 from xq_compile import quant
 from xq_compile.forms import form_for
-from xq_compile.forms import split_latent
 from xq_compile.forms.base import LayerShape, allocate
 from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, key_latent_rows, open_key_group,
                                store_key_latent, svd_factors)
 from xq_compile.rotation import hadamard
 from xq_compile.simulate import simulate_xquant
 
-from conftest import compiled_run as _compiled_run, decode_inputs, max_error, reference_logits, run_calls, tiny_llama
+from conftest import (compiled_run as _compiled_run, decode_inputs, key_latent_chunks, max_error, reference_logits,
+                      run_calls, tiny_llama)
 
 MAX_LEN = 48
 
@@ -40,9 +37,7 @@ def prefix_reference(model, calls, config):
         prefix = calls[:i + 1]
         full = dict(input_ids=torch.cat([c["input_ids"] for c in prefix], 1), attention_mask=call["attention_mask"],
                     position_ids=torch.cat([c["position_ids"] for c in prefix], 1))
-        chunked = functools.partial(fake_quantize_key_latent, chunks=[c["input_ids"].shape[1] for c in prefix])
-        with torch.no_grad(), simulate_xquant(model, config), \
-                mock.patch.object(split_latent, "fake_quantize_key_latent", chunked):
+        with torch.no_grad(), simulate_xquant(model, config), key_latent_chunks(prefix):
             logits = model(**full, use_cache=False).logits
         out.append(logits[:, -call["input_ids"].shape[1]:])
     return out

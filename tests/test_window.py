@@ -13,7 +13,7 @@ from xq_compile.backend import collect_records
 from xq_compile.memory import memory_report
 from xq_compile.simulate import simulate_xquant
 
-from conftest import compiled_run, decode_inputs, max_error, reference_logits, run_calls, tiny_llama
+from conftest import compiled_run, decode_inputs, key_latent_chunks, max_error, reference_logits, run_calls, tiny_llama
 
 EAGER = "aot_eager"
 R, S = 4, 2
@@ -31,13 +31,15 @@ def history_free_model(num_kv_heads: int = 4, layers: int = 2) -> torch.nn.Modul
 
 def prefix_reference(model, calls, config) -> list[torch.Tensor]:
     """Per call, the simulation over the whole prefix up to it (the window relative to that prefix's
-    end, as the compiled rebuild places it), cut to the call's tokens."""
+    end, as the compiled rebuild places it; the calls' chunks for the latent form's open key group),
+    cut to the call's tokens."""
     out = []
     with torch.no_grad(), simulate_xquant(model, config):
         for k, call in enumerate(calls):
             ids = torch.cat([c["input_ids"] for c in calls[:k + 1]], 1)
             positions = torch.cat([c["position_ids"] for c in calls[:k + 1]], 1)
-            logits = model(input_ids=ids, attention_mask=call["attention_mask"], position_ids=positions).logits
+            with key_latent_chunks(calls[:k + 1]):
+                logits = model(input_ids=ids, attention_mask=call["attention_mask"], position_ids=positions).logits
             out.append(logits[:, -call["input_ids"].shape[1]:])
     return out
 
