@@ -79,7 +79,8 @@ def test_explain_latent_bytes_are_measured_and_agree_with_memory_report():
     assert short.bytes_per_token == (128, measured) == (128, xq.memory_report(model.config, config, 24, 2).xquant.per_token_at)
     assert short.bytes_per_token_limit == (128, 56)  # the rate does not depend on the capacity
     assert measured < 128
-    assert f"all layers at 24 tokens: 128 -> {measured:.1f} bytes per token ({128 / measured:.2f}x smaller;" in short.report()
+    assert (f"all layers at 24 tokens: 128 -> {measured:.1f} bytes per token ({128 / measured:.2f}x smaller;"
+            in short.report())
     assert [n for n, _, _ in short.ratio_by_capacity()] == [24, 128, 512, 2048, 4096, 32768]
     with pytest.raises(ValueError, match=r"explain\(\) needs max_cache_len >= 7 \(the prompt's 6 tokens "
                                          r"\+ decode_steps=1\), got 6: pass a larger max_cache_len"):

@@ -174,8 +174,9 @@ def store_key_latent(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     row_complete = complete.repeat_interleave(g, 0)  # [spans·g, 1]
     open_codes = quant.codes_along_tokens(window, *stored, wide, g)
     high = torch.where(row_complete, quant.codes_along_tokens(window, *stored, bits, g), open_codes >> LOW_BITS)
+    target_rows = (target_groups.unsqueeze(-1) * g + slots).flatten()
     source_rows = (source_groups.unsqueeze(-1) * g + slots).flatten()
-    codes.index_copy_(1, (target_groups.unsqueeze(-1) * g + slots).flatten(), quant.pack(high.index_select(1, source_rows), bits))
+    codes.index_copy_(1, target_rows, quant.pack(high.index_select(1, source_rows), bits))
     # the new open group: the one holding row offset + s of the window (if that row starts a new group,
     # its low bits are never read: clamp to a group that exists)
     now_open = ((offset + s) // g).clamp(max=spans - 1) * g + slots
@@ -187,7 +188,8 @@ def reopen_key_group(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     """Make complete group ``group`` the open group again (a crop into it) with its first rows ``kept``
     [B, k, C], k < g: quantized per channel at open_bits, as the next store expects."""
     g, wide, k = group_size, open_bits(bits), kept.shape[1]
-    window = torch.cat([kept.to(ROW_DTYPE).float(), kept.new_zeros(kept.shape[0], g - k, kept.shape[2], dtype=torch.float32)], 1)
+    batch, channels = kept.shape[0], kept.shape[2]
+    window = torch.cat([kept.to(ROW_DTYPE).float(), kept.new_zeros(batch, g - k, channels, dtype=torch.float32)], 1)
     open_scale, open_zero = quant.scale_and_zero_along_tokens(window, wide, g, torch.arange(g, device=kept.device) < k,
                                                               keep_max=True)
     scale[:, group] = open_scale[:, 0]
