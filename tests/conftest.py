@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from unittest import mock
+
 import pytest
 import torch
 import torch._dynamo
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from xq_compile.cache import cache_kwargs
+from xq_compile.forms import split_latent
+from xq_compile.latent import fake_quantize_key_latent
 
 
 def tiny_llama(num_kv_heads: int = 4, num_layers: int = 2, hidden: int = 64, heads: int = 4,
@@ -67,7 +73,8 @@ def reference_logits(model, calls, max_cache_len: int) -> list[torch.Tensor]:
 def prefix_reference(model, calls, config) -> list[torch.Tensor]:
     """Per call, ``simulate_xquant`` over the whole prefix up to it, cut to the call's tokens: K/V from the
     state as the cache holds it after that call (the latent form's complete key groups quantized and its
-    open group fp16; an exact-rows window relative to the prefix's end, as the compiled rebuild places it).
+    open group at the open group's bits, requantized after each of the calls' chunks; an exact-rows window
+    relative to the prefix's end, as the compiled rebuild places it).
 
     Exact only where a cached token's X does not depend on another rewritten layer's quantization: a
     one-layer model, or one rewritten layer whose inputs come from exact (e.g. sliding-window) layers.
@@ -80,8 +87,9 @@ def prefix_reference(model, calls, config) -> list[torch.Tensor]:
         for k, call in enumerate(calls):
             ids = torch.cat([c["input_ids"] for c in calls[:k + 1]], 1)
             positions = torch.cat([c["position_ids"] for c in calls[:k + 1]], 1)
-            logits = model(input_ids=ids, attention_mask=call["attention_mask"], position_ids=positions,
-                           use_cache=False).logits
+            with key_latent_chunks(calls[:k + 1]):
+                logits = model(input_ids=ids, attention_mask=call["attention_mask"], position_ids=positions,
+                               use_cache=False).logits
             out.append(logits[:, -call["input_ids"].shape[1]:])
     return out
 
@@ -128,3 +136,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def key_latent_chunks(calls):
+    """The GQA latent form's simulation told the chunks ``calls`` write: the cache requantizes its open
+    key group after each chunk (see xq_compile.latent.fake_quantize_key_latent), a one-pass forward
+    over the prefix cannot see them."""
+    chunked = functools.partial(fake_quantize_key_latent, chunks=[c["input_ids"].shape[1] for c in calls])
+    with mock.patch.object(split_latent, "fake_quantize_key_latent", chunked):
+        yield

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 import xq_compile as xq
 from xq_compile.backend import collect_records
 from xq_compile import quant
-from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, key_latent_rows, latent_groups,
+from xq_compile.forms import form_for
+from xq_compile.forms.base import LayerShape, allocate
+from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, key_latent_rows, open_key_group,
                                store_key_latent, svd_factors)
 from xq_compile.rotation import hadamard
 from xq_compile.simulate import simulate_xquant
@@ -32,26 +34,45 @@ def test_svd_factors_reproduce_the_projection_with_and_without_rotation():
         torch.testing.assert_close(down @ down.T, torch.eye(48), atol=1e-5, rtol=0)  # orthonormal rows
 
 
+def key_latent_state(bits, group_size, capacity, width, batch):
+    """The key latent's state tensors as the latent form allocates them: codes, scale, zero, low bits."""
+    config = xq.XQuantConfig(bits=bits, group_size=group_size, form="latent")
+    form = form_for(config, 0, LayerShape(hidden_size=4 * width, kv_width=width))
+    state = allocate(form.state_spec(batch, capacity, torch.float32), torch.device("cpu"))
+    return [state.get(name) for name in ("k_codes", "k_scale", "k_zero", "k_low")]
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_key_latent_store_and_rebuild_equal_the_reference_for_any_chunking(bits):
-    """Chunks of 1..40 rows across group boundaries: the rebuilt rows are always the complete groups
-    quantized per channel and the open group in fp16, as if quantized in one pass."""
+@pytest.mark.parametrize("capacity", [64, 61])
+def test_key_latent_store_and_rebuild_equal_the_reference_for_any_chunking(bits, capacity):
+    """Chunks of 1..40 rows across group boundaries, up to a full cache without a spare group: the
+    rebuilt rows are the reference's for the same chunks (complete groups per channel at ``bits``, the
+    open group at open_bits, requantized on its grid after each chunk), and as accurate as one chunk."""
     torch.manual_seed(bits)
-    B, C, g, L = 2, 24, 8, 64
-    codes = torch.zeros(B, latent_groups(L, g) * g, quant.packed_width(C, bits), dtype=torch.uint8)
-    scale = torch.zeros(B, latent_groups(L, g), C, dtype=torch.float16)
-    zero, tail = torch.zeros_like(scale), torch.zeros(B, g, C, dtype=torch.float16)
-    data = torch.randn(B, L, C) * torch.linspace(0.1, 10, C)  # channels of very different ranges
+    B, C, g = 2, 24, 8
+    data = torch.randn(B, capacity, C) * torch.linspace(0.1, 10, C)  # channels of very different ranges
     data[:, :, 0] += 30  # an outlier channel, as channel 0 of a key latent
-    pos = 0
-    for s in (5, 1, 1, 9, 8, 16, 1, 3, 20):
-        store_key_latent(codes, scale, zero, tail, data[:, pos:pos + s], torch.tensor(pos), bits, g)
+    state = key_latent_state(bits, g, capacity, C, B)
+    assert state[0].shape[1] == 64  # ceil(capacity / g) groups: no spare group
+    chunks = []
+    for s in (5, 1, 1, 9, 8, 16, 1, 3, 20 - (64 - capacity)):
+        pos = sum(chunks)
+        store_key_latent(*state, data[:, pos:pos + s], torch.tensor(pos), bits, g)
+        chunks.append(s)
         pos += s
-        got = key_latent_rows(codes, scale, zero, tail, pos, pos, bits, g, torch.float32)
-        assert torch.equal(got, fake_quantize_key_latent(data[:, :pos], bits, g)), f"after {pos} rows"
+        got, exact = key_latent_rows(*state, pos, pos, bits, g, torch.float32), data[:, :pos]
+        assert torch.equal(got, fake_quantize_key_latent(exact, bits, g, chunks=chunks)), f"after {pos} rows"
+        open_rows = open_key_group(*state, pos, bits, g, torch.float32)[:, :pos % g]
+        complete = pos - pos % g
+        assert torch.equal(open_rows, got[:, complete:]), f"the fused op's tail after {pos} rows"
+        one_chunk = fake_quantize_key_latent(exact, bits, g)
+        assert (got - exact)[:, :complete].norm() <= 1.01 * (one_chunk - exact)[:, :complete].norm(), pos
+        if pos % g:  # the open group: within a few steps of its grid (plus the fp16 rounding of ~30)
+            open_step = (exact[:, complete:].amax(1) - exact[:, complete:].amin(1)) / (2 ** (bits + 4) - 1)
+            assert ((got - exact)[:, complete:].abs() <= 2 * open_step.unsqueeze(1) + 0.02).all(), pos
+    assert pos == capacity
     # Per-channel groups: the outlier channel does not cost the others their precision.
-    err = (got - data[:, :pos]).abs()[:, :pos - pos % g]
-    assert err[..., 1].max() < 0.1 * 2 ** (4 - bits) + 1e-3
+    assert (got - exact)[:, :complete, 1].abs().max() < 0.1 * 2 ** (4 - bits) + 1e-3
 
 
 def test_unquantized_latent_reproduces_the_model_and_is_chosen_automatically():
@@ -143,16 +164,19 @@ def test_factors_are_computed_once_and_follow_in_place_weight_changes():
     assert max_error(out, reference_logits(model, calls, MAX_LEN)) < 1e-4
 
 
-def test_crop_into_a_completed_group_puts_its_rows_back_into_the_tail():
+def test_crop_into_a_completed_group_reopens_it_with_its_rows():
     model = tiny_llama(num_kv_heads=1, num_layers=1)
     calls = decode_inputs(batch=1, steps=14, pad=0)  # 20 tokens: group 0 (16) complete
     out, cache = compiled_run(model, calls, xq.XQuantConfig(bits=4, group_size=16))
     layer, g = cache.layers[0], 16
-    st = layer.state
-    before = key_latent_rows(st["k_codes"], st["k_scale"], st["k_zero"], st["k_tail"], 20, 20, 4, g, torch.float32)
+    key_state = [layer.state[name] for name in ("k_codes", "k_scale", "k_zero", "k_low")]
+    before = key_latent_rows(*key_state, 20, 20, 4, g, torch.float32)
     cache.crop(-8)  # transformers: a negative count of tokens to remove
     assert layer.host_length == 12
-    torch.testing.assert_close(st["k_tail"][:, :12].float(), before[:, :12], atol=2e-3, rtol=1e-3)
+    after = key_latent_rows(*key_state, 12, 12, 4, g, torch.float32)
+    # the kept rows, now the open group: its 8-bit grid over their per-channel 4-bit values
+    assert torch.equal(after, fake_quantize_key_latent(before[:, :12], 4, g))
+    assert not torch.equal(after, before[:, :12])  # really requantized
 
 
 @pytest.mark.parametrize("config", [

@@ -440,7 +440,7 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                 config = model.config
                 kv_width = config.num_key_value_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
                 if cfg.form_of(config.hidden_size, kv_width) == "latent":
-                    note = ("GQA latent form (key latent per channel, open group fp16; value latent per token); "
+                    note = ("GQA latent form (key latent per channel, open group at bits + 4; value latent per token); "
                             + note)
             elif method.kind == "kivi":
                 # the formula first: it refuses a model it cannot count before the evaluation runs

@@ -80,31 +80,38 @@ def _codes(values, scale, zero, bits: int, dim: int) -> torch.Tensor:
     # A constant group has scale 0: any code reproduces it, so divide by 1 instead of 0.
     safe_scale = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
     codes = torch.round((values - zero.float().unsqueeze(dim)) / safe_scale.unsqueeze(dim))
-    return codes.clamp(0, qmax).to(torch.uint8)
+    return codes.clamp(0, qmax).to(torch.uint8 if bits <= 8 else torch.int32)  # wider: the GQA open key group
 
 
-def quantize_along_tokens(x: torch.Tensor, bits: int, group_size: int, valid: torch.Tensor | None = None):
+def quantize_along_tokens(x: torch.Tensor, bits: int, group_size: int, valid: torch.Tensor | None = None,
+                          keep_max: bool = False):
     """Per *channel*, in groups of ``group_size`` consecutive tokens (KIVI's key grouping).
 
-    ``x`` is [..., T, C] with T a multiple of ``group_size``; returns (codes uint8 [..., T, C], scale,
-    zero fp16 [..., T // group_size, C]). ``valid`` ([T] bool) marks the rows that exist: the others
-    (the unwritten end of an open group) do not widen any range; a group without valid rows gets
-    scale = zero = 0.
+    ``x`` is [..., T, C] with T a multiple of ``group_size``; returns (codes [..., T, C], uint8 up to 8
+    bits, scale, zero fp16 [..., T // group_size, C]). ``valid`` ([T] bool) marks the rows that exist:
+    the others (the unwritten end of an open group) do not widen any range; a group without valid rows
+    gets scale = zero = 0. ``keep_max``: the scale spans from the fp16 zero (not the exact minimum) to
+    the maximum, so the maximum keeps the top code: quantizing dequantized rows again on the same range
+    then returns the same grid (the GQA open key group, requantized as its rows arrive).
     """
-    scale, zero = scale_and_zero_along_tokens(x, bits, group_size, valid)
+    scale, zero = scale_and_zero_along_tokens(x, bits, group_size, valid, keep_max)
     return codes_along_tokens(x, scale, zero, bits, group_size), scale, zero
 
 
-def scale_and_zero_along_tokens(x: torch.Tensor, bits: int, group_size: int, valid: torch.Tensor | None = None):
+def scale_and_zero_along_tokens(x: torch.Tensor, bits: int, group_size: int, valid: torch.Tensor | None = None,
+                                keep_max: bool = False):
     """fp16 (scale, zero) [..., T // group_size, C] of :func:`quantize_along_tokens`."""
     groups = x.float().unflatten(-2, (-1, group_size))  # [..., G, g, C]
     if valid is None:
-        return _range_to_scale(groups.amin(-2), groups.amax(-2), bits)
-    rows = valid.unflatten(0, (-1, group_size)).unsqueeze(-1)  # [G, g, 1]
-    low = torch.where(rows, groups, float("inf")).amin(-2)
-    high = torch.where(rows, groups, float("-inf")).amax(-2)
-    empty = ~rows.any(-2)  # [G, 1]
-    return _range_to_scale(torch.where(empty, 0.0, low), torch.where(empty, 0.0, high), bits)
+        low, high = groups.amin(-2), groups.amax(-2)
+    else:
+        rows = valid.unflatten(0, (-1, group_size)).unsqueeze(-1)  # [G, g, 1]
+        empty = ~rows.any(-2)  # [G, 1]
+        low = torch.where(empty, 0.0, torch.where(rows, groups, float("inf")).amin(-2))
+        high = torch.where(empty, 0.0, torch.where(rows, groups, float("-inf")).amax(-2))
+    if keep_max:
+        low = low.to(SCALE_DTYPE).float()
+    return _range_to_scale(low, high, bits)
 
 
 def codes_along_tokens(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -159,15 +166,17 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Packed codes + fp16 scale/zero -> X-hat [..., d] in ``dtype`` (computed in fp32)."""
-    codes = unpack(packed, bits).unflatten(-1, (-1, group_size)).float()
-    x_hat = codes * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
-    return x_hat.flatten(-2).to(dtype)
+    return dequantize_codes(unpack(packed, bits), scale, zero, group_size).to(dtype)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Unpacked per-token codes [..., d] + scale/zero [..., G] -> fp32 X-hat [..., d]."""
+    groups = codes.unflatten(-1, (-1, group_size)).float()
+    return (groups * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).flatten(-2)
 
 
 def fake_quantize(x: torch.Tensor, bits: int | None, group_size: int) -> torch.Tensor:
     """quantize -> dequantize without packing: the simulation used as an oracle in tests and sweeps."""
     if bits is None:
         return x
-    codes, scale, zero = quantize(x, bits, group_size)
-    groups = codes.unflatten(-1, (-1, group_size)).float()
-    return (groups * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).flatten(-2).to(x.dtype)
+    return dequantize_codes(*quantize(x, bits, group_size), group_size).to(x.dtype)

@@ -1,11 +1,12 @@
 """The GQA latent form: a layer caches the key latent X·U_k and the value latent X·U_v (see
 :mod:`xq_compile.latent` for the factors and the key latent's grouping along tokens).
 
-State (``r`` = latent width = K/V heads x head dim, ``g`` = group size, ``G = ceil(L/g) + 1`` token
-groups: one spare, where a chunk's last group may land):
+State (``r`` = latent width = K/V heads x head dim, ``g`` = group size, ``G = ceil(L/g)`` token groups):
   quantized:   k_codes uint8 [B, G·g, packed_width(r, bits)], k_scale/k_zero fp16 [B, G, r] (per channel
-               per token group), k_tail fp16 [B, g, r] (the open group), optional k_col0 fp16 [B, L]
-               (channel 0 kept exact); v_codes [B, L, packed], v_scale/v_zero fp16 [B, L, r/g] (per token)
+               per token group; the open group's at open_bits, see xq_compile.latent), k_low uint8
+               [B, g, packed_width(r, 4)] (the open group's low code bits), optional
+               k_col0 fp16 [B, L] (channel 0 kept exact); v_codes [B, L, packed], v_scale/v_zero fp16
+               [B, L, r/g] (per token)
   unquantized: k_latent, v_latent [B, L, r] in the cache dtype
 
 With ``recent`` / ``sink`` (:mod:`.window`) both latents keep their window's rows exact (streams ``k``
@@ -21,18 +22,20 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..config import XQuantConfig
-from ..latent import (LATENT_FACTORS, TAIL_DTYPE, fake_quantize_key_latent, key_latent_rows, latent_width,
-                      store_key_latent)
+from ..latent import (ROW_DTYPE, LATENT_FACTORS, LOW_BITS, fake_quantize_key_latent, key_latent_rows,
+                      latent_width, open_bits, open_key_group, reopen_key_group, store_key_latent)
 from .base import CacheForm, FusedSources, LayerShape, StateTensor, ceil_div
 from .per_token import per_token_spec, store_rows
 from .exact_rows import ExactRows
 from .x import emit_store_per_token
 
 VALUE_NAMES = ("v_codes", "v_scale", "v_zero", "v_latent")
+KEY_NAMES = ("k_codes", "k_scale", "k_zero", "k_low")
 
 
 class SplitLatentForm(CacheForm):
-    """Key latent per channel over token groups (open group fp16), value latent per token (rotated)."""
+    """Key latent per channel over token groups (the open group at open_bits), value latent per token
+    (rotated)."""
 
     name = "latent"
 
@@ -56,16 +59,16 @@ class SplitLatentForm(CacheForm):
         r, g, bits = self.width, self.group_size, self.bits
         if bits is None:
             return {name: StateTensor((batch, rows, r), dtype) for name in ("k_latent", "v_latent")}
-        key_groups = ceil_div(rows, g) + 1  # the spare group: see xq_compile.latent.latent_groups
+        key_groups = ceil_div(rows, g)
         spec = {
             "k_codes": StateTensor((batch, key_groups * g, quant.packed_width(r, bits)), torch.uint8),
             "k_scale": StateTensor((batch, key_groups, r), quant.SCALE_DTYPE),
             "k_zero": StateTensor((batch, key_groups, r), quant.SCALE_DTYPE),
-            "k_tail": StateTensor((batch, g, r), TAIL_DTYPE),
+            "k_low": StateTensor((batch, g, quant.packed_width(r, LOW_BITS)), torch.uint8),
             **per_token_spec(VALUE_NAMES, r, bits, g, batch, rows, dtype),
         }
         if self.keep_channel0:
-            spec["k_col0"] = StateTensor((batch, rows), TAIL_DTYPE)
+            spec["k_col0"] = StateTensor((batch, rows), ROW_DTYPE)
         if self.window is not None:
             spec.update({**self.window.spec("k", batch, r, dtype), **self.window.spec("v", batch, r, dtype)})
         return spec
@@ -76,7 +79,7 @@ class SplitLatentForm(CacheForm):
         bits, channel0 = self._bits_text(), ", channel 0 fp16" if self.keep_channel0 else ""
         window = f", {self.window.describe()}" if self.window is not None else ""
         return (f"GQA latent X·U_k ({bits}, per channel over {self.group_size}-token groups, open group "
-                f"fp16{channel0}{window}) + X·U_v ({bits}, per token{window}{note})")
+                f"{open_bits(self.bits)}-bit{channel0}{window}) + X·U_v ({bits}, per token{window}{note})")
 
     # -- the rewrite ------------------------------------------------------------------------------
     # The key latent is not rotated: its per-channel groups already give every channel (the outlier
@@ -88,8 +91,7 @@ class SplitLatentForm(CacheForm):
             ctx.emit(store_rows, st["k_latent"], ctx.index, key_latent)
         else:
             start = ctx.emit(lambda i: i.min(), ctx.index)
-            ctx.emit(store_key_latent, st["k_codes"], st["k_scale"], st["k_zero"], st["k_tail"], key_latent, start,
-                     self.bits, self.group_size)
+            ctx.emit(store_key_latent, *self._key_state(st), key_latent, start, self.bits, self.group_size)
             if self.keep_channel0:
                 ctx.emit(store_rows, st["k_col0"], ctx.index, ctx.emit(lambda t: t[..., 0], key_latent))
         value_latent = ctx.emit(F.linear, ctx.x, v_down)
@@ -105,8 +107,8 @@ class SplitLatentForm(CacheForm):
         if self.bits is None:
             return ctx.rows_of("k_latent"), ctx.rows_of("v_latent")
         st, g = ctx.state, self.group_size
-        key_rows = ctx.emit(key_latent_rows, st["k_codes"], st["k_scale"], st["k_zero"], st["k_tail"], ctx.rows,
-                            ctx.length, self.bits, g, ctx.dtype, st.get("k_col0"))
+        key_rows = ctx.emit(key_latent_rows, *self._key_state(st), ctx.rows, ctx.length, self.bits, g, ctx.dtype,
+                            st.get("k_col0"))
         value_rows = ctx.emit(quant.dequantize, ctx.rows_of("v_codes"), ctx.rows_of("v_scale"), ctx.rows_of("v_zero"),
                               self.bits, g, ctx.dtype)
         if self.window is not None:
@@ -117,36 +119,42 @@ class SplitLatentForm(CacheForm):
     def fused_sources(self, ctx, rows: int):
         if self.bits is None or self.window is not None:  # the kernel reads codes and the open group only
             return None
-        st, key_groups = ctx.state, ceil_div(rows, self.group_size)  # the spare group is only written
+        st, key_groups = ctx.state, ceil_div(rows, self.group_size)
         key = (ctx.emit(lambda t: t.narrow(1, 0, rows), st["k_codes"]),
                ctx.emit(lambda t: t.narrow(1, 0, key_groups), st["k_scale"]),
                ctx.emit(lambda t: t.narrow(1, 0, key_groups), st["k_zero"]),
-               ctx.emit(lambda t, dtype: t.to(dtype), st["k_tail"], ctx.dtype))
+               ctx.emit(open_key_group, *self._key_state(st), ctx.length, self.bits, self.group_size, ctx.dtype))
         value = (st["v_codes"], st["v_scale"], st["v_zero"])
         return FusedSources(key, value, ("per_channel", "per_token"), st.get("k_col0"))
 
     # -- the runtime ------------------------------------------------------------------------------
     def after_crop(self, state: dict[str, torch.Tensor], before: int, after: int) -> None:
-        """After a crop into a completed key group, put its kept rows back into the fp16 tail.
+        """After a crop into a completed key group, make it the open group again with its kept rows.
 
-        The next store continues that group from the tail; its kept rows were quantized once already,
-        so they are re-quantized from their dequantized values (a second rounding, for those rows only).
+        The next store continues that group; its kept rows were quantized at the cache's bits already,
+        so they are quantized at open_bits from their dequantized values (a second rounding, for those
+        rows only).
         """
         g = self.group_size
         if self.window is not None:
             self.window.after_crop(state, "k", after)
             self.window.after_crop(state, "v", after)
         if self.bits is None or after // g == before // g or after % g == 0:
-            return  # still the same open group (the tail holds it), or the crop ends on a group boundary
-        end = (after // g + 1) * g
-        rows = key_latent_rows(state["k_codes"], state["k_scale"], state["k_zero"], state["k_tail"], end, end,
-                               self.bits, g, TAIL_DTYPE, state.get("k_col0"))
-        state["k_tail"].copy_(rows[:, end - g:])
+            return  # still the same open group, or the crop ends on a group boundary
+        group = after // g
+        end = (group + 1) * g  # the group was complete: rows up to its end are per channel at the cache's bits
+        rows = key_latent_rows(*self._key_state(state), after, end, self.bits, g, torch.float32)
+        reopen_key_group(*self._key_state(state), rows[:, group * g:], group, self.bits, g)
+
+    @staticmethod
+    def _key_state(state) -> tuple:
+        """(codes, scale, zero, low) of the key latent: state tensors or graph nodes."""
+        return tuple(state[name] for name in KEY_NAMES)
 
     # -- the torch reference --------------------------------------------------------------------------
     def simulation_hooks(self, k_proj, v_proj, chain: dict) -> list:
         """K and V from the latents as the cache holds them once the window is written: complete key
-        groups per channel with the open group in fp16, the value latent per token (rotated)."""
+        groups per channel, the open group per channel at open_bits, the value latent per token (rotated)."""
         def key_latent(latent):
             return self._simulated_window(latent, fake_quantize_key_latent(latent, self.bits, self.group_size,
                                                                            self.keep_channel0))
