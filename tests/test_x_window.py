@@ -12,7 +12,7 @@ from xq_compile.backend import collect_records
 from xq_compile.cache import ModelWindowLayer, XQuantLayer, XWindowLayer
 from xq_compile.simulate import simulate_xquant
 
-from conftest import decode_inputs, max_error, reference_logits, run_calls
+from conftest import compiled_run, decode_inputs, max_error, random_model, reference_logits, run_calls
 
 WINDOW = 8
 CAPACITY = 40
@@ -28,20 +28,11 @@ AOT_EAGER = xq.make_xquant_backend("aot_eager")
 
 
 def build(family, config=None, seed=0):
-    torch.manual_seed(seed)
-    config = config or FAMILIES[family]()
-    config._attn_implementation = "sdpa"
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # weights large enough that K/V errors (and the window) visibly move the logits
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("k_proj", "q_proj")):
-                p.mul_(4)
-    return model
+    return random_model(config or FAMILIES[family](), "sdpa", seed)
 
 
 def compiled(model, xquant, calls, backend=AOT_EAGER):
-    cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=CAPACITY, xquant=xquant)
-    return run_calls(torch.compile(model.forward, backend=backend, fullgraph=True), cache, calls), cache
+    return compiled_run(model, calls, xquant, backend, CAPACITY)
 
 
 def x_window_text(bits_text, x_bytes, kv_bytes=256):
@@ -150,7 +141,8 @@ def mqa_config():
 def test_the_smaller_window_is_chosen():
     """MQA, one K/V head of 16: fp16 K+V rows are 64 B. 4-bit X rows (48 B) are smaller, 8-bit ones (80 B) not."""
     config = mqa_config()
-    four = xq.XQuantCache(config, max_batch_size=1, max_cache_len=CAPACITY, xquant=xq.XQuantConfig(bits=4, group_size=16))
+    four = xq.XQuantCache(config, max_batch_size=1, max_cache_len=CAPACITY,
+                          xquant=xq.XQuantConfig(bits=4, group_size=16))
     eight = xq.XQuantCache(config, max_batch_size=1, max_cache_len=CAPACITY,
                            xquant=xq.XQuantConfig(bits=8, group_size=16))
     assert [type(layer) for layer in four.layers] == [XWindowLayer] * 2
