@@ -32,6 +32,24 @@ def tiny_llama(num_kv_heads: int = 4, num_layers: int = 2, hidden: int = 64, hea
     return model
 
 
+def random_model(config, attention: str = "sdpa", seed: int = 0):
+    """A transformers causal LM of ``config`` with random weights (the same for the same seed whatever the
+    variant), large enough that K/V errors, a window and the norms visibly move the logits: q/k projections
+    x4, q/k norm weights and attention sinks (zeros or tiny at init) drawn N(0, 1)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config._attn_implementation = attention
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("k_proj", "q_proj")):
+                p.mul_(4)
+            elif name.endswith(("q_norm.weight", "k_norm.weight", "sinks")):
+                p.normal_(0, 1)
+    return model
+
+
 def decode_inputs(batch: int = 2, prompt: int = 6, steps: int = 16, pad: int = 2, seed: int = 1):
     """Prompt (row 1 left-padded by ``pad``) plus ``steps`` single-token decode steps."""
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ from xq_compile.backend import collect_records
 from xq_compile.cache import ModelWindowLayer, XQuantLayer, XWindowLayer
 from xq_compile.simulate import simulate_xquant
 
-from conftest import decode_inputs, max_error, reference_logits, run_calls
+from conftest import compiled_run, decode_inputs, max_error, random_model, reference_logits, run_calls
 
 WINDOW = 8
 CAPACITY = 32
@@ -29,20 +29,11 @@ KEPT = (f"sliding-window layer (window {WINDOW}): K/V kept in the model's own wi
 
 
 def build(family, seed=0):
-    torch.manual_seed(seed)
-    config = FAMILIES[family]()
-    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # weights large enough that K/V errors (and the window) visibly move the logits
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("k_proj", "q_proj")):
-                p.mul_(4)
-    return model
+    return random_model(FAMILIES[family](), "eager" if family == "gemma2" else "sdpa", seed)
 
 
 def compiled(model, xquant, calls, backend=AOT_EAGER):
-    cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=CAPACITY, xquant=xquant)
-    return run_calls(torch.compile(model.forward, backend=backend, fullgraph=True), cache, calls), cache
+    return compiled_run(model, calls, xquant, backend, CAPACITY)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])

@@ -19,7 +19,8 @@ import xq_compile as xq
 from xq_compile.backend import collect_records
 from xq_compile.simulate import simulate_xquant
 
-from conftest import decode_inputs, max_error, prefix_reference, reference_logits, run_calls
+from conftest import (compiled_run, decode_inputs, max_error, prefix_reference, random_model, reference_logits,
+                      run_calls)
 
 WINDOW = 8
 CAPACITY = 32
@@ -66,29 +67,14 @@ FAMILIES = {
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
 
 
-def build(config, attention="eager", seed=0):
-    """Random weights (the same for the same seed whatever the variant) large enough that K/V errors, the
-    window and the norms visibly move the logits."""
-    torch.manual_seed(seed)
-    config._attn_implementation = attention
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("k_proj", "q_proj")):
-                p.mul_(4)
-            elif name.endswith(("q_norm.weight", "k_norm.weight", "sinks")):  # zeros / tiny at init
-                p.normal_(0, 1)
-    return model
-
 
 def family_model(family, **variant):
     make, attention, _, _ = FAMILIES[family]
-    return build(make(**variant), attention)
+    return random_model(make(**variant), attention)
 
 
 def compiled(model, xquant, calls):
-    cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=CAPACITY, xquant=xquant)
-    return run_calls(torch.compile(model.forward, backend=AOT_EAGER, fullgraph=True), cache, calls), cache
+    return compiled_run(model, calls, xquant, AOT_EAGER, CAPACITY)
 
 
 KEPT = f"sliding-window layer (window {WINDOW}): K/V kept in the model's own window cache"
@@ -121,7 +107,7 @@ def test_unquantized_is_exact_past_the_window(family):
         assert reports_of(record, form) == expected_reports(layer_types, form)
     assert cache.layers[1].form.name == ("latent" if family == "gemma3" else "x")
     for name, variant in variants.items():
-        assert max_error(reference_logits(build(variant(), attention), calls, CAPACITY), reference) > 1e-2, name
+        assert max_error(reference_logits(random_model(variant(), attention), calls, CAPACITY), reference) > 1e-2, name
 
 
 def test_gemma3_with_inductor():
@@ -139,7 +125,7 @@ def test_gemma3_with_inductor():
 def test_gemma3_mqa_quantized_matches_the_reference():
     """Gemma 3's own 5:1 pattern: the one global layer caches the 4-bit GQA latents of its one K/V head.
     Its inputs come from exact sliding layers, so the per-prefix simulation is its exact reference."""
-    model = build(gemma3(GEMMA3_PATTERN), "sdpa")
+    model = random_model(gemma3(GEMMA3_PATTERN), "sdpa")
     # no left padding: transformers' sliding mask over a padded StaticCache differs from the one-pass
     # recompute the reference runs (the unpadded rows agree to 1e-6)
     calls = decode_inputs(steps=12, pad=0)
