@@ -60,11 +60,15 @@ def _reference_rows(form: str, x: torch.Tensor, xquant: XQuantConfig, w_k, w_v, 
     return fake(F.linear(x, down_k)), fake(F.linear(x, down_v)), up_k, up_v
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("form", ["x", "latent"])
 @pytest.mark.parametrize("bits", [None, 4, 2])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("absorb", [False, True])
-def test_paged_attention_equals_dense_attention_per_request(form, bits, kv_heads, absorb):
+def test_paged_attention_equals_dense_attention_per_request(static, form, bits, kv_heads, absorb):
+    """Three requests (a decode step, a first prefill chunk, a later chunk) and two padding tokens; rows read
+    packed (CPU) or at every place (``static``: CUDA graphs), the unused places of the pages filled with
+    NaN bytes (the static read must not let them through)."""
     torch.manual_seed(0)
     d, heads, head_dim, block_size, num_blocks, g = 128, 4, 16, 4, 40, 32
     xquant = XQuantConfig(bits=bits, group_size=g, form=form)
@@ -80,13 +84,13 @@ def test_paged_attention_equals_dense_attention_per_request(form, bits, kv_heads
         proj = paged.latent_projection(w_k, b_k, w_v, b_v, h, **shape)
         row_width, store_rotation = 2 * kv_heads * head_dim, None
     layout = token_state_layout(xquant, row_width, torch.float32)
-    pages = torch.zeros(num_blocks, 1, block_size, bytes_per_token(layout), dtype=torch.uint8)
+    pages = torch.full((num_blocks, 1, block_size, bytes_per_token(layout)), 255, dtype=torch.uint8)  # NaN
     rope = lambda pos, keys: _rope(pos, keys, head_dim)  # noqa: E731
 
     cached, new = [5, 0, 9], [1, 6, 3]  # a decode step, a first prefill chunk, a later chunk
     totals = [c + n for c, n in zip(cached, new)]
     xs = [torch.randn(t, d) for t in totals]
-    tables = torch.randperm(num_blocks)[:12].view(3, 4)  # blocks in no particular order
+    tables = 1 + torch.randperm(num_blocks - 1)[:12].view(3, 4)  # in no particular order; block 0 is vLLM's null block
 
     def slot(r, pos):
         return int(tables[r, pos // block_size]) * block_size + pos % block_size
@@ -107,7 +111,7 @@ def test_paged_attention_equals_dense_attention_per_request(form, bits, kv_heads
     query = torch.randn(x_new.shape[0], heads * head_dim)
 
     store(batch.slot_mapping, x_new)
-    rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32)
+    rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32, static=static)
     out = paged.attend(query[:10], rows, valid, batch, proj, rope, absorb)
 
     for r in range(3):

@@ -193,7 +193,8 @@ class XQuantPagedAttention(Attention):
         pages = self.kv_cache
         paged.store(pages, batch.slot_mapping[:n], self.projection.row_source(x[:n]), self.layout, self.xquant,
                     self.rotation)
-        rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype)
+        # static shapes on CUDA (graph capture), only the rows held on CPU
+        rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype, static=pages.is_cuda)
         rotary = self._rotary[0]
         absorb = paged.absorb_values(self.xquant, batch.max_query_len, self.projection)
         out = paged.attend(query[:n], rows, valid, batch, self.projection,

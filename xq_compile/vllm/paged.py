@@ -104,30 +104,44 @@ def x_hat(state: dict[str, torch.Tensor], xquant: XQuantConfig, dtype: torch.dty
     return quant.dequantize(state["codes"], state["scale"], state["zero"], xquant.bits, xquant.group_size, dtype)
 
 
+NULL_SLOT = 0
+"""Where padding tokens (``slot_mapping < 0``) are written: slot 0 of block 0, vLLM's null block, which its
+block pool never hands to a request. Writing them there instead of dropping them keeps the store free of
+host syncs (a data-dependent selection), as CUDA graphs need."""
+
+
 def store(pages: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor, layout: tuple[StateField, ...],
           xquant: XQuantConfig, rotation: torch.Tensor | None) -> None:
-    """Write the X state of the tokens with a slot (``slot_mapping >= 0``) into ``pages``."""
-    slots, x = slot_mapping.long(), x[: slot_mapping.shape[0]]
-    keep = slots >= 0
-    if not bool(keep.all()):
-        slots, x = slots[keep], x[keep]
+    """Write the X state of the tokens into their slots (padding into :data:`NULL_SLOT`)."""
+    slots, x = slot_mapping.long().clamp(min=NULL_SLOT), x[: slot_mapping.shape[0]]
     rows = encode_rows(layout, x_state(x, xquant, rotation))
     block_size = pages.shape[2]
     pages[slots // block_size, 0, slots % block_size] = rows
 
 
 def gather(pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...], xquant: XQuantConfig,
-           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """X̂ of every request's rows, packed ``[sum(seq_lens), d]`` (request by request, in position order),
-    and where they sit in the padded ``[R, max_seq_len]`` batch (a bool mask). Only existing rows are
-    read and dequantized: the rebuild cost follows the tokens held, not R x the longest request."""
+           dtype: torch.dtype, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """X̂ of every request's rows and where they sit in the padded ``[R, max_seq_len]`` batch (a bool mask).
+
+    By default only existing rows are read and dequantized, packed ``[sum(seq_lens), d]`` (request by
+    request, in position order): the rebuild cost follows the tokens held, not R x the longest request, but
+    the row count is data-dependent (a host sync). ``static=True`` reads all ``R x max_seq_len`` places
+    (``[R * max_seq_len, d]``; places past a request's length read whatever its block table points to, and
+    the mask hides them): static shapes and no sync, for CUDA graphs."""
     block_size = pages.shape[2]
     rows = torch.arange(batch.max_seq_len, device=pages.device)
     valid = rows < batch.seq_lens.long().unsqueeze(1)  # [R, M]
-    request, position = valid.nonzero(as_tuple=True)
+    if static:
+        request = torch.arange(valid.shape[0], device=pages.device).unsqueeze(1).expand_as(valid).reshape(-1)
+        position = rows.expand_as(valid).reshape(-1)
+    else:
+        request, position = valid.nonzero(as_tuple=True)
     blocks = batch.block_table.long()[request, position // block_size]
     raw = pages[blocks, 0, position % block_size]  # [T, C]
-    return x_hat(decode_rows(layout, raw), xquant, dtype), valid
+    x = x_hat(decode_rows(layout, raw), xquant, dtype)
+    if static:  # places past a request's length may hold any bytes: zeros, so no inf/NaN reaches the sums
+        x = torch.where(valid.reshape(-1, 1), x, 0)
+    return x, valid
 
 
 def absorb_values(xquant: XQuantConfig, max_query_len: int, proj: Projection) -> bool:
@@ -140,7 +154,7 @@ def absorb_values(xquant: XQuantConfig, max_query_len: int, proj: Projection) ->
 def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: PagedBatch, proj: Projection,
            rope: Rope, absorb: bool) -> torch.Tensor:
     """Causal attention of each request's new tokens (``query`` [N, heads * head_dim], RoPE applied) over
-    its rows X̂ (packed, with their places ``valid`` [R, M]: see :func:`gather`); returns
+    its rows X̂ (packed or of every place, with their places ``valid`` [R, M]: see :func:`gather`); returns
     [N, heads * head_dim] in the flat token order."""
     num_tokens, heads, kv_heads, head_dim = query.shape[0], proj.num_heads, proj.num_kv_heads, proj.head_dim
     requests, max_len = valid.shape
@@ -159,12 +173,19 @@ def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: 
                                                                                  device=query.device)
     mask = (positions <= query_pos.unsqueeze(-1)) & valid.unsqueeze(1)  # [R, Q, M]
 
+    # rows of every place (gather's static mode), or only of the valid ones
+    dense = rows.shape[0] == valid.numel()
+
     def padded(packed: torch.Tensor) -> torch.Tensor:  # [T, ...] -> [R, M, ...], zeros where no row
+        if dense:
+            return packed.view(requests, max_len, *packed.shape[1:])
         out = packed.new_zeros(requests, max_len, *packed.shape[1:])
         out[valid] = packed
         return out
 
-    keys = rope(positions.expand(requests, -1)[valid], F.linear(proj.key_rows(rows), proj.k_weight, proj.k_bias))
+    row_positions = positions.expand(requests, -1)
+    row_positions = row_positions.reshape(-1) if dense else row_positions[valid]
+    keys = rope(row_positions, F.linear(proj.key_rows(rows), proj.k_weight, proj.k_bias))
     keys = padded(keys).view(requests, max_len, kv_heads, head_dim).transpose(1, 2)
     if absorb:
         out = _absorbed_attention(padded_q, keys, padded(proj.value_rows(rows)), mask, proj)
