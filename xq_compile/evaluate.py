@@ -434,7 +434,7 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     per_token, mode = held / window_len, "real"
                     note += f"XQuantCache.nbytes() = {held} B for {window_len} tokens; "
                 if cfg.has_window:
-                    note += (f"last {cfg.recent} + first {cfg.sink} rows also kept exact in {model.dtype} (in the "
+                    note += (f"last {cfg.recent} + first {cfg.sink} rows also kept in 16 bits (in the "
                              "bytes); ")
                 note += f"rebuild working memory (not cache) {report.rebuild_working_at} B"
                 config = model.config
