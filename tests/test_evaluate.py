@@ -241,8 +241,11 @@ def test_parse_kivi_window_and_auto_methods():
     assert [m.label for m in ms] == ["kivi:2:r32", "kivi:2:r128", "xquant-auto:10x", "xquant-auto:9.5x:base2:sim"]
     assert ms[0] == ev.Method("kivi", 2, simulated=True, residual=32)
     assert ms[3] == ev.Method("xquant-auto", simulated=True, target_ratio=9.5, base_layers=2)
+    windowed = ev.parse_methods("xquant-auto:10x:r32:s4")[0]
+    assert (windowed.label, windowed.residual, windowed.sink) == ("xquant-auto:10x:r32:s4", 32, 4)
     for bad in ("kivi:2:r0", "xquant:4:r32:sim", "kivi:2:r32:sim", "kivi:2:s4", "xquant:2:r8:r16", "hf-quanto:2:s4",
-                "xquant-auto:10", "xquant-auto:1x", "xquant-auto:10x:norot", "xquant-auto"):
+                "xquant-auto:10", "xquant-auto:1x", "xquant-auto:10x:norot", "xquant-auto",
+                "xquant-auto:10x:r32:sim", "xquant-auto:10x:r8:r16"):
         with pytest.raises(ValueError):
             ev.parse_methods(bad)
 
