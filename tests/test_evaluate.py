@@ -277,6 +277,13 @@ def test_auto_method_calibrates_on_held_out_tokens(tiny):
     assert auto.mode == "simulated", auto.note
     assert auto.ratio_to_fp16_kv >= 2.8 > uniform.ratio_to_fp16_kv
     assert "calibrated on 100 tokens" in auto.note and "layer_bits " in auto.note
+    # With 4 exact sink rows (fp16: 1 KiB per layer) the widths pay for the window: at 2.5x 4+4 bits fit
+    # without it (2.51x), with it at most 3+3 (2.51x; 4+3 would be 2.42x).
+    plain, _ = ev.calibrated_config(tiny, ev.parse_methods("xquant-auto:2.5x:sim")[0], ids, 64, 64)
+    windowed, _ = ev.calibrated_config(tiny, ev.parse_methods("xquant-auto:2.5x:s4:sim")[0], ids, 64, 64)
+    report = xq.memory_report(tiny.config, windowed, 64)
+    assert windowed.sink == 4 and report.ratio_to_fp16(report.xquant) >= 2.5
+    assert plain.layer_bits == (4, 4) and sum(windowed.layer_bits) <= 6
 
 
 # ---------------------------------------------------------------------------------------------- real model
