@@ -162,7 +162,8 @@ def _parse_auto(item: str, rest: list[str]) -> Method:
     window = [f for f in flags if re.fullmatch(r"r\d+", f)]
     sink = [f for f in flags if re.fullmatch(r"s\d+", f)]
     base = [f for f in flags if re.fullmatch(r"base\d+", f)]
-    if flags - {"sim"} - set(base) - set(window) - set(sink) or len(base) > 1 or len(window) > 1 or len(sink) > 1:
+    known = {"sim"} | set(base) | set(window) | set(sink)
+    if flags - known or max(len(base), len(window), len(sink)) > 1:
         raise ValueError(f"{item!r}: xquant-auto takes the suffixes ':sim', ':baseN', ':rR' and ':sS' only")
     if window and "sim" in flags:
         raise ValueError(f"{item!r}: no :sim with :rR (the one-pass simulation cannot move the recent window with "
