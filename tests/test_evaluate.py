@@ -241,8 +241,11 @@ def test_parse_kivi_window_and_auto_methods():
     assert [m.label for m in ms] == ["kivi:2:r32", "kivi:2:r128", "xquant-auto:10x", "xquant-auto:9.5x:base2:sim"]
     assert ms[0] == ev.Method("kivi", 2, simulated=True, residual=32)
     assert ms[3] == ev.Method("xquant-auto", simulated=True, target_ratio=9.5, base_layers=2)
+    windowed = ev.parse_methods("xquant-auto:10x:r32:s4")[0]
+    assert (windowed.label, windowed.residual, windowed.sink) == ("xquant-auto:10x:r32:s4", 32, 4)
     for bad in ("kivi:2:r0", "xquant:4:r32:sim", "kivi:2:r32:sim", "kivi:2:s4", "xquant:2:r8:r16", "hf-quanto:2:s4",
-                "xquant-auto:10", "xquant-auto:1x", "xquant-auto:10x:norot", "xquant-auto"):
+                "xquant-auto:10", "xquant-auto:1x", "xquant-auto:10x:norot", "xquant-auto",
+                "xquant-auto:10x:r32:sim", "xquant-auto:10x:r8:r16"):
         with pytest.raises(ValueError):
             ev.parse_methods(bad)
 
@@ -274,6 +277,13 @@ def test_auto_method_calibrates_on_held_out_tokens(tiny):
     assert auto.mode == "simulated", auto.note
     assert auto.ratio_to_fp16_kv >= 2.8 > uniform.ratio_to_fp16_kv
     assert "calibrated on 100 tokens" in auto.note and "layer_bits " in auto.note
+    # With 4 exact sink rows (fp16: 1 KiB per layer) the widths pay for the window: at 2.5x 4+4 bits fit
+    # without it (2.51x), with it at most 3+3 (2.51x; 4+3 would be 2.42x).
+    plain, _ = ev.calibrated_config(tiny, ev.parse_methods("xquant-auto:2.5x:sim")[0], ids, 64, 64)
+    windowed, _ = ev.calibrated_config(tiny, ev.parse_methods("xquant-auto:2.5x:s4:sim")[0], ids, 64, 64)
+    report = xq.memory_report(tiny.config, windowed, 64)
+    assert windowed.sink == 4 and report.ratio_to_fp16(report.xquant) >= 2.5
+    assert plain.layer_bits == (4, 4) and sum(windowed.layer_bits) <= 6
 
 
 # ---------------------------------------------------------------------------------------------- real model

@@ -83,11 +83,13 @@ def test_a_long_prefill_keeps_only_its_last_rows_and_its_first_exact():
         assert max_error(out, reference_logits(model, calls[:1], 32)) < 2e-5
     rows = cache.layers[0].state["x_recent_rows"]
     assert rows[0].tolist() == [16, 17, 18, 19]  # row p at slot p % R
-    # the window's copies hold the rotated X of those rows exactly as the unquantized cache would
+    # the window's copies hold the rotated X of those rows as the unquantized cache would, in fp16 for
+    # this fp32 model (as the fp16 K/V cache the ratios count against)
     plain = compiled_run(model, calls[:1], xq.XQuantConfig(bits=None, group_size=16),
                          backend=xq.make_xquant_backend(EAGER))[1]
-    assert torch.equal(cache.layers[0].state["x_recent"], plain.layers[0].state["x"][:, 16:20])
-    assert torch.equal(cache.layers[0].state["x_sink"], plain.layers[0].state["x"][:, :2])
+    assert cache.layers[0].state["x_recent"].dtype == torch.float16
+    assert torch.equal(cache.layers[0].state["x_recent"], plain.layers[0].state["x"][:, 16:20].half())
+    assert torch.equal(cache.layers[0].state["x_sink"], plain.layers[0].state["x"][:, :2].half())
 
 
 def test_unquantized_parity_is_unchanged_and_a_window_without_bits_is_refused():
@@ -122,11 +124,11 @@ def test_bytes_are_the_specs_to_the_byte(name, dtype):
     cache = xq.XQuantCache(model.config, max_batch_size=3, max_cache_len=40, xquant=config, dtype=dtype)
     dtype_bytes = torch.finfo(dtype).bits // 8
     assert cache.nbytes() == memory_report(model.config, config, 40, 3, dtype_bytes=dtype_bytes).xquant.total_at
-    # the window adds per layer and stream R + S rows in the cache dtype and R int32 slot indices
+    # the window adds per layer and stream R + S 16-bit rows (fp16 for an fp32 cache) and R int32 slot indices
     plain = xq.XQuantCache(model.config, max_batch_size=3, max_cache_len=40, xquant=without_window(config),
                            dtype=dtype)
     layers, batch = 2, 3
-    added = layers * batch * streams * ((R + S) * width * dtype_bytes + R * 4)
+    added = layers * batch * streams * ((R + S) * width * 2 + R * 4)
     assert cache.nbytes() - plain.nbytes() == added
     # the per-token rate (what the ratio to fp16 K/V tends to) does not grow: the window is fixed
     assert (memory_report(model.config, config, 40).xquant.per_token

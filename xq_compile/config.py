@@ -47,12 +47,13 @@ class XQuantConfig:
             decides every layer's width and ``bits`` / ``base_bits`` are not used for the cache
             (with ``cross_layer`` the layers above ``base_layers`` still store deltas, at their own
             width). :func:`xq_compile.calibrate` picks it for a memory target.
-        recent: keep the last ``recent`` cached rows also in the cache dtype (a ring of that many rows
+        recent: keep the last ``recent`` cached rows also at 16 bits (a ring of that many rows
             per layer), and rebuild them from it instead of from their codes: the tokens attention
             weighs most are exact. Every row is still stored quantized too (its codes serve once it
-            leaves the window), so the window costs ``recent`` rows in the cache dtype per layer on
-            top. With XQuant-CL the chain of deltas runs on the quantized rows only (closed loop at
-            every length); the exact rows replace them in what K and V are projected from.
+            leaves the window), so the window costs ``recent`` 16-bit rows (the cache dtype, fp16 for
+            an fp32 cache) per layer on top. With XQuant-CL the chain of deltas runs on the quantized
+            rows only (closed loop at every length); the exact rows replace them in what K and V are
+            projected from.
         sink: the same for the first ``sink`` rows (attention sinks: the first tokens draw large
             attention weights whatever they say).
     """

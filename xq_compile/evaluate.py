@@ -14,7 +14,8 @@ Methods (``--methods``, comma separated):
   xquant-auto:Rx  XQuant-CL with per-layer bits from :func:`xq_compile.calibrate` for a cache R times
                 smaller than fp16 K/V at the window length (R may be fractional, e.g. 10x or 9.5x),
                 calibrated on ``calib_ids`` (``--calib-text``), then evaluated like xquant:B (real, or
-                ``:sim``); ``:baseN`` sets XQuant-CL's base layers (default 1).
+                ``:sim``); ``:baseN`` sets XQuant-CL's base layers (default 1), ``:rR`` / ``:sS`` keep
+                rows exact as for xquant (their bytes counted in the budget the widths are chosen for).
   kivi:B        KIVI* (K per channel, V per token, no fp16 window), simulated in one pass; memory formula.
   kivi:B:rR     KIVI with its full-precision window of the R most recent tokens (e.g. kivi:2:r32,
                 kivi:2:r128): a simulated KIVI cache (:class:`~xq_compile.kivi.KIVICache`, post-RoPE keys
@@ -153,16 +154,23 @@ def parse_methods(spec: str) -> list[Method]:
 
 
 def _parse_auto(item: str, rest: list[str]) -> Method:
-    """``xquant-auto:10x[:sim][:baseN]``."""
+    """``xquant-auto:10x[:sim][:baseN][:rR][:sS]``."""
     ratio = re.fullmatch(r"(\d+(?:\.\d+)?)x", rest[0]) if rest else None
     if ratio is None or float(ratio.group(1)) <= 1:
         raise ValueError(f"{item!r}: give the target ratio to fp16 K/V (> 1), e.g. xquant-auto:10x")
     flags = set(rest[1:])
+    window = [f for f in flags if re.fullmatch(r"r\d+", f)]
+    sink = [f for f in flags if re.fullmatch(r"s\d+", f)]
     base = [f for f in flags if re.fullmatch(r"base\d+", f)]
-    if flags - {"sim"} - set(base) or len(base) > 1:
-        raise ValueError(f"{item!r}: xquant-auto takes the suffixes ':sim' and ':baseN' only")
+    known = {"sim"} | set(base) | set(window) | set(sink)
+    if flags - known or max(len(base), len(window), len(sink)) > 1:
+        raise ValueError(f"{item!r}: xquant-auto takes the suffixes ':sim', ':baseN', ':rR' and ':sS' only")
+    if window and "sim" in flags:
+        raise ValueError(f"{item!r}: no :sim with :rR (the one-pass simulation cannot move the recent window with "
+                         "each query: use the real path)")
     return Method("xquant-auto", simulated="sim" in flags, target_ratio=float(ratio.group(1)),
-                  base_layers=int(base[0][4:]) if base else None)
+                  base_layers=int(base[0][4:]) if base else None, residual=int(window[0][1:]) if window else 0,
+                  sink=int(sink[0][1:]) if sink else 0)
 
 
 @dataclasses.dataclass
@@ -373,7 +381,9 @@ def calibrated_config(model, method: Method, calib_ids: torch.Tensor, group_size
     from .calibration import calibrate
 
     base_layers = AUTO_BASE_LAYERS if method.base_layers is None else method.base_layers
-    base = XQuantConfig(bits=3, group_size=group_size, cross_layer=True, base_layers=base_layers)
+    # The window's bytes are in every layer's cost (memory_report), so the widths pay for it.
+    base = XQuantConfig(bits=3, group_size=group_size, cross_layer=True, base_layers=base_layers,
+                        recent=method.residual, sink=method.sink)
     start = time.perf_counter()
     result = calibrate(model, calib_ids, target_ratio=method.target_ratio, base=base, seq_len=window_len,
                        progress=progress, return_details=True)
@@ -414,7 +424,8 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                 if method.kind == "xquant-auto":
                     if calib_ids is None:
                         calib_ids = calibration_ids(tokenizer, text, n_windows, window_len)[0]
-                    key = (method.target_ratio, method.base_layers)  # :sim and real share one calibration
+                    # :sim and real share one calibration
+                    key = (method.target_ratio, method.base_layers, method.residual, method.sink)
                     if key not in calibrated:
                         calibrated[key] = calibrated_config(model, method, calib_ids, group_size, window_len,
                                                             progress)
@@ -434,7 +445,7 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     per_token, mode = held / window_len, "real"
                     note += f"XQuantCache.nbytes() = {held} B for {window_len} tokens; "
                 if cfg.has_window:
-                    note += (f"last {cfg.recent} + first {cfg.sink} rows also kept exact in {model.dtype} (in the "
+                    note += (f"last {cfg.recent} + first {cfg.sink} rows also kept in 16 bits (in the "
                              "bytes); ")
                 note += f"rebuild working memory (not cache) {report.rebuild_working_at} B"
                 config = model.config

@@ -2,7 +2,7 @@
 
 Per-token quantization of a row does not depend on the other rows, so every row is still stored
 quantized as without a window, and a *stream* of rows (X, the value latent, the key latent) adds, in
-the cache dtype (``w`` = the stream's width):
+16 bits (``w`` = the stream's width):
 
   {stream}_recent       [B, R, w]   row p at slot p % R: the last R rows written
   {stream}_recent_rows  int32 [B, R] which row each slot holds (-1: none; a crop invalidates slots)
@@ -12,6 +12,10 @@ The rebuild dequantizes every row as before and replaces rows p >= n - R whose s
 and rows p < S, by their exact copies: ``torch.where`` over row indices, so the shapes are static as
 the window moves (no recompiles) and n may be a device tensor. Only the rows of the window cost twice
 (codes and exact copy); that is what keeps the store independent of when a row leaves the window.
+
+The copies are held at 16 bits: in the cache dtype when it has 2 bytes (bf16, fp16), in fp16 when it
+is wider (an fp32 model), as the fp16 K/V cache the ratios are measured against holds its rows. An fp32
+copy would double the window's bytes for no accuracy fp16 K/V has.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import torch
 
 from ..config import XQuantConfig
+from ..rotation import rotate
 from .base import StateTensor
 
 ROW_INDEX_DTYPE = torch.int32
@@ -28,7 +33,7 @@ ROW_INDEX_DTYPE = torch.int32
 
 @dataclasses.dataclass(frozen=True)
 class ExactRows:
-    """The window of one form: ``recent`` last rows and ``sink`` first rows kept in the cache dtype."""
+    """The window of one form: ``recent`` last rows and ``sink`` first rows kept at 16 bits."""
 
     recent: int
     sink: int
@@ -38,8 +43,14 @@ class ExactRows:
         """The window of a layer with code width ``bits``, or None (no window, or unquantized rows)."""
         return cls(xquant.recent, xquant.sink) if xquant.has_window and bits is not None else None
 
+    @staticmethod
+    def row_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The dtype the window's rows are held in for a cache of ``dtype``: at most 2 bytes."""
+        return dtype if dtype.itemsize <= 2 else torch.float16
+
     def spec(self, stream: str, batch, width: int, dtype: torch.dtype) -> dict[str, StateTensor]:
         spec = {}
+        dtype = self.row_dtype(dtype)
         if self.recent:
             spec[f"{stream}_recent"] = StateTensor((batch, self.recent, width), dtype)
             spec[f"{stream}_recent_rows"] = StateTensor((batch, self.recent), ROW_INDEX_DTYPE)
@@ -48,7 +59,7 @@ class ExactRows:
         return spec
 
     def describe(self) -> str:
-        return f"last {self.recent} + first {self.sink} rows exact"
+        return f"last {self.recent} + first {self.sink} rows exact (16-bit)"
 
     # -- the rewrite --------------------------------------------------------------------------------
     def emit_store(self, ctx, stream: str, rows) -> None:
@@ -73,12 +84,17 @@ class ExactRows:
             slots.masked_fill_(slots >= after, -1)
 
     # -- the torch reference ----------------------------------------------------------------------------
-    def simulate(self, exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    def simulate(self, exact: torch.Tensor, approx: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
         """``approx`` with the window's rows from ``exact`` (tokens on dim -2), the call taken as the whole
-        sequence: what the compiled path rebuilds for a call that starts on an empty cache."""
+        sequence: what the compiled path rebuilds for a call that starts on an empty cache. The rows are
+        rounded to :meth:`row_dtype` as the cache stores them: in the basis ``exact·rotation`` when the
+        stream is stored rotated (X), else as given."""
+        stored = rotate(exact, rotation) if rotation is not None else exact
+        stored = stored.to(self.row_dtype(exact.dtype)).to(approx.dtype)
+        held = rotate(stored, rotation) if rotation is not None else stored  # R⁻¹ = R
         p = torch.arange(exact.shape[-2], device=exact.device)
         keep = (p >= exact.shape[-2] - self.recent) | (p < self.sink)
-        return torch.where(keep[:, None], exact.to(approx.dtype), approx)
+        return torch.where(keep[:, None], held, approx)
 
 
 def store_slots(target: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, keep: torch.Tensor):

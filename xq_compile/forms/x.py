@@ -10,7 +10,7 @@ rebuild is X̂·(W·R)ᵀ and costs nothing more. With XQuant-CL the graph carri
 the layers: a base layer seeds it with its own X̂, a delta layer adds its dequantized delta to it.
 
 With ``recent`` / ``sink`` (:mod:`.window`) the exact X·R of the window's rows is kept too, stream
-``x``: x_recent [B, R, d], x_recent_rows int32 [B, R], x_sink [B, S, d] in the cache dtype. XQuant-CL's
+``x``: x_recent [B, R, d], x_recent_rows int32 [B, R], x_sink [B, S, d] at 16 bits (fp16 for an fp32 cache). XQuant-CL's
 accumulator stays the chain of *quantized* reconstructions (each delta is taken against what the
 layer below rebuilds from its codes, whether or not the row is in the window: closed loop at every
 length); the exact rows replace the reconstruction only in the rows K and V are projected from.
@@ -136,7 +136,7 @@ class XForm(CacheForm):
                     chain["trace"][i] = (xr, below)
             x_hat = (rotate(rotated_hat, h) if h is not None else rotated_hat).to(x.dtype)
             # the window's rows exact in K/V only: the chain above keeps the quantized X̂ (closed loop)
-            return self.window.simulate(x, x_hat) if self.window is not None else x_hat
+            return self.window.simulate(x, x_hat, h) if self.window is not None else x_hat
 
         if isinstance(v_proj, int):  # fused projection: queries keep the exact X, K/V rows see X̂
             def fused(module, args, out, kv_start=v_proj):
