@@ -88,6 +88,19 @@ def reference_logits(model, calls, max_cache_len: int) -> list[torch.Tensor]:
     return run_calls(model.forward, cache, calls)
 
 
+def errors_against_simulation(model, calls, config, backend, max_len: int = 32):
+    """(max error of the compiled path against ``simulate_xquant``, max error of the simulation against the
+    exact model, the cache): the first small and the second large say the compiled path quantizes as the
+    reference does. Each call's reference is the eager model with transformers' StaticCache."""
+    from xq_compile.simulate import simulate_xquant
+
+    torch.compiler.reset()
+    out, cache = compiled_run(model, calls, config, backend, max_len)
+    with simulate_xquant(model, config):
+        simulated = reference_logits(model, calls, max_len)
+    return max_error(out, simulated), max_error(simulated, reference_logits(model, calls, max_len)), cache
+
+
 def prefix_reference(model, calls, config) -> list[torch.Tensor]:
     """Per call, ``simulate_xquant`` over the whole prefix up to it, cut to the call's tokens: K/V from the
     state as the cache holds it after that call (the latent form's complete key groups quantized and its

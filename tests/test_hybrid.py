@@ -10,9 +10,9 @@ import transformers as tf
 import xq_compile as xq
 from xq_compile.backend import collect_records
 from xq_compile.cache import ModelWindowLayer, XQuantLayer, XWindowLayer
-from xq_compile.simulate import simulate_xquant
 
-from conftest import compiled_run, decode_inputs, max_error, random_model, reference_logits, run_calls
+from conftest import (compiled_run, decode_inputs, errors_against_simulation, max_error, random_model, reference_logits,
+                      run_calls)
 
 WINDOW = 8
 CAPACITY = 32
@@ -59,15 +59,9 @@ def test_unquantized_hybrid_is_exact_past_the_window(family):
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_quantized_hybrid_matches_the_simulation(family):
-    model = build(family)
-    calls = decode_inputs(steps=12)
-    config = xq.XQuantConfig(bits=4, group_size=16)
-    torch.compiler.reset()
-    out, cache = compiled(model, config, calls)
-    with simulate_xquant(model, config):
-        simulated = reference_logits(model, calls, CAPACITY)
-    exact = reference_logits(model, calls, CAPACITY)
-    assert max_error(out, simulated) < 2e-4 < max_error(simulated, exact)
+    error, quantization, cache = errors_against_simulation(build(family), decode_inputs(steps=12),
+                                                           xq.XQuantConfig(bits=4, group_size=16), AOT_EAGER, CAPACITY)
+    assert error < 2e-4 < quantization
     # 4-bit X rows (48 B) are smaller than fp16 K/V rows (2 x 32 x 2 B): the sliding layers keep an X window
     assert [type(layer) for layer in cache.layers] == [XWindowLayer, XQuantLayer] * 2
 

@@ -17,10 +17,9 @@ import transformers as tf
 
 import xq_compile as xq
 from xq_compile.backend import collect_records
-from xq_compile.simulate import simulate_xquant
 
-from conftest import (compiled_run, decode_inputs, max_error, prefix_reference, random_model, reference_logits,
-                      run_calls)
+from conftest import (compiled_run, decode_inputs, errors_against_simulation, max_error, prefix_reference, random_model,
+                      reference_logits, run_calls)
 
 WINDOW = 8
 CAPACITY = 32
@@ -144,15 +143,9 @@ def test_gemma3_mqa_quantized_matches_the_reference():
 
 @pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
 def test_quantized_matches_the_simulation(family):
-    model = family_model(family)
-    calls = decode_inputs(steps=12)
-    config = xq.XQuantConfig(bits=4, group_size=16)
-    torch.compiler.reset()
-    out, _ = compiled(model, config, calls)
-    with simulate_xquant(model, config):
-        simulated = reference_logits(model, calls, CAPACITY)
-    exact = reference_logits(model, calls, CAPACITY)
-    assert max_error(out, simulated) < 2e-4 < max_error(simulated, exact)
+    error, quantization, _ = errors_against_simulation(family_model(family), decode_inputs(steps=12),
+                                                       xq.XQuantConfig(bits=4, group_size=16), AOT_EAGER, CAPACITY)
+    assert error < 2e-4 < quantization
 
 
 def test_gpt_oss_sinks_matter():
