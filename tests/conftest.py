@@ -101,6 +101,19 @@ def errors_against_simulation(model, calls, config, backend, max_len: int = 32):
     return max_error(out, simulated), max_error(simulated, reference_logits(model, calls, max_len)), cache
 
 
+def generates_as_transformers(model, max_new_tokens: int, max_cache_len: int, backend) -> bool:
+    """Whether ``xq.compile_model`` (unquantized) generates the greedy tokens transformers' own generate does
+    with its static cache, from a 6-token prompt."""
+    import xq_compile as xq
+
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, cache_implementation="static",
+                              disable_compile=True)
+    torch.compiler.reset()
+    xq.compile_model(model, xq.XQuantConfig(bits=None, group_size=16), max_cache_len=max_cache_len, backend=backend)
+    return torch.equal(model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False), expected)
+
+
 def prefix_reference(model, calls, config) -> list[torch.Tensor]:
     """Per call, ``simulate_xquant`` over the whole prefix up to it, cut to the call's tokens: K/V from the
     state as the cache holds it after that call (the latent form's complete key groups quantized and its

@@ -11,8 +11,8 @@ import xq_compile as xq
 from xq_compile.backend import collect_records
 from xq_compile.cache import ModelWindowLayer, XQuantLayer, XWindowLayer
 
-from conftest import (compiled_run, decode_inputs, errors_against_simulation, max_error, random_model, reference_logits,
-                      run_calls)
+from conftest import (compiled_run, decode_inputs, errors_against_simulation, generates_as_transformers, max_error,
+                      random_model, reference_logits, run_calls)
 
 WINDOW = 8
 CAPACITY = 32
@@ -169,11 +169,5 @@ def test_window_layers_reorder_in_place():
 
 
 def test_compile_model_generates_past_the_window_as_transformers_does():
-    model = build("qwen2")
-    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
-    expected = model.generate(ids, max_new_tokens=14, do_sample=False, cache_implementation="static",
-                              disable_compile=True)
-    torch.compiler.reset()
-    xq.compile_model(model, xq.XQuantConfig(bits=None, group_size=16), max_cache_len=CAPACITY, backend=AOT_EAGER)
-    assert torch.equal(model.generate(ids, max_new_tokens=14, do_sample=False), expected)  # 20 tokens, window 8
+    assert generates_as_transformers(build("qwen2"), 14, CAPACITY, AOT_EAGER)  # 20 tokens, window 8
     assert xq.COMPILE_LOG[-1].kept == 2 and xq.COMPILE_LOG[-1].rewritten == 2

@@ -18,8 +18,8 @@ import transformers as tf
 import xq_compile as xq
 from xq_compile.backend import collect_records
 
-from conftest import (compiled_run, decode_inputs, errors_against_simulation, max_error, prefix_reference, random_model,
-                      reference_logits, run_calls)
+from conftest import (compiled_run, decode_inputs, errors_against_simulation, generates_as_transformers, max_error,
+                      prefix_reference, random_model, reference_logits, run_calls)
 
 WINDOW = 8
 CAPACITY = 32
@@ -162,11 +162,5 @@ def test_gpt_oss_sinks_matter():
 
 @pytest.mark.parametrize("family", ["gemma3", "gpt_oss"])
 def test_compile_model_generates_as_transformers_does(family):
-    model = family_model(family)
-    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
-    expected = model.generate(ids, max_new_tokens=14, do_sample=False, cache_implementation="static",
-                              disable_compile=True)
-    torch.compiler.reset()
-    xq.compile_model(model, xq.XQuantConfig(bits=None, group_size=16), max_cache_len=CAPACITY, backend=AOT_EAGER)
-    assert torch.equal(model.generate(ids, max_new_tokens=14, do_sample=False), expected)  # 20 tokens, window 8
+    assert generates_as_transformers(family_model(family), 14, CAPACITY, AOT_EAGER)  # 20 tokens, window 8
     assert xq.COMPILE_LOG[-1].kept == 2 and xq.COMPILE_LOG[-1].rewritten == 2

@@ -12,7 +12,8 @@ from xq_compile.backend import collect_records
 from xq_compile.cache import ModelWindowLayer, XQuantLayer, XWindowLayer
 from xq_compile.simulate import simulate_xquant
 
-from conftest import compiled_run, decode_inputs, max_error, random_model, reference_logits, run_calls
+from conftest import (compiled_run, decode_inputs, generates_as_transformers, max_error, random_model,
+                      reference_logits, run_calls)
 
 WINDOW = 8
 CAPACITY = 40
@@ -183,13 +184,7 @@ def test_an_x_window_and_a_model_window_share_the_models_sliding_mask():
 
 
 def test_compile_model_generates_past_the_window_as_transformers_does():
-    model = build("mistral")
-    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
-    expected = model.generate(ids, max_new_tokens=18, do_sample=False, cache_implementation="static",
-                              disable_compile=True)
-    torch.compiler.reset()
-    xq.compile_model(model, xq.XQuantConfig(bits=None, group_size=16), max_cache_len=CAPACITY, backend=AOT_EAGER)
-    assert torch.equal(model.generate(ids, max_new_tokens=18, do_sample=False), expected)  # 24 tokens, window 8
+    assert generates_as_transformers(build("mistral"), 18, CAPACITY, AOT_EAGER)  # 24 tokens, window 8
     assert xq.COMPILE_LOG[-1].rewritten == 2
 
 
