@@ -188,3 +188,14 @@ def test_tensor_parallel_latent_caches_only_each_ranks_heads():
         del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     assert served.tokens == first(stock("mha").tokens)
     assert served.capacity_tokens / unquantized("mha").capacity_tokens == pytest.approx(576 / 768, rel=0.01)
+
+
+def test_mistral_variants_that_are_not_llama_are_refused():
+    """The Llama class serves Mistral only where Mistral computes what Llama does (no engine started)."""
+    from transformers import MistralConfig
+
+    from xq_compile.vllm.model import check_mistral
+
+    check_mistral(MistralConfig(sliding_window=None))
+    with pytest.raises(NotImplementedError, match="without sliding_window.*stock vLLM"):
+        check_mistral(MistralConfig(sliding_window=4096))
