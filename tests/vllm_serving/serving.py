@@ -99,6 +99,34 @@ def reference(variant: str, xquant, continuations: list[list[int]]) -> Reference
     simulation = per_token_latents if served_form == "latent" else simulate_xquant
     with torch.no_grad(), simulation(model, xquant):
         logits = model(input_ids=ids, attention_mask=mask).logits
+    return _reference_from(logits, prompts, seqs)
+
+
+def compiled_cache_reference(variant: str, xquant, continuations: list[list[int]]) -> Reference:
+    """Teacher-forced logits of xq-compile's own serving path: the model compiled with
+    ``backend="xquant"`` over a real :class:`~xq_compile.XQuantCache` (packed codes in memory), fed as
+    the eval tool feeds it (a 64-token prefill, then 8 tokens per decode call). The 16 sequences are one
+    batch, right-padded to one length: causal attention keeps the padding out of every earlier logit."""
+    import xq_compile as xq
+    from xq_compile.evaluate import chunks, compile_xquant, teacher_forced_logits
+    from xq_compile.models import load_model
+
+    model, tokenizer = load_model(f"smollm2-{variant}" if variant in ("mha", "gqa") else variant)
+    prompts = prompt_ids(tokenizer)[: len(continuations)]
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    prefill, step = 64, 8
+    width = prefill + step * -(-(max(map(len, seqs)) - prefill) // step)
+    chunks(width, prefill, step)  # the tiling the eval tool accepts
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    cache = xq.XQuantCache(model.config, max_batch_size=len(seqs), max_cache_len=width, xquant=xquant,
+                           dtype=model.dtype)
+    with torch.no_grad():
+        logits = teacher_forced_logits(compile_xquant(model), ids, cache, prefill, step)
+    return _reference_from(logits, prompts, seqs)
+
+
+def _reference_from(logits: torch.Tensor, prompts: list[list[int]], seqs: list[list[int]]) -> Reference:
+    """Per sequence its logits of every position that predicts a token, and the prompts' mean NLL."""
     nll, count = 0.0, 0
     for row, p in enumerate(prompts):
         logprobs = torch.log_softmax(logits[row, : len(p) - 1].double(), -1)
