@@ -128,7 +128,8 @@ def test_compiled_path_matches_the_simulation(name):
 
 def test_exact_rows_and_the_device_length_rebuild():
     """recent/sink rows next to log8 rows (history-free model: the prefix simulation is exact), and
-    rebuild="op", where the dequantize-and-project op reads the decoded fp16 scales."""
+    rebuild="op" / "fused", where the dequantize-and-project / fused attention ops read the decoded fp16
+    scales."""
     model = tiny_llama(num_layers=2)
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight.zero_()
@@ -138,11 +139,12 @@ def test_exact_rows_and_the_device_length_rebuild():
     assert {"x_recent", "x_sink", "scale_row"} <= set(cache.layers[1].state)
     assert max_error(out, prefix_reference(model, calls, config)) < 2e-5
     plain = dataclasses.replace(config, recent=0, sink=0)
-    with collect_records() as records:
-        out, _ = compiled_run(model, calls, plain, backend=xq.make_xquant_backend("aot_eager", rebuild="op"))
-    code = records[-1].code_after
-    assert "dequant_project" in code and "log8_decode" in code
-    assert max_error(out, prefix_reference(model, calls, plain)) < 2e-5
+    for rebuild, op in (("op", "dequant_project"), ("fused", "decode_attention")):
+        with collect_records() as records:
+            out, _ = compiled_run(model, calls, plain, backend=xq.make_xquant_backend("aot_eager", rebuild=rebuild))
+        code = records[-1].code_after
+        assert op in code and "log8_decode" in code, rebuild
+        assert max_error(out, prefix_reference(model, calls, plain)) < 2e-5, rebuild
 
 
 @pytest.mark.parametrize("kwargs, message", [
