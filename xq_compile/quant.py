@@ -220,7 +220,10 @@ def log8_encode(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tens
     need = (high - low) / qmax * (ZERO_STEPS / (ZERO_STEPS - 1))
     row = need.amax(-1, keepdim=True)
     row16 = row.to(SCALE_DTYPE)
-    row16 = torch.where(row16.float() < row, torch.nextafter(row16, torch.full_like(row16, float("inf"))), row16)
+    # rounded down: the next fp16 up (for a positive fp16, its bits + 1; torch.nextafter has no fp16 on
+    # every device)
+    next_up = (row16.view(torch.int16) + 1).view(SCALE_DTYPE)
+    row16 = torch.where(row16.float() < row, next_up, row16)
     ratio = need / torch.where(row16 > 0, row16.float(), torch.ones_like(row))
     u = torch.where(need > 0, torch.floor(-LOG_STEPS * torch.log2(ratio.clamp(min=2.0 ** -30))),
                     torch.full_like(need, LOG_MAX)).clamp(0, LOG_MAX)
