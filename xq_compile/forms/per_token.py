@@ -3,8 +3,8 @@
 A row of width ``w`` is ``packed_width(w, bits)`` bytes of codes plus an fp16 scale and zero per group
 of ``group_size`` channels; unquantized, it is the row itself in the cache dtype. In the log8 scale
 format (``XQuantConfig.scale_format``) the scale and zero are stored compact, under their own names
-(:func:`compact_names`): an fp16 row scale [B, L, 1] and uint8 log scales and zeros [B, L, G]. Plain torch: the
-rewrite records these functions into the graph (``ctx.emit``), the same code runs eagerly.
+(:func:`compact_names`): an fp16 row scale [B, L, 1] and uint8 log scales and zeros [B, L, G]. Plain
+torch: the rewrite records these functions into the graph (``ctx.emit``), the same code runs eagerly.
 """
 
 from __future__ import annotations
