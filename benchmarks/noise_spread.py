@@ -53,12 +53,14 @@ def main() -> None:
     p.add_argument("--layer-bits", required=True, help="one digit per layer, layer 0 first (XQuant-CL, 1 base layer)")
     p.add_argument("--sink", type=int, default=0)
     p.add_argument("--eps", default="0,1e-6,3e-6")
+    p.add_argument("--scale-format", default="fp16", choices=xq.config.SCALE_FORMATS,
+                   help="XQuantConfig.scale_format (log8: the compact scales of xquant-auto:...:log8)")
     args = p.parse_args()
     model, tokenizer = models.load_model(args.model)
     ids = tokenizer(models.load_text(args.text), return_tensors="pt").input_ids[0]
     windows = ev.text_windows(ids, args.windows, args.window_tokens)
     config = xq.XQuantConfig(bits=3, cross_layer=True, base_layers=1, sink=args.sink,
-                             layer_bits=tuple(int(c) for c in args.layer_bits))
+                             layer_bits=tuple(int(c) for c in args.layer_bits), scale_format=args.scale_format)
     report = xq.memory_report(model.config, config, args.window_tokens)
     eps = [float(e) for e in args.eps.split(",")]
     changes = spread(model, windows, config, eps)

@@ -107,7 +107,8 @@ class XQuantLayer(StaticLayer):
         # Everything the rewrite bakes into a compiled graph. update() reads it while Dynamo traces, so
         # Dynamo guards on it and a forward compiled for one configuration recompiles for another.
         self.compile_key = (self.bits, xquant.group_size, xquant.rotation, xquant.cross_layer, self.form.name,
-                            xquant.absorb_values, xquant.keep_channel0, xquant.recent, xquant.sink, max_cache_len,
+                            xquant.absorb_values, xquant.keep_channel0, xquant.recent, xquant.sink, xquant.scale_format,
+                            max_cache_len,
                             batch_size, hidden_size, num_kv_heads, head_dim)
         # Host-side mirror of cumulative_length: lets us refuse an overflow before running the graph,
         # without reading the device counter (a sync, and impossible under CUDA graphs). A model's own

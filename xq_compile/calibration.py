@@ -126,7 +126,8 @@ def layer_sensitivity(model: torch.nn.Module, input_ids: torch.Tensor, base: XQu
             for i, (rotated_x, below) in trace.items():
                 layer_damage = damage.setdefault(i, dict.fromkeys(candidate_bits, 0.0))
                 for bits in candidate_bits:
-                    error = rotated_reconstruction(rotated_x, below, bits, base.group_size) - rotated_x.float()
+                    error = (rotated_reconstruction(rotated_x, below, bits, base.group_size, base.scale_format)
+                             - rotated_x.float())
                     layer_damage[bits] += 0.5 * (fisher[i] * error.square()).sum().item()
             fisher.clear()
     finally:

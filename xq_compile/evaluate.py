@@ -27,7 +27,9 @@ Suffix ``:norot`` on xquant switches off the Hadamard rotation (the paper's plai
 ``:latent`` forces the cached form (default: the GQA latent form where X is wider than K+V), ``:ch0``
 keeps channel 0 of the key latent in fp16; ``:rR`` / ``:sS`` keep the last R / first S rows exact
 (``XQuantConfig(recent=R, sink=S)``, e.g. xquant:2:r128:s4), real path only for ``:rR``: the one-pass
-simulation cannot move the window with each query, as the prefill + decode loop does.
+simulation cannot move the window with each query, as the prefill + decode loop does. ``:log8`` (xquant,
+xquant-cl, xquant-auto) stores the scales in the compact log8 format (``XQuantConfig(scale_format="log8")``,
+e.g. xquant-auto:10x:log8, xquant-auto:12x:r16:s4:log8; xquant-auto then calibrates for its bytes).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Method:
     target_ratio: float | None = None  # xquant-auto: fp16 K/V bytes / cache bytes to calibrate for
     residual: int = 0  # kivi, xquant: recent tokens kept in full precision (0: KIVI*, or no window)
     sink: int = 0  # xquant: first tokens kept in full precision
+    scale_format: str = "fp16"  # xquant: XQuantConfig.scale_format (":log8")
 
     @property
     def label(self) -> str:
@@ -90,6 +93,8 @@ class Method:
             label += f":r{self.residual}"
         if self.sink:
             label += f":s{self.sink}"
+        if self.scale_format != "fp16":
+            label += f":{self.scale_format}"
         if self.kind.startswith("xquant") and self.simulated:
             label += ":sim"
         return label
@@ -100,7 +105,8 @@ def parse_methods(spec: str) -> list[Method]:
 
     Suffixes: ``:sim`` (simulated, one pass), ``:norot`` (no Hadamard rotation), ``:baseN`` (XQuant-CL
     with N base layers), ``:x`` / ``:latent`` (force the cached form), ``:ch0`` (key latent channel 0
-    in fp16), ``:rR`` / ``:sS`` (the last R / first S rows exact; ``:rR`` also on kivi, its window).
+    in fp16), ``:rR`` / ``:sS`` (the last R / first S rows exact; ``:rR`` also on kivi, its window),
+    ``:log8`` (compact scales, ``XQuantConfig(scale_format="log8")``).
     """
     methods = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -133,11 +139,16 @@ def parse_methods(spec: str) -> list[Method]:
         elif window or sink:
             raise ValueError(f"{item!r}: ':rR' applies to kivi, xquant and xquant-cl, ':sS' to xquant and xquant-cl")
         base = [f for f in flags if re.fullmatch(r"base\d+", f)]
-        unknown = flags - {"sim", "norot", "x", "latent", "ch0"} - set(base)
+        unknown = flags - {"sim", "norot", "x", "latent", "ch0", "log8"} - set(base)
         if unknown or (flags and not kind.startswith("xquant")) or (base and kind != "xquant-cl") \
                 or {"x", "latent"} <= flags:
-            raise ValueError(f"{item!r}: suffixes ':sim', ':norot', ':x' or ':latent', ':ch0', ':rR', ':sS' apply to "
-                             "xquant and xquant-cl, ':baseN' to xquant-cl and xquant-auto only, ':rR' also to kivi")
+            raise ValueError(f"{item!r}: suffixes ':sim', ':norot', ':x' or ':latent', ':ch0', ':rR', ':sS', ':log8' "
+                             "apply to xquant and xquant-cl, ':baseN' to xquant-cl and xquant-auto only, ':rR' also "
+                             "to kivi")
+        scale_format = "log8" if "log8" in flags else "fp16"
+        if scale_format != "fp16":  # the combinations the config refuses (latent form, ch0): fail here
+            XQuantConfig(bits=bits, scale_format=scale_format, form=next((f for f in ("x", "latent") if f in flags),
+                                                                        "auto"), keep_channel0="ch0" in flags)
         if kind == "hf-quanto" and bits not in (2, 4):
             raise ValueError(f"{item!r}: the quanto backend of QuantizedCache supports 2 and 4 bits only")
         if kind in ("xquant", "xquant-cl", "kivi"):
@@ -147,14 +158,14 @@ def parse_methods(spec: str) -> list[Method]:
                               base_layers=int(base[0][4:]) if base else None,
                               form=next((f for f in ("x", "latent") if f in flags), "auto"),
                               keep_channel0="ch0" in flags, residual=residual,
-                              sink=int(sink[0][1:]) if sink else 0))
+                              sink=int(sink[0][1:]) if sink else 0, scale_format=scale_format))
     if not methods:
         raise ValueError("no methods given")
     return methods
 
 
 def _parse_auto(item: str, rest: list[str]) -> Method:
-    """``xquant-auto:10x[:sim][:baseN][:rR][:sS]``."""
+    """``xquant-auto:10x[:sim][:baseN][:rR][:sS][:log8]``."""
     ratio = re.fullmatch(r"(\d+(?:\.\d+)?)x", rest[0]) if rest else None
     if ratio is None or float(ratio.group(1)) <= 1:
         raise ValueError(f"{item!r}: give the target ratio to fp16 K/V (> 1), e.g. xquant-auto:10x")
@@ -162,15 +173,15 @@ def _parse_auto(item: str, rest: list[str]) -> Method:
     window = [f for f in flags if re.fullmatch(r"r\d+", f)]
     sink = [f for f in flags if re.fullmatch(r"s\d+", f)]
     base = [f for f in flags if re.fullmatch(r"base\d+", f)]
-    known = {"sim"} | set(base) | set(window) | set(sink)
+    known = {"sim", "log8"} | set(base) | set(window) | set(sink)
     if flags - known or max(len(base), len(window), len(sink)) > 1:
-        raise ValueError(f"{item!r}: xquant-auto takes the suffixes ':sim', ':baseN', ':rR' and ':sS' only")
+        raise ValueError(f"{item!r}: xquant-auto takes the suffixes ':sim', ':baseN', ':rR', ':sS' and ':log8' only")
     if window and "sim" in flags:
         raise ValueError(f"{item!r}: no :sim with :rR (the one-pass simulation cannot move the recent window with "
                          "each query: use the real path)")
     return Method("xquant-auto", simulated="sim" in flags, target_ratio=float(ratio.group(1)),
                   base_layers=int(base[0][4:]) if base else None, residual=int(window[0][1:]) if window else 0,
-                  sink=int(sink[0][1:]) if sink else 0)
+                  sink=int(sink[0][1:]) if sink else 0, scale_format="log8" if "log8" in flags else "fp16")
 
 
 @dataclasses.dataclass
@@ -383,14 +394,15 @@ def calibrated_config(model, method: Method, calib_ids: torch.Tensor, group_size
     base_layers = AUTO_BASE_LAYERS if method.base_layers is None else method.base_layers
     # The window's bytes are in every layer's cost (memory_report), so the widths pay for it.
     base = XQuantConfig(bits=3, group_size=group_size, cross_layer=True, base_layers=base_layers,
-                        recent=method.residual, sink=method.sink)
+                        recent=method.residual, sink=method.sink, scale_format=method.scale_format)
     start = time.perf_counter()
     result = calibrate(model, calib_ids, target_ratio=method.target_ratio, base=base, seq_len=window_len,
                        progress=progress, return_details=True)
     widths = "".join(map(str, result.config.layer_bits))
     counts = ", ".join(f"{result.config.layer_bits.count(b)}x{b}-bit" for b in sorted(set(result.config.layer_bits)))
     return result.config, (f"calibrated on {calib_ids.numel()} tokens in {time.perf_counter() - start:.0f} s: "
-                           f"layer_bits {widths} ({counts}; XQuant-CL, {base_layers} base layer(s)), "
+                           f"layer_bits {widths} ({counts}; XQuant-CL, {base_layers} base layer(s)"
+                           f"{', log8 scales' if method.scale_format == 'log8' else ''}), "
                            f"estimated +{result.estimated_damage:.4f} nats/token; ")
 
 
@@ -425,7 +437,7 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     if calib_ids is None:
                         calib_ids = calibration_ids(tokenizer, text, n_windows, window_len)[0]
                     # :sim and real share one calibration
-                    key = (method.target_ratio, method.base_layers, method.residual, method.sink)
+                    key = (method.target_ratio, method.base_layers, method.residual, method.sink, method.scale_format)
                     if key not in calibrated:
                         calibrated[key] = calibrated_config(model, method, calib_ids, group_size, window_len,
                                                             progress)
@@ -435,7 +447,7 @@ def run_eval(model, tokenizer, text: str, methods: list[Method], n_windows: int 
                     cfg = XQuantConfig(bits=method.bits, group_size=group_size, rotation=method.rotation,
                                        cross_layer=method.kind == "xquant-cl", form=method.form,
                                        keep_channel0=method.keep_channel0, recent=method.residual,
-                                       sink=method.sink, **base)
+                                       sink=method.sink, scale_format=method.scale_format, **base)
                 report = memory.memory_report(model.config, cfg, window_len, dtype_bytes=dtype_bytes)
                 if method.simulated:
                     nll, n = eval_simulated(model, windows, lambda: simulate_xquant(model, cfg), desc, progress)

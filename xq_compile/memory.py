@@ -185,7 +185,8 @@ def memory_report(model_config, xquant: XQuantConfig, seq_len: int, batch: int =
     window in the cache dtype with an int64 length counter as its fixed bytes): its bytes stop growing at
     the window (the shared int64 position per token still grows with n).
     * XQuant: exactly what :class:`~xq_compile.cache.XQuantCache` allocates (``nbytes()``): per token,
-      every layer's packed codes + fp16 scale/zero at that layer's bits (``layer_bits``, or XQuant-CL
+      every layer's packed codes + its scales (fp16 scale/zero per group, or log8's compact ones) at that
+      layer's bits (``layer_bits``, or XQuant-CL
       base layers at ``base_bits``; X in ``dtype_bytes`` when unquantized) + one int64 position; fixed, per layer a 1-element K and a 1-element V placeholder (``dtype_bytes``
       each) and an int64 length counter, plus the fp32 Hadamard block (group²·4) with rotation.
     """

@@ -180,3 +180,72 @@ def fake_quantize(x: torch.Tensor, bits: int | None, group_size: int) -> torch.T
     if bits is None:
         return x
     return dequantize_codes(*quantize(x, bits, group_size), group_size).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The compact "log8" scale format (XQuantConfig(scale_format="log8")).
+#
+# At hidden 576 and group 64 a row has 9 groups: 9 fp16 scale/zero pairs are 36 bytes, a large share
+# of a 2- or 3-bit row (144 / 216 bytes of codes). log8 stores per row
+#   row_scale   fp16  [1]   S, the largest group scale of the row
+#   log_scale   uint8 [G]   u: the group's scale is S * 2**(-u / 16) (steps of 4.4%, down to S / 2**16)
+#   zero_code   uint8 [G]   z: the group's zero is -(z / 255) * (2**bits - 1) * scale, a point on a
+#                           1/255 grid of the code range (the range always includes 0)
+# 2 + 2G bytes (20 at G = 9). Each group's decoded range covers its values (never clipped): u is
+# rounded down (a larger scale), the range is widened by 255/254 so that a grid point for the zero
+# exists, and the codes are computed from the *decoded* scale and zero, so dequantizing what is stored
+# reproduces exactly what the codes were chosen for. Decoding goes to the fp16 scale/zero of the
+# default format, so every dequantize and attention kernel reads it unchanged.
+# --------------------------------------------------------------------------------------------------
+
+LOG_STEPS = 16    # log-scale steps per octave
+LOG_MAX = 255     # largest u
+ZERO_STEPS = 255  # grid of the zero over the code range
+
+
+def log8_decode(row_scale: torch.Tensor, log_scale: torch.Tensor, zero_code: torch.Tensor,
+                bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, zero) [..., G] from the compact row scale [..., 1] and the uint8 codes [..., G]."""
+    scale = (row_scale.float() * torch.exp2(log_scale.float() * (-1.0 / LOG_STEPS))).to(SCALE_DTYPE)
+    zero = (zero_code.float() * (-((1 << bits) - 1) / ZERO_STEPS) * scale.float()).to(SCALE_DTYPE)
+    return scale, zero
+
+
+def log8_encode(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_scale fp16 [..., 1], log_scale uint8 [..., G], zero_code uint8 [..., G]) of ``x`` [..., d]."""
+    qmax = (1 << bits) - 1
+    groups = x.float().unflatten(-1, (-1, group_size))
+    low, high = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    # The scale a group needs: its range, widened so that some zero on the 1/255 grid leaves it covered.
+    need = (high - low) / qmax * (ZERO_STEPS / (ZERO_STEPS - 1))
+    row = need.amax(-1, keepdim=True)
+    row16 = row.to(SCALE_DTYPE)
+    # rounded down: the next fp16 up (for a positive fp16, its bits + 1; torch.nextafter has no fp16 on
+    # every device)
+    next_up = (row16.view(torch.int16) + 1).view(SCALE_DTYPE)
+    row16 = torch.where(row16.float() < row, next_up, row16)
+    ratio = need / torch.where(row16 > 0, row16.float(), torch.ones_like(row))
+    u = torch.where(need > 0, torch.floor(-LOG_STEPS * torch.log2(ratio.clamp(min=2.0 ** -30))),
+                    torch.full_like(need, LOG_MAX)).clamp(0, LOG_MAX)
+    # log2 and fp16 rounding may leave the decoded scale a hair below the need: one step larger fixes it
+    # (u = 0 decodes to S itself, which covers every group).
+    scale, _ = log8_decode(row16, u, torch.zeros_like(u), bits)
+    u = torch.where(scale.float() < need, (u - 1).clamp(min=0), u)
+    scale, _ = log8_decode(row16, u, torch.zeros_like(u), bits)
+    span = scale.float() * qmax
+    z = torch.ceil(-low * ZERO_STEPS / torch.where(span > 0, span, torch.ones_like(span))).clamp(0, ZERO_STEPS)
+    return row16, u.to(torch.uint8), z.to(torch.uint8)
+
+
+def quantize_log8(x: torch.Tensor, bits: int, group_size: int):
+    """(codes uint8 [..., d], row_scale, log_scale, zero_code) of ``x``: codes for the decoded scale/zero."""
+    compact = log8_encode(x, bits, group_size)
+    return codes_for(x, *log8_decode(*compact, bits), bits, group_size), *compact
+
+
+def fake_quantize_as(x: torch.Tensor, bits: int | None, group_size: int, scale_format: str = "fp16") -> torch.Tensor:
+    """:func:`fake_quantize` in either scale format: what the cache of that format rebuilds."""
+    if bits is None or scale_format == "fp16":
+        return fake_quantize(x, bits, group_size)
+    codes, *compact = quantize_log8(x, bits, group_size)
+    return dequantize_codes(codes, *log8_decode(*compact, bits), group_size).to(x.dtype)

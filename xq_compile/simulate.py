@@ -31,9 +31,9 @@ def simulated_x(x: torch.Tensor, config: XQuantConfig, bits: int | None = None) 
     bits = config.bits if bits is None else bits
     h = _rotation(config, x)
     if h is None:
-        return quant.fake_quantize(x, bits, config.group_size)
+        return quant.fake_quantize_as(x, bits, config.group_size, config.scale_format)
     # blockdiag(H) is symmetric and orthogonal: R⁻¹ = R.
-    return rotate(quant.fake_quantize(rotate(x, h), bits, config.group_size), h)
+    return rotate(quant.fake_quantize_as(rotate(x, h), bits, config.group_size, config.scale_format), h)
 
 
 def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]:

@@ -60,6 +60,16 @@ def ceil_div(a, b: int):
     return -(-a // b) if isinstance(a, int) else sympy.ceiling(a / b)
 
 
+def refuse_log8_latent(xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> None:
+    """The GQA latent forms keep fp16 scales (the key latent is grouped along tokens, with an open group
+    requantized as it fills): refuse the log8 scale format there, saying what to do."""
+    if xquant.scale_format != "fp16":
+        raise ValueError(
+            f"XQuantConfig(scale_format={xquant.scale_format!r}) applies to the X forms only, but layer {layer_idx} "
+            f"caches the GQA latents (its X, {shape.hidden_size} wide, is wider than K+V, {2 * shape.kv_width}): "
+            "use scale_format='fp16', or form='x' to cache X itself.")
+
+
 def allocate(spec: dict[str, StateTensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {name: torch.zeros(t.shape, dtype=t.dtype, device=device) for name, t in spec.items()}
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import quant
 from ..config import XQuantConfig
 from ..latent import LATENT_FACTORS, latent_width
-from .base import CacheForm, LayerShape, StateTensor
+from .base import CacheForm, LayerShape, StateTensor, refuse_log8_latent
 from .per_token import per_token_spec
 from .exact_rows import ExactRows
 from .x import STATE_NAMES, emit_store_per_token
@@ -36,6 +36,7 @@ class JointLatentForm(CacheForm):
 
     def __init__(self, xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> None:
         super().__init__(xquant, layer_idx, shape)
+        refuse_log8_latent(xquant, layer_idx, shape)
         self.width = latent_width(2 * shape.kv_width, 1, shape.hidden_size)
         self.stores_delta = xquant.stores_delta(layer_idx)
         self.window = ExactRows.of(xquant, self.bits)

@@ -24,7 +24,7 @@ from .. import quant
 from ..config import XQuantConfig
 from ..latent import (ROW_DTYPE, LATENT_FACTORS, LOW_BITS, fake_quantize_key_latent, key_latent_rows,
                       latent_width, open_bits, open_key_group, reopen_key_group, store_key_latent)
-from .base import CacheForm, FusedSources, LayerShape, StateTensor, ceil_div
+from .base import CacheForm, FusedSources, LayerShape, StateTensor, ceil_div, refuse_log8_latent
 from .per_token import per_token_spec, store_rows
 from .exact_rows import ExactRows
 from .x import emit_store_per_token
@@ -45,6 +45,7 @@ class SplitLatentForm(CacheForm):
 
     def __init__(self, xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> None:
         super().__init__(xquant, layer_idx, shape)
+        refuse_log8_latent(xquant, layer_idx, shape)
         self.width = latent_width(shape.kv_width, 1, shape.hidden_size)
         self.keep_channel0 = xquant.keep_channel0
         self.window = ExactRows.of(xquant, self.bits)

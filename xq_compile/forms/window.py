@@ -50,6 +50,8 @@ def _x_window_supported(xquant: XQuantConfig) -> str | None:
         return "an X window keeps no recent/sink rows exact"
     if xquant.cross_layer:
         return "XQuant-CL chains every layer's X"
+    if xquant.scale_format != "fp16":
+        return f"an X window keeps fp16 scales, not {xquant.scale_format}"
     return None
 
 

@@ -3,6 +3,8 @@ reconstruction of the layer below (XDeltaForm).
 
 State (``B`` = batch, ``L`` = capacity, ``d`` = hidden size, ``G = d / group_size``):
   quantized:   codes uint8 [B, L, packed_width(d, bits)], scale, zero fp16 [B, L, G]
+               (scale_format="log8": scale_row fp16 [B, L, 1], scale_log8, zero_u8 uint8 [B, L, G],
+               decoded to the fp16 scale/zero before every rebuild)
   unquantized: x [B, L, d] in the cache dtype
 
 X is rotated by the block Hadamard R before quantizing; R is folded into the K/V weights, so the
@@ -24,19 +26,19 @@ from .. import quant
 from ..config import XQuantConfig
 from ..rotation import rotate
 from .base import CacheForm, FusedSources, LayerShape, StateTensor
-from .per_token import per_token_spec, store_quantized, store_rows
+from .per_token import compact_names, decoded_scales, per_token_spec, store_quantized, store_quantized_log8, store_rows
 from .exact_rows import ExactRows
 
 STATE_NAMES = ("codes", "scale", "zero", "x")
 
 
 def rotated_reconstruction(rotated_x: torch.Tensor, below: torch.Tensor | None, bits: int | None,
-                           group_size: int) -> torch.Tensor:
+                           group_size: int, scale_format: str = "fp16") -> torch.Tensor:
     """X̂·R of one layer (fp32) from its rotated X: Q(X·R), or with XQuant-CL's delta against the
     reconstruction ``below`` of the layer underneath, X̂_{i-1}·R + Q(X·R - X̂_{i-1}·R)."""
     if below is None:
-        return quant.fake_quantize(rotated_x.float(), bits, group_size)
-    return below + quant.fake_quantize(rotated_x.float() - below, bits, group_size)
+        return quant.fake_quantize_as(rotated_x.float(), bits, group_size, scale_format)
+    return below + quant.fake_quantize_as(rotated_x.float() - below, bits, group_size, scale_format)
 
 
 class XForm(CacheForm):
@@ -59,14 +61,21 @@ class XForm(CacheForm):
         return self.xquant.cross_layer
 
     def state_spec(self, batch, rows, dtype: torch.dtype) -> dict[str, StateTensor]:
-        spec = per_token_spec(STATE_NAMES, self.width, self.bits, self.group_size, batch, rows, dtype)
+        spec = per_token_spec(STATE_NAMES, self.width, self.bits, self.group_size, batch, rows, dtype,
+                              self.xquant.scale_format)
         if self.window is not None:
             spec.update(self.window.spec("x", batch, self.width, dtype))
         return spec
 
     def _bits_text(self) -> str:
         window = f", {self.window.describe()}" if self.window is not None else ""
-        return super()._bits_text() + window
+        scales = f", {self.xquant.scale_format} scales" if self.bits is not None and self.log8 else ""
+        return super()._bits_text() + scales + window
+
+    @property
+    def log8(self) -> bool:
+        """Whether the rows keep their scales in the compact log8 format (see :mod:`xq_compile.quant`)."""
+        return self.xquant.scale_format == "log8"
 
     def describe(self, note: str = "") -> str:
         return f"X ({self._bits_text()}{note})"
@@ -79,7 +88,7 @@ class XForm(CacheForm):
         below = self._emit_below(ctx)
         if below is not None:  # closed loop: the delta against the layer below *as reconstructed*
             x = ctx.emit(lambda x, below: x.float() - below, x, below)
-        emit_store_per_token(ctx, STATE_NAMES, x, self.bits, self.group_size)
+        emit_store_per_token(ctx, STATE_NAMES, x, self.bits, self.group_size, self.xquant.scale_format)
 
     def _emit_below(self, ctx):
         return None
@@ -90,7 +99,7 @@ class XForm(CacheForm):
     def emit_rebuild(self, ctx):
         # XQuant-CL accumulates in fp32 so that rounding does not build up over the layers.
         own_dtype = torch.float32 if self.chained else ctx.dtype
-        own = (ctx.emit(quant.dequantize, ctx.rows_of("codes"), ctx.rows_of("scale"), ctx.rows_of("zero"), self.bits,
+        own = (ctx.emit(quant.dequantize, ctx.rows_of("codes"), *self._emit_scales(ctx, ctx.rows_of), self.bits,
                         self.group_size, own_dtype) if self.bits is not None else ctx.rows_of("x"))
         own = self._emit_add_below(ctx, own)
         if self.chained:
@@ -103,15 +112,22 @@ class XForm(CacheForm):
     def _emit_add_below(self, ctx, own):
         return own
 
+    def _emit_scales(self, ctx, read) -> tuple:
+        """(scale, zero) fp16 nodes of the rows ``read(name)`` returns: the stored ones, or in the log8
+        format their decoding (working memory of the rebuild: the kernels then read the fp16 format)."""
+        if not self.log8:
+            return read("scale"), read("zero")
+        return ctx.emit(decoded_scales, *(read(name) for name in compact_names("scale", "zero")), self.bits)
+
     def packed_rows(self, ctx):
         if self.bits is None or self.chained or self.window is not None:  # the op reads codes only
             return None
-        return ctx.state["codes"], ctx.state["scale"], ctx.state["zero"]
+        return ctx.state["codes"], *self._emit_scales(ctx, ctx.state.__getitem__)
 
     def fused_sources(self, ctx, rows: int):
         if self.bits is None or self.chained or self.window is not None:  # the kernel reads codes only
             return None
-        key = (ctx.state["codes"], ctx.state["scale"], ctx.state["zero"], None)
+        key = (ctx.state["codes"], *self._emit_scales(ctx, ctx.state.__getitem__), None)
         return FusedSources(key, (None, None, None), ("per_token", "per_token"), None)
 
     # -- the runtime ------------------------------------------------------------------------------
@@ -130,7 +146,7 @@ class XForm(CacheForm):
             else:
                 xr = rotate(x, h) if h is not None else x
                 below = self._simulated_below(reconstructed)
-                rotated_hat = rotated_reconstruction(xr, below, self.bits, self.group_size)
+                rotated_hat = rotated_reconstruction(xr, below, self.bits, self.group_size, self.xquant.scale_format)
                 reconstructed[i] = (x, rotated_hat)
                 if "trace" in chain:
                     chain["trace"][i] = (xr, below)
@@ -178,11 +194,15 @@ class XDeltaForm(XForm):
         return reconstructed[self.layer_idx - 1][1]
 
 
-def emit_store_per_token(ctx, names: tuple[str, str, str, str], rows, bits: int | None, group_size: int) -> None:
+def emit_store_per_token(ctx, names: tuple[str, str, str, str], rows, bits: int | None, group_size: int,
+                         scale_format: str = "fp16") -> None:
     """Emit the store of ``rows`` per token into the state tensors ``names`` (codes, scale, zero, raw)."""
     codes, scale, zero, raw = names
     if bits is None:
         ctx.emit(store_rows, ctx.state[raw], ctx.index, rows)
+    elif scale_format == "log8":
+        ctx.emit(store_quantized_log8, ctx.state[codes], *(ctx.state[n] for n in compact_names(scale, zero)), rows,
+                 ctx.index, bits, group_size)
     else:
         ctx.emit(store_quantized, ctx.state[codes], ctx.state[scale], ctx.state[zero], rows, ctx.index, bits,
                  group_size)

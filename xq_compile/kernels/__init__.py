@@ -2,7 +2,8 @@
 
 Importing this package registers ``torch.ops.xq_compile.dequant_project`` and
 ``torch.ops.xq_compile.decode_attention`` (CPU reference kernels and, when triton is installed, the CUDA
-Triton kernels). Triton itself is optional.
+Triton kernels), and the log8 scale format's ``log8_encode`` / ``log8_decode`` (plain torch on every
+device). Triton itself is optional.
 
 The ops are reached as ``torch.ops.xq_compile.<name>`` (or ``xq_compile.kernels.<module>.<name>``); this
 package deliberately does not re-export them under the names ``dequant_project`` / ``decode_attention``,
@@ -10,7 +11,7 @@ which would shadow the module / subpackage of the same names. ``tiles`` holds th
 both use; ``docs/kernels.md`` the design notes.
 """
 
-from xq_compile.kernels import decode_attention, dequant_project
+from xq_compile.kernels import decode_attention, dequant_project, log8
 from xq_compile.kernels.decode_attention import decode_attention_triton
 from xq_compile.kernels.dequant_project import HAS_TRITON, dequant_project_triton
 

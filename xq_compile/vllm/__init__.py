@@ -66,12 +66,14 @@ def check_servable(xquant: XQuantConfig) -> None:
     """Refuse the settings the plugin does not serve yet (before any engine starts)."""
     unsupported = [name for name, on in (("cross_layer", xquant.cross_layer), ("layer_bits", xquant.layer_bits),
                                          ("keep_channel0", xquant.keep_channel0),
-                                         ("recent/sink rows", xquant.recent or xquant.sink)) if on]
+                                         ("recent/sink rows", xquant.recent or xquant.sink),
+                                         (f"scale_format={xquant.scale_format!r}", xquant.scale_format != "fp16"))
+                   if on]
     if unsupported:
         raise NotImplementedError(
             f"the vLLM plugin does not serve XQuantConfig({', '.join(unsupported)}) yet: it caches X, or with "
             "grouped-query attention the key and value latents, every row quantized per token with one code "
-            "width for all layers.")
+            "width for all layers and fp16 scales (scale_format='fp16').")
 
 
 def serve_flags(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None) -> list[str]:
