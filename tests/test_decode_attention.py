@@ -321,8 +321,8 @@ def test_rejects_bad_inputs():
         OP(**{**a, "query": a["query"][:, :5]})
     with pytest.raises(ValueError, match="mask"):
         OP(**{**a, "mask": torch.ones(2, 1, 1, 23, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="length"):
-        OP(**{**a, "length": torch.tensor([1, 2])})
+    with pytest.raises(ValueError, match="length"):  # neither one fill nor one per batch row (B = 2)
+        OP(**{**a, "length": torch.tensor([1, 2, 3])})
     with pytest.raises(ValueError, match="bytes|packed"):
         OP(**{**a, "k_bits": 2})
     with pytest.raises(ValueError, match="either cos and sin"):  # tables and positions at once
