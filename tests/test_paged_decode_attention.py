@@ -195,7 +195,24 @@ def _run_interpreter_cases() -> None:
             print(f"ok {what}", flush=True)
         wrong = da.decode_attention_triton(inputs(swapped(paged, int(torch.tensor(pc.fills).argmax()))), **CONFIGS[0])
         assert not torch.allclose(wrong, out, atol=1e-3), f"{pc}: a wrong block table must give a wrong answer"
+    _run_plugin_cases()
     print("paged interpreter cases passed")
+
+
+def _run_plugin_cases() -> None:
+    """The vLLM plugin's arguments (xq_compile.vllm.paged.decode_arguments: sources as strided views of the
+    page bytes, seq_lens, neox RoPE from positions) through the Triton kernels: the torch path's output."""
+    from test_vllm_paged import _decode_step, _rope
+    from xq_compile.vllm import paged as vllm_paged
+
+    for form in ("x", "latent"):
+        pages, batch, layout, xquant, proj, query, inv_freq = _decode_step(form, 4, kv_heads=2)
+        args = vllm_paged.decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq)
+        out = da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**args), **CONFIGS[0])
+        rows, valid = vllm_paged.gather(pages, batch, layout, xquant, torch.float32)
+        want = vllm_paged.attend(query, rows, valid, batch, proj, lambda p, k: _rope(p, k, proj.head_dim), True)
+        torch.testing.assert_close(out.reshape(want.shape), want, atol=2e-5, rtol=2e-5)
+        print(f"ok plugin {form} form", flush=True)
 
 
 if __name__ == "__main__":

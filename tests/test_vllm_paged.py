@@ -277,6 +277,8 @@ def test_fused_decode_refuses_what_it_does_not_read():
     with pytest.raises(ValueError, match="one new token per request"):
         paged.fused_decode(torch.cat([query, query]), pages, batch, layout, xquant, proj, inv_freq)
     plain = token_state_layout(XQuantConfig(bits=None), 128, torch.float32)
+    odd_codes = token_state_layout(XQuantConfig(bits=3, group_size=8), 40, torch.float32)  # 15 code bytes
+    assert paged.pages_readable(layout) and not paged.pages_readable(plain) and not paged.pages_readable(odd_codes)
     with pytest.raises(ValueError, match="bits=None.*torch path"):
         paged.page_sources(torch.zeros(2, 1, 4, bytes_per_token(plain), dtype=torch.uint8), plain,
                            XQuantConfig(bits=None), proj)

@@ -32,7 +32,7 @@ from ..config import XQuantConfig
 from ..kernels.decode_attention import decode_attention
 from ..latent import svd_factors
 from ..rotation import rotate
-from .layout import StateField, decode_rows, encode_rows
+from .layout import StateField, bytes_per_token, decode_rows, encode_rows
 
 Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """RoPE of keys ``[tokens, kv_heads * head_dim]`` at positions ``[tokens]`` (the model's own rotary)."""
@@ -252,6 +252,15 @@ def merge_attention(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tu
 # The fused decode path: xq_compile::decode_attention reading the pages through the block table.
 
 
+def pages_readable(layout: tuple[StateField, ...]) -> bool:
+    """Whether :func:`page_sources` can view a token's bytes as the op's sources: quantized rows (codes,
+    scale, zero; bits=None rows are the model dtype, which the op does not read) whose fp16 fields start
+    at even byte offsets of an even-sized token (a tensor view in another dtype must be aligned to it)."""
+    if [f.name for f in layout] != ["codes", "scale", "zero"]:
+        return False
+    return layout[0].nbytes % 2 == 0 and bytes_per_token(layout) % 2 == 0
+
+
 def page_sources(pages: torch.Tensor, layout: tuple[StateField, ...], xquant: XQuantConfig,
                  proj: Projection) -> dict[str, torch.Tensor | None]:
     """The op's per-token sources as views of a layer's page bytes ``[num_blocks, 1, block_size, C]`` (no
@@ -297,12 +306,20 @@ def page_sources(pages: torch.Tensor, layout: tuple[StateField, ...], xquant: XQ
 
 def fused_decode(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...],
                  xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Attention of a decode batch by ``xq_compile::decode_attention`` over the pages (the arguments of
+    :func:`decode_arguments`); returns [R, heads * head_dim]."""
+    out = decode_attention(**decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq))
+    return out.reshape(query.shape[0], proj.num_heads * proj.head_dim)
+
+
+def decode_arguments(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...],
+                     xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor) -> dict:
     """Attention of a decode batch -- one new token per request (``query`` [R, heads * head_dim], RoPE
     applied, its row already stored) -- over each request's ``seq_lens`` rows, by
     ``xq_compile::decode_attention`` reading the pages through the block table (:func:`page_sources`):
     K rebuilt with plain neox RoPE at each row's position (``inv_freq`` fp32 [head_dim / 2], the model's
     rotary frequencies), values absorbed. The new token is the last row, so every row is visible: no
-    mask. Returns [R, heads * head_dim]. On CPU the op runs its torch reference."""
+    mask. On CPU the op runs its torch reference. Returns the op's arguments by name."""
     requests, heads, head_dim = batch.seq_lens.shape[0], proj.num_heads, proj.head_dim
     if query.shape[0] != requests:
         raise ValueError(f"fused_decode takes one new token per request: {query.shape[0]} tokens for "
@@ -310,12 +327,11 @@ def fused_decode(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, la
     capacity = batch.block_table.shape[1] * pages.shape[2]
     # row j of a request sits at position j (vLLM appends a request's tokens in order)
     positions = torch.arange(capacity, device=query.device).expand(requests, capacity)
-    sources = page_sources(pages, layout, xquant, proj)
-    out = decode_attention(
-        query.view(requests, heads, 1, head_dim), sources["k_packed"], sources["k_scale"], sources["k_zero"], None,
-        sources["v_packed"], sources["v_scale"], sources["v_zero"], None, None,
-        proj.k_weight, proj.k_bias, proj.v_weight, proj.v_bias, None, None, None, batch.seq_lens,
-        xquant.bits, xquant.group_size, "per_token", xquant.bits, xquant.group_size, "per_token", proj.scale,
-        positions=positions, rope_inv_freq=inv_freq, rope_scale=1.0, block_table=batch.block_table,
+    return dict(
+        query=query.view(requests, heads, 1, head_dim), **page_sources(pages, layout, xquant, proj), k_tail=None,
+        v_tail=None, col0=None, k_weight=proj.k_weight, k_bias=proj.k_bias, v_weight=proj.v_weight,
+        v_bias=proj.v_bias, cos=None, sin=None, mask=None, length=batch.seq_lens, k_bits=xquant.bits,
+        k_group=xquant.group_size, k_layout="per_token", v_bits=xquant.bits, v_group=xquant.group_size,
+        v_layout="per_token", sm_scale=proj.scale, positions=positions, rope_inv_freq=inv_freq, rope_scale=1.0,
+        block_table=batch.block_table,
     )
-    return out.reshape(requests, heads * head_dim)
