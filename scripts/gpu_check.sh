@@ -13,11 +13,15 @@
 #   1. compile-bound, in parallel processes (one GPU, shared Triton and Inductor disk caches):
 #      tests_<i>     the CUDA correctness tests in TEST_SHARDS (8) shards (pytest --shard i/N, tests/conftest.py):
 #                    tests/test_decode_attention.py -k cuda (every interpreter case compiled, real shapes,
-#                    CUDA-graph replay) and tests/test_kernels_cuda.py (dequant_project vs its CPU reference,
+#                    CUDA-graph replay), tests/test_paged_decode_attention.py -k cuda (the same kernels
+#                    reading vLLM's pages through a block table: real shapes vs the reference and the dense
+#                    launch, one CUDA graph replayed with other seq_lens and block tables) and
+#                    tests/test_kernels_cuda.py (dequant_project vs its CPU reference,
 #                    CUDA graphs, Inductor, backend="xquant" end to end incl. the fused decode path and
 #                    mode="reduce-overhead")
 #      compile       benchmarks/compile_report.py --check: the kernels compiled for sm_90 by this triton
 #                    (wgmma in the SASS, none serialized, no spills in the MMA loops, shared memory)
+#      compile_paged the same for the vLLM plugin's decode step (--paged: the sources views of page bytes)
 #      warm_attn_<i> benchmarks/decode_attention.py --compile-only in WARM_SHARDS (4) shards: launches every
 #                    kernel the timed attention run will launch, once, so that it finds them compiled
 #      warm_decode, warm_decode_graphs, warm_rebuild  the decode-step (both modes) and rebuild benchmarks,
@@ -211,7 +215,8 @@ log "phase 1 (parallel, at most ${PHASE1_S}s): $TEST_SHARDS test shards, $WARM_S
     "compile report, decode and rebuild warm-up"
 for ((i = 0; i < TEST_SHARDS; i++)); do
     TORCHINDUCTOR_COMPILE_THREADS=1 start_step "tests_$i" "$PHASE1_S" "$PY" -m pytest -q -p no:cacheprovider \
-        tests/test_decode_attention.py tests/test_kernels_cuda.py tests/test_gluon_rebuild.py -k cuda \
+        tests/test_decode_attention.py tests/test_paged_decode_attention.py tests/test_kernels_cuda.py \
+        tests/test_gluon_rebuild.py -k cuda \
         --shard "$i/$TEST_SHARDS" \
         --junitxml="$OUT/tests_$i.xml" -rfs
 done
@@ -223,6 +228,8 @@ start_step warm_attn_s4 "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN
 start_step warm_attn_s4_gluon "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --values-kernel gluon \
     --compile-only
 start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
+start_step compile_paged "$PHASE1_S" "$PY" benchmarks/compile_report.py --paged --check --bits 2 3 4 8 \
+    --json "$OUT/compile_report_paged.json"
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode "$PHASE1_S" "$PY" benchmarks/decode_step.py "${MODEL[@]}" \
     --quanto --quanto-bits 4 --lengths "${DECODE_LENGTHS[0]}" --max-cache-len "$MAX_CACHE_LEN" --steps 1 \
     --repeats 1 --warmup 2 --no-plot --out "$OUT/_warm_decode"

@@ -11,7 +11,11 @@ table entries past a request's last block pointing at a NaN page. Checked:
   (b) the Triton kernels under the interpreter (subprocess with TRITON_INTERPRET=1, as in
       tests/test_decode_attention.py): bit-equal to the dense Triton launch with the same per-request
       fills (same tiles, same arithmetic: only the addresses differ), within the dtype's bound of the
-      reference, and wrong for a wrong table.
+      reference, and wrong for a wrong table; the vLLM plugin's arguments (views of page bytes) too;
+  (c) on a GPU (skipped without CUDA; XQ_CUDA_TEST_DEVICE=cpu dry-runs their code on the reference):
+      the compiled kernels at real shapes against the reference and the dense launch, and one captured
+      CUDA graph replayed with other fills and other block tables (no host sync, static shapes):
+          pytest tests/test_paged_decode_attention.py -k cuda
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_decode_attention import OP, Case, _subprocess_env, check_close, inputs, make_inputs
+from test_decode_attention import (CUDA_DEVICE, OP, Case, _subprocess_env, _to, check_close, inputs, make_inputs,
+                                   needs_cuda)
 from xq_compile.kernels import decode_attention as da
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -213,6 +218,53 @@ def _run_plugin_cases() -> None:
         want = vllm_paged.attend(query, rows, valid, batch, proj, lambda p, k: _rope(p, k, proj.head_dim), True)
         torch.testing.assert_close(out.reshape(want.shape), want, atol=2e-5, rtol=2e-5)
         print(f"ok plugin {form} form", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) on a GPU
+# --------------------------------------------------------------------------------------------------
+
+CUDA_CASES = [
+    *CASES,
+    # vLLM's pages of 16 tokens at real shapes: SmolLM2's X form (d 576, 9 heads of 64, 4-bit) and a GQA
+    # latent form (8 KV heads of 128, latents of 1024, 4-bit keys, 2-bit values), bf16, ragged fills
+    PagedCase(Case(B=3, Hq=9, Hkv=9, D=64, C=576, L=1344, k_bits=4, k_group=64, rope="positions",
+                   dtype=torch.bfloat16, seed=10), (1337, 1, 700), 16),
+    PagedCase(Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=2048, k_bits=4, k_group=128, v_bits=2,
+                   v_group=128, rope="positions", dtype=torch.bfloat16, seed=11), (2000, 513), 16),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("pc", CUDA_CASES, ids=str)
+def test_cuda_paged_matches_reference_and_dense(pc):
+    dense, paged = make_paged(pc)
+    out = OP(**_to(paged, CUDA_DEVICE)).cpu()
+    check_close(out, OP(**paged), pc.case.dtype, str(pc))
+    assert torch.equal(out, OP(**_to(dense, CUDA_DEVICE)).cpu()), "paged and dense launches differ"
+
+
+@needs_cuda
+@pytest.mark.skipif(CUDA_DEVICE != "cuda", reason="CUDA graphs")
+def test_cuda_graph_replay_follows_seq_lens_and_block_table():
+    """One captured graph serves every decode step: the fills (seq_lens) and the block table are read on
+    the device by every launch, so replays with other values give the reference's answers."""
+    case = Case(B=3, Hq=9, Hkv=9, D=64, C=576, L=512, k_bits=4, k_group=64, rope="positions",
+                dtype=torch.bfloat16)
+    steps = [make_paged(PagedCase(case, fills, 16), seed=i) for i, fills in
+             enumerate([(5, 512, 100), (17, 1, 300), (512, 64, 0)])]
+    dev = _to(steps[0][1], "cuda")
+    OP(**dev)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OP(**dev)
+    for _, paged in steps:
+        for key in ("k_packed", "k_scale", "k_zero", "length", "block_table", "positions"):
+            dev[key].copy_(paged[key])
+        graph.replay()
+        torch.cuda.synchronize()
+        check_close(out.cpu(), OP(**paged), case.dtype, f"graph replay fills={paged['length'].tolist()}")
 
 
 if __name__ == "__main__":

@@ -59,14 +59,16 @@ if triton is not None:
         return index.to(tl.int64) * stride
 
     @triton.jit
-    def cache_rows(b, rows, row_ok, bt_ptr, s_btb, s_btr, page_size, PAGED: tl.constexpr):
+    def cache_rows(b, rows, row_ok, bt_ptr, s_btb, s_btr, page_size: tl.constexpr, PAGED: tl.constexpr):
         """Where logical rows ``rows`` of batch row ``b`` are stored: ``(page, slot)`` such that a source
         ``[pages, rows per page, ...]`` with strides ``(s_b, s_l, ...)`` holds row ``j`` at element offset
         ``page * s_b + offset64(slot, s_l)`` (the page in int64, so that product cannot wrap).
 
         Dense (``PAGED`` false): the source is ``[B, L, ...]``, page = ``b``, slot = the row. Paged:
         page = ``block_table[b, j // page_size]`` (read on the device; 0 for rows not ``row_ok``, which
-        the callers never load), slot = ``j % page_size``."""
+        the callers never load), slot = ``j % page_size``. ``page_size`` is a compile-time constant: a
+        power of two (vLLM's block sizes) makes the division a shift, not a runtime integer division
+        per row and step."""
         if PAGED:
             page = tl.load(bt_ptr + b * s_btb + (rows // page_size) * s_btr, mask=row_ok, other=0).to(tl.int64)
             slot = rows % page_size
@@ -80,7 +82,7 @@ if triton is not None:
         packed_ptr, scale_ptr, zero_ptr, tail_ptr, col0_ptr,
         b, r0, row_end, c0, n_full, C, P,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-        bt_ptr, s_btb, s_btr, page_size,
+        bt_ptr, s_btb, s_btr, page_size: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
     ):

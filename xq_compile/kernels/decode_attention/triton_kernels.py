@@ -78,7 +78,7 @@ if HAS_TRITON:
     def _scores_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
         mask_ptr, length_ptr, bt_ptr, out_ptr,
-        L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_len, s_btb, s_btr, page_size,
+        L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_len, s_btb, s_btr,
         s_qb, s_qh, s_qs, s_qd,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_wn, s_wk, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
@@ -89,7 +89,7 @@ if HAS_TRITON:
         ROPE_FROM_POSITIONS: tl.constexpr, FAST_TRIG: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_BCAST: tl.constexpr,
         R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
+        BLOCK_C: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     ):
         """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
 
@@ -128,7 +128,7 @@ if HAS_TRITON:
             x = dequant_tile(
                 kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
                 s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                bt_ptr, s_btb, s_btr, page_size,
+                bt_ptr, s_btb, s_btr, PAGE_SIZE,
                 BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
             ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -195,7 +195,7 @@ if HAS_TRITON:
     @triton.jit
     def _values_kernel(
         sc_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, bt_ptr, acc_ptr, m_ptr, l_ptr,
-        L, M_ALL, C, P, s_len, s_btb, s_btr, page_size,
+        L, M_ALL, C, P, s_len, s_btb, s_btr,
         s_cb_, s_cm_, s_cl_,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_ab, s_as, s_am, s_ac,
@@ -203,7 +203,7 @@ if HAS_TRITON:
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, OUT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
-        PAGED: tl.constexpr,
+        PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     ):
         """Online softmax over one split's rows and acc += p · x̂v for one block of value channels.
 
@@ -241,7 +241,7 @@ if HAS_TRITON:
             x = dequant_tile(
                 vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
                 s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                bt_ptr, s_btb, s_btr, page_size,
+                bt_ptr, s_btb, s_btr, PAGE_SIZE,
                 BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV, PAGED,
             ).to(OUT_DTYPE)
             acc = acc * alpha[:, None]
@@ -335,11 +335,14 @@ def _paged_ptr(a: DecodeAttentionInputs) -> tuple:
 
 
 def _paged_args(a: DecodeAttentionInputs) -> tuple:
-    """(stride of the per-row fills, 0 for one fill; the block table's strides; rows per page)."""
+    """(stride of the per-row fills, 0 for one fill; the block table's strides)."""
     s_len = a.length.stride(0) if a.length.numel() > 1 else 0
-    if a.block_table is None:
-        return s_len, 0, 0, 1
-    return s_len, *a.block_table.stride(), a.keys.packed.shape[1]
+    return (s_len, 0, 0) if a.block_table is None else (s_len, *a.block_table.stride())
+
+
+def _page_size(a: DecodeAttentionInputs) -> int:
+    """Rows per page (a compile-time constant of the kernels; 1 when not paged)."""
+    return 1 if a.block_table is None else a.keys.packed.shape[1]
 
 
 def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
@@ -388,7 +391,7 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         FAST_TRIG=not launch_config.interpreted(), DOT_PRECISION=precision, UPCAST=upcast,
         SCALE_BCAST=scale_broadcast(keys.layout, keys.group, cfg["block_n"], cfg["block_c"]),
         R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
-        BLOCK_C=cfg["block_c"], PAGED=a.paged, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_C=cfg["block_c"], PAGED=a.paged, PAGE_SIZE=_page_size(a), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return scores
 
@@ -461,7 +464,7 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
             HAS_COL0=a.values is None and a.col0 is not None,
             SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
             OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
-            BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv, PAGED=a.paged,
+            BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv, PAGED=a.paged, PAGE_SIZE=_page_size(a),
             # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
             num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
         )
