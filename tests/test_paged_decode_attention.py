@@ -151,6 +151,21 @@ def test_reference_reads_rows_through_the_block_table(pc):
     assert not torch.allclose(wrong, out, atol=1e-3), "a wrong block table must give a wrong answer"
 
 
+# a fill per batch row on dense sources, with KIVI-style per-channel keys (each row's open token group
+# read from its tail; n = 39 poisons what no fill below reads): what the kernels do per row without a table
+PER_ROW_KIVI = Case(B=3, Hq=4, Hkv=2, D=16, C=32, Cv=48, L=40, n=39, k_bits=3, k_layout="per_channel", k_group=8,
+                    v_bits=4, v_group=16, col0=True, S=2, mask="bool", seed=5)
+PER_ROW_FILLS = (37, 8, 0)
+
+
+def test_reference_fill_per_row_on_dense_sources():
+    a = make_inputs(PER_ROW_KIVI)
+    a["length"] = torch.tensor(PER_ROW_FILLS)
+    out = OP(**a)
+    assert torch.isfinite(out).all() and (out[2] == 0).all()
+    assert torch.equal(out, per_request_dense(a))
+
+
 def test_paged_inputs_are_checked():
     dense, paged = make_paged(CASES[0])
     with pytest.raises(ValueError, match="block_table must be int32/int64 \\[B=4"):
@@ -211,6 +226,11 @@ def _run_interpreter_cases() -> None:
             print(f"ok {what}", flush=True)
         wrong = da.decode_attention_triton(inputs(swapped(paged, int(torch.tensor(pc.fills).argmax()))), **CONFIGS[0])
         assert not torch.allclose(wrong, out, atol=1e-3), f"{pc}: a wrong block table must give a wrong answer"
+    a = make_inputs(PER_ROW_KIVI)
+    a["length"] = torch.tensor(PER_ROW_FILLS, dtype=torch.int32)
+    for cfg in CONFIGS:
+        check_close(da.decode_attention_triton(inputs(a), **cfg), OP(**a), PER_ROW_KIVI.dtype, f"per-row fills {cfg}")
+    print("ok per-row fills, dense per-channel keys", flush=True)
     _run_plugin_cases()
     print("paged interpreter cases passed")
 

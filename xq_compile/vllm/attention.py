@@ -209,12 +209,13 @@ class XQuantPagedAttention(Attention):
         pages = self.kv_cache
         paged.store(pages, batch.slot_mapping[:n], self.projection.row_source(x[:n]), self.layout, self.xquant,
                     self.rotation)
-        # static shapes on CUDA (graph capture), only the rows held on CPU
         if self._fused_decode(pages, batch, n):
-            output[:n] = paged.fused_decode(query[:n], pages, batch, self.layout, self.xquant, self.projection,
-                                            self.fused_inv_freq)
-            output[n:] = 0
+            requests = batch.seq_lens.shape[0]  # token r is request r's new token; tokens past them padding
+            output[:requests] = paged.fused_decode(query[:requests], pages, batch, self.layout, self.xquant,
+                                                   self.projection, self.fused_inv_freq)
+            output[requests:] = 0
             return
+        # static shapes on CUDA (graph capture), only the rows held on CPU
         rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype, static=pages.is_cuda)
         rotary = self._rotary[0]
         absorb = paged.absorb_values(self.xquant, batch.max_query_len, self.projection)
@@ -226,11 +227,14 @@ class XQuantPagedAttention(Attention):
 
     def _fused_decode(self, pages: torch.Tensor, batch: paged.PagedBatch, num_tokens: int) -> bool:
         """Whether this step takes paged.fused_decode: on CUDA (the Triton kernels; on CPU the op would run
-        its torch reference, no faster than the torch path), a decode batch (one new token per request:
-        host integers of the metadata, no sync) and a layer whose RoPE and rows the kernel reads."""
+        its torch reference, no faster than the torch path), a decode batch and a layer whose RoPE and
+        rows the kernel reads. A decode batch: at most one new token per request, and a token for each
+        (host integers of the metadata, no sync). vLLM's CUDA graphs pad the batch with requests of
+        seq_len 0 (their output is 0) and tokens of slot -1 (stored into the null block), both after
+        the real ones."""
         if not pages.is_cuda or self.fused_inv_freq is None:
             return False
-        return batch.max_query_len == 1 and num_tokens == batch.seq_lens.shape[0]
+        return batch.max_query_len == 1 and num_tokens >= batch.seq_lens.shape[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -129,8 +129,9 @@ def _reference_dense(a: DecodeAttentionInputs) -> torch.Tensor:
     p = torch.exp(scores - top)
     total = p.sum(-1, keepdim=True)
     mixed = p.to(dtype).float() @ x_v.float()[:, None]  # [B, Hkv, R, Cv]
-    mixed = torch.where(total > 0, mixed / total, torch.zeros_like(mixed)).to(dtype)
+    # a fully masked row has total == 0 exactly: 0 there; a NaN read from a poisoned row stays NaN
+    mixed = torch.where(total == 0, torch.zeros_like(mixed), mixed / total).to(dtype)
     out = mixed.float() @ a.v_weight.float().unflatten(0, (kv_heads, head_dim)).transpose(-1, -2)  # [B, Hkv, R, D]
     if a.v_bias is not None:  # Σ p_j (x_j·Wᵀ + b) = (Σ p_j x_j)·Wᵀ + b, or 0 for a fully masked row
-        out = out + (total > 0).float() * a.v_bias.float().unflatten(0, (kv_heads, head_dim))[None, :, None]
+        out = out + (total != 0).float() * a.v_bias.float().unflatten(0, (kv_heads, head_dim))[None, :, None]
     return out.reshape(batch, q_heads, seq, head_dim).to(a.query.dtype)
