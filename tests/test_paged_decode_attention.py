@@ -166,6 +166,12 @@ def test_reference_fill_per_row_on_dense_sources():
     assert torch.equal(out, per_request_dense(a))
 
 
+def test_opcheck_paged():
+    """The op's schema, fake kernel and dispatch hold with a block table and per-request fills."""
+    _, paged = make_paged(CASES[2])
+    torch.library.opcheck(OP, (), paged)
+
+
 def test_paged_inputs_are_checked():
     dense, paged = make_paged(CASES[0])
     with pytest.raises(ValueError, match="block_table must be int32/int64 \\[B=4"):

@@ -252,11 +252,15 @@ def merge_attention(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tu
 # The fused decode path: xq_compile::decode_attention reading the pages through the block table.
 
 
+QUANTIZED_ROW = ["codes", "scale", "zero"]
+"""The fields of a quantized token (:mod:`xq_compile.vllm.layout`): what the fused decode reads."""
+
+
 def pages_readable(layout: tuple[StateField, ...]) -> bool:
     """Whether :func:`page_sources` can view a token's bytes as the op's sources: quantized rows (codes,
     scale, zero; bits=None rows are the model dtype, which the op does not read) whose fp16 fields start
     at even byte offsets of an even-sized token (a tensor view in another dtype must be aligned to it)."""
-    if [f.name for f in layout] != ["codes", "scale", "zero"]:
+    if [f.name for f in layout] != QUANTIZED_ROW:
         return False
     return layout[0].nbytes % 2 == 0 and bytes_per_token(layout) % 2 == 0
 
@@ -270,7 +274,7 @@ def page_sources(pages: torch.Tensor, layout: tuple[StateField, ...], xquant: XQ
     whole groups (the attention layer checks that), so each latent's codes and scales are a contiguous
     run of the row's bytes."""
     names = [f.name for f in layout]
-    if names != ["codes", "scale", "zero"]:
+    if names != QUANTIZED_ROW:
         raise ValueError(f"the fused decode reads quantized rows (codes, scale, zero); this layer caches {names} "
                          "(bits=None): use the torch path (gather + attend)")
     rows = pages[:, 0]  # [num_blocks, block_size, C]
@@ -314,12 +318,12 @@ def fused_decode(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, la
 
 def decode_arguments(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...],
                      xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor) -> dict:
-    """Attention of a decode batch -- one new token per request (``query`` [R, heads * head_dim], RoPE
-    applied, its row already stored) -- over each request's ``seq_lens`` rows, by
-    ``xq_compile::decode_attention`` reading the pages through the block table (:func:`page_sources`):
+    """The arguments (by name) of ``xq_compile::decode_attention`` for the attention of a decode batch --
+    one new token per request (``query`` [R, heads * head_dim], RoPE applied, its row already stored) --
+    over each request's ``seq_lens`` rows, read from the pages through the block table (:func:`page_sources`):
     K rebuilt with plain neox RoPE at each row's position (``inv_freq`` fp32 [head_dim / 2], the model's
     rotary frequencies), values absorbed. The new token is the last row, so every row is visible: no
-    mask. On CPU the op runs its torch reference. Returns the op's arguments by name."""
+    mask. (On CPU the op runs its torch reference.)"""
     requests, heads, head_dim = batch.seq_lens.shape[0], proj.num_heads, proj.head_dim
     if query.shape[0] != requests:
         raise ValueError(f"fused_decode takes one new token per request: {query.shape[0]} tokens for "
