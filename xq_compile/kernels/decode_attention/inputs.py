@@ -200,8 +200,8 @@ class DecodeAttentionInputs:
             self.values.check("v", *lead, v_width, dtype, device, self.paged)
         col0 = self.col0
         if col0 is not None and (tuple(col0.shape) != lead or col0.dtype != quant.SCALE_DTYPE):
-            raise ValueError(f"col0 must be {quant.SCALE_DTYPE} {lead}{' (paged like the codes)' if self.paged else ''}, "
-                             f"got {col0.dtype} {tuple(col0.shape)}")
+            paged = " (paged like the codes)" if self.paged else ""
+            raise ValueError(f"col0 must be {quant.SCALE_DTYPE} {lead}{paged}, got {col0.dtype} {tuple(col0.shape)}")
         self._check_rope(batch, max_len, head_dim, dtype)
         mask = self.mask
         if mask is not None:

@@ -329,9 +329,9 @@ def _launch_gluon_values(flat_scores, values: QuantizedSource, length, acc, m_pa
     )
 
 
-def _paged_ptr(a: DecodeAttentionInputs) -> tuple:
-    """The block table pointer (unpaged: any valid pointer, never read)."""
-    return (a.length if a.block_table is None else a.block_table,)
+def _table_ptr(a: DecodeAttentionInputs) -> torch.Tensor:
+    """The block table (unpaged: any valid pointer, never read)."""
+    return a.length if a.block_table is None else a.block_table
 
 
 def _paged_args(a: DecodeAttentionInputs) -> tuple:
@@ -381,7 +381,7 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         table_strides, pos_strides = (*a.cos.stride(), *a.sin.stride()), (0, 0)
     _scores_kernel[grid](
         a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq, mask_t,
-        a.length, *_paged_ptr(a), scores,
+        a.length, _table_ptr(a), scores,
         max_len, kv_heads, k_width, keys.packed.shape[2], rows, seq, group_q, half, float(a.sm_scale),
         float(a.rope_scale), *_paged_args(a),
         *a.query.stride(), *k_strides, *a.k_weight.stride(), *table_strides, *pos_strides, *m_strides,
@@ -391,7 +391,8 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         FAST_TRIG=not launch_config.interpreted(), DOT_PRECISION=precision, UPCAST=upcast,
         SCALE_BCAST=scale_broadcast(keys.layout, keys.group, cfg["block_n"], cfg["block_c"]),
         R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
-        BLOCK_C=cfg["block_c"], PAGED=a.paged, PAGE_SIZE=_page_size(a), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_C=cfg["block_c"], PAGED=a.paged, PAGE_SIZE=_page_size(a), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return scores
 
@@ -407,7 +408,8 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead of
     the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
     ``values_kernel="gluon"``: the values stage through the Gluon kernel (``gluon_values``; Hopper only,
-    checked on a GPU only, not the op's default) where it supports the value source, else the Triton one.
+    checked on a GPU only, not the op's default) where it supports the value source (dense, one fill), else
+    the Triton one.
     """
     if not HAS_TRITON:
         raise RuntimeError(
@@ -451,13 +453,14 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     l_part = torch.empty_like(m_part)
     if values_kernel not in ("triton", "gluon"):
         raise ValueError(f"values_kernel={values_kernel!r}: 'triton' or 'gluon'")
-    if values_kernel == "gluon" and not a.paged and a.length.numel() == 1 and gluon_values.supports(values, a.col0 if a.values is None else None, dtype,
-                                                          v_width):
+    # the Gluon values kernel reads one dense fill (no block table, no per-row fills)
+    gluon = values_kernel == "gluon" and not a.paged and a.length.numel() == 1
+    if gluon and gluon_values.supports(values, a.col0 if a.values is None else None, dtype, v_width):
         _launch_gluon_values(flat_scores, values, a.length, acc, m_part, l_part, max_len, m_all, v_width, splits,
                              dtype)
     else:
         _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
-            flat_scores, *v_ptrs, a.length, *_paged_ptr(a), acc, m_part, l_part,
+            flat_scores, *v_ptrs, a.length, _table_ptr(a), acc, m_part, l_part,
             max_len, m_all, v_width, values.packed.shape[2], *_paged_args(a),
             *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
             BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
