@@ -6,6 +6,8 @@
                                                                # tensor cores, keeps its wgmma in flight,
                                                                # is spill-free and fits shared memory
     python benchmarks/compile_report.py --asm-dir asm          # also write each launch's PTX and SASS
+    python benchmarks/compile_report.py --paged                # the vLLM plugin's decode step: the same
+                                                               # kernels reading page bytes (block table)
 
 Triton compiles ahead of time for any target: the launches of ``xq_compile::decode_attention`` (and of
 ``dequant_project``) are captured on CPU tensors -- nothing runs -- specialized exactly as Triton's
@@ -330,6 +332,45 @@ def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits
     return launches
 
 
+def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4,
+                                    page_size: int = 16, batch: int = 4) -> list[Launch]:
+    """The launches of the vLLM plugin's decode step (``xq_compile.vllm.paged.decode_arguments``) for a
+    benchmark shape: ``batch`` requests of ``length`` rows in shuffled pages of ``page_size`` tokens, the
+    sources strided views of the page bytes exactly as the plugin makes them (a token's codes, scales
+    and zeros side by side: other strides and alignments than the dense cache), RoPE from the positions,
+    one query token per request. The GQA shape is the plugin's latent form: per-token key and value
+    latents in one row (CPU tensors, nothing runs)."""
+    from xq_compile import XQuantConfig
+    from xq_compile.kernels import decode_attention as da
+    from xq_compile.vllm import paged
+    from xq_compile.vllm.layout import bytes_per_token, token_state_layout
+
+    s = _attention_benchmark().SHAPES[shape]
+    heads, kv_heads, head_dim, width = s["Hq"], s["Hkv"], s["D"], s["Ck"]
+    latent = s["Cv"] is not None
+    weight = lambda c: torch.zeros(kv_heads * head_dim, c, dtype=dtype)  # noqa: E731
+    proj = paged.Projection(k_weight=weight(width), v_weight=weight(s["Cv"] or width), k_bias=None, v_bias=None,
+                            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim ** -0.5,
+                            down=torch.zeros(width + s["Cv"], 1) if latent else None,
+                            key_width=width if latent else None)
+    xquant = XQuantConfig(bits=bits, group_size=s["k_group"])
+    layout = token_state_layout(xquant, width + (s["Cv"] or 0), dtype)
+    blocks = -(-length // page_size)
+    num_blocks = batch * blocks + 1
+    pages = torch.zeros(num_blocks, 1, page_size, bytes_per_token(layout), dtype=torch.uint8)
+    table = 1 + torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(0)).view(batch, blocks)
+    step = paged.PagedBatch(query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+                            seq_lens=torch.full((batch,), length, dtype=torch.int32), block_table=table.int(),
+                            slot_mapping=torch.zeros(batch, dtype=torch.long), max_query_len=1, max_seq_len=length)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    args = paged.decode_arguments(torch.zeros(batch, heads * head_dim, dtype=dtype), pages, step, layout, xquant,
+                                  proj, inv_freq)
+    with captured_launches(da.triton_kernels) as launches:
+        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**args), sms=H200_MULTIPROCESSORS,
+                                   **config)
+    return launches
+
+
 def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
     """The launch of the unfused K rebuild op (``dequant_project``) for SmolLM2's K projection."""
     from xq_compile import quant
@@ -384,6 +425,9 @@ def main(argv=None) -> int:
                    help="RoPE read from cos/sin tables, or computed in the kernel from the positions")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", nargs="*", default=[], help="decode_attention config overrides, key=value")
+    p.add_argument("--paged", action="store_true", help="the vLLM plugin's decode step instead (4 requests of "
+                   "--length rows in pages of 16 tokens, the sources views of the page bytes; S = 1, RoPE from "
+                   "the positions, the Triton values kernel); implies --no-dequant-project --no-gluon")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
     p.add_argument("--no-gluon", action="store_true", help="skip the Gluon K-rebuild prototype")
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside its MMA loop, exceeds "
@@ -403,10 +447,16 @@ def main(argv=None) -> int:
     jobs = [(CONTROL, control_launches)]
     variant = ("" if args.rope == "tables" else " rope=positions") + (
         "" if args.values_kernel == "triton" else " values=gluon")
-    jobs += [(f"{shape} {bits}-bit S={args.queries}" + variant,
-              lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries,
-                                                                args.rope, args.values_kernel))
-             for shape in args.shape for bits in args.bits]
+    if args.paged:
+        jobs += [(f"{shape} {bits}-bit paged (vLLM pages of 16, 4 requests)",
+                  lambda s=shape, b=bits: paged_decode_attention_launches(s, args.length, dtype, config, b))
+                 for shape in args.shape for bits in args.bits]
+        args.no_dequant_project = args.no_gluon = True
+    else:
+        jobs += [(f"{shape} {bits}-bit S={args.queries}" + variant,
+                  lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries,
+                                                                    args.rope, args.values_kernel))
+                 for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
         jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
                  for bits in args.bits]

@@ -13,11 +13,15 @@
 #   1. compile-bound, in parallel processes (one GPU, shared Triton and Inductor disk caches):
 #      tests_<i>     the CUDA correctness tests in TEST_SHARDS (8) shards (pytest --shard i/N, tests/conftest.py):
 #                    tests/test_decode_attention.py -k cuda (every interpreter case compiled, real shapes,
-#                    CUDA-graph replay) and tests/test_kernels_cuda.py (dequant_project vs its CPU reference,
+#                    CUDA-graph replay), tests/test_paged_decode_attention.py -k cuda (the same kernels
+#                    reading vLLM's pages through a block table: real shapes vs the reference and the dense
+#                    launch, one CUDA graph replayed with other seq_lens and block tables) and
+#                    tests/test_kernels_cuda.py (dequant_project vs its CPU reference,
 #                    CUDA graphs, Inductor, backend="xquant" end to end incl. the fused decode path and
 #                    mode="reduce-overhead")
 #      compile       benchmarks/compile_report.py --check: the kernels compiled for sm_90 by this triton
 #                    (wgmma in the SASS, none serialized, no spills in the MMA loops, shared memory)
+#      compile_paged the same for the vLLM plugin's decode step (--paged: the sources views of page bytes)
 #      warm_attn_<i> benchmarks/decode_attention.py --compile-only in WARM_SHARDS (4) shards: launches every
 #                    kernel the timed attention run will launch, once, so that it finds them compiled
 #      warm_decode, warm_decode_graphs, warm_rebuild  the decode-step (both modes) and rebuild benchmarks,
@@ -29,6 +33,9 @@
 #                    sweep_configs() per shape and length, device time per Triton kernel
 #      attn_s4       decode_attention.py with S = 4 query tokens, default configuration (warm_attn_s4 compiles it)
 #      attn_s4_gluon the same with the Gluon values kernel (values_kernel="gluon"; warm_attn_s4_gluon compiles it)
+#      paged         paged_decode.py: the vLLM plugin's decode step (the fused op over the pages) vs the torch
+#                    path it replaces and the dense op on the same rows, and replayed from a CUDA graph
+#                    (warm_paged compiles it)
 #      decode        decode_step.py, bf16, lengths up to 32K, vs the compiled StaticCache and quanto's
 #                    QuantizedCache (if its wheel is installed)
 #      rebuild       rebuild_op.py on CUDA, bf16: dequant_project and the compiled rebuild vs torch.mm
@@ -194,12 +201,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
     ATTN=(--device cpu --dtype fp32 --lengths 64 128 --shape smollm2 gqa --sweep-min-length 128 --iters 2 --repeats 1)
     MODEL=(--device cpu --dtype "$DTYPE" --layers 2)
     DECODE_LENGTHS=(64 128) GRAPH_LENGTHS=(64 128) MAX_CACHE_LEN=192 REBUILD_N=(64 256)
+    PAGED=(--device cpu --dtype fp32 --requests 2 --iters 2 --repeats 1) PAGED_LENGTHS=(64 128)
 else
     DEVICE=cuda DTYPE=bf16
     ATTN=(--device cuda --dtype bf16 --lengths 1024 8192 32768 --shape smollm2 llama7b gqa --batch 1)
     MODEL=(--device cuda --dtype "$DTYPE" --layers 4)
     DECODE_LENGTHS=(256 1024 4096 8192 16384 32768) GRAPH_LENGTHS=(256 4096 32768) MAX_CACHE_LEN=32832
     REBUILD_N=(1024 4096 32768)
+    PAGED=(--device cuda --dtype bf16 --requests 8) PAGED_LENGTHS=(1024 8192)
 fi
 # S = 4 query tokens (speculative decoding): the target is a step within 1.4x of the S = 1 step of "attn"
 ATTN_S4=("${ATTN[@]}" --queries 4)
@@ -211,7 +220,8 @@ log "phase 1 (parallel, at most ${PHASE1_S}s): $TEST_SHARDS test shards, $WARM_S
     "compile report, decode and rebuild warm-up"
 for ((i = 0; i < TEST_SHARDS; i++)); do
     TORCHINDUCTOR_COMPILE_THREADS=1 start_step "tests_$i" "$PHASE1_S" "$PY" -m pytest -q -p no:cacheprovider \
-        tests/test_decode_attention.py tests/test_kernels_cuda.py tests/test_gluon_rebuild.py -k cuda \
+        tests/test_decode_attention.py tests/test_paged_decode_attention.py tests/test_kernels_cuda.py \
+        tests/test_gluon_rebuild.py -k cuda \
         --shard "$i/$TEST_SHARDS" \
         --junitxml="$OUT/tests_$i.xml" -rfs
 done
@@ -223,12 +233,16 @@ start_step warm_attn_s4 "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN
 start_step warm_attn_s4_gluon "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --values-kernel gluon \
     --compile-only
 start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
+start_step compile_paged "$PHASE1_S" "$PY" benchmarks/compile_report.py --paged --check --bits 2 3 4 8 \
+    --json "$OUT/compile_report_paged.json"
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode "$PHASE1_S" "$PY" benchmarks/decode_step.py "${MODEL[@]}" \
     --quanto --quanto-bits 4 --lengths "${DECODE_LENGTHS[0]}" --max-cache-len "$MAX_CACHE_LEN" --steps 1 \
     --repeats 1 --warmup 2 --no-plot --out "$OUT/_warm_decode"
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode_graphs "$PHASE1_S" "$PY" benchmarks/decode_step.py \
     "${MODEL[@]}" --mode reduce-overhead --lengths "${DECODE_LENGTHS[0]}" --max-cache-len "$MAX_CACHE_LEN" \
     --steps 1 --repeats 1 --warmup 2 --no-plot --out "$OUT/_warm_decode_graphs"
+start_step warm_paged "$PHASE1_S" "$PY" benchmarks/paged_decode.py "${PAGED[@]}" --lengths "${PAGED_LENGTHS[0]}" \
+    --iters 1 --repeats 1
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_rebuild "$PHASE1_S" "$PY" "${REBUILD[@]}" --repeats 1 \
     --out "$OUT/_warm_rebuild"
 finish_parallel
@@ -241,6 +255,8 @@ run_step attn 90 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" --sweep --pro
 run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --profile --out "$OUT/decode_attention_s4.json"
 run_step attn_s4_gluon 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --values-kernel gluon --profile \
     --out "$OUT/decode_attention_s4_gluon.json"
+run_step paged 30 "$PY" benchmarks/paged_decode.py "${PAGED[@]}" --lengths "${PAGED_LENGTHS[@]}" \
+    --out "$OUT/paged_decode.json"
 run_step decode 90 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --quanto --quanto-bits 4 \
     --lengths "${DECODE_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" --steps 5 --repeats 3 --warmup 2 \
     --out "$OUT/decode"

@@ -182,3 +182,26 @@ def test_gluon_values_kernel_keeps_its_mma_in_flight(tmp_path):
     (values,) = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["name"] == "_gluon_values_kernel"]
     assert values["wgmma"] > 0 and values["wgmma_waits"] == [0, 1] and not values["wgmma_serialized"], values
     assert values["wgmma_in_flight"] and values["loop_spill_instructions"] == 0, values
+
+
+@pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
+def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_path):
+    """The vLLM plugin's decode step (``--paged``: the sources strided views of page bytes, rows through a
+    block table, a fill per request): for the three shapes at 3 and 4 bits its K rebuild is on wgmma with
+    an MMA in flight and no kernel spills inside its MMA loop, as for the dense cache."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--paged", "--check", "--bits", "3", "4",
+         "--json", str(tmp_path / "report.json")],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+    reports = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["job"] != "control"]
+    assert all("paged" in r["job"] for r in reports), {r["job"] for r in reports}
+    names = [r["name"] for r in reports]
+    assert names.count("_scores_kernel") == names.count("_values_kernel") == names.count("_reduce_kernel") == 6, names
+    for r in reports:
+        assert r["loop_spill_instructions"] == 0, r
+        if r["name"] == "_scores_kernel":
+            assert r["hgmma"] > 0 and r["wgmma_in_flight"], r

@@ -321,8 +321,8 @@ def test_rejects_bad_inputs():
         OP(**{**a, "query": a["query"][:, :5]})
     with pytest.raises(ValueError, match="mask"):
         OP(**{**a, "mask": torch.ones(2, 1, 1, 23, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="length"):
-        OP(**{**a, "length": torch.tensor([1, 2])})
+    with pytest.raises(ValueError, match="length"):  # neither one fill nor one per batch row (B = 2)
+        OP(**{**a, "length": torch.tensor([1, 2, 3])})
     with pytest.raises(ValueError, match="bytes|packed"):
         OP(**{**a, "k_bits": 2})
     with pytest.raises(ValueError, match="either cos and sin"):  # tables and positions at once
@@ -372,7 +372,7 @@ def test_default_config_shapes_the_tiles():
 
 def test_compiles_with_data_dependent_length():
     """Under torch.compile (fullgraph) the op is one node with a static output shape."""
-    a = make_inputs(Case(n=9, L=24))
+    a = make_inputs(Case(n=24, L=24))  # no poisoned rows: both lengths below read real ones
     del a["length"]
 
     def f(length):

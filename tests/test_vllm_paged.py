@@ -3,6 +3,7 @@ needed. Checked against per-request dense attention over X̂ as the simulation c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -185,3 +186,102 @@ def test_engine_args_read_the_architecture_from_the_model_folder(tmp_path):
         engine_args(four_bit, model=str(tmp_path))
     with pytest.raises(ValueError, match="not a model folder with a config.json"):
         engine_args(four_bit, model=str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused decode path (paged.fused_decode: xq_compile::decode_attention reading the pages; its Triton
+# kernels are tested under the interpreter in tests/test_paged_decode_attention.py, here the op's CPU
+# kernel checks the views and the arguments against the torch path)
+
+
+def _decode_step(form: str, bits: int, kv_heads: int, seed: int = 0):
+    """A decode step of 3 requests (5, 12 and 0 rows cached, one new token each) stored in shuffled pages
+    whose unused bytes are NaN; returns what the two paths take."""
+    torch.manual_seed(seed)
+    d, heads, head_dim, block_size, num_blocks, g = 128, 4, 16, 4, 24, 32
+    xquant = XQuantConfig(bits=bits, group_size=g, form=form)
+    w_k, w_v = torch.randn(kv_heads * head_dim, d) / d**0.5, torch.randn(kv_heads * head_dim, d) / d**0.5
+    b_k, b_v = torch.randn(kv_heads * head_dim), torch.randn(kv_heads * head_dim)
+    h = hadamard(g)
+    shape = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, scale=head_dim**-0.5)
+    if form == "x":
+        proj = paged.Projection(k_weight=fold_into_weight(w_k, h), v_weight=fold_into_weight(w_v, h), k_bias=b_k,
+                                v_bias=b_v, **shape)
+        row_width, store_rotation = d, h
+    else:
+        proj = paged.latent_projection(w_k, b_k, w_v, b_v, h, **shape)
+        row_width, store_rotation = 2 * kv_heads * head_dim, None
+    layout = token_state_layout(xquant, row_width, torch.float32)
+    pages = torch.full((num_blocks, 1, block_size, bytes_per_token(layout)), 255, dtype=torch.uint8)  # NaN
+    totals = [6, 13, 1]
+    tables = 1 + torch.randperm(num_blocks - 1)[:12].view(3, 4)
+    tables[2, 1:] = 0  # past a request's last block: vLLM's null block
+    for r, total in enumerate(totals):
+        slots = torch.tensor([int(tables[r, p // block_size]) * block_size + p % block_size for p in range(total)])
+        paged.store(pages, slots, proj.row_source(torch.randn(total, d)), layout, xquant, store_rotation)
+    batch = paged.PagedBatch(query_start_loc=torch.arange(4, dtype=torch.int32),
+                             seq_lens=torch.tensor(totals, dtype=torch.int32), block_table=tables.int(),
+                             slot_mapping=torch.zeros(3, dtype=torch.long), max_query_len=1, max_seq_len=max(totals))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))  # as _rope's
+    return pages, batch, layout, xquant, proj, torch.randn(3, heads * head_dim), inv_freq
+
+
+@pytest.mark.parametrize("form", ["x", "latent"])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_page_sources_are_views_of_the_page_bytes(form, bits):
+    """The op's sources share the pages' storage (no copy) and hold each slot's codes, scale and zero as
+    the layout decodes them: the whole row (X form), or its key latent then its value latent."""
+    pages, batch, layout, xquant, proj, _, _ = _decode_step(form, bits, kv_heads=2)
+    sources = paged.page_sources(pages, layout, xquant, proj)
+    page_rows = decode_rows(layout, pages[:, 0])  # [num_blocks, block_size, width] per name (copies)
+    for name, t in sources.items():
+        if t is not None:
+            assert t.untyped_storage().data_ptr() == pages.untyped_storage().data_ptr(), name
+    block = int(batch.block_table[1, 2])  # request 1's rows 8..11
+    if form == "x":
+        assert sources["v_packed"] is None
+        parts = {"codes": [sources["k_packed"]], "scale": [sources["k_scale"]], "zero": [sources["k_zero"]]}
+    else:  # [key latent | value latent]: 64 channels each
+        assert sources["k_packed"].shape[-1] == quant.packed_width(proj.key_width, bits)
+        parts = {"codes": [sources["k_packed"], sources["v_packed"]], "scale": [sources["k_scale"], sources["v_scale"]],
+                 "zero": [sources["k_zero"], sources["v_zero"]]}
+    for name, views in parts.items():
+        joined = torch.cat([v[block] for v in views], dim=-1)
+        assert torch.equal(joined.view(torch.uint8), page_rows[name][block].contiguous().view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("form", ["x", "latent"])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fused_decode_equals_the_torch_path(form, bits, kv_heads):
+    """fused_decode (the op over the pages, here its CPU kernel) gives the torch path's decode output
+    (gather + attend, values absorbed or rebuilt), NaN bytes in every unused place; a wrong block table
+    gives a wrong answer."""
+    pages, batch, layout, xquant, proj, query, inv_freq = _decode_step(form, bits, kv_heads)
+    rope = lambda pos, keys: _rope(pos, keys, proj.head_dim)  # noqa: E731
+    rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32)
+    got = paged.fused_decode(query, pages, batch, layout, xquant, proj, inv_freq)
+    assert torch.isfinite(got).all()
+    for absorb in (True, False):
+        want = paged.attend(query, rows, valid, batch, proj, rope, absorb)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    table = batch.block_table.clone()
+    table[1, [0, 1]] = table[1, [1, 0]]
+    wrong = paged.fused_decode(query, pages, dataclasses.replace(batch, block_table=table), layout, xquant, proj,
+                               inv_freq)
+    assert torch.equal(wrong[[0, 2]], got[[0, 2]]) and not torch.allclose(wrong[1], got[1], atol=1e-3)
+
+
+def test_fused_decode_refuses_what_it_does_not_read():
+    pages, batch, layout, xquant, proj, query, inv_freq = _decode_step("x", 4, kv_heads=2)
+    with pytest.raises(ValueError, match="one new token per request"):
+        paged.fused_decode(torch.cat([query, query]), pages, batch, layout, xquant, proj, inv_freq)
+    plain = token_state_layout(XQuantConfig(bits=None), 128, torch.float32)
+    odd_codes = token_state_layout(XQuantConfig(bits=3, group_size=8), 40, torch.float32)  # 15 code bytes
+    assert paged.pages_readable(layout) and not paged.pages_readable(plain) and not paged.pages_readable(odd_codes)
+    with pytest.raises(ValueError, match="bits=None.*torch path"):
+        paged.page_sources(torch.zeros(2, 1, 4, bytes_per_token(plain), dtype=torch.uint8), plain,
+                           XQuantConfig(bits=None), proj)
+    odd = torch.zeros(2, 1, 4, bytes_per_token(layout) + 1, dtype=torch.uint8)[..., 1:]  # fp16 at odd bytes
+    with pytest.raises(ValueError, match="not torch.float16-aligned"):
+        paged.page_sources(odd, layout, xquant, proj)

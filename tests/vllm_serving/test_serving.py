@@ -212,3 +212,24 @@ def test_mistral_variants_that_are_not_llama_are_refused():
     check_mistral(MistralConfig(sliding_window=None))
     with pytest.raises(NotImplementedError, match="without sliding_window.*stock vLLM"):
         check_mistral(MistralConfig(sliding_window=4096))
+
+
+def test_fused_decode_takes_plain_neox_rope_only():
+    """The GPU decode path (paged.fused_decode) computes RoPE from the positions with the frequencies of
+    plain_neox_inv_freq: their angles give exactly vLLM's cos/sin cache. Scaled, partial and GPT-J-style
+    rotaries are left to the torch path (None)."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from xq_compile.vllm.attention import plain_neox_inv_freq
+
+    with set_current_vllm_config(VllmConfig()):
+        plain = get_rope(16, 4096, True, {"rope_type": "default", "rope_theta": 500000.0}, dtype=torch.float32)
+        angles = torch.arange(4096).float()[:, None] * plain_neox_inv_freq(plain)
+        assert torch.equal(torch.cat([angles.cos(), angles.sin()], -1), plain.cos_sin_cache)
+        for other in ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+                      {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}):
+            assert plain_neox_inv_freq(get_rope(16, 4096, True, other, dtype=torch.float32)) is None, other
+        gptj = get_rope(16, 4096, False, {"rope_type": "default", "rope_theta": 1e4}, dtype=torch.float32)
+        assert plain_neox_inv_freq(gptj) is None

@@ -186,7 +186,8 @@ if HAS_TRITON:
                 packed_ptr, scale_ptr, zero_ptr, packed_ptr, packed_ptr, batch, m_block * BLOCK_M, n, k0, 0, D, P,
                 stride_pb, stride_pl, stride_pp, stride_sb, stride_sl, stride_sg, stride_zb, stride_zl, stride_zg,
                 0, 0, 0, 0, 0,
-                BITS, GROUP_SIZE, False, False, SCALE_BCAST, BLOCK_M, BLOCK_K,
+                packed_ptr, 0, 0, 1,  # not paged: no block table (page size 1)
+                BITS, GROUP_SIZE, False, False, SCALE_BCAST, BLOCK_M, BLOCK_K, False,
             )
             # weight is [N, d]: the [BLOCK_K, BLOCK_N] tile of its transpose.
             w = tl.load(

@@ -12,6 +12,9 @@ integer work sit right next to the tensor-core dot and must stay cheap.
   of one scalar byte load per code.
 * 3 bits: codes straddle bytes, but every 3-byte word holds 8 whole codes: the tile loads its words'
   three bytes (three strided loads, not two per code) and cuts each 24-bit word into its codes.
+* ``PAGED``: the rows live in pages (vLLM's paged cache) instead of one ``[B, L, ...]`` tensor: row ``j`` of
+  batch row ``b`` is row ``j % page_size`` of page ``block_table[b, j // page_size]`` (:func:`cache_rows`,
+  one table load per row shared by the codes, the scales, the zeros and col0).
 * ``SCALE_BCAST``: when the tile lies inside one scale group (per token: ``GROUP % BLOCK_C == 0``; per
   channel: ``GROUP % BLOCK_N == 0``, the row block inside one token group) the scale and zero are a
   vector broadcast over the tile instead of a gather of one fp16 per element.
@@ -26,7 +29,7 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["dequant_tile", "next_power_of_2", "offset64", "scale_broadcast"]
+__all__ = ["cache_rows", "dequant_tile", "next_power_of_2", "offset64", "scale_broadcast"]
 
 
 def next_power_of_2(x: int) -> int:
@@ -56,12 +59,32 @@ if triton is not None:
         return index.to(tl.int64) * stride
 
     @triton.jit
+    def cache_rows(b, rows, row_ok, bt_ptr, s_btb, s_btr, page_size: tl.constexpr, PAGED: tl.constexpr):
+        """Where logical rows ``rows`` of batch row ``b`` are stored: ``(page, slot)`` such that a source
+        ``[pages, rows per page, ...]`` with strides ``(s_b, s_l, ...)`` holds row ``j`` at element offset
+        ``page * s_b + offset64(slot, s_l)`` (the page in int64, so that product cannot wrap).
+
+        Dense (``PAGED`` false): the source is ``[B, L, ...]``, page = ``b``, slot = the row. Paged:
+        page = ``block_table[b, j // page_size]`` (read on the device; 0 for rows not ``row_ok``, which
+        the callers never load), slot = ``j % page_size``. ``page_size`` is a compile-time constant: a
+        power of two (vLLM's block sizes) makes the division a shift, not a runtime integer division
+        per row and step."""
+        if PAGED:
+            page = tl.load(bt_ptr + b * s_btb + (rows // page_size) * s_btr, mask=row_ok, other=0).to(tl.int64)
+            slot = rows % page_size
+        else:
+            page = b
+            slot = rows
+        return page, slot
+
+    @triton.jit
     def dequant_tile(
         packed_ptr, scale_ptr, zero_ptr, tail_ptr, col0_ptr,
         b, r0, row_end, c0, n_full, C, P,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        bt_ptr, s_btb, s_btr, page_size: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
-        SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
     ):
         """Rows ``r0 .. r0 + BLOCK_N`` (valid below ``row_end``), channels ``c0 .. c0 + BLOCK_C`` (valid
         below ``C``) of a source, dequantized: fp32 [BLOCK_N, BLOCK_C]. Invalid rows are finite (0, or
@@ -71,6 +94,8 @@ if triton is not None:
         Layouts (see ``decode_attention``'s docstring): per token, scale/zero [B, L, C // GROUP]; per
         channel, scale/zero [B, ceil(L / GROUP), C] and rows ``n_full <= j < row_end`` come from the
         model-dtype ``tail`` [B, GROUP, C] at ``j % GROUP``. ``HAS_COL0``: channel 0 is ``col0[b, j]``.
+        ``PAGED`` (per token only): packed, scale, zero and col0 are ``[pages, page_size, ...]``, row ``j``
+        of batch row ``b`` read through the block table (:func:`cache_rows`).
         Channels at or past ``C`` are finite but meaningless: callers mask them (weights, stores).
         """
         rows = r0 + tl.arange(0, BLOCK_N)
@@ -81,7 +106,8 @@ if triton is not None:
             code_rows = row_ok & (rows < n_full)  # rows of completed token groups
         else:
             code_rows = row_ok
-        base = packed_ptr + b * s_pb + offset64(rows, s_pl)[:, None]
+        page, slot = cache_rows(b, rows, row_ok, bt_ptr, s_btb, s_btr, page_size, PAGED)
+        base = packed_ptr + (page * s_pb + offset64(slot, s_pl))[:, None]
 
         if BITS == 3:
             # 8 codes per 3-byte word: load the words' three bytes (one strided load each), then cut the
@@ -122,8 +148,8 @@ if triton is not None:
                 s = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
                 z = tl.load(zero_ptr + z_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
             else:
-                s_off = b * s_sb + offset64(rows, s_sl) + (c0 // GROUP) * s_sc
-                z_off = b * s_zb + offset64(rows, s_zl) + (c0 // GROUP) * s_zc
+                s_off = page * s_sb + offset64(slot, s_sl) + (c0 // GROUP) * s_sc
+                z_off = page * s_zb + offset64(slot, s_zl) + (c0 // GROUP) * s_zc
                 s = tl.load(scale_ptr + s_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
                 z = tl.load(zero_ptr + z_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         else:
@@ -132,8 +158,8 @@ if triton is not None:
                 s_off = b * s_sb + offset64(rows // GROUP, s_sl)[:, None] + cols[None, :] * s_sc
                 z_off = b * s_zb + offset64(rows // GROUP, s_zl)[:, None] + cols[None, :] * s_zc
             else:
-                s_off = b * s_sb + offset64(rows, s_sl)[:, None] + (cols // GROUP)[None, :] * s_sc
-                z_off = b * s_zb + offset64(rows, s_zl)[:, None] + (cols // GROUP)[None, :] * s_zc
+                s_off = (page * s_sb + offset64(slot, s_sl))[:, None] + (cols // GROUP)[None, :] * s_sc
+                z_off = (page * s_zb + offset64(slot, s_zl))[:, None] + (cols // GROUP)[None, :] * s_zc
             s = tl.load(scale_ptr + s_off, mask=q_ok, other=0.0).to(tl.float32)
             z = tl.load(zero_ptr + z_off, mask=q_ok, other=0.0).to(tl.float32)
         # The code as an fp32 number without an int-to-float conversion (those issue at a fraction of the
@@ -148,6 +174,6 @@ if triton is not None:
                         mask=t_ok, other=0.0)
             x = tl.where(t_ok, t.to(tl.float32), x)
         if HAS_COL0:
-            v0 = tl.load(col0_ptr + b * s_cb + offset64(rows, s_cl), mask=row_ok, other=0.0).to(tl.float32)
+            v0 = tl.load(col0_ptr + page * s_cb + offset64(slot, s_cl), mask=row_ok, other=0.0).to(tl.float32)
             x = tl.where((cols == 0)[None, :] & row_ok[:, None], v0[:, None], x)
         return x

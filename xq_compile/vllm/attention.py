@@ -13,6 +13,7 @@ import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.model_executor.models.llama import LlamaAttention
 from vllm.model_executor.models.qwen2 import Qwen2Attention
 from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
@@ -26,6 +27,16 @@ from . import paged
 from .layout import bytes_per_token, token_state_layout
 
 BACKEND_NAME = "XQUANT"
+
+
+def plain_neox_inv_freq(rotary) -> torch.Tensor | None:
+    """The rotary frequencies (fp32 [head_size / 2]) when ``rotary`` is vLLM's plain neox RoPE over the whole
+    head -- what the fused decode kernel computes from the positions -- else None (scaled or partial
+    RoPE: the torch path applies the model's own rotary). vLLM's own formula, so the kernel's angles
+    pos·inv_freq are those of the model's cos/sin cache."""
+    if type(rotary) is not RotaryEmbedding or not rotary.is_neox_style or rotary.rotary_dim != rotary.head_size:
+        return None
+    return 1.0 / (rotary.base ** (torch.arange(0, rotary.rotary_dim, 2, dtype=torch.float) / rotary.rotary_dim))
 
 
 def xquant_of(hf_config) -> XQuantConfig:
@@ -150,6 +161,9 @@ class XQuantPagedAttention(Attention):
         self.row_width = 2 * width if self.latent else hidden_size
         self.layout = token_state_layout(xquant, self.row_width, torch.get_default_dtype())
         self._rotary = (rotary_emb,)  # a tuple: the module belongs to the parent, not registered twice
+        # decode batches on CUDA: the fused kernel reading the pages, where it computes this RoPE and can
+        # view these rows as its sources
+        self.fused_inv_freq = plain_neox_inv_freq(rotary_emb) if paged.pages_readable(self.layout) else None
         self.projection: paged.Projection | None = None
         # bits=None reproduces the unmodified model exactly: nothing to spread, no rotation.
         self.rotation = (hadamard(xquant.group_size) if xquant.rotation == "hadamard" and xquant.quantized
@@ -171,6 +185,8 @@ class XQuantPagedAttention(Attention):
         shape = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
                      scale=self.impl.scale)
         h = None if self.rotation is None else self.rotation.to(k_weight.device)
+        if self.fused_inv_freq is not None:
+            self.fused_inv_freq = self.fused_inv_freq.to(k_weight.device)
         if self.latent:
             self.projection = paged.latent_projection(k_weight, k_bias, v_weight, v_bias, h, **shape)
             self.rotation = None  # the stored latents come out of the factors already rotated
@@ -193,6 +209,12 @@ class XQuantPagedAttention(Attention):
         pages = self.kv_cache
         paged.store(pages, batch.slot_mapping[:n], self.projection.row_source(x[:n]), self.layout, self.xquant,
                     self.rotation)
+        if self._fused_decode(pages, batch, n):
+            requests = batch.seq_lens.shape[0]  # token r is request r's new token; tokens past them padding
+            output[:requests] = paged.fused_decode(query[:requests], pages, batch, self.layout, self.xquant,
+                                                   self.projection, self.fused_inv_freq)
+            output[requests:] = 0
+            return
         # static shapes on CUDA (graph capture), only the rows held on CPU
         rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype, static=pages.is_cuda)
         rotary = self._rotary[0]
@@ -201,6 +223,18 @@ class XQuantPagedAttention(Attention):
                            lambda pos, keys: rotary.forward_native(pos, keys)[0], absorb)
         output[:n] = out
         output[n:] = 0
+
+
+    def _fused_decode(self, pages: torch.Tensor, batch: paged.PagedBatch, num_tokens: int) -> bool:
+        """Whether this step takes paged.fused_decode: on CUDA (the Triton kernels; on CPU the op would run
+        its torch reference, no faster than the torch path), a decode batch and a layer whose RoPE and
+        rows the kernel reads. A decode batch: at most one new token per request, and a token for each
+        (host integers of the metadata, no sync). vLLM's CUDA graphs pad the batch with requests of
+        seq_len 0 (their output is 0) and tokens of slot -1 (stored into the null block), both after
+        the real ones."""
+        if not pages.is_cuda or self.fused_inv_freq is None:
+            return False
+        return batch.max_query_len == 1 and num_tokens >= batch.seq_lens.shape[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ value latents (:func:`latent_projection`), into their slots; (2) gather every re
 rows through its block table into one ``[requests, max_seq_len]`` batch (padded, masked); (3) rebuild K
 (RoPE at each row's position) and V, or, for short queries, attend over X̂ and project once per head
 (absorbed values); (4) scatter the outputs back to the flat token order. No loop over requests.
+
+Decode batches on a GPU take :func:`fused_decode` instead of (2)-(4): ``xq_compile::decode_attention``
+reads the rows straight from the pages through the block table (the Triton kernels: no gather, K and V
+never written, no host sync, static shapes).
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..config import XQuantConfig
+from ..kernels.decode_attention import decode_attention
 from ..latent import svd_factors
 from ..rotation import rotate
-from .layout import StateField, decode_rows, encode_rows
+from .layout import StateField, bytes_per_token, decode_rows, encode_rows
 
 Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """RoPE of keys ``[tokens, kv_heads * head_dim]`` at positions ``[tokens]`` (the model's own rotary)."""
@@ -241,3 +246,96 @@ def merge_attention(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tu
     lse = torch.logsumexp(torch.stack(lses), 0)
     merged = sum(out.float() * torch.exp(part - lse).nan_to_num(0.0).unsqueeze(-1) for out, part in zip(outputs, lses))
     return merged.to(outputs[0].dtype), lse
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused decode path: xq_compile::decode_attention reading the pages through the block table.
+
+
+QUANTIZED_ROW = ["codes", "scale", "zero"]
+"""The fields of a quantized token (:mod:`xq_compile.vllm.layout`): what the fused decode reads."""
+
+
+def pages_readable(layout: tuple[StateField, ...]) -> bool:
+    """Whether :func:`page_sources` can view a token's bytes as the op's sources: quantized rows (codes,
+    scale, zero; bits=None rows are the model dtype, which the op does not read) whose fp16 fields start
+    at even byte offsets of an even-sized token (a tensor view in another dtype must be aligned to it)."""
+    if [f.name for f in layout] != QUANTIZED_ROW:
+        return False
+    return layout[0].nbytes % 2 == 0 and bytes_per_token(layout) % 2 == 0
+
+
+def page_sources(pages: torch.Tensor, layout: tuple[StateField, ...], xquant: XQuantConfig,
+                 proj: Projection) -> dict[str, torch.Tensor | None]:
+    """The op's per-token sources as views of a layer's page bytes ``[num_blocks, 1, block_size, C]`` (no
+    copy): ``k_packed`` uint8 ``[num_blocks, block_size, P]``, ``k_scale``/``k_zero`` fp16 ``[num_blocks,
+    block_size, groups]``, and ``v_*`` likewise for the latent form's value latent (None for the X form,
+    whose one source serves keys and values). A latent row ``[key latent | value latent]`` is quantized in
+    whole groups (the attention layer checks that), so each latent's codes and scales are a contiguous
+    run of the row's bytes."""
+    names = [f.name for f in layout]
+    if names != QUANTIZED_ROW:
+        raise ValueError(f"the fused decode reads quantized rows (codes, scale, zero); this layer caches {names} "
+                         "(bits=None): use the torch path (gather + attend)")
+    rows = pages[:, 0]  # [num_blocks, block_size, C]
+    offsets, start = {}, 0
+    for f in layout:
+        offsets[f.name] = (start, f.dtype)
+        start += f.nbytes
+
+    def field(name: str, first: int, count: int) -> torch.Tensor:
+        """Elements first .. first + count of a token's ``name``, for every slot (a view in its dtype)."""
+        byte0, dtype = offsets[name]
+        part = rows.narrow(-1, byte0 + first * dtype.itemsize, count * dtype.itemsize)
+        if dtype == torch.uint8:
+            return part
+        if (part.storage_offset() % dtype.itemsize or any(st % dtype.itemsize for st in part.stride()[:-1])):
+            raise ValueError(f"the {name} bytes of a token are not {dtype}-aligned in the pages "
+                             f"(token size {rows.shape[-1]} bytes, {name} at byte {byte0}): use the torch path")
+        return part.view(dtype)
+
+    bits, group = xquant.bits, xquant.group_size
+    width = layout[1].width * group  # the row's channels: one scale per group
+    key_width = width if proj.key_width is None else proj.key_width
+    k_bytes, k_groups = quant.packed_width(key_width, bits), key_width // group
+    sources = dict(k_packed=field("codes", 0, k_bytes), k_scale=field("scale", 0, k_groups),
+                   k_zero=field("zero", 0, k_groups), v_packed=None, v_scale=None, v_zero=None)
+    if proj.down is not None:  # latent form: the value latent follows the key latent
+        v_width = width - key_width
+        v_bytes, v_groups = quant.packed_width(v_width, bits), v_width // group
+        sources.update(v_packed=field("codes", k_bytes, v_bytes), v_scale=field("scale", k_groups, v_groups),
+                       v_zero=field("zero", k_groups, v_groups))
+    return sources
+
+
+def fused_decode(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...],
+                 xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Attention of a decode batch by ``xq_compile::decode_attention`` over the pages (the arguments of
+    :func:`decode_arguments`); returns [R, heads * head_dim]."""
+    out = decode_attention(**decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq))
+    return out.reshape(query.shape[0], proj.num_heads * proj.head_dim)
+
+
+def decode_arguments(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...],
+                     xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor) -> dict:
+    """The arguments (by name) of ``xq_compile::decode_attention`` for the attention of a decode batch --
+    one new token per request (``query`` [R, heads * head_dim], RoPE applied, its row already stored) --
+    over each request's ``seq_lens`` rows, read from the pages through the block table (:func:`page_sources`):
+    K rebuilt with plain neox RoPE at each row's position (``inv_freq`` fp32 [head_dim / 2], the model's
+    rotary frequencies), values absorbed. The new token is the last row, so every row is visible: no
+    mask. (On CPU the op runs its torch reference.)"""
+    requests, heads, head_dim = batch.seq_lens.shape[0], proj.num_heads, proj.head_dim
+    if query.shape[0] != requests:
+        raise ValueError(f"fused_decode takes one new token per request: {query.shape[0]} tokens for "
+                         f"{requests} requests; use the torch path (gather + attend)")
+    capacity = batch.block_table.shape[1] * pages.shape[2]
+    # row j of a request sits at position j (vLLM appends a request's tokens in order)
+    positions = torch.arange(capacity, device=query.device).expand(requests, capacity)
+    return dict(
+        query=query.view(requests, heads, 1, head_dim), **page_sources(pages, layout, xquant, proj), k_tail=None,
+        v_tail=None, col0=None, k_weight=proj.k_weight, k_bias=proj.k_bias, v_weight=proj.v_weight,
+        v_bias=proj.v_bias, cos=None, sin=None, mask=None, length=batch.seq_lens, k_bits=xquant.bits,
+        k_group=xquant.group_size, k_layout="per_token", v_bits=xquant.bits, v_group=xquant.group_size,
+        v_layout="per_token", sm_scale=proj.scale, positions=positions, rope_inv_freq=inv_freq, rope_scale=1.0,
+        block_table=batch.block_table,
+    )

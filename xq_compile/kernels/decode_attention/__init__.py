@@ -36,7 +36,13 @@ multiplying the dominant cost. The round trip costs R·n·8 bytes per KV head, n
 
 Every launch reads ``n`` on the device (no ``.item()``, no host sync): a split whose chunk starts at or
 past ``n`` does nothing but write an empty partial result (a row block past ``n`` returns at once), so
-one CUDA graph serves every fill. The grids depend only on the capacity L and the shapes.
+one CUDA graph serves every fill. The grids depend only on the capacity L and the shapes. ``length``
+may hold one fill per batch row ([B], vLLM's seq_lens): each program reads its own row's.
+
+Paged sources (``block_table`` [B, max_blocks], vLLM's cache): the per-token sources (and col0) are
+``[pages, page_size, ...]`` and row j of batch row b is row j % page_size of page
+block_table[b, j // page_size] (:func:`xq_compile.kernels.tiles.cache_rows`); L = max_blocks ·
+page_size. Everything indexed by position (cos/sin, positions, mask) stays [B, L, ...].
 
 Row sources (the "key source" and the optional "value source"; omitted = the key source's rows, the MHA
 X-cache case): ``per_token`` (exactly the format of :mod:`xq_compile.quant`) or ``per_channel`` (KIVI-style

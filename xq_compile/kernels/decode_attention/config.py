@@ -40,7 +40,7 @@ def interpreted() -> bool:
 def default_config(
     *, batch: int, kv_heads: int, head_dim: int, query_rows: int, max_len: int, v_width: int,
     k_layout: str, k_group: int, v_layout: str, v_group: int, dtype: torch.dtype, device: torch.device,
-    sms: int | None = None,
+    sms: int | None = None, k_bits: int = 4, paged: bool = False,
 ) -> dict:
     """Block sizes, head tiles, split count and warps for a shape: a fixed rule, no autotuning (compile
     time matters, and GPU time to tune is scarce; ``benchmarks/decode_attention.py --sweep`` measures
@@ -57,6 +57,10 @@ def default_config(
     heads at 255 registers, with 76-92 spill instructions after the loop, once per tile); ``--sweep``
     times the alternatives on a GPU.
 
+    Paged sources (vLLM): each row's page is loaded from the block table and stays live through the
+    channel loop; for 3-bit keys in 256-feature tiles that pushed the tile past 255 registers with
+    spills inside the loop (the GQA latent shape), so those take 32 channels per step.
+
     Values kernel: ``block_m`` flattened query rows (all heads share the value rows), ``block_nv``
     rows by ``block_cv`` value channels per step, ``num_splits`` chunks of the rows so that about two
     programs run per multiprocessor (``sms`` of them; default: those of ``device``).
@@ -71,6 +75,8 @@ def default_config(
     block_c = 64
     if k_layout == "per_token" and k_group % 64:
         block_c = max(16, _largest_pow2_divisor(k_group, 64))
+    if paged and k_bits == 3 and block_h * d_pad >= 256:
+        block_c = min(block_c, 32)
     num_warps = 8 if block_n * block_h * d_pad >= 128 * 128 else 4  # two warpgroups from 128 x 128 on
 
     block_m = min(64, pow2_at_least_16(kv_heads * query_rows))
@@ -102,7 +108,8 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, sms: int | None = None)
         batch=shapes.batch, kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
         query_rows=shapes.q_heads // shapes.kv_heads * shapes.seq, max_len=shapes.max_len, v_width=shapes.v_width,
         k_layout=inputs.keys.layout, k_group=inputs.keys.group, v_layout=values.layout, v_group=values.group,
-        dtype=inputs.k_weight.dtype, device=inputs.query.device, sms=sms,
+        dtype=inputs.k_weight.dtype, device=inputs.query.device, sms=sms, k_bits=inputs.keys.bits,
+        paged=inputs.paged,
     )
     cfg.update({k: v for k, v in config.items() if v is not None})
     for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv"):

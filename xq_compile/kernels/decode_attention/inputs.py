@@ -6,6 +6,11 @@ function behind it -- the reference, the launch configuration, the Triton launch
 built once from the op's arguments by :meth:`DecodeAttentionInputs.from_op_args`.
 
 The checks read shapes, dtypes and devices only, never tensor data: no host sync.
+
+Paged sources (``block_table`` given, vLLM's layout): the per-token sources are ``[pages, page_size, ...]``
+instead of ``[B, L, ...]`` and row ``j`` of batch row ``b`` is row ``j % page_size`` of page
+``block_table[b, j // page_size]``; the capacity is ``L = max_blocks · page_size``. Everything indexed
+by position (cos/sin, positions, mask) stays ``[B, L, ...]``.
 """
 
 from __future__ import annotations
@@ -41,18 +46,23 @@ class QuantizedSource:
     layout: str
 
     def check(self, name: str, batch: int, max_len: int, width: int, dtype: torch.dtype,
-              device: torch.device) -> None:
+              device: torch.device, paged: bool = False) -> None:
         """Raise ValueError unless this is a ``width``-channel source of ``max_len`` rows (``name``: the
-        op's argument prefix, ``k`` or ``v``, so the message names the argument to fix)."""
+        op's argument prefix, ``k`` or ``v``, so the message names the argument to fix). ``paged``:
+        ``batch`` pages of ``max_len`` rows each, per token only."""
         packed, scale, zero, tail, group, layout = self.packed, self.scale, self.zero, self.tail, self.group, self.layout
         if layout not in LAYOUTS:
             raise ValueError(f"{name}_layout={layout!r}; supported: {LAYOUTS}")
+        if paged and layout != "per_token":
+            raise ValueError(f"{name}_layout={layout!r} with a block_table: paged sources hold whole rows, one per "
+                             "token (per_token); a per_channel source needs its dense [B, L, ...] form")
         if packed.dim() != 3 or packed.dtype != torch.uint8:
             raise ValueError(f"{name}_packed must be uint8 [B, L, P], got {packed.dtype} {tuple(packed.shape)}")
         expected = quant.packed_width(width, self.bits)  # also rejects unsupported bit widths
         if tuple(packed.shape) != (batch, max_len, expected):
+            lead = f"pages={batch}, page_size={max_len}" if paged else f"B={batch}, L={max_len}"
             raise ValueError(
-                f"{name}_packed must be [B={batch}, L={max_len}, {expected}] ({self.bits}-bit codes of C={width}), "
+                f"{name}_packed must be [{lead}, {expected}] ({self.bits}-bit codes of C={width}), "
                 f"got {tuple(packed.shape)}"
             )
         if group < 1:
@@ -73,8 +83,9 @@ class QuantizedSource:
                 )
         for part, t in (("scale", scale), ("zero", zero)):
             if tuple(t.shape) != sz_shape or t.dtype != quant.SCALE_DTYPE:
+                where = "paged: [pages, page_size, groups]" if paged else layout
                 raise ValueError(
-                    f"{name}_{part} must be {quant.SCALE_DTYPE} {sz_shape} ({layout}), got {t.dtype} {tuple(t.shape)}"
+                    f"{name}_{part} must be {quant.SCALE_DTYPE} {sz_shape} ({where}), got {t.dtype} {tuple(t.shape)}"
                 )
         for part, t in (("packed", packed), ("scale", scale), ("zero", zero), ("tail", tail)):
             if t is not None and t.device != device:
@@ -116,6 +127,12 @@ class DecodeAttentionInputs:
     positions: Optional[torch.Tensor] = None
     rope_inv_freq: Optional[torch.Tensor] = None
     rope_scale: float = 1.0
+    block_table: Optional[torch.Tensor] = None
+
+    @property
+    def paged(self) -> bool:
+        """Whether the per-token sources (and col0) are pages read through ``block_table``."""
+        return self.block_table is not None
 
     @property
     def rope_from_positions(self) -> bool:
@@ -126,7 +143,7 @@ class DecodeAttentionInputs:
     def from_op_args(
         cls, query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
-        v_bits, v_group, v_layout, sm_scale, positions=None, rope_inv_freq=None, rope_scale=1.0,
+        v_bits, v_group, v_layout, sm_scale, positions=None, rope_inv_freq=None, rope_scale=1.0, block_table=None,
     ) -> "DecodeAttentionInputs":
         """From the op's flat arguments, in schema order (positional or by name)."""
         if v_packed is None:
@@ -139,7 +156,7 @@ class DecodeAttentionInputs:
             values = QuantizedSource(v_packed, v_scale, v_zero, v_tail, v_bits, v_group, v_layout)
         return cls(query, QuantizedSource(k_packed, k_scale, k_zero, k_tail, k_bits, k_group, k_layout), values,
                    col0, k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, sm_scale, positions,
-                   rope_inv_freq, rope_scale)
+                   rope_inv_freq, rope_scale, block_table)
 
     @property
     def value_source(self) -> QuantizedSource:
@@ -170,17 +187,21 @@ class DecodeAttentionInputs:
                 raise ValueError(f"{name} must be {dtype} [{kv_heads * head_dim}], got {bias.dtype} {tuple(bias.shape)}")
         if self.keys.packed.dim() != 3:
             raise ValueError(f"k_packed must be uint8 [B, L, P], got {tuple(self.keys.packed.shape)}")
-        max_len = self.keys.packed.shape[1]
+        # the sources' leading dimensions: [B, L] dense, [pages, page_size] paged
+        rows_of = (self.keys.packed.shape[0], self.keys.packed.shape[1]) if self.paged else None
+        max_len = self._check_block_table(batch, device) if self.paged else self.keys.packed.shape[1]
+        lead = rows_of or (batch, max_len)
         k_width, v_width = k_weight.shape[1], v_weight.shape[1]
-        self.keys.check("k", batch, max_len, k_width, dtype, device)
+        self.keys.check("k", *lead, k_width, dtype, device, self.paged)
         if self.values is None:
             if v_width != k_width:
                 raise ValueError(f"shared source: v_weight reads C={v_width} channels but the rows have {k_width}")
         else:
-            self.values.check("v", batch, max_len, v_width, dtype, device)
+            self.values.check("v", *lead, v_width, dtype, device, self.paged)
         col0 = self.col0
-        if col0 is not None and (tuple(col0.shape) != (batch, max_len) or col0.dtype != quant.SCALE_DTYPE):
-            raise ValueError(f"col0 must be {quant.SCALE_DTYPE} {(batch, max_len)}, got {col0.dtype} {tuple(col0.shape)}")
+        if col0 is not None and (tuple(col0.shape) != lead or col0.dtype != quant.SCALE_DTYPE):
+            paged = " (paged like the codes)" if self.paged else ""
+            raise ValueError(f"col0 must be {quant.SCALE_DTYPE} {lead}{paged}, got {col0.dtype} {tuple(col0.shape)}")
         self._check_rope(batch, max_len, head_dim, dtype)
         mask = self.mask
         if mask is not None:
@@ -198,15 +219,27 @@ class DecodeAttentionInputs:
                     f"got {mask.dtype} {tuple(mask.shape)}"
                 )
         length = self.length
-        if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"length must be a 1-element int32/int64 tensor, got {length.dtype} {tuple(length.shape)}")
+        if (length.numel() != 1 and tuple(length.shape) != (batch,)) or length.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"length must be an int32/int64 tensor of 1 element (one fill for every batch row) or "
+                             f"[B={batch}] (a fill per row, e.g. vLLM's seq_lens), got {length.dtype} "
+                             f"{tuple(length.shape)}")
         for name, t in (("k_weight", k_weight), ("v_weight", v_weight), ("k_bias", self.k_bias),
                         ("v_bias", self.v_bias), ("col0", col0), ("cos", self.cos), ("sin", self.sin),
                         ("mask", mask), ("length", length), ("positions", self.positions),
-                        ("rope_inv_freq", self.rope_inv_freq)):
+                        ("rope_inv_freq", self.rope_inv_freq), ("block_table", self.block_table)):
             if t is not None and t.device != device:
                 raise ValueError(f"{name} is on {t.device} but query is on {device}")
         return Shapes(batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width)
+
+    def _check_block_table(self, batch: int, device: torch.device) -> int:
+        """The capacity L = max_blocks · page_size of a paged call, once its block table is checked."""
+        table = self.block_table
+        if table.dim() != 2 or table.shape[0] != batch or table.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"block_table must be int32/int64 [B={batch}, max_blocks] (the pages of each batch "
+                             f"row, in order), got {table.dtype} {tuple(table.shape)}")
+        if table.device != device:
+            raise ValueError(f"block_table is on {table.device} but query is on {device}")
+        return table.shape[1] * self.keys.packed.shape[1]
 
     def _check_rope(self, batch: int, max_len: int, head_dim: int, dtype: torch.dtype) -> None:
         """Either the cos/sin tables, or positions and inv_freq (HF's default RoPE, computed in the kernel)."""

@@ -43,6 +43,7 @@ def decode_attention(
     positions: Optional[torch.Tensor] = None,
     rope_inv_freq: Optional[torch.Tensor] = None,
     rope_scale: float = 1.0,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decode attention over the first ``length`` cached rows, from the quantized sources: [B, Hq, S, D].
 
@@ -50,12 +51,16 @@ def decode_attention(
     v_bits/v_group/v_layout are ignored). RoPE: either the tables ``cos``/``sin`` [B, L, D], or (with
     cos = sin = None) HF's default rotary embedding computed in the kernel from the cached rows'
     ``positions`` [B, L] and ``rope_inv_freq`` fp32 [D/2], times ``rope_scale`` (HF's
-    attention_scaling). The CPU kernel is :func:`reference_decode_attention`.
+    attention_scaling). ``length``: one fill for every batch row (1 element) or one per row ([B],
+    e.g. vLLM's seq_lens). ``block_table`` int32 [B, max_blocks]: the per-token sources (and col0) are
+    pages ``[pages, page_size, ...]``, row j of batch row b at page block_table[b, j // page_size], row
+    j % page_size (vLLM's paged cache; the capacity L is max_blocks · page_size). The CPU kernel is
+    :func:`reference_decode_attention`.
     """
     return reference_decode_attention(DecodeAttentionInputs.from_op_args(
         query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
-        v_bits, v_group, v_layout, sm_scale, positions, rope_inv_freq, rope_scale,
+        v_bits, v_group, v_layout, sm_scale, positions, rope_inv_freq, rope_scale, block_table,
     ))
 
 

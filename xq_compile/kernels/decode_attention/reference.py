@@ -3,6 +3,8 @@ reference the Triton kernels are tested against."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from xq_compile import quant
@@ -43,8 +45,61 @@ def reference_decode_attention(inputs: DecodeAttentionInputs) -> torch.Tensor:
     """The op's semantics in plain torch, rounding where the Triton kernel rounds: X̂ to the model dtype,
     K (after bias and RoPE in fp32) to the model dtype before q·Kᵀ, the unnormalized probabilities to the
     model dtype before P·X̂v, and the mixed rows to the model dtype before the Wv projection; every
-    product accumulates in fp32. ``length`` is read on the host here (``int``), clamped to [0, L]."""
+    product accumulates in fp32. ``length`` is read on the host here (``int``), clamped to [0, L].
+
+    A fill per batch row, or paged sources: each batch row is computed on its own, over its rows
+    gathered into a dense batch of one (:func:`batch_row`)."""
     a = inputs
+    shapes = a.check()
+    batch, max_len = shapes.batch, shapes.max_len
+    if a.paged or a.length.numel() > 1:
+        if batch == 0:
+            return a.query.new_zeros(a.query.shape)
+        return torch.cat([_reference_dense(batch_row(a, b, max_len)) for b in range(batch)])
+    return _reference_dense(a)
+
+
+def batch_row(inputs: DecodeAttentionInputs, b: int, max_len: int) -> DecodeAttentionInputs:
+    """Batch row ``b`` as a dense call of batch 1 over its first n rows (n its fill, clamped to [0, L]):
+    paged sources gathered through the block table, everything else sliced."""
+    a = inputs
+    n = min(max(int(a.length.reshape(-1)[b if a.length.numel() > 1 else 0]), 0), max_len)
+    rows = torch.arange(n, device=a.query.device)
+    one = slice(b, b + 1)
+    if a.paged:
+        page_size = a.keys.packed.shape[1]
+        pages, slots = a.block_table[b].long()[rows // page_size], rows % page_size
+
+        def per_row(t):  # [pages, page_size, ...] -> [1, n, ...]
+            return None if t is None else t[pages, slots][None]
+    else:
+        def per_row(t):
+            return None if t is None else t[one, :n]
+
+    def source(src: QuantizedSource | None) -> QuantizedSource | None:
+        if src is None:
+            return None
+        if src.layout == "per_token":
+            return dataclasses.replace(src, packed=per_row(src.packed), scale=per_row(src.scale),
+                                       zero=per_row(src.zero))
+        groups = -(-n // src.group)  # per_channel (dense only): n rows' token groups and the open tail
+        return dataclasses.replace(src, packed=src.packed[one, :n], scale=src.scale[one, :groups],
+                                   zero=src.zero[one, :groups], tail=src.tail[one])
+
+    def position(t):  # indexed by (batch row, position): [B, L, ...] -> [1, n, ...]
+        return None if t is None else t[one, :n]
+
+    mask = a.mask
+    if mask is not None:
+        mask = mask[one if mask.shape[0] > 1 else slice(0, 1), ..., :n]
+    return dataclasses.replace(
+        a, query=a.query[one], keys=source(a.keys), values=source(a.values), col0=per_row(a.col0),
+        cos=position(a.cos), sin=position(a.sin), positions=position(a.positions), mask=mask,
+        length=torch.tensor(n, device=a.query.device), block_table=None)
+
+
+def _reference_dense(a: DecodeAttentionInputs) -> torch.Tensor:
+    """:func:`reference_decode_attention` for one fill and dense sources."""
     batch, q_heads, seq, head_dim, kv_heads, max_len, _, _ = a.check()
     dtype = a.k_weight.dtype
     n = min(max(int(a.length), 0), max_len)
@@ -74,8 +129,9 @@ def reference_decode_attention(inputs: DecodeAttentionInputs) -> torch.Tensor:
     p = torch.exp(scores - top)
     total = p.sum(-1, keepdim=True)
     mixed = p.to(dtype).float() @ x_v.float()[:, None]  # [B, Hkv, R, Cv]
-    mixed = torch.where(total > 0, mixed / total, torch.zeros_like(mixed)).to(dtype)
+    # a fully masked row has total == 0 exactly: 0 there; a NaN read from a poisoned row stays NaN
+    mixed = torch.where(total == 0, torch.zeros_like(mixed), mixed / total).to(dtype)
     out = mixed.float() @ a.v_weight.float().unflatten(0, (kv_heads, head_dim)).transpose(-1, -2)  # [B, Hkv, R, D]
     if a.v_bias is not None:  # Σ p_j (x_j·Wᵀ + b) = (Σ p_j x_j)·Wᵀ + b, or 0 for a fully masked row
-        out = out + (total > 0).float() * a.v_bias.float().unflatten(0, (kv_heads, head_dim))[None, :, None]
+        out = out + (total != 0).float() * a.v_bias.float().unflatten(0, (kv_heads, head_dim))[None, :, None]
     return out.reshape(batch, q_heads, seq, head_dim).to(a.query.dtype)

@@ -39,9 +39,10 @@ if HAS_TRITON:
             return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     @triton.jit
-    def _fill(length_ptr, L):
-        """n, the cache fill, read on the device and clamped to [0, L]."""
-        n = tl.load(length_ptr).to(tl.int32)
+    def _fill(length_ptr, b, s_len, L):
+        """n, the cache fill of batch row ``b``, read on the device and clamped to [0, L] (``s_len`` 0: one
+        fill for every row; else the stride of the per-row fills, e.g. vLLM's seq_lens)."""
+        n = tl.load(length_ptr + b * s_len).to(tl.int32)
         return tl.minimum(tl.maximum(n, 0), L)
 
     @triton.jit
@@ -76,8 +77,8 @@ if HAS_TRITON:
     @triton.jit
     def _scores_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
-        mask_ptr, length_ptr, out_ptr,
-        L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale, rope_scale,
+        mask_ptr, length_ptr, bt_ptr, out_ptr,
+        L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_len, s_btb, s_btr,
         s_qb, s_qh, s_qs, s_qd,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_wn, s_wk, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
@@ -88,7 +89,7 @@ if HAS_TRITON:
         ROPE_FROM_POSITIONS: tl.constexpr, FAST_TRIG: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_BCAST: tl.constexpr,
         R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_C: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     ):
         """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
 
@@ -100,11 +101,11 @@ if HAS_TRITON:
         """
         pid_bh = tl.program_id(0)
         r0 = tl.program_id(1) * BLOCK_N
-        n = _fill(length_ptr, L)
-        if r0 >= n:
-            return  # a row block past the fill: nothing to do (one CUDA graph serves every fill)
         num_ht = tl.cdiv(HKV, BLOCK_H)
         b = (pid_bh // num_ht).to(tl.int64)  # int64: B * L * stride may exceed 2**31
+        n = _fill(length_ptr, b, s_len, L)
+        if r0 >= n:
+            return  # a row block past the fill: nothing to do (one CUDA graph serves every fill)
         h0 = (pid_bh % num_ht) * BLOCK_H
         n_full = n // GROUP * GROUP
         dtype = w_ptr.dtype.element_ty
@@ -127,7 +128,8 @@ if HAS_TRITON:
             x = dequant_tile(
                 kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
                 s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C,
+                bt_ptr, s_btb, s_btr, PAGE_SIZE,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
             ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
             cols = c0 + tl.arange(0, BLOCK_C)
             w_mask = (cols < C)[:, None] & f_ok[None, :]
@@ -192,8 +194,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _values_kernel(
-        sc_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, acc_ptr, m_ptr, l_ptr,
-        L, M_ALL, C, P,
+        sc_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, bt_ptr, acc_ptr, m_ptr, l_ptr,
+        L, M_ALL, C, P, s_len, s_btb, s_btr,
         s_cb_, s_cm_, s_cl_,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_ab, s_as, s_am, s_ac,
@@ -201,6 +203,7 @@ if HAS_TRITON:
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, OUT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
+        PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     ):
         """Online softmax over one split's rows and acc += p · x̂v for one block of value channels.
 
@@ -216,7 +219,7 @@ if HAS_TRITON:
         m_ok = m < M_ALL
         # this split's rows: the n rows cut into NUM_SPLITS chunks of whole BLOCK_N blocks, from the n
         # on the device (so every fill spreads over all splits)
-        n = _fill(length_ptr, L)
+        n = _fill(length_ptr, b, s_len, L)
         per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
         start = split * per_split
         end = tl.minimum(start + per_split, n)
@@ -238,7 +241,8 @@ if HAS_TRITON:
             x = dequant_tile(
                 vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
                 s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV,
+                bt_ptr, s_btb, s_btr, PAGE_SIZE,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV, PAGED,
             ).to(OUT_DTYPE)
             acc = acc * alpha[:, None]
             acc = _dot(p.to(OUT_DTYPE), x, acc, DOT_PRECISION, UPCAST)
@@ -325,6 +329,22 @@ def _launch_gluon_values(flat_scores, values: QuantizedSource, length, acc, m_pa
     )
 
 
+def _table_ptr(a: DecodeAttentionInputs) -> torch.Tensor:
+    """The block table (unpaged: any valid pointer, never read)."""
+    return a.length if a.block_table is None else a.block_table
+
+
+def _paged_args(a: DecodeAttentionInputs) -> tuple:
+    """(stride of the per-row fills, 0 for one fill; the block table's strides)."""
+    s_len = a.length.stride(0) if a.length.numel() > 1 else 0
+    return (s_len, 0, 0) if a.block_table is None else (s_len, *a.block_table.stride())
+
+
+def _page_size(a: DecodeAttentionInputs) -> int:
+    """Rows per page (a compile-time constant of the kernels; 1 when not paged)."""
+    return 1 if a.block_table is None else a.keys.packed.shape[1]
+
+
 def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
     """Pointers and strides of a source for ``dequant_tile`` (absent tensors: any valid pointer, stride 0)."""
     tail = source.packed if source.tail is None else source.tail
@@ -361,9 +381,9 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         table_strides, pos_strides = (*a.cos.stride(), *a.sin.stride()), (0, 0)
     _scores_kernel[grid](
         a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq, mask_t,
-        a.length, scores,
+        a.length, _table_ptr(a), scores,
         max_len, kv_heads, k_width, keys.packed.shape[2], rows, seq, group_q, half, float(a.sm_scale),
-        float(a.rope_scale),
+        float(a.rope_scale), *_paged_args(a),
         *a.query.stride(), *k_strides, *a.k_weight.stride(), *table_strides, *pos_strides, *m_strides,
         *scores.stride(),
         BITS=keys.bits, GROUP=keys.group, PER_CHANNEL=keys.layout == "per_channel", HAS_COL0=a.col0 is not None,
@@ -371,7 +391,8 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         FAST_TRIG=not launch_config.interpreted(), DOT_PRECISION=precision, UPCAST=upcast,
         SCALE_BCAST=scale_broadcast(keys.layout, keys.group, cfg["block_n"], cfg["block_c"]),
         R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
-        BLOCK_C=cfg["block_c"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_C=cfg["block_c"], PAGED=a.paged, PAGE_SIZE=_page_size(a), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return scores
 
@@ -387,7 +408,8 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead of
     the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
     ``values_kernel="gluon"``: the values stage through the Gluon kernel (``gluon_values``; Hopper only,
-    checked on a GPU only, not the op's default) where it supports the value source, else the Triton one.
+    checked on a GPU only, not the op's default) where it supports the value source (dense, one fill), else
+    the Triton one.
     """
     if not HAS_TRITON:
         raise RuntimeError(
@@ -431,20 +453,21 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     l_part = torch.empty_like(m_part)
     if values_kernel not in ("triton", "gluon"):
         raise ValueError(f"values_kernel={values_kernel!r}: 'triton' or 'gluon'")
-    if values_kernel == "gluon" and gluon_values.supports(values, a.col0 if a.values is None else None, dtype,
-                                                          v_width):
+    # the Gluon values kernel reads one dense fill (no block table, no per-row fills)
+    gluon = values_kernel == "gluon" and not a.paged and a.length.numel() == 1
+    if gluon and gluon_values.supports(values, a.col0 if a.values is None else None, dtype, v_width):
         _launch_gluon_values(flat_scores, values, a.length, acc, m_part, l_part, max_len, m_all, v_width, splits,
                              dtype)
     else:
         _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
-            flat_scores, *v_ptrs, a.length, acc, m_part, l_part,
-            max_len, m_all, v_width, values.packed.shape[2],
+            flat_scores, *v_ptrs, a.length, _table_ptr(a), acc, m_part, l_part,
+            max_len, m_all, v_width, values.packed.shape[2], *_paged_args(a),
             *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
             BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
             HAS_COL0=a.values is None and a.col0 is not None,
             SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
             OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
-            BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv,
+            BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv, PAGED=a.paged, PAGE_SIZE=_page_size(a),
             # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
             num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
         )
