@@ -155,12 +155,16 @@ def test_init_time_variants_are_matched_with_their_scaling(rope):
 ], ids=["positions-halved", "interleaved"])
 def test_a_custom_rotary_embedding_is_refused_with_its_reason(monkeypatch, forward, reason):
     monkeypatch.setattr(ROTARY, "forward", forward)
-    assert all(isinstance(f, str) and f.startswith(reason) for f in matched(build("llama"))), matched(build("llama"))
+    found = matched(build("llama"))
+    assert all(isinstance(f, str) and f.startswith(reason) for f in found), found
 
 
 def test_longrope_frequency_update_in_the_graph_is_refused():
     """longrope copies its short or long frequencies into inv_freq inside the forward: the buffer is
-    written by the graph, so the tables are kept."""
+    written by the graph, so the tables are kept. (transformers 5.17 and 5.19 branch on the sequence length
+    in Python there instead: no full graph to match.)"""
+    if "torch.where(seq_len" not in inspect.getsource(tf.modeling_rope_utils):
+        pytest.skip("this transformers' longrope update is not traceable in one graph")
     half = COMMON["hidden_size"] // COMMON["num_attention_heads"] // 2
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * half,
             "long_factor": [4.0] * half, "original_max_position_embeddings": 8}
@@ -280,6 +284,10 @@ def _interpreter_case() -> None:
     rotary = tf.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
     assert rotary.attention_scaling != 1.0
     small = dict(block_n=16, block_c=32, block_h=2, block_m=16, block_nv=16, block_cv=32, num_splits=2)
+
+    def run(args):
+        return da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**args), **small)
+
     for dtype in (torch.float32, torch.bfloat16):
         for offset in (0, 50_000):
             c = Case(B=2, Hq=4, Hkv=2, D=32, L=40, n=29, C=64, rope="tables", dtype=dtype)
@@ -289,7 +297,6 @@ def _interpreter_case() -> None:
             tables = dict(a, cos=cos.contiguous(), sin=sin.contiguous())
             computed = dict(a, cos=None, sin=None, positions=positions, rope_inv_freq=rotary.inv_freq.clone(),
                             rope_scale=rotary.attention_scaling)
-            run = lambda args: da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**args), **small)  # noqa: E731
             expected = run(tables).float()
             got = run(computed).float()
             # test_decode_attention's bounds for the kernels against the reference: in bf16 the two runs
