@@ -58,8 +58,8 @@ def default_rope(cos: fx.Node, sin: fx.Node, position_source: fx.Node | None, he
 
     Matched structurally, in the two forms transformers writes ``RotaryEmbedding.forward``:
 
-    * 5.20 and later:  ``freqs = position_ids[..., None].float() * inv_freq.to(device, float32)``
-    * 5.17 -- 5.19:    ``freqs = (inv_freq[None, :, None].float().expand(b, -1, 1) @
+    * 5.19 and later:  ``freqs = position_ids[..., None].float() * inv_freq.to(device, float32)``
+    * 5.17:            ``freqs = (inv_freq[None, :, None].expand(b, -1, 1).to(float32) @
                                   position_ids[:, None, :].float()).transpose(1, 2)``
       (a matmul over one term: each angle is the same single fp32 product)
 
