@@ -65,8 +65,10 @@ def fused_decode_attention(ctx: SiteContext, attention: AttentionRead, rope: tup
     state, emit, site, layer, sdpa = ctx.graph_state, ctx.emit, ctx.site, ctx.layer, attention.sdpa
     L, D, B = layer.max_cache_len, site.head_dim, layer.batch_size
     found = default_rope(*rope, site.position_source, D)
-    if not isinstance(found, str) and example_value(rope[0]).dtype != layer.dtype:
-        found = f"the model rotates keys with {example_value(rope[0]).dtype} tables, not its {layer.dtype}"
+    table = example_value(rope[0])
+    if not isinstance(found, str) and (table is None or table.dtype != layer.dtype):
+        # the kernel rounds cos/sin once, to the model dtype; tables in another dtype would be rounded twice
+        found = f"the model's RoPE tables are {getattr(table, 'dtype', 'of unknown dtype')}, not {layer.dtype}"
     if isinstance(found, str):
         # cos/sin of every cached row: the model's own table code, cloned with the cached positions
         state.rope_tables.setdefault(site.position_source, state.positions)

@@ -208,6 +208,26 @@ def test_rope_from_positions_gives_the_logits_of_the_tables(monkeypatch, family,
     assert all(torch.equal(a, b) for a, b in zip(computed, tables))
 
 
+def test_bf16_rope_from_positions_gives_the_logits_of_the_tables(monkeypatch):
+    """In bf16 (inv_freq cast with the model) the kernel rounds cos/sin to bf16 once, as the tables are."""
+    model = build("llama").to(torch.bfloat16)
+    calls = decode_inputs(steps=2)
+    config = xq.XQuantConfig(bits=4, group_size=16)
+
+    def run():
+        torch.compiler.reset()
+        cache = xq.XQuantCache(model.config, max_batch_size=2, max_cache_len=32, xquant=config, dtype=torch.bfloat16)
+        out = run_calls(torch.compile(model.forward, backend=FUSED, fullgraph=True), cache, calls)
+        return out, [r.form for r in xq.COMPILE_LOG[-1].reports]
+
+    computed, forms = run()
+    assert all(f.endswith("RoPE from positions") for f in forms), forms
+    _with_tables(monkeypatch)
+    tables, forms = run()
+    assert all(f.endswith("RoPE tables: tables forced by the test") for f in forms), forms
+    assert all(torch.equal(a, b) for a, b in zip(computed, tables))
+
+
 def test_the_matmul_form_compiles_to_the_logits_of_the_tables(monkeypatch):
     _matmul_form(monkeypatch)
     model = build("llama")
