@@ -138,11 +138,16 @@ def test_the_matmul_form_of_transformers_5_17_is_matched(monkeypatch):
         assert "inv_freq" in found.inv_freq.name and "position_ids" in found.positions.name
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}, YARN],
-                         ids=["linear", "yarn"])
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}, LLAMA3, YARN],
+                         ids=["linear", "llama3", "yarn"])
 def test_init_time_variants_are_matched_with_their_scaling(rope):
-    """Linear scaling and YaRN change inv_freq and attention_scaling when the model is built; the forward is
-    the default one, so the kernel computes exactly their tables from the buffer and the scaling."""
+    """Linear, llama3 and YaRN scaling change inv_freq (and YaRN attention_scaling) when the model is built;
+    the forward is the default one, so the kernel computes exactly their tables from the buffer and the
+    scaling."""
     model = build("llama", rope)
     scaling = model.model.rotary_emb.attention_scaling
     assert (scaling != 1.0) == (rope["rope_type"] == "yarn")
