@@ -16,7 +16,7 @@ from .context import SiteContext
 from .emit import Emitter
 from .graph_state import GraphState
 from .match import AttentionRead, Site, _arg, example_value
-from .rope import rope_at_cached_rows
+from .rope import default_rope, rope_at_cached_rows
 
 
 def plain_rope(site: Site) -> tuple[fx.Node, fx.Node] | None:
@@ -58,25 +58,42 @@ def plain_rope(site: Site) -> tuple[fx.Node, fx.Node] | None:
 
 
 def fused_decode_attention(ctx: SiteContext, attention: AttentionRead, rope: tuple[fx.Node, fx.Node],
-                           sources: FusedSources, weights: tuple[fx.Node, fx.Node]) -> None:
+                           sources: FusedSources, weights: tuple[fx.Node, fx.Node]) -> str:
     """Replace the layer's SDPA by ``xq_compile::decode_attention`` over the packed cache (emitted
-    before the SDPA, where ``sources`` and ``weights`` were)."""
+    before the SDPA, where ``sources`` and ``weights`` were). Returns how the op gets RoPE, for the
+    site's report: "RoPE from positions", or "RoPE tables: <why not from the positions>"."""
     state, emit, site, layer, sdpa = ctx.graph_state, ctx.emit, ctx.site, ctx.layer, attention.sdpa
     L, D, B = layer.max_cache_len, site.head_dim, layer.batch_size
-    # cos/sin of every cached row: the model's own table code, cloned with the cached positions
-    state.rope_tables.setdefault(site.position_source, state.positions)
-    rope_at_cached_rows(state, site, rope, L)
-    cos, sin = (emit(lambda t: t.reshape(-1, L, D).expand(B, L, D).to(layer.dtype).contiguous(),
-                     state.rope_tables.get(t, t)) for t in rope)
+    found = default_rope(*rope, site.position_source, D)
+    table = example_value(rope[0])
+    if not isinstance(found, str) and (table is None or table.dtype != layer.dtype):
+        # the kernel rounds cos/sin once, to the model dtype; tables in another dtype would be rounded twice
+        found = f"the model's RoPE tables are {getattr(table, 'dtype', 'of unknown dtype')}, not {layer.dtype}"
+    if isinstance(found, str):
+        # cos/sin of every cached row: the model's own table code, cloned with the cached positions
+        state.rope_tables.setdefault(site.position_source, state.positions)
+        rope_at_cached_rows(state, site, rope, L)
+        cos, sin = (emit(lambda t: t.reshape(-1, L, D).expand(B, L, D).to(layer.dtype).contiguous(),
+                         state.rope_tables.get(t, t)) for t in rope)
+        computed, note = (None, None, 1.0), f"RoPE tables: {found}"
+    else:
+        # transformers' default rotary embedding: the kernel computes cos/sin from the cached rows'
+        # positions (8 bytes a row instead of the tables' 4·D), with the model's own inv_freq (a graph
+        # input, read at run time as the tables read it) and attention_scaling
+        cos = sin = None
+        positions = emit(lambda p: p.reshape(-1, L).expand(B, L), state.positions)  # [L] (shared) or [B, L]
+        inv_freq = emit(lambda f: f.to(torch.float32).reshape(-1), found.inv_freq)
+        computed, note = (positions, inv_freq, found.scaling), "RoPE from positions"
     (k_weight, v_weight), (k_bias, v_bias) = weights, (ctx.bias("key"), ctx.bias("value"))
     query, scale = _arg(sdpa, 0, "query"), _arg(sdpa, 6, "scale")
     g = layer.xquant.group_size
     new = emit(torch.ops.xq_compile.decode_attention.default, query, *sources.key, *sources.value, None,
                sources.key_channel0, k_weight, k_bias, v_weight, v_bias, cos, sin, attention.mask, state.length,
                layer.bits, g, sources.layouts[0], layer.bits, g, sources.layouts[1],
-               float(D ** -0.5 if scale is None else scale))
+               float(D ** -0.5 if scale is None else scale), *computed)
     sdpa.replace_all_uses_with(new)
     state.graph.erase_node(sdpa)
+    return note
 
 
 def attend_over_cached_rows(state: GraphState, emit: Emitter, attention: AttentionRead, keys: fx.Node, values,

@@ -104,11 +104,13 @@ class XQuantRewrite:
                 if problem is not None:
                     reports.append(SiteReport(site.layer, "skipped", problem))
                     continue
+                note = None
             else:
                 state.check_chain_order(layer)
-                _rewrite_site(state, site, layer)
+                note = _rewrite_site(state, site, layer)
             owner = "" if layer.tracks_length else ", state owned by the compiled model"
-            reports.append(SiteReport(layer.layer_idx, "rewritten", form=layer.form.describe(owner)))
+            form = layer.form.describe(owner) + (f"; {note}" if note else "")
+            reports.append(SiteReport(layer.layer_idx, "rewritten", form=form))
             appends.append((state.arg_index[site.key.append.cache], state.token_count(site.seq_len)))
         # One report per window layer, whether or not its writes matched a site (the window's roll does not)
         reports = [r for r in reports if r.layer not in kept]
@@ -134,8 +136,9 @@ def _longest_buffer(state: GraphState, sites: list[Site]) -> int:
     return max([r for r in rows if isinstance(r, int)], default=0)
 
 
-def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> None:
-    """Store this call's rows in the layer's form, then read the cache back through the rebuild."""
+def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> str | None:
+    """Store this call's rows in the layer's form, then read the cache back through the rebuild. Returns
+    a note for the site's report where the fused decode-attention op took it (how it gets RoPE)."""
     graph, form = state.graph, layer.form
     ctx = SiteContext(state, site, layer, strategy_for(state.rebuild, layer.device))
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -155,9 +158,9 @@ def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> None:
         with graph.inserting_before(attention.sdpa):
             sources = form.fused_sources(ctx, layer.max_cache_len)
             if sources is not None:
-                fused_decode_attention(ctx, attention, rope, sources, form.emit_weights(ctx))
+                note = fused_decode_attention(ctx, attention, rope, sources, form.emit_weights(ctx))
                 erase_site(graph, site, attention)
-                return
+                return note
     # 2. Rebuild K and V from the cache, after the (now removed) appends, before any reader. Where
     # attention is the only reader (and the length is on the host), it attends over the n rebuilt rows.
     if ctx.strategy.device_length:
@@ -167,9 +170,10 @@ def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> None:
     if attention is None:
         replace_cache_reads(graph, site, new_keys, new_values)
         erase_site(graph, site, appends=False)
-        return
+        return None
     attend_over_cached_rows(state, ctx.emit, attention, new_keys, new_values, site.num_heads, x_hat)
     erase_site(graph, site, attention)
+    return None
 
 
 def _rewrite_window_site(state: GraphState, site: Site, layer: XQuantLayer) -> str | None:

@@ -22,7 +22,8 @@ declare -A PINS=(
 
 # prefill + decode through generate() (with and without padding, a second turn on the same cache),
 # the XQuantCache's own API (crop/reset, the cache keyword), the GQA latent form, a transformers
-# StaticCache rewritten through options=, a hybrid model (sliding-window layers kept) past its window.
+# StaticCache rewritten through options=, a hybrid model (sliding-window layers kept) past its window, the
+# fused op's RoPE from positions (the rotary forward's form differs between releases; YaRN).
 SMOKE=(
     tests/test_transformers_compat.py
     tests/test_backend.py::test_generate_with_left_padding_matches_unquantized_greedy
@@ -33,6 +34,8 @@ SMOKE=(
     "tests/test_hybrid.py::test_unquantized_hybrid_is_exact_past_the_window[qwen2]"
     "tests/test_x_window.py::test_unquantized_x_window_is_exact_past_the_window[qwen2-12]"
     "tests/test_x_window.py::test_quantized_x_window_matches_the_simulation[mistral]"
+    tests/test_fused_rope.py::test_the_matmul_form_of_transformers_5_17_is_matched
+    "tests/test_fused_rope.py::test_rope_from_positions_gives_the_logits_of_the_tables[llama-yarn]"
 )
 
 if [ ! -x .venv/bin/python ]; then

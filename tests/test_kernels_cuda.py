@@ -161,7 +161,8 @@ def test_quant_roundtrip_on_device():
 @pytest.mark.parametrize("form", ["x", "latent"])
 def test_fused_decode_on_device_matches_the_reference(form):
     """backend="xquant" on CUDA runs decode steps through the fused decode-attention kernel (checked in
-    the graph); one layer, fp32, against the eager torch reference of the same cache contents."""
+    the graph), RoPE computed from the positions; one layer, fp32, against the eager torch reference of
+    the same cache contents."""
     import xq_compile as xq
     from conftest import prefix_reference
 
@@ -176,6 +177,8 @@ def test_fused_decode_on_device_matches_the_reference(form):
     with torch.no_grad():
         out = [forward(**c, **cache_kwargs(forward, cache), use_cache=True).logits for c in calls]
     assert "decode_attention" in xq.COMPILE_LOG[-1].code_after
+    # the kernel computes cos/sin from the cached rows' positions (tests/test_fused_rope.py)
+    assert all(r.form.endswith("RoPE from positions") for r in xq.COMPILE_LOG[-1].reports)
     ref = prefix_reference(model, calls, config)
     assert max((o - r).abs().max().item() for o, r in zip(out, ref)) < 1e-3
 

@@ -238,6 +238,7 @@ def explain(
     max_cache_len: int = DEFAULT_CACHE_LEN,
     inner: str | Callable = "aot_eager",
     fullgraph: bool = True,
+    rebuild: str = "auto",
 ) -> Explanation:
     """Compile ``model.forward`` with the xquant backend, run ``inputs`` once, report what happened.
 
@@ -250,9 +251,11 @@ def explain(
     the prompt and the decode steps). ``decode_steps`` greedy steps after the prompt make the decode
     graph show.
     ``inner``: the compiler after the rewrite (``"aot_eager"`` is fast; ``"inductor"`` is what
-    ``backend="xquant"`` uses). ``model.forward`` itself is not modified.
+    ``backend="xquant"`` uses). ``rebuild``: as :func:`make_xquant_backend`'s (``"fused"`` shows on CPU
+    the fused decode-attention form CUDA runs, with how each site gets RoPE). ``model.forward`` itself
+    is not modified.
     """
-    compiled = torch.compile(model.forward, backend=make_xquant_backend(inner), fullgraph=fullgraph)
+    compiled = torch.compile(model.forward, backend=make_xquant_backend(inner, rebuild), fullgraph=fullgraph)
     config = getattr(model, "config", None)
     name = getattr(config, "name_or_path", "") or model.__class__.__name__
     logits, names, tokens_written = [], [], 0
