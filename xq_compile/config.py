@@ -36,8 +36,8 @@ class XQuantConfig:
         base_bits: code width of the base layers (``None``: unquantized).
         form: what a layer caches. ``"x"``: X itself. ``"latent"``: the GQA latents X·U_k and X·U_v
             (SVD of the K/V weights; see :mod:`xq_compile.latent`): the key latent quantized per channel
-            in groups of ``group_size`` tokens with the open group in fp16, the value latent per token
-            (rotated with ``rotation``). ``"auto"`` (default): the latent form where X is wider than
+            in groups of ``group_size`` tokens (the group still filling at ``bits`` + 4 bits per channel,
+            quantized at ``bits`` when it completes), the value latent per token (rotated with ``rotation``). ``"auto"`` (default): the latent form where X is wider than
             K+V (grouped-query attention with group > 2), X otherwise.
         keep_channel0: latent form only: keep channel 0 of the key latent (the largest singular
             direction, which carries the outliers) in fp16 for every token (+2 bytes per token per layer).
