@@ -336,8 +336,8 @@ def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict
                                     page_size: int = 16, batch: int = 4) -> list[Launch]:
     """The launches of the vLLM plugin's decode step (``xq_compile.vllm.paged.decode_arguments``) for a
     benchmark shape: ``batch`` requests of ``length`` rows in shuffled pages of ``page_size`` tokens, the
-    sources strided views of the page bytes exactly as the plugin makes them (a token's codes, scales
-    and zeros side by side: other strides and alignments than the dense cache), RoPE from the positions,
+    sources strided views of the page bytes exactly as the plugin makes them (each block's code rows,
+    then its scale rows, then its zero rows: the page stride differs from the dense cache's), RoPE from the positions,
     one query token per request. The GQA shape is the plugin's latent form: per-token key and value
     latents in one row (CPU tensors, nothing runs)."""
     from xq_compile import XQuantConfig

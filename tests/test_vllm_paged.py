@@ -16,7 +16,7 @@ from xq_compile.rotation import fold_into_weight, hadamard, rotate
 from xq_compile.simulate import simulated_x
 from xq_compile.vllm import bytes_per_token, token_state_layout
 from xq_compile.vllm import paged
-from xq_compile.vllm.layout import decode_rows, encode_rows
+from xq_compile.vllm.layout import field_views
 
 
 def test_layout_bytes_are_the_x_form_of_xquantcache():
@@ -30,13 +30,43 @@ def test_layout_bytes_are_the_x_form_of_xquantcache():
         token_state_layout(XQuantConfig(bits=4, group_size=64), 96, torch.float32)
 
 
-def test_rows_round_trip_through_bytes():
-    layout = token_state_layout(XQuantConfig(bits=4, group_size=32), 64, torch.float32)
-    x = torch.randn(5, 64)
-    state = paged.x_state(x, XQuantConfig(bits=4, group_size=32), None)
-    back = decode_rows(layout, encode_rows(layout, state))
-    for name in state:
-        assert torch.equal(back[name], state[name]), name
+def _field_bytes(pages: torch.Tensor, layout, name: str) -> torch.Tensor:
+    """The bytes of field ``name`` of every slot, [num_blocks, block_size, nbytes], cut from each block
+    by hand: a block is its slots' codes, then their scales, then their zeros."""
+    blocks, block_size = pages[:, 0].reshape(pages.shape[0], -1), pages.shape[2]
+    start = 0
+    for f in layout:
+        if f.name == name:
+            return blocks[:, block_size * start:block_size * (start + f.nbytes)].reshape(pages.shape[0], block_size, -1)
+        start += f.nbytes
+    raise KeyError(name)
+
+
+def test_a_block_holds_each_field_of_its_slots_in_one_run():
+    """store writes a token's codes, scale and zero into three runs of its block (field-major), so each
+    field's rows have their own stride (32 code bytes here, not the 40-byte token): what lets the GPU
+    kernels load codes 16 bytes at a time. gather reads back exactly the state stored."""
+    xquant = XQuantConfig(bits=4, group_size=32)
+    layout = token_state_layout(xquant, 64, torch.float32)
+    assert bytes_per_token(layout) == 40
+    pages = torch.zeros(3, 1, 4, 40, dtype=torch.uint8)
+    x, slots = torch.randn(5, 64), torch.tensor([5, 4, 11, 0, 7])
+    paged.store(pages, slots, x, layout, xquant, None)
+    state = paged.x_state(x, xquant, None)
+    for name, want in state.items():
+        got = _field_bytes(pages, layout, name).view(want.dtype)[slots // 4, slots % 4]
+        assert torch.equal(got, want), name
+    views = field_views(pages, layout)
+    assert views["codes"].stride() == (160, 32, 1) and views["scale"].stride() == (80, 2, 1)
+    assert all(v.untyped_storage().data_ptr() == pages.untyped_storage().data_ptr() for v in views.values())
+    batch = paged.PagedBatch(query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                             seq_lens=torch.tensor([6], dtype=torch.int32),
+                             block_table=torch.tensor([[0, 1]], dtype=torch.int32),
+                             slot_mapping=torch.tensor([5]), max_query_len=1, max_seq_len=6)
+    rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32)
+    # slots 0, 4, 5 of request 0 hold x[3], x[1], x[0]
+    torch.testing.assert_close(rows[[0, 4, 5]], paged.x_hat(
+        {k: v[[3, 1, 0]] for k, v in state.items()}, xquant, torch.float32))
 
 
 def _rope(positions: torch.Tensor, keys: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -233,7 +263,6 @@ def test_page_sources_are_views_of_the_page_bytes(form, bits):
     the layout decodes them: the whole row (X form), or its key latent then its value latent."""
     pages, batch, layout, xquant, proj, _, _ = _decode_step(form, bits, kv_heads=2)
     sources = paged.page_sources(pages, layout, xquant, proj)
-    page_rows = decode_rows(layout, pages[:, 0])  # [num_blocks, block_size, width] per name (copies)
     for name, t in sources.items():
         if t is not None:
             assert t.untyped_storage().data_ptr() == pages.untyped_storage().data_ptr(), name
@@ -247,7 +276,7 @@ def test_page_sources_are_views_of_the_page_bytes(form, bits):
                  "zero": [sources["k_zero"], sources["v_zero"]]}
     for name, views in parts.items():
         joined = torch.cat([v[block] for v in views], dim=-1)
-        assert torch.equal(joined.view(torch.uint8), page_rows[name][block].contiguous().view(torch.uint8)), name
+        assert torch.equal(joined.contiguous().view(torch.uint8), _field_bytes(pages, layout, name)[block]), name
 
 
 @pytest.mark.parametrize("form", ["x", "latent"])
@@ -277,11 +306,15 @@ def test_fused_decode_refuses_what_it_does_not_read():
     with pytest.raises(ValueError, match="one new token per request"):
         paged.fused_decode(torch.cat([query, query]), pages, batch, layout, xquant, proj, inv_freq)
     plain = token_state_layout(XQuantConfig(bits=None), 128, torch.float32)
-    odd_codes = token_state_layout(XQuantConfig(bits=3, group_size=8), 40, torch.float32)  # 15 code bytes
-    assert paged.pages_readable(layout) and not paged.pages_readable(plain) and not paged.pages_readable(odd_codes)
+    assert paged.pages_readable(layout) and not paged.pages_readable(plain)
     with pytest.raises(ValueError, match="bits=None.*torch path"):
         paged.page_sources(torch.zeros(2, 1, 4, bytes_per_token(plain), dtype=torch.uint8), plain,
                            XQuantConfig(bits=None), proj)
-    odd = torch.zeros(2, 1, 4, bytes_per_token(layout) + 1, dtype=torch.uint8)[..., 1:]  # fp16 at odd bytes
-    with pytest.raises(ValueError, match="not torch.float16-aligned"):
-        paged.page_sources(odd, layout, xquant, proj)
+    padded = torch.zeros(2, 1, 4, bytes_per_token(layout) + 1, dtype=torch.uint8)[..., 1:]  # a gap after each token
+    with pytest.raises(ValueError, match="one contiguous run"):
+        paged.page_sources(padded, layout, xquant, proj)
+    odd_codes = token_state_layout(XQuantConfig(bits=3, group_size=8), 40, torch.float32)  # 15 code bytes
+    with pytest.raises(ValueError, match="not torch.float16-aligned.*even block_size"):  # scales at byte 3 x 15
+        field_views(torch.zeros(2, 1, 3, bytes_per_token(odd_codes), dtype=torch.uint8), odd_codes)
+    assert field_views(torch.zeros(2, 1, 4, bytes_per_token(odd_codes), dtype=torch.uint8), odd_codes)["scale"].shape \
+        == (2, 4, 5)

@@ -1,8 +1,8 @@
-"""The per-token X state in vLLM's pages: which tensors one cached token holds, and their bytes.
+"""The per-token X state in vLLM's pages: which tensors one cached token holds, and where their bytes sit.
 
 vLLM gives each attention layer a ``[num_blocks, 1, block_size, C]`` uint8 view of its pages (C bytes per
-token, declared in the layer's KV cache spec). A token's C bytes are its state tensors side by side, in
-the order :func:`token_state_layout` lists them:
+token, declared in the layer's KV cache spec). A token's state is the tensors :func:`token_state_layout`
+lists:
 
   quantized (``bits`` set):  codes uint8 [packed_width(d, bits)], scale fp16 [d / group_size],
                              zero fp16 [d / group_size]
@@ -11,6 +11,12 @@ the order :func:`token_state_layout` lists them:
 These are exactly the per-token rows of :class:`xq_compile.XQuantCache`'s X form (same quantizer, same
 packing, same rotation: :mod:`xq_compile.quant`, :mod:`xq_compile.rotation`), stored by token instead of
 in one ``[batch, max_len, ...]`` tensor per name.
+
+Inside a block the bytes are field-major: the block's ``block_size`` code rows first, then its scale rows,
+then its zero rows (:func:`field_views`), not one token's fields side by side. A block still holds
+``block_size x C`` bytes, so vLLM's block accounting, copies and prefix sharing (whole blocks) are
+unchanged; but each field's rows now have their own stride (288 code bytes for SmolLM2 at 4 bits instead
+of the 324-byte token), so the GPU kernels read codes with aligned vector loads.
 """
 
 from __future__ import annotations
@@ -48,17 +54,29 @@ def bytes_per_token(layout: tuple[StateField, ...]) -> int:
     return sum(field.nbytes for field in layout)
 
 
-def encode_rows(layout: tuple[StateField, ...], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The state tensors ``[..., width]`` of some tokens as their page bytes ``[..., C]`` (uint8)."""
-    parts = [tensors[f.name].to(f.dtype).contiguous().view(torch.uint8) for f in layout]
-    return torch.cat(parts, dim=-1)
-
-
-def decode_rows(layout: tuple[StateField, ...], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`encode_rows`: page bytes ``[..., C]`` -> the named state tensors."""
-    out, start = {}, 0
+def field_views(pages: torch.Tensor, layout: tuple[StateField, ...]) -> dict[str, torch.Tensor]:
+    """Each field of every cached token as a view of a layer's pages ``[num_blocks, 1, block_size, C]`` (no
+    copy): name -> ``[num_blocks, block_size, width]`` in the field's dtype. Block b's bytes are the fields
+    one after another, each ``[block_size, width]`` (field-major, see the module docstring); reading and
+    writing these views is the one way the plugin touches page bytes."""
+    if pages.dtype != torch.uint8 or pages.dim() != 4 or pages.shape[1] != 1:
+        raise ValueError(f"expected a layer's pages as uint8 [num_blocks, 1, block_size, C], got {pages.dtype} "
+                         f"{list(pages.shape)}")
+    num_blocks, block_size, token_bytes = pages.shape[0], pages.shape[2], pages.shape[3]
+    if token_bytes != bytes_per_token(layout):
+        raise ValueError(f"the pages hold {token_bytes} bytes per token, the layout {bytes_per_token(layout)}")
+    if pages.stride(3) != 1 or pages.stride(2) != token_bytes:
+        raise ValueError(f"a block's bytes must be one contiguous run (pages of shape {list(pages.shape)} have "
+                         f"strides {pages.stride()}): pass the layer's kv_cache tensor as vLLM allocates it")
+    blocks = pages[:, 0].view(num_blocks, block_size * token_bytes)  # a view: writes reach the pages
+    views, start = {}, 0
     for f in layout:
-        part = rows.narrow(-1, start, f.nbytes)
-        out[f.name] = part if f.dtype == torch.uint8 else part.contiguous().view(f.dtype)
+        part = blocks.narrow(1, block_size * start, block_size * f.nbytes).view(num_blocks, block_size, f.nbytes)
+        if f.dtype != torch.uint8:
+            if part.storage_offset() % f.dtype.itemsize or blocks.stride(0) % f.dtype.itemsize:
+                raise ValueError(f"the {f.name} rows of a block are not {f.dtype}-aligned (block_size {block_size}, "
+                                 f"{token_bytes} bytes per token): use an even block_size")
+            part = part.view(f.dtype)
+        views[f.name] = part
         start += f.nbytes
-    return out
+    return views

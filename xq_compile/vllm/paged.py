@@ -32,7 +32,7 @@ from ..config import XQuantConfig
 from ..kernels.decode_attention import decode_attention
 from ..latent import svd_factors
 from ..rotation import rotate
-from .layout import StateField, bytes_per_token, decode_rows, encode_rows
+from .layout import StateField, bytes_per_token, field_views
 
 Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """RoPE of keys ``[tokens, kv_heads * head_dim]`` at positions ``[tokens]`` (the model's own rotary)."""
@@ -119,9 +119,9 @@ def store(pages: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor, layo
           xquant: XQuantConfig, rotation: torch.Tensor | None) -> None:
     """Write the X state of the tokens into their slots (padding into :data:`NULL_SLOT`)."""
     slots, x = slot_mapping.long().clamp(min=NULL_SLOT), x[: slot_mapping.shape[0]]
-    rows = encode_rows(layout, x_state(x, xquant, rotation))
-    block_size = pages.shape[2]
-    pages[slots // block_size, 0, slots % block_size] = rows
+    state, block_size = x_state(x, xquant, rotation), pages.shape[2]
+    for name, view in field_views(pages, layout).items():
+        view[slots // block_size, slots % block_size] = state[name].to(view.dtype)
 
 
 def gather(pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...], xquant: XQuantConfig,
@@ -142,8 +142,8 @@ def gather(pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...
     else:
         request, position = valid.nonzero(as_tuple=True)
     blocks = batch.block_table.long()[request, position // block_size]
-    raw = pages[blocks, 0, position % block_size]  # [T, C]
-    x = x_hat(decode_rows(layout, raw), xquant, dtype)
+    slot = position % block_size
+    x = x_hat({name: view[blocks, slot] for name, view in field_views(pages, layout).items()}, xquant, dtype)
     if static:  # places past a request's length may hold any bytes: zeros, so no inf/NaN reaches the sums
         x = torch.where(valid.reshape(-1, 1), x, 0)
     return x, valid
@@ -257,42 +257,27 @@ QUANTIZED_ROW = ["codes", "scale", "zero"]
 
 
 def pages_readable(layout: tuple[StateField, ...]) -> bool:
-    """Whether :func:`page_sources` can view a token's bytes as the op's sources: quantized rows (codes,
-    scale, zero; bits=None rows are the model dtype, which the op does not read) whose fp16 fields start
-    at even byte offsets of an even-sized token (a tensor view in another dtype must be aligned to it)."""
-    if [f.name for f in layout] != QUANTIZED_ROW:
-        return False
-    return layout[0].nbytes % 2 == 0 and bytes_per_token(layout) % 2 == 0
+    """Whether :func:`page_sources` can give the op its sources: quantized rows (codes, scale, zero);
+    bits=None rows are the model dtype, which the op does not read."""
+    return [f.name for f in layout] == QUANTIZED_ROW
 
 
 def page_sources(pages: torch.Tensor, layout: tuple[StateField, ...], xquant: XQuantConfig,
                  proj: Projection) -> dict[str, torch.Tensor | None]:
-    """The op's per-token sources as views of a layer's page bytes ``[num_blocks, 1, block_size, C]`` (no
-    copy): ``k_packed`` uint8 ``[num_blocks, block_size, P]``, ``k_scale``/``k_zero`` fp16 ``[num_blocks,
+    """The op's per-token sources as views of a layer's page bytes ``[num_blocks, 1, block_size, C]``
+    (:func:`~xq_compile.vllm.layout.field_views`, no copy): ``k_packed`` uint8 ``[num_blocks, block_size, P]``, ``k_scale``/``k_zero`` fp16 ``[num_blocks,
     block_size, groups]``, and ``v_*`` likewise for the latent form's value latent (None for the X form,
     whose one source serves keys and values). A latent row ``[key latent | value latent]`` is quantized in
     whole groups (the attention layer checks that), so each latent's codes and scales are a contiguous
     run of the row's bytes."""
-    names = [f.name for f in layout]
-    if names != QUANTIZED_ROW:
-        raise ValueError(f"the fused decode reads quantized rows (codes, scale, zero); this layer caches {names} "
-                         "(bits=None): use the torch path (gather + attend)")
-    rows = pages[:, 0]  # [num_blocks, block_size, C]
-    offsets, start = {}, 0
-    for f in layout:
-        offsets[f.name] = (start, f.dtype)
-        start += f.nbytes
+    if not pages_readable(layout):
+        raise ValueError(f"the fused decode reads quantized rows (codes, scale, zero); this layer caches "
+                         f"{[f.name for f in layout]} (bits=None): use the torch path (gather + attend)")
+    views = field_views(pages, layout)
 
     def field(name: str, first: int, count: int) -> torch.Tensor:
-        """Elements first .. first + count of a token's ``name``, for every slot (a view in its dtype)."""
-        byte0, dtype = offsets[name]
-        part = rows.narrow(-1, byte0 + first * dtype.itemsize, count * dtype.itemsize)
-        if dtype == torch.uint8:
-            return part
-        if (part.storage_offset() % dtype.itemsize or any(st % dtype.itemsize for st in part.stride()[:-1])):
-            raise ValueError(f"the {name} bytes of a token are not {dtype}-aligned in the pages "
-                             f"(token size {rows.shape[-1]} bytes, {name} at byte {byte0}): use the torch path")
-        return part.view(dtype)
+        """Elements first .. first + count of a token's ``name``, for every slot."""
+        return views[name].narrow(-1, first, count)
 
     bits, group = xquant.bits, xquant.group_size
     width = layout[1].width * group  # the row's channels: one scale per group
