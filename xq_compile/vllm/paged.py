@@ -32,7 +32,7 @@ from ..config import XQuantConfig
 from ..kernels.decode_attention import decode_attention
 from ..latent import svd_factors
 from ..rotation import rotate
-from .layout import StateField, bytes_per_token, field_views
+from .layout import StateField, field_views
 
 Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """RoPE of keys ``[tokens, kv_heads * head_dim]`` at positions ``[tokens]`` (the model's own rotary)."""
@@ -265,8 +265,8 @@ def pages_readable(layout: tuple[StateField, ...]) -> bool:
 def page_sources(pages: torch.Tensor, layout: tuple[StateField, ...], xquant: XQuantConfig,
                  proj: Projection) -> dict[str, torch.Tensor | None]:
     """The op's per-token sources as views of a layer's page bytes ``[num_blocks, 1, block_size, C]``
-    (:func:`~xq_compile.vllm.layout.field_views`, no copy): ``k_packed`` uint8 ``[num_blocks, block_size, P]``, ``k_scale``/``k_zero`` fp16 ``[num_blocks,
-    block_size, groups]``, and ``v_*`` likewise for the latent form's value latent (None for the X form,
+    (:func:`~xq_compile.vllm.layout.field_views`, no copy): ``k_packed`` uint8 ``[num_blocks, block_size,
+    P]``, ``k_scale``/``k_zero`` fp16 ``[num_blocks, block_size, groups]``, and ``v_*`` likewise for the latent form's value latent (None for the X form,
     whose one source serves keys and values). A latent row ``[key latent | value latent]`` is quantized in
     whole groups (the attention layer checks that), so each latent's codes and scales are a contiguous
     run of the row's bytes."""
