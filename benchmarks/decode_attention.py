@@ -77,7 +77,7 @@ def parse_args(argv=None):
                    help="sweep only lengths from this one on (the target is for n >= 8K; short ones are launch-bound)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: also record the device time of each Triton kernel of the fused op (torch.profiler), "
-                        "to see which of the scores / values / reduce launches dominates")
+                        "to see which of the scores / softmax / values / reduce launches dominates")
     p.add_argument("--compile-only", action="store_true",
                    help="launch every kernel the timed run would (fused default and, with --sweep, each sweep "
                         "configuration; the unfused path) once, untimed, to fill Triton's disk cache; no output")

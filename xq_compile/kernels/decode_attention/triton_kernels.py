@@ -1,6 +1,6 @@
 """The Triton kernels of ``xq_compile::decode_attention`` and their launcher,
 :func:`decode_attention_triton` (what the op's CUDA kernel calls; see the package docstring for the
-three launches and why).
+four launches and why).
 
 Triton is optional: without it this module imports and :data:`HAS_TRITON` is False; only the launcher
 raises (asking to install triton).
