@@ -505,6 +505,13 @@ def _run_query_token_cases() -> None:
     finally:
         kernels._scores_kernel = real
     assert len(set(per_s.values())) == 1, f"the K-rebuild launch depends on S: {per_s}"
+    # 128 query rows (GQA group 4 at S = 16, 2 KV heads): the values kernel takes them in one block of 128
+    # at the default configuration
+    case = Case(B=1, Hq=8, Hkv=2, S=16, D=32, C=64, L=48, n=45, k_bits=4, k_group=16, mask="bool",
+                dtype=torch.bfloat16, seed=7)
+    a = make_inputs(case)
+    assert da.resolve_config(inputs(a))["block_m"] == 128
+    check_close(da.decode_attention_triton(inputs(a), num_splits=3), OP(**a), case.dtype, str(case))
     print("query tokens passed")
 
 
@@ -556,6 +563,16 @@ def _run_interpreter_cases(shard: int) -> None:
         assert not a["k_weight"].is_contiguous() and not a["query"].is_contiguous()
         out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
         check_close(out, OP(**a), torch.float32, "non-contiguous")
+        # a split masked whole for one query row: rows 0..31 (split 0 of 2 at n = 40, blocks of 16) for
+        # head 0, rows 32..39 (split 1) for head 1 -- that split's probabilities are relative to the lowest
+        # finite float with sum 0, and the reduce must give it no weight
+        a = make_inputs(Case(Hq=2, Hkv=2, C=64, n=40, L=48, k_bits=4, mask="bool"))
+        a["mask"] = a["mask"].expand(2, 2, 1, 48).clone()
+        a["mask"][:, :, :, :40] = True
+        a["mask"][:, 0, :, :32] = False
+        a["mask"][:, 1, :, 32:40] = False
+        out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
+        check_close(out, OP(**a), torch.float32, "a split masked whole")
         print("ok extras", flush=True)
     if shard == 1:
         # a real shape with the default configuration: SmolLM2's MHA X cache (9 heads of 64 in tiles of 2,

@@ -21,14 +21,14 @@ K and V are never written to memory. The CPU (default) kernel is the plain-torch
      masked (natural log domain, so an HF finfo.min float mask cannot overflow to -inf), written to a
      small fp32 scratch [B, Hkv, R, L]. Scores, not K: R·n floats instead of n·D. The tile is
      K = X̂·Wkᵀ with X̂ the register operand, so its MMAs stay in flight (``docs/kernels.md``).
-  2. ``_softmax_kernel``  grid (B · query-row blocks,): per query row, the maximum of its n scores,
-     p = exp(s - max) in the model dtype and Σ p.
+  2. ``_softmax_kernel``  grid (B · query-row blocks, splits): per query row and chunk of the rows
+     (split), the chunk's maximum score, p = exp(s - max) in the model dtype and Σ p.
   3. ``_values_kernel``   grid (B · query-row blocks, splits, Cv blocks): accᵀ += x̂vᵀ · pᵀ over one chunk
-     of the rows for one block of value channels, for the query rows of *all* KV heads at once (the
+     of the rows (the softmax's) for one block of value channels, for the query rows of *all* KV heads at once (the
      value rows -- the X cache or the one value latent -- are the same for every head, so each
      dequantized tile serves them all; flash-decoding over the splits). X̂v is the register operand and
      p a tile loaded from memory, so these MMAs stay in flight too.
-  4. ``_reduce_kernel``   grid (B·Hkv,): sums the chunks, normalizes, projects with Wv (tl.dot) and adds
+  4. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks (weights exp(max_chunk - max)), normalizes, projects with Wv (tl.dot) and adds
      the bias, writing [B, Hq, S, D].
 
 Why scores go through memory instead of one fused pass: the absorbed-value accumulator of a KV head's

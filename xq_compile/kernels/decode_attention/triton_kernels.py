@@ -192,46 +192,63 @@ if HAS_TRITON:
         tl.store(out_ptr + o_off, sc, mask=st_mask)
 
     @triton.jit
-    def _softmax_kernel(
-        sc_ptr, p_ptr, l_ptr, length_ptr, L, M_ALL, s_len,
-        s_cb, s_cm, s_cl, s_pb, s_pm, s_pl, s_lb, s_lm,
-        P_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, ROW_BLOCK: tl.constexpr,
-    ):
-        """The probabilities of BLOCK_M flattened query rows against their n cached rows: one maximum per
-        row over all n scores, p = exp(s - max) written in the model dtype (the values kernel's MMA operand)
-        and the row's sum of the unrounded p (fp32). One maximum for the whole row, not one per split, is
-        what lets the values kernel read p as a plain tile of memory (see ``_values_kernel``).
+    def _split_rows(n, split, NUM_SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
+        """(start, end): the rows of split ``split`` -- the n rows cut into NUM_SPLITS chunks of
+        whole ROW_BLOCK blocks, from the n on the device (so every fill spreads over all splits). The
+        softmax and the values kernel cut alike, so a split's probabilities share one maximum."""
+        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), ROW_BLOCK) * ROW_BLOCK
+        start = split * per_split
+        return start, tl.minimum(start + per_split, n)
 
-        p is written up to n rounded up to ROW_BLOCK (the values kernel's row block; BLOCK_L is a multiple
-        of it), zeros past n: the values kernel then loads whole blocks without a row mask."""
+    @triton.jit
+    def _softmax_kernel(
+        sc_ptr, p_ptr, m_ptr, l_ptr, length_ptr, L, M_ALL, s_len,
+        s_cb, s_cm, s_cl, s_pb, s_pm, s_pl, s_mb, s_ms, s_mm,
+        P_DTYPE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+        ROW_BLOCK: tl.constexpr,
+    ):
+        """The probabilities of BLOCK_M flattened query rows against one split's cached rows: the split's
+        maximum per row, p = exp(s - max) written in the model dtype (the values kernel's MMA operand), the
+        maximum and the sum of the unrounded p (fp32) for the reduce. With p in memory, the values kernel
+        reads it as a plain tile (see ``_values_kernel``); one program per (rows, split) spreads the
+        exponentials over the GPU (one per row would leave one multiprocessor to do them all at S = 1).
+
+        p is written up to the split's end rounded up to ROW_BLOCK (the values kernel's row block; BLOCK_L
+        is a multiple of it), zeros past n: the values kernel then loads whole blocks without a row mask."""
         pid = tl.program_id(0)
+        split = tl.program_id(1)
         num_mb = tl.cdiv(M_ALL, BLOCK_M)
         b = (pid // num_mb).to(tl.int64)
         m = (pid % num_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M_ALL
         n = _fill(length_ptr, b, s_len, L)
+        start, end = _split_rows(n, split, NUM_SPLITS, ROW_BLOCK)
         s_rows = b * s_cb + offset64(m, s_cm)[:, None]
         top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        for j0 in range(0, n, BLOCK_L):
+        for j0 in range(start, end, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
-            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & (cols < n)[None, :],
+            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & (cols < end)[None, :],
                         other=float("-inf"))
             top = tl.maximum(top, tl.max(s, axis=1))
-        # A row with every score -inf (masked) keeps p = exp(-inf) = 0 instead of exp(-inf + inf) = NaN: a
-        # maximum of at least the lowest finite fp32 changes nothing else. (One use of the loop's result, as
-        # triton 3.6's thread-locality pass requires: a comparison and a select asserted there.)
+        # A row with every score -inf (masked, or an empty split) keeps p = exp(-inf) = 0 instead of
+        # exp(-inf + inf) = NaN: a maximum of at least the lowest finite fp32 changes nothing else (and the
+        # reduce weighs such a split by exp(-FLT_MAX - max) = 0). One use of the loop's result, as triton
+        # 3.6's thread-locality pass requires: a comparison and a select asserted there.
         top = tl.maximum(top, -3.4028234663852886e38)
         total = tl.zeros((BLOCK_M,), dtype=tl.float32)
         p_rows = b * s_pb + offset64(m, s_pm)[:, None]
-        n_pad = tl.cdiv(n, ROW_BLOCK) * ROW_BLOCK
-        for j0 in range(0, n, BLOCK_L):
+        end_pad = tl.cdiv(end, ROW_BLOCK) * ROW_BLOCK
+        for j0 in range(start, end, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
-            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & (cols < n)[None, :],
+            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & (cols < end)[None, :],
                         other=float("-inf"))
-            p = tl.exp(s - top[:, None])  # 0 past n
+            p = tl.exp(s - top[:, None])  # 0 past the split's end
             total += tl.sum(p, axis=1)
-            tl.store(p_ptr + p_rows + cols[None, :] * s_pl, p.to(P_DTYPE), mask=m_ok[:, None] & (cols < n_pad)[None, :])
-        tl.store(l_ptr + b * s_lb + m * s_lm, total, mask=m_ok)
+            tl.store(p_ptr + p_rows + cols[None, :] * s_pl, p.to(P_DTYPE),
+                     mask=m_ok[:, None] & (cols < end_pad)[None, :])
+        ml_off = b * s_mb + split * s_ms + m * s_mm
+        tl.store(m_ptr + ml_off, top, mask=m_ok)
+        tl.store(l_ptr + ml_off, total, mask=m_ok)
 
     @triton.jit
     def _value_tile(vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
@@ -266,7 +283,7 @@ if HAS_TRITON:
         query rows of all heads -- M_ALL = Hkv·R, flattened -- share each dequantized tile: BLOCK_M of
         them per program (flash-decoding over the splits). The dequantized tile is the first operand,
         which wgmma reads from registers, and the probabilities -- already in memory, in the model
-        dtype (``_softmax_kernel``) -- the second, a plain load that Triton's pipeliner prefetches into
+        dtype, relative to the split's maximum (``_softmax_kernel``) -- the second, a plain load that Triton's pipeliner prefetches into
         shared memory: each step's MMA stays in flight while the next tile is dequantized, as in the
         scores kernel. (With p computed here, by an online softmax, one operand computed in the loop had
         to be the shared-memory one, and every MMA was waited for; docs/kernels.md.) Value channels are
@@ -278,12 +295,8 @@ if HAS_TRITON:
         b = (pid_bm // num_mb).to(tl.int64)
         m = (pid_bm % num_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M_ALL
-        # this split's rows: the n rows cut into NUM_SPLITS chunks of whole BLOCK_N blocks, from the n
-        # on the device (so every fill spreads over all splits)
         n = _fill(length_ptr, b, s_len, L)
-        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * per_split
-        end = tl.minimum(start + per_split, n)
+        start, end = _split_rows(n, split, NUM_SPLITS, BLOCK_N)  # as the softmax cut them
         n_full = n // GROUP * GROUP
         p_cols = b * s_pb_ + offset64(m, s_pm_)[None, :]
 
@@ -318,18 +331,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduce_kernel(
-        acc_ptr, l_ptr, w_ptr, bias_ptr, mixed_ptr, out_ptr,
+        acc_ptr, m_ptr, l_ptr, w_ptr, bias_ptr, mixed_ptr, out_ptr,
         HKV, C: tl.constexpr, R, S, GROUP_Q, D, NUM_SPLITS,
         s_ab, s_as, s_am, s_ac,
-        s_lb, s_lm,
+        s_mb, s_ms, s_mm,
         s_wn, s_wk,
         s_xb, s_xm, s_xc,
         s_ob, s_oh, s_os, s_od,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         R_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_CV: tl.constexpr,
     ):
-        """KV head h's R query rows (flattened rows h·R + r): sums the splits' partial Σ p·x̂v, normalizes
-        by Σ p, then projects with Wv and adds the bias, writing [B, Hq, S, D].
+        """KV head h's R query rows (flattened rows h·R + r): combines the splits' partial Σ p·x̂v and Σ p
+        (each relative to its split's maximum), normalizes, then projects with Wv and adds the bias,
+        writing [B, Hq, S, D].
 
         Two loops, not one: the normalized rows (``mixed``, rounded to the model dtype like the
         reference's) go through a scratch in memory, so that the projection is a plain matmul of two
@@ -342,7 +356,16 @@ if HAS_TRITON:
         dtype = w_ptr.dtype.element_ty
         r = tl.arange(0, R_PAD)
         r_ok = r < R
-        total = tl.load(l_ptr + b * s_lb + (h * R + r) * s_lm, mask=r_ok, other=0.0)
+        ml_base = b * s_mb + (h * R + r) * s_mm
+        # The maximum over the splits, and each split's weight exp(m_s - max) (an empty or fully masked
+        # split has m_s = -FLT_MAX and l_s = 0: weight 0, or 1 times nothing if every split is).
+        top = tl.full((R_PAD,), -3.4028234663852886e38, dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            top = tl.maximum(top, tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=-3.4028234663852886e38))
+        total = tl.zeros((R_PAD,), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            weight = tl.exp(tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=-3.4028234663852886e38) - top)
+            total += tl.load(l_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) * weight
         inv = tl.where(total > 0, 1.0 / total, 0.0)  # fully masked row (or n = 0): 0
 
         x_rows = b * s_xb + (h * R + r)[:, None] * s_xm
@@ -352,7 +375,8 @@ if HAS_TRITON:
             a_off = b * s_ab + (h * R + r)[:, None] * s_am + cols[None, :] * s_ac
             mixed = tl.zeros((R_PAD, BLOCK_CV), dtype=tl.float32)
             for sp in range(0, NUM_SPLITS):
-                mixed += tl.load(acc_ptr + a_off + sp * s_as, mask=ok, other=0.0)
+                weight = tl.exp(tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=-3.4028234663852886e38) - top)
+                mixed += tl.load(acc_ptr + a_off + sp * s_as, mask=ok, other=0.0) * weight[:, None]
             tl.store(mixed_ptr + x_rows + cols[None, :] * s_xc, (mixed * inv[:, None]).to(dtype), mask=ok)
         tl.debug_barrier()  # this program's mixed rows are written before any thread reads them back
 
@@ -483,23 +507,26 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     scores = _launch_scores(a, cfg, batch, q_heads, kv_heads, max_len, k_width, rows, seq, group_q, half, r_pad,
                             precision, upcast)
 
-    # 2. the probabilities: one maximum per query row over its n scores, p = exp(s - max) in the model
-    #    dtype, and Σ p
+    # 2. per split: the probabilities, one maximum per query row over the split's scores, p = exp(s - max)
+    #    in the model dtype, the maximum and Σ p
     m_all = kv_heads * rows
     flat_scores = scores.view(batch, m_all, max_len)
     row_block = cfg["block_nv"]  # p is written in whole row blocks of the values kernel
     probs = torch.empty((batch, m_all, -(-max_len // row_block) * row_block), device=dev, dtype=dtype)
-    total = torch.empty((batch, m_all), device=dev, dtype=torch.float32)
-    block_m = min(cfg["block_m"], pow2_at_least_16(m_all))
-    _softmax_kernel[(batch * triton.cdiv(m_all, block_m),)](
-        flat_scores, probs, total, a.length, max_len, m_all, _paged_args(a)[0],
-        *flat_scores.stride(), *probs.stride(), *total.stride(),
-        P_DTYPE=_TL_DTYPES[dtype], BLOCK_M=block_m, BLOCK_L=max(128, row_block), ROW_BLOCK=row_block, num_warps=4,
+    m_part = torch.empty((batch, splits, m_all), device=dev, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    block_ms = min(32, pow2_at_least_16(m_all))
+    _softmax_kernel[(batch * triton.cdiv(m_all, block_ms), splits)](
+        flat_scores, probs, m_part, l_part, a.length, max_len, m_all, _paged_args(a)[0],
+        *flat_scores.stride(), *probs.stride(), *m_part.stride(),
+        P_DTYPE=_TL_DTYPES[dtype], NUM_SPLITS=splits, BLOCK_M=block_ms, BLOCK_L=max(128, row_block),
+        ROW_BLOCK=row_block, num_warps=4,
     )
 
     # 3. per split: the absorbed values Σ p·x̂v for one block of value channels, for the query rows of
     #    every KV head at once (flattened: row h·R + r); a shared source's value rows get its col0 too
     v_ptrs, v_strides = _tile_args(values, a.col0 if a.values is None else None)
+    block_m = min(cfg["block_m"], pow2_at_least_16(m_all))
     block_cv = min(cfg["block_cv"], pow2_at_least_16(v_width))
     acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
     _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
@@ -515,12 +542,12 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
         num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=3,
     )
 
-    # 4. sum the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
+    # 4. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
     mixed = torch.empty((batch, m_all, v_width), device=dev, dtype=dtype)
     _reduce_kernel[(batch * kv_heads,)](
-        acc, total, a.v_weight, a.v_weight if a.v_bias is None else a.v_bias, mixed, out,
+        acc, m_part, l_part, a.v_weight, a.v_weight if a.v_bias is None else a.v_bias, mixed, out,
         kv_heads, v_width, rows, seq, group_q, head_dim, splits,
-        *acc.stride(), *total.stride(), *a.v_weight.stride(), *mixed.stride(), *out.stride(),
+        *acc.stride(), *m_part.stride(), *a.v_weight.stride(), *mixed.stride(), *out.stride(),
         HAS_BIAS=a.v_bias is not None, DOT_PRECISION=precision, UPCAST=upcast,
         R_PAD=r_pad, D_PAD=pow2_at_least_16(head_dim), BLOCK_CV=min(64, block_cv),
         num_warps=4, num_stages=3,
