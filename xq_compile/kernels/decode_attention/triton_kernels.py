@@ -358,13 +358,14 @@ if HAS_TRITON:
         r_ok = r < R
         ml_base = b * s_mb + (h * R + r) * s_mm
         # The maximum over the splits, and each split's weight exp(m_s - max) (an empty or fully masked
-        # split has m_s = -FLT_MAX and l_s = 0: weight 0, or 1 times nothing if every split is).
-        top = tl.full((R_PAD,), -3.4028234663852886e38, dtype=tl.float32)
+        # split has m_s = -FLT_MAX and l_s = 0: weight 0, or 1 times nothing if every split is; m_s is
+        # finite, so no weight is NaN).
+        top = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            top = tl.maximum(top, tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=-3.4028234663852886e38))
+            top = tl.maximum(top, tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0))
         total = tl.zeros((R_PAD,), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            weight = tl.exp(tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=-3.4028234663852886e38) - top)
+            weight = tl.exp(tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) - top)
             total += tl.load(l_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) * weight
         inv = tl.where(total > 0, 1.0 / total, 0.0)  # fully masked row (or n = 0): 0
 
@@ -375,7 +376,7 @@ if HAS_TRITON:
             a_off = b * s_ab + (h * R + r)[:, None] * s_am + cols[None, :] * s_ac
             mixed = tl.zeros((R_PAD, BLOCK_CV), dtype=tl.float32)
             for sp in range(0, NUM_SPLITS):
-                weight = tl.exp(tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=-3.4028234663852886e38) - top)
+                weight = tl.exp(tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) - top)
                 mixed += tl.load(acc_ptr + a_off + sp * s_as, mask=ok, other=0.0) * weight[:, None]
             tl.store(mixed_ptr + x_rows + cols[None, :] * s_xc, (mixed * inv[:, None]).to(dtype), mask=ok)
         tl.debug_barrier()  # this program's mixed rows are written before any thread reads them back
