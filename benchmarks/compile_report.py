@@ -312,12 +312,11 @@ def _attention_benchmark():
 
 
 def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4,
-                              queries: int = 1, rope: str = "tables", values_kernel: str = "triton") -> list[Launch]:
+                              queries: int = 1, rope: str = "tables") -> list[Launch]:
     """The launches of one decode-attention call for a benchmark shape with ``queries`` query tokens
     and RoPE from ``rope`` (``tables``: cos/sin read; ``positions``: computed in the kernel) (CPU
-    tensors, nothing runs); ``values_kernel``: the launcher's choice for the values stage."""
+    tensors, nothing runs)."""
     from xq_compile.kernels import decode_attention as da
-    from xq_compile.kernels.decode_attention import gluon_values
 
     bench = _attention_benchmark()
 
@@ -326,9 +325,8 @@ def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits
         head_dim = a["query"].shape[-1]
         a.update(cos=None, sin=None, positions=torch.arange(length)[None], rope_scale=1.0,
                  rope_inv_freq=1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)))
-    with captured_launches(da.triton_kernels, gluon_values) as launches:  # the grid sized for the GPU compiled for
-        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS,
-                                   values_kernel=values_kernel, **config)
+    with captured_launches(da.triton_kernels) as launches:  # the grid sized for the GPU compiled for
+        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS, **config)
     return launches
 
 
@@ -419,8 +417,6 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--queries", type=int, default=1, help="query tokens per call (S: 1 decode, up to 16 for "
                    "speculative decoding / short chunks)")
-    p.add_argument("--values-kernel", default="triton", choices=["triton", "gluon"],
-                   help="the values stage: the Triton kernel, or the Gluon one where it applies (4-bit per-token)")
     p.add_argument("--rope", default="tables", choices=["tables", "positions"],
                    help="RoPE read from cos/sin tables, or computed in the kernel from the positions")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
@@ -445,8 +441,7 @@ def main(argv=None) -> int:
         args.asm_dir.mkdir(parents=True, exist_ok=True)
     reports, failures = [], []
     jobs = [(CONTROL, control_launches)]
-    variant = ("" if args.rope == "tables" else " rope=positions") + (
-        "" if args.values_kernel == "triton" else " values=gluon")
+    variant = "" if args.rope == "tables" else " rope=positions"
     if args.paged:
         jobs += [(f"{shape} {bits}-bit paged (vLLM pages of 16, 4 requests)",
                   lambda s=shape, b=bits: paged_decode_attention_launches(s, args.length, dtype, config, b))
@@ -455,7 +450,7 @@ def main(argv=None) -> int:
     else:
         jobs += [(f"{shape} {bits}-bit S={args.queries}" + variant,
                   lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries,
-                                                                    args.rope, args.values_kernel))
+                                                                    args.rope))
                  for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
         jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))

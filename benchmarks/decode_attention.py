@@ -62,9 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--queries", type=int, default=1, help="query tokens S per step (decode: 1)")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--values-kernel", default="triton", choices=["triton", "gluon"],
-                   help="the fused op's values stage: the Triton kernel (the op's), or the Gluon one where it "
-                        "applies (Hopper; 4-bit per-token value rows)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-round-ms", type=float, default=100.0,
@@ -80,7 +77,7 @@ def parse_args(argv=None):
                    help="sweep only lengths from this one on (the target is for n >= 8K; short ones are launch-bound)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: also record the device time of each Triton kernel of the fused op (torch.profiler), "
-                        "to see which of the scores / values / reduce launches dominates")
+                        "to see which of the scores / softmax / values / reduce launches dominates")
     p.add_argument("--compile-only", action="store_true",
                    help="launch every kernel the timed run would (fused default and, with --sweep, each sweep "
                         "configuration; the unfused path) once, untimed, to fill Triton's disk cache; no output")
@@ -256,14 +253,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
 
-def fused_launcher(a: dict, config: dict, values_kernel: str = "triton"):
+def fused_launcher(a: dict, config: dict):
     """The fused op on the inputs ``a``: through the registered op for the default configuration (what the
-    rewritten graphs call), else its Triton launcher with the ``config`` overrides (and ``values_kernel``)."""
+    rewritten graphs call), else its Triton launcher with the ``config`` overrides."""
     from xq_compile.kernels import decode_attention as da
 
-    if config or (values_kernel != "triton" and a["query"].is_cuda):  # (on CPU: the op's reference kernel)
-        return lambda: da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a),
-                                                  values_kernel=values_kernel, **config)
+    if config:
+        return lambda: da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), **config)
     return lambda: torch.ops.xq_compile.decode_attention.default(**a)
 
 
@@ -280,8 +276,8 @@ def compile_only(args, config: dict, dtype) -> int:
         a = make_inputs(SHAPES[name], args.batch, L, args.queries, args.bits, dtype, args.device)
         overrides = sweep_configs(da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a)))[1:] if args.sweep else []
         launches = {"unfused": [lambda n=n: unfused(a, n) for n in args.lengths],
-                    "fused": [fused_launcher(a, config, args.values_kernel)]}
-        launches.update({f"sweep {over}": [fused_launcher(a, {**config, **over}, args.values_kernel)]
+                    "fused": [fused_launcher(a, config)]}
+        launches.update({f"sweep {over}": [fused_launcher(a, {**config, **over})]
                          for over in overrides})
         for what, calls in launches.items():
             job += 1
@@ -315,7 +311,7 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
     vc = torch.randn(B, Hkv, n, D, device=dev, dtype=dtype)
     q = a["query"]
     fns = {
-        "fused": fused_launcher(a, config, args.values_kernel),
+        "fused": fused_launcher(a, config),
         "unfused": lambda: unfused(a, n),
         "sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=Hq != Hkv),
     }
@@ -328,7 +324,7 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
     sweep = []
     if args.sweep and n >= min(args.sweep_min_length, max(args.lengths)):
         for over in sweep_configs(da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a))):
-            run = fused_launcher(a, {**config, **over}, args.values_kernel)
+            run = fused_launcher(a, {**config, **over})
             try:
                 e = rel_err(run(), ref)
                 t = time_ms(run, dev, args.iters, args.repeats, args.max_round_ms)

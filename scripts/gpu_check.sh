@@ -32,7 +32,6 @@
 #                    16-bit cache, TFLOP/s and fraction of the H200's dense bf16 peak, the fastest of
 #                    sweep_configs() per shape and length, device time per Triton kernel
 #      attn_s4       decode_attention.py with S = 4 query tokens, default configuration (warm_attn_s4 compiles it)
-#      attn_s4_gluon the same with the Gluon values kernel (values_kernel="gluon"; warm_attn_s4_gluon compiles it)
 #      paged         paged_decode.py: the vLLM plugin's decode step (the fused op over the pages) vs the torch
 #                    path it replaces and the dense op on the same rows, and replayed from a CUDA graph
 #                    (warm_paged compiles it)
@@ -230,8 +229,6 @@ for ((i = 0; i < WARM_SHARDS; i++)); do
         --shard "$i/$WARM_SHARDS"
 done
 start_step warm_attn_s4 "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --compile-only
-start_step warm_attn_s4_gluon "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --values-kernel gluon \
-    --compile-only
 start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
 start_step compile_paged "$PHASE1_S" "$PY" benchmarks/compile_report.py --paged --check --bits 2 3 4 8 \
     --json "$OUT/compile_report_paged.json"
@@ -253,8 +250,6 @@ for f in "$OUT"/tests_*.log; do last_line "$f"; done | grep -o '[0-9]\+ \(passed
 # ---- phase 2: timed, one at a time ------------------------------------------------------------------
 run_step attn 90 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" --sweep --profile --out "$OUT/decode_attention.json"
 run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --profile --out "$OUT/decode_attention_s4.json"
-run_step attn_s4_gluon 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --values-kernel gluon --profile \
-    --out "$OUT/decode_attention_s4_gluon.json"
 run_step paged 30 "$PY" benchmarks/paged_decode.py "${PAGED[@]}" --lengths "${PAGED_LENGTHS[@]}" \
     --out "$OUT/paged_decode.json"
 run_step decode 90 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --quanto --quanto-bits 4 \

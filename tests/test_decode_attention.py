@@ -505,10 +505,13 @@ def _run_query_token_cases() -> None:
     finally:
         kernels._scores_kernel = real
     assert len(set(per_s.values())) == 1, f"the K-rebuild launch depends on S: {per_s}"
-    # values_kernel="gluon" falls back to the Triton values kernel under the interpreter (Gluon cannot run)
-    out_gluon = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32,
-                                           num_splits=2, values_kernel="gluon")
-    assert torch.equal(out_gluon, out), "the fallback must be the Triton values kernel"
+    # 128 query rows (GQA group 4 at S = 16, 2 KV heads): the values kernel takes them in one block of 128
+    # at the default configuration
+    case = Case(B=1, Hq=8, Hkv=2, S=16, D=32, C=64, L=48, n=45, k_bits=4, k_group=16, mask="bool",
+                dtype=torch.bfloat16, seed=7)
+    a = make_inputs(case)
+    assert da.resolve_config(inputs(a))["block_m"] == 128
+    check_close(da.decode_attention_triton(inputs(a), num_splits=3), OP(**a), case.dtype, str(case))
     print("query tokens passed")
 
 
@@ -560,6 +563,16 @@ def _run_interpreter_cases(shard: int) -> None:
         assert not a["k_weight"].is_contiguous() and not a["query"].is_contiguous()
         out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
         check_close(out, OP(**a), torch.float32, "non-contiguous")
+        # a split masked whole for one query row: rows 0..31 (split 0 of 2 at n = 40, blocks of 16) for
+        # head 0, rows 32..39 (split 1) for head 1 -- that split's probabilities are relative to the lowest
+        # finite float with sum 0, and the reduce must give it no weight
+        a = make_inputs(Case(Hq=2, Hkv=2, C=64, n=40, L=48, k_bits=4, mask="bool"))
+        a["mask"] = a["mask"].expand(2, 2, 1, 48).clone()
+        a["mask"][:, :, :, :40] = True
+        a["mask"][:, 0, :, :32] = False
+        a["mask"][:, 1, :, 32:40] = False
+        out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
+        check_close(out, OP(**a), torch.float32, "a split masked whole")
         print("ok extras", flush=True)
     if shard == 1:
         # a real shape with the default configuration: SmolLM2's MHA X cache (9 heads of 64 in tiles of 2,
@@ -593,6 +606,14 @@ CUDA_CASES = [
     Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=2048, n=2000, k_bits=2, k_layout="per_channel",
          k_group=128, v_bits=4, v_group=128, S=2, col0=True, mask="float", dtype=torch.bfloat16),
     Case(B=1, Hq=9, Hkv=9, D=64, C=576, L=700, n=513, k_bits=8, k_group=64, S=16, dtype=torch.float32),
+    # several query tokens where the values and reduce dots fill wgmma's 64-row tiles: SmolLM2 at S = 16
+    # (144 query rows), a 7B-like MHA tile at S = 4, the GQA latent at S = 16 (64 query rows per KV head)
+    Case(B=2, Hq=9, Hkv=9, D=64, C=576, L=700, n=613, k_bits=4, k_group=64, S=16, mask="bool",
+         dtype=torch.bfloat16),
+    Case(B=1, Hq=4, Hkv=4, D=128, C=512, L=1100, n=1037, k_bits=4, k_group=128, S=4, mask="float",
+         dtype=torch.bfloat16),
+    Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=600, n=455, k_bits=4, k_layout="per_channel",
+         k_group=128, v_bits=4, v_group=128, S=16, bias=False, dtype=torch.bfloat16),
 ]
 
 
@@ -607,40 +628,6 @@ def test_cuda_matches_reference(case):
     if case.dtype == torch.float32 and CUDA_DEVICE == "cuda":
         tol = torch.float32  # fp32 dots run in IEEE unless the user allowed TF32
     check_close(out.cpu(), ref, tol, str(case))
-    full = fully_masked_rows(a)
-    if full is not None:
-        assert (out.cpu()[full] == 0).all()
-
-
-# Cases the Gluon values kernel takes (4-bit per-token value rows, groups and widths multiples of 64, bf16):
-# SmolLM2's MHA X cache at S = 16 (144 query rows: 3 row blocks of 64), a 7B-like MHA tile at S = 4, the
-# GQA latent (per-channel keys, per-token values) at S = 4, with masks, biases and ragged fills.
-GLUON_VALUE_CASES = [
-    Case(B=2, Hq=9, Hkv=9, D=64, C=576, L=700, n=613, k_bits=4, k_group=64, S=16, mask="bool",
-         dtype=torch.bfloat16),
-    Case(B=1, Hq=4, Hkv=4, D=128, C=512, L=1100, n=1037, k_bits=4, k_group=128, S=4, mask="float",
-         dtype=torch.bfloat16),
-    Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=600, n=455, k_bits=4, k_layout="per_channel",
-         k_group=128, v_bits=4, v_group=128, S=4, bias=False, dtype=torch.bfloat16),
-]
-needs_hopper_gluon = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and da.gluon_values.HAS_GLUON),
-    reason="needs a Hopper GPU and triton with Gluon",
-)
-
-
-@needs_hopper_gluon
-@pytest.mark.parametrize("case", GLUON_VALUE_CASES, ids=str)
-def test_cuda_gluon_values_match_reference(case):
-    """decode_attention_triton(..., values_kernel="gluon"): the values stage in Gluon (two-pass softmax,
-    MMAs in flight), the other launches as usual, against the reference."""
-    a = make_inputs(case)
-    dev = inputs(_to(a, "cuda"))
-    assert da.gluon_values.supports(dev.value_source, dev.col0 if dev.values is None else None, case.dtype,
-                                    dev.v_weight.shape[1]), "the case must take the Gluon path"
-    out = da.decode_attention_triton(dev, values_kernel="gluon")
-    torch.cuda.synchronize()
-    check_close(out.cpu(), OP(**a), case.dtype, f"{case} values=gluon")
     full = fully_masked_rows(a)
     if full is not None:
         assert (out.cpu()[full] == 0).all()

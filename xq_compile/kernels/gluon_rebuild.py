@@ -29,6 +29,8 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
+    # a barrier of the calling warps (a partition's): gl.barrier from triton 3.7 on, gl.thread_barrier before
+    _warps_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 except (ImportError, AttributeError):  # triton < 3.4, or a Gluon API this code does not know: Triton only
     gluon = None
 
@@ -146,7 +148,8 @@ if HAS_GLUON:
             acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, x_buf.index(slot), w_buf.index(slot)))
             if i > 0:
                 mbarrier.arrive(empty.index((i - 1) % NUM_BUF))
-        return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        # a tuple, which triton 3.6's warp_specialize requires of a partition's results (3.9 takes either)
+        return (warpgroup_mma_wait(num_outstanding=0, deps=(acc,)),)
 
     @gluon.jit
     def _ws_dequant_partition(packed_ptr, scale_ptr, zero_ptr, w_ptr, x_buf, w_buf, ready, empty, b, r0, f0, n,
@@ -161,7 +164,7 @@ if HAS_GLUON:
             _dequant_step(packed_ptr, scale_ptr, zero_ptr, w_ptr, x_buf.index(slot), w_buf.index(slot), b, r0, f0,
                           n, i, s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, N, GROUP, BLOCK_N, BLOCK_C, BLOCK_F, WARPS)
             fence_async_shared()  # each thread's generic-proxy stores before the async-proxy reads ...
-            gl.barrier()  # ... and all of this partition's stores before its one arrive (thread 0)
+            _warps_barrier()  # ... and all of this partition's stores before its one arrive (thread 0)
             mbarrier.arrive(ready.index(slot))
 
     @gluon.jit
@@ -170,7 +173,7 @@ if HAS_GLUON:
         L, s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, s_ob, s_ol,
         C: gl.constexpr, N: gl.constexpr, GROUP: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, BLOCK_F: gl.constexpr, NUM_BUF: gl.constexpr,
-        DEQUANT_WARPS: gl.constexpr, num_warps: gl.constexpr,
+        DEQUANT_WARPS: gl.constexpr, DEQUANT_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """The same rebuild, warp-specialized: ``DEQUANT_WARPS`` warps dequantize into the NUM_BUF
         buffers while the kernel's own warpgroup (``num_warps`` = 4) issues the MMAs; ready/empty
@@ -204,12 +207,24 @@ if HAS_GLUON:
             mbarrier.init(empty.index(k), count=1)
 
         NUM_STEPS: gl.constexpr = C // BLOCK_C
-        acc = gl.warp_specialize([
-            (_ws_mma_partition, (x_buf, w_buf, ready, empty, NUM_STEPS, NUM_BUF, BLOCK_N, BLOCK_F, acc_layout)),
-            (_ws_dequant_partition, (packed_ptr, scale_ptr, zero_ptr, w_ptr, x_buf, w_buf, ready, empty, b, r0, f0,
-                                     n, s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, N, GROUP, NUM_STEPS, NUM_BUF,
-                                     BLOCK_N, BLOCK_C, BLOCK_F, DEQUANT_WARPS)),
-        ], [DEQUANT_WARPS])
+        # DEQUANT_REGS: the dequantizing warps' register count, 0 for none (no reallocation between the
+        # partitions). Triton 3.6 requires a count; the partitions are written out twice because a Gluon
+        # kernel cannot hold the list of (function, arguments) in a variable.
+        if DEQUANT_REGS == 0:
+            results = gl.warp_specialize([
+                (_ws_mma_partition, (x_buf, w_buf, ready, empty, NUM_STEPS, NUM_BUF, BLOCK_N, BLOCK_F, acc_layout)),
+                (_ws_dequant_partition, (packed_ptr, scale_ptr, zero_ptr, w_ptr, x_buf, w_buf, ready, empty, b, r0,
+                                         f0, n, s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, N, GROUP, NUM_STEPS,
+                                         NUM_BUF, BLOCK_N, BLOCK_C, BLOCK_F, DEQUANT_WARPS)),
+            ], [DEQUANT_WARPS])
+        else:
+            results = gl.warp_specialize([
+                (_ws_mma_partition, (x_buf, w_buf, ready, empty, NUM_STEPS, NUM_BUF, BLOCK_N, BLOCK_F, acc_layout)),
+                (_ws_dequant_partition, (packed_ptr, scale_ptr, zero_ptr, w_ptr, x_buf, w_buf, ready, empty, b, r0,
+                                         f0, n, s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, N, GROUP, NUM_STEPS,
+                                         NUM_BUF, BLOCK_N, BLOCK_C, BLOCK_F, DEQUANT_WARPS)),
+            ], [DEQUANT_WARPS], [DEQUANT_REGS])
+        acc = results[0]
         for k in gl.static_range(NUM_BUF):
             mbarrier.invalidate(ready.index(k))
             mbarrier.invalidate(empty.index(k))
@@ -222,9 +237,22 @@ def supports(weight: torch.Tensor, bits: int, group_size: int) -> bool:
             and group_size % BLOCK_C == 0 and weight.shape[1] % BLOCK_C == 0)
 
 
+def _dequant_regs(requested: int | None) -> int:
+    """The warp-specialized kernel's DEQUANT_REGS: ``requested``, else 0 (no register reallocation) where
+    ``gl.warp_specialize`` allows leaving the count out (triton >= 3.7), else 96 (what the whole kernel
+    needs per thread without reallocation, compiled by 3.9)."""
+    if requested is not None:
+        return requested
+    import inspect
+
+    optional = inspect.signature(gl.warp_specialize).parameters["worker_num_regs"].default is None
+    return 0 if optional else 96
+
+
 def dequant_project_gluon_launch(packed, scale, zero, weight, bias: Optional[torch.Tensor], length, bits: int,
                                  group_size: int, *, warp_specialize: bool = False, block_n: int = 64,
-                                 block_f: int = 128, num_buf: int = 2, dequant_warps: int = 4):
+                                 block_f: int = 128, num_buf: int = 2, dequant_warps: int = 4,
+                                 dequant_regs: int | None = None):
     """(kernel, grid, args, kwargs, out) of one launch with ``dequant_project``'s arguments and
     semantics; the caller launches ``kernel[grid](*args, **kwargs)`` (the compile report compiles it
     instead). ``warp_specialize``: the kernel whose ``dequant_warps`` warps dequantize for a separate
@@ -251,7 +279,8 @@ def dequant_project_gluon_launch(packed, scale, zero, weight, bias: Optional[tor
     kwargs = dict(C=hidden, N=out_features, GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_N=block_n,
                   BLOCK_C=BLOCK_C, BLOCK_F=block_f, NUM_BUF=num_buf, num_warps=4)  # one MMA warpgroup
     if warp_specialize:
-        return _gluon_rebuild_ws_kernel, grid, args, {**kwargs, "DEQUANT_WARPS": dequant_warps}, out
+        return _gluon_rebuild_ws_kernel, grid, args, {**kwargs, "DEQUANT_WARPS": dequant_warps,
+                                                       "DEQUANT_REGS": _dequant_regs(dequant_regs)}, out
     return _gluon_rebuild_kernel, grid, args, kwargs, out
 
 

@@ -10,7 +10,7 @@ device), per batch ``b`` and KV head ``h`` (query head ``i`` uses KV head ``i //
     out  = (Σ_j p_j · x̂v_j) · Wv[h·D:(h+1)·D]ᵀ + (Σ_j p_j) · bv  (absorbed values: V is never built)
 
 K and V are never written to memory. The CPU (default) kernel is the plain-torch reference
-(:func:`reference_decode_attention`); the CUDA kernel is three Triton launches (see
+(:func:`reference_decode_attention`); the CUDA kernel is four Triton launches (see
 :func:`decode_attention_triton`, block sizes from :func:`default_config`):
 
   1. ``_scores_kernel``   grid (B · KV-head tiles, row blocks of the capacity L): the K rebuild as one
@@ -21,18 +21,22 @@ K and V are never written to memory. The CPU (default) kernel is the plain-torch
      masked (natural log domain, so an HF finfo.min float mask cannot overflow to -inf), written to a
      small fp32 scratch [B, Hkv, R, L]. Scores, not K: R·n floats instead of n·D. The tile is
      K = X̂·Wkᵀ with X̂ the register operand, so its MMAs stay in flight (``docs/kernels.md``).
-  2. ``_values_kernel``   grid (B · query-row blocks, splits, Cv blocks): online softmax over one chunk of
-     the rows and acc += p · x̂v for one block of value channels, for the query rows of *all* KV heads
-     at once (the value rows -- the X cache or the one value latent -- are the same for every head, so
-     each dequantized tile serves them all); writes the chunk's (acc, max, sum) (flash-decoding).
-  3. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks, normalizes, projects with Wv (tl.dot) and
-     adds the bias, writing [B, Hq, S, D].
+  2. ``_softmax_kernel``  grid (B · query-row blocks, splits): per query row and chunk of the rows
+     (split), the chunk's maximum score, p = exp(s - max) in the model dtype and Σ p.
+  3. ``_values_kernel``   grid (B · query-row blocks, splits, Cv blocks): accᵀ += x̂vᵀ · pᵀ over one chunk
+     of the rows (the softmax's) for one block of value channels, for the query rows of *all* KV heads at once (the
+     value rows -- the X cache or the one value latent -- are the same for every head, so each
+     dequantized tile serves them all; flash-decoding over the splits). X̂v is the register operand and
+     p a tile loaded from memory, so these MMAs stay in flight too.
+  4. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks (weights exp(max_chunk - max)), normalizes, projects with Wv (tl.dot) and adds
+     the bias, writing [B, Hq, S, D].
 
 Why scores go through memory instead of one fused pass: the absorbed-value accumulator of a KV head's
 query rows is [group·S, Cv] with Cv up to the hidden size (4096 for a 7B MHA model), too large for
 registers next to the K tile, and splitting Cv across programs would rebuild K once per Cv block,
-multiplying the dominant cost. The round trip costs R·n·8 bytes per KV head, next to the
-2·n·Ck·D FLOPs of its K rebuild.
+multiplying the dominant cost. The round trip (scores written in fp32 and read twice by the softmax, p
+written in 16 bits and read by each block of value channels) costs R·n·(14 + 2·Cv/block_cv) bytes per KV
+head, next to the 2·n·Ck·D FLOPs of its K rebuild.
 
 Every launch reads ``n`` on the device (no ``.item()``, no host sync): a split whose chunk starts at or
 past ``n`` does nothing but write an empty partial result (a row block past ``n`` returns at once), so
@@ -53,8 +57,7 @@ shared source).
 Modules: ``inputs`` (:class:`QuantizedSource`, :class:`DecodeAttentionInputs` and their checks: the op's
 flat arguments become these once, at the op boundary), ``op`` (the custom op), ``reference`` (the torch
 reference, the CPU kernel), ``config`` (launch configuration), ``triton_kernels`` (the kernels and their
-launcher), ``gluon_values`` (an opt-in Gluon values stage for Hopper, ``values_kernel="gluon"``; checked
-on a GPU only).
+launcher).
 
 Triton is optional: without it the package imports and the CPU kernel works; only dispatching CUDA
 tensors to the op raises (asking to install triton).

@@ -1,6 +1,6 @@
 """The Triton kernels of ``xq_compile::decode_attention`` and their launcher,
 :func:`decode_attention_triton` (what the op's CUDA kernel calls; see the package docstring for the
-three launches and why).
+four launches and why).
 
 Triton is optional: without it this module imports and :data:`HAS_TRITON` is False; only the launcher
 raises (asking to install triton).
@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from xq_compile.kernels.decode_attention import config as launch_config
-from xq_compile.kernels.decode_attention import gluon_values
 from xq_compile.kernels.decode_attention.config import pow2_at_least_16
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, QuantizedSource
 from xq_compile.kernels.tiles import next_power_of_2, scale_broadcast
@@ -193,23 +192,102 @@ if HAS_TRITON:
         tl.store(out_ptr + o_off, sc, mask=st_mask)
 
     @triton.jit
+    def _split_rows(n, split, NUM_SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
+        """(start, end): the rows of split ``split`` -- the n rows cut into NUM_SPLITS chunks of
+        whole ROW_BLOCK blocks, from the n on the device (so every fill spreads over all splits). The
+        softmax and the values kernel cut alike, so a split's probabilities share one maximum."""
+        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), ROW_BLOCK) * ROW_BLOCK
+        start = split * per_split
+        return start, tl.minimum(start + per_split, n)
+
+    @triton.jit
+    def _softmax_kernel(
+        sc_ptr, p_ptr, m_ptr, l_ptr, length_ptr, L, M_ALL, s_len,
+        s_cb, s_cm, s_cl, s_pb, s_pm, s_pl, s_mb, s_ms, s_mm,
+        P_DTYPE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+        ROW_BLOCK: tl.constexpr,
+    ):
+        """The probabilities of BLOCK_M flattened query rows against one split's cached rows: the split's
+        maximum per row, p = exp(s - max) written in the model dtype (the values kernel's MMA operand), the
+        maximum and the sum of the unrounded p (fp32) for the reduce. With p in memory, the values kernel
+        reads it as a plain tile (see ``_values_kernel``); one program per (rows, split) spreads the
+        exponentials over the GPU (one per row would leave one multiprocessor to do them all at S = 1).
+
+        p is written up to the split's end rounded up to ROW_BLOCK (the values kernel's row block; BLOCK_L
+        is a multiple of it), zeros past n: the values kernel then loads whole blocks without a row mask."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        num_mb = tl.cdiv(M_ALL, BLOCK_M)
+        b = (pid // num_mb).to(tl.int64)
+        m = (pid % num_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M_ALL
+        n = _fill(length_ptr, b, s_len, L)
+        start, end = _split_rows(n, split, NUM_SPLITS, ROW_BLOCK)
+        s_rows = b * s_cb + offset64(m, s_cm)[:, None]
+        top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_L):
+            cols = j0 + tl.arange(0, BLOCK_L)
+            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & (cols < end)[None, :],
+                        other=float("-inf"))
+            top = tl.maximum(top, tl.max(s, axis=1))
+        # A row with every score -inf (masked, or an empty split) keeps p = exp(-inf) = 0 instead of
+        # exp(-inf + inf) = NaN: a maximum of at least the lowest finite fp32 changes nothing else (and the
+        # reduce weighs such a split by exp(-FLT_MAX - max) = 0). One use of the loop's result, as triton
+        # 3.6's thread-locality pass requires: a comparison and a select asserted there.
+        top = tl.maximum(top, -3.4028234663852886e38)
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        p_rows = b * s_pb + offset64(m, s_pm)[:, None]
+        end_pad = tl.cdiv(end, ROW_BLOCK) * ROW_BLOCK
+        for j0 in range(start, end, BLOCK_L):
+            cols = j0 + tl.arange(0, BLOCK_L)
+            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & (cols < end)[None, :],
+                        other=float("-inf"))
+            p = tl.exp(s - top[:, None])  # 0 past the split's end
+            total += tl.sum(p, axis=1)
+            tl.store(p_ptr + p_rows + cols[None, :] * s_pl, p.to(P_DTYPE),
+                     mask=m_ok[:, None] & (cols < end_pad)[None, :])
+        ml_off = b * s_mb + split * s_ms + m * s_mm
+        tl.store(m_ptr + ml_off, top, mask=m_ok)
+        tl.store(l_ptr + ml_off, total, mask=m_ok)
+
+    @triton.jit
+    def _value_tile(vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
+                    s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                    bt_ptr, s_btb, s_btr, PAGE_SIZE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr, SCALE_BCAST: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr, PAGED: tl.constexpr, OUT_DTYPE: tl.constexpr):
+        """Value rows j0 .. j0 + BLOCK_N (valid below ``end``), channels c0 .. c0 + BLOCK_CV, dequantized and
+        rounded to the model dtype."""
+        return dequant_tile(
+            vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
+            s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+            bt_ptr, s_btb, s_btr, PAGE_SIZE,
+            BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV, PAGED,
+        ).to(OUT_DTYPE)
+
+    @triton.jit
     def _values_kernel(
-        sc_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, bt_ptr, acc_ptr, m_ptr, l_ptr,
+        p_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, bt_ptr, acc_ptr,
         L, M_ALL, C, P, s_len, s_btb, s_btr,
-        s_cb_, s_cm_, s_cl_,
+        s_pb_, s_pm_, s_pl_,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_ab, s_as, s_am, s_ac,
-        s_mb, s_ms, s_mm,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, OUT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
         PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     ):
-        """Online softmax over one split's rows and acc += p · x̂v for one block of value channels.
+        """accᵀ += x̂vᵀ · pᵀ over one split's rows, for one block of value channels and BLOCK_M query rows.
 
         The value rows are the same for every KV head (the X cache, or the one value latent), so the
         query rows of all heads -- M_ALL = Hkv·R, flattened -- share each dequantized tile: BLOCK_M of
-        them per program (flash-decoding over the splits)."""
+        them per program (flash-decoding over the splits). The dequantized tile is the first operand,
+        which wgmma reads from registers, and the probabilities -- already in memory, in the model
+        dtype, relative to the split's maximum (``_softmax_kernel``) -- the second, a plain load that Triton's pipeliner prefetches into
+        shared memory: each step's MMA stays in flight while the next tile is dequantized, as in the
+        scores kernel. (With p computed here, by an online softmax, one operand computed in the loop had
+        to be the shared-memory one, and every MMA was waited for; docs/kernels.md.) Value channels are
+        the MMA's rows, so 64 of them fill a wgmma tile whatever the query rows."""
         pid_bm = tl.program_id(0)
         split = tl.program_id(1)
         c0 = tl.program_id(2) * BLOCK_CV
@@ -217,57 +295,61 @@ if HAS_TRITON:
         b = (pid_bm // num_mb).to(tl.int64)
         m = (pid_bm % num_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M_ALL
-        # this split's rows: the n rows cut into NUM_SPLITS chunks of whole BLOCK_N blocks, from the n
-        # on the device (so every fill spreads over all splits)
         n = _fill(length_ptr, b, s_len, L)
-        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * per_split
-        end = tl.minimum(start + per_split, n)
+        start, end = _split_rows(n, split, NUM_SPLITS, BLOCK_N)  # as the softmax cut them
         n_full = n // GROUP * GROUP
+        p_cols = b * s_pb_ + offset64(m, s_pm_)[None, :]
 
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_CV), dtype=tl.float32)
-        for j0 in range(start, end, BLOCK_N):
+        # The first step is peeled off the loop (and runs even for an empty split, its rows masked): with a
+        # loop that may run zero times, the skip path defines the accumulator by plain moves and ptxas
+        # serializes the wgmmas (C7515); a loop entered with the accumulator of a finished MMA does not.
+        rows = start + tl.arange(0, BLOCK_N)
+        p = tl.load(p_ptr + p_cols + rows[:, None] * s_pl_, mask=(rows < end)[:, None] & m_ok[None, :], other=0.0)
+        acc = _dot(tl.trans(_value_tile(vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, start, end, c0, n_full, C, P,
+                                        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc,
+                                        s_cb, s_cl, bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL,
+                                        HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV, PAGED, OUT_DTYPE)),
+                   p, tl.zeros((BLOCK_CV, BLOCK_M), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        for j0 in range(start + BLOCK_N, end, BLOCK_N):
+            # (a whole number of blocks from row 0: told, so that the p tile's rows load 16 bytes at a time,
+            # which is what lets the pipeliner copy it asynchronously)
+            j0 = tl.multiple_of(j0, BLOCK_N)
             rows = j0 + tl.arange(0, BLOCK_N)
-            s = tl.load(sc_ptr + b * s_cb_ + offset64(m, s_cm_)[:, None] + rows[None, :] * s_cl_,
-                        mask=m_ok[:, None] & (rows < end)[None, :], other=float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row with every score -inf so far (masked) keeps p = 0 instead of exp(-inf + inf) = NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            x = dequant_tile(
-                vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
-                s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                bt_ptr, s_btb, s_btr, PAGE_SIZE,
-                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV, PAGED,
-            ).to(OUT_DTYPE)
-            acc = acc * alpha[:, None]
-            acc = _dot(p.to(OUT_DTYPE), x, acc, DOT_PRECISION, UPCAST)
-            m_i = m_new
+            # [BLOCK_N, BLOCK_M] of pᵀ, whole blocks: a split ends at a block boundary or at n, and p is 0
+            # from n to the end of its block (``_softmax_kernel``), so no row mask (it would make every
+            # element a separate 2-byte load, which the pipeliner does not copy asynchronously); the x̂
+            # rows past n are finite
+            p = tl.load(p_ptr + p_cols + rows[:, None] * s_pl_, mask=m_ok[None, :], other=0.0)
+            x = _value_tile(vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, j0, end, c0, n_full, C, P,
+                            s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                            bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST,
+                            BLOCK_N, BLOCK_CV, PAGED, OUT_DTYPE)
+            acc = _dot(tl.trans(x), p, acc, DOT_PRECISION, UPCAST)
         cols = c0 + tl.arange(0, BLOCK_CV)
-        a_off = b * s_ab + split * s_as + m[:, None] * s_am + cols[None, :] * s_ac
-        tl.store(acc_ptr + a_off, acc, mask=m_ok[:, None] & (cols < C)[None, :])
-        if c0 == 0:
-            ml_off = b * s_mb + split * s_ms + m * s_mm
-            tl.store(m_ptr + ml_off, m_i, mask=m_ok)
-            tl.store(l_ptr + ml_off, l_i, mask=m_ok)
+        a_off = b * s_ab + split * s_as + m[None, :] * s_am + cols[:, None] * s_ac
+        tl.store(acc_ptr + a_off, acc, mask=m_ok[None, :] & (cols < C)[:, None])
 
     @triton.jit
     def _reduce_kernel(
-        acc_ptr, m_ptr, l_ptr, w_ptr, bias_ptr, out_ptr,
-        HKV, C, R, S, GROUP_Q, D, NUM_SPLITS,
+        acc_ptr, m_ptr, l_ptr, w_ptr, bias_ptr, mixed_ptr, out_ptr,
+        HKV, C: tl.constexpr, R, S, GROUP_Q, D, NUM_SPLITS,
         s_ab, s_as, s_am, s_ac,
         s_mb, s_ms, s_mm,
         s_wn, s_wk,
+        s_xb, s_xm, s_xc,
         s_ob, s_oh, s_os, s_od,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         R_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_CV: tl.constexpr,
     ):
-        """Combines the splits of KV head h's R query rows (flattened rows h·R + r), normalizes, projects
-        with Wv and adds the bias, writing [B, Hq, S, D]."""
+        """KV head h's R query rows (flattened rows h·R + r): combines the splits' partial Σ p·x̂v and Σ p
+        (each relative to its split's maximum), normalizes, then projects with Wv and adds the bias,
+        writing [B, Hq, S, D].
+
+        Two loops, not one: the normalized rows (``mixed``, rounded to the model dtype like the
+        reference's) go through a scratch in memory, so that the projection is a plain matmul of two
+        loaded operands, which Triton pipelines with its MMAs in flight. (Summed and projected in one
+        loop, the summed tile -- computed in the loop -- was the wgmma operand wherever R reaches 64, and
+        every MMA was waited for.) The program reads back only what it wrote itself, after a barrier."""
         pid_bh = tl.program_id(0)
         b = (pid_bh // HKV).to(tl.int64)
         h = pid_bh % HKV
@@ -275,16 +357,29 @@ if HAS_TRITON:
         r = tl.arange(0, R_PAD)
         r_ok = r < R
         ml_base = b * s_mb + (h * R + r) * s_mm
-        # Global max and sum over the splits (an empty split has m = -inf, l = 0).
-        m = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
+        # The maximum over the splits, and each split's weight exp(m_s - max) (an empty or fully masked
+        # split has m_s = -FLT_MAX and l_s = 0: weight 0, or 1 times nothing if every split is; m_s is
+        # finite, so no weight is NaN).
+        top = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            m = tl.maximum(m, tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf")))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
+            top = tl.maximum(top, tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0))
         total = tl.zeros((R_PAD,), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            m_s = tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf"))
-            total += tl.load(l_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) * tl.exp(m_s - m_safe)
+            weight = tl.exp(tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) - top)
+            total += tl.load(l_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) * weight
         inv = tl.where(total > 0, 1.0 / total, 0.0)  # fully masked row (or n = 0): 0
+
+        x_rows = b * s_xb + (h * R + r)[:, None] * s_xm
+        for c0 in range(0, C, BLOCK_CV):
+            cols = c0 + tl.arange(0, BLOCK_CV)
+            ok = r_ok[:, None] & (cols < C)[None, :]
+            a_off = b * s_ab + (h * R + r)[:, None] * s_am + cols[None, :] * s_ac
+            mixed = tl.zeros((R_PAD, BLOCK_CV), dtype=tl.float32)
+            for sp in range(0, NUM_SPLITS):
+                weight = tl.exp(tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=0.0) - top)
+                mixed += tl.load(acc_ptr + a_off + sp * s_as, mask=ok, other=0.0) * weight[:, None]
+            tl.store(mixed_ptr + x_rows + cols[None, :] * s_xc, (mixed * inv[:, None]).to(dtype), mask=ok)
+        tl.debug_barrier()  # this program's mixed rows are written before any thread reads them back
 
         d = tl.arange(0, D_PAD)
         d_ok = d < D
@@ -292,15 +387,7 @@ if HAS_TRITON:
         for c0 in range(0, C, BLOCK_CV):
             cols = c0 + tl.arange(0, BLOCK_CV)
             c_ok = cols < C
-            mixed = tl.zeros((R_PAD, BLOCK_CV), dtype=tl.float32)
-            for sp in range(0, NUM_SPLITS):
-                m_s = tl.load(m_ptr + ml_base + sp * s_ms, mask=r_ok, other=float("-inf"))
-                part = tl.load(
-                    acc_ptr + b * s_ab + sp * s_as + (h * R + r)[:, None] * s_am + cols[None, :] * s_ac,
-                    mask=r_ok[:, None] & c_ok[None, :], other=0.0,
-                )
-                mixed += part * tl.exp(m_s - m_safe)[:, None]
-            mixed = (mixed * inv[:, None]).to(dtype)  # rounded like the reference's mixed rows
+            mixed = tl.load(mixed_ptr + x_rows + cols[None, :] * s_xc, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
             w = tl.load(w_ptr + (h * D + d)[None, :] * s_wn + cols[:, None] * s_wk,
                         mask=c_ok[:, None] & d_ok[None, :], other=0.0)
             out = _dot(mixed, w, out, DOT_PRECISION, UPCAST)
@@ -312,21 +399,6 @@ if HAS_TRITON:
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _launch_gluon_values(flat_scores, values: QuantizedSource, length, acc, m_part, l_part, max_len: int,
-                         m_all: int, v_width: int, splits: int, dtype: torch.dtype) -> None:
-    """Launch 2 through the Gluon values kernel (same outputs as ``_values_kernel``)."""
-    batch = flat_scores.shape[0]
-    block_m, block_n, block_cv = gluon_values.BLOCK_M, gluon_values.BLOCK_N, gluon_values.BLOCK_CV
-    grid = (batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))
-    gluon_values._gluon_values_kernel[grid](
-        flat_scores, values.packed, values.scale, values.zero, length, acc, m_part, l_part, max_len, m_all,
-        *flat_scores.stride(), values.packed.stride(0), values.packed.stride(1), values.scale.stride(0),
-        values.scale.stride(1), values.zero.stride(0), values.zero.stride(1), *acc.stride(), *m_part.stride(),
-        DTYPE=_TL_DTYPES[dtype], GROUP=values.group, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_CV=block_cv, NUM_BUF=2, num_warps=4,
-    )
 
 
 def _table_ptr(a: DecodeAttentionInputs) -> torch.Tensor:
@@ -397,8 +469,7 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
     return scores
 
 
-def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, *, values_kernel: str = "triton",
-                            **config: int) -> torch.Tensor:
+def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, **config: int) -> torch.Tensor:
     """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
 
     Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
@@ -407,9 +478,6 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the
     scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead of
     the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
-    ``values_kernel="gluon"``: the values stage through the Gluon kernel (``gluon_values``; Hopper only,
-    checked on a GPU only, not the op's default) where it supports the value source (dense, one fill), else
-    the Triton one.
     """
     if not HAS_TRITON:
         raise RuntimeError(
@@ -440,45 +508,49 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = Non
     scores = _launch_scores(a, cfg, batch, q_heads, kv_heads, max_len, k_width, rows, seq, group_q, half, r_pad,
                             precision, upcast)
 
-    # 2. per split: online softmax and the absorbed values Σ p·x̂v for one block of value channels,
-    #    for the query rows of every KV head at once (flattened: row h·R + r); a shared source's value
-    #    rows get its col0 too
-    v_ptrs, v_strides = _tile_args(values, a.col0 if a.values is None else None)
+    # 2. per split: the probabilities, one maximum per query row over the split's scores, p = exp(s - max)
+    #    in the model dtype, the maximum and Σ p
     m_all = kv_heads * rows
-    block_m = min(cfg["block_m"], pow2_at_least_16(m_all))
-    block_cv = min(cfg["block_cv"], pow2_at_least_16(v_width))
     flat_scores = scores.view(batch, m_all, max_len)
-    acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
+    row_block = cfg["block_nv"]  # p is written in whole row blocks of the values kernel
+    probs = torch.empty((batch, m_all, -(-max_len // row_block) * row_block), device=dev, dtype=dtype)
     m_part = torch.empty((batch, splits, m_all), device=dev, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    if values_kernel not in ("triton", "gluon"):
-        raise ValueError(f"values_kernel={values_kernel!r}: 'triton' or 'gluon'")
-    # the Gluon values kernel reads one dense fill (no block table, no per-row fills)
-    gluon = values_kernel == "gluon" and not a.paged and a.length.numel() == 1
-    if gluon and gluon_values.supports(values, a.col0 if a.values is None else None, dtype, v_width):
-        _launch_gluon_values(flat_scores, values, a.length, acc, m_part, l_part, max_len, m_all, v_width, splits,
-                             dtype)
-    else:
-        _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
-            flat_scores, *v_ptrs, a.length, _table_ptr(a), acc, m_part, l_part,
-            max_len, m_all, v_width, values.packed.shape[2], *_paged_args(a),
-            *flat_scores.stride(), *v_strides, *acc.stride(), *m_part.stride(),
-            BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
-            HAS_COL0=a.values is None and a.col0 is not None,
-            SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
-            OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
-            BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv, PAGED=a.paged, PAGE_SIZE=_page_size(a),
-            # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
-            num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=2,
-        )
+    block_ms = min(32, pow2_at_least_16(m_all))
+    _softmax_kernel[(batch * triton.cdiv(m_all, block_ms), splits)](
+        flat_scores, probs, m_part, l_part, a.length, max_len, m_all, _paged_args(a)[0],
+        *flat_scores.stride(), *probs.stride(), *m_part.stride(),
+        P_DTYPE=_TL_DTYPES[dtype], NUM_SPLITS=splits, BLOCK_M=block_ms, BLOCK_L=max(128, row_block),
+        ROW_BLOCK=row_block, num_warps=4,
+    )
 
-    # 3. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
+    # 3. per split: the absorbed values Σ p·x̂v for one block of value channels, for the query rows of
+    #    every KV head at once (flattened: row h·R + r); a shared source's value rows get its col0 too
+    v_ptrs, v_strides = _tile_args(values, a.col0 if a.values is None else None)
+    block_m = min(cfg["block_m"], pow2_at_least_16(m_all))
+    block_cv = min(cfg["block_cv"], pow2_at_least_16(v_width))
+    acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
+    _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
+        probs, *v_ptrs, a.length, _table_ptr(a), acc,
+        max_len, m_all, v_width, values.packed.shape[2], *_paged_args(a),
+        *probs.stride(), *v_strides, *acc.stride(),
+        BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
+        HAS_COL0=a.values is None and a.col0 is not None,
+        SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
+        OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
+        BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv, PAGED=a.paged, PAGE_SIZE=_page_size(a),
+        # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
+        num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=3,
+    )
+
+    # 4. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
+    mixed = torch.empty((batch, m_all, v_width), device=dev, dtype=dtype)
     _reduce_kernel[(batch * kv_heads,)](
-        acc, m_part, l_part, a.v_weight, a.v_weight if a.v_bias is None else a.v_bias, out,
+        acc, m_part, l_part, a.v_weight, a.v_weight if a.v_bias is None else a.v_bias, mixed, out,
         kv_heads, v_width, rows, seq, group_q, head_dim, splits,
-        *acc.stride(), *m_part.stride(), *a.v_weight.stride(), *out.stride(),
+        *acc.stride(), *m_part.stride(), *a.v_weight.stride(), *mixed.stride(), *out.stride(),
         HAS_BIAS=a.v_bias is not None, DOT_PRECISION=precision, UPCAST=upcast,
         R_PAD=r_pad, D_PAD=pow2_at_least_16(head_dim), BLOCK_CV=min(64, block_cv),
-        num_warps=4, num_stages=1,
+        num_warps=4, num_stages=3,
     )
     return out
