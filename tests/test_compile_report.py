@@ -207,7 +207,8 @@ def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_p
     reports = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["job"] != "control"]
     assert all("paged" in r["job"] for r in reports), {r["job"] for r in reports}
     names = [r["name"] for r in reports]
-    assert all(names.count(k) == 6 for k in ("_scores_kernel", "_softmax_kernel", "_values_kernel", "_reduce_kernel")), names
+    kernels = ("_scores_kernel", "_softmax_kernel", "_values_kernel", "_reduce_kernel")
+    assert all(names.count(k) == 6 for k in kernels), names
     for r in reports:
         assert r["loop_spill_instructions"] == 0, r
         if r["name"] == "_scores_kernel":

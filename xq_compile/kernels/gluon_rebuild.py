@@ -29,7 +29,7 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
-    # a barrier of the calling warps (a partition's): gl.barrier from triton 3.7 on, gl.thread_barrier before
+    # a barrier of the calling warps (a partition's): gl.barrier in triton 3.9, gl.thread_barrier in 3.6
     _warps_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 except (ImportError, AttributeError):  # triton < 3.4, or a Gluon API this code does not know: Triton only
     gluon = None
@@ -239,7 +239,7 @@ def supports(weight: torch.Tensor, bits: int, group_size: int) -> bool:
 
 def _dequant_regs(requested: int | None) -> int:
     """The warp-specialized kernel's DEQUANT_REGS: ``requested``, else 0 (no register reallocation) where
-    ``gl.warp_specialize`` allows leaving the count out (triton >= 3.7), else 96 (what the whole kernel
+    ``gl.warp_specialize`` allows leaving the count out (triton 3.9), else 96 (what the whole kernel
     needs per thread without reallocation, compiled by 3.9)."""
     if requested is not None:
         return requested
@@ -256,8 +256,8 @@ def dequant_project_gluon_launch(packed, scale, zero, weight, bias: Optional[tor
     """(kernel, grid, args, kwargs, out) of one launch with ``dequant_project``'s arguments and
     semantics; the caller launches ``kernel[grid](*args, **kwargs)`` (the compile report compiles it
     instead). ``warp_specialize``: the kernel whose ``dequant_warps`` warps dequantize for a separate
-    MMA warpgroup, instead of one warpgroup doing both. Raises ValueError for what :func:`supports`
-    rejects."""
+    MMA warpgroup, instead of one warpgroup doing both (``dequant_regs``: their register count, see
+    :func:`_dequant_regs`). Raises ValueError for what :func:`supports` rejects."""
     from xq_compile.kernels.dequant_project import _check_inputs
 
     _check_inputs(packed, scale, zero, weight, bias, length, bits, group_size)

@@ -28,8 +28,8 @@ K and V are never written to memory. The CPU (default) kernel is the plain-torch
      value rows -- the X cache or the one value latent -- are the same for every head, so each
      dequantized tile serves them all; flash-decoding over the splits). X̂v is the register operand and
      p a tile loaded from memory, so these MMAs stay in flight too.
-  4. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks (weights exp(max_chunk - max)), normalizes, projects with Wv (tl.dot) and adds
-     the bias, writing [B, Hq, S, D].
+  4. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks (weights exp(max_chunk - max)), normalizes,
+     projects with Wv (tl.dot) and adds the bias, writing [B, Hq, S, D].
 
 Why scores go through memory instead of one fused pass: the absorbed-value accumulator of a KV head's
 query rows is [group·S, Cv] with Cv up to the hidden size (4096 for a 7B MHA model), too large for

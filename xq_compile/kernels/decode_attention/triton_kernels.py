@@ -283,11 +283,12 @@ if HAS_TRITON:
         query rows of all heads -- M_ALL = Hkv·R, flattened -- share each dequantized tile: BLOCK_M of
         them per program (flash-decoding over the splits). The dequantized tile is the first operand,
         which wgmma reads from registers, and the probabilities -- already in memory, in the model
-        dtype, relative to the split's maximum (``_softmax_kernel``) -- the second, a plain load that Triton's pipeliner prefetches into
-        shared memory: each step's MMA stays in flight while the next tile is dequantized, as in the
-        scores kernel. (With p computed here, by an online softmax, one operand computed in the loop had
-        to be the shared-memory one, and every MMA was waited for; docs/kernels.md.) Value channels are
-        the MMA's rows, so 64 of them fill a wgmma tile whatever the query rows."""
+        dtype, relative to the split's maximum (``_softmax_kernel``) -- the second, a plain load that
+        Triton's pipeliner prefetches into shared memory: each step's MMA stays in flight while the next
+        tile is dequantized, as in the scores kernel. (With p computed here, by an online softmax, one
+        operand computed in the loop had to be the shared-memory one, and every MMA was waited for;
+        docs/kernels.md.) Value channels are the MMA's rows, so 64 of them fill a wgmma tile whatever the
+        query rows."""
         pid_bm = tl.program_id(0)
         split = tl.program_id(1)
         c0 = tl.program_id(2) * BLOCK_CV
