@@ -167,8 +167,8 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
 
 @pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
 def test_sixteen_query_tokens_keep_every_wgmma_in_flight(tmp_path):
-    """S = 16 (speculative decoding, short chunks), 4 bits, the three shapes: the values kernel has 64-row
-    blocks of query rows and the GQA reduce 64 query rows per KV head, so all four kernels but the softmax
+    """S = 16 (speculative decoding, short chunks), 4 bits, the three shapes: the values kernel has blocks
+    of 128 query rows and the GQA reduce 64 query rows per KV head, so all four kernels but the softmax
     issue wgmma -- and each keeps one in flight (before the probabilities went through memory, the values
     and reduce dots took an operand computed in the loop from shared memory and waited for every MMA)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
