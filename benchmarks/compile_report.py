@@ -5,7 +5,7 @@
     python benchmarks/compile_report.py --check                # exit 1 unless every kernel is on the
                                                                # tensor cores, keeps its wgmma in flight,
                                                                # is spill-free and fits shared memory
-    python benchmarks/compile_report.py --asm-dir asm          # also write each launch's PTX and SASS
+    python benchmarks/compile_report.py --asm-dir asm          # also write each launch's TTGIR, PTX and SASS
     python benchmarks/compile_report.py --paged                # the vLLM plugin's decode step: the same
                                                                # kernels reading page bytes (block table)
 
@@ -191,7 +191,8 @@ def _ptxas_serializes_wgmma(ptx: str, arch: int) -> bool:
 
 def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, title: str = "") -> KernelReport:
     """Compile one captured launch for ``sm_{arch}`` and read its PTX, SASS and resource usage; with
-    ``asm_dir``, write the PTX and SASS there as ``<title>.<kernel>.<config>.{ptx,sass}``."""
+    ``asm_dir``, write the TTGIR (Triton's GPU IR: the layouts, where a ``convert_layout`` moves data), the
+    PTX and the SASS there as ``<title>.<kernel>.<config>.{ttgir,ptx,sass}``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
@@ -226,7 +227,7 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
                              check=True).stdout
     if asm_dir is not None:
         stem = asm_dir / asm_stem(title, report)
-        for suffix, text in ((".ptx", ptx), (".sass", sass)):
+        for suffix, text in ((".ttgir", compiled.asm["ttgir"]), (".ptx", ptx), (".sass", sass)):
             path = stem.with_name(stem.name + suffix)
             path.write_text(text)
             report.asm_files.append(str(path))
@@ -429,7 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside its MMA loop, exceeds "
                    "shared memory, issues wgmma but never keeps one in flight (or ptxas serializes them), or a dot "
                    "of the scores / dequant_project kernels is not on wgmma")
-    p.add_argument("--asm-dir", type=Path, help="write each launch's PTX and SASS into this folder")
+    p.add_argument("--asm-dir", type=Path, help="write each launch's TTGIR, PTX and SASS into this folder")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     import triton

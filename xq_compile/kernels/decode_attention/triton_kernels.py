@@ -113,30 +113,39 @@ if HAS_TRITON:
         f = tl.arange(0, BLOCK_H * HALF_PAD)
         dh = f % HALF_PAD
         f_ok = (h0 + f // HALF_PAD < HKV) & (dh < HALF)
-        w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
-        w2_rows = w1_rows + HALF
 
         # K = X̂ · Wkᵀ, rows by features: the dequantized tile is the first operand, which wgmma reads
-        # from registers, and the Wkᵀ tiles -- plain loads from global memory -- the second, which
+        # from registers, and the Wkᵀ tile -- a plain load from global memory -- the second, which
         # Triton's pipeliner prefetches into multi-buffered shared memory; so each step's MMAs stay in
         # flight while the next tile is dequantized (docs/kernels.md). The loop bound C is a
         # constexpr: with a runtime bound ptxas serializes the MMAs for some widths (C7515).
-        k1 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
-        k2 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
+        # Both halves of every head share one accumulator: columns [0, F) are the first halves'
+        # features f, columns [F, 2F) the second halves', so each step issues one dot (one chain of
+        # wider MMAs, no copies of the X̂ registers for a second one) and the halves part after the
+        # loop without moving data: the split is along the highest column bit, which wgmma's
+        # accumulator layout keeps in each thread's registers.
+        F: tl.constexpr = BLOCK_H * HALF_PAD
+        f2 = tl.arange(0, 2 * F)
+        w_rows = (h0 + (f2 % F) // HALF_PAD) * (2 * HALF) + (f2 // F) * HALF + (f2 % F) % HALF_PAD
+        f2_ok = (h0 + (f2 % F) // HALF_PAD < HKV) & ((f2 % F) % HALF_PAD < HALF)
+        # C a multiple of BLOCK_C (576, 1024, 4096, ...): no channel masks, so the loads' predicates
+        # are the rows', the same every step
+        EVEN_C: tl.constexpr = C % BLOCK_C == 0
+        k = tl.zeros((BLOCK_N, 2 * F), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             x = dequant_tile(
                 kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
                 s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                 bt_ptr, s_btb, s_btr, PAGE_SIZE,
-                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, EVEN_C,
             ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
             cols = c0 + tl.arange(0, BLOCK_C)
-            w_mask = (cols < C)[:, None] & f_ok[None, :]
-            # [BLOCK_C, BLOCK_H·HALF_PAD] tiles of Wkᵀ for the first and the second halves
-            w1 = tl.load(w_ptr + cols[:, None] * s_wk + w1_rows[None, :] * s_wn, mask=w_mask, other=0.0)
-            w2 = tl.load(w_ptr + cols[:, None] * s_wk + w2_rows[None, :] * s_wn, mask=w_mask, other=0.0)
-            k1 = _dot(x, w1, k1, DOT_PRECISION, UPCAST)
-            k2 = _dot(x, w2, k2, DOT_PRECISION, UPCAST)
+            w_mask = ((cols < C) | EVEN_C)[:, None] & f2_ok[None, :]
+            w = tl.load(w_ptr + cols[:, None] * s_wk + w_rows[None, :] * s_wn, mask=w_mask, other=0.0)
+            k = _dot(x, w, k, DOT_PRECISION, UPCAST)
+        k1, k2 = tl.split(tl.permute(tl.reshape(k, (BLOCK_N, 2, F)), (0, 2, 1)))
+        w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
+        w2_rows = w1_rows + HALF
         if HAS_BIAS:
             k1 += tl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
             k2 += tl.load(bias_ptr + w2_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
