@@ -171,7 +171,8 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     assert len(scores_sass) == 12, scores_sass
     for path in scores_sass:
         sass = path.read_text()
-        assert cr.mma_loop_ops(sass).count("HGMMA") == 4, path.name
+        loops = cr.mma_loops(sass)  # per channel (GQA): a loop for whole row blocks, one for the last
+        assert len(loops) in (1, 2) and all(loop.count("HGMMA") == 4 for loop in loops), path.name
         assert "SHFL" not in sass, path.name
 
 
