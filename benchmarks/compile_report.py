@@ -5,7 +5,7 @@
     python benchmarks/compile_report.py --check                # exit 1 unless every kernel is on the
                                                                # tensor cores, keeps its wgmma in flight,
                                                                # is spill-free and fits shared memory
-    python benchmarks/compile_report.py --asm-dir asm          # also write each launch's PTX and SASS
+    python benchmarks/compile_report.py --asm-dir asm          # also write each launch's TTGIR, PTX and SASS
     python benchmarks/compile_report.py --paged                # the vLLM plugin's decode step: the same
                                                                # kernels reading page bytes (block table)
 
@@ -72,7 +72,8 @@ class KernelReport:
     stack_bytes: int = -1
     spill_instructions: int = -1
     loop_spill_instructions: int = -1
-    loop_instructions: int = -1  # SASS instructions of one pass through the MMA loops: the per-step issue cost
+    # SASS instructions of one pass through each MMA loop (mma_loops): the per-step issue cost
+    loop_instructions: list = field(default_factory=list)
     wgmma: int = 0  # wgmma.mma_async instructions in the PTX
     wgmma_waits: list = field(default_factory=list)  # distinct N of its wgmma.wait_group N
     wgmma_serialized: bool = False
@@ -99,7 +100,7 @@ class KernelReport:
             flight = f" | wait {','.join(map(str, self.wgmma_waits))}" + ("" if self.wgmma_in_flight else " WGMMA NEVER IN FLIGHT")
         return (f"{self.name:24s} grid={self.grid} {self.config()} | HGMMA {self.hgmma:4d} HMMA {self.hmma:3d}{flight} | "
                 f"regs {self.registers:3d} spills {self.spill_instructions} ({self.loop_spill_instructions} in the "
-                f"MMA loop) | loop {self.loop_instructions} instr | "
+                f"MMA loop) | loop {' | '.join(map(str, self.loop_instructions)) or 0} instr | "
                 f"smem {self.shared_bytes / 1024:.1f} KB" + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
 
 
@@ -144,10 +145,12 @@ SPILL_OPS = ("STL", "LDL")  # local-memory stores/loads: register spills
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
 
 
-def mma_loop_ops(sass: str) -> list[str]:
-    """The opcodes inside loops that issue tensor-core MMAs (one pass of each such loop's body).
+def mma_loops(sass: str) -> list[list[str]]:
+    """The opcodes of each loop that issues tensor-core MMAs (one pass of its body), in code order.
 
-    A loop is a backward branch ``BRA target`` (target below the branch)."""
+    A loop is a backward branch ``BRA target`` (target below the branch); overlapping loops (one nested in
+    or branching back across another) count as one. A kernel may hold alternative loops of which a program
+    runs one (the scores kernel's whole and partial row blocks): each is listed on its own."""
     ops = [(int(a, 16), op, rest) for a, _, op, rest in _SASS_LINE.findall(sass)]
     loops = []
     for addr, op, rest in ops:
@@ -155,8 +158,19 @@ def mma_loop_ops(sass: str) -> list[str]:
             target = re.search(r"0x([0-9a-f]+)", rest)
             if target and int(target.group(1), 16) < addr:
                 loops.append((int(target.group(1), 16), addr))
-    hot = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and op in ("HGMMA", "HMMA") for a, op, _ in ops)]
-    return [op for a, op, _ in ops if any(lo <= a <= hi for lo, hi in hot)]
+    hot = sorted((lo, hi) for lo, hi in loops if any(lo <= a <= hi and op in ("HGMMA", "HMMA") for a, op, _ in ops))
+    regions: list[list[int]] = []
+    for lo, hi in hot:
+        if regions and lo <= regions[-1][1]:
+            regions[-1][1] = max(regions[-1][1], hi)
+        else:
+            regions.append([lo, hi])
+    return [[op for a, op, _ in ops if lo <= a <= hi] for lo, hi in regions]
+
+
+def mma_loop_ops(sass: str) -> list[str]:
+    """The opcodes inside all loops that issue tensor-core MMAs (:func:`mma_loops` together)."""
+    return [op for loop in mma_loops(sass) for op in loop]
 
 
 def loop_spills(sass: str) -> int:
@@ -191,7 +205,8 @@ def _ptxas_serializes_wgmma(ptx: str, arch: int) -> bool:
 
 def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, title: str = "") -> KernelReport:
     """Compile one captured launch for ``sm_{arch}`` and read its PTX, SASS and resource usage; with
-    ``asm_dir``, write the PTX and SASS there as ``<title>.<kernel>.<config>.{ptx,sass}``."""
+    ``asm_dir``, write the TTGIR (Triton's GPU IR: the layouts, where a ``convert_layout`` moves data), the
+    PTX and the SASS there as ``<title>.<kernel>.<config>.{ttgir,ptx,sass}``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
@@ -226,7 +241,7 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
                              check=True).stdout
     if asm_dir is not None:
         stem = asm_dir / asm_stem(title, report)
-        for suffix, text in ((".ptx", ptx), (".sass", sass)):
+        for suffix, text in ((".ttgir", compiled.asm["ttgir"]), (".ptx", ptx), (".sass", sass)):
             path = stem.with_name(stem.name + suffix)
             path.write_text(text)
             report.asm_files.append(str(path))
@@ -234,7 +249,7 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
     report.spill_instructions = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     loop_ops = mma_loop_ops(sass)
-    report.loop_instructions = len(loop_ops)
+    report.loop_instructions = [len(loop) for loop in mma_loops(sass)]
     report.loop_spill_instructions = sum(1 for op in loop_ops if op in SPILL_OPS)
     if m := re.search(r"REG:(\d+)", res):
         report.registers = int(m.group(1))
@@ -429,7 +444,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside its MMA loop, exceeds "
                    "shared memory, issues wgmma but never keeps one in flight (or ptxas serializes them), or a dot "
                    "of the scores / dequant_project kernels is not on wgmma")
-    p.add_argument("--asm-dir", type=Path, help="write each launch's PTX and SASS into this folder")
+    p.add_argument("--asm-dir", type=Path, help="write each launch's TTGIR, PTX and SASS into this folder")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     import triton

@@ -118,7 +118,7 @@ def test_in_flight_check_tells_pipelined_from_serialized(tmp_path):
     report = cr.compile_launch(control, asm_dir=tmp_path, title=cr.CONTROL)
     assert report.wgmma > 0 and report.wgmma_waits == [0, 1] and report.wgmma_in_flight, report.line()
     assert report.problems == [], report.line()
-    assert sorted(Path(f).suffix for f in report.asm_files) == [".ptx", ".sass"]
+    assert sorted(Path(f).suffix for f in report.asm_files) == [".ptx", ".sass", ".ttgir"]
     assert all(Path(f).parent == tmp_path and Path(f).stat().st_size > 1000 for f in report.asm_files)
 
     a = torch.empty(1024, 1024, dtype=torch.bfloat16)
@@ -138,7 +138,7 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--check", "--bits", "2", "3", "4", "8",
-         "--json", str(tmp_path / "report.json")],
+         "--json", str(tmp_path / "report.json"), "--asm-dir", str(tmp_path / "asm")],
         env=env, capture_output=True, text=True, timeout=900,
     )
     out = proc.stdout + proc.stderr
@@ -163,6 +163,17 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     for r in rebuild:
         assert r["wgmma"] > 0 and max(r["wgmma_waits"]) >= 1 and not r["wgmma_serialized"], r
         assert r["wgmma_in_flight"] and r["loop_spill_instructions"] == 0, r
+    # the scores kernel's K rebuild is one dot per step (both RoPE halves of every head in one accumulator):
+    # BLOCK_C = 64 channels are 4 wgmma of k = 16 per step, not 8 (one chain per half, as before), and the
+    # halves part after the loop in registers: no warp shuffles anywhere in the kernel
+    cr = _compile_report_module()
+    scores_sass = sorted((tmp_path / "asm").glob("*.scores_kernel.*BLOCK_C64*.sass"))
+    assert len(scores_sass) == 12, scores_sass
+    for path in scores_sass:
+        sass = path.read_text()
+        loops = cr.mma_loops(sass)  # per channel (GQA): a loop for whole row blocks, one for the last
+        assert len(loops) in (1, 2) and all(loop.count("HGMMA") == 4 for loop in loops), path.name
+        assert "SHFL" not in sass, path.name
 
 
 @pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")

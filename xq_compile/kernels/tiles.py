@@ -85,6 +85,7 @@ if triton is not None:
         bt_ptr, s_btb, s_btr, page_size: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
+        EVEN_C: tl.constexpr = False, FULL_ROWS: tl.constexpr = False,
     ):
         """Rows ``r0 .. r0 + BLOCK_N`` (valid below ``row_end``), channels ``c0 .. c0 + BLOCK_C`` (valid
         below ``C``) of a source, dequantized: fp32 [BLOCK_N, BLOCK_C]. Invalid rows are finite (0, or
@@ -97,13 +98,17 @@ if triton is not None:
         ``PAGED`` (per token only): packed, scale, zero and col0 are ``[pages, page_size, ...]``, row ``j``
         of batch row ``b`` read through the block table (:func:`cache_rows`).
         Channels at or past ``C`` are finite but meaningless: callers mask them (weights, stores).
+        ``EVEN_C``: the caller knows ``C`` is a multiple of ``BLOCK_C`` (and ``c0`` of ``BLOCK_C``), so no
+        channel needs a mask: the loads' predicates are the rows' alone, computed once per tile instead of
+        once per step. ``FULL_ROWS``: the caller knows every row is below ``row_end`` and (per channel) below
+        ``n_full``: no row masks, no tail.
         """
         rows = r0 + tl.arange(0, BLOCK_N)
         cols = c0 + tl.arange(0, BLOCK_C)
-        row_ok = rows < row_end
-        col_ok = cols < C
+        row_ok = (rows < row_end) | FULL_ROWS
+        col_ok = (cols < C) | EVEN_C
         if PER_CHANNEL:
-            code_rows = row_ok & (rows < n_full)  # rows of completed token groups
+            code_rows = row_ok & ((rows < n_full) | FULL_ROWS)  # rows of completed token groups
         else:
             code_rows = row_ok
         page, slot = cache_rows(b, rows, row_ok, bt_ptr, s_btb, s_btr, page_size, PAGED)
@@ -115,9 +120,12 @@ if triton is not None:
             word_idx = c0 // 8 + tl.arange(0, BLOCK_C // 8)
             first = word_idx * 3
             rows_ok = code_rows[:, None]
-            b0 = tl.load(base + first[None, :] * s_pp, mask=rows_ok & (first < P)[None, :], other=0)
-            b1 = tl.load(base + (first + 1)[None, :] * s_pp, mask=rows_ok & (first + 1 < P)[None, :], other=0)
-            b2 = tl.load(base + (first + 2)[None, :] * s_pp, mask=rows_ok & (first + 2 < P)[None, :], other=0)
+            ok0 = rows_ok & ((first < P) | EVEN_C)[None, :]
+            ok1 = rows_ok & ((first + 1 < P) | EVEN_C)[None, :]
+            ok2 = rows_ok & ((first + 2 < P) | EVEN_C)[None, :]
+            b0 = tl.load(base + first[None, :] * s_pp, mask=ok0, other=0)
+            b1 = tl.load(base + (first + 1)[None, :] * s_pp, mask=ok1, other=0)
+            b2 = tl.load(base + (first + 2)[None, :] * s_pp, mask=ok2, other=0)
             word = b0.to(tl.int32) | (b1.to(tl.int32) << 8) | (b2.to(tl.int32) << 16)
             # code k of a word is bits 3k..3k+2; interleaving evens and odds (recursively) restores k order
             evens = tl.interleave(tl.interleave(word & 7, (word >> 12) & 7),
@@ -128,7 +136,8 @@ if triton is not None:
         else:
             # The tile's bytes of a row are contiguous: BLOCK_C * BITS / 8 of them from byte c0 * BITS / 8.
             byte = c0 * BITS // 8 + tl.arange(0, BLOCK_C * BITS // 8)
-            word = tl.load(base + byte[None, :] * s_pp, mask=code_rows[:, None] & (byte < P)[None, :], other=0)
+            byte_ok = code_rows[:, None] & ((byte < P) | EVEN_C)[None, :]
+            word = tl.load(base + byte[None, :] * s_pp, mask=byte_ok, other=0)
             word = word.to(tl.int32)
             if BITS == 8:
                 code = word
@@ -142,7 +151,7 @@ if triton is not None:
             if PER_CHANNEL:
                 # a row block of the open group reads the tail only (the scalar test is spelled as a
                 # vector: the Triton interpreter rejects a scalar-and-vector mask)
-                g_ok = col_ok & (cols * 0 + r0 < n_full)
+                g_ok = col_ok & ((cols * 0 + r0 < n_full) | FULL_ROWS)
                 s_off = b * s_sb + offset64(r0 // GROUP, s_sl) + cols * s_sc
                 z_off = b * s_zb + offset64(r0 // GROUP, s_zl) + cols * s_zc
                 s = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
@@ -167,7 +176,7 @@ if triton is not None:
         # both exact for codes < 2^23. Then code · scale + zero in fp32, as quant.dequantize does.
         code_f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         x = code_f * s + z
-        if PER_CHANNEL:
+        if PER_CHANNEL and not FULL_ROWS:
             # the residual rows n_full <= j < row_end, kept in the model dtype until their group is full
             t_ok = (row_ok & (rows >= n_full))[:, None] & col_ok[None, :]
             t = tl.load(tail_ptr + b * s_tb + (rows % GROUP)[:, None] * s_tl + cols[None, :] * s_tc,

@@ -74,6 +74,40 @@ if HAS_TRITON:
         return c, s
 
     @triton.jit
+    def _rebuild_k(
+        kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full, C: tl.constexpr, P,
+        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_wn, s_wk,
+        bt_ptr, s_btb, s_btr, PAGE_SIZE: tl.constexpr,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
+        SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
+        F2: tl.constexpr, FULL_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """K = X̂ · Wkᵀ for rows r0 .. r0 + BLOCK_N: fp32 [BLOCK_N, F2], column i the W row ``w_rows[i]``.
+
+        The dequantized tile is the first operand, which wgmma reads from registers, and the Wkᵀ tile -- a
+        plain load from global memory -- the second, which Triton's pipeliner prefetches into
+        multi-buffered shared memory; so each step's MMAs stay in flight while the next tile is
+        dequantized (docs/kernels.md). The loop bound C is a constexpr: with a runtime bound ptxas
+        serializes the MMAs for some widths (C7515). With C a multiple of BLOCK_C (576, 1024, 4096, ...)
+        and ``FULL_ROWS`` (every row of the block below the fill, in completed token groups) no load
+        needs a mask."""
+        dtype = w_ptr.dtype.element_ty
+        EVEN_C: tl.constexpr = C % BLOCK_C == 0
+        k = tl.zeros((BLOCK_N, F2), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            x = dequant_tile(
+                kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
+                s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                bt_ptr, s_btb, s_btr, PAGE_SIZE,
+                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, EVEN_C, FULL_ROWS,
+            ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
+            cols = c0 + tl.arange(0, BLOCK_C)
+            w_mask = ((cols < C) | EVEN_C)[:, None] & f2_ok[None, :]
+            w = tl.load(w_ptr + cols[:, None] * s_wk + w_rows[None, :] * s_wn, mask=w_mask, other=0.0)
+            k = _dot(x, w, k, DOT_PRECISION, UPCAST)
+        return k
+
+    @triton.jit
     def _scores_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
         mask_ptr, length_ptr, bt_ptr, out_ptr,
@@ -113,30 +147,34 @@ if HAS_TRITON:
         f = tl.arange(0, BLOCK_H * HALF_PAD)
         dh = f % HALF_PAD
         f_ok = (h0 + f // HALF_PAD < HKV) & (dh < HALF)
+
+        # K = X̂ · Wkᵀ (_rebuild_k). Both halves of every head share one accumulator: columns [0, F) are
+        # the first halves' features f, columns [F, 2F) the second halves', so each step issues one dot
+        # (one chain of wider MMAs, no copies of the X̂ registers for a second one) and the halves part
+        # after the loop without moving data: the split is along the highest column bit, which wgmma's
+        # accumulator layout keeps in each thread's registers.
+        F: tl.constexpr = BLOCK_H * HALF_PAD
+        f2 = tl.arange(0, 2 * F)
+        w_rows = (h0 + (f2 % F) // HALF_PAD) * (2 * HALF) + (f2 // F) * HALF + (f2 % F) % HALF_PAD
+        f2_ok = (h0 + (f2 % F) // HALF_PAD < HKV) & ((f2 % F) % HALF_PAD < HALF)
+        # Per channel, every row block below the open token group is whole: its loop runs without row
+        # masks or the tail's loads (the same loop compiled twice: -15% instructions per step for the
+        # GQA latent). Per token the masks cost less than a second set of pipeline buffers would.
+        if PER_CHANNEL and r0 + BLOCK_N <= n_full:
+            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full, C, P,
+                           s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                           s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE,
+                           BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
+                           2 * F, True, DOT_PRECISION, UPCAST)
+        else:
+            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full, C, P,
+                           s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                           s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE,
+                           BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
+                           2 * F, False, DOT_PRECISION, UPCAST)
+        k1, k2 = tl.split(tl.permute(tl.reshape(k, (BLOCK_N, 2, F)), (0, 2, 1)))
         w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
         w2_rows = w1_rows + HALF
-
-        # K = X̂ · Wkᵀ, rows by features: the dequantized tile is the first operand, which wgmma reads
-        # from registers, and the Wkᵀ tiles -- plain loads from global memory -- the second, which
-        # Triton's pipeliner prefetches into multi-buffered shared memory; so each step's MMAs stay in
-        # flight while the next tile is dequantized (docs/kernels.md). The loop bound C is a
-        # constexpr: with a runtime bound ptxas serializes the MMAs for some widths (C7515).
-        k1 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
-        k2 = tl.zeros((BLOCK_N, BLOCK_H * HALF_PAD), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            x = dequant_tile(
-                kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
-                s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                bt_ptr, s_btb, s_btr, PAGE_SIZE,
-                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
-            ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
-            cols = c0 + tl.arange(0, BLOCK_C)
-            w_mask = (cols < C)[:, None] & f_ok[None, :]
-            # [BLOCK_C, BLOCK_H·HALF_PAD] tiles of Wkᵀ for the first and the second halves
-            w1 = tl.load(w_ptr + cols[:, None] * s_wk + w1_rows[None, :] * s_wn, mask=w_mask, other=0.0)
-            w2 = tl.load(w_ptr + cols[:, None] * s_wk + w2_rows[None, :] * s_wn, mask=w_mask, other=0.0)
-            k1 = _dot(x, w1, k1, DOT_PRECISION, UPCAST)
-            k2 = _dot(x, w2, k2, DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             k1 += tl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
             k2 += tl.load(bias_ptr + w2_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
