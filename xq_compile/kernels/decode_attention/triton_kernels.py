@@ -74,6 +74,30 @@ if HAS_TRITON:
         return c, s
 
     @triton.jit
+    def _rebuild_step(
+        k, c0, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full, C: tl.constexpr, P,
+        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_wn, s_wk,
+        bt_ptr, s_btb, s_btr, PAGE_SIZE: tl.constexpr,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
+        SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
+        FULL_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """k + X̂[:, c0 : c0 + BLOCK_C] · Wkᵀ[c0 : c0 + BLOCK_C, w_rows]: one step of :func:`_rebuild_k`."""
+        # C a multiple of BLOCK_C (576, 1024, 4096, ...): no channel masks, the loads' predicates are the
+        # rows', the same every step
+        EVEN_C: tl.constexpr = C % BLOCK_C == 0
+        x = dequant_tile(
+            kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
+            s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+            bt_ptr, s_btb, s_btr, PAGE_SIZE,
+            BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, EVEN_C, FULL_ROWS,
+        ).to(w_ptr.dtype.element_ty)  # X̂ rounded to the model dtype (as the reference), products in fp32
+        cols = c0 + tl.arange(0, BLOCK_C)
+        w_mask = ((cols < C) | EVEN_C)[:, None] & f2_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * s_wk + w_rows[None, :] * s_wn, mask=w_mask, other=0.0)
+        return _dot(x, w, k, DOT_PRECISION, UPCAST)
+
+    @triton.jit
     def _rebuild_k(
         kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full, C: tl.constexpr, P,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_wn, s_wk,
@@ -88,23 +112,22 @@ if HAS_TRITON:
         plain load from global memory -- the second, which Triton's pipeliner prefetches into
         multi-buffered shared memory; so each step's MMAs stay in flight while the next tile is
         dequantized (docs/kernels.md). The loop bound C is a constexpr: with a runtime bound ptxas
-        serializes the MMAs for some widths (C7515). With C a multiple of BLOCK_C (576, 1024, 4096, ...)
-        and ``FULL_ROWS`` (every row of the block below the fill, in completed token groups) no load
-        needs a mask."""
-        dtype = w_ptr.dtype.element_ty
-        EVEN_C: tl.constexpr = C % BLOCK_C == 0
+        serializes the MMAs for some widths (C7515). ``FULL_ROWS``: every row of the block is below the
+        fill, in completed token groups, so no load needs a row mask. ``HAS_COL0``: channel 0 comes from
+        col0, in the first step only, which is peeled off the loop (selecting it in every step cost the
+        GQA latent's loop a fifth of its instructions)."""
         k = tl.zeros((BLOCK_N, F2), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            x = dequant_tile(
-                kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
-                s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                bt_ptr, s_btb, s_btr, PAGE_SIZE,
-                BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, EVEN_C, FULL_ROWS,
-            ).to(dtype)  # X̂ rounded to the model dtype (as the reference), products in fp32
-            cols = c0 + tl.arange(0, BLOCK_C)
-            w_mask = ((cols < C) | EVEN_C)[:, None] & f2_ok[None, :]
-            w = tl.load(w_ptr + cols[:, None] * s_wk + w_rows[None, :] * s_wn, mask=w_mask, other=0.0)
-            k = _dot(x, w, k, DOT_PRECISION, UPCAST)
+        FIRST: tl.constexpr = BLOCK_C if HAS_COL0 else 0
+        if HAS_COL0:
+            k = _rebuild_step(k, 0, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full,
+                              C, P, s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
+                              s_cl, s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL, True,
+                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, FULL_ROWS, DOT_PRECISION, UPCAST)
+        for c0 in range(FIRST, C, BLOCK_C):
+            k = _rebuild_step(k, c0, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full,
+                              C, P, s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
+                              s_cl, s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL, False,
+                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, FULL_ROWS, DOT_PRECISION, UPCAST)
         return k
 
     @triton.jit
