@@ -16,11 +16,12 @@ K and V are never written to memory. The CPU (default) kernel is the plain-torch
   1. ``_scores_kernel``   grid (B · KV-head tiles, row blocks of the capacity L): the K rebuild as one
      dequantize-GEMM tile per program -- ``block_n`` cached rows (dequantized once, ``block_c`` channels
      at a time, by :func:`xq_compile.kernels.tiles.dequant_tile`) times the Wkᵀ of ``block_h`` KV heads,
-     two accumulators for the two halves of every head so RoPE (fp32) pairs meet elementwise -- then
-     the scores of those heads' query rows as one more dot with a block-diagonal query, scaled and
-     masked (natural log domain, so an HF finfo.min float mask cannot overflow to -inf), written to a
-     small fp32 scratch [B, Hkv, R, L]. Scores, not K: R·n floats instead of n·D. The tile is
-     K = X̂·Wkᵀ with X̂ the register operand, so its MMAs stay in flight (``docs/kernels.md``).
+     one accumulator whose column halves are the two halves of every head, split after the loop so RoPE
+     (fp32) pairs meet elementwise -- then the scores of those heads' query rows as one more dot with a
+     block-diagonal query, scaled and masked (natural log domain, so an HF finfo.min float mask cannot
+     overflow to -inf), written to a small fp32 scratch [B, Hkv, R, L]. Scores, not K: R·n floats
+     instead of n·D. The tile is K = X̂·Wkᵀ with X̂ the register operand, so its MMAs stay in flight
+     (``docs/kernels.md``).
   2. ``_softmax_kernel``  grid (B · query-row blocks, splits): per query row and chunk of the rows
      (split), the chunk's maximum score, p = exp(s - max) in the model dtype and Σ p.
   3. ``_values_kernel``   grid (B · query-row blocks, splits, Cv blocks): accᵀ += x̂vᵀ · pᵀ over one chunk

@@ -150,10 +150,11 @@ if HAS_TRITON:
         """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
 
         The K rebuild is one dequantize-GEMM tile: X̂ [BLOCK_N, C] (dequantized BLOCK_C channels at a
-        time, once for all BLOCK_H heads) times the heads' Wkᵀ, as two accumulators of BLOCK_H·HALF
-        features -- the first and the second half of every head -- so RoPE's rotate_half pairs meet
-        elementwise. The scores then come from one dot with a block-diagonal query (each head's rows
-        see only its own features): no per-head slicing of registers is needed.
+        time, once for all BLOCK_H heads) times the heads' Wkᵀ (:func:`_rebuild_k`), one accumulator of
+        2·BLOCK_H·HALF_PAD features split after the loop into the first and the second half of every
+        head, so RoPE's rotate_half pairs meet elementwise. The scores then come from one dot with a
+        block-diagonal query (each head's rows see only its own features): no per-head slicing of
+        registers is needed.
         """
         pid_bh = tl.program_id(0)
         r0 = tl.program_id(1) * BLOCK_N
