@@ -85,7 +85,7 @@ if triton is not None:
         bt_ptr, s_btb, s_btr, page_size: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
-        EVEN_C: tl.constexpr = False, FULL_ROWS: tl.constexpr = False,
+        EVEN_C: tl.constexpr = False, CLAMP_ROWS: tl.constexpr = False,
     ):
         """Rows ``r0 .. r0 + BLOCK_N`` (valid below ``row_end``), channels ``c0 .. c0 + BLOCK_C`` (valid
         below ``C``) of a source, dequantized: fp32 [BLOCK_N, BLOCK_C]. Invalid rows are finite (0, or
@@ -100,15 +100,18 @@ if triton is not None:
         Channels at or past ``C`` are finite but meaningless: callers mask them (weights, stores).
         ``EVEN_C``: the caller knows ``C`` is a multiple of ``BLOCK_C`` (and ``c0`` of ``BLOCK_C``), so no
         channel needs a mask: the loads' predicates are the rows' alone, computed once per tile instead of
-        once per step. ``FULL_ROWS``: the caller knows every row is below ``row_end`` and (per channel) below
-        ``n_full``: no row masks, no tail.
+        once per step. ``CLAMP_ROWS``: rows at or past ``row_end`` read row ``row_end - 1`` (the last filled
+        one) instead of being masked, so no load has a row mask; per channel only where every row of the
+        block is below ``n_full`` (no tail). The callers give those rows no weight, as they do masked ones.
         """
         rows = r0 + tl.arange(0, BLOCK_N)
+        if CLAMP_ROWS:
+            rows = tl.minimum(rows, row_end - 1)
         cols = c0 + tl.arange(0, BLOCK_C)
-        row_ok = (rows < row_end) | FULL_ROWS
+        row_ok = (rows < row_end) | CLAMP_ROWS
         col_ok = (cols < C) | EVEN_C
         if PER_CHANNEL:
-            code_rows = row_ok & ((rows < n_full) | FULL_ROWS)  # rows of completed token groups
+            code_rows = row_ok & ((rows < n_full) | CLAMP_ROWS)  # rows of completed token groups
         else:
             code_rows = row_ok
         page, slot = cache_rows(b, rows, row_ok, bt_ptr, s_btb, s_btr, page_size, PAGED)
@@ -151,7 +154,7 @@ if triton is not None:
             if PER_CHANNEL:
                 # a row block of the open group reads the tail only (the scalar test is spelled as a
                 # vector: the Triton interpreter rejects a scalar-and-vector mask)
-                g_ok = col_ok & ((cols * 0 + r0 < n_full) | FULL_ROWS)
+                g_ok = col_ok & ((cols * 0 + r0 < n_full) | CLAMP_ROWS)
                 s_off = b * s_sb + offset64(r0 // GROUP, s_sl) + cols * s_sc
                 z_off = b * s_zb + offset64(r0 // GROUP, s_zl) + cols * s_zc
                 s = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
@@ -176,7 +179,7 @@ if triton is not None:
         # both exact for codes < 2^23. Then code · scale + zero in fp32, as quant.dequantize does.
         code_f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         x = code_f * s + z
-        if PER_CHANNEL and not FULL_ROWS:
+        if PER_CHANNEL and not CLAMP_ROWS:
             # the residual rows n_full <= j < row_end, kept in the model dtype until their group is full
             t_ok = (row_ok & (rows >= n_full))[:, None] & col_ok[None, :]
             t = tl.load(tail_ptr + b * s_tb + (rows % GROUP)[:, None] * s_tl + cols[None, :] * s_tc,

@@ -80,7 +80,7 @@ if HAS_TRITON:
         bt_ptr, s_btb, s_btr, PAGE_SIZE: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
-        FULL_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        CLAMP_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """k + X̂[:, c0 : c0 + BLOCK_C] · Wkᵀ[c0 : c0 + BLOCK_C, w_rows]: one step of :func:`_rebuild_k`."""
         # C a multiple of BLOCK_C (576, 1024, 4096, ...): no channel masks, the loads' predicates are the
@@ -90,7 +90,7 @@ if HAS_TRITON:
             kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, b, r0, n, c0, n_full, C, P,
             s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
             bt_ptr, s_btb, s_btr, PAGE_SIZE,
-            BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, EVEN_C, FULL_ROWS,
+            BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, EVEN_C, CLAMP_ROWS,
         ).to(w_ptr.dtype.element_ty)  # X̂ rounded to the model dtype (as the reference), products in fp32
         cols = c0 + tl.arange(0, BLOCK_C)
         w_mask = ((cols < C) | EVEN_C)[:, None] & f2_ok[None, :]
@@ -104,7 +104,7 @@ if HAS_TRITON:
         bt_ptr, s_btb, s_btr, PAGE_SIZE: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
-        F2: tl.constexpr, FULL_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        F2: tl.constexpr, CLAMP_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """K = X̂ · Wkᵀ for rows r0 .. r0 + BLOCK_N: fp32 [BLOCK_N, F2], column i the W row ``w_rows[i]``.
 
@@ -112,8 +112,8 @@ if HAS_TRITON:
         plain load from global memory -- the second, which Triton's pipeliner prefetches into
         multi-buffered shared memory; so each step's MMAs stay in flight while the next tile is
         dequantized (docs/kernels.md). The loop bound C is a constexpr: with a runtime bound ptxas
-        serializes the MMAs for some widths (C7515). ``FULL_ROWS``: every row of the block is below the
-        fill, in completed token groups, so no load needs a row mask. ``HAS_COL0``: channel 0 comes from
+        serializes the MMAs for some widths (C7515). ``CLAMP_ROWS``: rows past the fill read the last filled
+        row, so no load needs a row mask (per channel: only for blocks below the open token group). ``HAS_COL0``: channel 0 comes from
         col0, in the first step only, which is peeled off the loop (selecting it in every step cost the
         GQA latent's loop a fifth of its instructions)."""
         k = tl.zeros((BLOCK_N, F2), dtype=tl.float32)
@@ -122,12 +122,12 @@ if HAS_TRITON:
             k = _rebuild_step(k, 0, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full,
                               C, P, s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
                               s_cl, s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL, True,
-                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, FULL_ROWS, DOT_PRECISION, UPCAST)
+                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, CLAMP_ROWS, DOT_PRECISION, UPCAST)
         for c0 in range(FIRST, C, BLOCK_C):
             k = _rebuild_step(k, c0, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full,
                               C, P, s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
                               s_cl, s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL, False,
-                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, FULL_ROWS, DOT_PRECISION, UPCAST)
+                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, CLAMP_ROWS, DOT_PRECISION, UPCAST)
         return k
 
     @triton.jit
@@ -181,10 +181,11 @@ if HAS_TRITON:
         f2 = tl.arange(0, 2 * F)
         w_rows = (h0 + (f2 % F) // HALF_PAD) * (2 * HALF) + (f2 // F) * HALF + (f2 % F) % HALF_PAD
         f2_ok = (h0 + (f2 % F) // HALF_PAD < HKV) & ((f2 % F) % HALF_PAD < HALF)
-        # Per channel, every row block below the open token group is whole: its loop runs without row
-        # masks or the tail's loads (the same loop compiled twice: -15% instructions per step for the
-        # GQA latent). Per token the masks cost less than a second set of pipeline buffers would.
-        if PER_CHANNEL and r0 + BLOCK_N <= n_full:
+        # No row masks in the loop (CLAMP_ROWS: rows past the fill read the last filled row, and get no
+        # weight): per token in every row block; per channel in the blocks below the open token group,
+        # whose rows all come from codes. The block holding the open group reads its rows from the
+        # model-dtype tail, with masks: the same loop compiled a second time (per channel only).
+        if not PER_CHANNEL or r0 + BLOCK_N <= n_full:
             k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full, C, P,
                            s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                            s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE,
