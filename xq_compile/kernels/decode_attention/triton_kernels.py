@@ -112,10 +112,10 @@ if HAS_TRITON:
         plain load from global memory -- the second, which Triton's pipeliner prefetches into
         multi-buffered shared memory; so each step's MMAs stay in flight while the next tile is
         dequantized (docs/kernels.md). The loop bound C is a constexpr: with a runtime bound ptxas
-        serializes the MMAs for some widths (C7515). ``CLAMP_ROWS``: rows past the fill read the last filled
-        row, so no load needs a row mask (per channel: only for blocks below the open token group). ``HAS_COL0``: channel 0 comes from
-        col0, in the first step only, which is peeled off the loop (selecting it in every step cost the
-        GQA latent's loop a fifth of its instructions)."""
+        serializes the MMAs for some widths (C7515). ``CLAMP_ROWS``: rows past the fill read the last
+        filled row, so no load needs a row mask (per channel: only for blocks below the open token group).
+        ``HAS_COL0``: channel 0 comes from col0, in the first step only, which is peeled off the loop
+        (selecting it in every step cost the GQA latent's loop a fifth of its instructions)."""
         k = tl.zeros((BLOCK_N, F2), dtype=tl.float32)
         FIRST: tl.constexpr = BLOCK_C if HAS_COL0 else 0
         if HAS_COL0:
