@@ -248,9 +248,9 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     report.hgmma = len(re.findall(r"\bHGMMA\b", sass))
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
     report.spill_instructions = len(re.findall(r"\b(?:STL|LDL)\b", sass))
-    loop_ops = mma_loop_ops(sass)
-    report.loop_instructions = [len(loop) for loop in mma_loops(sass)]
-    report.loop_spill_instructions = sum(1 for op in loop_ops if op in SPILL_OPS)
+    loops = mma_loops(sass)
+    report.loop_instructions = [len(loop) for loop in loops]
+    report.loop_spill_instructions = sum(1 for loop in loops for op in loop if op in SPILL_OPS)
     if m := re.search(r"REG:(\d+)", res):
         report.registers = int(m.group(1))
     if m := re.search(r"STACK:(\d+)", res):

@@ -198,9 +198,9 @@ if HAS_TRITON:
                            BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
                            2 * F, False, DOT_PRECISION, UPCAST)
         k1, k2 = tl.split(tl.permute(tl.reshape(k, (BLOCK_N, 2, F)), (0, 2, 1)))
-        w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
-        w2_rows = w1_rows + HALF
         if HAS_BIAS:
+            w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
+            w2_rows = w1_rows + HALF
             k1 += tl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
             k2 += tl.load(bias_ptr + w2_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
 
