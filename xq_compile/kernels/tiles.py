@@ -78,6 +78,46 @@ if triton is not None:
         return page, slot
 
     @triton.jit
+    def bcast_scale_zero(scale_ptr, zero_ptr, b, r0, cols, col_ok, page, slot, row_ok, c0, n_full,
+                         s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
+                         GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, CLAMP_ROWS: tl.constexpr):
+        """The scale and zero of a ``SCALE_BCAST`` tile of :func:`dequant_tile` in fp32, shaped to broadcast
+        over it: per channel ``[1, len(cols)]`` (the row block's token group, channels ``cols``), per token
+        ``[BLOCK_N, 1]`` (each row's group of channel ``c0``)."""
+        if PER_CHANNEL:
+            # a row block of the open group reads the tail only (the scalar test is spelled as a
+            # vector: the Triton interpreter rejects a scalar-and-vector mask)
+            g_ok = col_ok & ((cols * 0 + r0 < n_full) | CLAMP_ROWS)
+            s_off = b * s_sb + offset64(r0 // GROUP, s_sl) + cols * s_sc
+            z_off = b * s_zb + offset64(r0 // GROUP, s_zl) + cols * s_zc
+            s = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(zero_ptr + z_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            s_off = page * s_sb + offset64(slot, s_sl) + (c0 // GROUP) * s_sc
+            z_off = page * s_zb + offset64(slot, s_zl) + (c0 // GROUP) * s_zc
+            s = tl.load(scale_ptr + s_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(zero_ptr + z_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        return s, z
+
+    @triton.jit
+    def fma_code(bits, s, z, SHIFT: tl.constexpr, BITS: tl.constexpr):
+        """``code * s + z`` in fp32 for the BITS-bit code at bits ``SHIFT .. SHIFT + BITS`` of ``bits``, an
+        int32 that also holds the exponent bits of 1.0 (``0x3F800000``; other codes below bit 23 are
+        masked away): one AND and one FMA per element, no int-to-float conversion (those issue at a
+        fraction of the FMA rate).
+
+        The masked word is the fp32 ``m = 1 + code / 2^(23 - SHIFT)`` exactly, so ``code * s + z =
+        m * s' + (z - s')`` with ``s' = s * 2^(23 - SHIFT)``; ``s'`` and ``z - s'`` are computed on the
+        broadcast vectors (once per row, not per element). ``z - s'`` rounds once more than
+        ``quant.dequantize``'s fp32 ``code * s + z``: by at most ``2^-24 * (|z| + 2^(23 - SHIFT) * s)``,
+        i.e. ``2^-16 * s`` for ``SHIFT >= 15`` next to the fp32 rounding of ``z`` itself. On 4096 × 576
+        activations with outliers that is at most 1.5e-5 of a scale against up to 0.16 of a scale for the
+        rounding of X̂ to bf16; 1 in 10^5 bf16 values differs (those within ~2^-8 of a scale of zero)."""
+        m = (bits & (0x3F800000 | (((1 << BITS) - 1) << SHIFT))).to(tl.float32, bitcast=True)
+        s_shifted = s * (1 << (23 - SHIFT))
+        return m * s_shifted + (z - s_shifted)
+
+    @triton.jit
     def dequant_tile(
         packed_ptr, scale_ptr, zero_ptr, tail_ptr, col0_ptr,
         b, r0, row_end, c0, n_full, C, P,
@@ -142,43 +182,51 @@ if triton is not None:
             byte_ok = code_rows[:, None] & ((byte < P) | EVEN_C)[None, :]
             word = tl.load(base + byte[None, :] * s_pp, mask=byte_ok, other=0)
             word = word.to(tl.int32)
+
+        if SCALE_BCAST and not PER_CHANNEL and BITS != 8:
+            # One scale and zero per row: one AND and one FMA per element (fma_code), the codes turned
+            # into fp32 mantissas where they lie. (Per channel the folded scale and zero would differ
+            # per column: two more operations per element than they save, as the 8-bit codes' shift.)
+            s, z = bcast_scale_zero(scale_ptr, zero_ptr, b, r0, cols, col_ok, page, slot, row_ok, c0, n_full,
+                                    s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, GROUP, PER_CHANNEL, CLAMP_ROWS)
+            if BITS == 3:
+                x = fma_code((code << 20) | 0x3F800000, s, z, 20, 3)
+            else:
+                # every byte in the top 8 bits of the mantissa of 1.0: code j of a byte (lowest bits
+                # first) lies at bits 15 + j * BITS
+                top = (word << 15) | 0x3F800000
+                if BITS == 4:
+                    x = tl.interleave(fma_code(top, s, z, 15, 4), fma_code(top, s, z, 19, 4))
+                else:
+                    x = tl.interleave(tl.interleave(fma_code(top, s, z, 15, 2), fma_code(top, s, z, 19, 2)),
+                                      tl.interleave(fma_code(top, s, z, 17, 2), fma_code(top, s, z, 21, 2)))
+        else:
             if BITS == 8:
                 code = word
             elif BITS == 4:
                 code = tl.interleave(word & 15, word >> 4)  # low nibble first
-            else:  # 2 bits, four codes per byte, lowest bits first
+            elif BITS == 2:  # four codes per byte, lowest bits first
                 code = tl.interleave(tl.interleave(word & 3, (word >> 4) & 3),
                                      tl.interleave((word >> 2) & 3, (word >> 6) & 3))
-
-        if SCALE_BCAST:
-            if PER_CHANNEL:
-                # a row block of the open group reads the tail only (the scalar test is spelled as a
-                # vector: the Triton interpreter rejects a scalar-and-vector mask)
-                g_ok = col_ok & ((cols * 0 + r0 < n_full) | CLAMP_ROWS)
-                s_off = b * s_sb + offset64(r0 // GROUP, s_sl) + cols * s_sc
-                z_off = b * s_zb + offset64(r0 // GROUP, s_zl) + cols * s_zc
-                s = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
-                z = tl.load(zero_ptr + z_off, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+            if SCALE_BCAST:
+                s, z = bcast_scale_zero(scale_ptr, zero_ptr, b, r0, cols, col_ok, page, slot, row_ok, c0,
+                                        n_full, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
+                                        GROUP, PER_CHANNEL, CLAMP_ROWS)
             else:
-                s_off = page * s_sb + offset64(slot, s_sl) + (c0 // GROUP) * s_sc
-                z_off = page * s_zb + offset64(slot, s_zl) + (c0 // GROUP) * s_zc
-                s = tl.load(scale_ptr + s_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-                z = tl.load(zero_ptr + z_off, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        else:
-            q_ok = code_rows[:, None] & col_ok[None, :]
-            if PER_CHANNEL:  # groups of GROUP tokens per channel
-                s_off = b * s_sb + offset64(rows // GROUP, s_sl)[:, None] + cols[None, :] * s_sc
-                z_off = b * s_zb + offset64(rows // GROUP, s_zl)[:, None] + cols[None, :] * s_zc
-            else:
-                s_off = (page * s_sb + offset64(slot, s_sl))[:, None] + (cols // GROUP)[None, :] * s_sc
-                z_off = (page * s_zb + offset64(slot, s_zl))[:, None] + (cols // GROUP)[None, :] * s_zc
-            s = tl.load(scale_ptr + s_off, mask=q_ok, other=0.0).to(tl.float32)
-            z = tl.load(zero_ptr + z_off, mask=q_ok, other=0.0).to(tl.float32)
-        # The code as an fp32 number without an int-to-float conversion (those issue at a fraction of the
-        # FMA rate and there is one per element): OR it into the mantissa of 2^23 and subtract 2^23,
-        # both exact for codes < 2^23. Then code · scale + zero in fp32, as quant.dequantize does.
-        code_f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        x = code_f * s + z
+                q_ok = code_rows[:, None] & col_ok[None, :]
+                if PER_CHANNEL:  # groups of GROUP tokens per channel
+                    s_off = b * s_sb + offset64(rows // GROUP, s_sl)[:, None] + cols[None, :] * s_sc
+                    z_off = b * s_zb + offset64(rows // GROUP, s_zl)[:, None] + cols[None, :] * s_zc
+                else:
+                    s_off = (page * s_sb + offset64(slot, s_sl))[:, None] + (cols // GROUP)[None, :] * s_sc
+                    z_off = (page * s_zb + offset64(slot, s_zl))[:, None] + (cols // GROUP)[None, :] * s_zc
+                s = tl.load(scale_ptr + s_off, mask=q_ok, other=0.0).to(tl.float32)
+                z = tl.load(zero_ptr + z_off, mask=q_ok, other=0.0).to(tl.float32)
+            # The code as an fp32 number without an int-to-float conversion (those issue at a fraction of
+            # the FMA rate and there is one per element): OR it into the mantissa of 2^23 and subtract
+            # 2^23, both exact for codes < 2^23. Then code · scale + zero in fp32, as quant.dequantize does.
+            code_f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            x = code_f * s + z
         if PER_CHANNEL and not CLAMP_ROWS:
             # the residual rows n_full <= j < row_end, kept in the model dtype until their group is full
             t_ok = (row_ok & (rows >= n_full))[:, None] & col_ok[None, :]
