@@ -18,6 +18,10 @@ integer work sit right next to the tensor-core dot and must stay cheap.
 * ``SCALE_BCAST``: when the tile lies inside one scale group (per token: ``GROUP % BLOCK_C == 0``; per
   channel: ``GROUP % BLOCK_N == 0``, the row block inside one token group) the scale and zero are a
   vector broadcast over the tile instead of a gather of one fp16 per element.
+* No int-to-float conversions: codes become fp32 through their bits. Per token at 2-4 bits with a
+  broadcast scale, one AND and one FMA per element (:func:`fma_code`: the code in the mantissa of 1.0,
+  the offset folded into the row's zero); otherwise an OR into the mantissa of 2^23, a subtraction and
+  an FMA. (Numbers and the precision bound: ``docs/kernels.md``.)
 """
 
 from __future__ import annotations
