@@ -162,8 +162,8 @@ if triton is not None:
         base = packed_ptr + (page * s_pb + offset64(slot, s_pl))[:, None]
 
         if BITS == 3:
-            # 8 codes per 3-byte word: load the words' three bytes (one strided load each), then cut the
-            # 24-bit word into its codes and interleave them back into channel order.
+            # 8 codes per 3-byte word: load the words' three bytes (one strided load each) into a 24-bit
+            # word, code k at bits 3k .. 3k + 2.
             word_idx = c0 // 8 + tl.arange(0, BLOCK_C // 8)
             first = word_idx * 3
             rows_ok = code_rows[:, None]
@@ -174,12 +174,6 @@ if triton is not None:
             b1 = tl.load(base + (first + 1)[None, :] * s_pp, mask=ok1, other=0)
             b2 = tl.load(base + (first + 2)[None, :] * s_pp, mask=ok2, other=0)
             word = b0.to(tl.int32) | (b1.to(tl.int32) << 8) | (b2.to(tl.int32) << 16)
-            # code k of a word is bits 3k..3k+2; interleaving evens and odds (recursively) restores k order
-            evens = tl.interleave(tl.interleave(word & 7, (word >> 12) & 7),
-                                  tl.interleave((word >> 6) & 7, (word >> 18) & 7))
-            odds = tl.interleave(tl.interleave((word >> 3) & 7, (word >> 15) & 7),
-                                 tl.interleave((word >> 9) & 7, (word >> 21) & 7))
-            code = tl.interleave(evens, odds)
         else:
             # The tile's bytes of a row are contiguous: BLOCK_C * BITS / 8 of them from byte c0 * BITS / 8.
             byte = c0 * BITS // 8 + tl.arange(0, BLOCK_C * BITS // 8)
@@ -194,7 +188,18 @@ if triton is not None:
             s, z = bcast_scale_zero(scale_ptr, zero_ptr, b, r0, cols, col_ok, page, slot, row_ok, c0, n_full,
                                     s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, GROUP, PER_CHANNEL, CLAMP_ROWS)
             if BITS == 3:
-                x = fma_code((code << 20) | 0x3F800000, s, z, 20, 3)
+                # four copies of the word shifted so that codes 2i and 2i + 1 lie at bits 15 and 18, with
+                # 1.0's exponent ORed in (what a shift carries past bit 22 fma_code masks away); codes
+                # interleaved back into channel order as evens (0 4 2 6) and odds (1 5 3 7)
+                t0 = (word << 15) | 0x3F800000
+                t1 = (word << 9) | 0x3F800000
+                t2 = (word << 3) | 0x3F800000
+                t3 = (word >> 3) | 0x3F800000
+                x = tl.interleave(
+                    tl.interleave(tl.interleave(fma_code(t0, s, z, 15, 3), fma_code(t2, s, z, 15, 3)),
+                                  tl.interleave(fma_code(t1, s, z, 15, 3), fma_code(t3, s, z, 15, 3))),
+                    tl.interleave(tl.interleave(fma_code(t0, s, z, 18, 3), fma_code(t2, s, z, 18, 3)),
+                                  tl.interleave(fma_code(t1, s, z, 18, 3), fma_code(t3, s, z, 18, 3))))
             else:
                 # every byte in the top 8 bits of the mantissa of 1.0: code j of a byte (lowest bits
                 # first) lies at bits 15 + j * BITS
@@ -207,6 +212,12 @@ if triton is not None:
         else:
             if BITS == 8:
                 code = word
+            elif BITS == 3:  # interleaving evens and odds (recursively) restores the codes' order
+                evens = tl.interleave(tl.interleave(word & 7, (word >> 12) & 7),
+                                      tl.interleave((word >> 6) & 7, (word >> 18) & 7))
+                odds = tl.interleave(tl.interleave((word >> 3) & 7, (word >> 15) & 7),
+                                     tl.interleave((word >> 9) & 7, (word >> 21) & 7))
+                code = tl.interleave(evens, odds)
             elif BITS == 4:
                 code = tl.interleave(word & 15, word >> 4)  # low nibble first
             elif BITS == 2:  # four codes per byte, lowest bits first
