@@ -176,9 +176,9 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
         assert "SHFL" not in sass, path.name
     # codes of 2-4 bits with one scale per row (per token: every values tile, the MHA shapes' keys) are
     # dequantized by one AND and one FMA per element (tiles.fma_code), without the FADD of the 2^23 form
-    folded = [path for path in (tmp_path / "asm").glob("*_kernel.*.sass")
-              if "BITS8" not in path.name and ".values_kernel." in path.name
-              or (".scores_kernel." in path.name and not path.name.startswith("gqa") and "BITS8" not in path.name)]
+    per_token = [path for path in (tmp_path / "asm").glob("*_kernel.*.sass") if ".values_kernel." in path.name
+                 or (".scores_kernel." in path.name and not path.name.startswith("gqa"))]
+    folded = [path for path in per_token if "BITS8" not in path.name]
     assert len(folded) == 9 + 6, folded
     for path in folded:
         assert all("FADD" not in loop for loop in cr.mma_loops(path.read_text())), path.name

@@ -184,7 +184,8 @@ if triton is not None:
         if SCALE_BCAST and not PER_CHANNEL and BITS != 8:
             # One scale and zero per row: one AND and one FMA per element (fma_code), the codes turned
             # into fp32 mantissas where they lie. (Per channel the folded scale and zero would differ
-            # per column: two more operations per element than they save, as the 8-bit codes' shift.)
+            # per column: two operations per element for the one subtraction they save; at 8 bits the
+            # byte's shift costs what the subtraction does.)
             s, z = bcast_scale_zero(scale_ptr, zero_ptr, b, r0, cols, col_ok, page, slot, row_ok, c0, n_full,
                                     s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, GROUP, PER_CHANNEL, CLAMP_ROWS)
             if BITS == 3:
