@@ -168,15 +168,12 @@ def mma_loops(sass: str) -> list[list[str]]:
     return [[op for a, op, _ in ops if lo <= a <= hi] for lo, hi in regions]
 
 
-def mma_loop_ops(sass: str) -> list[str]:
-    """The opcodes inside all loops that issue tensor-core MMAs (:func:`mma_loops` together)."""
-    return [op for loop in mma_loops(sass) for op in loop]
-
-
-def loop_spills(sass: str) -> int:
+def loop_spills(sass: str, loops: list[list[str]] | None = None) -> int:
     """Local-memory accesses (STL/LDL: register spills) inside loops that issue tensor-core MMAs; a few
-    spills around the loops (saving addresses, the epilogue) cost nothing per iteration."""
-    return sum(1 for op in mma_loop_ops(sass) if op in SPILL_OPS)
+    spills around the loops (saving addresses, the epilogue) cost nothing per iteration. ``loops``: the
+    SASS's :func:`mma_loops`, where the caller has them already."""
+    loops = mma_loops(sass) if loops is None else loops
+    return sum(1 for loop in loops for op in loop if op in SPILL_OPS)
 
 
 _WAIT_GROUP = re.compile(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)\s*;")
@@ -250,7 +247,7 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     report.spill_instructions = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     loops = mma_loops(sass)
     report.loop_instructions = [len(loop) for loop in loops]
-    report.loop_spill_instructions = sum(1 for loop in loops for op in loop if op in SPILL_OPS)
+    report.loop_spill_instructions = loop_spills(sass, loops)
     if m := re.search(r"REG:(\d+)", res):
         report.registers = int(m.group(1))
     if m := re.search(r"STACK:(\d+)", res):
