@@ -31,7 +31,7 @@ the ``cuobjdump`` that ships inside Triton's wheel:
 
 This is not a timing: it rules configurations out (spills, no wgmma, too much shared memory) before a
 GPU session spends device time on them. It reads Triton's launcher internals (the binder that computes
-a launch's specialization), which have no public API; they are kept to :func:`compile_launch`.
+a launch's specialization), which have no public API; they are kept to :func:`compile_for_target`.
 """
 
 from __future__ import annotations
@@ -200,10 +200,11 @@ def _ptxas_serializes_wgmma(ptx: str, arch: int) -> bool:
     return "C7515" in proc.stdout + proc.stderr
 
 
-def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, title: str = "") -> KernelReport:
-    """Compile one captured launch for ``sm_{arch}`` and read its PTX, SASS and resource usage; with
-    ``asm_dir``, write the TTGIR (Triton's GPU IR: the layouts, where a ``convert_layout`` moves data), the
-    PTX and the SASS there as ``<title>.<kernel>.<config>.{ttgir,ptx,sass}``."""
+def compile_for_target(launch: Launch, arch: int = 90):
+    """(Triton's compiled kernel, the constexprs) of one captured launch for ``sm_{arch}``: the binder,
+    specialization and ``triton.compile`` call of Triton's own launcher, so the kernel lands in Triton's
+    disk cache (``TRITON_CACHE_DIR``) under the key a launch on such a GPU looks up
+    (``benchmarks/triton_cache_seed.py`` relies on that)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
@@ -219,7 +220,15 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     source = ASTSource
     if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel: its own front end (layouts, warps)
         from triton.experimental.gluon._runtime import GluonASTSource as source
-    compiled = triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__), constexprs
+
+
+def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, title: str = "") -> KernelReport:
+    """Compile one captured launch for ``sm_{arch}`` and read its PTX, SASS and resource usage; with
+    ``asm_dir``, write the TTGIR (Triton's GPU IR: the layouts, where a ``convert_layout`` moves data), the
+    PTX and the SASS there as ``<title>.<kernel>.<config>.{ttgir,ptx,sass}``."""
+    fn = launch.kernel
+    compiled, constexprs = compile_for_target(launch, arch)
     names = fn.arg_names
     report = KernelReport(
         name=fn.__name__, grid=launch.grid,
@@ -328,16 +337,21 @@ def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits
     """The launches of one decode-attention call for a benchmark shape with ``queries`` query tokens
     and RoPE from ``rope`` (``tables``: cos/sin read; ``positions``: computed in the kernel) (CPU
     tensors, nothing runs)."""
-    from xq_compile.kernels import decode_attention as da
-
     bench = _attention_benchmark()
-
     a = bench.make_inputs(bench.SHAPES[shape], 1, length, queries, bits, dtype, "cpu")
     if rope == "positions":
         head_dim = a["query"].shape[-1]
         a.update(cos=None, sin=None, positions=torch.arange(length)[None], rope_scale=1.0,
                  rope_inv_freq=1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)))
-    with captured_launches(da.triton_kernels) as launches:  # the grid sized for the GPU compiled for
+    return op_launches(a, config)
+
+
+def op_launches(a: dict, config: dict) -> list[Launch]:
+    """The launches of ``xq_compile::decode_attention`` on the op arguments ``a`` with ``config``
+    overrides, the grid and split count sized for an H200 (CPU tensors, nothing runs)."""
+    from xq_compile.kernels import decode_attention as da
+
+    with captured_launches(da.triton_kernels) as launches:
         da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS, **config)
     return launches
 
@@ -351,7 +365,6 @@ def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict
     one query token per request. The GQA shape is the plugin's latent form: per-token key and value
     latents in one row (CPU tensors, nothing runs)."""
     from xq_compile import XQuantConfig
-    from xq_compile.kernels import decode_attention as da
     from xq_compile.vllm import paged
     from xq_compile.vllm.layout import bytes_per_token, token_state_layout
 
@@ -375,10 +388,7 @@ def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     args = paged.decode_arguments(torch.zeros(batch, heads * head_dim, dtype=dtype), pages, step, layout, xquant,
                                   proj, inv_freq)
-    with captured_launches(da.triton_kernels) as launches:
-        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**args), sms=H200_MULTIPROCESSORS,
-                                   **config)
-    return launches
+    return op_launches(args, config)
 
 
 def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
