@@ -8,7 +8,11 @@
 # carry the folder to the machine):  pip download --no-deps -d .gpu_wheels optimum-quanto==0.2.7 ninja==1.13.2
 #
 # Almost all of the time goes to compiling (Triton kernels, Inductor graphs), which runs on one CPU core
-# per process. So the script runs in two phases under one total budget (BUDGET_S, default 290 s):
+# per process. The Triton kernels of the timed steps can be compiled beforehand on a machine without a GPU,
+# with the GPU machine's Triton release, and carried (the folder is ignored by git; a few MiB):
+#     PYTHONPATH=.venv/triton/3.6.0:. .venv/bin/python benchmarks/triton_cache_seed.py build .gpu_triton_cache
+# If .gpu_triton_cache/ is there, the script installs it into its Triton cache first ("seed" in the summary).
+# Then it runs in two phases under one total budget (BUDGET_S, default 290 s):
 #
 #   1. compile-bound, in parallel processes (one GPU, shared Triton and Inductor disk caches):
 #      tests_<i>     the CUDA correctness tests in TEST_SHARDS (8) shards (pytest --shard i/N, tests/conftest.py):
@@ -193,6 +197,15 @@ export PYTHONUNBUFFERED=1
 # ---- the checks ----------------------------------------------------------------------------------
 # Kernels compiled by one process are found by the others (and by the timed runs) in these caches.
 export TORCHINDUCTOR_CACHE_DIR="$CACHES/inductor" TRITON_CACHE_DIR="$CACHES/triton"
+# Triton's cache seeded with the kernels of the timed steps, compiled for sm_90 beforehand on a machine
+# without a GPU (benchmarks/triton_cache_seed.py; installed only if this machine's Triton built them).
+if [ -f "$ROOT/.gpu_triton_cache/TRITON_VERSION" ]; then
+    if seeded=$("$PY" benchmarks/triton_cache_seed.py install "$ROOT/.gpu_triton_cache" "$CACHES/triton" 2>&1); then
+        echo "seed rc=0 ok: $(echo "$seeded" | tail -n 1)" | tee -a "$SUMMARY"
+    else
+        echo "seed rc=1 FAILED (every kernel compiles here): $(echo "$seeded" | tail -n 1)" | tee -a "$SUMMARY"
+    fi
+fi
 TEST_SHARDS=${TEST_SHARDS:-8}
 WARM_SHARDS=${WARM_SHARDS:-4}
 if [ "${SMOKE:-0}" = 1 ]; then

@@ -54,9 +54,9 @@ def _cuobjdump_present() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
 
 
-def _compile_report_module():
-    """benchmarks/compile_report.py as a module, without putting benchmarks/ on sys.path for every test."""
-    spec = importlib.util.spec_from_file_location("compile_report", ROOT / "benchmarks" / "compile_report.py")
+def _compile_report_module(name: str = "compile_report"):
+    """benchmarks/<name>.py as a module, without putting benchmarks/ on sys.path for every test."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is being made
     spec.loader.exec_module(module)
@@ -232,3 +232,31 @@ def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_p
         assert r["loop_spill_instructions"] == 0, r
         if r["name"] == "_scores_kernel":
             assert r["hgmma"] > 0 and r["wgmma_in_flight"], r
+
+
+@pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles, not interprets")
+def test_triton_cache_seed_is_found_by_the_launch_it_was_built_for(tmp_path):
+    """benchmarks/triton_cache_seed.py: a seed built for one launch (compiled for sm_90 here, only the cubin
+    and metadata kept, the group file's absolute paths replaced by a placeholder) installs into another
+    cache folder where compiling that launch again finds it and adds no file; a launch specialized
+    differently (other bits) is not found; a seed of another Triton installs nothing."""
+    import torch
+
+    seed_module = _compile_report_module("triton_cache_seed")
+    cr = sys.modules["compile_report"]
+    four = [("4-bit", launch) for launch in cr.dequant_project_launches(256, torch.bfloat16, 4)]
+    three = [("3-bit", launch) for launch in cr.dequant_project_launches(256, torch.bfloat16, 3)]
+    seed = tmp_path / "seed"
+    assert seed_module.build(seed, four) == 0
+    (group,) = seed.glob("*/__grp__*.json")
+    assert sorted(p.suffix for p in group.parent.iterdir()) == [".cubin", ".json", ".json"]
+    assert str(tmp_path) not in group.read_text() and seed_module.PLACEHOLDER in group.read_text()
+    assert seed_module.check(seed, four) == 0
+    assert seed_module.check(seed, four + three) == 1  # the 3-bit kernel compiled anew
+
+    cache = tmp_path / "elsewhere" / "triton"
+    assert seed_module.install(seed, cache) == 1
+    assert str(cache.resolve()) in next(cache.glob("*/__grp__*.json")).read_text()
+    (seed / seed_module.VERSION_FILE).write_text("0.0.0\n")
+    assert seed_module.install(seed, tmp_path / "other") == 0

@@ -1,0 +1,225 @@
+"""Triton's disk cache for the GPU check, built on a machine without a GPU.
+
+    PYTHONPATH=.venv/triton/3.6.0:. .venv/bin/python benchmarks/triton_cache_seed.py build .gpu_triton_cache
+    python benchmarks/triton_cache_seed.py install .gpu_triton_cache "$TRITON_CACHE_DIR"   # on the GPU machine
+    python benchmarks/triton_cache_seed.py check .gpu_triton_cache                        # every entry found
+
+A GPU session has minutes of device time, and compiling the kernels it times costs more of them than
+timing does. Triton compiles ahead of time for any target, and a launch looks its kernel up in the disk
+cache under a key made of the kernel's source, its specialization (dtypes, 16-byte alignment, integers
+equal to 1 or divisible by 16 -- not their values), the compile options, the target and Triton's own
+hash. So the launches of the timed steps of ``scripts/gpu_check.sh`` -- the decode-attention benchmark
+(three shapes, every sweep configuration, S = 1 and S = 4), the rebuild op and its Gluon variants, the
+paged decode step -- are captured here on CPU tensors shaped as those steps make them
+(``benchmarks/compile_report.py``), compiled for sm_90 through the launcher's own path, and written out:
+
+* ``build DIR``: compiles into a fresh cache and keeps, per kernel, what a launch loads (the cubin and
+  the metadata), with the group files' absolute paths replaced by a placeholder (Triton stores absolute
+  paths); ``DIR/TRITON_VERSION`` names the Triton it was built with (the GPU machine must have the same:
+  the key contains Triton's hash; build with the GPU machine's release, 3.6.0 today);
+* ``install DIR CACHE``: copies the entries into ``CACHE`` with the paths filled in, if this Triton is
+  the one that built them (else says so and installs nothing);
+* ``check DIR``: installs into a temporary cache, compiles every launch again and fails unless each one
+  was found there (no file added).
+
+Whether a launch on the GPU hits the same key is decided by the same code (Triton's binder and
+``triton.compile``, :func:`compile_report.compile_for_target`); a miss only means that kernel compiles
+there as it did before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _compile_report():
+    """benchmarks/compile_report.py beside this file, loaded by path (importing this module must not put
+    benchmarks/ on sys.path: tests import it), once."""
+    if "compile_report" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("compile_report", Path(__file__).with_name("compile_report.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up while being made
+        spec.loader.exec_module(module)
+    return sys.modules["compile_report"]
+
+
+cr = _compile_report()
+
+PLACEHOLDER = "@TRITON_CACHE@"
+VERSION_FILE = "TRITON_VERSION"
+KEPT_SUFFIXES = (".cubin", ".json")  # what a launch loads: the binary and the metadata (plus the group file)
+
+# The timed steps of scripts/gpu_check.sh (keep in step with its ATTN, ATTN_S4, REBUILD and PAGED settings)
+ATTENTION_SHAPES = ("smollm2", "llama7b", "gqa")
+ATTENTION_CAPACITY = 32768  # max of its --lengths: the capacity every timed length runs in
+REBUILD_CAPACITY, REBUILD_BITS = 32768, (2, 3, 4, 8)
+PAGED_REQUESTS, PAGED_LENGTH = 8, 8192
+
+
+def gpu_check_launches(dtype=torch.bfloat16) -> list[tuple[str, cr.Launch]]:
+    """(title, launch) of every Triton kernel the timed steps of ``scripts/gpu_check.sh`` launch."""
+    from xq_compile.kernels import decode_attention as da
+
+    bench = cr._attention_benchmark()
+    out = []
+    for shape in ATTENTION_SHAPES:
+        a = bench.make_inputs(bench.SHAPES[shape], 1, ATTENTION_CAPACITY, 1, 4, dtype, "cpu")
+        default = da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a), sms=cr.H200_MULTIPROCESSORS)
+        for override in bench.sweep_configs(default):
+            out += [(f"{shape} S=1 {override}", launch) for launch in cr.op_launches(a, override)]
+        out += [(f"{shape} S=4", launch)
+                for launch in cr.decode_attention_launches(shape, ATTENTION_CAPACITY, dtype, {}, queries=4)]
+        out += [(f"{shape} paged", launch)
+                for launch in cr.paged_decode_attention_launches(shape, PAGED_LENGTH, dtype, {},
+                                                                 batch=PAGED_REQUESTS)]
+    for bits in REBUILD_BITS:
+        out += [(f"dequant_project {bits}-bit", launch)
+                for launch in cr.dequant_project_launches(REBUILD_CAPACITY, dtype, bits)]
+    from xq_compile.kernels.gluon_rebuild import HAS_GLUON
+
+    if HAS_GLUON:
+        out += [("gluon_rebuild", launch) for launch in cr.gluon_rebuild_launches(REBUILD_CAPACITY, dtype)]
+    return out
+
+
+@contextlib.contextmanager
+def triton_cache_dir(path: Path):
+    """Triton's disk cache at ``path`` for the duration (Triton reads TRITON_CACHE_DIR at each compile)."""
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            del os.environ["TRITON_CACHE_DIR"]
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
+
+
+def compile_all(launches, cache: Path) -> list[str]:
+    """Compile each launch for sm_90 into ``cache``; the titles of those that do not compile (a Gluon
+    kernel against another Triton's Gluon API, as compile_report reports it)."""
+    failed = []
+    with triton_cache_dir(cache):
+        for title, launch in launches:
+            try:
+                cr.compile_for_target(launch)
+            except Exception as exc:
+                if not getattr(launch.kernel, "is_gluon", lambda: False)():
+                    raise
+                failed.append(f"{title}: {launch.kernel.__name__}: {type(exc).__name__}")
+    return failed
+
+
+def _cache_files(cache: Path) -> set[str]:
+    return {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()}
+
+
+def export(cache: Path, out: Path) -> int:
+    """Copy ``cache``'s kernels into ``out``, only the files a launch loads, the group files' absolute
+    paths made relative to PLACEHOLDER; returns the number of kernels."""
+    kernels = 0
+    for group in sorted(cache.glob("*/__grp__*.json")):
+        children = json.loads(group.read_text())["child_paths"]
+        kept = {name: path for name, path in children.items() if name.endswith(KEPT_SUFFIXES)}
+        target = out / group.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name, path in kept.items():
+            shutil.copy2(path, target / name)
+        relative = {name: f"{PLACEHOLDER}/{group.parent.name}/{name}" for name in kept}
+        (target / group.name).write_text(json.dumps({"child_paths": relative}))
+        kernels += 1
+    return kernels
+
+
+def install(seed: Path, cache: Path) -> int:
+    """Copy the seed's kernels into ``cache`` with the paths filled in; the number installed (0, and a
+    message on stderr, when the seed was built by another Triton)."""
+    import triton
+
+    built_with = (seed / VERSION_FILE).read_text().strip()
+    if built_with != triton.__version__:
+        print(f"triton cache seed {seed} was built with triton {built_with}, this is {triton.__version__}: "
+              "not installed (every kernel compiles here)", file=sys.stderr)
+        return 0
+    cache = cache.resolve()
+    kernels = 0
+    for group in sorted(seed.glob("*/__grp__*.json")):
+        target = cache / group.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        for path in group.parent.iterdir():
+            if path != group:
+                shutil.copy2(path, target / path.name)
+        # the group file last: Triton treats a kernel as cached once its group file exists
+        (target / group.name).write_text(group.read_text().replace(PLACEHOLDER, str(cache)))
+        kernels += 1
+    return kernels
+
+
+def build(out: Path, launches=None) -> int:
+    """Compile ``launches`` (default: :func:`gpu_check_launches`) into a seed at ``out`` (replaced)."""
+    import triton
+
+    launches = gpu_check_launches() if launches is None else launches
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        failed = compile_all(launches, Path(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        kernels = export(Path(tmp), out)
+    (out / VERSION_FILE).write_text(triton.__version__ + "\n")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"triton {triton.__version__}: {len(launches)} launches, {kernels} kernels for sm_90 in {out} "
+          f"({size / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
+    for line in failed:
+        print(f"  not compiled: {line}")
+    return 0
+
+
+def check(seed: Path, launches=None) -> int:
+    """0 if every launch finds its kernel in a cache made of ``seed`` (compiling adds no file)."""
+    launches = gpu_check_launches() if launches is None else launches
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "triton"
+        installed = install(seed, cache)
+        before = _cache_files(cache)
+        compile_all(launches, cache)
+        added = sorted(_cache_files(cache) - before)
+    compiled = len({name.split("/")[0] for name in added})
+    print(f"{installed} kernels installed, {len(launches)} launches: "
+          + ("every one found in the cache" if not added else f"{compiled} compiled anew"))
+    return int(bool(added) or not installed)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("build").add_argument("seed", type=Path)
+    inst = sub.add_parser("install")
+    inst.add_argument("seed", type=Path)
+    inst.add_argument("cache", type=Path)
+    sub.add_parser("check").add_argument("seed", type=Path)
+    args = p.parse_args(argv)
+    if args.command == "build":
+        return build(args.seed)
+    if args.command == "install":
+        print(f"{install(args.seed, args.cache)} kernels installed from {args.seed} into {args.cache}")
+        return 0
+    return check(args.seed)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # xq_compile from the checkout, if not installed
+    sys.exit(main())
