@@ -143,15 +143,20 @@ def export(cache: Path, out: Path) -> int:
     return kernels
 
 
-def install(seed: Path, cache: Path) -> int:
-    """Copy the seed's kernels into ``cache`` with the paths filled in; the number installed (0, and a
-    message on stderr, when the seed was built by another Triton)."""
+def other_triton(seed: Path) -> str | None:
+    """Why the seed cannot serve this Triton (built by another release: the keys differ), or None."""
     import triton
 
     built_with = (seed / VERSION_FILE).read_text().strip()
     if built_with != triton.__version__:
-        print(f"triton cache seed {seed} was built with triton {built_with}, this is {triton.__version__}: "
-              "not installed (every kernel compiles here)", file=sys.stderr)
+        return f"the seed {seed} was built with triton {built_with}, this is {triton.__version__}"
+    return None
+
+
+def install(seed: Path, cache: Path) -> int:
+    """Copy the seed's kernels into ``cache`` with the paths filled in; the number installed (0 when the
+    seed was built by another Triton)."""
+    if other_triton(seed):
         return 0
     cache = cache.resolve()
     kernels = 0
@@ -198,6 +203,9 @@ def check(seed: Path, launches=None) -> int:
         compile_all(launches, cache)
         added = sorted(_cache_files(cache) - before)
     compiled = len({name.split("/")[0] for name in added})
+    if why := other_triton(seed):
+        print(f"{why}: nothing to check")
+        return 1
     print(f"{installed} kernels installed, {len(launches)} launches: "
           + ("every one found in the cache" if not added else f"{compiled} compiled anew"))
     return int(bool(added) or not installed)
@@ -215,6 +223,9 @@ def main(argv=None) -> int:
     if args.command == "build":
         return build(args.seed)
     if args.command == "install":
+        if why := other_triton(args.seed):
+            print(f"{why}: nothing installed (every kernel compiles here)")
+            return 1
         print(f"{install(args.seed, args.cache)} kernels installed from {args.seed} into {args.cache}")
         return 0
     return check(args.seed)

@@ -203,7 +203,7 @@ if [ -f "$ROOT/.gpu_triton_cache/TRITON_VERSION" ]; then
     if seeded=$("$PY" benchmarks/triton_cache_seed.py install "$ROOT/.gpu_triton_cache" "$CACHES/triton" 2>&1); then
         echo "seed rc=0 ok: $(echo "$seeded" | tail -n 1)" | tee -a "$SUMMARY"
     else
-        echo "seed rc=1 FAILED (every kernel compiles here): $(echo "$seeded" | tail -n 1)" | tee -a "$SUMMARY"
+        echo "seed rc=1 not used: $(echo "$seeded" | tail -n 1)" | tee -a "$SUMMARY"
     fi
 fi
 TEST_SHARDS=${TEST_SHARDS:-8}
