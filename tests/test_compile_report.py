@@ -54,7 +54,7 @@ def _cuobjdump_present() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
 
 
-def _compile_report_module(name: str = "compile_report"):
+def _benchmark_module(name: str = "compile_report"):
     """benchmarks/<name>.py as a module, without putting benchmarks/ on sys.path for every test."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -64,11 +64,11 @@ def _compile_report_module(name: str = "compile_report"):
 
 
 def cr_rebuild_kernels() -> tuple:
-    return _compile_report_module().REBUILD_KERNELS
+    return _benchmark_module().REBUILD_KERNELS
 
 
 def test_loop_spills_counts_only_spills_inside_mma_loops():
-    cr = _compile_report_module()
+    cr = _benchmark_module()
 
     sass = """
         /*0000*/                   STL [R1], R2 ;
@@ -90,7 +90,7 @@ def test_loop_spills_counts_only_spills_inside_mma_loops():
 
 
 def test_wgmma_waits_and_in_flight():
-    cr = _compile_report_module()
+    cr = _benchmark_module()
     pipelined = """
         wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, %p1, 1, 1, 0, 1;
         wgmma.commit_group.sync.aligned;
@@ -113,7 +113,7 @@ def test_wgmma_waits_and_in_flight():
 def test_in_flight_check_tells_pipelined_from_serialized(tmp_path):
     import torch
 
-    cr = _compile_report_module()
+    cr = _benchmark_module()
     (control,) = cr.control_launches()
     report = cr.compile_launch(control, asm_dir=tmp_path, title=cr.CONTROL)
     assert report.wgmma > 0 and report.wgmma_waits == [0, 1] and report.wgmma_in_flight, report.line()
@@ -166,7 +166,7 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     # the scores kernel's K rebuild is one dot per step (both RoPE halves of every head in one accumulator):
     # BLOCK_C = 64 channels are 4 wgmma of k = 16 per step, not 8 (one chain per half, as before), and the
     # halves part after the loop in registers: no warp shuffles anywhere in the kernel
-    cr = _compile_report_module()
+    cr = _benchmark_module()
     scores_sass = sorted((tmp_path / "asm").glob("*.scores_kernel.*BLOCK_C64*.sass"))
     assert len(scores_sass) == 12, scores_sass
     for path in scores_sass:
@@ -243,7 +243,7 @@ def test_triton_cache_seed_is_found_by_the_launch_it_was_built_for(tmp_path):
     differently (other bits) is not found; a seed of another Triton installs nothing."""
     import torch
 
-    seed_module = _compile_report_module("triton_cache_seed")
+    seed_module = _benchmark_module("triton_cache_seed")
     cr = sys.modules["compile_report"]
     four = [("4-bit", launch) for launch in cr.dequant_project_launches(256, torch.bfloat16, 4)]
     three = [("3-bit", launch) for launch in cr.dequant_project_launches(256, torch.bfloat16, 3)]
