@@ -1,4 +1,4 @@
-"""What the Triton kernels compile to on a Hopper GPU (sm_90), on a machine without one.
+"""What the Triton kernels compile to on a Hopper GPU (sm_90), or another (``--arch``), on a machine without one.
 
     python benchmarks/compile_report.py                        # default configs, three model shapes
     python benchmarks/compile_report.py --shape llama7b --config block_h=1 num_warps=4
@@ -8,6 +8,8 @@
     python benchmarks/compile_report.py --asm-dir asm          # also write each launch's TTGIR, PTX and SASS
     python benchmarks/compile_report.py --paged                # the vLLM plugin's decode step: the same
                                                                # kernels reading page bytes (block table)
+    python benchmarks/compile_report.py --arch 89 --check     # configured and compiled for an L4 / RTX 40:
+                                                               # mma.sync, 99 KB of shared memory a program
 
 Triton compiles ahead of time for any target: the launches of ``xq_compile::decode_attention`` (and of
 ``dequant_project``) are captured on CPU tensors -- nothing runs -- specialized exactly as Triton's
@@ -29,6 +31,10 @@ the ``cuobjdump`` that ships inside Triton's wheel:
   * ``loop N instr``: the SASS instructions of one pass through the MMA loops -- what every step issues
     next to its MMAs (the dequantization's cost; e.g. no ``I2FP`` conversions: see ``tiles.py``).
 
+Other targets (``--arch``: 80, 86, 89, 100, 120) get the launch configuration ``default_config`` gives
+their GPU and the same checks, with that GPU's shared memory per program and tensor-core instruction
+(``HMMA``: ``mma.sync``, which has no asynchronous form to check; ``UTCHMMA``: sm_100's tcgen05).
+
 This is not a timing: it rules configurations out (spills, no wgmma, too much shared memory) before a
 GPU session spends device time on them. It reads Triton's launcher internals (the binder that computes
 a launch's specialization), which have no public API; they are kept to :func:`compile_for_target`.
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import re
 import subprocess
@@ -49,8 +56,30 @@ from pathlib import Path
 import torch
 
 
-H200_SHARED_BYTES = 227 * 1024
-H200_MULTIPROCESSORS = 132
+ARCHS = (80, 86, 89, 90, 100, 120)
+MMA_SASS = {"HGMMA": "wgmma", "HMMA": "mma.sync", "UTCHMMA": "tcgen05"}  # the tensor-core MMA instructions
+
+
+def tensor_core_mma(arch: int) -> str:
+    """The SASS instruction (a key of :data:`MMA_SASS`) the K rebuild's dots must compile to on ``sm_{arch}``."""
+    return {90: "HGMMA", 100: "UTCHMMA"}.get(arch, "HMMA")
+
+
+@functools.cache
+def gpu(arch: int) -> tuple[str, object]:
+    """(a product, its ``GpuTarget``) for one of the sm numbers ``--arch`` compiles for (:data:`ARCHS`):
+    the product's multiprocessor count (the split count follows it) and the shared memory one program
+    may use there (what a launch must fit)."""
+    from xq_compile.kernels.decode_attention.config import GpuTarget
+
+    return {
+        80: ("A100", GpuTarget(capability=80, multiprocessors=108, shared_memory=163 * 1024)),
+        86: ("A10", GpuTarget(capability=86, multiprocessors=72, shared_memory=99 * 1024)),
+        89: ("L4", GpuTarget(capability=89, multiprocessors=58, shared_memory=99 * 1024)),
+        90: ("H200", GpuTarget(capability=90, multiprocessors=132, shared_memory=227 * 1024)),
+        100: ("B200", GpuTarget(capability=100, multiprocessors=148, shared_memory=227 * 1024)),
+        120: ("RTX 5090", GpuTarget(capability=120, multiprocessors=170, shared_memory=99 * 1024)),
+    }[arch]
 
 
 @dataclass
@@ -68,6 +97,7 @@ class KernelReport:
     constexprs: dict
     hgmma: int = 0
     hmma: int = 0
+    utchmma: int = 0
     registers: int = -1
     stack_bytes: int = -1
     spill_instructions: int = -1
@@ -98,7 +128,8 @@ class KernelReport:
             flight = " | WGMMA SERIALIZED"
         else:
             flight = f" | wait {','.join(map(str, self.wgmma_waits))}" + ("" if self.wgmma_in_flight else " WGMMA NEVER IN FLIGHT")
-        return (f"{self.name:24s} grid={self.grid} {self.config()} | HGMMA {self.hgmma:4d} HMMA {self.hmma:3d}{flight} | "
+        tcgen05 = f" UTCHMMA {self.utchmma}" if self.utchmma else ""
+        return (f"{self.name:24s} grid={self.grid} {self.config()} | HGMMA {self.hgmma:4d} HMMA {self.hmma:3d}{tcgen05}{flight} | "
                 f"regs {self.registers:3d} spills {self.spill_instructions} ({self.loop_spill_instructions} in the "
                 f"MMA loop) | loop {' | '.join(map(str, self.loop_instructions)) or 0} instr | "
                 f"smem {self.shared_bytes / 1024:.1f} KB" + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
@@ -158,7 +189,7 @@ def mma_loops(sass: str) -> list[list[str]]:
             target = re.search(r"0x([0-9a-f]+)", rest)
             if target and int(target.group(1), 16) < addr:
                 loops.append((int(target.group(1), 16), addr))
-    hot = sorted((lo, hi) for lo, hi in loops if any(lo <= a <= hi and op in ("HGMMA", "HMMA") for a, op, _ in ops))
+    hot = sorted((lo, hi) for lo, hi in loops if any(lo <= a <= hi and op in MMA_SASS for a, op, _ in ops))
     regions: list[list[int]] = []
     for lo, hi in hot:
         if regions and lo <= regions[-1][1]:
@@ -238,7 +269,7 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     ptx = compiled.asm["ptx"]
     report.wgmma = len(re.findall(r"\bwgmma\.mma_async\b", ptx))
     report.wgmma_waits = wgmma_waits(ptx)
-    report.wgmma_serialized = _ptxas_serializes_wgmma(ptx, arch)
+    report.wgmma_serialized = report.wgmma > 0 and _ptxas_serializes_wgmma(ptx, arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -253,6 +284,7 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
             report.asm_files.append(str(path))
     report.hgmma = len(re.findall(r"\bHGMMA\b", sass))
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
+    report.utchmma = len(re.findall(r"\bUTCHMMA\b", sass))
     report.spill_instructions = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     loops = mma_loops(sass)
     report.loop_instructions = [len(loop) for loop in loops]
@@ -264,8 +296,10 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     if report.loop_spill_instructions:
         report.problems.append(f"{report.loop_spill_instructions} local-memory (spill) accesses inside its "
                                "tensor-core loop")
-    if report.shared_bytes > H200_SHARED_BYTES:
-        report.problems.append(f"needs {report.shared_bytes} B of shared memory (> {H200_SHARED_BYTES})")
+    product, target = gpu(arch)
+    if report.shared_bytes > target.shared_memory:
+        report.problems.append(f"needs {report.shared_bytes} B of shared memory (> {target.shared_memory}, what "
+                               f"a program may use on sm_{arch}, e.g. {product}: the launch would fail)")
     if report.wgmma_serialized:
         report.problems.append("ptxas serializes its wgmma (C7515)")
     elif report.wgmma and not report.wgmma_in_flight:
@@ -333,31 +367,32 @@ def _attention_benchmark():
 
 
 def decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4,
-                              queries: int = 1, rope: str = "tables") -> list[Launch]:
+                              queries: int = 1, rope: str = "tables", arch: int = 90) -> list[Launch]:
     """The launches of one decode-attention call for a benchmark shape with ``queries`` query tokens
-    and RoPE from ``rope`` (``tables``: cos/sin read; ``positions``: computed in the kernel) (CPU
-    tensors, nothing runs)."""
+    and RoPE from ``rope`` (``tables``: cos/sin read; ``positions``: computed in the kernel), configured
+    for ``sm_{arch}`` (CPU tensors, nothing runs)."""
     bench = _attention_benchmark()
     a = bench.make_inputs(bench.SHAPES[shape], 1, length, queries, bits, dtype, "cpu")
     if rope == "positions":
         head_dim = a["query"].shape[-1]
         a.update(cos=None, sin=None, positions=torch.arange(length)[None], rope_scale=1.0,
                  rope_inv_freq=1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)))
-    return op_launches(a, config)
+    return op_launches(a, config, arch)
 
 
-def op_launches(a: dict, config: dict) -> list[Launch]:
+def op_launches(a: dict, config: dict, arch: int = 90) -> list[Launch]:
     """The launches of ``xq_compile::decode_attention`` on the op arguments ``a`` with ``config``
-    overrides, the grid and split count sized for an H200 (CPU tensors, nothing runs)."""
+    overrides, configured (tiles, grid, split count) for ``sm_{arch}``'s product in :func:`gpu` (CPU
+    tensors, nothing runs)."""
     from xq_compile.kernels import decode_attention as da
 
     with captured_launches(da.triton_kernels) as launches:
-        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), sms=H200_MULTIPROCESSORS, **config)
+        da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), target=gpu(arch)[1], **config)
     return launches
 
 
 def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4,
-                                    page_size: int = 16, batch: int = 4) -> list[Launch]:
+                                    page_size: int = 16, batch: int = 4, arch: int = 90) -> list[Launch]:
     """The launches of the vLLM plugin's decode step (``xq_compile.vllm.paged.decode_arguments``) for a
     benchmark shape: ``batch`` requests of ``length`` rows in shuffled pages of ``page_size`` tokens, the
     sources strided views of the page bytes exactly as the plugin makes them (each block's code rows,
@@ -388,7 +423,7 @@ def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     args = paged.decode_arguments(torch.zeros(batch, heads * head_dim, dtype=dtype), pages, step, layout, xquant,
                                   proj, inv_freq)
-    return op_launches(args, config)
+    return op_launches(args, config, arch)
 
 
 def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
@@ -448,9 +483,14 @@ def main(argv=None) -> int:
                    "the positions, the Triton values kernel); implies --no-dequant-project --no-gluon")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
     p.add_argument("--no-gluon", action="store_true", help="skip the Gluon K-rebuild prototype")
+    p.add_argument("--arch", type=int, default=90, choices=ARCHS, help="the GPU to compile and configure for: "
+                   "80 A100, 86 A10 / RTX 30, 89 L4 / L40S / RTX 40, 90 H100 / H200, 100 B200, 120 RTX 50 (their "
+                   "shared memory per program and SM count); the wgmma in-flight check and the Gluon kernels "
+                   "are sm_90's only")
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside its MMA loop, exceeds "
-                   "shared memory, issues wgmma but never keeps one in flight (or ptxas serializes them), or a dot "
-                   "of the scores / dequant_project kernels is not on wgmma")
+                   "the target's shared memory, issues wgmma but never keeps one in flight (or ptxas serializes "
+                   "them), or a dot of the scores / dequant_project kernels is not on the target's tensor-core "
+                   "MMA (wgmma on sm_90, tcgen05 on sm_100, mma.sync elsewhere)")
     p.add_argument("--asm-dir", type=Path, help="write each launch's TTGIR, PTX and SASS into this folder")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -458,34 +498,37 @@ def main(argv=None) -> int:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     config = _parse_config(args.config)
-    print(f"triton {triton.__version__}, target sm_90, {args.dtype}, n = {args.length}, S = {args.queries}", flush=True)
+    arch = args.arch
+    print(f"triton {triton.__version__}, target sm_{arch} ({gpu(arch)[0]}), {args.dtype}, n = {args.length}, "
+          f"S = {args.queries}", flush=True)
     if args.asm_dir:
         args.asm_dir.mkdir(parents=True, exist_ok=True)
     reports, failures = [], []
-    jobs = [(CONTROL, control_launches)]
+    jobs = [(CONTROL, control_launches)] if arch == 90 else []
     variant = "" if args.rope == "tables" else " rope=positions"
     if args.paged:
         jobs += [(f"{shape} {bits}-bit paged (vLLM pages of 16, 4 requests)",
-                  lambda s=shape, b=bits: paged_decode_attention_launches(s, args.length, dtype, config, b))
+                  lambda s=shape, b=bits: paged_decode_attention_launches(s, args.length, dtype, config, b,
+                                                                          arch=arch))
                  for shape in args.shape for bits in args.bits]
         args.no_dequant_project = args.no_gluon = True
     else:
         jobs += [(f"{shape} {bits}-bit S={args.queries}" + variant,
                   lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries,
-                                                                    args.rope))
+                                                                    args.rope, arch))
                  for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
         jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
                  for bits in args.bits]
     from xq_compile.kernels.gluon_rebuild import HAS_GLUON
 
-    if HAS_GLUON and not args.no_gluon and 4 in args.bits:
+    if HAS_GLUON and not args.no_gluon and 4 in args.bits and arch == 90:
         jobs.append(("gluon_rebuild 4-bit (not dispatched)", lambda: gluon_rebuild_launches(args.length, dtype)))
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():
             try:
-                r = compile_launch(launch, asm_dir=args.asm_dir, title=title)
+                r = compile_launch(launch, arch, asm_dir=args.asm_dir, title=title)
             except Exception as exc:  # a Gluon kernel against another Triton's Gluon API: say so, go on
                 if not getattr(launch.kernel, "is_gluon", lambda: False)():
                     raise
@@ -494,8 +537,9 @@ def main(argv=None) -> int:
                 print(f"  {launch.kernel.__name__}: {message}", flush=True)
                 failures.append(f"{title}: {launch.kernel.__name__}: {message}")
                 continue
-            if args.check and r.name in REBUILD_KERNELS and r.hgmma == 0:
-                r.problems.append("its dots are not on wgmma (no HGMMA in the SASS)")
+            mma = tensor_core_mma(arch)
+            if args.check and r.name in REBUILD_KERNELS and not getattr(r, mma.lower()):
+                r.problems.append(f"its dots are not on {MMA_SASS[mma]} (no {mma} in the SASS)")
             if title == CONTROL and r.problems:
                 r.problems.append("the positive control fails: this check cannot tell pipelined kernels "
                                   "from serialized ones with this Triton / target")

@@ -75,7 +75,7 @@ def gpu_check_launches(dtype=torch.bfloat16) -> list[tuple[str, cr.Launch]]:
     out = []
     for shape in ATTENTION_SHAPES:
         a = bench.make_inputs(bench.SHAPES[shape], 1, ATTENTION_CAPACITY, 1, 4, dtype, "cpu")
-        default = da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a), sms=cr.H200_MULTIPROCESSORS)
+        default = da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a), target=cr.gpu(90)[1])
         for override in bench.sweep_configs(default):
             out += [(f"{shape} S=1 {override}", launch) for launch in cr.op_launches(a, override)]
         out += [(f"{shape} S=4", launch)

@@ -8,7 +8,7 @@
 * ``fused``: ``op``, and decode steps attend with ``xq_compile::decode_attention``, which rebuilds K
   tiles with RoPE on chip and absorbs the values: K and V never reach memory. Where a site or a form
   does not allow it (another RoPE than HF's rotate_half, XQuant-CL, long chunks) the site falls back
-  to ``op``. The CUDA default.
+  to ``op``. The CUDA default (compute capability 8.0 on: see :func:`strategy_for`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+from xq_compile.kernels.devices import triton_kernels_serve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,18 @@ FUSED_MAX_QUERY_TOKENS = 16  # the fused decode-attention kernel is written for 
 
 
 def strategy_for(rebuild: str, device: torch.device) -> RebuildStrategy:
-    """``rebuild`` ("auto", or a name of :data:`STRATEGIES`) for a layer whose cache lives on ``device``."""
+    """``rebuild`` ("auto", or a name of :data:`STRATEGIES`) for a layer whose cache lives on ``device``.
+
+    "auto" is ``fused`` where the ops' Triton kernels serve the device (CUDA, compute capability 8.0 on),
+    else ``inline``: on CPU, and on older GPUs (T4, V100), which Triton's dots do not serve. A forced
+    ``op`` or ``fused`` on such a GPU is refused here, at compile time, rather than at the first launch."""
     if rebuild == "auto":
-        return STRATEGIES["fused" if device.type == "cuda" else "inline"]
-    return STRATEGIES[rebuild]
+        return STRATEGIES["fused" if triton_kernels_serve(device) else "inline"]
+    strategy = STRATEGIES[rebuild]
+    if strategy.packed_projection and device.type == "cuda" and not triton_kernels_serve(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"rebuild={rebuild!r} runs the ops' Triton kernels, which need a GPU of compute capability 8.0 or "
+            f"newer; {torch.cuda.get_device_name(device)} is {major}.{minor}: use rebuild='auto' (or 'inline'), "
+            f"which rebuilds in plain torch there")
+    return strategy

@@ -6,6 +6,9 @@ program -- for the default configuration of each benchmark shape at 2/3/4/8 bits
 prove the kernels compute the right values; these prove they compile to the fast path at all (the
 interpreter accepts programs that the compiler would put on FMAs, serialize or spill).
 
+On Ada (sm_89: mma.sync, 99 KB of shared memory a program, as sm_86 and sm_120) the default
+configuration fits and does not spill in its MMA loops either.
+
 The in-flight check is itself tested on two controls compiled the same way: a plain bf16 matmul (must
 pass) and a matmul whose second operand is dequantized in the loop and stored to shared memory, the
 pattern Triton cannot pipeline (must fail, naming the kernel)."""
@@ -15,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +65,14 @@ def _benchmark_module(name: str = "compile_report"):
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is being made
     spec.loader.exec_module(module)
     return module
+
+
+def _compile_report(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """benchmarks/compile_report.py with ``args``, compiling (not interpreting), xq_compile from this checkout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def cr_rebuild_kernels() -> tuple:
@@ -134,13 +146,8 @@ def test_in_flight_check_tells_pipelined_from_serialized(tmp_path):
 
 @pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
 def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--check", "--bits", "2", "3", "4", "8",
-         "--json", str(tmp_path / "report.json"), "--asm-dir", str(tmp_path / "asm")],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    proc = _compile_report("--check", "--bits", "2", "3", "4", "8", "--json", str(tmp_path / "report.json"),
+                           "--asm-dir", str(tmp_path / "asm"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "check: ok" in proc.stdout, out[-6000:]
     reports = json.loads((tmp_path / "report.json").read_text())
@@ -190,13 +197,8 @@ def test_sixteen_query_tokens_keep_every_wgmma_in_flight(tmp_path):
     of 128 query rows and the GQA reduce 64 query rows per KV head, so all four kernels but the softmax
     issue wgmma -- and each keeps one in flight (before the probabilities went through memory, the values
     and reduce dots took an operand computed in the loop from shared memory and waited for every MMA)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--queries", "16", "--bits", "4", "--check",
-         "--no-dequant-project", "--no-gluon", "--json", str(tmp_path / "report.json")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = _compile_report("--queries", "16", "--bits", "4", "--check", "--no-dequant-project", "--no-gluon",
+                           "--json", str(tmp_path / "report.json"), timeout=600)
     assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
     reports = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["job"] != "control"]
     by_kernel = {}
@@ -211,17 +213,36 @@ def test_sixteen_query_tokens_keep_every_wgmma_in_flight(tmp_path):
 
 
 @pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
+def test_ada_gets_tiles_that_fit_its_shared_memory_without_loop_spills(tmp_path):
+    """sm_89 (L4, L40S, RTX 40; sm_86 and sm_120 allow a program the same 99 KB of shared memory) has no
+    wgmma: the dots are mma.sync, whose accumulators and operands all sit in registers. The default
+    configuration there (128-feature K tiles) puts every decode-attention kernel of the three shapes on
+    the tensor cores (HMMA) without spills in the MMA loops, within 99 KB. Hopper's 256-feature tile
+    would not launch there: the 7B scores kernel needs 128 KB, which --check reports."""
+    proc = _compile_report("--arch", "89", "--check", "--bits", "4", "--no-dequant-project",
+                           "--json", str(tmp_path / "report.json"), timeout=600)
+    assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+    assert "target sm_89 (L4)" in proc.stdout
+    reports = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(r["name"] for r in reports) == sorted(["_scores_kernel", "_softmax_kernel", "_values_kernel",
+                                                         "_reduce_kernel"] * 3)  # no control, no Gluon (sm_90's)
+    for r in reports:
+        assert r["shared_bytes"] <= 99 * 1024 and r["loop_spill_instructions"] == 0 and r["hgmma"] == 0, r
+        if r["name"] in ("_scores_kernel", "_values_kernel"):
+            assert r["hmma"] > 0 and r["constexprs"].get("BLOCK_H", "1") in ("1", "2"), r
+    hopper_tile = _compile_report("--arch", "89", "--check", "--bits", "4", "--no-dequant-project", "--shape",
+                                  "llama7b", "--config", "block_h=2", timeout=600)
+    assert hopper_tile.returncode == 1, hopper_tile.stdout[-3000:]
+    assert re.search(r"_scores_kernel .*needs 131\d\d\d B of shared memory \(> 101376", hopper_tile.stdout), \
+        hopper_tile.stdout[-3000:]
+
+
+@pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
 def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_path):
     """The vLLM plugin's decode step (``--paged``: the sources strided views of page bytes, rows through a
     block table, a fill per request): for the three shapes at 3 and 4 bits its K rebuild is on wgmma with
     an MMA in flight and no kernel spills inside its MMA loop, as for the dense cache."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--paged", "--check", "--bits", "3", "4",
-         "--json", str(tmp_path / "report.json")],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    proc = _compile_report("--paged", "--check", "--bits", "3", "4", "--json", str(tmp_path / "report.json"))
     assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
     reports = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["job"] != "control"]
     assert all("paged" in r["job"] for r in reports), {r["job"] for r in reports}

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xq_compile import quant
+from xq_compile.kernels.devices import check_kernel_device
 from xq_compile.kernels.tiles import next_power_of_2
 
 try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
@@ -119,6 +120,7 @@ def _(packed, scale, zero, weight, bias, length, bits, group_size):
 
 @dequant_project.register_kernel("cuda")
 def _(packed, scale, zero, weight, bias, length, bits, group_size):
+    check_kernel_device(packed.device, "dequant_project")
     with torch.cuda.device(packed.device):
         return dequant_project_triton(packed, scale, zero, weight, bias, length, bits, group_size)
 

@@ -21,6 +21,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import XQuantConfig
+from ..kernels.devices import triton_kernels_serve
 from ..latent import latent_width
 from ..rotation import fold_into_weight, hadamard
 from . import paged
@@ -226,13 +227,13 @@ class XQuantPagedAttention(Attention):
 
 
     def _fused_decode(self, pages: torch.Tensor, batch: paged.PagedBatch, num_tokens: int) -> bool:
-        """Whether this step takes paged.fused_decode: on CUDA (the Triton kernels; on CPU the op would run
-        its torch reference, no faster than the torch path), a decode batch and a layer whose RoPE and
+        """Whether this step takes paged.fused_decode: on a GPU the Triton kernels serve (compute capability
+        8.0 on; on CPU the op would run its torch reference, no faster than the torch path), a decode batch and a layer whose RoPE and
         rows the kernel reads. A decode batch: at most one new token per request, and a token for each
         (host integers of the metadata, no sync). vLLM's CUDA graphs pad the batch with requests of
         seq_len 0 (their output is 0) and tokens of slot -1 (stored into the null block), both after
         the real ones."""
-        if not pages.is_cuda or self.fused_inv_freq is None:
+        if not triton_kernels_serve(pages.device) or self.fused_inv_freq is None:
             return False
         return batch.max_query_len == 1 and num_tokens >= batch.seq_lens.shape[0]
 

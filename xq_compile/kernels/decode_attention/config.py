@@ -5,6 +5,7 @@ the one place the launcher, the benchmarks' sweep and the tests get a configurat
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -27,9 +28,38 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
     return p
 
 
-def multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device (8 for CPU tensors, i.e. the interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+@dataclass(frozen=True)
+class GpuTarget:
+    """What the launch configuration needs to know of the GPU it launches on.
+
+    ``capability``: major·10 + minor (80 A100, 86 A10/RTX 30, 89 L4/L40S/RTX 40, 90 H100/H200, 100 B200,
+    120 RTX 50); ``multiprocessors``: SMs; ``shared_memory``: bytes one program may use (opt-in limit).
+    """
+
+    capability: int
+    multiprocessors: int
+    shared_memory: int
+
+    @property
+    def warpgroup_mma(self) -> bool:
+        """Whether Triton's dots here are warpgroup-wide MMAs (wgmma on sm_90, tcgen05 on sm_100/103)
+        rather than ``mma.sync`` (sm_80-89 and sm_120): only these keep a 256-feature K tile's
+        accumulator without spilling inside the MMA loop (``benchmarks/compile_report.py --arch``)."""
+        return self.capability // 10 in (9, 10)
+
+
+# The interpreter (CPU tensors): configured as for a Hopper GPU of 8 multiprocessors, so the interpreted
+# tests run the launches the H200 runs, scaled down.
+INTERPRETER = GpuTarget(capability=90, multiprocessors=8, shared_memory=227 * 1024)
+
+
+def gpu_target(device: torch.device) -> GpuTarget:
+    """The :class:`GpuTarget` of a CUDA device; :data:`INTERPRETER` for CPU tensors."""
+    if device.type != "cuda":
+        return INTERPRETER
+    props = torch.cuda.get_device_properties(device)
+    return GpuTarget(capability=props.major * 10 + props.minor, multiprocessors=props.multi_processor_count,
+                     shared_memory=getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
 
 
 def interpreted() -> bool:
@@ -40,7 +70,7 @@ def interpreted() -> bool:
 def default_config(
     *, batch: int, kv_heads: int, head_dim: int, query_rows: int, max_len: int, v_width: int,
     k_layout: str, k_group: int, v_layout: str, v_group: int, dtype: torch.dtype, device: torch.device,
-    sms: int | None = None, k_bits: int = 4, paged: bool = False,
+    target: GpuTarget | None = None, k_bits: int = 4, paged: bool = False,
 ) -> dict:
     """Block sizes, head tiles, split count and warps for a shape: a fixed rule, no autotuning (compile
     time matters, and GPU time to tune is scarce; ``benchmarks/decode_attention.py --sweep`` measures
@@ -55,7 +85,10 @@ def default_config(
     the scale is one broadcast vector per tile. Compiled for sm_90 this keeps every MMA loop free of
     register spills, with its wgmma in flight, for 2/3/4/8 bits under triton 3.6 and 3.9 (128-wide
     heads at 255 registers, with 76-92 spill instructions after the loop, once per tile); ``--sweep``
-    times the alternatives on a GPU.
+    times the alternatives on a GPU. Where the dots are ``mma.sync`` (Ampere, Ada, RTX 50: not
+    ``target.warpgroup_mma``) the tile has at most 128 features: at 256 the 7B and GQA tiles spilled
+    inside the MMA loop and took 128 KB of shared memory, more than the 99 KB an sm_86/89/120 program
+    may use (the launch would fail); at 128 they compile without spills in at most 89 KB.
 
     Paged sources (vLLM): each row's page is loaded from the block table and stays live through the
     channel loop; for 3-bit keys in 256-feature tiles that pushed the tile past 255 registers with
@@ -63,13 +96,14 @@ def default_config(
 
     Values kernel: ``block_m`` flattened query rows (all heads share the value rows), ``block_nv``
     rows by ``block_cv`` value channels per step, ``num_splits`` chunks of the rows so that about two
-    programs run per multiprocessor (``sms`` of them; default: those of ``device``). Each block of
+    programs run per multiprocessor (those of ``target``; default: ``device``'s). Each block of
     query rows dequantizes the value rows again, so with several query tokens the blocks are as large
     as compiles without spills: up to 128 rows (the wgmma's N; at S = 16 a 7B MHA step then dequantizes
     the values 4 times instead of 8, for 5% more instructions per step).
     """
+    target = target or gpu_target(device)
     d_pad = pow2_at_least_16(head_dim // 2) * 2
-    block_h = max(1, 256 // d_pad)
+    block_h = max(1, (256 if target.warpgroup_mma else 128) // d_pad)
     while block_h > 1 and -(-kv_heads // block_h) * block_h > 1.15 * kv_heads:  # also keeps block_h <= 2·Hkv
         block_h //= 2
     block_n = 128 if dtype != torch.float32 else 64  # fp32 operands: twice the registers per element
@@ -86,21 +120,20 @@ def default_config(
     block_nv = 64
     block_cv = 128 if v_layout == "per_channel" or v_group % 128 == 0 else 64
     block_cv = min(block_cv, pow2_at_least_16(v_width))
-    sms = sms or multiprocessors(device)
     programs = batch * -(-kv_heads * query_rows // block_m) * -(-v_width // block_cv)
-    splits = max(1, min(-(-2 * sms // max(programs, 1)), -(-max_len // block_nv), 128))
+    splits = max(1, min(-(-2 * target.multiprocessors // max(programs, 1)), -(-max_len // block_nv), 128))
     return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
                 block_cv=block_cv, num_splits=splits, num_warps=num_warps, num_stages=3)
 
 
-def resolve_config(inputs: DecodeAttentionInputs, sms: int | None = None, **config: int) -> dict:
+def resolve_config(inputs: DecodeAttentionInputs, target: GpuTarget | None = None, **config: int) -> dict:
     """The configuration :func:`~xq_compile.kernels.decode_attention.decode_attention_triton` launches
-    ``inputs`` with: :func:`default_config` for their shapes (and ``sms`` multiprocessors), then the
-    keyword overrides (:data:`CONFIG_KEYS`), checked."""
-    return resolve(inputs, config, sms)[1]
+    ``inputs`` with: :func:`default_config` for their shapes (on ``target``, default: their device's),
+    then the keyword overrides (:data:`CONFIG_KEYS`), checked."""
+    return resolve(inputs, config, target)[1]
 
 
-def resolve(inputs: DecodeAttentionInputs, config: dict, sms: int | None = None) -> tuple[Shapes, dict]:
+def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | None = None) -> tuple[Shapes, dict]:
     """(the checked sizes of ``inputs``, the launch configuration)."""
     unknown = set(config) - set(CONFIG_KEYS)
     if unknown:
@@ -111,7 +144,7 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, sms: int | None = None)
         batch=shapes.batch, kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
         query_rows=shapes.q_heads // shapes.kv_heads * shapes.seq, max_len=shapes.max_len, v_width=shapes.v_width,
         k_layout=inputs.keys.layout, k_group=inputs.keys.group, v_layout=values.layout, v_group=values.group,
-        dtype=inputs.k_weight.dtype, device=inputs.query.device, sms=sms, k_bits=inputs.keys.bits,
+        dtype=inputs.k_weight.dtype, device=inputs.query.device, target=target, k_bits=inputs.keys.bits,
         paged=inputs.paged,
     )
     cfg.update({k: v for k, v in config.items() if v is not None})

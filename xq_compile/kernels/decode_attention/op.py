@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from xq_compile.kernels.devices import check_kernel_device
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs
 from xq_compile.kernels.decode_attention.reference import reference_decode_attention
 from xq_compile.kernels.decode_attention.triton_kernels import decode_attention_triton
@@ -71,5 +72,6 @@ def _(query, *args):
 
 @decode_attention.register_kernel("cuda")
 def _(*args):
+    check_kernel_device(args[0].device, "decode_attention")
     with torch.cuda.device(args[0].device):
         return decode_attention_triton(DecodeAttentionInputs.from_op_args(*args))

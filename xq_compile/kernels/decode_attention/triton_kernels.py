@@ -533,22 +533,23 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
     return scores
 
 
-def decode_attention_triton(inputs: DecodeAttentionInputs, sms: int | None = None, **config: int) -> torch.Tensor:
+def decode_attention_triton(inputs: DecodeAttentionInputs, target: launch_config.GpuTarget | None = None,
+                            **config: int) -> torch.Tensor:
     """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
 
     Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
     pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
     arguments (``CONFIG_KEYS``) override the default configuration (see ``resolve_config``); block
     sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the
-    scores kernel. ``sms``: size the split count for a GPU with that many multiprocessors instead of
-    the tensors' device (``benchmarks/compile_report.py`` compiles for an H200 without one).
+    scores kernel. ``target``: configure for that GPU instead of the tensors' device
+    (``benchmarks/compile_report.py`` compiles for GPUs it does not have).
     """
     if not HAS_TRITON:
         raise RuntimeError(
             "xq_compile::decode_attention on CUDA needs triton, which is not installed: "
             "pip install 'xq-compile[triton]' (or pip install triton)."
         )
-    (batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width), cfg = launch_config.resolve(inputs, config, sms)
+    (batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width), cfg = launch_config.resolve(inputs, config, target)
     a = inputs
     values = a.value_source
     group_q = q_heads // kv_heads
