@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The sm_90 compile check (benchmarks/compile_report.py --check) under the supported Triton releases other
-# than the one CI pins (3.9 in .venv, checked by tests/test_compile_report.py).
+# The compile check (benchmarks/compile_report.py --check: sm_90, and sm_89 for the GPUs with 99 KB of shared
+# memory per program and mma.sync) under the supported Triton releases other than the one CI pins (3.9 in
+# .venv, checked by tests/test_compile_report.py).
 #
 #   bash scripts/check_triton_compile.sh            # 3.6.0: torch 2.11's Triton (the lowest supported torch)
 #   bash scripts/check_triton_compile.sh 3.6.0      # only these
@@ -25,6 +26,7 @@ CHECKS=(
     "--bits 2 3 4 8"
     "--queries 16 --bits 4 --no-dequant-project --no-gluon"
     "--paged --bits 3 4"
+    "--arch 89 --bits 2 3 4 8 --no-dequant-project"
 )
 
 status=0

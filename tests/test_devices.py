@@ -56,4 +56,4 @@ def test_the_ops_refuse_to_launch_their_kernels_on_an_older_gpu(gpu):
 def test_the_launch_target_of_cpu_tensors_is_a_small_hopper():
     """The interpreter runs the launches configured as for sm_90 (what the compile report checks)."""
     target = gpu_target(torch.device("cpu"))
-    assert target.capability == 90 and target.warpgroup_mma and target.multiprocessors == 8
+    assert target.capability == 90 and target.wgmma and target.multiprocessors == 8

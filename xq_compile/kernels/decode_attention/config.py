@@ -41,11 +41,12 @@ class GpuTarget:
     shared_memory: int
 
     @property
-    def warpgroup_mma(self) -> bool:
-        """Whether Triton's dots here are warpgroup-wide MMAs (wgmma on sm_90, tcgen05 on sm_100/103)
-        rather than ``mma.sync`` (sm_80-89 and sm_120): only these keep a 256-feature K tile's
-        accumulator without spilling inside the MMA loop (``benchmarks/compile_report.py --arch``)."""
-        return self.capability // 10 in (9, 10)
+    def wgmma(self) -> bool:
+        """Whether Triton's dots here are Hopper's warpgroup MMAs (sm_90), which take the dequantized tile
+        from registers and keep a 256-feature K tile without spilling inside the MMA loop. With ``mma.sync``
+        (sm_80-89, sm_120) and with sm_100's tcgen05 (the tile goes through shared memory) that tile
+        spilled in the loop (``benchmarks/compile_report.py --arch``)."""
+        return self.capability // 10 == 9
 
 
 # The interpreter (CPU tensors): configured as for a Hopper GPU of 8 multiprocessors, so the interpreted
@@ -85,10 +86,11 @@ def default_config(
     the scale is one broadcast vector per tile. Compiled for sm_90 this keeps every MMA loop free of
     register spills, with its wgmma in flight, for 2/3/4/8 bits under triton 3.6 and 3.9 (128-wide
     heads at 255 registers, with 76-92 spill instructions after the loop, once per tile); ``--sweep``
-    times the alternatives on a GPU. Where the dots are ``mma.sync`` (Ampere, Ada, RTX 50: not
-    ``target.warpgroup_mma``) the tile has at most 128 features: at 256 the 7B and GQA tiles spilled
-    inside the MMA loop and took 128 KB of shared memory, more than the 99 KB an sm_86/89/120 program
-    may use (the launch would fail); at 128 they compile without spills in at most 89 KB.
+    times the alternatives on a GPU. On other GPUs (not ``target.wgmma``: Ampere, Ada, RTX 50 with
+    ``mma.sync``, B200 with tcgen05) the tile has at most 128 features: at 256 the 7B and GQA tiles
+    spilled inside the MMA loop, and with ``mma.sync`` took 128 KB of shared memory, more than the 99 KB
+    an sm_86/89/120 program may use (the launch would fail); at 128 they compile without spills in at
+    most 96.5 KB.
 
     Paged sources (vLLM): each row's page is loaded from the block table and stays live through the
     channel loop; for 3-bit keys in 256-feature tiles that pushed the tile past 255 registers with
@@ -103,7 +105,7 @@ def default_config(
     """
     target = target or gpu_target(device)
     d_pad = pow2_at_least_16(head_dim // 2) * 2
-    block_h = max(1, (256 if target.warpgroup_mma else 128) // d_pad)
+    block_h = max(1, (256 if target.wgmma else 128) // d_pad)
     while block_h > 1 and -(-kv_heads // block_h) * block_h > 1.15 * kv_heads:  # also keeps block_h <= 2·Hkv
         block_h //= 2
     block_n = 128 if dtype != torch.float32 else 64  # fp32 operands: twice the registers per element
