@@ -119,7 +119,10 @@ class KernelReport:
 
     def config(self) -> str:
         keys = ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_M", "BLOCK_CV", "BLOCK_K", "NUM_SPLITS", "BITS")
-        return " ".join(f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs)
+        shown = [f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs]
+        if self.constexprs.get("X_AS_B"):  # K rebuilt as Kᵀ = Wk·X̂ᵀ (GPUs without wgmma)
+            shown.append("X_AS_B=1")
+        return " ".join(shown)
 
     def line(self) -> str:
         if not self.wgmma:

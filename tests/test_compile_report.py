@@ -216,8 +216,8 @@ def test_sixteen_query_tokens_keep_every_wgmma_in_flight(tmp_path):
 def test_ada_gets_tiles_that_fit_its_shared_memory_without_loop_spills(tmp_path):
     """sm_89 (L4, L40S, RTX 40; sm_86 and sm_120 allow a program the same 99 KB of shared memory) has no
     wgmma: the dots are mma.sync, whose accumulators and operands all sit in registers. The default
-    configuration there (128-feature K tiles) puts every decode-attention kernel of the three shapes on
-    the tensor cores (HMMA) without spills in the MMA loops, within 99 KB. Hopper's 256-feature tile
+    configuration there (128-feature K tiles, rebuilt as Kᵀ = Wk·X̂ᵀ) puts every decode-attention kernel of
+    the three shapes on the tensor cores (HMMA) without spills in the MMA loops, within 99 KB. Hopper's 256-feature tile
     would not launch there: the 7B scores kernel needs 128 KB, which --check reports."""
     proc = _compile_report("--arch", "89", "--check", "--bits", "4", "--no-dequant-project",
                            "--json", str(tmp_path / "report.json"), timeout=600)
@@ -230,6 +230,8 @@ def test_ada_gets_tiles_that_fit_its_shared_memory_without_loop_spills(tmp_path)
         assert r["shared_bytes"] <= 99 * 1024 and r["loop_spill_instructions"] == 0 and r["hgmma"] == 0, r
         if r["name"] in ("_scores_kernel", "_values_kernel"):
             assert r["hmma"] > 0 and r["constexprs"].get("BLOCK_H", "1") in ("1", "2"), r
+        if r["name"] == "_scores_kernel":  # K rebuilt as Kᵀ = Wk·X̂ᵀ: X̂ dequantized by 2 warps, not 4
+            assert r["constexprs"]["X_AS_B"] == "True", r
     hopper_tile = _compile_report("--arch", "89", "--check", "--bits", "4", "--no-dequant-project", "--shape",
                                   "llama7b", "--config", "block_h=2", timeout=600)
     assert hopper_tile.returncode == 1, hopper_tile.stdout[-3000:]

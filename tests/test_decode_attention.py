@@ -346,6 +346,8 @@ def test_triton_launcher_rejects_bad_configs():
         da.decode_attention_triton(inputs(a), block_nv=8)
     with pytest.raises(ValueError, match="num_splits=0"):
         da.decode_attention_triton(inputs(a), num_splits=0)
+    with pytest.raises(ValueError, match="x_as_b=2"):
+        da.decode_attention_triton(inputs(a), x_as_b=2)
 
 
 def test_default_config_shapes_the_tiles():
@@ -373,8 +375,8 @@ def test_default_config_shapes_the_tiles():
 def test_default_config_fits_the_k_tile_to_the_gpus_mma():
     """256-feature K tiles only where the dots are Hopper's wgmma; elsewhere (mma.sync on Ampere, Ada,
     RTX 50; tcgen05 on B200) 128, which compiles without spills in the MMA loop and within the 99 KB of
-    shared memory an sm_86/89/120 program may use (test_compile_report checks the compiled kernels). The
-    value splits follow the target's multiprocessors."""
+    shared memory an sm_86/89/120 program may use (test_compile_report checks the compiled kernels), and
+    K is rebuilt transposed (x_as_b). The value splits follow the target's multiprocessors."""
     common = dict(batch=1, query_rows=1, max_len=32768, k_layout="per_token", v_layout="per_token",
                   dtype=torch.bfloat16, device=torch.device("cpu"))
     seven_b = dict(kv_heads=32, head_dim=128, v_width=4096, k_group=128, v_group=128, **common)
@@ -383,6 +385,8 @@ def test_default_config_fits_the_k_tile_to_the_gpus_mma():
     for cap, heads_7b, heads_smol in ((90, 2, 2), (100, 1, 2), (80, 1, 2), (86, 1, 2), (89, 1, 2), (120, 1, 2)):
         assert da.default_config(**seven_b, target=target(cap))["block_h"] == heads_7b, cap
         assert da.default_config(**smol, target=target(cap))["block_h"] == heads_smol, cap
+        # the dequantized tile is wgmma's register operand on Hopper, the B operand elsewhere
+        assert da.default_config(**smol, target=target(cap))["x_as_b"] == (cap != 90), cap
     assert da.default_config(**seven_b)["block_h"] == 2  # CPU tensors (the interpreter): configured as Hopper
     few, many = (da.default_config(**smol, target=target(89, sms))["num_splits"] for sms in (58, 132))
     assert (few, many) == (13, 30)  # 9 value-channel blocks x splits >= 2 x the multiprocessors
@@ -433,10 +437,11 @@ print("ok")
 # some splits are empty (n = 1, 7), chunks end mid-block, C = 64..96 spans several 32-channel blocks
 # (ragged for 80 and 96 with block_c 64), Cv spans several value blocks; head tiles of 2 and 4 over 1..3
 # KV heads leave some tiles partly empty; 16-channel / 16-row blocks inside a 16-wide scale group take
-# the broadcast-scale path of dequant_tile, the others its gather path.
+# the broadcast-scale path of dequant_tile, the others its gather path. The second rebuilds K as
+# Kᵀ = Wk·X̂ᵀ (x_as_b, what GPUs without wgmma run); the defaults are Hopper's K = X̂·Wkᵀ.
 INTERPRETER_CONFIGS = [
     dict(block_n=16, block_c=32, block_h=2, block_m=16, block_nv=16, block_cv=32, num_splits=3),
-    dict(block_n=16, block_c=16, block_h=4, block_m=32, block_nv=32, block_cv=64, num_splits=2),
+    dict(block_n=16, block_c=16, block_h=4, block_m=32, block_nv=32, block_cv=64, num_splits=2, x_as_b=1),
     dict(block_n=32, block_c=16, block_h=1, block_m=16, block_nv=16, block_cv=16, num_splits=1),
 ]
 

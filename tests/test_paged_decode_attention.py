@@ -203,8 +203,10 @@ def test_default_config_steps_32_channels_for_paged_3_bit_keys():
 # (b) the Triton kernels under the interpreter (subprocess)
 # --------------------------------------------------------------------------------------------------
 
-# small blocks (a 16-row tile spans 2-4 pages of 4-8 rows; 3 splits, some empty) and the defaults
-CONFIGS = [dict(block_n=16, block_c=32, block_h=2, block_m=16, block_nv=16, block_cv=32, num_splits=3), {}]
+# small blocks (a 16-row tile spans 2-4 pages of 4-8 rows; 3 splits, some empty; K rebuilt as Kᵀ = Wk·X̂ᵀ, the
+# form for GPUs without wgmma) and the defaults (Hopper's K = X̂·Wkᵀ)
+CONFIGS = [dict(block_n=16, block_c=32, block_h=2, block_m=16, block_nv=16, block_cv=32, num_splits=3, x_as_b=1),
+           {}]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -13,7 +13,7 @@ from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, Sh
 from xq_compile.kernels.tiles import next_power_of_2
 
 CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "num_warps",
-               "num_stages")
+               "num_stages", "x_as_b")
 
 
 def pow2_at_least_16(x: int) -> int:
@@ -125,7 +125,8 @@ def default_config(
     programs = batch * -(-kv_heads * query_rows // block_m) * -(-v_width // block_cv)
     splits = max(1, min(-(-2 * target.multiprocessors // max(programs, 1)), -(-max_len // block_nv), 128))
     return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
-                block_cv=block_cv, num_splits=splits, num_warps=num_warps, num_stages=3)
+                block_cv=block_cv, num_splits=splits, num_warps=num_warps, num_stages=3,
+                x_as_b=int(not target.wgmma))
 
 
 def resolve_config(inputs: DecodeAttentionInputs, target: GpuTarget | None = None, **config: int) -> dict:
@@ -155,6 +156,8 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | Non
             raise ValueError(f"{key}={cfg[key]} must be a power of two >= 16")
     if cfg["block_h"] < 1 or cfg["block_h"] & (cfg["block_h"] - 1):
         raise ValueError(f"block_h={cfg['block_h']} must be a power of two >= 1")
+    if cfg["x_as_b"] not in (0, 1):
+        raise ValueError(f"x_as_b={cfg['x_as_b']} must be 0 (K = X̂·Wkᵀ) or 1 (Kᵀ = Wk·X̂ᵀ)")
     if cfg["num_splits"] < 1:
         raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
     return shapes, cfg

@@ -80,9 +80,10 @@ if HAS_TRITON:
         bt_ptr, s_btb, s_btr, PAGE_SIZE: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
-        CLAMP_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        CLAMP_ROWS: tl.constexpr, X_AS_B: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        """k + X̂[:, c0 : c0 + BLOCK_C] · Wkᵀ[c0 : c0 + BLOCK_C, w_rows]: one step of :func:`_rebuild_k`."""
+        """k + X̂[:, c0 : c0 + BLOCK_C] · Wkᵀ[c0 : c0 + BLOCK_C, w_rows]: one step of :func:`_rebuild_k`
+        (``X_AS_B``: the transpose, kᵀ + Wk[w_rows, c0 : c0 + BLOCK_C] · X̂ᵀ)."""
         # C a multiple of BLOCK_C (576, 1024, 4096, ...): no channel masks, the loads' predicates are the
         # rows', the same every step
         EVEN_C: tl.constexpr = C % BLOCK_C == 0
@@ -95,7 +96,13 @@ if HAS_TRITON:
         cols = c0 + tl.arange(0, BLOCK_C)
         w_mask = ((cols < C) | EVEN_C)[:, None] & f2_ok[None, :]
         w = tl.load(w_ptr + cols[:, None] * s_wk + w_rows[None, :] * s_wn, mask=w_mask, other=0.0)
-        return _dot(x, w, k, DOT_PRECISION, UPCAST)
+        # (if / else, not an early return: Triton compiles the statements after a constexpr branch's
+        # return as well, and the untaken form's shapes do not fit a tile that is not square)
+        if X_AS_B:
+            k = _dot(tl.trans(w), tl.trans(x), k, DOT_PRECISION, UPCAST)
+        else:
+            k = _dot(x, w, k, DOT_PRECISION, UPCAST)
+        return k
 
     @triton.jit
     def _rebuild_k(
@@ -104,7 +111,8 @@ if HAS_TRITON:
         bt_ptr, s_btb, s_btr, PAGE_SIZE: tl.constexpr,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PAGED: tl.constexpr,
-        F2: tl.constexpr, CLAMP_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        F2: tl.constexpr, CLAMP_ROWS: tl.constexpr, X_AS_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):
         """K = X̂ · Wkᵀ for rows r0 .. r0 + BLOCK_N: fp32 [BLOCK_N, F2], column i the W row ``w_rows[i]``.
 
@@ -115,19 +123,31 @@ if HAS_TRITON:
         serializes the MMAs for some widths (C7515). ``CLAMP_ROWS``: rows past the fill read the last
         filled row, so no load needs a row mask (per channel: only for blocks below the open token group).
         ``HAS_COL0``: channel 0 comes from col0, in the first step only, which is peeled off the loop
-        (selecting it in every step cost the GQA latent's loop a fifth of its instructions)."""
-        k = tl.zeros((BLOCK_N, F2), dtype=tl.float32)
+        (selecting it in every step cost the GQA latent's loop a fifth of its instructions).
+
+        ``X_AS_B`` (GPUs whose dots are ``mma.sync``: Ampere, Ada, RTX 50) computes Kᵀ = Wk·X̂ᵀ instead,
+        the dequantized tile the second operand: there each operand fragment belongs to a warp, and Triton
+        lays the 8 warps of a 128 x 128 tile out 2 x 4, so the first operand's rows are held -- and
+        dequantized -- by 4 warps, the second's columns by 2 (docs/kernels.md). Returned as K all the same."""
+        if X_AS_B:
+            k = tl.zeros((F2, BLOCK_N), dtype=tl.float32)
+        else:
+            k = tl.zeros((BLOCK_N, F2), dtype=tl.float32)
         FIRST: tl.constexpr = BLOCK_C if HAS_COL0 else 0
         if HAS_COL0:
             k = _rebuild_step(k, 0, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full,
                               C, P, s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
                               s_cl, s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL, True,
-                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, CLAMP_ROWS, DOT_PRECISION, UPCAST)
+                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, CLAMP_ROWS, X_AS_B, DOT_PRECISION,
+                              UPCAST)
         for c0 in range(FIRST, C, BLOCK_C):
             k = _rebuild_step(k, c0, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full,
                               C, P, s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
                               s_cl, s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL, False,
-                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, CLAMP_ROWS, DOT_PRECISION, UPCAST)
+                              SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED, CLAMP_ROWS, X_AS_B, DOT_PRECISION,
+                              UPCAST)
+        if X_AS_B:
+            k = tl.trans(k)
         return k
 
     @triton.jit
@@ -145,7 +165,7 @@ if HAS_TRITON:
         ROPE_FROM_POSITIONS: tl.constexpr, FAST_TRIG: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_BCAST: tl.constexpr,
         R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        BLOCK_C: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, X_AS_B: tl.constexpr,
     ):
         """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
 
@@ -190,13 +210,13 @@ if HAS_TRITON:
                            s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                            s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE,
                            BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
-                           2 * F, True, DOT_PRECISION, UPCAST)
+                           2 * F, True, X_AS_B, DOT_PRECISION, UPCAST)
         else:
             k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, w_rows, f2_ok, b, r0, n, n_full, C, P,
                            s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                            s_wn, s_wk, bt_ptr, s_btb, s_btr, PAGE_SIZE,
                            BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_C, PAGED,
-                           2 * F, False, DOT_PRECISION, UPCAST)
+                           2 * F, False, X_AS_B, DOT_PRECISION, UPCAST)
         k1, k2 = tl.split(tl.permute(tl.reshape(k, (BLOCK_N, 2, F)), (0, 2, 1)))
         if HAS_BIAS:
             w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
@@ -527,7 +547,8 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         FAST_TRIG=not launch_config.interpreted(), DOT_PRECISION=precision, UPCAST=upcast,
         SCALE_BCAST=scale_broadcast(keys.layout, keys.group, cfg["block_n"], cfg["block_c"]),
         R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
-        BLOCK_C=cfg["block_c"], PAGED=a.paged, PAGE_SIZE=_page_size(a), num_warps=cfg["num_warps"],
+        BLOCK_C=cfg["block_c"], PAGED=a.paged, PAGE_SIZE=_page_size(a), X_AS_B=bool(cfg["x_as_b"]),
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return scores
