@@ -657,6 +657,20 @@ def test_cuda_matches_reference(case):
 
 
 @needs_cuda
+@pytest.mark.skipif(CUDA_DEVICE != "cuda", reason="calls the launcher: a GPU (the interpreter runs both forms above)")
+@pytest.mark.parametrize("x_as_b", [0, 1])
+@pytest.mark.parametrize("case", CUDA_CASES[len(CASES):len(CASES) + 4], ids=str)
+def test_cuda_both_k_forms_match_the_reference(case, x_as_b):
+    """K = X̂·Wkᵀ (Hopper's default) and Kᵀ = Wk·X̂ᵀ (every other GPU's) on this GPU, whichever it is: on
+    an H200 the second form runs compiled nowhere else in the GPU check (per token and per channel, 2/3/4/8
+    bits, fp32, S = 1 to 16)."""
+    a = make_inputs(case)
+    out = da.decode_attention_triton(inputs(_to(a, CUDA_DEVICE)), x_as_b=x_as_b)
+    check_close(out.cpu(), OP(**a), torch.float32 if case.dtype == torch.float32 else case.dtype,
+                f"{case} x_as_b={x_as_b}")
+
+
+@needs_cuda
 @pytest.mark.skipif(CUDA_DEVICE != "cuda", reason="CUDA graphs")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cuda_graph_replay_follows_the_device_length(dtype):
