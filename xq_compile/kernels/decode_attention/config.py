@@ -90,7 +90,8 @@ def default_config(
     ``mma.sync``, B200 with tcgen05) the tile has at most 128 features: at 256 the 7B and GQA tiles
     spilled inside the MMA loop, and with ``mma.sync`` took 128 KB of shared memory, more than the 99 KB
     an sm_86/89/120 program may use (the launch would fail); at 128 they compile without spills in at
-    most 96.5 KB.
+    most 96.5 KB. There ``x_as_b`` also rebuilds K transposed, Kᵀ = Wk·X̂ᵀ, so that each dequantized
+    element is computed by 2 warps rather than 4 (``_rebuild_k``).
 
     Paged sources (vLLM): each row's page is loaded from the block table and stays live through the
     channel loop; for 3-bit keys in 256-feature tiles that pushed the tile past 255 registers with
