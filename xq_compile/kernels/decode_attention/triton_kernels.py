@@ -125,7 +125,7 @@ if HAS_TRITON:
         ``HAS_COL0``: channel 0 comes from col0, in the first step only, which is peeled off the loop
         (selecting it in every step cost the GQA latent's loop a fifth of its instructions).
 
-        ``X_AS_B`` (GPUs whose dots are ``mma.sync``: Ampere, Ada, RTX 50) computes Kᵀ = Wk·X̂ᵀ instead,
+        ``X_AS_B`` (GPUs without wgmma; their dots are ``mma.sync`` on Ampere, Ada, RTX 50) computes Kᵀ = Wk·X̂ᵀ,
         the dequantized tile the second operand: there each operand fragment belongs to a warp, and Triton
         lays the 8 warps of a 128 x 128 tile out 2 x 4, so the first operand's rows are held -- and
         dequantized -- by 4 warps, the second's columns by 2 (docs/kernels.md). Returned as K all the same."""
@@ -548,8 +548,7 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         SCALE_BCAST=scale_broadcast(keys.layout, keys.group, cfg["block_n"], cfg["block_c"]),
         R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
         BLOCK_C=cfg["block_c"], PAGED=a.paged, PAGE_SIZE=_page_size(a), X_AS_B=bool(cfg["x_as_b"]),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return scores
 
