@@ -131,8 +131,8 @@ class KernelReport:
             flight = " | WGMMA SERIALIZED"
         else:
             flight = f" | wait {','.join(map(str, self.wgmma_waits))}" + ("" if self.wgmma_in_flight else " WGMMA NEVER IN FLIGHT")
-        tcgen05 = f" UTCHMMA {self.utchmma}" if self.utchmma else ""
-        return (f"{self.name:24s} grid={self.grid} {self.config()} | HGMMA {self.hgmma:4d} HMMA {self.hmma:3d}{tcgen05}{flight} | "
+        mma = f"HGMMA {self.hgmma:4d} HMMA {self.hmma:3d}" + (f" UTCHMMA {self.utchmma}" if self.utchmma else "")
+        return (f"{self.name:24s} grid={self.grid} {self.config()} | {mma}{flight} | "
                 f"regs {self.registers:3d} spills {self.spill_instructions} ({self.loop_spill_instructions} in the "
                 f"MMA loop) | loop {' | '.join(map(str, self.loop_instructions)) or 0} instr | "
                 f"smem {self.shared_bytes / 1024:.1f} KB" + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))

@@ -73,7 +73,7 @@ from xq_compile.kernels.decode_attention.reference import (reference_decode_atte
 from xq_compile.kernels.decode_attention.triton_kernels import HAS_TRITON, decode_attention_triton
 
 __all__ = [
-    "CONFIG_KEYS", "GpuTarget", "HAS_TRITON", "LAYOUTS", "DecodeAttentionInputs", "QuantizedSource", "decode_attention",
-    "decode_attention_triton", "default_config", "gpu_target", "reference_decode_attention", "resolve_config", "rope_tables",
-    "rotate_half", "source_rows",
+    "CONFIG_KEYS", "GpuTarget", "HAS_TRITON", "LAYOUTS", "DecodeAttentionInputs", "QuantizedSource",
+    "decode_attention", "decode_attention_triton", "default_config", "gpu_target", "reference_decode_attention",
+    "resolve_config", "rope_tables", "rotate_half", "source_rows",
 ]
