@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from xq_compile.kernels.devices import triton_kernels_serve
+from xq_compile.kernels.devices import triton_kernels_serve, unserved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +47,7 @@ def strategy_for(rebuild: str, device: torch.device) -> RebuildStrategy:
         return STRATEGIES["fused" if triton_kernels_serve(device) else "inline"]
     strategy = STRATEGIES[rebuild]
     if strategy.packed_projection and device.type == "cuda" and not triton_kernels_serve(device):
-        major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(
-            f"rebuild={rebuild!r} runs the ops' Triton kernels, which need a GPU of compute capability 8.0 or "
-            f"newer; {torch.cuda.get_device_name(device)} is {major}.{minor}: use rebuild='auto' (or 'inline'), "
-            f"which rebuilds in plain torch there")
+            f"rebuild={rebuild!r} runs the ops' Triton kernels, which need a GPU of {unserved(device)}: use "
+            f"rebuild='auto' (or 'inline'), which rebuilds in plain torch there")
     return strategy

@@ -19,14 +19,19 @@ def triton_kernels_serve(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CUDA_CAPABILITY
 
 
+def unserved(device: torch.device) -> str:
+    """Why the Triton kernels do not serve the CUDA ``device``, for an error message."""
+    major, minor = torch.cuda.get_device_capability(device)
+    need = ".".join(map(str, MIN_CUDA_CAPABILITY))
+    return f"compute capability {need} or newer; {torch.cuda.get_device_name(device)} is {major}.{minor}"
+
+
 def check_kernel_device(device: torch.device, op: str) -> None:
     """Raise, saying what to do, if ``op``'s Triton kernel cannot serve the CUDA ``device``."""
     if triton_kernels_serve(device):
         return
-    major, minor = torch.cuda.get_device_capability(device)
     raise RuntimeError(
-        f"xq_compile::{op} on CUDA runs Triton kernels, which need compute capability "
-        f"{'.'.join(map(str, MIN_CUDA_CAPABILITY))} or newer (Ampere on); {torch.cuda.get_device_name(device)} "
-        f"is {major}.{minor}. Compile with rebuild='auto' or 'inline' (plain torch: the X cache still holds "
-        f"the quantized rows), or call the op on CPU tensors."
+        f"xq_compile::{op} on CUDA runs Triton kernels, which need {unserved(device)}. Compile with "
+        f"rebuild='auto' or 'inline' (plain torch: the X cache still holds the quantized rows), or call the op "
+        f"on CPU tensors."
     )
