@@ -70,7 +70,7 @@ def gpu(arch: int) -> tuple[str, object]:
     """(a product, its ``GpuTarget``) for one of the sm numbers ``--arch`` compiles for (:data:`ARCHS`):
     the product's multiprocessor count (the split count follows it) and the shared memory one program
     may use there (what a launch must fit)."""
-    from xq_compile.kernels.decode_attention.config import GpuTarget
+    from xq_compile.kernels.devices import GpuTarget
 
     return {
         80: ("A100", GpuTarget(capability=80, multiprocessors=108, shared_memory=163 * 1024)),
@@ -429,8 +429,10 @@ def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict
     return op_launches(args, config, arch)
 
 
-def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
-    """The launch of the unfused K rebuild op (``dequant_project``) for SmolLM2's K projection."""
+def dequant_project_launches(length: int, dtype, bits: int = 4, arch: int = 90, config: dict | None = None
+                             ) -> list[Launch]:
+    """The launch of the unfused K rebuild op (``dequant_project``) for SmolLM2's K projection, configured
+    for ``sm_{arch}``'s product in :func:`gpu` (``config``: keyword overrides of ``dequant_project_triton``)."""
     from xq_compile import quant
     from xq_compile.kernels import dequant_project as dp
 
@@ -439,7 +441,8 @@ def dequant_project_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
     packed = quant.pack(codes, bits)
     w = torch.randn(576, 576, dtype=dtype)
     with captured_launches(dp) as launches:
-        dp.dequant_project_triton(packed, scale, zero, w, None, torch.tensor(length), bits, 64)
+        dp.dequant_project_triton(packed, scale, zero, w, None, torch.tensor(length), bits, 64, target=gpu(arch)[1],
+                                  **(config or {}))
     return launches
 
 
@@ -521,7 +524,7 @@ def main(argv=None) -> int:
                                                                     args.rope, arch))
                  for shape in args.shape for bits in args.bits]
     if not args.no_dequant_project:
-        jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b))
+        jobs += [(f"dequant_project {bits}-bit", lambda b=bits: dequant_project_launches(args.length, dtype, b, arch))
                  for bits in args.bits]
     from xq_compile.kernels.gluon_rebuild import HAS_GLUON
 

@@ -26,7 +26,7 @@ CHECKS=(
     "--bits 2 3 4 8"
     "--queries 16 --bits 4 --no-dequant-project --no-gluon"
     "--paged --bits 3 4"
-    "--arch 89 --bits 2 3 4 8 --no-dequant-project"
+    "--arch 89 --bits 2 3 4 8"
 )
 
 status=0

@@ -218,19 +218,20 @@ def test_ada_gets_tiles_that_fit_its_shared_memory_without_loop_spills(tmp_path)
     wgmma: the dots are mma.sync, whose accumulators and operands all sit in registers. The default
     configuration there (128-feature K tiles, rebuilt as Kᵀ = Wk·X̂ᵀ) puts every decode-attention kernel of
     the three shapes on the tensor cores (HMMA) without spills in the MMA loops, within 99 KB. Hopper's 256-feature tile
-    would not launch there: the 7B scores kernel needs 128 KB, which --check reports."""
-    proc = _compile_report("--arch", "89", "--check", "--bits", "4", "--no-dequant-project",
-                           "--json", str(tmp_path / "report.json"), timeout=600)
+    would not launch there: the 7B scores kernel needs 128 KB, which --check reports. The unfused K rebuild
+    (``dequant_project``) is transposed there too, on the tensor cores, without spills in its loop."""
+    proc = _compile_report("--arch", "89", "--check", "--bits", "4", "--json", str(tmp_path / "report.json"),
+                           timeout=600)
     assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
     assert "target sm_89 (L4)" in proc.stdout
     reports = json.loads((tmp_path / "report.json").read_text())
     assert sorted(r["name"] for r in reports) == sorted(["_scores_kernel", "_softmax_kernel", "_values_kernel",
-                                                         "_reduce_kernel"] * 3)  # no control, no Gluon (sm_90's)
-    for r in reports:
+                                                         "_reduce_kernel"] * 3 + ["_dequant_project_kernel"])
+    for r in reports:  # (no control and no Gluon kernels: those are sm_90's)
         assert r["shared_bytes"] <= 99 * 1024 and r["loop_spill_instructions"] == 0 and r["hgmma"] == 0, r
-        if r["name"] in ("_scores_kernel", "_values_kernel"):
+        if r["name"] in ("_scores_kernel", "_values_kernel", "_dequant_project_kernel"):
             assert r["hmma"] > 0 and r["constexprs"].get("BLOCK_H", "1") in ("1", "2"), r
-        if r["name"] == "_scores_kernel":  # K rebuilt as Kᵀ = Wk·X̂ᵀ: X̂ dequantized by 2 warps, not 4
+        if r["name"] in ("_scores_kernel", "_dequant_project_kernel"):  # X̂ the B operand: fewer warps dequantize it
             assert r["constexprs"]["X_AS_B"] == "True", r
     hopper_tile = _compile_report("--arch", "89", "--check", "--bits", "4", "--no-dequant-project", "--shape",
                                   "llama7b", "--config", "block_h=2", timeout=600)

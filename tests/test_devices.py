@@ -57,3 +57,24 @@ def test_the_launch_target_of_cpu_tensors_is_a_small_hopper():
     """The interpreter runs the launches configured as for sm_90 (what the compile report checks)."""
     target = gpu_target(torch.device("cpu"))
     assert target.capability == 90 and target.wgmma and target.multiprocessors == 8
+
+
+def test_dequant_project_rebuilds_transposed_where_the_dots_are_mma_sync():
+    """Ampere, Ada and RTX 50 (mma.sync) compute outᵀ = W·X̂ᵀ, except at 3 bits from Triton 3.8 on; Hopper keeps X̂ as wgmma's
+    register operand (its MMAs stay in flight only so), and B200 (tcgen05) the form that compiled shorter."""
+    from xq_compile.kernels.dequant_project import rebuild_transposed
+    from xq_compile.kernels.devices import GpuTarget
+
+    def target(capability):
+        return GpuTarget(capability=capability, multiprocessors=100, shared_memory=99 * 1024)
+
+    for capability in (80, 86, 89, 120):
+        assert target(capability).mma_sync
+        for release in ((3, 8), (3, 9), (4, 0)):  # these lay a 3-bit tile out through shared memory anyway
+            assert [rebuild_transposed(target(capability), bits, release) for bits in (2, 3, 4, 8)] == \
+                [True, False, True, True]
+        for release in ((3, 6), (3, 7)):
+            assert all(rebuild_transposed(target(capability), bits, release) for bits in (2, 3, 4, 8))
+    for capability in (90, 100):
+        assert not target(capability).mma_sync
+        assert not any(rebuild_transposed(target(capability), bits, (3, 6)) for bits in (2, 3, 4, 8))

@@ -16,6 +16,7 @@ quantized X, and two kinds of weight are used:
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -337,8 +338,11 @@ def _run_interpreter_cases(bits: int) -> None:
     # Really interpreted (not compiled, which needs a GPU): the jit object is an InterpretedFunction.
     assert type(dp._dequant_project_kernel).__name__ == "InterpretedFunction", type(dp._dequant_project_kernel)
 
-    for case, (B, L, d, N, gs, n, (bm, bn, bk)) in enumerate(INTERPRETER_SHAPES):
-        blocks = dict(block_m=bm, block_n=bn, block_k=bk)
+    # Both operand forms: out = X̂·Wᵀ (Hopper, and the interpreter's default) and outᵀ = W·X̂ᵀ (x_as_b, the
+    # mma.sync GPUs' form), whose tiles are transposed: a swapped index or a wrong transpose back shows.
+    for (case, (B, L, d, N, gs, n, (bm, bn, bk))), x_as_b in itertools.product(enumerate(INTERPRETER_SHAPES),
+                                                                              (False, True)):
+        blocks = dict(block_m=bm, block_n=bn, block_k=bk, x_as_b=x_as_b)
         where = f"bits={bits} case={case} B={B} L={L} d={d} N={N} g={gs} n={n} blocks={blocks}"
         length = torch.tensor(n) if case % 2 == 0 else torch.tensor([n], dtype=torch.int32)
         for dtype in (torch.float32, torch.float16):
@@ -377,8 +381,10 @@ def _run_interpreter_cases(bits: int) -> None:
     packed, scale, zero = packed[:, 3 : 3 + L], scale[:, 3 : 3 + L], zero[:, 3 : 3 + L]
     w = w.T.contiguous().T
     assert not (packed.is_contiguous() or w.is_contiguous())
-    out = dp.dequant_project_triton(packed, scale, zero, w, b, torch.tensor(n), bits, gs, block_m=16, block_k=32)
-    check_against_reference(out, packed, scale, zero, w, b, n, bits, gs)
+    for x_as_b in (False, True):
+        out = dp.dequant_project_triton(packed, scale, zero, w, b, torch.tensor(n), bits, gs, block_m=16, block_k=32,
+                                        x_as_b=x_as_b)
+        check_against_reference(out, packed, scale, zero, w, b, n, bits, gs)
 
     print(f"interpreter cases passed: bits={bits}")
 

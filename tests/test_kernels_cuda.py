@@ -70,6 +70,23 @@ def test_cuda_op_matches_cpu_reference(bits, dtype, shape):
     torch.testing.assert_close(out.float() / scale_, cpu.float() / scale_, **tol(dtype))
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="calls the launcher: a GPU (the interpreter runs both forms)")
+@pytest.mark.parametrize("x_as_b", [False, True])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_both_operand_forms_match_the_reference(x_as_b, bits, dtype):
+    """out = X̂·Wᵀ (Hopper's form) and outᵀ = W·X̂ᵀ (the mma.sync GPUs') compiled for this GPU, whichever it is:
+    the op takes only this GPU's default form, so the other is compiled and checked nowhere else."""
+    B, L, d, N, gs, n = SHAPES[4]
+    packed, scale, zero, w, b = make_inputs(B, L, d, N, bits, gs, dtype=dtype, poison_tail_from=n, seed=bits)
+    out = dp.dequant_project_triton(*to_dev(packed, scale, zero, w, b, torch.tensor(n)), bits, gs,
+                                    x_as_b=x_as_b).cpu()
+    assert (out[:, n:] == 0).all(), "rows past the fill must be exactly zero"
+    ref = reference(packed, scale, zero, w, b, n, bits, gs)
+    scale_ = max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(out.double() / scale_, ref / scale_, **tol(dtype))
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_op_selection_is_exact(bits, dtype):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xq_compile import quant
-from xq_compile.kernels.devices import check_kernel_device
+from xq_compile.kernels.devices import GpuTarget, check_kernel_device, gpu_target
 from xq_compile.kernels.tiles import next_power_of_2
 
 try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
@@ -149,6 +149,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        X_AS_B: tl.constexpr,
     ):
         # Axis 0 walks (batch, row block) pairs, axis 1 the output-feature blocks.
         pid_bm = tl.program_id(0)
@@ -179,7 +180,13 @@ if HAS_TRITON:
         # prefetches into multi-buffered shared memory; so each step's MMA stays in flight while the
         # next tile is dequantized (docs/kernels.md). The loop bound D is a constexpr: with a runtime
         # bound ptxas serializes the MMAs for some widths (C7515).
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # X_AS_B (mma.sync GPUs): outᵀ = W · X̂ᵀ instead. There each warp dequantizes the part of the tile
+        # its own MMAs read; Triton lays the 4 warps of a 64 x 128 tile out [1, 4], so as the first
+        # operand every X̂ element was dequantized by all 4 warps, as the second by one.
+        if X_AS_B:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < D  # ragged last tile when BLOCK_K does not divide d
@@ -198,8 +205,14 @@ if HAS_TRITON:
                 other=0.0,
             )
             # X-hat is rounded to the weight dtype first (as the reference dequantizes to it), the
-            # products accumulate in fp32.
-            acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+            # products accumulate in fp32. (if / else: Triton compiles what follows a constexpr branch's
+            # return too)
+            if X_AS_B:
+                acc = tl.dot(tl.trans(w), tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        if X_AS_B:
+            acc = tl.trans(acc)
 
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
@@ -207,6 +220,29 @@ if HAS_TRITON:
         # Rows past n in this block must be exactly 0 (the bias would otherwise land there).
         acc = tl.where(row_mask[:, None], acc, 0.0)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def triton_release() -> tuple[int, int]:
+    """(major, minor) of the installed Triton ("3.9.0+git..." -> (3, 9))."""
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def rebuild_transposed(target: GpuTarget, bits: int, release: Optional[tuple[int, int]] = None) -> bool:
+    """Whether the kernel computes outᵀ = W·X̂ᵀ on ``target``: where the dots are ``mma.sync``, except for
+    3-bit codes under Triton 3.8 and newer (``release``: Triton's (major, minor), default the installed one).
+
+    Triton lays the 4 warps of the 64-row x 128-feature tile out [1, 4]: as the first operand every
+    dequantized element is computed by all 4 warps. Transposed (128 x 64, warps [2, 2]) by 2. SASS
+    instructions per 32-channel step on sm_89, triton 3.9: 415 -> 353 at 2 bits, 505 -> 357 at 4, 477 -> 375
+    at 8 (sm_80, sm_120 and triton 3.6-3.8 alike). At 3 bits Triton 3.8 and 3.9 dequantize the tile once,
+    in a blocked layout, and move it to the operand's layout through shared memory in either form: the
+    transposes only cost (351 -> 381); 3.6 and 3.7 do not, and the swap saves there too (489 -> 399).
+    Hopper keeps the dequantized tile as wgmma's register operand, the only form that keeps its MMAs in
+    flight; sm_100 (tcgen05, both operands from shared memory) took 539 -> 670 at 4 bits transposed
+    (docs/kernels.md "Other GPUs")."""
+    if not target.mma_sync:
+        return False
+    return bits != 3 or (release or triton_release()) < (3, 8)
 
 
 def dequant_project_triton(
@@ -224,6 +260,8 @@ def dequant_project_triton(
     block_k: int = 32,
     num_warps: int = 4,
     num_stages: int = 3,
+    x_as_b: Optional[bool] = None,
+    target: Optional[GpuTarget] = None,
 ) -> torch.Tensor:
     """Launch the Triton kernel (what the op's CUDA kernel calls). Same semantics as the op.
 
@@ -234,6 +272,10 @@ def dequant_project_triton(
     to a power of two, capped at 128, so a K projection of a small model re-dequantizes X for few N
     blocks), looping over d in ``block_k`` channels. All are powers of two >= 16 (``tl.dot`` needs
     that); d need not be a multiple of ``block_k``.
+
+    ``x_as_b``: compute outᵀ = W·X̂ᵀ, the dequantized tile the MMA's second operand (default:
+    :func:`rebuild_transposed` for ``target``, by default the tensors' GPU). ``target``: configure for
+    that GPU instead (``benchmarks/compile_report.py`` compiles for GPUs it does not have).
     """
     if not HAS_TRITON:
         raise RuntimeError(
@@ -249,6 +291,8 @@ def dequant_project_triton(
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name}={block} must be a power of two >= 16")
 
+    if x_as_b is None:
+        x_as_b = rebuild_transposed(target or gpu_target(packed.device), bits)
     out = torch.empty((batch, max_len, out_features), device=packed.device, dtype=weight.dtype)
     if out.numel() == 0:
         return out
@@ -269,6 +313,7 @@ def dequant_project_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        X_AS_B=bool(x_as_b),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -1,4 +1,5 @@
-"""Which CUDA devices the Triton kernels serve: compute capability 8.0 (Ampere) and newer.
+"""Which CUDA devices the Triton kernels serve (compute capability 8.0, Ampere, and newer), and what their
+launch configurations need to know of each (:class:`GpuTarget`).
 
 Triton supports NVIDIA GPUs from compute capability 8.0 on (its README). Compiled for an older one (T4,
 sm_75) the K rebuild's dots do not reach the tensor cores (no ``HMMA`` in the SASS, thousands of
@@ -8,6 +9,8 @@ So on such a device the rewrite's ``rebuild="auto"`` takes the plain-torch strat
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -35,3 +38,46 @@ def check_kernel_device(device: torch.device, op: str) -> None:
         f"rebuild='auto' or 'inline' (plain torch: the X cache still holds the quantized rows), or call the op "
         f"on CPU tensors."
     )
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    """What the launch configuration needs to know of the GPU it launches on.
+
+    ``capability``: major·10 + minor (80 A100, 86 A10/RTX 30, 89 L4/L40S/RTX 40, 90 H100/H200, 100 B200,
+    120 RTX 50); ``multiprocessors``: SMs; ``shared_memory``: bytes one program may use (opt-in limit).
+    """
+
+    capability: int
+    multiprocessors: int
+    shared_memory: int
+
+    @property
+    def wgmma(self) -> bool:
+        """Whether Triton's dots here are Hopper's warpgroup MMAs (sm_90), which take the dequantized tile
+        from registers (and keep the MMAs in flight only so) and hold a 256-feature K tile without spilling
+        inside the MMA loop. Elsewhere the dots are ``mma.sync`` (sm_80-89, sm_120), where each warp
+        dequantizes the part of the tile its MMAs read, or sm_100's tcgen05, which reads both operands from
+        shared memory (``benchmarks/compile_report.py --arch``, docs/kernels.md "Other GPUs")."""
+        return self.capability // 10 == 9
+
+    @property
+    def mma_sync(self) -> bool:
+        """Whether Triton's dots here are ``mma.sync`` (Ampere, Ada: sm_80-89; RTX 50: sm_120-121): each
+        warp's MMAs read both operands from its own registers, so a warp dequantizes the part of a tile
+        its MMAs read, and parts read by several warps are dequantized by each of them."""
+        return self.capability // 10 in (8, 12)
+
+
+# The interpreter (CPU tensors): configured as for a Hopper GPU of 8 multiprocessors, so the interpreted
+# tests run the launches the H200 runs, scaled down.
+INTERPRETER = GpuTarget(capability=90, multiprocessors=8, shared_memory=227 * 1024)
+
+
+def gpu_target(device: torch.device) -> GpuTarget:
+    """The :class:`GpuTarget` of a CUDA device; :data:`INTERPRETER` for CPU tensors."""
+    if device.type != "cuda":
+        return INTERPRETER
+    props = torch.cuda.get_device_properties(device)
+    return GpuTarget(capability=props.major * 10 + props.minor, multiprocessors=props.multi_processor_count,
+                     shared_memory=getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))

@@ -57,20 +57,21 @@ shared source).
 
 Modules: ``inputs`` (:class:`QuantizedSource`, :class:`DecodeAttentionInputs` and their checks: the op's
 flat arguments become these once, at the op boundary), ``op`` (the custom op), ``reference`` (the torch
-reference, the CPU kernel), ``config`` (launch configuration, for the :class:`GpuTarget` it launches on),
+reference, the CPU kernel), ``config`` (launch configuration, for the
+:class:`~xq_compile.kernels.devices.GpuTarget` it launches on),
 ``triton_kernels`` (the kernels and their launcher).
 
 Triton is optional: without it the package imports and the CPU kernel works; only dispatching CUDA
 tensors to the op raises (asking to install triton).
 """
 
-from xq_compile.kernels.decode_attention.config import (CONFIG_KEYS, GpuTarget, default_config, gpu_target,
-                                                        resolve_config)
+from xq_compile.kernels.decode_attention.config import CONFIG_KEYS, default_config, resolve_config
 from xq_compile.kernels.decode_attention.inputs import LAYOUTS, DecodeAttentionInputs, QuantizedSource
 from xq_compile.kernels.decode_attention.op import decode_attention
 from xq_compile.kernels.decode_attention.reference import (reference_decode_attention, rope_tables, rotate_half,
                                                            source_rows)
 from xq_compile.kernels.decode_attention.triton_kernels import HAS_TRITON, decode_attention_triton
+from xq_compile.kernels.devices import GpuTarget, gpu_target  # the launcher's ``target``
 
 __all__ = [
     "CONFIG_KEYS", "GpuTarget", "HAS_TRITON", "LAYOUTS", "DecodeAttentionInputs", "QuantizedSource",

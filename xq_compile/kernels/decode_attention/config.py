@@ -5,11 +5,10 @@ the one place the launcher, the benchmarks' sweep and the tests get a configurat
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, Shapes
+from xq_compile.kernels.devices import GpuTarget, gpu_target
 from xq_compile.kernels.tiles import next_power_of_2
 
 CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "num_warps",
@@ -26,41 +25,6 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
     while p < cap and x % (2 * p) == 0:
         p *= 2
     return p
-
-
-@dataclass(frozen=True)
-class GpuTarget:
-    """What the launch configuration needs to know of the GPU it launches on.
-
-    ``capability``: major·10 + minor (80 A100, 86 A10/RTX 30, 89 L4/L40S/RTX 40, 90 H100/H200, 100 B200,
-    120 RTX 50); ``multiprocessors``: SMs; ``shared_memory``: bytes one program may use (opt-in limit).
-    """
-
-    capability: int
-    multiprocessors: int
-    shared_memory: int
-
-    @property
-    def wgmma(self) -> bool:
-        """Whether Triton's dots here are Hopper's warpgroup MMAs (sm_90), which take the dequantized tile
-        from registers and keep a 256-feature K tile without spilling inside the MMA loop. With ``mma.sync``
-        (sm_80-89, sm_120) and with sm_100's tcgen05 (the tile goes through shared memory) that tile
-        spilled in the loop (``benchmarks/compile_report.py --arch``)."""
-        return self.capability // 10 == 9
-
-
-# The interpreter (CPU tensors): configured as for a Hopper GPU of 8 multiprocessors, so the interpreted
-# tests run the launches the H200 runs, scaled down.
-INTERPRETER = GpuTarget(capability=90, multiprocessors=8, shared_memory=227 * 1024)
-
-
-def gpu_target(device: torch.device) -> GpuTarget:
-    """The :class:`GpuTarget` of a CUDA device; :data:`INTERPRETER` for CPU tensors."""
-    if device.type != "cuda":
-        return INTERPRETER
-    props = torch.cuda.get_device_properties(device)
-    return GpuTarget(capability=props.major * 10 + props.minor, multiprocessors=props.multi_processor_count,
-                     shared_memory=getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
 
 
 def interpreted() -> bool:

@@ -13,6 +13,7 @@ import torch
 from xq_compile.kernels.decode_attention import config as launch_config
 from xq_compile.kernels.decode_attention.config import pow2_at_least_16
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, QuantizedSource
+from xq_compile.kernels.devices import GpuTarget
 from xq_compile.kernels.tiles import next_power_of_2, scale_broadcast
 
 try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
@@ -553,7 +554,7 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
     return scores
 
 
-def decode_attention_triton(inputs: DecodeAttentionInputs, target: launch_config.GpuTarget | None = None,
+def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | None = None,
                             **config: int) -> torch.Tensor:
     """Launch the Triton kernels (what the op's CUDA kernel calls). Same semantics as the op.
 
