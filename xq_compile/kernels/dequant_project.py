@@ -19,6 +19,7 @@ CUDA tensor to the op raises (asking to install triton).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -222,6 +223,7 @@ if HAS_TRITON:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@functools.cache  # read at every launch: parse the version once
 def triton_release() -> tuple[int, int]:
     """(major, minor) of the installed Triton ("3.9.0+git..." -> (3, 9))."""
     return tuple(int(part) for part in triton.__version__.split(".")[:2])
