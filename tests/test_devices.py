@@ -60,8 +60,9 @@ def test_the_launch_target_of_cpu_tensors_is_a_small_hopper():
 
 
 def test_dequant_project_rebuilds_transposed_where_the_dots_are_mma_sync():
-    """Ampere, Ada and RTX 50 (mma.sync) compute outᵀ = W·X̂ᵀ, except at 3 bits from Triton 3.8 on; Hopper keeps X̂ as wgmma's
-    register operand (its MMAs stay in flight only so), and B200 (tcgen05) the form that compiled shorter."""
+    """Ampere, Ada and RTX 50 (mma.sync) compute outᵀ = W·X̂ᵀ, except at 3 bits from Triton 3.8 on; Hopper
+    keeps X̂ as wgmma's register operand (its MMAs stay in flight only so), and B200 (tcgen05) the form that
+    compiled shorter."""
     from xq_compile.kernels.dequant_project import rebuild_transposed
     from xq_compile.kernels.devices import GpuTarget
 

@@ -75,8 +75,8 @@ def test_cuda_op_matches_cpu_reference(bits, dtype, shape):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_both_operand_forms_match_the_reference(x_as_b, bits, dtype):
-    """out = X̂·Wᵀ (Hopper's form) and outᵀ = W·X̂ᵀ (the mma.sync GPUs') compiled for this GPU, whichever it is:
-    the op takes only this GPU's default form, so the other is compiled and checked nowhere else."""
+    """out = X̂·Wᵀ (Hopper's form) and outᵀ = W·X̂ᵀ (the mma.sync GPUs') compiled for this GPU, whichever it
+    is: the op takes only this GPU's default form, so the other is compiled and checked nowhere else."""
     B, L, d, N, gs, n = SHAPES[4]
     packed, scale, zero, w, b = make_inputs(B, L, d, N, bits, gs, dtype=dtype, poison_tail_from=n, seed=bits)
     out = dp.dequant_project_triton(*to_dev(packed, scale, zero, w, b, torch.tensor(n)), bits, gs,

@@ -182,8 +182,8 @@ if HAS_TRITON:
         # next tile is dequantized (docs/kernels.md). The loop bound D is a constexpr: with a runtime
         # bound ptxas serializes the MMAs for some widths (C7515).
         # X_AS_B (mma.sync GPUs): outᵀ = W · X̂ᵀ instead. There each warp dequantizes the part of the tile
-        # its own MMAs read; Triton lays the 4 warps of a 64 x 128 tile out [1, 4], so as the first
-        # operand every X̂ element was dequantized by all 4 warps, as the second by one.
+        # its own MMAs read; Triton lays the 4 warps of the 64 x 128 tile out [1, 4], so as the first
+        # operand every X̂ element is dequantized by all 4 warps, as the second (128 x 64, [2, 2]) by 2.
         if X_AS_B:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:

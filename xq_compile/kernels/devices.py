@@ -56,9 +56,8 @@ class GpuTarget:
     def wgmma(self) -> bool:
         """Whether Triton's dots here are Hopper's warpgroup MMAs (sm_90), which take the dequantized tile
         from registers (and keep the MMAs in flight only so) and hold a 256-feature K tile without spilling
-        inside the MMA loop. Elsewhere the dots are ``mma.sync`` (sm_80-89, sm_120), where each warp
-        dequantizes the part of the tile its MMAs read, or sm_100's tcgen05, which reads both operands from
-        shared memory (``benchmarks/compile_report.py --arch``, docs/kernels.md "Other GPUs")."""
+        inside the MMA loop. Elsewhere they are :attr:`mma_sync` or sm_100's tcgen05, which reads both
+        operands from shared memory (``benchmarks/compile_report.py --arch``, docs/kernels.md "Other GPUs")."""
         return self.capability // 10 == 9
 
     @property

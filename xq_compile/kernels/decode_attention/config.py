@@ -5,6 +5,7 @@ the one place the launcher, the benchmarks' sweep and the tests get a configurat
 from __future__ import annotations
 
 import os
+
 import torch
 
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, Shapes
