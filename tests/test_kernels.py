@@ -93,9 +93,27 @@ def reference(packed, scale, zero, weight, bias, n, bits, group_size):
     return y
 
 
-def selection_expected(packed, scale, zero, weight, n, bits, group_size):
-    """Exact output for a selection weight without bias, in weight.dtype."""
-    x_hat = quant.dequantize(packed[:, :n], scale[:, :n], zero[:, :n], bits, group_size, dtype=weight.dtype)
+def dequantize_folded(packed, scale, zero, bits, group_size):
+    """fp32 X̂ bit for bit as ``tiles.fma_code`` computes it where a tile has one scale and zero per row
+    (``SCALE_BCAST``, below 8 bits): ``m * s' + (z - s')`` with ``m = 1 + code / 2^k`` and ``s' = s * 2^k``,
+    ``k = 23 - SHIFT`` for the bit ``SHIFT`` where the kernel finds the code (15 + bits * its place in
+    the byte, or for 3 bits in its pair). ``m * s'`` is exact in fp32; ``z - s'`` and the sum round once
+    each, as the kernel's FMA does."""
+    codes = quant.unpack(packed, bits).float()
+    places = 2 if bits == 3 else 8 // bits
+    k = torch.exp2(8 - bits * (torch.arange(codes.shape[-1]) % places).float())
+    s = scale.float().repeat_interleave(group_size, -1) * k
+    z = zero.float().repeat_interleave(group_size, -1)
+    return (1 + codes / k) * s + (z - s)
+
+
+def selection_expected(packed, scale, zero, weight, n, bits, group_size, folded=False):
+    """Exact output for a selection weight without bias, in weight.dtype. ``folded``: X̂ as the Triton
+    kernel dequantizes it with one scale and zero per row and tile (:func:`dequantize_folded`)."""
+    if folded and bits != 8:
+        x_hat = dequantize_folded(packed[:, :n], scale[:, :n], zero[:, :n], bits, group_size).to(weight.dtype)
+    else:
+        x_hat = quant.dequantize(packed[:, :n], scale[:, :n], zero[:, :n], bits, group_size, dtype=weight.dtype)
     idx = weight.float().abs().argmax(dim=1)
     factor = weight.float()[torch.arange(weight.shape[0]), idx]
     out = torch.zeros(packed.shape[0], packed.shape[1], weight.shape[0], dtype=weight.dtype)
@@ -364,16 +382,10 @@ def _run_interpreter_cases(bits: int) -> None:
                 B, L, d, N, bits, gs, dtype=dtype, bias=False, weight="selection", seed=seed + 1
             )
             out = dp.dequant_project_triton(packed, scale, zero, w, None, length, bits, gs, **blocks)
-            expected = selection_expected(packed, scale, zero, w, n, bits, gs)
-            if bits != 8 and scale_broadcast("per_token", gs, bm, bk):
-                # tiles.fma_code rounds z - s * 2^k once more (<= 2^-24 * (|z| + 2^8 * s) < 4e-5 here,
-                # then the factor <= 4 and one fp16 ulp of the output): far below a wrong code's step
-                # (s / 4 >= 0.03 at 4 bits), which these tolerances still catch.
-                tight = dict(rtol=0, atol=2e-4) if dtype == torch.float32 else dict(rtol=2**-10, atol=2e-4)
-                torch.testing.assert_close(out, expected, **tight, msg=lambda m: f"selection weights, {where}: {m}")
-            else:
-                bad = (out != expected).nonzero()
-                assert bad.numel() == 0, f"selection weights, {dtype}, {where}: {len(bad)} wrong: {bad[:5].tolist()}"
+            folded = scale_broadcast("per_token", gs, bm, bk)  # tiles.fma_code: dequantize_folded
+            expected = selection_expected(packed, scale, zero, w, n, bits, gs, folded=folded)
+            bad = (out != expected).nonzero()
+            assert bad.numel() == 0, f"selection weights, {dtype}, {where}: {len(bad)} wrong: {bad[:5].tolist()}"
 
     # Non-contiguous inputs: the cache sliced out of a longer buffer and a transposed weight view.
     B, L, d, N, gs, n = 2, 21, 48, 18, 16, 17
