@@ -118,7 +118,8 @@ class KernelReport:
         return self.wgmma > 0 and max(self.wgmma_waits, default=0) >= 1 and not self.wgmma_serialized
 
     def config(self) -> str:
-        keys = ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_M", "BLOCK_CV", "BLOCK_K", "NUM_SPLITS", "BITS")
+        keys = ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_M", "BLOCK_CV", "BLOCK_D", "BLOCK_C1", "SPLIT_STEP", "BLOCK_K",
+                "NUM_SPLITS", "BITS")
         shown = [f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs]
         if self.constexprs.get("X_AS_B"):  # K rebuilt as Kᵀ = Wk·X̂ᵀ (GPUs without wgmma)
             shown.append("X_AS_B=1")

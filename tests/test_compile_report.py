@@ -155,7 +155,8 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     # each), 4 widths of dequant_project
     names = [r["name"] for r in reports]
     assert names.count("_control_matmul_kernel") == 1 and names.count("_dequant_project_kernel") == 4, names
-    assert all(names.count(k) == 12 for k in ("_scores_kernel", "_softmax_kernel", "_values_kernel", "_reduce_kernel"))
+    assert all(names.count(k) == 12 for k in ("_scores_kernel", "_softmax_kernel", "_values_kernel",
+                                              "_combine_kernel", "_project_kernel"))
     # the values stage (accᵀ += x̂vᵀ·pᵀ, p read from memory) is on wgmma with an MMA in flight even at S = 1
     for r in reports:
         if r["name"] == "_values_kernel":
@@ -194,9 +195,10 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
 @pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
 def test_sixteen_query_tokens_keep_every_wgmma_in_flight(tmp_path):
     """S = 16 (speculative decoding, short chunks), 4 bits, the three shapes: the values kernel has blocks
-    of 128 query rows and the GQA reduce 64 query rows per KV head, so all four kernels but the softmax
-    issue wgmma -- and each keeps one in flight (before the probabilities went through memory, the values
-    and reduce dots took an operand computed in the loop from shared memory and waited for every MMA)."""
+    of 128 query rows and the GQA projection 64 query rows per KV head, so the scores, values and (GQA)
+    projection kernels issue wgmma -- and each keeps one in flight (before the probabilities and the
+    combined rows went through memory, the values and projection dots took an operand computed in the
+    loop from shared memory and waited for every MMA)."""
     proc = _compile_report("--queries", "16", "--bits", "4", "--check", "--no-dequant-project", "--no-gluon",
                            "--json", str(tmp_path / "report.json"), timeout=600)
     assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
@@ -205,11 +207,11 @@ def test_sixteen_query_tokens_keep_every_wgmma_in_flight(tmp_path):
     for r in reports:
         by_kernel.setdefault(r["name"], []).append(r)
     assert {k: len(v) for k, v in by_kernel.items()} == {
-        "_scores_kernel": 3, "_softmax_kernel": 3, "_values_kernel": 3, "_reduce_kernel": 3}
+        "_scores_kernel": 3, "_softmax_kernel": 3, "_values_kernel": 3, "_combine_kernel": 3, "_project_kernel": 3}
     for r in by_kernel["_scores_kernel"] + by_kernel["_values_kernel"]:
         assert r["hgmma"] > 0 and r["wgmma_in_flight"] and r["loop_spill_instructions"] == 0, r
-    (gqa_reduce,) = [r for r in by_kernel["_reduce_kernel"] if r["job"].startswith("gqa")]
-    assert gqa_reduce["hgmma"] > 0 and gqa_reduce["wgmma_in_flight"], gqa_reduce
+    (gqa_project,) = [r for r in by_kernel["_project_kernel"] if r["job"].startswith("gqa")]
+    assert gqa_project["hgmma"] > 0 and gqa_project["wgmma_in_flight"], gqa_project
 
 
 @pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
@@ -226,7 +228,8 @@ def test_ada_gets_tiles_that_fit_its_shared_memory_without_loop_spills(tmp_path)
     assert "target sm_89 (L4)" in proc.stdout
     reports = json.loads((tmp_path / "report.json").read_text())
     assert sorted(r["name"] for r in reports) == sorted(["_scores_kernel", "_softmax_kernel", "_values_kernel",
-                                                         "_reduce_kernel"] * 3 + ["_dequant_project_kernel"])
+                                                         "_combine_kernel", "_project_kernel"] * 3
+                                                        + ["_dequant_project_kernel"])
     for r in reports:  # (no control and no Gluon kernels: those are sm_90's)
         assert r["shared_bytes"] <= 99 * 1024 and r["loop_spill_instructions"] == 0 and r["hgmma"] == 0, r
         if r["name"] in ("_scores_kernel", "_values_kernel", "_dequant_project_kernel"):
@@ -250,7 +253,7 @@ def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_p
     reports = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["job"] != "control"]
     assert all("paged" in r["job"] for r in reports), {r["job"] for r in reports}
     names = [r["name"] for r in reports]
-    kernels = ("_scores_kernel", "_softmax_kernel", "_values_kernel", "_reduce_kernel")
+    kernels = ("_scores_kernel", "_softmax_kernel", "_values_kernel", "_combine_kernel", "_project_kernel")
     assert all(names.count(k) == 6 for k in kernels), names
     for r in reports:
         assert r["loop_spill_instructions"] == 0, r

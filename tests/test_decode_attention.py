@@ -390,6 +390,10 @@ def test_default_config_fits_the_k_tile_to_the_gpus_mma():
     assert da.default_config(**seven_b)["block_h"] == 2  # CPU tensors (the interpreter): configured as Hopper
     few, many = (da.default_config(**smol, target=target(89, sms))["num_splits"] for sms in (58, 132))
     assert (few, many) == (13, 30)  # 9 value-channel blocks x splits >= 2 x the multiprocessors
+    # the Wv projection's output-feature blocks: halved until KV heads x blocks cover the multiprocessors
+    assert da.default_config(**seven_b, target=target(90, 132))["block_d"] == 16  # 32 x 4 blocks of 32 < 132
+    assert da.default_config(**seven_b, target=target(90, 16))["block_d"] == 128  # 32 heads cover 16
+    assert da.default_config(**smol, target=target(90, 16))["block_d"] == 32  # 9 x 2 blocks of 32 >= 16
 
 
 def test_compiles_with_data_dependent_length():
@@ -442,7 +446,7 @@ print("ok")
 INTERPRETER_CONFIGS = [
     dict(block_n=16, block_c=32, block_h=2, block_m=16, block_nv=16, block_cv=32, num_splits=3),
     dict(block_n=16, block_c=16, block_h=4, block_m=32, block_nv=32, block_cv=64, num_splits=2, x_as_b=1),
-    dict(block_n=32, block_c=16, block_h=1, block_m=16, block_nv=16, block_cv=16, num_splits=1),
+    dict(block_n=32, block_c=16, block_h=1, block_m=16, block_nv=16, block_cv=16, num_splits=1, block_d=32),
 ]
 
 
@@ -499,6 +503,17 @@ def test_triton_query_tokens_share_one_rebuild():
     assert "query tokens passed" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_combine_stage_matches_torch():
+    """The split combine (``_combine_kernel``) under the interpreter against the float64 formula."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--interpreter", "combine"],
+        env=_subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: " + proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "combine cases passed" in proc.stdout, proc.stdout + proc.stderr
+
+
 def _run_query_token_cases() -> None:
     kernels = da.triton_kernels
     real = kernels._scores_kernel
@@ -535,11 +550,49 @@ def _run_query_token_cases() -> None:
     a = make_inputs(case)
     assert da.resolve_config(inputs(a))["block_m"] == 128
     check_close(da.decode_attention_triton(inputs(a), num_splits=3), OP(**a), case.dtype, str(case))
-    # 64 query rows per KV head fill the reduce kernel's combine tile with 4 splits: 7 take two steps
-    tiles = kernels._combine_tiles(64, 7, 64)
-    assert tiles["SPLIT_STEP"] == 4 and tiles["SPLITS_PAD"] == 8, tiles
     check_close(da.decode_attention_triton(inputs(a), num_splits=7), OP(**a), case.dtype, str(case))
     print("query tokens passed")
+
+
+def combine_reference(acc, m_part, l_part, dtype):
+    """What the combine stage computes, in float64: Σ_s w_s·acc_s / Σ_s w_s·l_s with w_s = exp(m_s - max_s m_s)
+    (0 for a row with nothing attended), rounded to ``dtype``."""
+    m, l, acc = m_part.double(), l_part.double(), acc.double()
+    w = torch.exp(m - m.amax(dim=1, keepdim=True))  # [B, splits, M]
+    total = (w * l).sum(dim=1)
+    mixed = (w[..., None] * acc).sum(dim=1) / total[..., None]
+    return torch.where(total[..., None] > 0, mixed, 0.0).to(dtype)
+
+
+def _run_combine_cases() -> None:
+    """The combine stage on its own: splits' partial sums with empty splits (maximum -FLT_MAX, sum 0, as
+    the softmax writes them) and rows with nothing attended, in tiles that take the splits several steps
+    at a time (a small tile budget), over ragged row and channel blocks."""
+    g = torch.Generator().manual_seed(3)
+    batch, splits, rows, width = 2, 11, 10, 40
+    m_part = torch.randn(batch, splits, rows, generator=g) * 4
+    l_part = torch.rand(batch, splits, rows, generator=g) * 30 + 1
+    acc = torch.randn(batch, splits, rows, width, generator=g) * l_part[..., None]
+    m_part[:, 7:] = -3.4028234663852886e38  # empty splits (the last steps hold only these ...)
+    l_part[:, 7:] = 0.0
+    acc[:, 7:] = 0.0
+    m_part[1, :, 3] = -3.4028234663852886e38  # ... and a row with nothing attended
+    l_part[1, :, 3] = 0.0
+    acc[1, :, 3] = 0.0
+    m_part[0, 2, 5] = 60.0  # one split dominating a row: the others' weights underflow to 0
+    kernels = da.triton_kernels
+    for elements in (256, 4096):
+        tiles = kernels._combine_tiles(rows, splits, width, elements)
+        for dtype in (torch.float32, torch.bfloat16):
+            out = kernels.combine_splits(acc, m_part, l_part, dtype, elements)
+            ref = combine_reference(acc, m_part, l_part, dtype)
+            assert (out[1, 3] == 0).all(), "a row with nothing attended must give 0"
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.0, rtol=8e-3)
+            torch.testing.assert_close(out, ref, **tol, msg=lambda m: f"{tiles} {dtype}: {m}")
+            print(f"ok combine {tiles} {dtype}", flush=True)
+    assert kernels._combine_tiles(rows, splits, width, 256)["SPLIT_STEP"] == 4  # 4 steps of 4 splits
+    assert kernels._combine_tiles(rows, splits, width, 4096)["R1"] == 4  # 3 row blocks, the last ragged
+    print("combine cases passed")
 
 
 def _run_wide_offset_case() -> None:
@@ -707,7 +760,9 @@ if __name__ == "__main__":
             _run_wide_offset_case()
         elif sys.argv[2] == "queries":
             _run_query_token_cases()
+        elif sys.argv[2] == "combine":
+            _run_combine_cases()
         else:
             _run_interpreter_cases(int(sys.argv[2]))
     else:
-        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD|wide|queries")
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --interpreter SHARD|wide|queries|combine")

@@ -10,7 +10,7 @@ device), per batch ``b`` and KV head ``h`` (query head ``i`` uses KV head ``i //
     out  = (Σ_j p_j · x̂v_j) · Wv[h·D:(h+1)·D]ᵀ + (Σ_j p_j) · bv  (absorbed values: V is never built)
 
 K and V are never written to memory. The CPU (default) kernel is the plain-torch reference
-(:func:`reference_decode_attention`); the CUDA kernel is four Triton launches (see
+(:func:`reference_decode_attention`); the CUDA kernel is five Triton launches (see
 :func:`decode_attention_triton`, block sizes from :func:`default_config`):
 
   1. ``_scores_kernel``   grid (B · KV-head tiles, row blocks of the capacity L): the K rebuild as one
@@ -29,8 +29,11 @@ K and V are never written to memory. The CPU (default) kernel is the plain-torch
      value rows -- the X cache or the one value latent -- are the same for every head, so each
      dequantized tile serves them all; flash-decoding over the splits). X̂v is the register operand and
      p a tile loaded from memory, so these MMAs stay in flight too.
-  4. ``_reduce_kernel``   grid (B·Hkv,): combines the chunks (weights exp(max_chunk - max)), normalizes,
-     projects with Wv (tl.dot) and adds the bias, writing [B, Hq, S, D].
+  4. ``_combine_kernel``  grid (B · query-row blocks, Cv blocks): combines the chunks (weights
+     exp(max_chunk - max)) and normalizes, writing the mixed rows [B, Hkv·R, Cv] in the model dtype.
+  5. ``_project_kernel``  grid (B·Hkv, D blocks): projects the mixed rows with Wv (tl.dot) and adds the
+     bias, writing [B, Hq, S, D]. Stages 4 and 5 were one program per KV head; split over channels and
+     output features they spread the partial sums and Wv over the GPU.
 
 Why scores go through memory instead of one fused pass: the absorbed-value accumulator of a KV head's
 query rows is [group·S, Cv] with Cv up to the hidden size (4096 for a 7B MHA model), too large for

@@ -12,8 +12,8 @@ from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, Sh
 from xq_compile.kernels.devices import GpuTarget, gpu_target
 from xq_compile.kernels.tiles import next_power_of_2
 
-CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "num_warps",
-               "num_stages", "x_as_b")
+CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "block_d",
+               "num_warps", "num_stages", "x_as_b")
 
 
 def pow2_at_least_16(x: int) -> int:
@@ -68,6 +68,10 @@ def default_config(
     query rows dequantizes the value rows again, so with several query tokens the blocks are as large
     as compiles without spills: up to 128 rows (the wgmma's N; at S = 16 a 7B MHA step then dequantizes
     the values 4 times instead of 8, for 5% more instructions per step).
+
+    Projection kernel: ``block_d`` output features of one KV head per program, halved from the head
+    size (down to 16) until the programs cover the multiprocessors, so that reading Wv (as large as Wk)
+    is spread over the GPU: one program per KV head left 3-32 multiprocessors to stream it.
     """
     target = target or gpu_target(device)
     d_pad = pow2_at_least_16(head_dim // 2) * 2
@@ -90,8 +94,11 @@ def default_config(
     block_cv = min(block_cv, pow2_at_least_16(v_width))
     programs = batch * -(-kv_heads * query_rows // block_m) * -(-v_width // block_cv)
     splits = max(1, min(-(-2 * target.multiprocessors // max(programs, 1)), -(-max_len // block_nv), 128))
+    block_d = pow2_at_least_16(head_dim)
+    while block_d > 16 and batch * kv_heads * -(-head_dim // block_d) < target.multiprocessors:
+        block_d //= 2
     return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
-                block_cv=block_cv, num_splits=splits, num_warps=num_warps, num_stages=3,
+                block_cv=block_cv, num_splits=splits, block_d=block_d, num_warps=num_warps, num_stages=3,
                 x_as_b=int(not target.wgmma))
 
 
@@ -117,7 +124,7 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | Non
         paged=inputs.paged,
     )
     cfg.update({k: v for k, v in config.items() if v is not None})
-    for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv"):
+    for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv", "block_d"):
         if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"{key}={cfg[key]} must be a power of two >= 16")
     if cfg["block_h"] < 1 or cfg["block_h"] & (cfg["block_h"] - 1):

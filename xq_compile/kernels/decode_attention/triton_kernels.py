@@ -1,6 +1,6 @@
 """The Triton kernels of ``xq_compile::decode_attention`` and their launcher,
 :func:`decode_attention_triton` (what the op's CUDA kernel calls; see the package docstring for the
-four launches and why).
+five launches and why).
 
 Triton is optional: without it this module imports and :data:`HAS_TRITON` is False; only the launcher
 raises (asking to install triton).
@@ -415,114 +415,137 @@ if HAS_TRITON:
         tl.store(acc_ptr + a_off, acc, mask=m_ok[None, :] & (cols < C)[:, None])
 
     @triton.jit
-    def _reduce_kernel(
-        acc_ptr, m_ptr, l_ptr, w_ptr, bias_ptr, mixed_ptr, out_ptr,
-        HKV, C: tl.constexpr, R, S, GROUP_Q, D, NUM_SPLITS,
+    def _per_split(ptr, row_offsets, rows_ok, s0, NUM_SPLITS, s_split, other, SPLIT_STEP: tl.constexpr):
+        """[rows, SPLIT_STEP] of a per-(split, row) partial (the maxima or the sums) for splits s0 ..
+        s0 + SPLIT_STEP, ``other`` for padding rows and splits; and that tile's mask."""
+        sp = s0 + tl.arange(0, SPLIT_STEP)
+        ok = rows_ok[:, None] & (sp < NUM_SPLITS)[None, :]
+        return tl.load(ptr + row_offsets[:, None] + sp[None, :] * s_split, mask=ok, other=other), ok
+
+    @triton.jit
+    def _combine_kernel(
+        acc_ptr, m_ptr, l_ptr, mixed_ptr, M_ALL, C, NUM_SPLITS,
         s_ab, s_as, s_am, s_ac,
         s_mb, s_ms, s_mm,
-        s_wn, s_wk,
         s_xb, s_xm, s_xc,
-        s_ob, s_oh, s_os, s_od,
-        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        R_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_CV: tl.constexpr,
         R1: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_STEP: tl.constexpr, BLOCK_C1: tl.constexpr,
     ):
-        """KV head h's R query rows (flattened rows h·R + r): combines the splits' partial Σ p·x̂v and Σ p
-        (each relative to its split's maximum), normalizes, then projects with Wv and adds the bias,
-        writing [B, Hq, S, D].
+        """Rows m .. m + R1 (flattened query rows h·R + r of every KV head), channels c0 .. c0 + BLOCK_C1:
+        combines the splits' partial Σ p·x̂v and Σ p, each relative to its split's maximum (weights
+        exp(m_s - max)), and writes the normalized rows (``mixed``) rounded to the model dtype, as the
+        reference rounds them before the Wv projection.
 
-        Two loops, not one: the normalized rows (``mixed``, rounded to the model dtype like the
-        reference's) go through a scratch in memory, so that the projection is a plain matmul of two
-        loaded operands, which Triton pipelines with its MMAs in flight. (Summed and projected in one
-        loop, the summed tile -- computed in the loop -- was the wgmma operand wherever R reaches 64, and
-        every MMA was waited for.) The program reads back only what it wrote itself, after a barrier."""
-        pid_bh = tl.program_id(0)
-        b = (pid_bh // HKV).to(tl.int64)
-        h = pid_bh % HKV
-        dtype = w_ptr.dtype.element_ty
-        # The splits are combined SPLIT_STEP at a time (all of them where the [R1, splits, BLOCK_C1] tile
-        # fits the registers: then one load per channel step). Looping over the splits one by one inside
-        # the channel loop issued splits x C / BLOCK_CV loads in series: 53-149 µs per launch on an H200,
-        # 13-65 µs so (same shapes, measured with the profiler).
-        r1 = tl.arange(0, R1)
-        r1_ok = r1 < R
-        ml_rows = b * s_mb + (h * R + r1) * s_mm
-        # The maximum over the splits, and each split's weight exp(m_s - max) (an empty or fully masked
-        # split has m_s = -FLT_MAX and l_s = 0: weight 0, or 1 times nothing if every split is; padding
-        # splits and rows read -inf and get weight 0 from the mask, never a NaN).
+        A grid over rows and channels: one program per KV head, looping over the channels, left 8-32
+        programs to read every split's partial sums (0.1-4 MB) and took 13-65 µs on an H200, latency-
+        bound. The splits are loaded SPLIT_STEP at a time as one [R1, SPLIT_STEP, BLOCK_C1] tile (all of
+        them in one load where the tile fits 4096 fp32 values): one load per step, not one per split."""
+        pid_bm = tl.program_id(0)
+        c0 = tl.program_id(1) * BLOCK_C1
+        num_mb = tl.cdiv(M_ALL, R1)
+        b = (pid_bm // num_mb).to(tl.int64)
+        m = (pid_bm % num_mb) * R1 + tl.arange(0, R1)
+        m_ok = m < M_ALL
+        ml_rows = b * s_mb + m * s_mm
+        # The maximum over the splits, then each split's weight exp(m_s - max): an empty or fully masked
+        # split has m_s = -FLT_MAX and l_s = 0 (weight 0, or 1 times nothing if every split is); padding
+        # splits and rows read -inf and get weight 0 from the mask, never a NaN.
         top = tl.full((R1,), float("-inf"), dtype=tl.float32)
         for s0 in range(0, SPLITS_PAD, SPLIT_STEP):
-            sp = s0 + tl.arange(0, SPLIT_STEP)
-            ml_ok = r1_ok[:, None] & (sp < NUM_SPLITS)[None, :]
-            m_s = tl.load(m_ptr + ml_rows[:, None] + sp[None, :] * s_ms, mask=ml_ok, other=float("-inf"))
+            m_s, ok = _per_split(m_ptr, ml_rows, m_ok, s0, NUM_SPLITS, s_ms, float("-inf"), SPLIT_STEP)
             top = tl.maximum(top, tl.max(m_s, axis=1))
+        cols = c0 + tl.arange(0, BLOCK_C1)
+        c_ok = cols < C
+        a_rows = b * s_ab + m * s_am
         total = tl.zeros((R1,), dtype=tl.float32)
+        mixed = tl.zeros((R1, BLOCK_C1), dtype=tl.float32)
         for s0 in range(0, SPLITS_PAD, SPLIT_STEP):
+            m_s, ok = _per_split(m_ptr, ml_rows, m_ok, s0, NUM_SPLITS, s_ms, float("-inf"), SPLIT_STEP)
+            weight = tl.where(ok, tl.exp(m_s - top[:, None]), 0.0)
+            l_s, ok = _per_split(l_ptr, ml_rows, m_ok, s0, NUM_SPLITS, s_ms, 0.0, SPLIT_STEP)
+            total += tl.sum(l_s * weight, axis=1)
             sp = s0 + tl.arange(0, SPLIT_STEP)
-            ml_ok = r1_ok[:, None] & (sp < NUM_SPLITS)[None, :]
-            m_s = tl.load(m_ptr + ml_rows[:, None] + sp[None, :] * s_ms, mask=ml_ok, other=float("-inf"))
-            weight = tl.where(ml_ok, tl.exp(m_s - top[:, None]), 0.0)
-            total += tl.sum(tl.load(l_ptr + ml_rows[:, None] + sp[None, :] * s_ms, mask=ml_ok, other=0.0) * weight,
-                            axis=1)
+            part = tl.load(acc_ptr + a_rows[:, None, None] + sp[None, :, None] * s_as + cols[None, None, :] * s_ac,
+                           mask=ok[:, :, None] & c_ok[None, None, :], other=0.0)
+            mixed += tl.sum(part * weight[:, :, None], axis=1)
         inv = tl.where(total > 0, 1.0 / total, 0.0)  # fully masked row (or n = 0): 0
+        tl.store(mixed_ptr + b * s_xb + (m * s_xm)[:, None] + cols[None, :] * s_xc,
+                 (mixed * inv[:, None]).to(mixed_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
-        x_rows1 = b * s_xb + (h * R + r1) * s_xm
-        a_rows = b * s_ab + (h * R + r1) * s_am
-        for c0 in range(0, C, BLOCK_C1):
-            cols = c0 + tl.arange(0, BLOCK_C1)
-            c_ok = cols < C
-            mixed = tl.zeros((R1, BLOCK_C1), dtype=tl.float32)
-            for s0 in range(0, SPLITS_PAD, SPLIT_STEP):
-                sp = s0 + tl.arange(0, SPLIT_STEP)
-                ml_ok = r1_ok[:, None] & (sp < NUM_SPLITS)[None, :]
-                m_s = tl.load(m_ptr + ml_rows[:, None] + sp[None, :] * s_ms, mask=ml_ok, other=float("-inf"))
-                weight = tl.where(ml_ok, tl.exp(m_s - top[:, None]), 0.0)
-                part = tl.load(acc_ptr + a_rows[:, None, None] + sp[None, :, None] * s_as + cols[None, None, :] * s_ac,
-                               mask=ml_ok[:, :, None] & c_ok[None, None, :], other=0.0)
-                mixed += tl.sum(part * weight[:, :, None], axis=1)
-            tl.store(mixed_ptr + x_rows1[:, None] + cols[None, :] * s_xc, (mixed * inv[:, None]).to(dtype),
-                     mask=r1_ok[:, None] & c_ok[None, :])
-        tl.debug_barrier()  # this program's mixed rows are written before any thread reads them back
+    @triton.jit
+    def _project_kernel(
+        mixed_ptr, l_ptr, w_ptr, bias_ptr, out_ptr,
+        HKV, C, R, S, GROUP_Q, D, NUM_SPLITS,
+        s_xb, s_xm, s_xc,
+        s_mb, s_ms, s_mm,
+        s_wn, s_wk,
+        s_ob, s_oh, s_os, s_od,
+        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CV: tl.constexpr, SPLIT_STEP: tl.constexpr,
+    ):
+        """KV head h's R query rows, output features d0 .. d0 + BLOCK_D: mixed · Wv[h·D + d]ᵀ (+ the bias
+        for rows that attended to something), written to [B, Hq, S, D].
 
+        A plain matmul of two loaded operands, so Triton pipelines it with its MMAs in flight. The grid
+        splits D so that the W_v rows (32 MB on a 7B MHA layer) stream through every multiprocessor, not
+        through one per KV head."""
+        pid_bh = tl.program_id(0)
+        d0 = tl.program_id(1) * BLOCK_D
+        b = (pid_bh // HKV).to(tl.int64)
+        h = pid_bh % HKV
         r = tl.arange(0, R_PAD)
         r_ok = r < R
-        x_rows = b * s_xb + (h * R + r)[:, None] * s_xm
-        d = tl.arange(0, D_PAD)
+        x_rows = b * s_xb + ((h * R + r) * s_xm)[:, None]
+        d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        out = tl.zeros((R_PAD, D_PAD), dtype=tl.float32)
+        w_rows = ((h * D + d) * s_wn)[None, :]
+        out = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_CV):
             cols = c0 + tl.arange(0, BLOCK_CV)
             c_ok = cols < C
             mixed = tl.load(mixed_ptr + x_rows + cols[None, :] * s_xc, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + (h * D + d)[None, :] * s_wn + cols[:, None] * s_wk,
-                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + w_rows + cols[:, None] * s_wk, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
             out = _dot(mixed, w, out, DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             bv = tl.load(bias_ptr + h * D + d, mask=d_ok, other=0.0).to(tl.float32)
             # rows with some attended token (l_s > 0 in some split: its top split has l >= 1), as total > 0
+            l_rows = b * s_mb + (h * R + r) * s_mm
             filled = tl.zeros((R_PAD,), dtype=tl.float32)
-            for s0 in range(0, SPLITS_PAD, SPLIT_STEP):
-                sp = s0 + tl.arange(0, SPLIT_STEP)
-                l_s = tl.load(l_ptr + (b * s_mb + (h * R + r) * s_mm)[:, None] + sp[None, :] * s_ms,
-                              mask=r_ok[:, None] & (sp < NUM_SPLITS)[None, :], other=0.0)
+            for s0 in range(0, NUM_SPLITS, SPLIT_STEP):
+                l_s, ok = _per_split(l_ptr, l_rows, r_ok, s0, NUM_SPLITS, s_ms, 0.0, SPLIT_STEP)
                 filled = tl.maximum(filled, tl.max(l_s, axis=1))
             out += tl.where(filled > 0, 1.0, 0.0)[:, None] * bv[None, :]
         q_head = h * GROUP_Q + r // S
-        o_off = b * s_ob + q_head[:, None] * s_oh + (r % S)[:, None] * s_os + d[None, :] * s_od
+        o_off = b * s_ob + (q_head * s_oh + (r % S) * s_os)[:, None] + d[None, :] * s_od
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _combine_tiles(rows: int, splits: int, width: int, elements: int = 4096) -> dict:
-    """The reduce kernel's split-combine tiles: [R1 rows, SPLIT_STEP splits, BLOCK_C1 channels] of at most
-    ``elements`` fp32 values (16 KB of registers per 4 warps), all splits in one step where 16 channels
-    allow it, and as many channels per step as fit."""
-    r1 = next_power_of_2(rows)
+    """The combine kernel's tiles: [R1 rows, SPLIT_STEP splits, BLOCK_C1 channels] of at most ``elements``
+    fp32 values (32 registers per thread of 4 warps): 64 channels (256-byte segments of each partial
+    row), as many splits per step as fit (all of them up to 64), then as many rows as fit."""
+    block_c1 = max(16, min(64, next_power_of_2(width)))
     splits_pad = next_power_of_2(splits)
-    step = max(1, min(splits_pad, elements // (16 * r1)))
-    block_c1 = max(16, min(next_power_of_2(width), elements // (r1 * step)))
+    step = max(1, min(splits_pad, elements // block_c1))
+    r1 = max(1, min(next_power_of_2(rows), elements // (block_c1 * step)))
     return dict(R1=r1, SPLITS_PAD=splits_pad, SPLIT_STEP=step, BLOCK_C1=block_c1)
+
+
+def combine_splits(acc: torch.Tensor, m_part: torch.Tensor, l_part: torch.Tensor, dtype: torch.dtype,
+                   elements: int = 4096) -> torch.Tensor:
+    """Stage 4: the normalized absorbed values [B, M, C] in ``dtype`` from the splits' partial sums ``acc``
+    [B, splits, M, C] (fp32, each relative to its split's maximum ``m_part`` [B, splits, M], with
+    Σ p ``l_part``). ``elements``: the combine tile's size (:func:`_combine_tiles`; the tests shrink it
+    to make the splits take several steps)."""
+    batch, splits, m_all, width = acc.shape
+    mixed = torch.empty((batch, m_all, width), device=acc.device, dtype=dtype)
+    tiles = _combine_tiles(m_all, splits, width, elements)
+    _combine_kernel[(batch * triton.cdiv(m_all, tiles["R1"]), triton.cdiv(width, tiles["BLOCK_C1"]))](
+        acc, m_part, l_part, mixed, m_all, width, splits,
+        *acc.stride(), *m_part.stride(), *mixed.stride(), **tiles, num_warps=4,
+    )
+    return mixed
 
 
 def _table_ptr(a: DecodeAttentionInputs) -> torch.Tensor:
@@ -668,14 +691,17 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | N
         num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=3,
     )
 
-    # 4. combine the splits, normalize, project with Wv (+ bias) into [B, Hq, S, D]
-    mixed = torch.empty((batch, m_all, v_width), device=dev, dtype=dtype)
-    _reduce_kernel[(batch * kv_heads,)](
-        acc, m_part, l_part, a.v_weight, a.v_weight if a.v_bias is None else a.v_bias, mixed, out,
+    # 4. combine the splits and normalize, for every query row and block of value channels
+    mixed = combine_splits(acc, m_part, l_part, dtype)
+
+    # 5. project with Wv (+ bias) into [B, Hq, S, D], for every KV head and block of output features
+    block_d = min(cfg["block_d"], pow2_at_least_16(head_dim))
+    _project_kernel[(batch * kv_heads, triton.cdiv(head_dim, block_d))](
+        mixed, l_part, a.v_weight, a.v_weight if a.v_bias is None else a.v_bias, out,
         kv_heads, v_width, rows, seq, group_q, head_dim, splits,
-        *acc.stride(), *m_part.stride(), *a.v_weight.stride(), *mixed.stride(), *out.stride(),
+        *mixed.stride(), *m_part.stride(), *a.v_weight.stride(), *out.stride(),
         HAS_BIAS=a.v_bias is not None, DOT_PRECISION=precision, UPCAST=upcast,
-        R_PAD=r_pad, D_PAD=pow2_at_least_16(head_dim), BLOCK_CV=min(64, block_cv),
-        **_combine_tiles(rows, splits, v_width), num_warps=4, num_stages=3,
+        R_PAD=r_pad, BLOCK_D=block_d, BLOCK_CV=min(64, block_cv), SPLIT_STEP=min(64, next_power_of_2(splits)),
+        num_warps=4, num_stages=3,
     )
     return out
