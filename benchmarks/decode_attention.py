@@ -4,6 +4,7 @@ SDPA over a plain 16-bit K/V cache of the same length.
     python benchmarks/decode_attention.py --device cuda --dtype bf16               # H200: < 60 s
     python benchmarks/decode_attention.py --device cpu --lengths 64 128 --shape smollm2 --repeats 3  # smoke
     python benchmarks/decode_attention.py --sweep --lengths 8192 32768    # H200: time sweep_configs() too
+    python benchmarks/decode_attention.py --graph --sweep --lengths 8192 32768  # ... replayed from CUDA graphs
     TRITON_INTERPRET=1 python benchmarks/decode_attention.py --device cpu --lengths 64 --shape gqa \\
         --iters 1 --repeats 1 --sweep --out /tmp/sweep.json    # the sweep code path on CPU (interpreter)
     # fill Triton's disk cache from 4 processes at once, then time with no compilation in the way
@@ -22,7 +23,10 @@ Per shape and length n (capacity L = max length; the cache holds n rows):
                  + absorbed values in torch (xq_compile.attention.absorbed_attention), n sliced on the host;
   * ``sdpa``     F.scaled_dot_product_attention over a 16-bit K/V cache of n rows (what a normal cache costs).
 Times are CUDA-event averages over ``--iters`` calls (fewer for a call so slow that a round would take
-more than ``--max-round-ms``), median of ``--repeats`` rounds. TFLOP/s counts the
+more than ``--max-round-ms``), median of ``--repeats`` rounds. ``--graph`` (CUDA) also times the fused op
+and SDPA replayed from a CUDA graph of ``--iters`` calls, as a server's compiled decode step runs them:
+device time without the host's launch overhead (about 0.3 ms per eager call of the fused op's launches,
+which hides the kernels at small shapes); the sweep then ranks the configurations by that time. TFLOP/s counts the
 rebuild: 2·n·Ck·D·Hkv + 2·n·D·Hq·S + 2·n·Cv·Hq·S per batch row; "peak" is the H200's dense bf16 989 TFLOP/s.
 """
 
@@ -75,6 +79,9 @@ def parse_args(argv=None):
                         "(correctness checked for each), and report the fastest")
     p.add_argument("--sweep-min-length", type=int, default=8192,
                    help="sweep only lengths from this one on (the target is for n >= 8K; short ones are launch-bound)")
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA: also time the fused op and SDPA replayed from CUDA graphs (no launch overhead), "
+                        "and rank the sweep by that time")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: also record the device time of each Triton kernel of the fused op (torch.profiler), "
                         "to see which of the scores / softmax / values / reduce launches dominates")
@@ -90,6 +97,8 @@ def parse_args(argv=None):
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         p.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N")
     args.shard = (int(index), int(count))
+    if args.graph and args.device != "cuda":
+        p.error("--graph replays CUDA graphs: it needs --device cuda")
     return args
 
 
@@ -122,7 +131,7 @@ def parse_config(items: list[str]) -> dict:
 def sweep_configs(default: dict) -> list[dict]:
     """Alternatives to the default configuration worth timing on a GPU (see default_config's docstring
     for why the default is what it is): wider and shorter tiles, other pipelining depths, channel
-    steps and split counts. Each is a dict of overrides ({} = the default)."""
+    steps, split counts and projection blocks. Each is a dict of overrides ({} = the default)."""
     h, splits = default["block_h"], default["num_splits"]
     return [
         {},
@@ -134,6 +143,8 @@ def sweep_configs(default: dict) -> list[dict]:
         {"block_c": 32},
         {"num_splits": 2 * splits},
         {"num_splits": max(1, splits // 2)},
+        {"num_splits": max(1, splits // 4)},
+        {"block_d": 2 * default["block_d"]},                  # half as many Wv projection programs
     ]
 
 
@@ -248,6 +259,28 @@ def time_ms(fn, dev: str, iters: int, repeats: int, max_round_ms: float = float(
     return statistics.median(rounds)
 
 
+def graph_time_ms(fn, iters: int, repeats: int) -> float:
+    """Device time per call of ``fn`` replayed from a CUDA graph that holds ``iters`` calls (the launches'
+    host overhead is paid at capture, not per replay), median of ``repeats`` replays."""
+    fn()  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        rounds.append(start.elapsed_time(end) / iters)
+    return statistics.median(rounds)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest deviation from the reference, relative to the reference's largest magnitude."""
     return ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
@@ -319,6 +352,8 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
     ref = unfused(a, n).float()
     err = rel_err(fns["fused"](), ref)
     ms = {k: time_ms(f, dev, args.iters, args.repeats, args.max_round_ms) for k, f in fns.items()}
+    if args.graph:
+        ms.update({f"{k}_graph": graph_time_ms(fns[k], args.iters, args.repeats) for k in ("fused", "sdpa")})
     flops = B * (2 * n * Ck * D * Hkv + 2 * n * D * Hq * S + 2 * n * Cv * Hq * S)
     tflops = flops / (ms["fused"] * 1e-3) / 1e12
     sweep = []
@@ -327,17 +362,26 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
             run = fused_launcher(a, {**config, **over})
             try:
                 e = rel_err(run(), ref)
-                t = time_ms(run, dev, args.iters, args.repeats, args.max_round_ms)
+                t = (graph_time_ms(run, args.iters, args.repeats) if args.graph
+                     else time_ms(run, dev, args.iters, args.repeats, args.max_round_ms))
             except Exception as exc:  # a config that does not compile (shared memory...) is a result
                 sweep.append({"config": over, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 print(f"    sweep {over}: {type(exc).__name__}", flush=True)
                 continue
-            sweep.append({"config": over, "ms": t, "tflops": flops / (t * 1e-3) / 1e12, "rel_err": e})
-            print(f"    sweep {over}: {t:.3f} ms ({sweep[-1]['tflops']:.1f} TFLOP/s), rel err {e:.1e}", flush=True)
+            sweep.append({"config": over, "ms": t, "graph": args.graph, "tflops": flops / (t * 1e-3) / 1e12,
+                          "rel_err": e})
+            print(f"    sweep {over}: {t:.3f} ms{' (CUDA graph)' if args.graph else ''} "
+                  f"({sweep[-1]['tflops']:.1f} TFLOP/s), rel err {e:.1e}", flush=True)
     kernels = kernel_times_ms(fns["fused"], args.iters) if args.profile and dev == "cuda" else {}
     if kernels:
         print("    kernels: " + ", ".join(f"{k} {v:.3f} ms" for k, v in list(kernels.items())[:6]), flush=True)
-    return {"shape": name, "n": n, "ms": ms, "fused_over_sdpa": ms["fused"] / ms["sdpa"], "kernel_ms": kernels,
+    graph = {}
+    if args.graph:
+        graph_tflops = flops / (ms["fused_graph"] * 1e-3) / 1e12
+        graph = {"fused_graph_over_sdpa_graph": ms["fused_graph"] / ms["sdpa_graph"],
+                 "fused_graph_tflops": graph_tflops,
+                 "graph_fraction_of_h200_bf16_peak": graph_tflops / H200_BF16_DENSE_TFLOPS}
+    return {"shape": name, "n": n, "ms": ms, **graph, "fused_over_sdpa": ms["fused"] / ms["sdpa"], "kernel_ms": kernels,
             "unfused_over_sdpa": ms["unfused"] / ms["sdpa"], "fused_speedup_over_unfused": ms["unfused"] / ms["fused"],
             "fused_tflops": tflops, "fraction_of_h200_bf16_peak": tflops / H200_BF16_DENSE_TFLOPS,
             "gflop": flops / 1e9, "max_rel_err_vs_unfused": err, "config": config, "sweep": sweep}
@@ -346,18 +390,24 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
 def tables(rows: list[dict]) -> str:
     header = ["shape", "n", "fused ms", "unfused ms", "sdpa ms", "fused/sdpa", "unfused/fused", "TFLOP/s", "% peak",
               "rel err"]
+    graphed = any("fused_graph" in r.get("ms", {}) for r in rows)
+    if graphed:
+        header[3:3] = ["graph ms", "graph % peak", "graph fused/sdpa"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['n']} | failed: {r['error'][:120]} |" + " |" * (len(header) - 3))
             continue
-        lines.append(f"| {r['shape']} | {r['n']} | {r['ms']['fused']:.3f} | {r['ms']['unfused']:.3f} | "
+        graph_cells = (f"{r['ms']['fused_graph']:.3f} | {100 * r['graph_fraction_of_h200_bf16_peak']:.1f} | "
+                       f"{r['fused_graph_over_sdpa_graph']:.2f} | ") if graphed else ""
+        lines.append(f"| {r['shape']} | {r['n']} | {r['ms']['fused']:.3f} | {graph_cells}{r['ms']['unfused']:.3f} | "
                      f"{r['ms']['sdpa']:.3f} | {r['fused_over_sdpa']:.2f} | {r['fused_speedup_over_unfused']:.2f} | "
                      f"{r['fused_tflops']:.1f} | {100 * r['fraction_of_h200_bf16_peak']:.1f} | "
                      f"{r['max_rel_err_vs_unfused']:.1e} |")
     swept = [r for r in rows if any("ms" in c for c in r.get("sweep", []))]
     if swept:
-        lines += ["", "| shape | n | default ms | best config | best ms | best TFLOP/s | best % peak |",
+        timing = "CUDA-graph" if graphed else "eager"
+        lines += ["", f"| shape | n | default ms ({timing}) | best config | best ms | best TFLOP/s | best % peak |",
                   "|---|---|---|---|---|---|---|"]
         for r in swept:
             best = min((c for c in r["sweep"] if "ms" in c), key=lambda c: c["ms"])
@@ -404,8 +454,10 @@ def main(argv=None) -> int:
                 continue
             rows.append(row)
             ms = row["ms"]
+            graph = (f", CUDA graph {ms['fused_graph']:.3f} ms ({100 * row['graph_fraction_of_h200_bf16_peak']:.1f}% "
+                     f"of peak; sdpa {ms['sdpa_graph']:.3f} ms)") if args.graph else ""
             print(f"{name:8s} n={n:6d}: fused {ms['fused']:.3f} ms ({row['fused_tflops']:.1f} TFLOP/s, "
-                  f"{100 * row['fraction_of_h200_bf16_peak']:.1f}% of peak), unfused {ms['unfused']:.3f} ms, "
+                  f"{100 * row['fraction_of_h200_bf16_peak']:.1f}% of peak){graph}, unfused {ms['unfused']:.3f} ms, "
                   f"sdpa {ms['sdpa']:.3f} ms; fused/sdpa {row['fused_over_sdpa']:.2f}x, "
                   f"rel err {row['max_rel_err_vs_unfused']:.1e} [{time.perf_counter() - t_start:.0f}s]", flush=True)
             save()
