@@ -276,6 +276,14 @@ if HAS_TRITON:
         tl.store(out_ptr + o_off, sc, mask=st_mask)
 
     @triton.jit
+    def _query_row_block(pid, M_ALL, BLOCK: tl.constexpr):
+        """(batch row b, its flattened query rows m, m < M_ALL) of program ``pid`` along a grid axis of
+        B · cdiv(M_ALL, BLOCK) blocks of query rows (the softmax, values and combine kernels')."""
+        num_mb = tl.cdiv(M_ALL, BLOCK)
+        m = (pid % num_mb) * BLOCK + tl.arange(0, BLOCK)
+        return (pid // num_mb).to(tl.int64), m, m < M_ALL
+
+    @triton.jit
     def _split_rows(n, split, NUM_SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
         """(start, end): the rows of split ``split`` -- the n rows cut into NUM_SPLITS chunks of
         whole ROW_BLOCK blocks, from the n on the device (so every fill spreads over all splits). The
@@ -301,10 +309,7 @@ if HAS_TRITON:
         is a multiple of it), zeros past n: the values kernel then loads whole blocks without a row mask."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
-        num_mb = tl.cdiv(M_ALL, BLOCK_M)
-        b = (pid // num_mb).to(tl.int64)
-        m = (pid % num_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < M_ALL
+        b, m, m_ok = _query_row_block(pid, M_ALL, BLOCK_M)
         n = _fill(length_ptr, b, s_len, L)
         start, end = _split_rows(n, split, NUM_SPLITS, ROW_BLOCK)
         s_rows = b * s_cb + offset64(m, s_cm)[:, None]
@@ -376,10 +381,7 @@ if HAS_TRITON:
         pid_bm = tl.program_id(0)
         split = tl.program_id(1)
         c0 = tl.program_id(2) * BLOCK_CV
-        num_mb = tl.cdiv(M_ALL, BLOCK_M)
-        b = (pid_bm // num_mb).to(tl.int64)
-        m = (pid_bm % num_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < M_ALL
+        b, m, m_ok = _query_row_block(pid_bm, M_ALL, BLOCK_M)
         n = _fill(length_ptr, b, s_len, L)
         start, end = _split_rows(n, split, NUM_SPLITS, BLOCK_N)  # as the softmax cut them
         n_full = n // GROUP * GROUP
@@ -441,10 +443,7 @@ if HAS_TRITON:
         them in one load where the tile fits 4096 fp32 values): one load per step, not one per split."""
         pid_bm = tl.program_id(0)
         c0 = tl.program_id(1) * BLOCK_C1
-        num_mb = tl.cdiv(M_ALL, R1)
-        b = (pid_bm // num_mb).to(tl.int64)
-        m = (pid_bm % num_mb) * R1 + tl.arange(0, R1)
-        m_ok = m < M_ALL
+        b, m, m_ok = _query_row_block(pid_bm, M_ALL, R1)
         ml_rows = b * s_mb + m * s_mm
         # The maximum over the splits, then each split's weight exp(m_s - max): an empty or fully masked
         # split has m_s = -FLT_MAX and l_s = 0 (weight 0, or 1 times nothing if every split is); padding
