@@ -29,7 +29,9 @@ the ``cuobjdump`` that ships inside Triton's wheel:
     where they cost every iteration (a few around them -- saved addresses, the epilogue -- do not);
     shared memory per program (an H200 program can use at most 227 KB);
   * ``loop N instr``: the SASS instructions of one pass through the MMA loops -- what every step issues
-    next to its MMAs (the dequantization's cost; e.g. no ``I2FP`` conversions: see ``tiles.py``).
+    next to its MMAs (the dequantization's cost; e.g. no ``I2FP`` conversions: see ``tiles.py``);
+  * ``N/SM``: programs resident on one multiprocessor at once, from the registers, warps and shared
+    memory (:func:`programs_per_sm`); at 1 nothing overlaps a program's prologue and epilogue.
 
 Other targets (``--arch``: 80, 86, 89, 100, 120) get the launch configuration ``default_config`` gives
 their GPU and the same checks, with that GPU's shared memory per program and tensor-core instruction
@@ -82,6 +84,25 @@ def gpu(arch: int) -> tuple[str, object]:
     }[arch]
 
 
+# Per-multiprocessor limits of each --arch (CUDA C++ Programming Guide, "Technical Specifications per
+# Compute Capability"): resident threads, resident programs (thread blocks); 64K 32-bit registers on all.
+SM_THREADS = {80: 2048, 86: 1536, 89: 1536, 90: 2048, 100: 2048, 120: 1536}
+SM_PROGRAMS = {80: 32, 86: 16, 89: 24, 90: 32, 100: 32, 120: 32}
+
+
+def programs_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """How many programs of a kernel fit on one multiprocessor at once: registers (allocated per warp in
+    units of 256, 8 per thread), threads, and shared memory (the opt-in per-program limit + 1 KB the
+    system reserves per program, which is the multiprocessor's total). With one, nothing hides a
+    program's prologue and epilogue (the pipeline filling, RoPE and the score stores after the K loop)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = (65536 // per_warp) // num_warps if per_warp else SM_PROGRAMS[arch]
+    by_threads = SM_THREADS[arch] // (32 * num_warps)
+    sm_shared = gpu(arch)[1].shared_memory + 1024
+    by_shared = sm_shared // (shared_bytes + 1024)
+    return max(0, min(by_registers, by_threads, by_shared, SM_PROGRAMS[arch]))
+
+
 @dataclass
 class Launch:
     kernel: object  # the triton.JITFunction
@@ -109,6 +130,8 @@ class KernelReport:
     wgmma_serialized: bool = False
     asm_files: list = field(default_factory=list)
     shared_bytes: int = -1
+    num_warps: int = -1
+    programs_per_sm: int = -1  # resident at once (programs_per_sm())
     problems: list = field(default_factory=list)
 
     @property
@@ -136,7 +159,8 @@ class KernelReport:
         return (f"{self.name:24s} grid={self.grid} {self.config()} | {mma}{flight} | "
                 f"regs {self.registers:3d} spills {self.spill_instructions} ({self.loop_spill_instructions} in the "
                 f"MMA loop) | loop {' | '.join(map(str, self.loop_instructions)) or 0} instr | "
-                f"smem {self.shared_bytes / 1024:.1f} KB" + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
+                f"smem {self.shared_bytes / 1024:.1f} KB | {self.programs_per_sm}/SM"
+                + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
 
 
 @contextlib.contextmanager
@@ -268,7 +292,7 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     report = KernelReport(
         name=fn.__name__, grid=launch.grid,
         constexprs={names[k[0]]: v for k, v in constexprs.items() if len(k) == 1},
-        shared_bytes=int(compiled.metadata.shared),
+        shared_bytes=int(compiled.metadata.shared), num_warps=int(compiled.metadata.num_warps),
     )
     ptx = compiled.asm["ptx"]
     report.wgmma = len(re.findall(r"\bwgmma\.mma_async\b", ptx))
@@ -300,6 +324,7 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     if report.loop_spill_instructions:
         report.problems.append(f"{report.loop_spill_instructions} local-memory (spill) accesses inside its "
                                "tensor-core loop")
+    report.programs_per_sm = programs_per_sm(arch, report.registers, report.num_warps, report.shared_bytes)
     product, target = gpu(arch)
     if report.shared_bytes > target.shared_memory:
         report.problems.append(f"needs {report.shared_bytes} B of shared memory (> {target.shared_memory}, what "

@@ -101,6 +101,16 @@ def test_loop_spills_counts_only_spills_inside_mma_loops():
     assert cr.loop_spills(sass.replace("HGMMA.64x128x16.F32.BF16", "FMUL")) == 0
 
 
+def test_programs_per_sm_counts_registers_threads_and_shared_memory():
+    cr = _benchmark_module()
+    assert cr.programs_per_sm(90, 176, 8, 56 * 1024) == 1  # registers: 176 x 32 per warp, 11 warps of 8
+    assert cr.programs_per_sm(90, 114, 8, 32 * 1024) == 2  # 3648 -> 3840 per warp, 17 warps
+    assert cr.programs_per_sm(90, 40, 4, 0) == 12  # 51 warps by registers (16 by threads)
+    assert cr.programs_per_sm(90, 32, 4, 120 * 1024) == 1  # shared memory: 228 KB per SM, 121 KB each
+    assert cr.programs_per_sm(89, 32, 4, 0) == 12  # threads: 1536 on Ada, 128 per program
+    assert cr.programs_per_sm(90, 16, 1, 0) == 32  # the cap on resident programs
+
+
 def test_wgmma_waits_and_in_flight():
     cr = _benchmark_module()
     pipelined = """
