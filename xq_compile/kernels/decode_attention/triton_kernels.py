@@ -531,6 +531,13 @@ def _combine_tiles(rows: int, splits: int, width: int, elements: int = 4096) -> 
     return dict(R1=r1, SPLITS_PAD=splits_pad, SPLIT_STEP=step, BLOCK_C1=block_c1)
 
 
+def _projection_step(rows: int, block_d: int, width: int, elements: int = 4096) -> int:
+    """Channels per step of the projection kernel: its [rows, step] and [step, block_d] tiles of at most
+    ``elements`` values each (16-256 channels). Wv streams from memory (32 MB on a 7B layer), so each
+    program should have several KB of it in flight: 64-channel steps over 16 features were 2 KB."""
+    return max(16, min(256, next_power_of_2(width), elements // max(rows, block_d)))
+
+
 def combine_splits(acc: torch.Tensor, m_part: torch.Tensor, l_part: torch.Tensor, dtype: torch.dtype,
                    elements: int = 4096) -> torch.Tensor:
     """Stage 4: the normalized absorbed values [B, M, C] in ``dtype`` from the splits' partial sums ``acc``
@@ -700,7 +707,8 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | N
         kv_heads, v_width, rows, seq, group_q, head_dim, splits,
         *mixed.stride(), *m_part.stride(), *a.v_weight.stride(), *out.stride(),
         HAS_BIAS=a.v_bias is not None, DOT_PRECISION=precision, UPCAST=upcast,
-        R_PAD=r_pad, BLOCK_D=block_d, BLOCK_CV=min(64, block_cv), SPLIT_STEP=min(64, next_power_of_2(splits)),
+        R_PAD=r_pad, BLOCK_D=block_d, BLOCK_CV=_projection_step(r_pad, block_d, v_width),
+        SPLIT_STEP=min(64, next_power_of_2(splits)),
         num_warps=4, num_stages=3,
     )
     return out
