@@ -343,30 +343,6 @@ def asm_stem(title: str, report: KernelReport) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{title}.{report.name.strip('_')}.{cfg}").strip("-.")
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the report needs triton; importing this module does not
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _control_matmul_kernel(a_ptr, b_ptr, c_ptr, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """C = A·B in bf16, both operand tiles loaded straight from global memory in the loop: the case
-        Triton's pipeliner turns into multi-buffered loads and asynchronous wgmma (``wait_group 1``)."""
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak)
-            b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn)
-            acc = tl.dot(a, b, acc)
-        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(tl.bfloat16))
-
-
 CONTROL = "control"
 REBUILD_KERNELS = ("_scores_kernel", "_dequant_project_kernel", "_gluon_rebuild_kernel",  # must be on wgmma
                    "_gluon_rebuild_ws_kernel")
@@ -378,7 +354,7 @@ def control_launches(size: int = 1024) -> list[Launch]:
     (another Triton version, another target) and fails saying so."""
     a, b, c = (torch.empty(size, size, dtype=torch.bfloat16) for _ in range(3))
     grid = (size // 128, size // 128)
-    return [Launch(_control_matmul_kernel, grid, (a, b, c, size, *a.stride(), *b.stride(), *c.stride()),
+    return [Launch(_attention_benchmark()._control_matmul_kernel, grid, (a, b, c, size, *a.stride(), *b.stride(), *c.stride()),
                    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))]
 
 

@@ -5,6 +5,7 @@ SDPA over a plain 16-bit K/V cache of the same length.
     python benchmarks/decode_attention.py --device cpu --lengths 64 128 --shape smollm2 --repeats 3  # smoke
     python benchmarks/decode_attention.py --sweep --lengths 8192 32768    # H200: time sweep_configs() too
     python benchmarks/decode_attention.py --graph --sweep --lengths 8192 32768  # ... replayed from CUDA graphs
+    python benchmarks/decode_attention.py --graph --control --profile   # the K rebuild vs plain matmuls
     TRITON_INTERPRET=1 python benchmarks/decode_attention.py --device cpu --lengths 64 --shape gqa \\
         --iters 1 --repeats 1 --sweep --out /tmp/sweep.json    # the sweep code path on CPU (interpreter)
     # fill Triton's disk cache from 4 processes at once, then time with no compilation in the way
@@ -26,7 +27,11 @@ Times are CUDA-event averages over ``--iters`` calls (fewer for a call so slow t
 more than ``--max-round-ms``), median of ``--repeats`` rounds. ``--graph`` (CUDA) also times the fused op
 and SDPA replayed from a CUDA graph of ``--iters`` calls, as a server's compiled decode step runs them:
 device time without the host's launch overhead (about 0.3 ms per eager call of the fused op's launches,
-which hides the kernels at small shapes); the sweep then ranks the configurations by that time. TFLOP/s counts the
+which hides the kernels at small shapes); the sweep then ranks the configurations by that time.
+``--control`` puts the K rebuild's FLOPs (2·n·Ck·Hkv·D) as % of peak side by side: in the scores kernel
+(device time from ``--profile``; it also does RoPE and the scores), in a plain Triton bf16 matmul X·Wkᵀ
+of the scores kernel's tile and of the sweep's 256-row tile (the same MMAs and Wk traffic, no
+dequantization), and in torch.mm: what the dequantization costs, apart from what the tile can reach. TFLOP/s counts the
 rebuild: 2·n·Ck·D·Hkv + 2·n·D·Hq·S + 2·n·Cv·Hq·S per batch row; "peak" is the H200's dense bf16 989 TFLOP/s.
 """
 
@@ -35,10 +40,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -82,6 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true",
                    help="CUDA: also time the fused op and SDPA replayed from CUDA graphs (no launch overhead), "
                         "and rank the sweep by that time")
+    p.add_argument("--control", action="store_true",
+                   help="also time the K rebuild's MMA work without the dequantization: a plain Triton bf16 "
+                        "matmul X·Wkᵀ in the scores kernel's tile (and the sweep's 256-row tile) and torch.mm, "
+                        "as % of peak next to the scores kernel's (with --profile)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: also record the device time of each Triton kernel of the fused op (torch.profiler), "
                         "to see which of the scores / softmax / values / reduce launches dominates")
@@ -99,6 +110,8 @@ def parse_args(argv=None):
     args.shard = (int(index), int(count))
     if args.graph and args.device != "cuda":
         p.error("--graph replays CUDA graphs: it needs --device cuda")
+    if args.control and args.device != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        p.error("--control launches a Triton kernel: it needs --device cuda (or TRITON_INTERPRET=1 on CPU)")
     return args
 
 
@@ -152,6 +165,60 @@ def sweep_configs(default: dict) -> list[dict]:
         {"num_splits": max(1, splits // 4)},
         {"block_d": 2 * default["block_d"]},                  # half as many Wv projection programs
     ]
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the benchmark's torch paths (and the op's CPU kernel) need no triton
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _control_matmul_kernel(a_ptr, b_ptr, c_ptr, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """C = A·B in bf16, both operand tiles loaded straight from global memory in the loop: the case
+        Triton's pipeliner turns into multi-buffered loads and asynchronous wgmma (``wait_group 1``). The
+        compile report's positive control, and ``--control``'s plain matmul in the scores kernel's tile."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak)
+            b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn)
+            acc = tl.dot(a, b, acc)
+        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty))
+
+
+def control_tiles(shape: dict, default: dict) -> dict[str, dict]:
+    """The scores kernel's K tile as plain-matmul blocks (rows x features x channels per step, warps,
+    stages): its default one ("scores tile"), and the sweep's 256 rows by half the features."""
+    from xq_compile.kernels.decode_attention.config import pow2_at_least_16
+    from xq_compile.kernels.tiles import next_power_of_2
+
+    heads = min(default["block_h"], next_power_of_2(shape["Hkv"]))
+    head_width = 2 * pow2_at_least_16(shape["D"] // 2)
+    tile = lambda rows, h: dict(BLOCK_M=rows, BLOCK_N=h * head_width, BLOCK_K=default["block_c"],  # noqa: E731
+                                num_warps=default["num_warps"], num_stages=default["num_stages"])
+    return {"scores tile": tile(default["block_n"], heads), "256-row tile": tile(256, max(1, heads // 2))}
+
+
+def control_matmul(shape: dict, n: int, tile: dict, dtype, dev) -> tuple:
+    """(kernel, grid, args, kwargs) of a plain bf16 matmul X [n, C] · Wkᵀ [C, Hkv·D] in ``tile``: the K
+    rebuild's MMA work and Wk traffic without the dequantization, RoPE and scores (features and rows
+    padded to whole tiles, as the scores kernel's grid pads them)."""
+    c, features = shape["Ck"], shape["Hkv"] * shape["D"]
+    rows = -(-n // tile["BLOCK_M"]) * tile["BLOCK_M"]
+    padded = -(-features // tile["BLOCK_N"]) * tile["BLOCK_N"]
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(rows, c, device=dev, generator=g, dtype=dtype)
+    w = torch.randn(padded, c, device=dev, generator=g, dtype=dtype) / math.sqrt(c)
+    out = torch.empty(rows, padded, device=dev, dtype=dtype)
+    wt = w.t()  # [C, features] with the channel stride 1, as the scores kernel reads Wk
+    grid = (rows // tile["BLOCK_M"], padded // tile["BLOCK_N"])
+    return _control_matmul_kernel, grid, (x, wt, out, c, *x.stride(), *wt.stride(), *out.stride()), dict(tile)
 
 
 def _per_channel(x: torch.Tensor, bits: int, group: int):
@@ -318,6 +385,12 @@ def compile_only(args, config: dict, dtype) -> int:
                     "fused": [fused_launcher(a, config)]}
         launches.update({f"sweep {over}": [fused_launcher(a, {**config, **over})]
                          for over in overrides})
+        if args.control:
+            default = da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a))
+            for tile_name, tile in control_tiles(SHAPES[name], default).items():
+                kernel, grid, kernel_args, kwargs = control_matmul(SHAPES[name], args.batch * L, tile, dtype,
+                                                                   args.device)
+                launches[f"control {tile_name}"] = [partial(kernel[grid], *kernel_args, **kwargs)]
         for what, calls in launches.items():
             job += 1
             if (job - 1) % count != index:
@@ -381,6 +454,8 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
     kernels = kernel_times_ms(fns["fused"], args.iters) if args.profile and dev == "cuda" else {}
     if kernels:
         print("    kernels: " + ", ".join(f"{k} {v:.3f} ms" for k, v in list(kernels.items())[:6]), flush=True)
+    control = measure_control(args, shape, n, da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a)),
+                              kernels, dtype) if args.control else {}
     graph = {}
     if args.graph:
         graph_tflops = flops / (ms["fused_graph"] * 1e-3) / 1e12
@@ -390,7 +465,44 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
     return {"shape": name, "n": n, "ms": ms, **graph, "fused_over_sdpa": ms["fused"] / ms["sdpa"], "kernel_ms": kernels,
             "unfused_over_sdpa": ms["unfused"] / ms["sdpa"], "fused_speedup_over_unfused": ms["unfused"] / ms["fused"],
             "fused_tflops": tflops, "fraction_of_h200_bf16_peak": tflops / H200_BF16_DENSE_TFLOPS,
-            "gflop": flops / 1e9, "max_rel_err_vs_unfused": err, "config": config, "sweep": sweep}
+            "gflop": flops / 1e9, "max_rel_err_vs_unfused": err, "config": config, "sweep": sweep,
+            "control": control}
+
+
+def measure_control(args, shape: dict, n: int, default: dict, kernels: dict, dtype) -> dict:
+    """The K rebuild's FLOPs (2·n·Ck·Hkv·D per batch row) as % of peak: in the scores kernel (its device
+    time from --profile, which includes RoPE and the scores), in plain Triton bf16 matmuls of its tiles,
+    and in torch.mm -- how far the dequantization keeps the tile from what the tile itself reaches."""
+    dev, rows = args.device, args.batch * n
+    rebuild_flops = 2 * rows * shape["Ck"] * shape["Hkv"] * shape["D"]
+
+    def timed(fn) -> float:
+        if args.graph:
+            return graph_time_ms(fn, args.iters, args.repeats)
+        return time_ms(fn, dev, args.iters, args.repeats, args.max_round_ms)
+
+    times, tiles = {}, {}
+    if "_scores_kernel" in kernels:
+        times["scores kernel"] = kernels["_scores_kernel"]
+    for name, tile in control_tiles(shape, default).items():
+        kernel, grid, kernel_args, kwargs = control_matmul(shape, rows, tile, dtype, dev)
+        kernel[grid](*kernel_args, **kwargs)
+        x, wt, out = kernel_args[:3]  # what is timed computes X·Wkᵀ
+        err = rel_err(out, x.float() @ wt.float())
+        if err > 2e-2:
+            raise AssertionError(f"control matmul {tile}: relative error {err:.1e}")
+        times[f"triton, {name}"] = timed(lambda: kernel[grid](*kernel_args, **kwargs))
+        tiles[f"triton, {name}"] = f"{tile['BLOCK_M']}x{tile['BLOCK_N']}"
+    g = torch.Generator(device=dev).manual_seed(2)
+    x = torch.randn(rows, shape["Ck"], device=dev, generator=g, dtype=dtype)
+    w = torch.randn(shape["Hkv"] * shape["D"], shape["Ck"], device=dev, generator=g, dtype=dtype)
+    times["torch.mm"] = timed(lambda: torch.mm(x, w.t()))
+    out = {k: {"ms": t, "fraction_of_h200_bf16_peak": rebuild_flops / (t * 1e-3) / 1e12 / H200_BF16_DENSE_TFLOPS,
+               **({"tile": tiles[k]} if k in tiles else {})} for k, t in times.items()}
+    print("    K rebuild: " + ", ".join(f"{k}{' ' + v['tile'] if 'tile' in v else ''} {v['ms']:.3f} ms "
+                                      f"({100 * v['fraction_of_h200_bf16_peak']:.1f}%)" for k, v in out.items()),
+          flush=True)
+    return out
 
 
 def tables(rows: list[dict]) -> str:
@@ -420,6 +532,16 @@ def tables(rows: list[dict]) -> str:
             default_ms = next((c["ms"] for c in r["sweep"] if c["config"] == {} and "ms" in c), float("nan"))
             lines.append(f"| {r['shape']} | {r['n']} | {default_ms:.3f} | {best['config'] or 'default'} | "
                          f"{best['ms']:.3f} | {best['tflops']:.1f} | {100 * best['tflops'] / H200_BF16_DENSE_TFLOPS:.1f} |")
+    controlled = [r for r in rows if r.get("control")]
+    if controlled:
+        names = list(dict.fromkeys(k for r in controlled for k in r["control"]))
+        lines += ["", "K rebuild FLOPs as % of dense bf16 peak (ms):", "",
+                  "| shape | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in controlled:
+            cells = [f"{100 * c['fraction_of_h200_bf16_peak']:.1f}% ({c['ms']:.3f}"
+                     + (f", {c['tile']})" if "tile" in c else ")") if (c := r["control"].get(k)) else ""
+                     for k in names]
+            lines.append(f"| {r['shape']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

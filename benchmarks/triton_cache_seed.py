@@ -9,7 +9,7 @@ timing does. Triton compiles ahead of time for any target, and a launch looks it
 cache under a key made of the kernel's source, its specialization (dtypes, 16-byte alignment, integers
 equal to 1 or divisible by 16 -- not their values), the compile options, the target and Triton's own
 hash. So the launches of the timed steps of ``scripts/gpu_check.sh`` -- the decode-attention benchmark
-(three shapes, every sweep configuration, S = 1 and S = 4), the rebuild op and its Gluon variants, the
+(three shapes, every sweep configuration, S = 1 and S = 4, the plain matmuls of ``--control``), the rebuild op and its Gluon variants, the
 paged decode step -- are captured here on CPU tensors shaped as those steps make them
 (``benchmarks/compile_report.py``), compiled for sm_90 through the launcher's own path, and written out:
 
@@ -78,6 +78,10 @@ def gpu_check_launches(dtype=torch.bfloat16) -> list[tuple[str, cr.Launch]]:
         default = da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a), target=cr.gpu(90)[1])
         for override in bench.sweep_configs(default):
             out += [(f"{shape} S=1 {override}", launch) for launch in cr.op_launches(a, override)]
+        for name, tile in bench.control_tiles(bench.SHAPES[shape], default).items():  # decode_attention --control
+            kernel, grid, args, kwargs = bench.control_matmul(bench.SHAPES[shape], ATTENTION_CAPACITY, tile, dtype,
+                                                              "cpu")
+            out.append((f"{shape} control, {name}", cr.Launch(kernel, grid, args, kwargs)))
         out += [(f"{shape} S=4", launch)
                 for launch in cr.decode_attention_launches(shape, ATTENTION_CAPACITY, dtype, {}, queries=4)]
         out += [(f"{shape} paged", launch)

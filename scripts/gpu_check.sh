@@ -32,10 +32,10 @@
 #                    shortened: their graphs compiled (Inductor's caches), quanto's extension built (torch's
 #                    extension cache)
 #   2. timed, one at a time (the GPU to itself), in priority order:
-#      attn          decode_attention.py --graph --sweep --profile: the fused op vs the unfused path vs SDPA
-#                    over a 16-bit cache, eager and replayed from CUDA graphs, TFLOP/s and fraction of the
-#                    H200's dense bf16 peak, the fastest of sweep_configs() per shape and length (by CUDA-
-#                    graph time), device time per Triton kernel
+#      attn          decode_attention.py --graph --control --sweep --profile: the fused op vs the unfused path
+#                    vs SDPA over a 16-bit cache, eager and replayed from CUDA graphs, TFLOP/s and fraction
+#                    of the H200's dense bf16 peak, the fastest of sweep_configs() per shape and length (by
+#                    CUDA-graph time), device time per Triton kernel, the K rebuild's tiles as plain matmuls
 #      attn_s4       decode_attention.py with S = 4 query tokens, default configuration (warm_attn_s4 compiles it)
 #      paged         paged_decode.py: the vLLM plugin's decode step (the fused op over the pages) vs the torch
 #                    path it replaces and the dense op on the same rows, and replayed from a CUDA graph
@@ -215,7 +215,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     MODEL=(--device cpu --dtype "$DTYPE" --layers 2)
     DECODE_LENGTHS=(64 128) GRAPH_LENGTHS=(64 128) MAX_CACHE_LEN=192 REBUILD_N=(64 256)
     PAGED=(--device cpu --dtype fp32 --requests 2 --iters 2 --repeats 1) PAGED_LENGTHS=(64 128)
-    ATTN_TIMING=()
+    ATTN_GPU=() ATTN_S4_GPU=()
 else
     DEVICE=cuda DTYPE=bf16
     ATTN=(--device cuda --dtype bf16 --lengths 1024 8192 32768 --shape smollm2 llama7b gqa --batch 1)
@@ -223,7 +223,9 @@ else
     DECODE_LENGTHS=(256 1024 4096 8192 16384 32768) GRAPH_LENGTHS=(256 4096 32768) MAX_CACHE_LEN=32832
     REBUILD_N=(1024 4096 32768)
     PAGED=(--device cuda --dtype bf16 --requests 8) PAGED_LENGTHS=(1024 8192)
-    ATTN_TIMING=(--graph)  # also replayed from CUDA graphs (device time, as a compiled server step runs it)
+    # also replayed from CUDA graphs (device time, as a compiled server step runs it); the K rebuild's tiles
+    # as plain bf16 matmuls next to the scores kernel
+    ATTN_GPU=(--graph --control) ATTN_S4_GPU=(--graph)
 fi
 # S = 4 query tokens (speculative decoding): the target is a step within 1.4x of the S = 1 step of "attn"
 ATTN_S4=("${ATTN[@]}" --queries 4)
@@ -241,8 +243,8 @@ for ((i = 0; i < TEST_SHARDS; i++)); do
         --junitxml="$OUT/tests_$i.xml" -rfs
 done
 for ((i = 0; i < WARM_SHARDS; i++)); do
-    start_step "warm_attn_$i" "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN[@]}" --sweep --compile-only \
-        --shard "$i/$WARM_SHARDS"
+    start_step "warm_attn_$i" "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[@]}" \
+        --sweep --compile-only --shard "$i/$WARM_SHARDS"
 done
 start_step warm_attn_s4 "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --compile-only
 start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
@@ -264,9 +266,9 @@ for f in "$OUT"/tests_*.log; do last_line "$f"; done | grep -o '[0-9]\+ \(passed
     | awk '{n[$2] += $1} END {s = "tests in all:"; for (k in n) s = s " " n[k] " " k; print s}' | tee -a "$SUMMARY" || true
 
 # ---- phase 2: timed, one at a time ------------------------------------------------------------------
-run_step attn 110 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_TIMING[@]}" --sweep --profile \
+run_step attn 110 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[@]}" --sweep --profile \
     --out "$OUT/decode_attention.json"
-run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" "${ATTN_TIMING[@]}" --profile \
+run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" "${ATTN_S4_GPU[@]}" --profile \
     --out "$OUT/decode_attention_s4.json"
 run_step paged 30 "$PY" benchmarks/paged_decode.py "${PAGED[@]}" --lengths "${PAGED_LENGTHS[@]}" \
     --out "$OUT/paged_decode.json"
