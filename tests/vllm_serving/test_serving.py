@@ -154,7 +154,13 @@ def test_qwen2_four_bit_matches_the_torch_reference():
     """4 bits with biases: the served tokens teacher-forced against xq-compile's reference of the same model."""
     path = family_dir("qwen2")
     served = serve(path, FOUR_BIT)
-    check_against_reference(served, reference(path, FOUR_BIT, served.tokens), prompt_ids(tokenizer()))
+    # The random biases make the 4-bit implementations part by more than on SmolLM2 itself, by an amount
+    # that depends on the machine: served - reference stayed under 0.005 where this test was written; on a
+    # Sapphire Rapids CI machine (unchanged code, the same on three runs) it is +0.011, with stock 5.566,
+    # served 5.597, this reference 5.586 and xq-compile's compiled XQuantCache path 5.579. Dropping the
+    # biases from the rebuild would put it off by about what they move the unquantized model (> 0.05).
+    check_against_reference(served, reference(path, FOUR_BIT, served.tokens), prompt_ids(tokenizer()),
+                            nll_tolerance=0.015)
 
 
 LATENT_UNQUANTIZED = XQuantConfig(bits=None, form="latent")
