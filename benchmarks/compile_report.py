@@ -141,8 +141,8 @@ class KernelReport:
         return self.wgmma > 0 and max(self.wgmma_waits, default=0) >= 1 and not self.wgmma_serialized
 
     def config(self) -> str:
-        keys = ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_M", "BLOCK_CV", "BLOCK_D", "BLOCK_C1", "SPLIT_STEP", "BLOCK_K",
-                "NUM_SPLITS", "BITS")
+        keys = ("BLOCK_H", "BLOCK_N", "BLOCK_C", "BLOCK_M", "BLOCK_CV", "BLOCK_D", "BLOCK_C1", "SPLIT_STEP",
+                "BLOCK_K", "NUM_SPLITS", "BITS")
         shown = [f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs]
         if self.constexprs.get("X_AS_B"):  # K rebuilt as Kᵀ = Wk·X̂ᵀ (GPUs without wgmma)
             shown.append("X_AS_B=1")
@@ -354,7 +354,8 @@ def control_launches(size: int = 1024) -> list[Launch]:
     (another Triton version, another target) and fails saying so."""
     a, b, c = (torch.empty(size, size, dtype=torch.bfloat16) for _ in range(3))
     grid = (size // 128, size // 128)
-    return [Launch(_attention_benchmark()._control_matmul_kernel, grid, (a, b, c, size, *a.stride(), *b.stride(), *c.stride()),
+    kernel = _attention_benchmark()._control_matmul_kernel
+    return [Launch(kernel, grid, (a, b, c, size, *a.stride(), *b.stride(), *c.stride()),
                    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))]
 
 

@@ -31,8 +31,9 @@ which hides the kernels at small shapes); the sweep then ranks the configuration
 ``--control`` puts the K rebuild's FLOPs (2·n·Ck·Hkv·D) as % of peak side by side: in the scores kernel
 (device time from ``--profile``; it also does RoPE and the scores), in a plain Triton bf16 matmul X·Wkᵀ
 of the scores kernel's tile and of the sweep's 256-row tile (the same MMAs and Wk traffic, no
-dequantization), and in torch.mm: what the dequantization costs, apart from what the tile can reach. TFLOP/s counts the
-rebuild: 2·n·Ck·D·Hkv + 2·n·D·Hq·S + 2·n·Cv·Hq·S per batch row; "peak" is the H200's dense bf16 989 TFLOP/s.
+dequantization), and in torch.mm: what the dequantization costs, apart from what the tile can reach.
+TFLOP/s counts the rebuild: 2·n·Ck·D·Hkv + 2·n·D·Hq·S + 2·n·Cv·Hq·S per batch row; "peak" is the H200's
+dense bf16 989 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def parse_args(argv=None):
                         "as % of peak next to the scores kernel's (with --profile)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: also record the device time of each Triton kernel of the fused op (torch.profiler), "
-                        "to see which of the scores / softmax / values / reduce launches dominates")
+                        "to see which of the scores / softmax / values / combine / project launches dominates")
     p.add_argument("--compile-only", action="store_true",
                    help="launch every kernel the timed run would (fused default and, with --sweep, each sweep "
                         "configuration; the unfused path) once, untimed, to fill Triton's disk cache; no output")
@@ -354,6 +355,14 @@ def graph_time_ms(fn, iters: int, repeats: int) -> float:
     return statistics.median(rounds)
 
 
+def timed_ms(args, fn) -> float:
+    """``fn``'s time as the run was asked to measure it: replayed from a CUDA graph (``--graph``), else
+    eager (:func:`time_ms`)."""
+    if args.graph:
+        return graph_time_ms(fn, args.iters, args.repeats)
+    return time_ms(fn, args.device, args.iters, args.repeats, args.max_round_ms)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest deviation from the reference, relative to the reference's largest magnitude."""
     return ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
@@ -441,8 +450,7 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
             run = fused_launcher(a, {**config, **over})
             try:
                 e = rel_err(run(), ref)
-                t = (graph_time_ms(run, args.iters, args.repeats) if args.graph
-                     else time_ms(run, dev, args.iters, args.repeats, args.max_round_ms))
+                t = timed_ms(args, run)
             except Exception as exc:  # a config that does not compile (shared memory...) is a result
                 sweep.append({"config": over, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 print(f"    sweep {over}: {type(exc).__name__}", flush=True)
@@ -476,11 +484,6 @@ def measure_control(args, shape: dict, n: int, default: dict, kernels: dict, dty
     dev, rows = args.device, args.batch * n
     rebuild_flops = 2 * rows * shape["Ck"] * shape["Hkv"] * shape["D"]
 
-    def timed(fn) -> float:
-        if args.graph:
-            return graph_time_ms(fn, args.iters, args.repeats)
-        return time_ms(fn, dev, args.iters, args.repeats, args.max_round_ms)
-
     times, tiles = {}, {}
     if "_scores_kernel" in kernels:
         times["scores kernel"] = kernels["_scores_kernel"]
@@ -491,12 +494,12 @@ def measure_control(args, shape: dict, n: int, default: dict, kernels: dict, dty
         err = rel_err(out, x.float() @ wt.float())
         if err > 2e-2:
             raise AssertionError(f"control matmul {tile}: relative error {err:.1e}")
-        times[f"triton, {name}"] = timed(lambda: kernel[grid](*kernel_args, **kwargs))
+        times[f"triton, {name}"] = timed_ms(args, lambda: kernel[grid](*kernel_args, **kwargs))
         tiles[f"triton, {name}"] = f"{tile['BLOCK_M']}x{tile['BLOCK_N']}"
     g = torch.Generator(device=dev).manual_seed(2)
     x = torch.randn(rows, shape["Ck"], device=dev, generator=g, dtype=dtype)
     w = torch.randn(shape["Hkv"] * shape["D"], shape["Ck"], device=dev, generator=g, dtype=dtype)
-    times["torch.mm"] = timed(lambda: torch.mm(x, w.t()))
+    times["torch.mm"] = timed_ms(args, lambda: torch.mm(x, w.t()))
     out = {k: {"ms": t, "fraction_of_h200_bf16_peak": rebuild_flops / (t * 1e-3) / 1e12 / H200_BF16_DENSE_TFLOPS,
                **({"tile": tiles[k]} if k in tiles else {})} for k, t in times.items()}
     print("    K rebuild: " + ", ".join(f"{k}{' ' + v['tile'] if 'tile' in v else ''} {v['ms']:.3f} ms "

@@ -439,8 +439,9 @@ if HAS_TRITON:
 
         Why a grid over rows and channels: the earlier reduce, one program per KV head looping over the
         channels, left 8-32 programs to read every split's partial sums (0.1-4 MB) and took 13-65 µs on
-        an H200, latency-bound. The splits are loaded SPLIT_STEP at a time as one [R1, SPLIT_STEP, BLOCK_C1] tile (all of
-        them in one load where the tile fits 4096 fp32 values): one load per step, not one per split."""
+        an H200, latency-bound. The splits are loaded SPLIT_STEP at a time as one [R1, SPLIT_STEP, BLOCK_C1]
+        tile (all of them in one load where the tile fits 4096 fp32 values): one load per step, not one per
+        split."""
         pid_bm = tl.program_id(0)
         c0 = tl.program_id(1) * BLOCK_C1
         b, m, m_ok = _query_row_block(pid_bm, M_ALL, R1)
