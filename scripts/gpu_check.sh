@@ -152,6 +152,13 @@ if ls "$ROOT"/.gpu_wheels/*.whl >/dev/null 2>&1; then
         && echo "wheels rc=0 ok ($(ls "$ROOT"/.gpu_wheels | tr '\n' ' '))" | tee -a "$SUMMARY" \
         || echo "wheels rc=1 FAILED (see wheels.log)" | tee -a "$SUMMARY"
 fi
+# Without ninja quanto's CUDA extension is not built the fast way, and the decode steps with --quanto ran
+# past their timeouts on the H200 (first length unfinished after 340 s).
+if "$PY" -c "import optimum.quanto" 2>/dev/null \
+        && ! "$PY" -c "import sys, torch.utils.cpp_extension as e; sys.exit(not e.is_ninja_available())" 2>/dev/null; then
+    echo "ninja MISSING: quanto's CUDA extension builds slowly and the --quanto decode steps may time out;" \
+         "carry it: pip download --no-deps -d .gpu_wheels ninja==1.13.2" | tee -a "$SUMMARY"
+fi
 if install > "$OUT/install.log" 2>&1; then
     echo "install rc=0 ok (editable)" | tee -a "$SUMMARY"
 else
@@ -266,7 +273,7 @@ for f in "$OUT"/tests_*.log; do last_line "$f"; done | grep -o '[0-9]\+ \(passed
     | awk '{n[$2] += $1} END {s = "tests in all:"; for (k in n) s = s " " n[k] " " k; print s}' | tee -a "$SUMMARY" || true
 
 # ---- phase 2: timed, one at a time ------------------------------------------------------------------
-run_step attn 110 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[@]}" --sweep --profile \
+run_step attn 180 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[@]}" --sweep --profile \
     --out "$OUT/decode_attention.json"
 run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" "${ATTN_S4_GPU[@]}" --profile \
     --out "$OUT/decode_attention_s4.json"
