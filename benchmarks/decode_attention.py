@@ -145,9 +145,10 @@ def parse_config(items: list[str]) -> dict:
 def sweep_configs(default: dict) -> list[dict]:
     """Alternatives to the default configuration worth timing on a GPU (see default_config's docstring
     for why the default is what it is): wider and shorter tiles, other pipelining depths, channel
-    steps, split counts and projection blocks. Each is a dict of overrides ({} = the default)."""
+    steps, split counts and projection blocks. Each is a dict of overrides ({} = the default, first);
+    overrides that come to the default or to an earlier entry are left out."""
     h, splits = default["block_h"], default["num_splits"]
-    return [
+    candidates = [
         {},
         {"block_h": max(1, h // 2)},                           # half the features per tile (up to 128)
         {"block_n": 64, "num_warps": 4},                       # 64 rows on one warpgroup
@@ -166,6 +167,15 @@ def sweep_configs(default: dict) -> list[dict]:
         {"num_splits": max(1, splits // 4)},
         {"block_d": 2 * default["block_d"]},                  # half as many Wv projection programs
     ]
+    if default["block_n"] == 64 and default["num_warps"] == 4:  # the short channel loops' tile: also time
+        candidates += [{"block_h": 2 * h},                                # twice the features,
+                       {"block_n": 128, "block_h": 2 * h, "num_warps": 8}]  # the long loops' tile
+    configs, seen = [], []
+    for over in candidates:
+        if {**default, **over} not in seen:
+            seen.append({**default, **over})
+            configs.append(over)
+    return configs
 
 
 try:

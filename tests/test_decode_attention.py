@@ -352,23 +352,33 @@ def test_triton_launcher_rejects_bad_configs():
 
 def test_default_config_shapes_the_tiles():
     """The rule of default_config on the benchmark shapes: K-rebuild tiles of up to 256 features by
-    128 rows (2 heads of 128), head tiles that leave little empty (SmolLM2's 9 heads of 64: 2, not 4),
-    the scale group as the channel step when smaller than 64, and value programs that cover the GPU
-    about twice."""
+    128 rows (2 heads of 128), head tiles that leave little empty (9 heads of 64: 2, not 4), the scale
+    group as the channel step when smaller than 64, and value programs that cover the GPU about twice.
+    Key sources under 16 channel steps (SmolLM2's 576 channels) take 64 x 64 tiles on one warpgroup
+    on Hopper (the fastest on an H200), 128-row tiles elsewhere."""
     common = dict(batch=1, query_rows=1, max_len=32768, k_layout="per_token", v_layout="per_token",
                   dtype=torch.bfloat16, device=torch.device("cpu"))
-    smol = da.default_config(kv_heads=9, head_dim=64, v_width=576, k_group=64, v_group=64, **common)
-    assert (smol["block_n"], smol["block_h"], smol["block_c"], smol["num_warps"]) == (128, 2, 64, 8)
+    smol_shape = dict(kv_heads=9, head_dim=64, k_width=576, v_width=576, k_group=64, v_group=64, **common)
+    smol = da.default_config(**smol_shape)
+    assert (smol["block_n"], smol["block_h"], smol["block_c"], smol["num_warps"]) == (64, 1, 64, 4)
     assert smol["block_cv"] == 64  # inside one 64-channel scale group: broadcast scales
-    big = da.default_config(kv_heads=32, head_dim=128, v_width=4096, k_group=128, v_group=128, **common)
+    ada = da.GpuTarget(capability=89, multiprocessors=58, shared_memory=99 * 1024)
+    smol_ada = da.default_config(**smol_shape, target=ada)  # mma.sync: 128-feature tiles, whatever the loop
+    assert (smol_ada["block_n"], smol_ada["block_h"], smol_ada["num_warps"]) == (128, 2, 8)
+    long_loop = da.default_config(**{**smol_shape, "k_width": 1024})  # 16 steps: the long loops' tile
+    assert (long_loop["block_n"], long_loop["block_h"], long_loop["num_warps"]) == (128, 2, 8)
+    big = da.default_config(kv_heads=32, head_dim=128, k_width=4096, v_width=4096, k_group=128, v_group=128,
+                            **common)
     assert (big["block_n"], big["block_h"], big["block_cv"], big["block_m"]) == (128, 2, 128, 32)
     assert big["num_splits"] * 32 >= 2 * 8  # 32 value-channel blocks x splits >= 2 x the (CPU) 8 "SMs"
-    three = da.default_config(kv_heads=3, head_dim=64, v_width=192, k_group=32, v_group=32, **common)
+    latent = da.default_config(kv_heads=8, head_dim=128, k_width=1024, v_width=1024, k_group=128, v_group=128,
+                               **{**common, "k_layout": "per_channel", "v_layout": "per_channel"})
+    assert (latent["block_n"], latent["block_h"], latent["num_warps"]) == (128, 2, 8)
+    three = da.default_config(kv_heads=3, head_dim=64, k_width=2048, v_width=192, k_group=32, v_group=32, **common)
     assert three["block_h"] == 1 and three["block_c"] == 32  # 4 or 2 heads per tile would leave 1 of 4 empty
-    eight = da.default_config(kv_heads=8, head_dim=64, v_width=512, k_group=64, v_group=64, **common)
+    eight = da.default_config(kv_heads=8, head_dim=64, k_width=2048, v_width=512, k_group=64, v_group=64, **common)
     assert eight["block_h"] == 4  # 256 features, no empty slot
-    fp32 = da.default_config(kv_heads=9, head_dim=64, v_width=576, k_group=64, v_group=64,
-                             **{**common, "dtype": torch.float32})
+    fp32 = da.default_config(**{**smol_shape, "k_width": 2048, "dtype": torch.float32})
     assert fp32["block_n"] == 64
 
 
@@ -379,10 +389,10 @@ def test_default_config_fits_the_k_tile_to_the_gpus_mma():
     K is rebuilt transposed (x_as_b). The value splits follow the target's multiprocessors."""
     common = dict(batch=1, query_rows=1, max_len=32768, k_layout="per_token", v_layout="per_token",
                   dtype=torch.bfloat16, device=torch.device("cpu"))
-    seven_b = dict(kv_heads=32, head_dim=128, v_width=4096, k_group=128, v_group=128, **common)
-    smol = dict(kv_heads=9, head_dim=64, v_width=576, k_group=64, v_group=64, **common)
+    seven_b = dict(kv_heads=32, head_dim=128, k_width=4096, v_width=4096, k_group=128, v_group=128, **common)
+    smol = dict(kv_heads=9, head_dim=64, k_width=576, v_width=576, k_group=64, v_group=64, **common)
     target = lambda cap, sms=132: da.GpuTarget(capability=cap, multiprocessors=sms, shared_memory=99 * 1024)  # noqa: E731
-    for cap, heads_7b, heads_smol in ((90, 2, 2), (100, 1, 2), (80, 1, 2), (86, 1, 2), (89, 1, 2), (120, 1, 2)):
+    for cap, heads_7b, heads_smol in ((90, 2, 1), (100, 1, 2), (80, 1, 2), (86, 1, 2), (89, 1, 2), (120, 1, 2)):
         assert da.default_config(**seven_b, target=target(cap))["block_h"] == heads_7b, cap
         assert da.default_config(**smol, target=target(cap))["block_h"] == heads_smol, cap
         # the dequantized tile is wgmma's register operand on Hopper, the B operand elsewhere

@@ -191,8 +191,9 @@ def test_paged_inputs_are_checked():
 def test_default_config_steps_32_channels_for_paged_3_bit_keys():
     """Paged 3-bit keys in 256-feature tiles (2 heads of 128) step 32 channels, not 64: with the page of
     each row live through the loop the 64-channel tile spills inside it (compile_report.py --paged)."""
-    shape = dict(batch=4, kv_heads=8, head_dim=128, query_rows=4, max_len=8192, v_width=1024, k_layout="per_token",
-                 k_group=128, v_layout="per_token", v_group=128, dtype=torch.bfloat16, device=torch.device("cpu"))
+    shape = dict(batch=4, kv_heads=8, head_dim=128, query_rows=4, max_len=8192, k_width=1024, v_width=1024,
+                 k_layout="per_token", k_group=128, v_layout="per_token", v_group=128, dtype=torch.bfloat16,
+                 device=torch.device("cpu"))
     assert da.default_config(**shape, k_bits=3, paged=True)["block_c"] == 32
     assert da.default_config(**shape, k_bits=3)["block_c"] == 64
     assert da.default_config(**shape, k_bits=4, paged=True)["block_c"] == 64
