@@ -45,6 +45,8 @@
 #      rebuild       rebuild_op.py on CUDA, bf16: dequant_project and the compiled rebuild vs torch.mm
 #      decode_graphs decode_step.py with mode="reduce-overhead" for both compiled models (CUDA graphs: no
 #                    launch overhead, as a server runs decode steps), lengths 256, 4096, 32K
+#      rebuild_7b    rebuild_op.py at 4 bits on a 7B-shaped K rebuild (d = N = 4096): the Gluon rebuilds vs the
+#                    Triton op vs torch.mm where the channel loop is long
 # Every step runs under its own timeout (at most what is left of the budget); each step's rc, seconds and
 # status go to $OUT/summary.txt, its output to $OUT/<step>.log. Before that:
 #   install     pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
@@ -221,6 +223,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     ATTN=(--device cpu --dtype fp32 --lengths 64 128 --shape smollm2 gqa --sweep-min-length 128 --iters 2 --repeats 1)
     MODEL=(--device cpu --dtype "$DTYPE" --layers 2)
     DECODE_LENGTHS=(64 128) GRAPH_LENGTHS=(64 128) MAX_CACHE_LEN=192 REBUILD_N=(64 256)
+    REBUILD_7B_N=(64 256) REBUILD_7B_D=256
     PAGED=(--device cpu --dtype fp32 --requests 2 --iters 2 --repeats 1) PAGED_LENGTHS=(64 128)
     ATTN_GPU=() ATTN_S4_GPU=()
 else
@@ -228,7 +231,7 @@ else
     ATTN=(--device cuda --dtype bf16 --lengths 1024 8192 32768 --shape smollm2 llama7b gqa --batch 1)
     MODEL=(--device cuda --dtype "$DTYPE" --layers 4)
     DECODE_LENGTHS=(256 1024 4096 8192 16384 32768) GRAPH_LENGTHS=(256 4096 32768) MAX_CACHE_LEN=32832
-    REBUILD_N=(1024 4096 32768)
+    REBUILD_N=(1024 4096 32768) REBUILD_7B_N=(4096 32768)
     PAGED=(--device cuda --dtype bf16 --requests 8) PAGED_LENGTHS=(1024 8192)
     # also replayed from CUDA graphs (device time, as a compiled server step runs it); the K rebuild's tiles
     # as plain bf16 matmuls next to the scores kernel
@@ -286,6 +289,12 @@ run_step rebuild 40 "$PY" "${REBUILD[@]}" --repeats 20 --out "$OUT/rebuild"
 run_step decode_graphs 60 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --mode reduce-overhead \
     --lengths "${GRAPH_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" \
     --steps 5 --repeats 3 --warmup 2 --out "$OUT/decode_graphs"
+
+# the 7B-shaped K rebuild (d = N = 4096): whether the Gluon rebuild's lead over the Triton op on SmolLM2's
+# shape holds where the tile loops over 64 channel steps (compiles its graphs here: last, lowest priority)
+run_step rebuild_7b 90 "$PY" benchmarks/rebuild_op.py --device "$DEVICE" --dtype "$DTYPE" --bits 4 \
+    --hidden "${REBUILD_7B_D:-4096}" --out-features "${REBUILD_7B_D:-4096}" --group-size 128 \
+    --n "${REBUILD_7B_N[@]}" --repeats 10 --out "$OUT/rebuild_7b"
 
 log "done in $(($(date +%s) - START))s; summary:"
 cat "$SUMMARY"
