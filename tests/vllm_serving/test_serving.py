@@ -154,13 +154,15 @@ def test_qwen2_four_bit_matches_the_torch_reference():
     """4 bits with biases: the served tokens teacher-forced against xq-compile's reference of the same model."""
     path = family_dir("qwen2")
     served = serve(path, FOUR_BIT)
-    # The random biases make the 4-bit implementations part by more than on SmolLM2 itself, by an amount
-    # that depends on the machine: served - reference stayed under 0.005 where this test was written; on a
-    # Sapphire Rapids CI machine (unchanged code, the same on three runs) it is +0.011, with stock 5.566,
-    # served 5.597, this reference 5.586 and xq-compile's compiled XQuantCache path 5.579. Dropping the
-    # biases from the rebuild would put it off by about what they move the unquantized model (> 0.05).
+    # At 4 bits this model's prompt likelihood sits on a noise floor: one fp32 rounding step flips a code
+    # near a boundary, later layers' X and codes follow, and the prompts (7 of them nested prefixes of one
+    # text) share the drift. Multiplying every weight by (1 + 1e-6·N(0, 1)), which moves the unquantized
+    # likelihood by under 1e-5, gave served - reference of -0.006 .. +0.013 over 13 copies (mean +0.002,
+    # SD 0.006; 4 of 13 over 0.005) with the chunk size, the batch and the absorbed values ruled out (the
+    # semantics are test_vllm_paged.py's, to 5e-5). So the bound is about mean + 3 SD; dropping the biases
+    # from the rebuild would still fail it (they move the model by more than 0.05).
     check_against_reference(served, reference(path, FOUR_BIT, served.tokens), prompt_ids(tokenizer()),
-                            nll_tolerance=0.015)
+                            nll_tolerance=0.02)
 
 
 LATENT_UNQUANTIZED = XQuantConfig(bits=None, form="latent")
