@@ -11,7 +11,8 @@ equal to 1 or divisible by 16 -- not their values), the compile options, the tar
 hash. So the launches of the timed steps of ``scripts/gpu_check.sh`` -- the decode-attention benchmark
 (three shapes, every sweep configuration, S = 1 and S = 4, the plain matmuls of ``--control``), the
 rebuild op and its Gluon variants, the paged decode step -- are captured here on CPU tensors shaped as
-those steps make them (``benchmarks/compile_report.py``), compiled for sm_90 through the launcher's own path, and written out:
+those steps make them (``benchmarks/compile_report.py``), compiled for sm_90 through the launcher's
+own path, and written out:
 
 * ``build DIR``: compiles into a fresh cache and keeps, per kernel, what a launch loads (the cubin and
   the metadata), with the group files' absolute paths replaced by a placeholder (Triton stores absolute

@@ -156,8 +156,8 @@ if ls "$ROOT"/.gpu_wheels/*.whl >/dev/null 2>&1; then
 fi
 # Without ninja quanto's CUDA extension is not built the fast way, and the decode steps with --quanto ran
 # past their timeouts on the H200 (first length unfinished after 340 s).
-if "$PY" -c "import optimum.quanto" 2>/dev/null \
-        && ! "$PY" -c "import sys, torch.utils.cpp_extension as e; sys.exit(not e.is_ninja_available())" 2>/dev/null; then
+NINJA_CHECK="import sys, torch.utils.cpp_extension as e; sys.exit(not e.is_ninja_available())"
+if "$PY" -c "import optimum.quanto" 2>/dev/null && ! "$PY" -c "$NINJA_CHECK" 2>/dev/null; then
     echo "ninja MISSING: quanto's CUDA extension builds slowly and the --quanto decode steps may time out;" \
          "carry it: pip download --no-deps -d .gpu_wheels ninja==1.13.2" | tee -a "$SUMMARY"
 fi
