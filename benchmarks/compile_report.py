@@ -345,7 +345,7 @@ def asm_stem(title: str, report: KernelReport) -> str:
 
 CONTROL = "control"
 REBUILD_KERNELS = ("_scores_kernel", "_dequant_project_kernel", "_gluon_rebuild_kernel",  # must be on wgmma
-                   "_gluon_rebuild_ws_kernel")
+                   "_gluon_rebuild_ws_kernel", "_gluon_scores_kernel")
 
 
 def control_launches(size: int = 1024) -> list[Launch]:
@@ -391,8 +391,9 @@ def op_launches(a: dict, config: dict, arch: int = 90) -> list[Launch]:
     overrides, configured (tiles, grid, split count) for ``sm_{arch}``'s product in :func:`gpu` (CPU
     tensors, nothing runs)."""
     from xq_compile.kernels import decode_attention as da
+    from xq_compile.kernels.decode_attention import gluon_scores
 
-    with captured_launches(da.triton_kernels) as launches:
+    with captured_launches(da.triton_kernels, gluon_scores) as launches:
         da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**a), target=gpu(arch)[1], **config)
     return launches
 
@@ -468,6 +469,15 @@ def gluon_rebuild_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
     return launches
 
 
+def gluon_scores_launches(shape: str, length: int, dtype, config: dict, bits: int = 4, queries: int = 1,
+                          rope: str = "tables") -> list[Launch]:
+    """The scores launch of ``decode_attention_launches`` with the opt-in Gluon scores kernel (config
+    ``gluon=1``; ``xq_compile.kernels.decode_attention.gluon_scores``), the other stages left out: they are
+    the default launches' (sm_90 only)."""
+    launches = decode_attention_launches(shape, length, dtype, {**config, "gluon": 1}, bits, queries, rope, 90)
+    return [launch for launch in launches if launch.kernel.__name__ == "_gluon_scores_kernel"]
+
+
 def _parse_config(items: list[str]) -> dict:
     cfg = {}
     for item in items:
@@ -491,7 +501,8 @@ def main(argv=None) -> int:
                    "--length rows in pages of 16 tokens, the sources views of the page bytes; S = 1, RoPE from "
                    "the positions, the Triton values kernel); implies --no-dequant-project --no-gluon")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
-    p.add_argument("--no-gluon", action="store_true", help="skip the Gluon K-rebuild prototype")
+    p.add_argument("--no-gluon", action="store_true", help="skip the Gluon kernels (the K-rebuild prototype, "
+                   "the opt-in scores kernel)")
     p.add_argument("--arch", type=int, default=90, choices=ARCHS, help="the GPU to compile and configure for: "
                    "80 A100, 86 A10 / RTX 30, 89 L4 / L40S / RTX 40, 90 H100 / H200, 100 B200, 120 RTX 50 (their "
                    "shared memory per program and SM count); the wgmma in-flight check and the Gluon kernels "
@@ -533,6 +544,13 @@ def main(argv=None) -> int:
 
     if HAS_GLUON and not args.no_gluon and 4 in args.bits and arch == 90:
         jobs.append(("gluon_rebuild 4-bit (not dispatched)", lambda: gluon_rebuild_launches(args.length, dtype)))
+    if HAS_GLUON and not args.no_gluon and not args.paged and arch == 90 and not config.get("gluon"):
+        from xq_compile.kernels.decode_attention.gluon_scores import BITS_SUPPORTED
+
+        jobs += [(f"{shape} {bits}-bit S={args.queries}{variant} gluon=1 (opt-in)",
+                  lambda s=shape, b=bits: gluon_scores_launches(s, args.length, dtype, config, b, args.queries,
+                                                                args.rope))
+                 for shape in args.shape for bits in args.bits if bits in BITS_SUPPORTED]
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():

@@ -167,6 +167,12 @@ def sweep_configs(default: dict) -> list[dict]:
         {"num_splits": max(1, splits // 4)},
         {"block_d": 2 * default["block_d"]},                  # half as many Wv projection programs
     ]
+    from xq_compile.kernels.decode_attention import gluon_scores
+    from xq_compile.kernels.decode_attention.config import interpreted
+
+    if gluon_scores.HAS_GLUON and not default["x_as_b"] and not interpreted():  # Hopper: the Gluon scores
+        # kernel (opt-in until timed here), in the default tile and on one warpgroup of 64 rows
+        candidates += [{"gluon": 1}, {"gluon": 1, "block_n": 64, "num_warps": 4}]
     if default["block_n"] == 64 and default["num_warps"] == 4:  # the short channel loops' tile: also time
         candidates += [{"block_h": 2 * h},                                # twice the features,
                        {"block_n": 128, "block_h": 2 * h, "num_warps": 8}]  # the long loops' tile

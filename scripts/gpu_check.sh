@@ -248,7 +248,7 @@ log "phase 1 (parallel, at most ${PHASE1_S}s): $TEST_SHARDS test shards, $WARM_S
 for ((i = 0; i < TEST_SHARDS; i++)); do
     TORCHINDUCTOR_COMPILE_THREADS=1 start_step "tests_$i" "$PHASE1_S" "$PY" -m pytest -q -p no:cacheprovider \
         tests/test_decode_attention.py tests/test_paged_decode_attention.py tests/test_kernels_cuda.py \
-        tests/test_gluon_rebuild.py -k cuda \
+        tests/test_gluon_rebuild.py tests/test_gluon_scores.py -k cuda \
         --shard "$i/$TEST_SHARDS" \
         --junitxml="$OUT/tests_$i.xml" -rfs
 done

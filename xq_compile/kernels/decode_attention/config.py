@@ -13,7 +13,7 @@ from xq_compile.kernels.devices import GpuTarget, gpu_target
 from xq_compile.kernels.tiles import next_power_of_2
 
 CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "block_d",
-               "num_warps", "num_stages", "x_as_b")
+               "num_warps", "num_stages", "x_as_b", "gluon")
 
 
 def pow2_at_least_16(x: int) -> int:
@@ -110,7 +110,7 @@ def default_config(
         block_d //= 2
     return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
                 block_cv=block_cv, num_splits=splits, block_d=block_d, num_warps=num_warps, num_stages=3,
-                x_as_b=int(not target.wgmma))
+                x_as_b=int(not target.wgmma), gluon=0)
 
 
 def resolve_config(inputs: DecodeAttentionInputs, target: GpuTarget | None = None, **config: int) -> dict:
@@ -143,6 +143,8 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | Non
         raise ValueError(f"block_h={cfg['block_h']} must be a power of two >= 1")
     if cfg["x_as_b"] not in (0, 1):
         raise ValueError(f"x_as_b={cfg['x_as_b']} must be 0 (K = X̂·Wkᵀ) or 1 (Kᵀ = Wk·X̂ᵀ)")
+    if cfg["gluon"] not in (0, 1):
+        raise ValueError(f"gluon={cfg['gluon']} must be 0 (the Triton scores kernel) or 1 (the Gluon one, Hopper)")
     if cfg["num_splits"] < 1:
         raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
     return shapes, cfg

@@ -13,7 +13,7 @@ import torch
 from xq_compile.kernels.decode_attention import config as launch_config
 from xq_compile.kernels.decode_attention.config import pow2_at_least_16
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, QuantizedSource
-from xq_compile.kernels.devices import GpuTarget
+from xq_compile.kernels.devices import GpuTarget, gpu_target
 from xq_compile.kernels.tiles import next_power_of_2, scale_broadcast
 
 try:  # Triton is an optional dependency (pip install 'xq-compile[triton]').
@@ -581,10 +581,16 @@ def _tile_args(source: QuantizedSource, col0) -> tuple[tuple, tuple]:
             (*source.packed.stride(), *source.scale.stride(), *source.zero.stride(), *t_strides, *c_strides))
 
 
+def _without_inner(k_strides: tuple) -> tuple:
+    """``_tile_args``' strides less the codes' byte stride (the Gluon kernel requires it to be 1)."""
+    return k_strides[:2] + k_strides[3:]
+
+
 def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int, kv_heads: int, max_len: int,
                    k_width: int, rows: int, seq: int, group_q: int, half: int, r_pad: int, precision: str,
-                   upcast: bool) -> torch.Tensor:
-    """Stage 1: the scores [B, Hkv, rows, L] fp32 of every query row against the K rebuilt in tiles."""
+                   upcast: bool, target: GpuTarget | None) -> torch.Tensor:
+    """Stage 1: the scores [B, Hkv, rows, L] fp32 of every query row against the K rebuilt in tiles (by
+    ``_scores_kernel``, or with ``cfg["gluon"]`` the Gluon kernel of :mod:`.gluon_scores`)."""
     keys, dev = a.keys, a.query.device
     scores = torch.empty((batch, kv_heads, rows, max_len), device=dev, dtype=torch.float32)
     k_ptrs, k_strides = _tile_args(keys, a.col0)
@@ -605,6 +611,29 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
     else:
         cos, sin, freq = a.cos, a.sin, a.cos
         table_strides, pos_strides = (*a.cos.stride(), *a.sin.stride()), (0, 0)
+    if cfg["gluon"]:
+        from xq_compile.kernels.decode_attention import gluon_scores
+
+        half_pad = pow2_at_least_16(half)
+        target = target or gpu_target(dev)
+        why = gluon_scores.unsupported(a, cfg, target, half_pad, r_pad, block_h)
+        if why is not None:
+            raise ValueError(f"decode_attention config gluon=1: the Gluon scores kernel cannot run this call: {why}. "
+                             "Leave gluon at 0 (the Triton kernel runs every case).")
+        f, m = block_h * half_pad, block_h * r_pad
+        gluon_scores._gluon_scores_kernel[grid](
+            a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq,
+            mask_t, a.length, scores,
+            max_len, kv_heads, rows, seq, group_q, half, float(a.sm_scale), float(a.rope_scale), _paged_args(a)[0],
+            *a.query.stride(), *_without_inner(k_strides), a.k_weight.stride(0), *table_strides, *pos_strides,
+            *m_strides, *scores.stride(),
+            C=k_width, BITS=keys.bits, GROUP=keys.group, PER_CHANNEL=keys.layout == "per_channel",
+            HAS_COL0=a.col0 is not None, HAS_BIAS=a.k_bias is not None, MASK_KIND=mask_kind,
+            ROPE_FROM_POSITIONS=a.rope_from_positions, R_PAD=r_pad, HALF_PAD=half_pad, BLOCK_H=block_h,
+            BLOCK_N=cfg["block_n"], BLOCK_C=gluon_scores.BLOCK_C,
+            NUM_STAGES=gluon_scores.stages_for(cfg, f, m, target), num_warps=cfg["block_n"] // 16,
+        )
+        return scores
     _scores_kernel[grid](
         a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq, mask_t,
         a.length, _table_ptr(a), scores,
@@ -661,7 +690,7 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | N
 
     # 1. scores of every (b, h, query row, cached row j < n); rows >= n are never written
     scores = _launch_scores(a, cfg, batch, q_heads, kv_heads, max_len, k_width, rows, seq, group_q, half, r_pad,
-                            precision, upcast)
+                            precision, upcast, target)
 
     # 2. per split: the probabilities, one maximum per query row over the split's scores, p = exp(s - max)
     #    in the model dtype, the maximum and Σ p

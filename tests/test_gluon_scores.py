@@ -1,0 +1,163 @@
+"""The Gluon scores kernel of ``xq_compile::decode_attention`` (opt-in: config ``gluon=1``;
+``xq_compile.kernels.decode_attention.gluon_scores``).
+
+Gluon kernels do not run under the Triton interpreter. On CPU: the configuration key, the reasons the kernel
+declines inputs (a clear error, never a wrong result), and what it compiles to for sm_90
+(``tests/test_compile_report.py``: on wgmma with one MMA group left in flight, no spills in the loop, for
+every supported width under triton 3.9 and 3.6). Its values on a Hopper GPU only (skipped elsewhere;
+``scripts/gpu_check.sh`` runs them with the other ``-k cuda`` tests): the whole op with the Gluon scores
+against the torch reference and against the Triton scores kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from test_decode_attention import HAS_TRITON, OP, Case, _to, check_close, inputs, make_inputs
+from xq_compile.kernels import decode_attention as da
+from xq_compile.kernels.decode_attention import gluon_scores as gs
+from xq_compile.kernels.devices import GpuTarget
+
+HOPPER = GpuTarget(capability=90, multiprocessors=132, shared_memory=227 * 1024)
+ADA = GpuTarget(capability=89, multiprocessors=58, shared_memory=99 * 1024)
+needs_hopper = pytest.mark.skipif(
+    not (gs.HAS_GLUON and HAS_TRITON and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+    reason="needs triton with Gluon and a Hopper GPU (sm_90)",
+)
+
+# A case the kernel takes: per-token 4-bit keys in groups of 64, a key width and a head size its tiles fit.
+SUPPORTED = Case(B=1, Hq=4, Hkv=2, D=64, C=256, L=300, n=257, k_bits=4, k_group=64, S=2, mask="bool",
+                 dtype=torch.bfloat16)
+
+
+def _why(case: Case, target: GpuTarget = HOPPER, **config) -> str | None:
+    a = inputs(make_inputs(case))
+    cfg = da.resolve_config(a, target=target, gluon=1, **config)
+    shapes = a.check()
+    half_pad = da.config.pow2_at_least_16(shapes.head_dim // 2)
+    r_pad = da.config.pow2_at_least_16(shapes.q_heads // shapes.kv_heads * shapes.seq)
+    block_h = min(cfg["block_h"], 1 << max(shapes.kv_heads - 1, 0).bit_length())
+    return gs.unsupported(a, cfg, target, half_pad, r_pad, block_h)
+
+
+def test_gluon_is_opt_in_and_checked():
+    a = inputs(make_inputs(SUPPORTED))
+    assert da.resolve_config(a, target=HOPPER)["gluon"] == 0  # the Triton scores kernel unless asked
+    assert da.resolve_config(a, target=HOPPER, gluon=1)["gluon"] == 1
+    with pytest.raises(ValueError, match="gluon=2 must be 0"):
+        da.resolve_config(a, gluon=2)
+
+
+@pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
+def test_unsupported_says_why():
+    assert _why(SUPPORTED) is None
+    assert _why(replace(SUPPORTED, k_layout="per_channel", k_group=128, col0=True), block_n=64) is None
+    declined = {
+        "3-bit keys": _why(replace(SUPPORTED, k_bits=3)),
+        "Hopper only": _why(SUPPORTED, target=ADA),
+        "torch.float32 weights": _why(replace(SUPPORTED, dtype=torch.float32)),
+        "key width of 96": _why(replace(SUPPORTED, C=96, k_group=32)),
+        "scale groups of 32": _why(replace(SUPPORTED, k_group=32)),
+        "token groups of 64, not a multiple of block_n=128": _why(
+            replace(SUPPORTED, k_layout="per_channel", k_group=64), block_n=128),
+        "block_n=256": _why(SUPPORTED, block_n=256),
+        "block_c=32": _why(SUPPORTED, block_c=32),
+        "128 features and 512 query rows": _why(replace(SUPPORTED, Hq=32, Hkv=2, S=16), block_h=2),
+    }
+    for expected, why in declined.items():
+        assert why is not None and expected in why, (expected, why)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_launcher_declines_with_a_clear_error(monkeypatch):
+    """Asked for where it cannot run (here: CPU tensors, i.e. the Triton interpreter), the launcher raises
+    saying why and what to do, before launching anything."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="gluon=1: .*cannot run this call: .*Leave gluon at 0"):
+        da.decode_attention_triton(inputs(make_inputs(SUPPORTED)), gluon=1)
+
+
+# On a Hopper GPU: real shapes and the edges of the kernel's cases (per token 2/4/8 bits, per channel with
+# col0 and the open token group from the tail, bias, both masks, RoPE tables and positions, S = 1 to 16,
+# a head size that is not a power of two, fp16, n = 1, one and two warpgroups).
+CUDA_CASES = [
+    # SmolLM2's MHA X cache (576 channels, 9 heads of 64)
+    Case(B=2, Hq=9, Hkv=9, D=64, C=576, L=1500, n=1337, k_bits=4, k_group=64, S=1, mask="bool",
+         dtype=torch.bfloat16),
+    Case(B=2, Hq=9, Hkv=9, D=64, C=576, L=700, n=613, k_bits=8, k_group=64, S=16, rope="positions",
+         pos_offset=100_000, dtype=torch.float16),
+    # a 7B-like MHA tile (2 heads of 128 per program), 2-bit, additive mask, S = 4
+    Case(B=1, Hq=4, Hkv=4, D=128, C=512, L=1100, n=1037, k_bits=2, k_group=128, S=4, mask="float",
+         dtype=torch.bfloat16),
+    # the GQA latent: per-channel keys with col0, the open token group (n - n_full rows) from the tail
+    Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=2048, n=2000, k_bits=2, k_layout="per_channel",
+         k_group=128, v_bits=4, v_group=128, S=2, col0=True, mask="float", dtype=torch.bfloat16),
+    Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=600, n=455, k_bits=4, k_layout="per_channel",
+         k_group=128, v_bits=4, v_group=128, S=16, col0=True, bias=False, rope="positions",
+         dtype=torch.bfloat16),
+    Case(B=1, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=512, n=384, k_bits=8, k_layout="per_channel",
+         k_group=128, v_bits=4, v_group=128, S=1, mask="bool", dtype=torch.bfloat16),
+    # head size 80 (RoPE halves of 40 padded to 64), GQA group 2 on a shared source, 3 query tokens
+    Case(B=2, Hq=4, Hkv=2, D=80, C=256, L=300, n=257, k_bits=4, k_group=64, S=3, mask="bool",
+         dtype=torch.bfloat16),
+    # one filled row
+    Case(B=2, Hq=2, Hkv=2, D=64, C=128, L=130, n=1, k_bits=4, k_group=64, dtype=torch.bfloat16),
+]
+
+
+def _run_gluon(a: dict, **config) -> torch.Tensor:
+    """The op through the launcher with the Gluon scores kernel, asserting it ran."""
+    calls = []
+    kernel = gs._gluon_scores_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    gs._gluon_scores_kernel = Spy()
+    try:
+        out = da.decode_attention_triton(inputs(_to(a, "cuda")), gluon=1, **config)
+    finally:
+        gs._gluon_scores_kernel = kernel
+    assert calls, "the Gluon scores kernel did not run"
+    return out.cpu()
+
+
+@needs_hopper
+@pytest.mark.parametrize("block_n", [None, 64], ids=["default_tile", "one_warpgroup"])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+def test_cuda_gluon_scores_match_the_reference(case, block_n):
+    a = make_inputs(case)
+    out = _run_gluon(a, **({} if block_n is None else {"block_n": block_n}))
+    check_close(out, OP(**a), case.dtype, f"{case} gluon block_n={block_n}")
+    triton_out = da.decode_attention_triton(inputs(_to(a, "cuda"))).cpu()
+    check_close(out, triton_out, case.dtype, f"{case} gluon vs the Triton scores kernel")
+
+
+@needs_hopper
+def test_cuda_gluon_scores_n_zero_and_graph_replay():
+    """n = 0 gives zeros; one captured graph serves every fill (n read on the device)."""
+    case = replace(CUDA_CASES[0], B=1, L=1024, n=1024, mask=None)
+    fresh = {n: make_inputs(replace(case, n=n)) for n in (0, 1, 63, 700, 1024)}
+    dev = _to(make_inputs(case), "cuda")
+    dev["length"] = torch.tensor(5, device="cuda")
+    a = inputs(dev)
+    da.decode_attention_triton(a, gluon=1)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention_triton(a, gluon=1)
+    for n, host in fresh.items():
+        for key in ("k_scale", "k_zero", "cos", "sin"):  # the per-fill poison past n moves with n
+            dev[key].copy_(host[key])
+        dev["length"].fill_(n)
+        graph.replay()
+        torch.cuda.synchronize()
+        if n == 0:
+            assert (out == 0).all()
+        else:
+            check_close(out.cpu(), OP(**host), case.dtype, f"graph replay n={n}")

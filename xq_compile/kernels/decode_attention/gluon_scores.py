@@ -1,0 +1,381 @@
+"""Stage 1 of ``xq_compile::decode_attention`` (the scores) written in Gluon for Hopper (sm_90): the K
+rebuild's MMAs stay in flight behind the dequantization, with the weight tiles copied asynchronously.
+
+Opt-in (config ``gluon=1``), not the default: its values are checked on a Hopper GPU only
+(``tests/test_gluon_scores.py``; Gluon kernels do not run under the Triton interpreter), and on CPU by
+what it compiles to (``benchmarks/compile_report.py --config gluon=1``: wgmma in flight, no spills in the
+loop). ``benchmarks/decode_attention.py --sweep`` times it next to the Triton ``_scores_kernel`` where
+:func:`supports` accepts the inputs.
+
+Why: the Triton scores kernel keeps X̂ in registers (the wgmma A operand) so that Triton's pipeliner
+prefetches the W tiles; on an H200 it reached 40% of the dense bf16 peak on a 7B shape where a plain
+Triton matmul of the same tile reached 57% (docs/kernels.md, "What limits the scores kernel"). The
+Gluon rebuild (``xq_compile.kernels.gluon_rebuild``: X̂ stored to shared memory, the MMA issued
+asynchronously, ``warpgroup_mma_wait(1)``) ran a 4-bit rebuild at 1.4-1.9x ``torch.mm``'s time where
+the Triton form took 2.6-3.0x. This kernel is that loop with the scores kernel's epilogue, and two
+loads taken off the step's critical path:
+
+* the W tile of step i + NUM_STAGES - 1 is copied with ``cp.async`` into its stage while step i runs
+  (the stage it overwrites was read by MMA i - 1, which ``wait(1)`` of step i has retired);
+* the codes, scales and zeros of step i + 1 are loaded into registers while step i dequantizes.
+
+Per step: dequantize X̂ [BLOCK_N, BLOCK_C] (the same bit tricks as ``tiles.dequant_tile``: one AND and
+one FMA per element at 2 and 4 bits), store it into one of two bf16 buffers, issue the wgmma X̂ · Wᵀ
+asynchronously, wait until only it is pending. After the loop: the two halves of every head apart (one
+accumulator of 2F columns, as in the Triton kernel), the bias, RoPE (tables or positions), and the
+block-diagonal query dot as one more wgmma (K halves and Qᵀ through shared memory), scaled, masked and
+stored like ``_scores_kernel``'s.
+
+What :func:`supports` takes: per-token key sources (2, 4 or 8 bits; scale groups and the hidden size
+multiples of 64) or per-channel ones (the GQA latent's, 2/4/8 bits, the open token group from the
+tail), dense (not paged), 16-bit weights, col0, bias, masks, S <= 16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xq_compile.kernels.decode_attention.config import interpreted
+from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs
+from xq_compile.kernels.devices import GpuTarget
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.extra import libdevice
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    # cp.async into shared memory: async_load in triton 3.9, async_copy_global_to_shared in 3.6
+    _cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else \
+        async_copy.async_copy_global_to_shared
+except (ImportError, AttributeError):  # triton < 3.4, or a Gluon API this code does not know
+    gluon = None
+
+HAS_GLUON = gluon is not None
+BLOCK_C = 64  # channels per step
+BITS_SUPPORTED = (2, 4, 8)
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _fma_code(bits, s, z, SHIFT: gl.constexpr, BITS: gl.constexpr):
+        """``code * s + z`` for the BITS-bit code at bits SHIFT.. of ``bits`` (which also holds 1.0's
+        exponent): ``tiles.fma_code``, whose comment has the arithmetic and the precision bound."""
+        m = (bits & (0x3F800000 | (((1 << BITS) - 1) << SHIFT))).to(gl.float32, bitcast=True)
+        s_shifted = s * (1 << (23 - SHIFT))
+        return m * s_shifted + (z - s_shifted)
+
+
+    @gluon.jit
+    def _step_sources(kp_ptr, ks_ptr, kz_ptr, kt_ptr, b, rows, g, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
+                      s_tb, s_tl, s_tc, BITS: gl.constexpr, PER_CHANNEL: gl.constexpr, FROM_TAIL: gl.constexpr,
+                      GROUP: gl.constexpr, BLOCK_C: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr):
+        """The pointers of what step 0 dequantizes: (code bytes, scales, zeros), or with ``FROM_TAIL``
+        (per channel, the open token group) the model-dtype tail's tile (three times). Computed once per
+        tile; :func:`_load_step` offsets them by the step.
+
+        ``rows``: the row block's rows (int64, clamped to filled rows) in ``byte_l``'s row slice. Per token
+        the scale and zero are one per row ([BLOCK_N] in that slice), per channel one per column of the
+        block's token group ``g`` ([BLOCK_C] in ``dq_l``'s column slice)."""
+        cols = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, dq_l))
+        if FROM_TAIL:
+            t_rows = gl.convert_layout(rows, gl.SliceLayout(1, dq_l)) % GROUP
+            codes = kt_ptr + b * s_tb + t_rows[:, None] * s_tl + cols[None, :] * s_tc
+            scales = codes
+            zeros = codes
+        else:
+            byte = gl.arange(0, BLOCK_C * BITS // 8, layout=gl.SliceLayout(0, byte_l))
+            codes = kp_ptr + b * s_pb + rows[:, None] * s_pl + byte[None, :]
+            if PER_CHANNEL:
+                scales = ks_ptr + b * s_sb + g * s_sl + cols * s_sc
+                zeros = kz_ptr + b * s_zb + g * s_zl + cols * s_zc
+            else:
+                scales = ks_ptr + b * s_sb + rows * s_sl
+                zeros = kz_ptr + b * s_zb + rows * s_zl
+        return codes, scales, zeros
+
+    @gluon.jit
+    def _load_step(codes, scales, zeros, i, s_sc, s_zc, s_tc, BITS: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                   FROM_TAIL: gl.constexpr, GROUP: gl.constexpr, BLOCK_C: gl.constexpr):
+        """What step ``i`` dequantizes (loaded a step ahead): the code bytes (4 per register) and the
+        scale and zero in fp32, shaped to broadcast over the tile; or the tail's tile in fp32."""
+        if FROM_TAIL:
+            word = gl.load(codes + i * BLOCK_C * s_tc).to(gl.float32)
+            s = word
+            z = word
+        else:
+            word = gl.load(codes + i * (BLOCK_C * BITS // 8))
+            if PER_CHANNEL:
+                s = gl.load(scales + i * BLOCK_C * s_sc).to(gl.float32)[None, :]
+                z = gl.load(zeros + i * BLOCK_C * s_zc).to(gl.float32)[None, :]
+            else:
+                s = gl.load(scales + (i * BLOCK_C // GROUP) * s_sc).to(gl.float32)[:, None]
+                z = gl.load(zeros + (i * BLOCK_C // GROUP) * s_zc).to(gl.float32)[:, None]
+        return word, s, z
+
+    @gluon.jit
+    def _dequant(word, s, z, BITS: gl.constexpr, PER_CHANNEL: gl.constexpr, FROM_TAIL: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, dq_l: gl.constexpr):
+        """X̂ [BLOCK_N, BLOCK_C] in fp32, in ``dq_l``, from :func:`_load_step`'s operands (a byte's codes
+        lowest bits first, as ``quant.pack`` packs them)."""
+        if FROM_TAIL:
+            x = word
+        elif BITS == 8 or PER_CHANNEL:
+            word = word.to(gl.int32)
+            if BITS == 8:
+                code = word
+            elif BITS == 4:
+                code = gl.reshape(gl.join(word & 15, word >> 4), [BLOCK_N, BLOCK_C])
+            else:
+                code = gl.reshape(gl.join(gl.join(word & 3, (word >> 4) & 3), gl.join((word >> 2) & 3,
+                                                                                       (word >> 6) & 3)),
+                                  [BLOCK_N, BLOCK_C])
+            # the code in the mantissa of 2^23, minus 2^23: exact, no int-to-float conversion
+            code_f = (gl.convert_layout(code, dq_l) | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
+            x = code_f * s + z
+        else:
+            top = (word.to(gl.int32) << 15) | 0x3F800000  # every byte in the top 8 bits of the mantissa of 1.0
+            if BITS == 4:
+                x = gl.reshape(gl.join(_fma_code(top, s, z, 15, 4), _fma_code(top, s, z, 19, 4)), [BLOCK_N, BLOCK_C])
+            else:
+                x = gl.reshape(gl.join(gl.join(_fma_code(top, s, z, 15, 2), _fma_code(top, s, z, 19, 2)),
+                                       gl.join(_fma_code(top, s, z, 17, 2), _fma_code(top, s, z, 21, 2))),
+                               [BLOCK_N, BLOCK_C])
+        # (dq_l is the layout unpacking the bytes gives: a no-op)
+        return gl.convert_layout(x, dq_l)
+
+    @gluon.jit
+    def _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, g,
+                   s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                   C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                   FROM_TAIL: gl.constexpr, HAS_COL0: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr,
+                   F2: gl.constexpr, NUM_STAGES: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr,
+                   acc_l: gl.constexpr):
+        """K = X̂ · Wkᵀ [BLOCK_N, F2] in fp32 (``acc_l``), the column i from the W row of ``w_ptrs[i]``.
+
+        Step i: dequantize (operands loaded during step i - 1), store X̂ into buffer i % 2, issue the
+        wgmma asynchronously and wait until only it is pending; then copy step i + NUM_STAGES - 1's W
+        tile into the stage MMA i - 1 read. One cp.async group is committed per step (empty past the
+        last tile), so ``wait_group(NUM_STAGES - 2)`` always means "step i's tile has landed"."""
+        NUM_STEPS: gl.constexpr = C // BLOCK_C
+        dtype: gl.constexpr = x_buf.dtype
+        for j in gl.static_range(NUM_STAGES - 1):
+            if j < NUM_STEPS:
+                _cp_async(w_buf.index(j), w_ptrs + j * BLOCK_C)
+            async_copy.commit_group()
+        codes, scales, zeros = _step_sources(kp_ptr, ks_ptr, kz_ptr, kt_ptr, b, rows, g, s_pb, s_pl, s_sb, s_sl,
+                                             s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, BITS, PER_CHANNEL, FROM_TAIL,
+                                             GROUP, BLOCK_C, byte_l, dq_l)
+        word, s, z = _load_step(codes, scales, zeros, 0, s_sc, s_zc, s_tc, BITS, PER_CHANNEL, FROM_TAIL, GROUP,
+                                BLOCK_C)
+        if HAS_COL0:  # channel 0 of every row is col0 (exact): the first step only
+            v0 = gl.load(c0_ptr + b * s_cb + gl.convert_layout(rows, gl.SliceLayout(1, dq_l)) * s_cl)
+            first_col = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, dq_l)) == 0
+        acc = gl.zeros((BLOCK_N, F2), gl.float32, acc_l)
+        for i in range(NUM_STEPS):
+            nxt = _load_step(codes, scales, zeros, gl.minimum(i + 1, NUM_STEPS - 1), s_sc, s_zc, s_tc, BITS,
+                             PER_CHANNEL, FROM_TAIL, GROUP, BLOCK_C)
+            x = _dequant(word, s, z, BITS, PER_CHANNEL, FROM_TAIL, BLOCK_N, BLOCK_C, dq_l)
+            if HAS_COL0:
+                if i == 0:
+                    x = gl.where(first_col[None, :], v0.to(gl.float32)[:, None], x)
+            async_copy.wait_group(NUM_STAGES - 2)  # this step's W tile (this thread's copies of it)
+            x_buf.index(i % 2).store(x.to(dtype))
+            fence_async_shared()  # the generic-proxy stores before the async-proxy (wgmma) reads
+            acc = warpgroup_mma(x_buf.index(i % 2), w_buf.index(i % NUM_STAGES).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if i + NUM_STAGES - 1 < NUM_STEPS:
+                _cp_async(w_buf.index((i + NUM_STAGES - 1) % NUM_STAGES), w_ptrs + (i + NUM_STAGES - 1) * BLOCK_C)
+            async_copy.commit_group()
+            word, s, z = nxt
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        async_copy.wait_group(0)
+        return acc
+
+    @gluon.jit
+    def _gluon_scores_kernel(
+        q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
+        mask_ptr, length_ptr, out_ptr,
+        L, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_len,
+        s_qb, s_qh, s_qs, s_qd,
+        s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        s_wn, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
+        s_mb, s_mh, s_ms, s_ml,
+        s_ob, s_oh, s_or, s_ol,
+        C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
+        HAS_COL0: gl.constexpr, HAS_BIAS: gl.constexpr, MASK_KIND: gl.constexpr,
+        ROPE_FROM_POSITIONS: gl.constexpr, R_PAD: gl.constexpr, HALF_PAD: gl.constexpr, BLOCK_H: gl.constexpr,
+        BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """``_scores_kernel``'s output (the scaled, masked scores of BLOCK_H KV heads' query rows against
+        cached rows r0 .. r0 + BLOCK_N) with the K rebuild of :func:`_rebuild_k`. num_warps = BLOCK_N / 16:
+        each warpgroup owns 64 rows of the tile."""
+        pid_bh = gl.program_id(0)
+        r0 = gl.program_id(1) * BLOCK_N
+        num_ht = gl.cdiv(HKV, BLOCK_H)
+        b = (pid_bh // num_ht).to(gl.int64)
+        n = gl.minimum(gl.maximum(gl.load(length_ptr + b * s_len).to(gl.int32), 0), L)
+        if r0 >= n:
+            return  # a row block past the fill: nothing to do (one CUDA graph serves every fill)
+        h0 = (pid_bh % num_ht) * BLOCK_H
+        n_full = n // GROUP * GROUP
+        dtype: gl.constexpr = w_ptr.dtype.element_ty
+
+        # registers: a row's code bytes 4 at a time, the dequantized tile in the layout unpacking them gives
+        # (the 4 bytes' codes per thread); W rows 8 features (16 bytes, one cp.async) per thread
+        BYTES: gl.constexpr = BLOCK_C * BITS // 8
+        byte_l: gl.constexpr = gl.BlockedLayout([1, 4], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
+        dq_l: gl.constexpr = gl.BlockedLayout([1, 32 // BITS], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
+        w_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        F: gl.constexpr = BLOCK_H * HALF_PAD
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, 2 * F, 16])
+        # shared memory: two X̂ buffers, NUM_STAGES W tiles
+        x_buf = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_C],
+                                          gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_C], dtype))
+        w_buf = gl.allocate_shared_memory(dtype, [NUM_STAGES, 2 * F, BLOCK_C],
+                                          gl.NVMMASharedLayout.get_default_for([2 * F, BLOCK_C], dtype))
+
+        # W rows: columns [0, F) of the accumulator the first halves of the tile's heads, [F, 2F) the
+        # second halves (as in _scores_kernel); padding columns read row 0 (finite; their query is 0)
+        f2 = gl.arange(0, 2 * F, layout=gl.SliceLayout(1, w_l))
+        fh = f2 % F
+        w_rows = (h0 + fh // HALF_PAD) * (2 * HALF) + (f2 // F) * HALF + fh % HALF_PAD
+        w_rows = gl.where((h0 + fh // HALF_PAD < HKV) & (fh % HALF_PAD < HALF), w_rows, 0)
+        w_ptrs = w_ptr + w_rows.to(gl.int64)[:, None] * s_wn + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, w_l))[None, :]
+
+        # rows past the fill read the last filled row (no masks in the loop; their scores are not stored)
+        rows = gl.minimum(r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_l)), n - 1).to(gl.int64)
+        g = r0 // GROUP  # per channel: the block's token group (BLOCK_N divides GROUP)
+        if PER_CHANNEL and r0 >= n_full:  # the open token group: rows from the model-dtype tail
+            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, g,
+                           s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                           C, BITS, GROUP, PER_CHANNEL, True, HAS_COL0, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
+                           byte_l, dq_l, acc_l)
+        else:
+            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, g,
+                           s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                           C, BITS, GROUP, PER_CHANNEL, False, HAS_COL0, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
+                           byte_l, dq_l, acc_l)
+        # the halves apart along the highest column bit, which wgmma's accumulator keeps in each thread
+        k1, k2 = gl.split(gl.permute(gl.reshape(k, [BLOCK_N, 2, F]), [0, 2, 1]))
+        kl: gl.constexpr = k1.type.layout
+        f = gl.arange(0, F, layout=gl.SliceLayout(0, kl))
+        dh = f % HALF_PAD
+        f_ok = (h0 + f // HALF_PAD < HKV) & (dh < HALF)
+        if HAS_BIAS:
+            w1_rows = (h0 + f // HALF_PAD) * (2 * HALF) + dh
+            k1 += gl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(gl.float32)[None, :]
+            k2 += gl.load(bias_ptr + w1_rows + HALF, mask=f_ok, other=0.0).to(gl.float32)[None, :]
+
+        # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2] in fp32, rounded to the model dtype
+        rows_k = r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kl))
+        row_ok = rows_k < n
+        if ROPE_FROM_POSITIONS:  # HF's default RoPE, both halves one frequency (see _rope_cos_sin)
+            pos = gl.load(pos_ptr + b * s_posb + rows_k.to(gl.int64) * s_posl, mask=row_ok, other=0).to(gl.float32)
+            freq = gl.load(freq_ptr + dh, mask=f_ok, other=0.0)
+            angle = pos[:, None] * freq[None, :]
+            # the angle reduced to [-π, π] (2π in two fp32 parts), then the hardware's fast cos/sin
+            turns = libdevice.rint(angle * 0.15915494309189535)
+            reduced = gl.fma(turns, -6.2831854820251465, angle)
+            reduced = gl.fma(turns, 1.7484556000744883e-07, reduced)
+            c = (libdevice.fast_cosf(reduced) * rope_scale).to(dtype).to(gl.float32)
+            sn = (libdevice.fast_sinf(reduced) * rope_scale).to(dtype).to(gl.float32)
+            kr1 = (k1 * c - k2 * sn).to(dtype)
+            kr2 = (k2 * c + k1 * sn).to(dtype)
+        else:
+            t_mask = row_ok[:, None] & f_ok[None, :]
+            cos_off = b * s_cosb + rows_k.to(gl.int64)[:, None] * s_cosl + dh[None, :] * s_cosd
+            sin_off = b * s_sinb + rows_k.to(gl.int64)[:, None] * s_sinl + dh[None, :] * s_sind
+            c1 = gl.load(cos_ptr + cos_off, mask=t_mask, other=0.0).to(gl.float32)
+            s1 = gl.load(sin_ptr + sin_off, mask=t_mask, other=0.0).to(gl.float32)
+            kr1 = (k1 * c1 - k2 * s1).to(dtype)
+            c2 = gl.load(cos_ptr + cos_off + HALF * s_cosd, mask=t_mask, other=0.0).to(gl.float32)
+            s2 = gl.load(sin_ptr + sin_off + HALF * s_sind, mask=t_mask, other=0.0).to(gl.float32)
+            kr2 = (k2 * c2 + k1 * s2).to(dtype)
+
+        # The scores of every query row of the tile's heads: K_rot [BLOCK_N, 2F] times the block-diagonal
+        # Qᵀ [2F, M] (each head's rows see only its own features), as two wgmma from shared memory.
+        M: gl.constexpr = BLOCK_H * R_PAD
+        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        m = gl.arange(0, M, layout=gl.SliceLayout(1, q_l))
+        fq = gl.arange(0, F, layout=gl.SliceLayout(0, q_l))
+        m_head = h0 + m // R_PAD
+        r = m % R_PAD
+        q_head = m_head * GROUP_Q + r // S
+        q_off = b * s_qb + q_head[:, None] * s_qh + (r % S)[:, None] * s_qs + (fq % HALF_PAD)[None, :] * s_qd
+        q_mask = ((m_head < HKV) & (r < R))[:, None] & ((fq // HALF_PAD)[None, :] == (m // R_PAD)[:, None]) \
+            & ((h0 + fq // HALF_PAD < HKV) & (fq % HALF_PAD < HALF))[None, :]
+        k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, F], dtype)
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, F], dtype)
+        k1_s = gl.allocate_shared_memory(dtype, [BLOCK_N, F], k_sl, kr1)
+        k2_s = gl.allocate_shared_memory(dtype, [BLOCK_N, F], k_sl, kr2)
+        q1_s = gl.allocate_shared_memory(dtype, [M, F], q_sl,
+                                         gl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(dtype))
+        q2_s = gl.allocate_shared_memory(dtype, [M, F], q_sl,
+                                         gl.load(q_ptr + q_off + HALF * s_qd, mask=q_mask, other=0.0).to(dtype))
+        fence_async_shared()
+        sc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, M, 16])
+        sc = warpgroup_mma(k1_s, q1_s.permute((1, 0)), gl.zeros((BLOCK_N, M), gl.float32, sc_l))
+        sc = warpgroup_mma(k2_s, q2_s.permute((1, 0)), sc)
+        sc = sc * qk_scale
+
+        rows_s = r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sc_l))
+        ms = gl.arange(0, M, layout=gl.SliceLayout(0, sc_l))
+        ms_head = h0 + ms // R_PAD
+        rs = ms % R_PAD
+        qs_head = ms_head * GROUP_Q + rs // S
+        st_mask = (rows_s < n)[:, None] & ((ms_head < HKV) & (rs < R))[None, :]
+        if MASK_KIND != 0:
+            m_off = (b * s_mb + (qs_head.to(gl.int64) * s_mh)[None, :] + ((rs % S).to(gl.int64) * s_ms)[None, :]
+                     + (rows_s.to(gl.int64) * s_ml)[:, None])
+            mv = gl.load(mask_ptr + m_off, mask=st_mask, other=0)
+            if MASK_KIND == 1:
+                sc = gl.where(mv != 0, sc, float("-inf"))
+            else:
+                sc = sc + mv.to(gl.float32)
+        o_off = (b * s_ob + (ms_head.to(gl.int64) * s_oh)[None, :] + (rs.to(gl.int64) * s_or)[None, :]
+                 + rows_s[:, None] * s_ol)
+        gl.store(out_ptr + o_off, sc, mask=st_mask)
+
+
+def _shared_bytes(cfg: dict, f: int, m: int, stages: int) -> int:
+    """Shared memory of one program: the X̂ buffers, the W stages, the rotated K halves and Qᵀ (16-bit)."""
+    n, c = cfg["block_n"], BLOCK_C
+    return 2 * (2 * n * c + stages * 2 * f * c + 2 * n * f + 2 * m * f)
+
+
+def stages_for(cfg: dict, f: int, m: int, target: GpuTarget) -> int:
+    """W tiles in flight: 3 (two copies ahead of the MMA) where they fit ``target``'s shared memory, else 2."""
+    return 3 if _shared_bytes(cfg, f, m, 3) <= target.shared_memory else 2
+
+
+def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, r_pad: int,
+                block_h: int) -> str | None:
+    """Why the Gluon scores kernel cannot run ``a`` with ``cfg`` on ``target`` (None: it can)."""
+    keys, w = a.keys, a.k_weight
+    f, m = block_h * half_pad, block_h * r_pad
+    checks = (
+        (HAS_GLUON, "this triton has no Gluon (triton >= 3.4 has)"),
+        (not interpreted(), "the Triton interpreter (TRITON_INTERPRET=1) does not run Gluon kernels"),
+        (target.wgmma, f"it issues wgmma, which sm_{target.capability} has not (Hopper only)"),
+        (not a.paged, "paged sources are not supported"),
+        (keys.bits in BITS_SUPPORTED, f"{keys.bits}-bit keys are not supported (2, 4 or 8 bits are)"),
+        (w.dtype in (torch.float16, torch.bfloat16), f"{w.dtype} weights (16-bit ones are supported)"),
+        (w.shape[1] % BLOCK_C == 0, f"a key width of {w.shape[1]}, not a multiple of {BLOCK_C}"),
+        (keys.layout == "per_channel" or keys.group % BLOCK_C == 0,
+         f"per-token scale groups of {keys.group}, not a multiple of {BLOCK_C}"),
+        (keys.layout == "per_token" or keys.group % cfg["block_n"] == 0,
+         f"per-channel token groups of {keys.group}, not a multiple of block_n={cfg['block_n']}"),
+        (cfg["block_n"] in (64, 128), f"block_n={cfg['block_n']} (64 or 128: one or two warpgroups)"),
+        (cfg["block_c"] == BLOCK_C, f"block_c={cfg['block_c']} (it steps {BLOCK_C} channels)"),
+        (2 * f <= 256 and m <= 256, f"a tile of {2 * f} features and {m} query rows (wgmma takes 256)"),
+        (keys.packed.stride(2) == 1 and w.stride(1) == 1, "codes or weights with a non-unit inner stride"),
+        (w.stride(0) % 8 == 0 and w.data_ptr() % 16 == 0, "weight rows not 16-byte aligned (cp.async)"),
+        (_shared_bytes(cfg, f, m, 2) <= target.shared_memory,
+         f"the tile needs {_shared_bytes(cfg, f, m, 2) // 1024} KB of shared memory, more than the GPU's "
+         f"{target.shared_memory // 1024} KB a program"),
+    )
+    return next((why for ok, why in checks if not ok), None)
