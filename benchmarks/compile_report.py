@@ -470,11 +470,17 @@ def gluon_rebuild_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
 
 
 def gluon_scores_launches(shape: str, length: int, dtype, config: dict, bits: int = 4, queries: int = 1,
-                          rope: str = "tables") -> list[Launch]:
+                          rope: str = "tables", gluon: int = 1) -> list[Launch]:
     """The scores launch of ``decode_attention_launches`` with the opt-in Gluon scores kernel (config
-    ``gluon=1``; ``xq_compile.kernels.decode_attention.gluon_scores``), the other stages left out: they are
-    the default launches' (sm_90 only)."""
-    launches = decode_attention_launches(shape, length, dtype, {**config, "gluon": 1}, bits, queries, rope, 90)
+    ``gluon``: 1 streams W, 2 keeps the head tile's W resident; ``xq_compile.kernels.decode_attention.
+    gluon_scores``), the other stages left out: they are the default launches' (sm_90 only). None for
+    ``gluon=2`` where the W slice does not fit in shared memory (the launcher declines it)."""
+    try:
+        launches = decode_attention_launches(shape, length, dtype, {**config, "gluon": gluon}, bits, queries, rope, 90)
+    except ValueError as exc:
+        if gluon == 2 and "whole W slice resident" in str(exc):
+            return []
+        raise
     return [launch for launch in launches if launch.kernel.__name__ == "_gluon_scores_kernel"]
 
 
@@ -547,10 +553,10 @@ def main(argv=None) -> int:
     if HAS_GLUON and not args.no_gluon and not args.paged and arch == 90 and not config.get("gluon"):
         from xq_compile.kernels.decode_attention.gluon_scores import BITS_SUPPORTED
 
-        jobs += [(f"{shape} {bits}-bit S={args.queries}{variant} gluon=1 (opt-in)",
-                  lambda s=shape, b=bits: gluon_scores_launches(s, args.length, dtype, config, b, args.queries,
-                                                                args.rope))
-                 for shape in args.shape for bits in args.bits if bits in BITS_SUPPORTED]
+        jobs += [(f"{shape} {bits}-bit S={args.queries}{variant} gluon={gluon} (opt-in)",
+                  lambda s=shape, b=bits, g=gluon: gluon_scores_launches(s, args.length, dtype, config, b,
+                                                                         args.queries, args.rope, g))
+                 for gluon in (1, 2) for shape in args.shape for bits in args.bits if bits in BITS_SUPPORTED]
     for title, make in jobs:
         print(f"== {title}", flush=True)
         for launch in make():

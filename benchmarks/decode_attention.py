@@ -167,15 +167,22 @@ def sweep_configs(default: dict) -> list[dict]:
         {"num_splits": max(1, splits // 4)},
         {"block_d": 2 * default["block_d"]},                  # half as many Wv projection programs
     ]
+    short_loop = default["block_n"] == 64 and default["num_warps"] == 4
+    if short_loop:  # the short channel loops' tile: also time
+        candidates += [{"block_h": 2 * h},                                # twice the features,
+                       {"block_n": 128, "block_h": 2 * h, "num_warps": 8}]  # the long loops' tile
     from xq_compile.kernels.decode_attention import gluon_scores
     from xq_compile.kernels.decode_attention.config import interpreted
 
     if gluon_scores.HAS_GLUON and not default["x_as_b"] and not interpreted():  # Hopper: the Gluon scores
-        # kernel (opt-in until timed here), in the default tile and on one warpgroup of 64 rows
+        # kernel (opt-in until timed here) in the default tile, on one warpgroup of 64 rows and, for short
+        # loops (small models), with twice the features (its dequantization then feeds twice the MMA work)
+        # and with the head tile's W resident in shared memory (gluon=2: only X streams)
         candidates += [{"gluon": 1}, {"gluon": 1, "block_n": 64, "num_warps": 4}]
-    if default["block_n"] == 64 and default["num_warps"] == 4:  # the short channel loops' tile: also time
-        candidates += [{"block_h": 2 * h},                                # twice the features,
-                       {"block_n": 128, "block_h": 2 * h, "num_warps": 8}]  # the long loops' tile
+        if short_loop:
+            candidates += [{"gluon": 1, "block_h": 2 * h}, {"gluon": 1, "block_n": 128, "block_h": 2 * h,
+                                                            "num_warps": 8},
+                           {"gluon": 2}, {"gluon": 2, "block_h": 2 * h}]
     configs, seen = [], []
     for over in candidates:
         if {**default, **over} not in seen:

@@ -1,5 +1,5 @@
-"""The Gluon scores kernel of ``xq_compile::decode_attention`` (opt-in: config ``gluon=1``;
-``xq_compile.kernels.decode_attention.gluon_scores``).
+"""The Gluon scores kernel of ``xq_compile::decode_attention`` (opt-in: config ``gluon=1``, W streamed, or
+``gluon=2``, the head tile's W resident in shared memory; ``xq_compile.kernels.decode_attention.gluon_scores``).
 
 Gluon kernels do not run under the Triton interpreter. On CPU: the configuration key, the reasons the kernel
 declines inputs (a clear error, never a wrong result), and what it compiles to for sm_90
@@ -35,7 +35,7 @@ SUPPORTED = Case(B=1, Hq=4, Hkv=2, D=64, C=256, L=300, n=257, k_bits=4, k_group=
 
 def _why(case: Case, target: GpuTarget = HOPPER, **config) -> str | None:
     a = inputs(make_inputs(case))
-    cfg = da.resolve_config(a, target=target, gluon=1, **config)
+    cfg = da.resolve_config(a, target=target, **{"gluon": 1, **config})
     shapes = a.check()
     half_pad = da.config.pow2_at_least_16(shapes.head_dim // 2)
     r_pad = da.config.pow2_at_least_16(shapes.q_heads // shapes.kv_heads * shapes.seq)
@@ -47,14 +47,15 @@ def test_gluon_is_opt_in_and_checked():
     a = inputs(make_inputs(SUPPORTED))
     assert da.resolve_config(a, target=HOPPER)["gluon"] == 0  # the Triton scores kernel unless asked
     assert da.resolve_config(a, target=HOPPER, gluon=1)["gluon"] == 1
-    with pytest.raises(ValueError, match="gluon=2 must be 0"):
-        da.resolve_config(a, gluon=2)
+    with pytest.raises(ValueError, match="gluon=3 must be 0"):
+        da.resolve_config(a, gluon=3)
 
 
 @pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
 def test_unsupported_says_why():
     assert _why(SUPPORTED) is None
     assert _why(replace(SUPPORTED, k_layout="per_channel", k_group=128, col0=True), block_n=64) is None
+    assert _why(SUPPORTED, gluon=2) is None  # 256 channels x 64 features of W: 32 KB, resident
     declined = {
         "3-bit keys": _why(replace(SUPPORTED, k_bits=3)),
         "Hopper only": _why(SUPPORTED, target=ADA),
@@ -66,6 +67,9 @@ def test_unsupported_says_why():
         "block_n=256": _why(SUPPORTED, block_n=256),
         "block_c=32": _why(SUPPORTED, block_c=32),
         "128 features and 512 query rows": _why(replace(SUPPORTED, Hq=32, Hkv=2, S=16), block_h=2),
+        # gluon=2 keeps the head tile's whole W slice in shared memory: 4096 channels x 256 features do not fit
+        "2160 KB of shared memory with the head tile's whole W slice resident": _why(
+            replace(SUPPORTED, Hq=4, Hkv=4, D=128, C=4096, k_group=128), gluon=2, block_n=128, block_h=2),
     }
     for expected, why in declined.items():
         assert why is not None and expected in why, (expected, why)
@@ -109,7 +113,8 @@ CUDA_CASES = [
 
 
 def _run_gluon(a: dict, **config) -> torch.Tensor:
-    """The op through the launcher with the Gluon scores kernel, asserting it ran."""
+    """The op through the launcher with the Gluon scores kernel (``config`` sets ``gluon``), asserting it
+    ran."""
     calls = []
     kernel = gs._gluon_scores_kernel
 
@@ -120,7 +125,7 @@ def _run_gluon(a: dict, **config) -> torch.Tensor:
 
     gs._gluon_scores_kernel = Spy()
     try:
-        out = da.decode_attention_triton(inputs(_to(a, "cuda")), gluon=1, **config)
+        out = da.decode_attention_triton(inputs(_to(a, "cuda")), **config)
     finally:
         gs._gluon_scores_kernel = kernel
     assert calls, "the Gluon scores kernel did not run"
@@ -129,28 +134,38 @@ def _run_gluon(a: dict, **config) -> torch.Tensor:
 
 @needs_hopper
 @pytest.mark.parametrize("block_n", [None, 64], ids=["default_tile", "one_warpgroup"])
+@pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
-def test_cuda_gluon_scores_match_the_reference(case, block_n):
+def test_cuda_gluon_scores_match_the_reference(case, gluon, block_n):
     a = make_inputs(case)
-    out = _run_gluon(a, **({} if block_n is None else {"block_n": block_n}))
-    check_close(out, OP(**a), case.dtype, f"{case} gluon block_n={block_n}")
+    config = {"gluon": gluon, **({} if block_n is None else {"block_n": block_n})}
+    why = _why(case, **config)
+    if why is not None:  # gluon=2 where the head tile's W slice does not fit (7B, GQA): declined, saying so
+        assert gluon == 2 and "whole W slice resident" in why, why
+        with pytest.raises(ValueError, match="whole W slice resident"):
+            da.decode_attention_triton(inputs(_to(a, "cuda")), **config)
+        return
+    out = _run_gluon(a, **config)
+    check_close(out, OP(**a), case.dtype, f"{case} {config}")
     triton_out = da.decode_attention_triton(inputs(_to(a, "cuda"))).cpu()
-    check_close(out, triton_out, case.dtype, f"{case} gluon vs the Triton scores kernel")
+    check_close(out, triton_out, case.dtype, f"{case} {config} vs the Triton scores kernel")
 
 
 @needs_hopper
-def test_cuda_gluon_scores_n_zero_and_graph_replay():
-    """n = 0 gives zeros; one captured graph serves every fill (n read on the device)."""
+@pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
+def test_cuda_gluon_scores_n_zero_and_graph_replay(gluon):
+    """n = 0 gives zeros; one captured graph serves every fill (n read on the device; with W resident the
+    programs loop over the filled row blocks)."""
     case = replace(CUDA_CASES[0], B=1, L=1024, n=1024, mask=None)
     fresh = {n: make_inputs(replace(case, n=n)) for n in (0, 1, 63, 700, 1024)}
     dev = _to(make_inputs(case), "cuda")
     dev["length"] = torch.tensor(5, device="cuda")
     a = inputs(dev)
-    da.decode_attention_triton(a, gluon=1)  # compile outside the capture
+    da.decode_attention_triton(a, gluon=gluon)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = da.decode_attention_triton(a, gluon=1)
+        out = da.decode_attention_triton(a, gluon=gluon)
     for n, host in fresh.items():
         for key in ("k_scale", "k_zero", "cos", "sin"):  # the per-fill poison past n moves with n
             dev[key].copy_(host[key])

@@ -143,8 +143,9 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | Non
         raise ValueError(f"block_h={cfg['block_h']} must be a power of two >= 1")
     if cfg["x_as_b"] not in (0, 1):
         raise ValueError(f"x_as_b={cfg['x_as_b']} must be 0 (K = X̂·Wkᵀ) or 1 (Kᵀ = Wk·X̂ᵀ)")
-    if cfg["gluon"] not in (0, 1):
-        raise ValueError(f"gluon={cfg['gluon']} must be 0 (the Triton scores kernel) or 1 (the Gluon one, Hopper)")
+    if cfg["gluon"] not in (0, 1, 2):
+        raise ValueError(f"gluon={cfg['gluon']} must be 0 (the Triton scores kernel), 1 (the Gluon one, Hopper) or "
+                         "2 (the Gluon one with the head tile's W resident in shared memory)")
     if cfg["num_splits"] < 1:
         raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
     return shapes, cfg

@@ -46,6 +46,8 @@ try:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                                    warpgroup_mma_wait)
+    from xq_compile.kernels.tiles import fma_code  # a triton.jit function of elementwise ops: Gluon calls it
+
     # cp.async into shared memory: async_load in triton 3.9, async_copy_global_to_shared in 3.6
     _cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else \
         async_copy.async_copy_global_to_shared
@@ -59,13 +61,12 @@ BITS_SUPPORTED = (2, 4, 8)
 if HAS_GLUON:
 
     @gluon.jit
-    def _fma_code(bits, s, z, SHIFT: gl.constexpr, BITS: gl.constexpr):
-        """``code * s + z`` for the BITS-bit code at bits SHIFT.. of ``bits`` (which also holds 1.0's
-        exponent): ``tiles.fma_code``, whose comment has the arithmetic and the precision bound."""
-        m = (bits & (0x3F800000 | (((1 << BITS) - 1) << SHIFT))).to(gl.float32, bitcast=True)
-        s_shifted = s * (1 << (23 - SHIFT))
-        return m * s_shifted + (z - s_shifted)
-
+    def _fma_nibble(t, s_shifted, z_shifted, SHIFT: gl.constexpr):
+        """``code * s + z`` for the 4-bit code at bits SHIFT .. SHIFT + 3 of ``t`` (SHIFT 15 or 19):
+        ``tiles.fma_code``'s arithmetic with 1.0's exponent ORed in by the same LOP3 that masks the code
+        (``s_shifted`` = s·2^(23 - SHIFT), ``z_shifted`` = z - s_shifted, once per row and step)."""
+        m = ((t & (15 << SHIFT)) | 0x3F800000).to(gl.float32, bitcast=True)
+        return m * s_shifted + z_shifted
 
     @gluon.jit
     def _step_sources(kp_ptr, ks_ptr, kz_ptr, kt_ptr, b, rows, g, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
@@ -85,8 +86,13 @@ if HAS_GLUON:
             scales = codes
             zeros = codes
         else:
-            byte = gl.arange(0, BLOCK_C * BITS // 8, layout=gl.SliceLayout(0, byte_l))
-            codes = kp_ptr + b * s_pb + rows[:, None] * s_pl + byte[None, :]
+            if BITS == 4 and not PER_CHANNEL:  # 32-bit words of 8 codes (unsupported() checks the alignment)
+                word_idx = gl.arange(0, BLOCK_C // 8, layout=gl.SliceLayout(0, byte_l))
+                codes = kp_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + b * (s_pb // 4) \
+                    + rows[:, None] * (s_pl // 4) + word_idx[None, :]
+            else:
+                byte = gl.arange(0, BLOCK_C * BITS // 8, layout=gl.SliceLayout(0, byte_l))
+                codes = kp_ptr + b * s_pb + rows[:, None] * s_pl + byte[None, :]
             if PER_CHANNEL:
                 scales = ks_ptr + b * s_sb + g * s_sl + cols * s_sc
                 zeros = kz_ptr + b * s_zb + g * s_zl + cols * s_zc
@@ -105,7 +111,10 @@ if HAS_GLUON:
             s = word
             z = word
         else:
-            word = gl.load(codes + i * (BLOCK_C * BITS // 8))
+            if BITS == 4 and not PER_CHANNEL:
+                word = gl.load(codes + i * (BLOCK_C // 8))
+            else:
+                word = gl.load(codes + i * (BLOCK_C * BITS // 8))
             if PER_CHANNEL:
                 s = gl.load(scales + i * BLOCK_C * s_sc).to(gl.float32)[None, :]
                 z = gl.load(zeros + i * BLOCK_C * s_zc).to(gl.float32)[None, :]
@@ -134,14 +143,27 @@ if HAS_GLUON:
             # the code in the mantissa of 2^23, minus 2^23: exact, no int-to-float conversion
             code_f = (gl.convert_layout(code, dq_l) | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
             x = code_f * s + z
-        else:
-            top = (word.to(gl.int32) << 15) | 0x3F800000  # every byte in the top 8 bits of the mantissa of 1.0
-            if BITS == 4:
-                x = gl.reshape(gl.join(_fma_code(top, s, z, 15, 4), _fma_code(top, s, z, 19, 4)), [BLOCK_N, BLOCK_C])
-            else:
-                x = gl.reshape(gl.join(gl.join(_fma_code(top, s, z, 15, 2), _fma_code(top, s, z, 19, 2)),
-                                       gl.join(_fma_code(top, s, z, 17, 2), _fma_code(top, s, z, 21, 2))),
-                               [BLOCK_N, BLOCK_C])
+        elif BITS == 4:
+            # a word's bytes in turn at bits 15 .. 22 (one shift each), its two codes at 15 and 19; the eight
+            # codes back in channel order (0 4 2 6 1 5 3 7 joined is 0 1 2 3 4 5 6 7, as tiles' interleaves)
+            s15 = s * 256.0
+            z15 = z - s15
+            s19 = s * 16.0
+            z19 = z - s19
+            t0 = word << 15
+            t1 = word << 7
+            t2 = word >> 1
+            t3 = word >> 9
+            x = gl.reshape(gl.join(gl.join(gl.join(_fma_nibble(t0, s15, z15, 15), _fma_nibble(t2, s15, z15, 15)),
+                                           gl.join(_fma_nibble(t1, s15, z15, 15), _fma_nibble(t3, s15, z15, 15))),
+                                   gl.join(gl.join(_fma_nibble(t0, s19, z19, 19), _fma_nibble(t2, s19, z19, 19)),
+                                           gl.join(_fma_nibble(t1, s19, z19, 19), _fma_nibble(t3, s19, z19, 19)))),
+                           [BLOCK_N, BLOCK_C])
+        else:  # 2 bits: every byte in the top 8 bits of the mantissa of 1.0, its codes at 15, 17, 19, 21
+            top = (word.to(gl.int32) << 15) | 0x3F800000
+            x = gl.reshape(gl.join(gl.join(fma_code(top, s, z, 15, 2), fma_code(top, s, z, 19, 2)),
+                                   gl.join(fma_code(top, s, z, 17, 2), fma_code(top, s, z, 21, 2))),
+                           [BLOCK_N, BLOCK_C])
         # (dq_l is the layout unpacking the bytes gives: a no-op)
         return gl.convert_layout(x, dq_l)
 
@@ -150,20 +172,22 @@ if HAS_GLUON:
                    s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                    C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
                    FROM_TAIL: gl.constexpr, HAS_COL0: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr,
-                   F2: gl.constexpr, NUM_STAGES: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr,
-                   acc_l: gl.constexpr):
+                   F2: gl.constexpr, NUM_STAGES: gl.constexpr, W_RESIDENT: gl.constexpr, byte_l: gl.constexpr,
+                   dq_l: gl.constexpr, acc_l: gl.constexpr):
         """K = X̂ · Wkᵀ [BLOCK_N, F2] in fp32 (``acc_l``), the column i from the W row of ``w_ptrs[i]``.
 
         Step i: dequantize (operands loaded during step i - 1), store X̂ into buffer i % 2, issue the
         wgmma asynchronously and wait until only it is pending; then copy step i + NUM_STAGES - 1's W
         tile into the stage MMA i - 1 read. One cp.async group is committed per step (empty past the
-        last tile), so ``wait_group(NUM_STAGES - 2)`` always means "step i's tile has landed"."""
+        last tile), so ``wait_group(NUM_STAGES - 2)`` always means "step i's tile has landed".
+        ``W_RESIDENT``: ``w_buf`` holds every step's W tile already (NUM_STAGES = the steps): no copies."""
         NUM_STEPS: gl.constexpr = C // BLOCK_C
         dtype: gl.constexpr = x_buf.dtype
-        for j in gl.static_range(NUM_STAGES - 1):
-            if j < NUM_STEPS:
-                _cp_async(w_buf.index(j), w_ptrs + j * BLOCK_C)
-            async_copy.commit_group()
+        if not W_RESIDENT:
+            for j in gl.static_range(NUM_STAGES - 1):
+                if j < NUM_STEPS:
+                    _cp_async(w_buf.index(j), w_ptrs + j * BLOCK_C)
+                async_copy.commit_group()
         codes, scales, zeros = _step_sources(kp_ptr, ks_ptr, kz_ptr, kt_ptr, b, rows, g, s_pb, s_pl, s_sb, s_sl,
                                              s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, BITS, PER_CHANNEL, FROM_TAIL,
                                              GROUP, BLOCK_C, byte_l, dq_l)
@@ -180,17 +204,21 @@ if HAS_GLUON:
             if HAS_COL0:
                 if i == 0:
                     x = gl.where(first_col[None, :], v0.to(gl.float32)[:, None], x)
-            async_copy.wait_group(NUM_STAGES - 2)  # this step's W tile (this thread's copies of it)
+            if not W_RESIDENT:
+                async_copy.wait_group(NUM_STAGES - 2)  # this step's W tile (this thread's copies of it)
             x_buf.index(i % 2).store(x.to(dtype))
             fence_async_shared()  # the generic-proxy stores before the async-proxy (wgmma) reads
             acc = warpgroup_mma(x_buf.index(i % 2), w_buf.index(i % NUM_STAGES).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            if i + NUM_STAGES - 1 < NUM_STEPS:
-                _cp_async(w_buf.index((i + NUM_STAGES - 1) % NUM_STAGES), w_ptrs + (i + NUM_STAGES - 1) * BLOCK_C)
-            async_copy.commit_group()
+            if not W_RESIDENT:
+                if i + NUM_STAGES - 1 < NUM_STEPS:
+                    _cp_async(w_buf.index((i + NUM_STAGES - 1) % NUM_STAGES),
+                              w_ptrs + (i + NUM_STAGES - 1) * BLOCK_C)
+                async_copy.commit_group()
             word, s, z = nxt
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        async_copy.wait_group(0)
+        if not W_RESIDENT:
+            async_copy.wait_group(0)
         return acc
 
     @gluon.jit
@@ -206,32 +234,36 @@ if HAS_GLUON:
         C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
         HAS_COL0: gl.constexpr, HAS_BIAS: gl.constexpr, MASK_KIND: gl.constexpr,
         ROPE_FROM_POSITIONS: gl.constexpr, R_PAD: gl.constexpr, HALF_PAD: gl.constexpr, BLOCK_H: gl.constexpr,
-        BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, NUM_STAGES: gl.constexpr, W_RESIDENT: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """``_scores_kernel``'s output (the scaled, masked scores of BLOCK_H KV heads' query rows against
         cached rows r0 .. r0 + BLOCK_N) with the K rebuild of :func:`_rebuild_k`. num_warps = BLOCK_N / 16:
-        each warpgroup owns 64 rows of the tile."""
+        each warpgroup owns 64 rows of the tile.
+
+        Grid (B · head tiles, programs along the rows). Streaming W (``W_RESIDENT`` false): one row block per
+        program, as ``_scores_kernel``. ``W_RESIDENT``: the head tile's whole W slice is copied into shared
+        memory once, and the program scores row blocks pid, pid + P, ... (P programs along the rows) below
+        the fill: only X streams from memory (small models, whose W slice fits: SmolLM2's is 72 KB)."""
         pid_bh = gl.program_id(0)
-        r0 = gl.program_id(1) * BLOCK_N
         num_ht = gl.cdiv(HKV, BLOCK_H)
         b = (pid_bh // num_ht).to(gl.int64)
         n = gl.minimum(gl.maximum(gl.load(length_ptr + b * s_len).to(gl.int32), 0), L)
-        if r0 >= n:
-            return  # a row block past the fill: nothing to do (one CUDA graph serves every fill)
         h0 = (pid_bh % num_ht) * BLOCK_H
-        n_full = n // GROUP * GROUP
         dtype: gl.constexpr = w_ptr.dtype.element_ty
+        NUM_STEPS: gl.constexpr = C // BLOCK_C
 
-        # registers: a row's code bytes 4 at a time, the dequantized tile in the layout unpacking them gives
-        # (the 4 bytes' codes per thread); W rows 8 features (16 bytes, one cp.async) per thread
+        # registers: a row's codes 4 bytes (or one 32-bit word) per thread, the dequantized tile in the layout
+        # unpacking them gives; W rows 8 features (16 bytes, one cp.async) per thread
         BYTES: gl.constexpr = BLOCK_C * BITS // 8
-        byte_l: gl.constexpr = gl.BlockedLayout([1, 4], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
+        if BITS == 4 and not PER_CHANNEL:  # one 32-bit word of 8 codes per thread and row
+            byte_l: gl.constexpr = gl.BlockedLayout([1, 1], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
+        else:  # 4 bytes per thread and row
+            byte_l: gl.constexpr = gl.BlockedLayout([1, 4], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
         dq_l: gl.constexpr = gl.BlockedLayout([1, 32 // BITS], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
         w_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         F: gl.constexpr = BLOCK_H * HALF_PAD
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, 2 * F, 16])
-        # shared memory: two X̂ buffers, NUM_STAGES W tiles
+        # shared memory: two X̂ buffers, NUM_STAGES W tiles (W_RESIDENT: all of them)
         x_buf = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_C],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_C], dtype))
         w_buf = gl.allocate_shared_memory(dtype, [NUM_STAGES, 2 * F, BLOCK_C],
@@ -243,8 +275,56 @@ if HAS_GLUON:
         fh = f2 % F
         w_rows = (h0 + fh // HALF_PAD) * (2 * HALF) + (f2 // F) * HALF + fh % HALF_PAD
         w_rows = gl.where((h0 + fh // HALF_PAD < HKV) & (fh % HALF_PAD < HALF), w_rows, 0)
-        w_ptrs = w_ptr + w_rows.to(gl.int64)[:, None] * s_wn + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, w_l))[None, :]
+        w_cols = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, w_l))
+        w_ptrs = w_ptr + w_rows.to(gl.int64)[:, None] * s_wn + w_cols[None, :]
 
+        if W_RESIDENT:
+            if gl.program_id(1) * BLOCK_N < n:  # (else no row block of this program is filled: skip the copy)
+                for j in gl.static_range(NUM_STEPS):
+                    _cp_async(w_buf.index(j), w_ptrs + j * BLOCK_C)
+                async_copy.commit_group()
+                async_copy.wait_group(0)
+            for rb in range(gl.program_id(1), gl.cdiv(n, BLOCK_N), gl.num_programs(1)):
+                _score_row_block(
+                    rb * BLOCK_N, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr,
+                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF,
+                    qk_scale, rope_scale, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
+                    s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
+                    s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP, PER_CHANNEL, HAS_COL0,
+                    HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N, BLOCK_C, NUM_STAGES,
+                    W_RESIDENT, num_warps, byte_l, dq_l)
+        else:
+            r0 = gl.program_id(1) * BLOCK_N
+            if r0 < n:  # (a row block past the fill does nothing: one CUDA graph serves every fill)
+                _score_row_block(
+                    r0, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr,
+                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF,
+                    qk_scale, rope_scale, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
+                    s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
+                    s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP, PER_CHANNEL, HAS_COL0,
+                    HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N, BLOCK_C, NUM_STAGES,
+                    W_RESIDENT, num_warps, byte_l, dq_l)
+
+    @gluon.jit
+    def _score_row_block(
+        r0, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
+        mask_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale,
+        s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+        s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml,
+        s_ob, s_oh, s_or, s_ol,
+        C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
+        HAS_COL0: gl.constexpr, HAS_BIAS: gl.constexpr, MASK_KIND: gl.constexpr,
+        ROPE_FROM_POSITIONS: gl.constexpr, R_PAD: gl.constexpr, HALF_PAD: gl.constexpr, BLOCK_H: gl.constexpr,
+        BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, NUM_STAGES: gl.constexpr, W_RESIDENT: gl.constexpr,
+        num_warps: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr,
+    ):
+        """The scores of cached rows r0 .. r0 + BLOCK_N (r0 < n): the K rebuild, then bias, RoPE, the query
+        dot, the masks and the store."""
+        dtype: gl.constexpr = x_buf.dtype
+        F: gl.constexpr = BLOCK_H * HALF_PAD
+        n_full = n // GROUP * GROUP
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, 2 * F, 16])
         # rows past the fill read the last filled row (no masks in the loop; their scores are not stored)
         rows = gl.minimum(r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_l)), n - 1).to(gl.int64)
         g = r0 // GROUP  # per channel: the block's token group (BLOCK_N divides GROUP)
@@ -252,12 +332,12 @@ if HAS_GLUON:
             k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, g,
                            s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                            C, BITS, GROUP, PER_CHANNEL, True, HAS_COL0, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
-                           byte_l, dq_l, acc_l)
+                           W_RESIDENT, byte_l, dq_l, acc_l)
         else:
             k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, g,
                            s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                            C, BITS, GROUP, PER_CHANNEL, False, HAS_COL0, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
-                           byte_l, dq_l, acc_l)
+                           W_RESIDENT, byte_l, dq_l, acc_l)
         # the halves apart along the highest column bit, which wgmma's accumulator keeps in each thread
         k1, k2 = gl.split(gl.permute(gl.reshape(k, [BLOCK_N, 2, F]), [0, 2, 1]))
         kl: gl.constexpr = k1.type.layout
@@ -341,22 +421,28 @@ if HAS_GLUON:
         gl.store(out_ptr + o_off, sc, mask=st_mask)
 
 
-def _shared_bytes(cfg: dict, f: int, m: int, stages: int) -> int:
+def _shared_bytes(block_n: int, f: int, m: int, stages: int) -> int:
     """Shared memory of one program: the X̂ buffers, the W stages, the rotated K halves and Qᵀ (16-bit)."""
-    n, c = cfg["block_n"], BLOCK_C
-    return 2 * (2 * n * c + stages * 2 * f * c + 2 * n * f + 2 * m * f)
+    return 2 * (2 * block_n * BLOCK_C + stages * 2 * f * BLOCK_C + 2 * block_n * f + 2 * m * f)
 
 
-def stages_for(cfg: dict, f: int, m: int, target: GpuTarget) -> int:
-    """W tiles in flight: 3 (two copies ahead of the MMA) where they fit ``target``'s shared memory, else 2."""
-    return 3 if _shared_bytes(cfg, f, m, 3) <= target.shared_memory else 2
+def _tile(a: DecodeAttentionInputs, cfg: dict, half_pad: int, r_pad: int, block_h: int) -> dict:
+    """The tile's sizes: features per head half (f), query rows (m), channel steps, W stages (all the steps
+    where W is resident, ``gluon=2``) and shared memory."""
+    f, m, steps = block_h * half_pad, block_h * r_pad, a.k_weight.shape[1] // BLOCK_C
+    stages = steps if cfg["gluon"] == 2 else 3
+    tile = dict(f=f, m=m, steps=steps, stages=stages, shared=_shared_bytes(cfg["block_n"], f, m, stages))
+    return tile
 
 
 def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, r_pad: int,
                 block_h: int) -> str | None:
-    """Why the Gluon scores kernel cannot run ``a`` with ``cfg`` on ``target`` (None: it can)."""
+    """Why the Gluon scores kernel cannot run ``a`` with ``cfg`` (``gluon`` 1 or 2) on ``target`` (None: it
+    can)."""
     keys, w = a.keys, a.k_weight
-    f, m = block_h * half_pad, block_h * r_pad
+    tile = _tile(a, cfg, half_pad, r_pad, block_h)
+    f, m = tile["f"], tile["m"]
+    least = tile["shared"] if cfg["gluon"] == 2 else _shared_bytes(cfg["block_n"], f, m, 2)
     checks = (
         (HAS_GLUON, "this triton has no Gluon (triton >= 3.4 has)"),
         (not interpreted(), "the Triton interpreter (TRITON_INTERPRET=1) does not run Gluon kernels"),
@@ -374,8 +460,31 @@ def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad
         (2 * f <= 256 and m <= 256, f"a tile of {2 * f} features and {m} query rows (wgmma takes 256)"),
         (keys.packed.stride(2) == 1 and w.stride(1) == 1, "codes or weights with a non-unit inner stride"),
         (w.stride(0) % 8 == 0 and w.data_ptr() % 16 == 0, "weight rows not 16-byte aligned (cp.async)"),
-        (_shared_bytes(cfg, f, m, 2) <= target.shared_memory,
-         f"the tile needs {_shared_bytes(cfg, f, m, 2) // 1024} KB of shared memory, more than the GPU's "
-         f"{target.shared_memory // 1024} KB a program"),
+        (keys.packed.stride(0) % 4 == 0 and keys.packed.stride(1) % 4 == 0 and keys.packed.data_ptr() % 4 == 0,
+         "code rows not 4-byte aligned (it loads 32-bit words)"),
+        (least <= target.shared_memory,
+         f"the tile needs {least // 1024} KB of shared memory"
+         + (" with the head tile's whole W slice resident (gluon=2; gluon=1 streams it)" if cfg["gluon"] == 2 else "")
+         + f", more than the {target.shared_memory // 1024} KB a program has on the GPU"),
     )
     return next((why for ok, why in checks if not ok), None)
+
+
+def plan(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, r_pad: int, block_h: int,
+         head_programs: int, row_blocks: int) -> tuple[int, dict]:
+    """(programs along the rows, the launch's tile constexprs) for ``cfg["gluon"]``: 1 streams W (one row
+    block per program, 3 W stages where they fit, else 2), 2 keeps the head tile's W resident and runs
+    programs over the row blocks, as many as fit on the GPU's multiprocessors next to the
+    ``head_programs`` (batch rows x head tiles). Raises ValueError saying why it cannot run and what to do."""
+    why = unsupported(a, cfg, target, half_pad, r_pad, block_h)
+    if why is not None:
+        raise ValueError(f"decode_attention config gluon={cfg['gluon']}: the Gluon scores kernel cannot run this "
+                         f"call: {why}. Leave gluon at 0 (the Triton kernel runs every case).")
+    tile = _tile(a, cfg, half_pad, r_pad, block_h)
+    constexprs = dict(W_RESIDENT=cfg["gluon"] == 2, num_warps=cfg["block_n"] // 16)
+    if cfg["gluon"] == 2:
+        per_sm = max(1, min(4, target.shared_memory // (tile["shared"] + 1024)))
+        programs = max(1, min(row_blocks, -(-per_sm * target.multiprocessors // max(head_programs, 1))))
+        return programs, dict(constexprs, NUM_STAGES=tile["steps"])
+    stages = 3 if _shared_bytes(cfg["block_n"], tile["f"], tile["m"], 3) <= target.shared_memory else 2
+    return row_blocks, dict(constexprs, NUM_STAGES=stages)

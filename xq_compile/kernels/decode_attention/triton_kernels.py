@@ -615,13 +615,9 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         from xq_compile.kernels.decode_attention import gluon_scores
 
         half_pad = pow2_at_least_16(half)
-        target = target or gpu_target(dev)
-        why = gluon_scores.unsupported(a, cfg, target, half_pad, r_pad, block_h)
-        if why is not None:
-            raise ValueError(f"decode_attention config gluon=1: the Gluon scores kernel cannot run this call: {why}. "
-                             "Leave gluon at 0 (the Triton kernel runs every case).")
-        f, m = block_h * half_pad, block_h * r_pad
-        gluon_scores._gluon_scores_kernel[grid](
+        rows_programs, tile = gluon_scores.plan(a, cfg, target or gpu_target(dev), half_pad, r_pad, block_h,
+                                                grid[0], grid[1])
+        gluon_scores._gluon_scores_kernel[(grid[0], rows_programs)](
             a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq,
             mask_t, a.length, scores,
             max_len, kv_heads, rows, seq, group_q, half, float(a.sm_scale), float(a.rope_scale), _paged_args(a)[0],
@@ -630,8 +626,7 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
             C=k_width, BITS=keys.bits, GROUP=keys.group, PER_CHANNEL=keys.layout == "per_channel",
             HAS_COL0=a.col0 is not None, HAS_BIAS=a.k_bias is not None, MASK_KIND=mask_kind,
             ROPE_FROM_POSITIONS=a.rope_from_positions, R_PAD=r_pad, HALF_PAD=half_pad, BLOCK_H=block_h,
-            BLOCK_N=cfg["block_n"], BLOCK_C=gluon_scores.BLOCK_C,
-            NUM_STAGES=gluon_scores.stages_for(cfg, f, m, target), num_warps=cfg["block_n"] // 16,
+            BLOCK_N=cfg["block_n"], BLOCK_C=gluon_scores.BLOCK_C, **tile,
         )
         return scores
     _scores_kernel[grid](
