@@ -484,14 +484,6 @@ def gluon_scores_launches(shape: str, length: int, dtype, config: dict, bits: in
     return [launch for launch in launches if launch.kernel.__name__ == "_gluon_scores_kernel"]
 
 
-def _parse_config(items: list[str]) -> dict:
-    cfg = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        cfg[key] = int(value)
-    return cfg
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", nargs="+", default=["smollm2", "llama7b", "gqa"])
@@ -523,7 +515,7 @@ def main(argv=None) -> int:
     import triton
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    config = _parse_config(args.config)
+    config = _attention_benchmark().parse_config(args.config)
     arch = args.arch
     print(f"triton {triton.__version__}, target sm_{arch} ({gpu(arch)[0]}), {args.dtype}, n = {args.length}, "
           f"S = {args.queries}", flush=True)

@@ -6,6 +6,7 @@ SDPA over a plain 16-bit K/V cache of the same length.
     python benchmarks/decode_attention.py --sweep --lengths 8192 32768    # H200: time sweep_configs() too
     python benchmarks/decode_attention.py --graph --sweep --lengths 8192 32768  # ... replayed from CUDA graphs
     python benchmarks/decode_attention.py --graph --control --profile   # the K rebuild vs plain matmuls
+    python benchmarks/decode_attention.py --graph --sweep-gluon         # H200: the Gluon scores kernel's variants
     TRITON_INTERPRET=1 python benchmarks/decode_attention.py --device cpu --lengths 64 --shape gqa \\
         --iters 1 --repeats 1 --sweep --out /tmp/sweep.json    # the sweep code path on CPU (interpreter)
     # fill Triton's disk cache from 4 processes at once, then time with no compilation in the way
@@ -85,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="also time the fused op under each configuration of sweep_configs() per shape and length "
                         "(correctness checked for each), and report the fastest")
+    p.add_argument("--sweep-gluon", action="store_true",
+                   help="time the Gluon scores kernel's variants (sweep_configs(gluon=True), Hopper) next to the "
+                        "default instead, ranked the same way (--sweep --sweep-gluon: both sets)")
     p.add_argument("--sweep-min-length", type=int, default=8192,
                    help="sweep only lengths from this one on (the target is for n >= 8K; short ones are launch-bound)")
     p.add_argument("--graph", action="store_true",
@@ -130,22 +134,25 @@ def kernel_times_ms(fn, iters: int) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def parse_config(items: list[str]) -> dict:
+def parse_config(items: list[str], option: str = "--config") -> dict:
+    """decode_attention config overrides from ``KEY=VALUE`` arguments (the benchmarks' ``option``)."""
     from xq_compile.kernels.decode_attention import CONFIG_KEYS
 
     cfg = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in CONFIG_KEYS:
-            raise SystemExit(f"--config {item!r}: expected KEY=VALUE with KEY in {CONFIG_KEYS}")
+            raise SystemExit(f"{option} {item!r}: expected KEY=VALUE with KEY in {CONFIG_KEYS}")
         cfg[key] = int(value)
     return cfg
 
 
-def sweep_configs(default: dict) -> list[dict]:
+def sweep_configs(default: dict, gluon: bool = False) -> list[dict]:
     """Alternatives to the default configuration worth timing on a GPU (see default_config's docstring
     for why the default is what it is): wider and shorter tiles, other pipelining depths, channel
-    steps, split counts and projection blocks. Each is a dict of overrides ({} = the default, first);
+    steps, split counts and projection blocks; with ``gluon``, instead, the Gluon scores kernel's
+    variants (Hopper; timed apart, ``--sweep-gluon``, so that a kernel never run on a GPU before cannot
+    take the Triton sweep down with it). Each is a dict of overrides ({} = the default, first);
     overrides that come to the default or to an earlier entry are left out."""
     h, splits = default["block_h"], default["num_splits"]
     candidates = [
@@ -171,23 +178,34 @@ def sweep_configs(default: dict) -> list[dict]:
     if short_loop:  # the short channel loops' tile: also time
         candidates += [{"block_h": 2 * h},                                # twice the features,
                        {"block_n": 128, "block_h": 2 * h, "num_warps": 8}]  # the long loops' tile
-    from xq_compile.kernels.decode_attention import gluon_scores
-    from xq_compile.kernels.decode_attention.config import interpreted
+    if gluon:
+        from xq_compile.kernels.decode_attention import gluon_scores
+        from xq_compile.kernels.decode_attention.config import interpreted
 
-    if gluon_scores.HAS_GLUON and not default["x_as_b"] and not interpreted():  # Hopper: the Gluon scores
-        # kernel (opt-in until timed here) in the default tile, on one warpgroup of 64 rows and, for short
-        # loops (small models), with twice the features (its dequantization then feeds twice the MMA work)
-        # and with the head tile's W resident in shared memory (gluon=2: only X streams)
-        candidates += [{"gluon": 1}, {"gluon": 1, "block_n": 64, "num_warps": 4}]
-        if short_loop:
-            candidates += [{"gluon": 1, "block_h": 2 * h}, {"gluon": 1, "block_n": 128, "block_h": 2 * h,
-                                                            "num_warps": 8},
-                           {"gluon": 2}, {"gluon": 2, "block_h": 2 * h}]
+        # Hopper: the Gluon scores kernel (opt-in until timed here) in the default tile, on one warpgroup
+        # of 64 rows and, for short loops (small models), with twice the features (its dequantization then
+        # feeds twice the MMA work) and with the head tile's W resident in shared memory (gluon=2)
+        candidates = [{}]
+        if gluon_scores.HAS_GLUON and not default["x_as_b"] and not interpreted():
+            candidates += [{"gluon": 1}, {"gluon": 1, "block_n": 64, "num_warps": 4}]
+            if short_loop:
+                candidates += [{"gluon": 1, "block_h": 2 * h},
+                               {"gluon": 1, "block_n": 128, "block_h": 2 * h, "num_warps": 8},
+                               {"gluon": 2}, {"gluon": 2, "block_h": 2 * h}]
     configs, seen = [], []
     for over in candidates:
         if {**default, **over} not in seen:
             seen.append({**default, **over})
             configs.append(over)
+    return configs
+
+
+def swept_configs(args, default: dict) -> list[dict]:
+    """What the run sweeps ({} first): sweep_configs() with --sweep, its Gluon set with --sweep-gluon, both
+    with both; [{}] with neither."""
+    configs = sweep_configs(default) if args.sweep else [{}]
+    if args.sweep_gluon:
+        configs += [c for c in sweep_configs(default, gluon=True) if c not in configs]
     return configs
 
 
@@ -412,7 +430,7 @@ def compile_only(args, config: dict, dtype) -> int:
     L, t_start, job, failures = max(args.lengths), time.perf_counter(), 0, 0
     for name in args.shape:
         a = make_inputs(SHAPES[name], args.batch, L, args.queries, args.bits, dtype, args.device)
-        overrides = sweep_configs(da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a)))[1:] if args.sweep else []
+        overrides = swept_configs(args, da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a)))[1:]
         launches = {"unfused": [lambda n=n: unfused(a, n) for n in args.lengths],
                     "fused": [fused_launcher(a, config)]}
         launches.update({f"sweep {over}": [fused_launcher(a, {**config, **over})]
@@ -468,8 +486,8 @@ def measure(args, name: str, a: dict, n: int, config: dict, dtype) -> dict:
     flops = B * (2 * n * Ck * D * Hkv + 2 * n * D * Hq * S + 2 * n * Cv * Hq * S)
     tflops = flops / (ms["fused"] * 1e-3) / 1e12
     sweep = []
-    if args.sweep and n >= min(args.sweep_min_length, max(args.lengths)):
-        for over in sweep_configs(da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a))):
+    if (args.sweep or args.sweep_gluon) and n >= min(args.sweep_min_length, max(args.lengths)):
+        for over in swept_configs(args, da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a))):
             run = fused_launcher(a, {**config, **over})
             try:
                 e = rel_err(run(), ref)

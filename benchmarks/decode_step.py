@@ -57,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--mode", default=None, choices=["reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                    help="torch.compile mode of both compiled models (the xquant backend hands it to its Inductor); "
                         "reduce-overhead: decode steps replay CUDA graphs, as a server would run them")
+    p.add_argument("--attention-config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="also time the xquant model with these decode_attention config overrides (e.g. gluon=2: the "
+                        "Gluon scores kernel, W resident) applied to its fused attention launches "
+                        "(xq_compile.kernels.decode_attention.config_overrides): runner 'xquant[KEY=VALUE ...]'")
     p.add_argument("--quanto", action="store_true", help="also time transformers' QuantizedCache (quanto, eager)")
     p.add_argument("--rebuild-v", action="store_true",
                    help="also time xquant with absorb_values=False (V rebuilt for every cached row)")
@@ -114,6 +118,21 @@ class StaticRunner:
             if hasattr(layer, "host_length"):  # an XQuantLayer's host mirror of the counter
                 layer.host_length -= 1
         return t
+
+
+class ConfiguredRunner(StaticRunner):
+    """A StaticRunner whose calls launch the fused attention op with decode_attention config overrides
+    (``config_overrides``: the compiled graph passes the op no configuration)."""
+
+    def __init__(self, name, model, cache, backend, args, attention_config: dict):
+        super().__init__(name, model, cache, backend, args)
+        self.attention_config = attention_config
+
+    def _call(self, ids, positions):
+        from xq_compile.kernels.decode_attention import config_overrides
+
+        with config_overrides(**self.attention_config):
+            return super()._call(ids, positions)
 
 
 class QuantoRunner:
@@ -203,6 +222,14 @@ def main(argv=None) -> int:
         rebuild_cache = xq.XQuantCache(config, max_batch_size=args.batch, max_cache_len=args.max_cache_len,
                                        xquant=rebuild_config, dtype=dtype, device=args.device)
         runners.append(StaticRunner("xquant-rebuild-v", model, rebuild_cache, "xquant", args))
+    if args.attention_config:
+        from decode_attention import parse_config
+
+        attention_config = parse_config(args.attention_config, "--attention-config")
+        configured_cache = xq.XQuantCache(config, max_batch_size=args.batch, max_cache_len=args.max_cache_len,
+                                          xquant=xq_config, dtype=dtype, device=args.device)
+        runners.append(ConfiguredRunner(f"xquant[{' '.join(args.attention_config)}]", model, configured_cache,
+                                        "xquant", args, attention_config))
     if args.quanto:
         runners += [QuantoRunner(f"quanto{b}", model, b, args) for b in args.quanto_bits]
 

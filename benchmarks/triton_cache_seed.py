@@ -77,7 +77,8 @@ def gpu_check_launches(dtype=torch.bfloat16) -> list[tuple[str, cr.Launch]]:
     for shape in ATTENTION_SHAPES:
         a = bench.make_inputs(bench.SHAPES[shape], 1, ATTENTION_CAPACITY, 1, 4, dtype, "cpu")
         default = da.resolve_config(da.DecodeAttentionInputs.from_op_args(**a), target=cr.gpu(90)[1])
-        for override in bench.sweep_configs(default):
+        sweep = bench.sweep_configs(default)  # gpu_check's attn step, then attn_gluon's Gluon set
+        for override in sweep + [c for c in bench.sweep_configs(default, gluon=True) if c not in sweep]:
             out += [(f"{shape} S=1 {override}", launch) for launch in cr.op_launches(a, override)]
         for name, tile in bench.control_tiles(bench.SHAPES[shape], default).items():  # decode_attention --control
             kernel, grid, args, kwargs = bench.control_matmul(bench.SHAPES[shape], ATTENTION_CAPACITY, tile, dtype,

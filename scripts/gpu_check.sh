@@ -36,6 +36,8 @@
 #                    vs SDPA over a 16-bit cache, eager and replayed from CUDA graphs, TFLOP/s and fraction
 #                    of the H200's dense bf16 peak, the fastest of sweep_configs() per shape and length (by
 #                    CUDA-graph time), device time per Triton kernel, the K rebuild's tiles as plain matmuls
+#      attn_gluon    decode_attention.py --sweep-gluon: the opt-in Gluon scores kernel's variants next to the default
+#                    (its own process: a kernel never run on a GPU before cannot take attn down with it)
 #      attn_s4       decode_attention.py with S = 4 query tokens, default configuration (warm_attn_s4 compiles it)
 #      paged         paged_decode.py: the vLLM plugin's decode step (the fused op over the pages) vs the torch
 #                    path it replaces and the dense op on the same rows, and replayed from a CUDA graph
@@ -47,6 +49,8 @@
 #                    launch overhead, as a server runs decode steps), lengths 256, 4096, 32K
 #      rebuild_7b    rebuild_op.py at 4 bits on a 7B-shaped K rebuild (d = N = 4096): the Gluon rebuilds vs the
 #                    Triton op vs torch.mm where the channel loop is long
+#      decode_graphs_gluon  decode_graphs again with a runner whose fused attention uses the Gluon scores kernel
+#                    (W resident: --attention-config gluon=2)
 # Every step runs under its own timeout (at most what is left of the budget); each step's rc, seconds and
 # status go to $OUT/summary.txt, its output to $OUT/<step>.log. Before that:
 #   install     pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
@@ -254,10 +258,13 @@ for ((i = 0; i < TEST_SHARDS; i++)); do
 done
 for ((i = 0; i < WARM_SHARDS; i++)); do
     start_step "warm_attn_$i" "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[@]}" \
-        --sweep --compile-only --shard "$i/$WARM_SHARDS"
+        --sweep --sweep-gluon --compile-only --shard "$i/$WARM_SHARDS"
 done
 start_step warm_attn_s4 "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" --compile-only
-start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --json "$OUT/compile_report.json"
+# (--no-gluon: the Gluon kernels' sm_90 checks are CI's, with this triton too; here they would push the
+# step past phase 1, and the warm-up shards compile them for the timed steps anyway)
+start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --no-gluon \
+    --json "$OUT/compile_report.json"
 start_step compile_paged "$PHASE1_S" "$PY" benchmarks/compile_report.py --paged --check --bits 2 3 4 8 \
     --json "$OUT/compile_report_paged.json"
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode "$PHASE1_S" "$PY" benchmarks/decode_step.py "${MODEL[@]}" \
@@ -278,6 +285,10 @@ for f in "$OUT"/tests_*.log; do last_line "$f"; done | grep -o '[0-9]\+ \(passed
 # ---- phase 2: timed, one at a time ------------------------------------------------------------------
 run_step attn 180 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[@]}" --sweep --profile \
     --out "$OUT/decode_attention.json"
+# the Gluon scores kernel (opt-in: gluon=1, W streamed; gluon=2, W resident for SmolLM2) next to the default,
+# ranked like the sweep; its own process, after attn: a kernel never run on a GPU before cannot take attn down
+run_step attn_gluon 60 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[@]}" --sweep-gluon --profile \
+    --out "$OUT/decode_attention_gluon.json"
 run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" "${ATTN_S4_GPU[@]}" --profile \
     --out "$OUT/decode_attention_s4.json"
 run_step paged 30 "$PY" benchmarks/paged_decode.py "${PAGED[@]}" --lengths "${PAGED_LENGTHS[@]}" \
@@ -295,6 +306,12 @@ run_step decode_graphs 60 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --mode r
 run_step rebuild_7b 90 "$PY" benchmarks/rebuild_op.py --device "$DEVICE" --dtype "$DTYPE" --bits 4 \
     --hidden "${REBUILD_7B_D:-4096}" --out-features "${REBUILD_7B_D:-4096}" --group-size 128 \
     --n "${REBUILD_7B_N[@]}" --repeats 10 --out "$OUT/rebuild_7b"
+
+# the decode step with CUDA graphs again, the fused attention on the Gluon scores kernel with W resident
+# (decode_step.py --attention-config: its own runner next to the same baseline)
+run_step decode_graphs_gluon 60 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --mode reduce-overhead \
+    --lengths "${GRAPH_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" --attention-config gluon=2 \
+    --steps 5 --repeats 3 --warmup 2 --out "$OUT/decode_graphs_gluon"
 
 log "done in $(($(date +%s) - START))s; summary:"
 cat "$SUMMARY"

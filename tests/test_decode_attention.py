@@ -350,6 +350,28 @@ def test_triton_launcher_rejects_bad_configs():
         da.decode_attention_triton(inputs(a), x_as_b=2)
 
 
+def test_config_overrides_configure_the_launches_inside_the_block():
+    """config_overrides() is how a compiled model's launches (which pass no configuration) get one: every
+    configuration resolved inside the block takes it, blocks stack, the launcher's own keywords win, and
+    leaving the block restores the default; keys are checked on entry, values at each launch."""
+    a = inputs(make_inputs(Case(n=7, L=24)))
+    base = da.resolve_config(a)
+    with da.config_overrides(num_splits=3, block_d=16):
+        assert da.resolve_config(a)["num_splits"] == 3
+        with da.config_overrides(num_splits=5):
+            cfg = da.resolve_config(a)
+            assert (cfg["num_splits"], cfg["block_d"]) == (5, 16)
+        assert da.resolve_config(a, num_splits=7)["num_splits"] == 7
+        assert da.resolve_config(a)["num_splits"] == 3
+    assert da.resolve_config(a) == base
+    with pytest.raises(TypeError, match="unknown decode_attention config.*block_q"):
+        with da.config_overrides(block_q=16):
+            pass
+    with da.config_overrides(block_n=48):
+        with pytest.raises(ValueError, match="block_n=48"):
+            da.resolve_config(a)
+
+
 def test_default_config_shapes_the_tiles():
     """The rule of default_config on the benchmark shapes: K-rebuild tiles of up to 256 features by
     128 rows (2 heads of 128), head tiles that leave little empty (9 heads of 64: 2, not 4), the scale

@@ -4,6 +4,8 @@ the one place the launcher, the benchmarks' sweep and the tests get a configurat
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -14,6 +16,32 @@ from xq_compile.kernels.tiles import next_power_of_2
 
 CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "block_d",
                "num_warps", "num_stages", "x_as_b", "gluon")
+
+
+# Overrides set by config_overrides() for the launches inside its block (this thread / task only).
+_OVERRIDES: contextvars.ContextVar[dict] = contextvars.ContextVar("xq_decode_attention_config", default={})
+
+
+def _check_keys(config: dict) -> None:
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise TypeError(f"unknown decode_attention config {sorted(unknown)}; known: {CONFIG_KEYS}")
+
+
+@contextlib.contextmanager
+def config_overrides(**config: int):
+    """Within the block, every launch of the op's Triton kernels takes these overrides of
+    :func:`default_config` (keys :data:`CONFIG_KEYS`): the way to configure the launches a compiled model
+    makes, which call the op without a configuration -- e.g. ``with config_overrides(gluon=2): step()``
+    to run the Gluon scores kernel inside a compiled decode step (and in the CUDA graphs captured there).
+    Nested blocks stack; a launcher's own keyword arguments win. Values are checked at each launch, as the
+    launcher's are."""
+    _check_keys(config)
+    token = _OVERRIDES.set({**_OVERRIDES.get(), **config})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
 
 
 def pow2_at_least_16(x: int) -> int:
@@ -121,10 +149,9 @@ def resolve_config(inputs: DecodeAttentionInputs, target: GpuTarget | None = Non
 
 
 def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | None = None) -> tuple[Shapes, dict]:
-    """(the checked sizes of ``inputs``, the launch configuration)."""
-    unknown = set(config) - set(CONFIG_KEYS)
-    if unknown:
-        raise TypeError(f"unknown decode_attention config {sorted(unknown)}; known: {CONFIG_KEYS}")
+    """(the checked sizes of ``inputs``, the launch configuration: the default, then the overrides of any
+    enclosing :func:`config_overrides`, then ``config``)."""
+    _check_keys(config)
     shapes = inputs.check()
     values = inputs.value_source
     cfg = default_config(
@@ -135,7 +162,7 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | Non
         dtype=inputs.k_weight.dtype, device=inputs.query.device, target=target, k_bits=inputs.keys.bits,
         paged=inputs.paged,
     )
-    cfg.update({k: v for k, v in config.items() if v is not None})
+    cfg.update({k: v for k, v in {**_OVERRIDES.get(), **config}.items() if v is not None})
     for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv", "block_d"):
         if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"{key}={cfg[key]} must be a power of two >= 16")

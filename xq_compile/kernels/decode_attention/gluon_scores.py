@@ -1,11 +1,12 @@
 """Stage 1 of ``xq_compile::decode_attention`` (the scores) written in Gluon for Hopper (sm_90): the K
 rebuild's MMAs stay in flight behind the dequantization, with the weight tiles copied asynchronously.
 
-Opt-in (config ``gluon=1``), not the default: its values are checked on a Hopper GPU only
-(``tests/test_gluon_scores.py``; Gluon kernels do not run under the Triton interpreter), and on CPU by
-what it compiles to (``benchmarks/compile_report.py --config gluon=1``: wgmma in flight, no spills in the
-loop). ``benchmarks/decode_attention.py --sweep`` times it next to the Triton ``_scores_kernel`` where
-:func:`supports` accepts the inputs.
+Opt-in, not the default: decode_attention config ``gluon=1`` (W streamed) or ``gluon=2`` (the head tile's
+W resident in shared memory, for small models), given to the launcher or, around a compiled model's
+calls, by ``config_overrides``. Its values are checked on a Hopper GPU only (``tests/test_gluon_scores.py``;
+Gluon kernels do not run under the Triton interpreter), and on CPU by what it compiles to
+(``benchmarks/compile_report.py`` compiles it as opt-in jobs: wgmma in flight, no spills in the loop).
+``benchmarks/decode_attention.py --sweep-gluon`` times it next to the Triton ``_scores_kernel``.
 
 Why: the Triton scores kernel keeps X̂ in registers (the wgmma A operand) so that Triton's pipeliner
 prefetches the W tiles; on an H200 it reached 40% of the dense bf16 peak on a 7B shape where a plain
@@ -16,19 +17,21 @@ the Triton form took 2.6-3.0x. This kernel is that loop with the scores kernel's
 loads taken off the step's critical path:
 
 * the W tile of step i + NUM_STAGES - 1 is copied with ``cp.async`` into its stage while step i runs
-  (the stage it overwrites was read by MMA i - 1, which ``wait(1)`` of step i has retired);
+  (the stage it overwrites was read by MMA i - 1, which ``wait(1)`` of step i has retired); with W
+  resident there are no copies in the loop at all;
 * the codes, scales and zeros of step i + 1 are loaded into registers while step i dequantizes.
 
-Per step: dequantize X̂ [BLOCK_N, BLOCK_C] (the same bit tricks as ``tiles.dequant_tile``: one AND and
-one FMA per element at 2 and 4 bits), store it into one of two bf16 buffers, issue the wgmma X̂ · Wᵀ
-asynchronously, wait until only it is pending. After the loop: the two halves of every head apart (one
-accumulator of 2F columns, as in the Triton kernel), the bias, RoPE (tables or positions), and the
-block-diagonal query dot as one more wgmma (K halves and Qᵀ through shared memory), scaled, masked and
-stored like ``_scores_kernel``'s.
+Per step: dequantize X̂ [BLOCK_N, BLOCK_C] (the bit tricks of ``tiles.dequant_tile``: one AND and one
+FMA per element at 2 and 4 bits, 4-bit codes read as 32-bit words), store it into one of two 16-bit
+buffers, issue the wgmma X̂ · Wᵀ asynchronously, wait until only it is pending. After the loop: the two
+halves of every head apart (one accumulator of 2F columns, as in the Triton kernel), the bias, RoPE
+(tables or positions), and the block-diagonal query dot as two more wgmma (K halves and Qᵀ through
+shared memory), scaled, masked and stored like ``_scores_kernel``'s.
 
-What :func:`supports` takes: per-token key sources (2, 4 or 8 bits; scale groups and the hidden size
-multiples of 64) or per-channel ones (the GQA latent's, 2/4/8 bits, the open token group from the
-tail), dense (not paged), 16-bit weights, col0, bias, masks, S <= 16.
+What it takes (:func:`unsupported` names what it does not, :func:`plan` raises that): per-token key
+sources (2, 4 or 8 bits; scale groups and the hidden size multiples of 64) or per-channel ones (the GQA
+latent's, 2/4/8 bits, the open token group from the tail), dense (not paged), 16-bit weights, col0,
+bias, masks, S <= 16.
 """
 
 from __future__ import annotations
