@@ -75,6 +75,25 @@ def test_unsupported_says_why():
         assert why is not None and expected in why, (expected, why)
 
 
+@pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
+def test_plan_sizes_the_grid_and_the_stages():
+    """gluon=1: one row block per program, 3 W stages; gluon=2: every step's W tile resident and programs that
+    loop over the row blocks, enough of them to occupy every multiprocessor (never more than the blocks)."""
+    a = inputs(make_inputs(SUPPORTED))  # 256 channels: 4 steps of 64
+    for gluon, head_programs, row_blocks in ((1, 2, 64), (2, 2, 64), (2, 2, 3), (2, 400, 64)):
+        cfg = da.resolve_config(a, target=HOPPER, gluon=gluon, block_n=64, block_h=1)
+        programs, tile = gs.plan(a, cfg, HOPPER, 32, 16, 1, head_programs, row_blocks)
+        assert tile["num_warps"] == 4 and tile["W_RESIDENT"] == (gluon == 2)
+        if gluon == 1:
+            assert (programs, tile["NUM_STAGES"]) == (row_blocks, 3)
+            continue
+        assert tile["NUM_STAGES"] == 4 and 1 <= programs <= row_blocks
+        assert programs == row_blocks or programs * head_programs >= HOPPER.multiprocessors
+    with pytest.raises(ValueError, match="gluon=2: .*Leave gluon at 0"):
+        big = inputs(make_inputs(replace(SUPPORTED, Hq=4, Hkv=4, D=128, C=4096, k_group=128)))
+        gs.plan(big, da.resolve_config(big, target=HOPPER, gluon=2, block_h=2), HOPPER, 64, 16, 2, 2, 64)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_launcher_declines_with_a_clear_error(monkeypatch):
     """Asked for where it cannot run (here: CPU tensors, i.e. the Triton interpreter), the launcher raises
