@@ -653,10 +653,11 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | N
 
     Works on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do that). ``length`` is only passed by
     pointer: nothing here reads tensor data, so the launches are CUDA-graph capturable. Keyword
-    arguments (``CONFIG_KEYS``) override the default configuration (see ``resolve_config``); block
-    sizes are powers of two (>= 16, ``block_h`` >= 1). ``num_warps``/``num_stages`` apply to the
-    scores kernel. ``target``: configure for that GPU instead of the tensors' device
-    (``benchmarks/compile_report.py`` compiles for GPUs it does not have).
+    arguments (``CONFIG_KEYS``) override the default configuration and any enclosing
+    ``config_overrides`` (see ``resolve_config``); block sizes are powers of two (>= 16, ``block_h`` >= 1).
+    ``num_warps``/``num_stages`` apply to the Triton scores kernel; ``gluon`` 1 or 2 runs the scores on the
+    Gluon kernel instead (Hopper, opt-in: :mod:`.gluon_scores`). ``target``: configure for that GPU
+    instead of the tensors' device (``benchmarks/compile_report.py`` compiles for GPUs it does not have).
     """
     if not HAS_TRITON:
         raise RuntimeError(
