@@ -473,8 +473,8 @@ def gluon_scores_launches(shape: str, length: int, dtype, config: dict, bits: in
                           rope: str = "tables", gluon: int = 1) -> list[Launch]:
     """The scores launch of ``decode_attention_launches`` with the opt-in Gluon scores kernel (config
     ``gluon``: 1 streams W, 2 keeps the head tile's W resident; ``xq_compile.kernels.decode_attention.
-    gluon_scores``), the other stages left out: they are the default launches' (sm_90 only). None for
-    ``gluon=2`` where the W slice does not fit in shared memory (the launcher declines it)."""
+    gluon_scores``), the other stages left out: they are the default launches' (sm_90 only). No launch
+    (an empty list) for ``gluon=2`` where the W slice does not fit in shared memory (the launcher declines it)."""
     try:
         launches = decode_attention_launches(shape, length, dtype, {**config, "gluon": gluon}, bits, queries, rope, 90)
     except ValueError as exc:
