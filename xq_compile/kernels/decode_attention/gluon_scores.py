@@ -434,8 +434,7 @@ def _tile(a: DecodeAttentionInputs, cfg: dict, half_pad: int, r_pad: int, block_
     where W is resident, ``gluon=2``) and shared memory."""
     f, m, steps = block_h * half_pad, block_h * r_pad, a.k_weight.shape[1] // BLOCK_C
     stages = steps if cfg["gluon"] == 2 else 3
-    tile = dict(f=f, m=m, steps=steps, stages=stages, shared=_shared_bytes(cfg["block_n"], f, m, stages))
-    return tile
+    return dict(f=f, m=m, steps=steps, stages=stages, shared=_shared_bytes(cfg["block_n"], f, m, stages))
 
 
 def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, r_pad: int,
@@ -489,5 +488,4 @@ def plan(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, 
         per_sm = max(1, min(4, target.shared_memory // (tile["shared"] + 1024)))
         programs = max(1, min(row_blocks, -(-per_sm * target.multiprocessors // max(head_programs, 1))))
         return programs, dict(constexprs, NUM_STAGES=tile["steps"])
-    stages = 3 if _shared_bytes(cfg["block_n"], tile["f"], tile["m"], 3) <= target.shared_memory else 2
-    return row_blocks, dict(constexprs, NUM_STAGES=stages)
+    return row_blocks, dict(constexprs, NUM_STAGES=3 if tile["shared"] <= target.shared_memory else 2)
