@@ -135,15 +135,16 @@ def kernel_times_ms(fn, iters: int) -> dict:
 
 
 def parse_config(items: list[str], option: str = "--config") -> dict:
-    """decode_attention config overrides from ``KEY=VALUE`` arguments (the benchmarks' ``option``)."""
-    from xq_compile.kernels.decode_attention import CONFIG_KEYS
+    """decode_attention config overrides from ``KEY=VALUE`` arguments (the benchmarks' ``option``): integers,
+    and ``gluon=auto``."""
+    from xq_compile.kernels.decode_attention import CONFIG_KEYS, GLUON_AUTO
 
     cfg = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in CONFIG_KEYS:
             raise SystemExit(f"{option} {item!r}: expected KEY=VALUE with KEY in {CONFIG_KEYS}")
-        cfg[key] = int(value)
+        cfg[key] = value if (key, value) == ("gluon", GLUON_AUTO) else int(value)
     return cfg
 
 

@@ -58,8 +58,8 @@ def parse_args(argv=None):
                    help="torch.compile mode of both compiled models (the xquant backend hands it to its Inductor); "
                         "reduce-overhead: decode steps replay CUDA graphs, as a server would run them")
     p.add_argument("--attention-config", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="also time the xquant model with these decode_attention config overrides (e.g. gluon=2: the "
-                        "Gluon scores kernel, W resident) applied to its fused attention launches "
+                   help="also time the xquant model with these decode_attention config overrides (e.g. gluon=auto: the "
+                        "Gluon scores kernel wherever it can run) applied to its fused attention launches "
                         "(xq_compile.kernels.decode_attention.config_overrides): runner 'xquant[KEY=VALUE ...]'")
     p.add_argument("--quanto", action="store_true", help="also time transformers' QuantizedCache (quanto, eager)")
     p.add_argument("--rebuild-v", action="store_true",

@@ -50,7 +50,7 @@
 #      rebuild_7b    rebuild_op.py at 4 bits on a 7B-shaped K rebuild (d = N = 4096): the Gluon rebuilds vs the
 #                    Triton op vs torch.mm where the channel loop is long
 #      decode_graphs_gluon  decode_graphs again with a runner whose fused attention uses the Gluon scores kernel
-#                    (W resident: --attention-config gluon=2)
+#                    (--attention-config gluon=auto: W resident where it fits, as for SmolLM2)
 # Every step runs under its own timeout (at most what is left of the budget); each step's rc, seconds and
 # status go to $OUT/summary.txt, its output to $OUT/<step>.log. Before that:
 #   install     pip install --no-deps --no-build-isolation -e .  (fallback: PYTHONPATH=. plus a temporary
@@ -307,10 +307,10 @@ run_step rebuild_7b 90 "$PY" benchmarks/rebuild_op.py --device "$DEVICE" --dtype
     --hidden "${REBUILD_7B_D:-4096}" --out-features "${REBUILD_7B_D:-4096}" --group-size 128 \
     --n "${REBUILD_7B_N[@]}" --repeats 10 --out "$OUT/rebuild_7b"
 
-# the decode step with CUDA graphs again, the fused attention on the Gluon scores kernel with W resident
-# (decode_step.py --attention-config: its own runner next to the same baseline)
+# the decode step with CUDA graphs again, the fused attention on the Gluon scores kernel wherever it runs
+# (gluon=auto: W resident where it fits; decode_step.py --attention-config: its own runner, same baseline)
 run_step decode_graphs_gluon 60 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --mode reduce-overhead \
-    --lengths "${GRAPH_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" --attention-config gluon=2 \
+    --lengths "${GRAPH_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" --attention-config gluon=auto \
     --steps 5 --repeats 3 --warmup 2 --out "$OUT/decode_graphs_gluon"
 
 log "done in $(($(date +%s) - START))s; summary:"

@@ -301,3 +301,15 @@ def test_triton_cache_seed_is_found_by_the_launch_it_was_built_for(tmp_path):
     assert str(cache.resolve()) in next(cache.glob("*/__grp__*.json")).read_text()
     (seed / seed_module.VERSION_FILE).write_text("0.0.0\n")
     assert seed_module.install(seed, tmp_path / "other") == 0
+
+
+def test_benchmark_config_arguments_parse_to_checked_overrides():
+    """``--config KEY=VALUE`` (decode_attention.py, compile_report.py; decode_step.py's --attention-config):
+    integers, and ``gluon=auto``; unknown keys stop the benchmark, saying which keys exist."""
+    parse = _benchmark_module("decode_attention").parse_config
+    assert parse(["gluon=auto", "num_splits=3"]) == {"gluon": "auto", "num_splits": 3}
+    assert parse(["gluon=2"]) == {"gluon": 2}
+    with pytest.raises(SystemExit, match="'block_q=16'.*KEY in"):
+        parse(["block_q=16"])
+    with pytest.raises(ValueError):
+        parse(["block_n=auto"])

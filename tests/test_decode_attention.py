@@ -675,6 +675,16 @@ def _run_interpreter_cases(shard: int) -> None:
         assert not a["k_weight"].is_contiguous() and not a["query"].is_contiguous()
         out = da.decode_attention_triton(inputs(a), block_n=16, block_c=32, block_nv=16, block_cv=32, num_splits=2)
         check_close(out, OP(**a), torch.float32, "non-contiguous")
+        # gluon="auto" where no Gluon kernel can run (here the interpreter): exactly the Triton scores
+        # kernel's result, asked for by keyword or around the call (tests/test_gluon_scores.py: its choice)
+        a = make_inputs(Case(Hq=4, Hkv=2, C=128, n=70, L=80, k_bits=4, k_group=64, S=2, mask="bool",
+                             dtype=torch.bfloat16))
+        small = INTERPRETER_CONFIGS[0]
+        triton_out = da.decode_attention_triton(inputs(a), **small)
+        assert torch.equal(da.decode_attention_triton(inputs(a), gluon="auto", **small), triton_out)
+        with da.config_overrides(gluon="auto"):
+            assert torch.equal(da.decode_attention_triton(inputs(a), **small), triton_out)
+        check_close(triton_out, OP(**a), torch.bfloat16, "gluon=auto under the interpreter")
         # a split masked whole for one query row: rows 0..31 (split 0 of 2 at n = 40, blocks of 16) for
         # head 0, rows 32..39 (split 1) for head 1 -- that split's probabilities are relative to the lowest
         # finite float with sum 0, and the reduce must give it no weight

@@ -2,7 +2,9 @@
 ``gluon=2``, the head tile's W resident in shared memory; ``xq_compile.kernels.decode_attention.gluon_scores``).
 
 Gluon kernels do not run under the Triton interpreter. On CPU: the configuration key, the reasons the kernel
-declines inputs (a clear error, never a wrong result), and what it compiles to for sm_90
+declines inputs (a clear error, never a wrong result), what ``gluon="auto"`` picks (under the interpreter it
+falls back to the Triton kernel exactly: ``tests/test_decode_attention.py``'s first interpreter shard),
+and what it compiles to for sm_90
 (``tests/test_compile_report.py``: on wgmma with one MMA group left in flight, no spills in the loop, for
 every supported width under triton 3.9 and 3.6). Its values on a Hopper GPU only (skipped elsewhere;
 ``scripts/gpu_check.sh`` runs them with the other ``-k cuda`` tests): the whole op with the Gluon scores
@@ -33,46 +35,47 @@ SUPPORTED = Case(B=1, Hq=4, Hkv=2, D=64, C=256, L=300, n=257, k_bits=4, k_group=
                  dtype=torch.bfloat16)
 
 
-def _why(case: Case, target: GpuTarget = HOPPER, **config) -> str | None:
+def _call(case: Case, target: GpuTarget, config: dict) -> tuple:
+    """The arguments the launcher gives ``gs.unsupported`` and ``gs.choose`` for ``case`` on ``target``."""
     a = inputs(make_inputs(case))
     cfg = da.resolve_config(a, target=target, **{"gluon": 1, **config})
     shapes = a.check()
     half_pad = da.config.pow2_at_least_16(shapes.head_dim // 2)
     r_pad = da.config.pow2_at_least_16(shapes.q_heads // shapes.kv_heads * shapes.seq)
     block_h = min(cfg["block_h"], 1 << max(shapes.kv_heads - 1, 0).bit_length())
-    return gs.unsupported(a, cfg, target, half_pad, r_pad, block_h)
+    return a, cfg, target, half_pad, r_pad, block_h
+
+
+def _why(case: Case, target: GpuTarget = HOPPER, **config) -> str | None:
+    return gs.unsupported(*_call(case, target, config))
+
+
+def _auto(case: Case, target: GpuTarget = HOPPER, **config) -> int:
+    return gs.choose(*_call(case, target, {**config, "gluon": da.GLUON_AUTO}))
 
 
 def test_gluon_is_opt_in_and_checked():
     a = inputs(make_inputs(SUPPORTED))
     assert da.resolve_config(a, target=HOPPER)["gluon"] == 0  # the Triton scores kernel unless asked
     assert da.resolve_config(a, target=HOPPER, gluon=1)["gluon"] == 1
-    with pytest.raises(ValueError, match="gluon=3 must be 0"):
-        da.resolve_config(a, gluon=3)
+    assert da.resolve_config(a, target=HOPPER, gluon="auto")["gluon"] == "auto"
+    with da.config_overrides(gluon="auto"):
+        assert da.resolve_config(a, target=HOPPER)["gluon"] == "auto"
+    for bad in (3, "fast"):
+        with pytest.raises(ValueError, match=f"gluon={bad!r} must be 0"):
+            da.resolve_config(a, gluon=bad)
 
 
 @pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
-def test_unsupported_says_why():
-    assert _why(SUPPORTED) is None
-    assert _why(replace(SUPPORTED, k_layout="per_channel", k_group=128, col0=True), block_n=64) is None
-    assert _why(SUPPORTED, gluon=2) is None  # 256 channels x 64 features of W: 32 KB, resident
-    declined = {
-        "3-bit keys": _why(replace(SUPPORTED, k_bits=3)),
-        "Hopper only": _why(SUPPORTED, target=ADA),
-        "torch.float32 weights": _why(replace(SUPPORTED, dtype=torch.float32)),
-        "key width of 96": _why(replace(SUPPORTED, C=96, k_group=32)),
-        "scale groups of 32": _why(replace(SUPPORTED, k_group=32)),
-        "token groups of 64, not a multiple of block_n=128": _why(
-            replace(SUPPORTED, k_layout="per_channel", k_group=64), block_n=128),
-        "block_n=256": _why(SUPPORTED, block_n=256),
-        "block_c=32": _why(SUPPORTED, block_c=32),
-        "128 features and 512 query rows": _why(replace(SUPPORTED, Hq=32, Hkv=2, S=16), block_h=2),
-        # gluon=2 keeps the head tile's whole W slice in shared memory: 4096 channels x 256 features do not fit
-        "2160 KB of shared memory with the head tile's whole W slice resident": _why(
-            replace(SUPPORTED, Hq=4, Hkv=4, D=128, C=4096, k_group=128), gluon=2, block_n=128, block_h=2),
-    }
-    for expected, why in declined.items():
-        assert why is not None and expected in why, (expected, why)
+def test_auto_runs_the_gluon_kernel_where_it_can_and_triton_elsewhere():
+    """gluon="auto" keeps W resident where the head tile's slice fits, streams it where only that fits, and
+    leaves every other call to the Triton scores kernel -- never an error."""
+    big = replace(SUPPORTED, Hq=4, Hkv=4, D=128, C=4096, k_group=128)  # a 7B layer's 2 MB W slice per head tile
+    assert _auto(SUPPORTED) == 2
+    assert _auto(big, block_n=128, block_h=2) == 1
+    assert _auto(replace(SUPPORTED, k_bits=3)) == 0
+    assert _auto(SUPPORTED, target=ADA) == 0
+    assert _auto(replace(SUPPORTED, k_group=32)) == 0
 
 
 @pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
@@ -131,23 +134,26 @@ CUDA_CASES = [
 ]
 
 
-def _run_gluon(a: dict, **config) -> torch.Tensor:
+def _run_gluon(a: dict, resident: bool | None = None, **config) -> torch.Tensor:
     """The op through the launcher with the Gluon scores kernel (``config`` sets ``gluon``), asserting it
-    ran."""
-    calls = []
+    ran (and, unless ``resident`` is None, with W resident or not)."""
+    launches = []
     kernel = gs._gluon_scores_kernel
 
     class Spy:
         def __getitem__(self, grid):
-            calls.append(grid)
-            return kernel[grid]
+            def launch(*args, **constexprs):
+                launches.append(constexprs)
+                return kernel[grid](*args, **constexprs)
+            return launch
 
     gs._gluon_scores_kernel = Spy()
     try:
         out = da.decode_attention_triton(inputs(_to(a, "cuda")), **config)
     finally:
         gs._gluon_scores_kernel = kernel
-    assert calls, "the Gluon scores kernel did not run"
+    assert launches, "the Gluon scores kernel did not run"
+    assert resident is None or launches[0]["W_RESIDENT"] == resident
     return out.cpu()
 
 
@@ -168,6 +174,16 @@ def test_cuda_gluon_scores_match_the_reference(case, gluon, block_n):
     check_close(out, OP(**a), case.dtype, f"{case} {config}")
     triton_out = da.decode_attention_triton(inputs(_to(a, "cuda"))).cpu()
     check_close(out, triton_out, case.dtype, f"{case} {config} vs the Triton scores kernel")
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+def test_cuda_gluon_auto_runs_what_choose_says(case):
+    """gluon="auto" around the call: the Gluon kernel, W resident exactly where gluon=2 can run."""
+    a = make_inputs(case)
+    with da.config_overrides(gluon="auto"):
+        out = _run_gluon(a, resident=_why(case, gluon=2) is None)
+    check_close(out, OP(**a), case.dtype, f"{case} gluon=auto")
 
 
 @needs_hopper

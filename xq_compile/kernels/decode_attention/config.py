@@ -17,6 +17,10 @@ from xq_compile.kernels.tiles import next_power_of_2
 CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "block_d",
                "num_warps", "num_stages", "x_as_b", "gluon")
 
+# gluon="auto": each launch takes the Gluon scores kernel where it can run the call (W resident where the head
+# tile's slice fits, else streamed) and the Triton one elsewhere (other GPUs, paged caches, 3-bit keys, ...).
+GLUON_AUTO = "auto"
+
 
 # Overrides set by config_overrides() for the launches inside its block (this thread / task only).
 _OVERRIDES: contextvars.ContextVar[dict] = contextvars.ContextVar("xq_decode_attention_config", default={})
@@ -29,11 +33,12 @@ def _check_keys(config: dict) -> None:
 
 
 @contextlib.contextmanager
-def config_overrides(**config: int):
+def config_overrides(**config: int | str):
     """Within the block, every launch of the op's Triton kernels takes these overrides of
     :func:`default_config` (keys :data:`CONFIG_KEYS`): the way to configure the launches a compiled model
-    makes, which call the op without a configuration -- e.g. ``with config_overrides(gluon=2): step()``
-    to run the Gluon scores kernel inside a compiled decode step (and in the CUDA graphs captured there).
+    makes, which call the op without a configuration -- e.g. ``with config_overrides(gluon="auto"): step()``
+    to run the Gluon scores kernel inside a compiled decode step wherever it can (and in the CUDA graphs
+    captured there).
     Nested blocks stack; a launcher's own keyword arguments win. Values are checked at each launch, as the
     launcher's are."""
     _check_keys(config)
@@ -170,9 +175,10 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | Non
         raise ValueError(f"block_h={cfg['block_h']} must be a power of two >= 1")
     if cfg["x_as_b"] not in (0, 1):
         raise ValueError(f"x_as_b={cfg['x_as_b']} must be 0 (K = X̂·Wkᵀ) or 1 (Kᵀ = Wk·X̂ᵀ)")
-    if cfg["gluon"] not in (0, 1, 2):
-        raise ValueError(f"gluon={cfg['gluon']} must be 0 (the Triton scores kernel), 1 (the Gluon one, Hopper) or "
-                         "2 (the Gluon one with the head tile's W resident in shared memory)")
+    if cfg["gluon"] not in (0, 1, 2, GLUON_AUTO):
+        raise ValueError(f"gluon={cfg['gluon']!r} must be 0 (the Triton scores kernel), 1 (the Gluon one, Hopper), "
+                         "2 (the Gluon one with the head tile's W resident in shared memory) or 'auto' (per "
+                         "call: 2 where it can run, else 1, else 0)")
     if cfg["num_splits"] < 1:
         raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
     return shapes, cfg

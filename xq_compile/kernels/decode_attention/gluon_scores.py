@@ -1,9 +1,10 @@
 """Stage 1 of ``xq_compile::decode_attention`` (the scores) written in Gluon for Hopper (sm_90): the K
 rebuild's MMAs stay in flight behind the dequantization, with the weight tiles copied asynchronously.
 
-Opt-in, not the default: decode_attention config ``gluon=1`` (W streamed) or ``gluon=2`` (the head tile's
-W resident in shared memory, for small models), given to the launcher or, around a compiled model's
-calls, by ``config_overrides``. Its values are checked on a Hopper GPU only (``tests/test_gluon_scores.py``;
+Opt-in, not the default: decode_attention config ``gluon=1`` (W streamed), ``gluon=2`` (the head tile's
+W resident in shared memory, for small models) or ``gluon="auto"`` (per call, :func:`choose`: 2 where it
+can run, else 1, else the Triton kernel), given to the launcher or, around a compiled model's calls, by
+``config_overrides``. Its values are checked on a Hopper GPU only (``tests/test_gluon_scores.py``;
 Gluon kernels do not run under the Triton interpreter), and on CPU by what it compiles to
 (``benchmarks/compile_report.py`` compiles it as opt-in jobs: wgmma in flight, no spills in the loop).
 ``benchmarks/decode_attention.py --sweep-gluon`` times it next to the Triton ``_scores_kernel``.
@@ -470,6 +471,16 @@ def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad
          + f", more than the {target.shared_memory // 1024} KB a program has on the GPU"),
     )
     return next((why for ok, why in checks if not ok), None)
+
+
+def choose(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, r_pad: int, block_h: int) -> int:
+    """What ``gluon="auto"`` runs for this call: 2 (W resident) where the kernel can run it so, else 1 (W
+    streamed), else 0 (the Triton scores kernel, which runs every case). Shapes and layouts decide, never the
+    fill n, so a CUDA graph captured once stays right for every fill."""
+    for gluon in (2, 1):
+        if unsupported(a, {**cfg, "gluon": gluon}, target, half_pad, r_pad, block_h) is None:
+            return gluon
+    return 0
 
 
 def plan(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, r_pad: int, block_h: int,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from xq_compile.kernels.decode_attention import config as launch_config
-from xq_compile.kernels.decode_attention.config import pow2_at_least_16
+from xq_compile.kernels.decode_attention.config import GLUON_AUTO, pow2_at_least_16
 from xq_compile.kernels.decode_attention.inputs import DecodeAttentionInputs, QuantizedSource
 from xq_compile.kernels.devices import GpuTarget, gpu_target
 from xq_compile.kernels.tiles import next_power_of_2, scale_broadcast
@@ -614,9 +614,11 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
     if cfg["gluon"]:
         from xq_compile.kernels.decode_attention import gluon_scores
 
-        half_pad = pow2_at_least_16(half)
-        rows_programs, tile = gluon_scores.plan(a, cfg, target or gpu_target(dev), half_pad, r_pad, block_h,
-                                                grid[0], grid[1])
+        half_pad, target = pow2_at_least_16(half), target or gpu_target(dev)
+        if cfg["gluon"] == GLUON_AUTO:
+            cfg = {**cfg, "gluon": gluon_scores.choose(a, cfg, target, half_pad, r_pad, block_h)}
+    if cfg["gluon"]:
+        rows_programs, tile = gluon_scores.plan(a, cfg, target, half_pad, r_pad, block_h, grid[0], grid[1])
         gluon_scores._gluon_scores_kernel[(grid[0], rows_programs)](
             a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq,
             mask_t, a.length, scores,
@@ -656,7 +658,8 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | N
     arguments (``CONFIG_KEYS``) override the default configuration and any enclosing
     ``config_overrides`` (see ``resolve_config``); block sizes are powers of two (>= 16, ``block_h`` >= 1).
     ``num_warps``/``num_stages`` apply to the Triton scores kernel; ``gluon`` 1 or 2 runs the scores on the
-    Gluon kernel instead (Hopper, opt-in: :mod:`.gluon_scores`). ``target``: configure for that GPU
+    Gluon kernel instead (Hopper, opt-in: :mod:`.gluon_scores`; ``"auto"``: where it can run the call, else
+    the Triton kernel). ``target``: configure for that GPU
     instead of the tensors' device (``benchmarks/compile_report.py`` compiles for GPUs it does not have).
     """
     if not HAS_TRITON:
