@@ -176,6 +176,73 @@ def test_cuda_gluon_scores_match_the_reference(case, gluon, block_n):
     check_close(out, triton_out, case.dtype, f"{case} {config} vs the Triton scores kernel")
 
 
+def _scores_stage(a: dict, monkeypatch, **config) -> torch.Tensor:
+    """Stage 1's output, the scores [B, Hkv, rows, L] (fp32; only the columns j < n are written), of the op
+    run through the launcher with ``config``."""
+    recorded = []
+    launch = da.triton_kernels._launch_scores
+
+    def record(*args, **kwargs):
+        recorded.append(launch(*args, **kwargs))
+        return recorded[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(da.triton_kernels, "_launch_scores", record)
+        da.decode_attention_triton(inputs(_to(a, "cuda")), **config)
+    return recorded[0].cpu()
+
+
+def where_scores_differ(got: torch.Tensor, want: torch.Tensor, n: int, block_n: int) -> str:
+    """Which parts of two score tensors [B, Hkv, rows, L] differ over the columns j < n (None: they agree
+    within bf16's tolerance): counts per KV head, per query row, per 64-row warpgroup of a row block and per
+    row block, so that one failing GPU run says where a kernel goes wrong (a head tile's halves, the query
+    dot, the second warpgroup, the prologue or the last partial block, the resident loop's later blocks)."""
+    got, want = got[..., :n].double(), want[..., :n].double()
+    both_masked = torch.isneginf(got) & torch.isneginf(want)
+    err = torch.where(both_masked, 0.0, (got - want).abs()).nan_to_num(float("inf"))
+    bad = err > 3e-2 * max(1.0, want[torch.isfinite(want)].abs().max().item())
+    if not bad.any():
+        return None
+    per_column = bad.sum((0, 1, 2))
+    j = torch.arange(n)
+    per_warpgroup = torch.zeros(block_n // 64, dtype=per_column.dtype).index_add_(0, j % block_n // 64, per_column)
+    blocks = (j[per_column > 0] // block_n).unique().tolist()
+    return (f"{int(bad.sum())} of {bad.numel()} scores differ (max error {err.max().item():.3g}); "
+            f"per KV head {bad.sum((0, 2, 3)).tolist()}; per query row {bad.sum((0, 1, 3)).tolist()}; "
+            f"per warpgroup of a row block {per_warpgroup.tolist()} (rows j % {block_n} in 64-row groups); "
+            f"in row blocks {blocks[:12]}{' ...' if len(blocks) > 12 else ''} of {-(-n // block_n)}")
+
+
+def test_where_scores_differ_points_at_the_bad_part():
+    """The diagnosis the CUDA tests print: it finds nothing where the scores agree, and names the head,
+    query row, warpgroup and row block where one corrupted part of a tile disagrees."""
+    want = torch.randn(1, 2, 4, 300)
+    want[..., 5] = float("-inf")
+    assert where_scores_differ(want + 1e-3, want, 257, 128) is None
+    got = want.clone()
+    got[0, 1, 2, 192:256] += 1.0  # head 1, query row 2, the second warpgroup of row block 1
+    got[0, 0, 0, 290] = float("nan")  # past n: never written, never compared
+    why = where_scores_differ(got, want, 257, 128)
+    assert why.startswith("64 of 2056 scores differ") and "per KV head [0, 64]" in why, why
+    assert "per query row [0, 0, 64, 0]" in why and "per warpgroup of a row block [0, 64]" in why, why
+    assert "in row blocks [1] of 3" in why, why
+
+
+@needs_hopper
+@pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+def test_cuda_gluon_scores_stage_matches_the_triton_kernel(case, gluon, monkeypatch):
+    """Stage 1 alone, against the Triton scores kernel's: where the two disagree, the failure says where."""
+    if _why(case, gluon=gluon) is not None:
+        pytest.skip("gluon=2 declined (test_cuda_gluon_scores_match_the_reference asserts the reason)")
+    a = make_inputs(case)
+    got = _scores_stage(a, monkeypatch, gluon=gluon)
+    want = _scores_stage(a, monkeypatch)
+    block_n = da.resolve_config(inputs(_to(a, "cuda")), gluon=gluon)["block_n"]
+    why = where_scores_differ(got, want, int(a["length"]), block_n)
+    assert why is None, f"{case} gluon={gluon}: {why}"
+
+
 @needs_hopper
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
 def test_cuda_gluon_auto_runs_what_choose_says(case):
