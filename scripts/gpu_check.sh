@@ -38,6 +38,9 @@
 #                    CUDA-graph time), device time per Triton kernel, the K rebuild's tiles as plain matmuls
 #      attn_gluon    decode_attention.py --sweep-gluon: the opt-in Gluon scores kernel's variants next to the default
 #                    (its own process: a kernel never run on a GPU before cannot take attn down with it)
+#      stalls        stall_profile.py: the warps' PC samples (CUPTI through proton) of the op's kernels per source
+#                    line with their stall reasons, 7B / GQA / SmolLM2 at n = 8192, default and gluon=auto: what
+#                    holds the scores kernels (the dequantization, the wgmma waits, W from L2); not in SMOKE runs
 #      attn_s4       decode_attention.py with S = 4 query tokens, default configuration (warm_attn_s4 compiles it)
 #      paged         paged_decode.py: the vLLM plugin's decode step (the fused op over the pages) vs the torch
 #                    path it replaces and the dense op on the same rows, and replayed from a CUDA graph
@@ -289,6 +292,11 @@ run_step attn 180 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[
 # ranked like the sweep; its own process, after attn: a kernel never run on a GPU before cannot take attn down
 run_step attn_gluon 60 "$PY" benchmarks/decode_attention.py "${ATTN[@]}" "${ATTN_GPU[@]}" --sweep-gluon --profile \
     --out "$OUT/decode_attention_gluon.json"
+# where the scores kernels stall (PC sampling: eager, each launch serialized; its own process, a CUPTI that
+# does not suit the driver can crash it)
+if [ "${SMOKE:-0}" != 1 ]; then
+    run_step stalls 60 "$PY" benchmarks/stall_profile.py --out "$OUT/stall_profile.json"
+fi
 run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" "${ATTN_S4_GPU[@]}" --profile \
     --out "$OUT/decode_attention_s4.json"
 run_step paged 30 "$PY" benchmarks/paged_decode.py "${PAGED[@]}" --lengths "${PAGED_LENGTHS[@]}" \
