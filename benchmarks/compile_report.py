@@ -470,13 +470,18 @@ def gluon_rebuild_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
 
 
 def gluon_scores_launches(shape: str, length: int, dtype, config: dict, bits: int = 4, queries: int = 1,
-                          rope: str = "tables", gluon: int = 1) -> list[Launch]:
+                          rope: str = "tables", gluon: int = 1, paged: bool = False) -> list[Launch]:
     """The scores launch of ``decode_attention_launches`` with the opt-in Gluon scores kernel (config
     ``gluon``: 1 streams W, 2 keeps the head tile's W resident; ``xq_compile.kernels.decode_attention.
-    gluon_scores``), the other stages left out: they are the default launches' (sm_90 only). No launch
-    (an empty list) for ``gluon=2`` where the W slice does not fit in shared memory (the launcher declines it)."""
+    gluon_scores``), the other stages left out: they are the default launches' (sm_90 only); ``paged``: of
+    the vLLM plugin's decode step (``paged_decode_attention_launches``) instead. No launch (an empty list)
+    for ``gluon=2`` where the W slice does not fit in shared memory (the launcher declines it)."""
+    config = {**config, "gluon": gluon}
     try:
-        launches = decode_attention_launches(shape, length, dtype, {**config, "gluon": gluon}, bits, queries, rope, 90)
+        if paged:
+            launches = paged_decode_attention_launches(shape, length, dtype, config, bits)
+        else:
+            launches = decode_attention_launches(shape, length, dtype, config, bits, queries, rope, 90)
     except ValueError as exc:
         if gluon == 2 and "whole W slice resident" in str(exc):
             return []
@@ -497,7 +502,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", nargs="*", default=[], help="decode_attention config overrides, key=value")
     p.add_argument("--paged", action="store_true", help="the vLLM plugin's decode step instead (4 requests of "
                    "--length rows in pages of 16 tokens, the sources views of the page bytes; S = 1, RoPE from "
-                   "the positions, the Triton values kernel); implies --no-dequant-project --no-gluon")
+                   "the positions, the Triton values kernel); implies --no-dequant-project, and of the Gluon "
+                   "kernels only the opt-in scores kernel")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
     p.add_argument("--no-gluon", action="store_true", help="skip the Gluon kernels (the K-rebuild prototype, "
                    "the opt-in scores kernel)")
@@ -529,7 +535,7 @@ def main(argv=None) -> int:
                   lambda s=shape, b=bits: paged_decode_attention_launches(s, args.length, dtype, config, b,
                                                                           arch=arch))
                  for shape in args.shape for bits in args.bits]
-        args.no_dequant_project = args.no_gluon = True
+        args.no_dequant_project = True
     else:
         jobs += [(f"{shape} {bits}-bit S={args.queries}" + variant,
                   lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries,
@@ -540,14 +546,15 @@ def main(argv=None) -> int:
                  for bits in args.bits]
     from xq_compile.kernels.gluon_rebuild import HAS_GLUON
 
-    if HAS_GLUON and not args.no_gluon and 4 in args.bits and arch == 90:
+    if HAS_GLUON and not args.no_gluon and not args.paged and 4 in args.bits and arch == 90:
         jobs.append(("gluon_rebuild 4-bit (not dispatched)", lambda: gluon_rebuild_launches(args.length, dtype)))
-    if HAS_GLUON and not args.no_gluon and not args.paged and arch == 90 and not config.get("gluon"):
+    if HAS_GLUON and not args.no_gluon and arch == 90 and not config.get("gluon"):
         from xq_compile.kernels.decode_attention.gluon_scores import BITS_SUPPORTED
 
-        jobs += [(f"{shape} {bits}-bit S={args.queries}{variant} gluon={gluon} (opt-in)",
+        step = "paged" if args.paged else f"S={args.queries}{variant}"
+        jobs += [(f"{shape} {bits}-bit {step} gluon={gluon} (opt-in)",
                   lambda s=shape, b=bits, g=gluon: gluon_scores_launches(s, args.length, dtype, config, b,
-                                                                         args.queries, args.rope, g))
+                                                                         args.queries, args.rope, g, args.paged))
                  for gluon in (1, 2) for shape in args.shape for bits in args.bits if bits in BITS_SUPPORTED]
     for title, make in jobs:
         print(f"== {title}", flush=True)

@@ -261,7 +261,9 @@ def test_ada_gets_tiles_that_fit_its_shared_memory_without_loop_spills(tmp_path)
 def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_path):
     """The vLLM plugin's decode step (``--paged``: the sources strided views of page bytes, rows through a
     block table, a fill per request): for the three shapes at 3 and 4 bits its K rebuild is on wgmma with
-    an MMA in flight and no kernel spills inside its MMA loop, as for the dense cache."""
+    an MMA in flight and no kernel spills inside its MMA loop, as for the dense cache -- the opt-in Gluon
+    scores kernel too (4 bits: W streamed for the three shapes, W resident for SmolLM2's; it does not take
+    3-bit keys)."""
     proc = _compile_report("--paged", "--check", "--bits", "3", "4", "--json", str(tmp_path / "report.json"))
     assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
     reports = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["job"] != "control"]
@@ -269,9 +271,12 @@ def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_p
     names = [r["name"] for r in reports]
     kernels = ("_scores_kernel", "_softmax_kernel", "_values_kernel", "_combine_kernel", "_project_kernel")
     assert all(names.count(k) == 6 for k in kernels), names
+    from xq_compile.kernels.gluon_rebuild import HAS_GLUON
+
+    assert names.count("_gluon_scores_kernel") == (3 + 1 if HAS_GLUON else 0), names
     for r in reports:
         assert r["loop_spill_instructions"] == 0, r
-        if r["name"] == "_scores_kernel":
+        if r["name"] in ("_scores_kernel", "_gluon_scores_kernel"):
             assert r["hgmma"] > 0 and r["wgmma_in_flight"], r
 
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from test_decode_attention import HAS_TRITON, OP, Case, _to, check_close, inputs, make_inputs
+from test_paged_decode_attention import CUDA_CASES as PAGED_CUDA_CASES
+from test_paged_decode_attention import PagedCase, make_paged
 from xq_compile.kernels import decode_attention as da
 from xq_compile.kernels.decode_attention import gluon_scores as gs
 from xq_compile.kernels.devices import GpuTarget
@@ -35,9 +37,10 @@ SUPPORTED = Case(B=1, Hq=4, Hkv=2, D=64, C=256, L=300, n=257, k_bits=4, k_group=
                  dtype=torch.bfloat16)
 
 
-def _call(case: Case, target: GpuTarget, config: dict) -> tuple:
-    """The arguments the launcher gives ``gs.unsupported`` and ``gs.choose`` for ``case`` on ``target``."""
-    a = inputs(make_inputs(case))
+def _call(case: Case | dict, target: GpuTarget, config: dict) -> tuple:
+    """The arguments the launcher gives ``gs.unsupported`` and ``gs.choose`` for ``case`` (or the op
+    arguments ``case``) on ``target``."""
+    a = inputs(make_inputs(case) if isinstance(case, Case) else case)
     cfg = da.resolve_config(a, target=target, **{"gluon": 1, **config})
     shapes = a.check()
     half_pad = da.config.pow2_at_least_16(shapes.head_dim // 2)
@@ -46,11 +49,11 @@ def _call(case: Case, target: GpuTarget, config: dict) -> tuple:
     return a, cfg, target, half_pad, r_pad, block_h
 
 
-def _why(case: Case, target: GpuTarget = HOPPER, **config) -> str | None:
+def _why(case: Case | dict, target: GpuTarget = HOPPER, **config) -> str | None:
     return gs.unsupported(*_call(case, target, config))
 
 
-def _auto(case: Case, target: GpuTarget = HOPPER, **config) -> int:
+def _auto(case: Case | dict, target: GpuTarget = HOPPER, **config) -> int:
     return gs.choose(*_call(case, target, {**config, "gluon": da.GLUON_AUTO}))
 
 
@@ -76,6 +79,17 @@ def test_auto_runs_the_gluon_kernel_where_it_can_and_triton_elsewhere():
     assert _auto(replace(SUPPORTED, k_bits=3)) == 0
     assert _auto(SUPPORTED, target=ADA) == 0
     assert _auto(replace(SUPPORTED, k_group=32)) == 0
+
+
+@pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
+def test_paged_sources_are_taken():
+    """vLLM's paged cache (per-token sources in pages, a block table, a fill per request): the Gluon kernel
+    reads its rows through the table, so it takes paged calls that it takes dense; what it does not decode
+    it declines paged as dense (here 3-bit keys)."""
+    _, paged = make_paged(PagedCase(replace(SUPPORTED, B=3, L=320), (300, 0, 17), 16))
+    assert paged["block_table"] is not None and _why(paged) is None and _auto(paged) == 2
+    _, three = make_paged(PagedCase(replace(SUPPORTED, B=2, L=320, k_bits=3), (300, 17), 16))
+    assert "3-bit keys" in _why(three) and _auto(three) == 0
 
 
 @pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
@@ -241,6 +255,23 @@ def test_cuda_gluon_scores_stage_matches_the_triton_kernel(case, gluon, monkeypa
     block_n = da.resolve_config(inputs(_to(a, "cuda")), gluon=gluon)["block_n"]
     why = where_scores_differ(got, want, int(a["length"]), block_n)
     assert why is None, f"{case} gluon={gluon}: {why}"
+
+
+@needs_hopper
+@pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
+@pytest.mark.parametrize("pc", [pc for pc in PAGED_CUDA_CASES if _why(make_paged(pc)[1]) is None], ids=str)
+def test_cuda_gluon_scores_read_pages(pc, gluon):
+    """vLLM's pages at real shapes (SmolLM2's X form, a GQA latent form; pages of 16, ragged fills): the
+    paged launch gives exactly the dense launch's output over the same rows (only the addresses differ)
+    and the reference's within the dtype's bound."""
+    dense, paged = make_paged(pc)
+    why = _why(paged, gluon=gluon)
+    if why is not None:
+        assert gluon == 2 and "whole W slice resident" in why, why
+        return
+    out = _run_gluon(paged, gluon=gluon)
+    check_close(out, OP(**paged), pc.case.dtype, f"{pc} gluon={gluon}")
+    assert torch.equal(out, _run_gluon(dense, gluon=gluon)), "paged and dense Gluon launches differ"
 
 
 @needs_hopper

@@ -31,7 +31,8 @@ shared memory), scaled, masked and stored like ``_scores_kernel``'s.
 
 What it takes (:func:`unsupported` names what it does not, :func:`plan` raises that): per-token key
 sources (2, 4 or 8 bits; scale groups and the hidden size multiples of 64) or per-channel ones (the GQA
-latent's, 2/4/8 bits, the open token group from the tail), dense (not paged), 16-bit weights, col0,
+latent's, 2/4/8 bits, the open token group from the tail), dense or paged (vLLM's cache: per-token sources
+read through the block table, a fill per request), 16-bit weights, col0,
 bias, masks, S <= 16.
 """
 
@@ -73,16 +74,33 @@ if HAS_GLUON:
         return m * s_shifted + z_shifted
 
     @gluon.jit
-    def _step_sources(kp_ptr, ks_ptr, kz_ptr, kt_ptr, b, rows, g, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
-                      s_tb, s_tl, s_tc, BITS: gl.constexpr, PER_CHANNEL: gl.constexpr, FROM_TAIL: gl.constexpr,
-                      GROUP: gl.constexpr, BLOCK_C: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr):
+    def _row_places(b, rows, bt_ptr, s_btb, s_btr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+        """Where the per-token sources hold ``rows`` of batch row ``b``: (page, slot) with the row at
+        ``page * s_b + slot * s_l`` (``tiles.cache_rows``' rule): dense, page ``b`` and slot the row;
+        paged (vLLM's cache), page ``block_table[b, row // PAGE_SIZE]`` and slot ``row % PAGE_SIZE``,
+        one table load per row and tile (``rows`` are below the fill: every entry read is a real page)."""
+        if PAGED:
+            page = gl.load(bt_ptr + b * s_btb + (rows // PAGE_SIZE) * s_btr).to(gl.int64)
+            slot = rows % PAGE_SIZE
+        else:
+            page = b  # (a scalar: the rows' offsets as before paging)
+            slot = rows
+        return page, slot
+
+    @gluon.jit
+    def _step_sources(kp_ptr, ks_ptr, kz_ptr, kt_ptr, b, rows, page, slot, g, s_pb, s_pl, s_sb, s_sl, s_sc,
+                      s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, BITS: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                      FROM_TAIL: gl.constexpr, GROUP: gl.constexpr, BLOCK_C: gl.constexpr, byte_l: gl.constexpr,
+                      dq_l: gl.constexpr):
         """The pointers of what step 0 dequantizes: (code bytes, scales, zeros), or with ``FROM_TAIL``
         (per channel, the open token group) the model-dtype tail's tile (three times). Computed once per
         tile; :func:`_load_step` offsets them by the step.
 
-        ``rows``: the row block's rows (int64, clamped to filled rows) in ``byte_l``'s row slice. Per token
-        the scale and zero are one per row ([BLOCK_N] in that slice), per channel one per column of the
-        block's token group ``g`` ([BLOCK_C] in ``dq_l``'s column slice)."""
+        ``rows``: the row block's rows (int64, clamped to filled rows) in ``byte_l``'s row slice; a row's
+        codes, scale and zero are at (``page``, ``slot``) of the per-token sources (:func:`_row_places`:
+        batch row and row when dense, a page of the block table and a row in it when paged). Per token the
+        scale and zero are one per row ([BLOCK_N] in that slice), per channel one per column of the block's
+        token group ``g`` ([BLOCK_C] in ``dq_l``'s column slice)."""
         cols = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, dq_l))
         if FROM_TAIL:
             t_rows = gl.convert_layout(rows, gl.SliceLayout(1, dq_l)) % GROUP
@@ -92,17 +110,17 @@ if HAS_GLUON:
         else:
             if BITS == 4 and not PER_CHANNEL:  # 32-bit words of 8 codes (unsupported() checks the alignment)
                 word_idx = gl.arange(0, BLOCK_C // 8, layout=gl.SliceLayout(0, byte_l))
-                codes = kp_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + b * (s_pb // 4) \
-                    + rows[:, None] * (s_pl // 4) + word_idx[None, :]
+                codes = kp_ptr.to(gl.pointer_type(gl.int32), bitcast=True) \
+                    + (page * (s_pb // 4) + slot * (s_pl // 4))[:, None] + word_idx[None, :]
             else:
                 byte = gl.arange(0, BLOCK_C * BITS // 8, layout=gl.SliceLayout(0, byte_l))
-                codes = kp_ptr + b * s_pb + rows[:, None] * s_pl + byte[None, :]
+                codes = kp_ptr + (page * s_pb + slot * s_pl)[:, None] + byte[None, :]
             if PER_CHANNEL:
                 scales = ks_ptr + b * s_sb + g * s_sl + cols * s_sc
                 zeros = kz_ptr + b * s_zb + g * s_zl + cols * s_zc
             else:
-                scales = ks_ptr + b * s_sb + rows * s_sl
-                zeros = kz_ptr + b * s_zb + rows * s_zl
+                scales = ks_ptr + page * s_sb + slot * s_sl
+                zeros = kz_ptr + page * s_zb + slot * s_zl
         return codes, scales, zeros
 
     @gluon.jit
@@ -172,7 +190,7 @@ if HAS_GLUON:
         return gl.convert_layout(x, dq_l)
 
     @gluon.jit
-    def _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, g,
+    def _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, page, slot, g,
                    s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                    C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
                    FROM_TAIL: gl.constexpr, HAS_COL0: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr,
@@ -192,13 +210,13 @@ if HAS_GLUON:
                 if j < NUM_STEPS:
                     _cp_async(w_buf.index(j), w_ptrs + j * BLOCK_C)
                 async_copy.commit_group()
-        codes, scales, zeros = _step_sources(kp_ptr, ks_ptr, kz_ptr, kt_ptr, b, rows, g, s_pb, s_pl, s_sb, s_sl,
-                                             s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, BITS, PER_CHANNEL, FROM_TAIL,
-                                             GROUP, BLOCK_C, byte_l, dq_l)
+        codes, scales, zeros = _step_sources(kp_ptr, ks_ptr, kz_ptr, kt_ptr, b, rows, page, slot, g, s_pb, s_pl,
+                                             s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, BITS, PER_CHANNEL,
+                                             FROM_TAIL, GROUP, BLOCK_C, byte_l, dq_l)
         word, s, z = _load_step(codes, scales, zeros, 0, s_sc, s_zc, s_tc, BITS, PER_CHANNEL, FROM_TAIL, GROUP,
                                 BLOCK_C)
         if HAS_COL0:  # channel 0 of every row is col0 (exact): the first step only
-            v0 = gl.load(c0_ptr + b * s_cb + gl.convert_layout(rows, gl.SliceLayout(1, dq_l)) * s_cl)
+            v0 = gl.load(c0_ptr + gl.convert_layout(page * s_cb + slot * s_cl, gl.SliceLayout(1, dq_l)))
             first_col = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, dq_l)) == 0
         acc = gl.zeros((BLOCK_N, F2), gl.float32, acc_l)
         for i in range(NUM_STEPS):
@@ -228,8 +246,8 @@ if HAS_GLUON:
     @gluon.jit
     def _gluon_scores_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
-        mask_ptr, length_ptr, out_ptr,
-        L, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_len,
+        mask_ptr, length_ptr, bt_ptr, out_ptr,
+        L, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_len, s_btb, s_btr,
         s_qb, s_qh, s_qs, s_qd,
         s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_wn, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
@@ -239,7 +257,7 @@ if HAS_GLUON:
         HAS_COL0: gl.constexpr, HAS_BIAS: gl.constexpr, MASK_KIND: gl.constexpr,
         ROPE_FROM_POSITIONS: gl.constexpr, R_PAD: gl.constexpr, HALF_PAD: gl.constexpr, BLOCK_H: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, NUM_STAGES: gl.constexpr, W_RESIDENT: gl.constexpr,
-        num_warps: gl.constexpr,
+        PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """``_scores_kernel``'s output (the scaled, masked scores of BLOCK_H KV heads' query rows against
         cached rows r0 .. r0 + BLOCK_N) with the K rebuild of :func:`_rebuild_k`. num_warps = BLOCK_N / 16:
@@ -291,28 +309,28 @@ if HAS_GLUON:
             for rb in range(gl.program_id(1), gl.cdiv(n, BLOCK_N), gl.num_programs(1)):
                 _score_row_block(
                     rb * BLOCK_N, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr,
-                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF,
-                    qk_scale, rope_scale, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
+                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF,
+                    qk_scale, rope_scale, s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
                     s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
                     s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP, PER_CHANNEL, HAS_COL0,
                     HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N, BLOCK_C, NUM_STAGES,
-                    W_RESIDENT, num_warps, byte_l, dq_l)
+                    W_RESIDENT, PAGED, PAGE_SIZE, num_warps, byte_l, dq_l)
         else:
             r0 = gl.program_id(1) * BLOCK_N
             if r0 < n:  # (a row block past the fill does nothing: one CUDA graph serves every fill)
                 _score_row_block(
                     r0, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr,
-                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF,
-                    qk_scale, rope_scale, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
+                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF,
+                    qk_scale, rope_scale, s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
                     s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
                     s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP, PER_CHANNEL, HAS_COL0,
                     HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N, BLOCK_C, NUM_STAGES,
-                    W_RESIDENT, num_warps, byte_l, dq_l)
+                    W_RESIDENT, PAGED, PAGE_SIZE, num_warps, byte_l, dq_l)
 
     @gluon.jit
     def _score_row_block(
         r0, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
-        mask_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale,
+        mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_btb, s_btr,
         s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml,
         s_ob, s_oh, s_or, s_ol,
@@ -320,7 +338,8 @@ if HAS_GLUON:
         HAS_COL0: gl.constexpr, HAS_BIAS: gl.constexpr, MASK_KIND: gl.constexpr,
         ROPE_FROM_POSITIONS: gl.constexpr, R_PAD: gl.constexpr, HALF_PAD: gl.constexpr, BLOCK_H: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, NUM_STAGES: gl.constexpr, W_RESIDENT: gl.constexpr,
-        num_warps: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr,
+        PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr, byte_l: gl.constexpr,
+        dq_l: gl.constexpr,
     ):
         """The scores of cached rows r0 .. r0 + BLOCK_N (r0 < n): the K rebuild, then bias, RoPE, the query
         dot, the masks and the store."""
@@ -331,14 +350,15 @@ if HAS_GLUON:
                                                         instr_shape=[16, 2 * F, 16])
         # rows past the fill read the last filled row (no masks in the loop; their scores are not stored)
         rows = gl.minimum(r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_l)), n - 1).to(gl.int64)
+        page, slot = _row_places(b, rows, bt_ptr, s_btb, s_btr, PAGED, PAGE_SIZE)
         g = r0 // GROUP  # per channel: the block's token group (BLOCK_N divides GROUP)
         if PER_CHANNEL and r0 >= n_full:  # the open token group: rows from the model-dtype tail
-            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, g,
+            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, page, slot, g,
                            s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                            C, BITS, GROUP, PER_CHANNEL, True, HAS_COL0, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
                            W_RESIDENT, byte_l, dq_l, acc_l)
         else:
-            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, g,
+            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, page, slot, g,
                            s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                            C, BITS, GROUP, PER_CHANNEL, False, HAS_COL0, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
                            W_RESIDENT, byte_l, dq_l, acc_l)
@@ -450,7 +470,6 @@ def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad
         (HAS_GLUON, "this triton has no Gluon (triton >= 3.4 has)"),
         (not interpreted(), "the Triton interpreter (TRITON_INTERPRET=1) does not run Gluon kernels"),
         (target.wgmma, f"it issues wgmma, which sm_{target.capability} has not (Hopper only)"),
-        (not a.paged, "paged sources are not supported"),
         (keys.bits in BITS_SUPPORTED, f"{keys.bits}-bit keys are not supported (2, 4 or 8 bits are)"),
         (w.dtype in (torch.float16, torch.bfloat16), f"{w.dtype} weights (16-bit ones are supported)"),
         (w.shape[1] % BLOCK_C == 0, f"a key width of {w.shape[1]}, not a multiple of {BLOCK_C}"),

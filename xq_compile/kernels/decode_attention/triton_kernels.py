@@ -621,14 +621,14 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         rows_programs, tile = gluon_scores.plan(a, cfg, target, half_pad, r_pad, block_h, grid[0], grid[1])
         gluon_scores._gluon_scores_kernel[(grid[0], rows_programs)](
             a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq,
-            mask_t, a.length, scores,
-            max_len, kv_heads, rows, seq, group_q, half, float(a.sm_scale), float(a.rope_scale), _paged_args(a)[0],
+            mask_t, a.length, _table_ptr(a), scores,
+            max_len, kv_heads, rows, seq, group_q, half, float(a.sm_scale), float(a.rope_scale), *_paged_args(a),
             *a.query.stride(), *_without_inner(k_strides), a.k_weight.stride(0), *table_strides, *pos_strides,
             *m_strides, *scores.stride(),
             C=k_width, BITS=keys.bits, GROUP=keys.group, PER_CHANNEL=keys.layout == "per_channel",
             HAS_COL0=a.col0 is not None, HAS_BIAS=a.k_bias is not None, MASK_KIND=mask_kind,
             ROPE_FROM_POSITIONS=a.rope_from_positions, R_PAD=r_pad, HALF_PAD=half_pad, BLOCK_H=block_h,
-            BLOCK_N=cfg["block_n"], BLOCK_C=gluon_scores.BLOCK_C, **tile,
+            BLOCK_N=cfg["block_n"], BLOCK_C=gluon_scores.BLOCK_C, PAGED=a.paged, PAGE_SIZE=_page_size(a), **tile,
         )
         return scores
     _scores_kernel[grid](
