@@ -5,6 +5,7 @@ cache (what reading pages costs), plus the fused step captured in a CUDA graph a
 
     python benchmarks/paged_decode.py --device cuda                        # H200
     python benchmarks/paged_decode.py --device cpu --lengths 64 --requests 2 --iters 1 --repeats 1   # smoke
+    python benchmarks/paged_decode.py --config gluon=auto    # the fused step on the opt-in Gluon scores kernel
 
 Shapes (``--shape``): ``smollm2`` the X form (d 576, 9 heads of 64); ``gqa`` the GQA latent form (8 KV heads
 of 128, 32 query heads, key and value latents of 1024 per token). Each of ``--requests`` requests holds
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decode_attention import DTYPES, rel_err, time_ms  # noqa: E402  (benchmarks/ is this script's folder)
+from decode_attention import DTYPES, parse_config, rel_err, time_ms  # noqa: E402  (benchmarks/ is this folder)
 
 SHAPES = {
     "smollm2": dict(heads=9, kv_heads=9, head_dim=64, d=576, group=64, latent=None),
@@ -98,8 +99,12 @@ def main(argv=None) -> int:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="decode_attention config overrides of the fused step's launches (what engine_args' "
+                        "decode_attention gives a served layer), e.g. gluon=auto; the dense op runs the default")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    config = parse_config(args.config)
     from xq_compile.vllm import paged
 
     dtype, dev, results = DTYPES[args.dtype], args.device, []
@@ -112,7 +117,7 @@ def main(argv=None) -> int:
             rope = neox_rope(inv_freq, proj.head_dim)
 
             def fused():
-                return paged.fused_decode(query, pages, batch, layout, xquant, proj, inv_freq)
+                return paged.fused_decode(query, pages, batch, layout, xquant, proj, inv_freq, config)
 
             def torch_path():
                 rows, valid = paged.gather(pages, batch, layout, xquant, dtype, static=True)
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
             def dense_op():
                 return torch.ops.xq_compile.decode_attention.default(**dense)
 
-            row = dict(shape=name, n=n, requests=args.requests, bits=args.bits, page_size=args.page_size,
+            row = dict(shape=name, n=n, requests=args.requests, bits=args.bits, page_size=args.page_size, config=config,
                        err=rel_err(fused(), torch_path().float()))
             for what, fn in (("fused", fused), ("dense_op", dense_op), ("torch_path", torch_path)):
                 row[f"{what}_ms"] = time_ms(fn, dev, args.iters, args.repeats, max_round_ms=100.0)

@@ -89,6 +89,10 @@ def gpu_check_launches(dtype=torch.bfloat16) -> list[tuple[str, cr.Launch]]:
         out += [(f"{shape} paged", launch)
                 for launch in cr.paged_decode_attention_launches(shape, PAGED_LENGTH, dtype, {},
                                                                  batch=PAGED_REQUESTS)]
+        out += [(f"{shape} paged gluon=auto", launch)  # gpu_check's paged_gluon step (the other kernels: above)
+                for launch in cr.paged_decode_attention_launches(shape, PAGED_LENGTH, dtype, {"gluon": "auto"},
+                                                                 batch=PAGED_REQUESTS)
+                if launch.kernel.__name__ == "_gluon_scores_kernel"]
     for bits in REBUILD_BITS:
         out += [(f"dequant_project {bits}-bit", launch)
                 for launch in cr.dequant_project_launches(REBUILD_CAPACITY, dtype, bits)]

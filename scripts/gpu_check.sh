@@ -45,6 +45,7 @@
 #      paged         paged_decode.py: the vLLM plugin's decode step (the fused op over the pages) vs the torch
 #                    path it replaces and the dense op on the same rows, and replayed from a CUDA graph
 #                    (warm_paged compiles it)
+#      paged_gluon   paged_decode.py --config gluon=auto: the same with the Gluon scores kernel reading the pages
 #      decode        decode_step.py, bf16, lengths up to 32K, vs the compiled StaticCache and quanto's
 #                    QuantizedCache (if its wheel is installed)
 #      rebuild       rebuild_op.py on CUDA, bf16: dequant_project and the compiled rebuild vs torch.mm
@@ -268,7 +269,7 @@ start_step warm_attn_s4 "$PHASE1_S" "$PY" benchmarks/decode_attention.py "${ATTN
 # step past phase 1, and the warm-up shards compile them for the timed steps anyway)
 start_step compile "$PHASE1_S" "$PY" benchmarks/compile_report.py --check --bits 2 3 4 8 --no-gluon \
     --json "$OUT/compile_report.json"
-start_step compile_paged "$PHASE1_S" "$PY" benchmarks/compile_report.py --paged --check --bits 2 3 4 8 \
+start_step compile_paged "$PHASE1_S" "$PY" benchmarks/compile_report.py --paged --check --bits 2 3 4 8 --no-gluon \
     --json "$OUT/compile_report_paged.json"
 TORCHINDUCTOR_COMPILE_THREADS=2 start_step warm_decode "$PHASE1_S" "$PY" benchmarks/decode_step.py "${MODEL[@]}" \
     --quanto --quanto-bits 4 --lengths "${DECODE_LENGTHS[0]}" --max-cache-len "$MAX_CACHE_LEN" --steps 1 \
@@ -301,6 +302,9 @@ run_step attn_s4 30 "$PY" benchmarks/decode_attention.py "${ATTN_S4[@]}" "${ATTN
     --out "$OUT/decode_attention_s4.json"
 run_step paged 30 "$PY" benchmarks/paged_decode.py "${PAGED[@]}" --lengths "${PAGED_LENGTHS[@]}" \
     --out "$OUT/paged_decode.json"
+# the same step on the opt-in Gluon scores kernel reading the pages (its own process, as attn_gluon)
+run_step paged_gluon 30 "$PY" benchmarks/paged_decode.py "${PAGED[@]}" --lengths "${PAGED_LENGTHS[@]}" \
+    --config gluon=auto --out "$OUT/paged_decode_gluon.json"
 run_step decode 90 "$PY" benchmarks/decode_step.py "${MODEL[@]}" --quanto --quanto-bits 4 \
     --lengths "${DECODE_LENGTHS[@]}" --max-cache-len "$MAX_CACHE_LEN" --steps 5 --repeats 3 --warmup 2 \
     --out "$OUT/decode"

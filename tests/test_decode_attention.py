@@ -353,7 +353,7 @@ def test_triton_launcher_rejects_bad_configs():
 def test_config_overrides_configure_the_launches_inside_the_block():
     """config_overrides() is how a compiled model's launches (which pass no configuration) get one: every
     configuration resolved inside the block takes it, blocks stack, the launcher's own keywords win, and
-    leaving the block restores the default; keys are checked on entry, values at each launch."""
+    leaving the block restores the default; keys and values are checked on entry."""
     a = inputs(make_inputs(Case(n=7, L=24)))
     base = da.resolve_config(a)
     with da.config_overrides(num_splits=3, block_d=16):
@@ -367,9 +367,14 @@ def test_config_overrides_configure_the_launches_inside_the_block():
     with pytest.raises(TypeError, match="unknown decode_attention config.*block_q"):
         with da.config_overrides(block_q=16):
             pass
-    with da.config_overrides(block_n=48):
-        with pytest.raises(ValueError, match="block_n=48"):
-            da.resolve_config(a)
+    for bad, message in (({"block_n": 48}, "block_n=48 must be a power of two"),
+                         ({"gluon": "fast"}, "gluon='fast' must be 0"), ({"num_splits": 0}, "num_splits=0"),
+                         ({"block_h": "2"}, "block_h='2' must be a power of two")):
+        with pytest.raises(ValueError, match=message):
+            with da.config_overrides(**bad):
+                pass
+    with da.config_overrides(block_n=None):  # None: the default
+        assert da.resolve_config(a) == base
 
 
 def test_default_config_shapes_the_tiles():

@@ -201,6 +201,50 @@ def test_engine_args_select_the_plugin_and_refuse_what_it_does_not_serve():
         engine_args(XQuantConfig(), architecture="Gemma2ForCausalLM")
 
 
+def test_engine_args_carry_the_fused_decode_configuration_checked():
+    """engine_args(decode_attention=...) (the fused decode kernels' configuration, e.g. the opt-in Gluon
+    scores kernel) travels in the model config to every worker, where decode_config_of reads it back;
+    unknown keys and bad values are refused before any engine starts."""
+    from types import SimpleNamespace
+
+    from xq_compile.vllm import decode_config_of, engine_args, serve_flags
+
+    four_bit = XQuantConfig(bits=4, form="x")
+    overrides = engine_args(four_bit, decode_attention={"gluon": "auto", "num_splits": 8})["hf_overrides"]
+    assert decode_config_of(SimpleNamespace(**overrides)) == {"gluon": "auto", "num_splits": 8}
+    assert json.loads(serve_flags(four_bit, decode_attention={"gluon": "auto"})[1])["xquant_decode_attention"] \
+        == {"gluon": "auto"}
+    plain = engine_args(four_bit)["hf_overrides"]
+    assert decode_config_of(SimpleNamespace(**plain)) == {} and "xquant_decode_attention" not in plain
+    with pytest.raises(TypeError, match="unknown decode_attention config.*block_q"):
+        engine_args(four_bit, decode_attention={"block_q": 16})
+    with pytest.raises(ValueError, match="gluon=3 must be 0"):
+        engine_args(four_bit, decode_attention={"gluon": 3})
+    with pytest.raises(ValueError, match="block_n=48"):
+        decode_config_of(SimpleNamespace(xquant_decode_attention={"block_n": 48}))
+
+
+def test_fused_decode_launches_under_the_layer_configuration(monkeypatch):
+    """The layer's configuration is in force for the op's launches (what the GPU launcher resolves), and only
+    inside fused_decode."""
+    from xq_compile.kernels import decode_attention as da
+
+    pages, batch, layout, xquant, proj, query, inv_freq = _decode_step("x", 4, kv_heads=2)
+    seen = []
+
+    def op(**args):
+        seen.append(da.resolve_config(da.DecodeAttentionInputs.from_op_args(**args)))
+        return da.decode_attention(**args)
+
+    monkeypatch.setattr(paged, "decode_attention", op)
+    want = paged.fused_decode(query, pages, batch, layout, xquant, proj, inv_freq)
+    got = paged.fused_decode(query, pages, batch, layout, xquant, proj, inv_freq, {"gluon": "auto", "num_splits": 5})
+    assert [cfg["gluon"] for cfg in seen] == [0, "auto"] and seen[1]["num_splits"] == 5
+    assert torch.equal(got, want)  # (on CPU the op's torch kernel: the configuration is the GPU launches')
+    assert da.resolve_config(da.DecodeAttentionInputs.from_op_args(
+        **paged.decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq))) == seen[0]
+
+
 def test_engine_args_read_the_architecture_from_the_model_folder(tmp_path):
     from xq_compile.vllm import engine_args
 

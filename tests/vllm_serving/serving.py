@@ -36,7 +36,8 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 
 def serve(variant: str, xquant=None, *, dtype: str = "float32", prompts: int = len(PROMPTS),
-          new_tokens: int = NEW_TOKENS, prompt_logprobs: bool = True, **engine: object) -> Served:
+          new_tokens: int = NEW_TOKENS, prompt_logprobs: bool = True, decode_attention: dict | None = None,
+          **engine: object) -> Served:
     """Start an engine on SmolLM2 (``"mha"`` or ``"gqa"``, or a model folder), stock or with the X cache,
     generate greedily for the first ``prompts`` prompts all submitted at once, shut the engine down.
     ``prompt_logprobs`` (the prompts' likelihood) makes vLLM compute every prompt token, so it turns off
@@ -52,7 +53,7 @@ def serve(variant: str, xquant=None, *, dtype: str = "float32", prompts: int = l
     kwargs.update(engine)
     model = str(smollm2_hf_dir(variant)) if variant in ("mha", "gqa") else variant
     if xquant is not None:
-        kwargs.update(engine_args(xquant, model=model))
+        kwargs.update(engine_args(xquant, model=model, decode_attention=decode_attention))
     llm = LLM(model, **kwargs)
     try:
         ids = prompt_ids(llm.get_tokenizer())[:prompts]

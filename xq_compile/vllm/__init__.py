@@ -22,8 +22,8 @@ from typing import Any
 from ..config import XQuantConfig
 from .layout import StateField, bytes_per_token, token_state_layout
 
-__all__ = ["ARCHITECTURES", "StateField", "architecture_of", "bytes_per_token", "check_servable", "engine_args", "register",
-           "serve_flags", "token_state_layout"]
+__all__ = ["ARCHITECTURES", "StateField", "architecture_of", "bytes_per_token", "check_servable", "decode_config_of",
+           "engine_args", "register", "serve_flags", "token_state_layout"]
 
 # The stock architecture each served class stands in for. Mistral without a sliding window is Llama's
 # computation with Llama's weight names: the Llama class serves it (and refuses the Mistral variants that differ).
@@ -31,12 +31,16 @@ ARCHITECTURES = {"LlamaForCausalLM": "XQuantLlamaForCausalLM", "MistralForCausal
                  "Qwen2ForCausalLM": "XQuantQwen2ForCausalLM"}
 
 
-def engine_args(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None) -> dict[str, Any]:
+def engine_args(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None,
+                decode_attention: dict[str, Any] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM(model, **engine_args(xquant, model=model))`` (or ``AsyncEngineArgs``)
     that serve the model with the X cache: the plugin's model class, and the config it reads.
 
     The class stands in for the model's own architecture: give ``model`` (a model folder: its config.json
-    names it) or ``architecture`` (one of :data:`ARCHITECTURES`); Llama when neither is given."""
+    names it) or ``architecture`` (one of :data:`ARCHITECTURES`); Llama when neither is given.
+    ``decode_attention``: overrides of the fused decode kernels' configuration on a GPU
+    (``xq_compile.kernels.decode_attention.CONFIG_KEYS``, checked here), e.g. ``{"gluon": "auto"}`` for the
+    opt-in Gluon scores kernel on Hopper wherever it takes the call."""
     if not isinstance(xquant, XQuantConfig):
         raise TypeError(f"engine_args takes an XQuantConfig, got {type(xquant).__name__}")
     if model is not None:
@@ -48,7 +52,28 @@ def engine_args(xquant: XQuantConfig, architecture: str | None = None, *, model:
         raise ValueError(f"the vLLM plugin serves {sorted(ARCHITECTURES)} so far, not {architecture!r}; "
                          "serve this model without xq_compile.vllm.engine_args (stock vLLM).")
     check_servable(xquant)
-    return {"hf_overrides": {"architectures": [ARCHITECTURES[architecture]], "xquant": dataclasses.asdict(xquant)}}
+    overrides = {"architectures": [ARCHITECTURES[architecture]], "xquant": dataclasses.asdict(xquant)}
+    if decode_attention:
+        from ..kernels.decode_attention import check_overrides
+
+        check_overrides(decode_attention)
+        overrides[DECODE_CONFIG_KEY] = dict(decode_attention)
+    return {"hf_overrides": overrides}
+
+
+# the model config's attribute (set by engine_args' hf_overrides) with the fused decode's configuration
+DECODE_CONFIG_KEY = "xquant_decode_attention"
+
+
+def decode_config_of(hf_config) -> dict[str, Any]:
+    """The fused decode's configuration overrides :func:`engine_args` put into the model's config ({} if none),
+    checked again where the model is built."""
+    config = dict(getattr(hf_config, DECODE_CONFIG_KEY, None) or {})
+    if config:
+        from ..kernels.decode_attention import check_overrides
+
+        check_overrides(config)
+    return config
 
 
 def architecture_of(model: str) -> str:
@@ -76,9 +101,11 @@ def check_servable(xquant: XQuantConfig) -> None:
             "width for all layers and fp16 scales (scale_format='fp16').")
 
 
-def serve_flags(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None) -> list[str]:
+def serve_flags(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None,
+                decode_attention: dict[str, Any] | None = None) -> list[str]:
     """The same switches for ``vllm serve MODEL ...``."""
-    return ["--hf-overrides", json.dumps(engine_args(xquant, architecture, model=model)["hf_overrides"])]
+    args = engine_args(xquant, architecture, model=model, decode_attention=decode_attention)
+    return ["--hf-overrides", json.dumps(args["hf_overrides"])]
 
 
 def register() -> None:

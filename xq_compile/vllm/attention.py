@@ -24,7 +24,7 @@ from ..config import XQuantConfig
 from ..kernels.devices import triton_kernels_serve
 from ..latent import latent_width
 from ..rotation import fold_into_weight, hadamard
-from . import paged
+from . import decode_config_of, paged
 from .layout import bytes_per_token, token_state_layout
 
 BACKEND_NAME = "XQUANT"
@@ -147,10 +147,12 @@ class XQuantPagedAttention(Attention):
     value latents of this rank's heads (the GQA latent form); see layout.py and paged.py."""
 
     def __init__(self, *, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, total_num_kv_heads: int,
-                 hidden_size: int, xquant: XQuantConfig, rotary_emb, cache_config, prefix: str) -> None:
+                 hidden_size: int, xquant: XQuantConfig, rotary_emb, cache_config, prefix: str,
+                 decode_config: dict | None = None) -> None:
         super().__init__(num_heads, head_dim, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          prefix=prefix, attn_backend=XQuantAttentionBackend)
         self.xquant = xquant
+        self.decode_config = decode_config or {}  # the fused decode's kernel configuration (engine_args)
         self.latent = xquant.form_of(hidden_size, total_num_kv_heads * head_dim) == "latent"
         self.total_num_kv_heads = total_num_kv_heads
         # A latent row is [key latent | value latent] of this rank's heads: each quantized in whole groups.
@@ -213,7 +215,7 @@ class XQuantPagedAttention(Attention):
         if self._fused_decode(pages, batch, n):
             requests = batch.seq_lens.shape[0]  # token r is request r's new token; tokens past them padding
             output[:requests] = paged.fused_decode(query[:requests], pages, batch, self.layout, self.xquant,
-                                                   self.projection, self.fused_inv_freq)
+                                                   self.projection, self.fused_inv_freq, self.decode_config)
             output[requests:] = 0
             return
         # static shapes on CUDA (graph capture), only the rows held on CPU
@@ -258,7 +260,7 @@ class XCacheAttention:
         self.attn = XQuantPagedAttention(
             num_heads=self.num_heads, head_dim=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
             total_num_kv_heads=self.total_num_kv_heads, hidden_size=hidden_size, xquant=xquant, rotary_emb=self.rotary_emb, cache_config=cache_config,
-            prefix=f"{prefix}.attn")
+            prefix=f"{prefix}.attn", decode_config=decode_config_of(config))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)

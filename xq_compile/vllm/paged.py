@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..config import XQuantConfig
-from ..kernels.decode_attention import decode_attention
+from ..kernels.decode_attention import config_overrides, decode_attention
 from ..latent import svd_factors
 from ..rotation import rotate
 from .layout import StateField, field_views
@@ -294,10 +294,14 @@ def page_sources(pages: torch.Tensor, layout: tuple[StateField, ...], xquant: XQ
 
 
 def fused_decode(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...],
-                 xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor) -> torch.Tensor:
+                 xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor,
+                 config: dict | None = None) -> torch.Tensor:
     """Attention of a decode batch by ``xq_compile::decode_attention`` over the pages (the arguments of
-    :func:`decode_arguments`); returns [R, heads * head_dim]."""
-    out = decode_attention(**decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq))
+    :func:`decode_arguments`), its GPU launches configured by ``config`` (overrides of the kernels'
+    configuration, e.g. ``{"gluon": "auto"}``; also while vLLM captures CUDA graphs); returns
+    [R, heads * head_dim]."""
+    with config_overrides(**(config or {})):
+        out = decode_attention(**decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq))
     return out.reshape(query.shape[0], proj.num_heads * proj.head_dim)
 
 

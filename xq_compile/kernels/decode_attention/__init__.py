@@ -68,8 +68,8 @@ Triton is optional: without it the package imports and the CPU kernel works; onl
 tensors to the op raises (asking to install triton).
 """
 
-from xq_compile.kernels.decode_attention.config import (CONFIG_KEYS, GLUON_AUTO, config_overrides, default_config,
-                                                        resolve_config)
+from xq_compile.kernels.decode_attention.config import (CONFIG_KEYS, GLUON_AUTO, check_overrides, config_overrides,
+                                                        default_config, resolve_config)
 from xq_compile.kernels.decode_attention.inputs import LAYOUTS, DecodeAttentionInputs, QuantizedSource
 from xq_compile.kernels.decode_attention.op import decode_attention
 from xq_compile.kernels.decode_attention.reference import (reference_decode_attention, rope_tables, rotate_half,
@@ -78,7 +78,7 @@ from xq_compile.kernels.decode_attention.triton_kernels import HAS_TRITON, decod
 from xq_compile.kernels.devices import GpuTarget, gpu_target  # the launcher's ``target``
 
 __all__ = [
-    "CONFIG_KEYS", "GLUON_AUTO", "GpuTarget", "HAS_TRITON", "LAYOUTS", "DecodeAttentionInputs", "QuantizedSource", "config_overrides",
-    "decode_attention", "decode_attention_triton", "default_config", "gpu_target", "reference_decode_attention",
-    "resolve_config", "rope_tables", "rotate_half", "source_rows",
+    "CONFIG_KEYS", "GLUON_AUTO", "GpuTarget", "HAS_TRITON", "LAYOUTS", "DecodeAttentionInputs", "QuantizedSource",
+    "check_overrides", "config_overrides", "decode_attention", "decode_attention_triton", "default_config",
+    "gpu_target", "reference_decode_attention", "resolve_config", "rope_tables", "rotate_half", "source_rows",
 ]

@@ -39,9 +39,9 @@ def config_overrides(**config: int | str):
     makes, which call the op without a configuration -- e.g. ``with config_overrides(gluon="auto"): step()``
     to run the Gluon scores kernel inside a compiled decode step wherever it can (and in the CUDA graphs
     captured there).
-    Nested blocks stack; a launcher's own keyword arguments win. Values are checked at each launch, as the
-    launcher's are."""
-    _check_keys(config)
+    Nested blocks stack; a launcher's own keyword arguments win. Keys and values are checked on entry
+    (:func:`check_overrides`)."""
+    check_overrides(config)
     token = _OVERRIDES.set({**_OVERRIDES.get(), **config})
     try:
         yield
@@ -168,17 +168,31 @@ def resolve(inputs: DecodeAttentionInputs, config: dict, target: GpuTarget | Non
         paged=inputs.paged,
     )
     cfg.update({k: v for k, v in {**_OVERRIDES.get(), **config}.items() if v is not None})
-    for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv", "block_d"):
-        if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
-            raise ValueError(f"{key}={cfg[key]} must be a power of two >= 16")
-    if cfg["block_h"] < 1 or cfg["block_h"] & (cfg["block_h"] - 1):
-        raise ValueError(f"block_h={cfg['block_h']} must be a power of two >= 1")
-    if cfg["x_as_b"] not in (0, 1):
-        raise ValueError(f"x_as_b={cfg['x_as_b']} must be 0 (K = X̂·Wkᵀ) or 1 (Kᵀ = Wk·X̂ᵀ)")
-    if cfg["gluon"] not in (0, 1, 2, GLUON_AUTO):
-        raise ValueError(f"gluon={cfg['gluon']!r} must be 0 (the Triton scores kernel), 1 (the Gluon one, Hopper), "
-                         "2 (the Gluon one with the head tile's W resident in shared memory) or 'auto' (per "
-                         "call: 2 where it can run, else 1, else 0)")
-    if cfg["num_splits"] < 1:
-        raise ValueError(f"num_splits={cfg['num_splits']} must be >= 1")
+    check_overrides(cfg)
     return shapes, cfg
+
+
+def check_overrides(config: dict) -> None:
+    """Raise unless ``config`` holds valid decode_attention configuration values (any of :data:`CONFIG_KEYS`;
+    None means "the default"): TypeError naming an unknown key, ValueError a bad value. What the launcher
+    checks at every launch, and what a configuration given ahead of any launch (a server's) is checked with."""
+    _check_keys(config)
+
+    def fails(key: str, ok) -> bool:
+        value = config.get(key)
+        return value is not None and not (isinstance(value, int) and ok(value))
+
+    for key in ("block_n", "block_c", "block_m", "block_nv", "block_cv", "block_d"):
+        if fails(key, lambda v: v >= 16 and not v & (v - 1)):
+            raise ValueError(f"{key}={config[key]!r} must be a power of two >= 16")
+    if fails("block_h", lambda v: v >= 1 and not v & (v - 1)):
+        raise ValueError(f"block_h={config['block_h']!r} must be a power of two >= 1")
+    if fails("x_as_b", lambda v: v in (0, 1)):
+        raise ValueError(f"x_as_b={config['x_as_b']!r} must be 0 (K = X̂·Wkᵀ) or 1 (Kᵀ = Wk·X̂ᵀ)")
+    if config.get("gluon") not in (None, 0, 1, 2, GLUON_AUTO):
+        raise ValueError(f"gluon={config['gluon']!r} must be 0 (the Triton scores kernel), 1 (the Gluon one, "
+                         "Hopper), 2 (the Gluon one with the head tile's W resident in shared memory) or 'auto' "
+                         "(per call: 2 where it can run, else 1, else 0)")
+    for key in ("num_splits", "num_warps", "num_stages"):
+        if fails(key, lambda v: v >= 1):
+            raise ValueError(f"{key}={config[key]!r} must be an integer >= 1")
