@@ -309,30 +309,30 @@ if HAS_GLUON:
             for rb in range(gl.program_id(1), gl.cdiv(n, BLOCK_N), gl.num_programs(1)):
                 _score_row_block(
                     rb * BLOCK_N, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr,
-                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF,
-                    qk_scale, rope_scale, s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
-                    s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
-                    s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP, PER_CHANNEL, HAS_COL0,
-                    HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N, BLOCK_C, NUM_STAGES,
-                    W_RESIDENT, PAGED, PAGE_SIZE, num_warps, byte_l, dq_l)
+                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S,
+                    GROUP_Q, HALF, qk_scale, rope_scale, s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl,
+                    s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl,
+                    s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP,
+                    PER_CHANNEL, HAS_COL0, HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N,
+                    BLOCK_C, NUM_STAGES, W_RESIDENT, PAGED, PAGE_SIZE, num_warps, byte_l, dq_l)
         else:
             r0 = gl.program_id(1) * BLOCK_N
             if r0 < n:  # (a row block past the fill does nothing: one CUDA graph serves every fill)
                 _score_row_block(
                     r0, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr,
-                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF,
-                    qk_scale, rope_scale, s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
-                    s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
-                    s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP, PER_CHANNEL, HAS_COL0,
-                    HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N, BLOCK_C, NUM_STAGES,
-                    W_RESIDENT, PAGED, PAGE_SIZE, num_warps, byte_l, dq_l)
+                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S,
+                    GROUP_Q, HALF, qk_scale, rope_scale, s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl,
+                    s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl,
+                    s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP,
+                    PER_CHANNEL, HAS_COL0, HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N,
+                    BLOCK_C, NUM_STAGES, W_RESIDENT, PAGED, PAGE_SIZE, num_warps, byte_l, dq_l)
 
     @gluon.jit
     def _score_row_block(
         r0, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
-        mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_btb, s_btr,
-        s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-        s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml,
+        mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale,
+        s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
+        s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml,
         s_ob, s_oh, s_or, s_ol,
         C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
         HAS_COL0: gl.constexpr, HAS_BIAS: gl.constexpr, MASK_KIND: gl.constexpr,
