@@ -188,7 +188,12 @@ def main(argv=None) -> int:
     hatchet = args.out.with_suffix("")
     t0 = time.perf_counter()
     # before the first launch: the sampler maps PCs to lines from the modules loaded while it runs
-    proton.start(str(hatchet), backend="cupti", mode="pcsampling")
+    try:
+        proton.start(str(hatchet), backend="cupti", mode="pcsampling")
+    except Exception as exc:  # noqa: BLE001 - say why in one line (gpu_check's summary shows the last one)
+        sys.exit(f"PC sampling could not start: {type(exc).__name__}: {exc} (CUPTI from "
+                 f"{os.environ.get('TRITON_CUPTI_LIB_PATH', 'triton')}; set TRITON_CUPTI_LIB_PATH to a folder "
+                 "with a libcupti.so of the driver's CUDA release)")
     failed = {}
     for scope, call in calls.items():
         with proton.scope(scope):

@@ -14,8 +14,8 @@ sp = _benchmark_module("stall_profile")
 
 def _line(path: str, number: int, kernel: str, samples: int, **reasons: int) -> dict:
     return {"frame": {"name": f"{path}:{number}@{kernel}", "type": "function"},
-            "metrics": {"num_samples": samples, "num_stalled_samples": sum(reasons.values()),
-                        **{f"stalled_{k}": v for k, v in reasons.items()}, "stalled_wait": 0}, "children": []}
+            "metrics": {"num_samples": samples, "num_stalled_samples": sum(reasons.values()), "stalled_drain": 0,
+                        **{f"stalled_{k}": v for k, v in reasons.items()}}, "children": []}
 
 
 def _node(name: str, *children: dict) -> dict:
@@ -84,3 +84,67 @@ def test_cupti_for_a_cuda_13_driver_comes_from_the_nvidia_wheels(tmp_path):
 def test_without_cuda_it_says_what_it_needs():
     with pytest.raises(SystemExit, match="needs CUDA"):
         sp.main(["--shape", "smollm2"])
+
+
+def _stand_ins(monkeypatch, tmp_path, start_fails: bool = False) -> dict:
+    """main() on CPU: CUDA's calls, the inputs' device and the launcher replaced, and a stand-in for proton
+    that records the scopes and writes a sample tree with one line per scope."""
+    import contextlib
+    import json
+    import sys
+    import types
+
+    from xq_compile.kernels import decode_attention as da
+
+    seen = {"scopes": [], "configs": []}
+    monkeypatch.setattr(sp.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sp.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(sp.torch.cuda, "get_device_name", lambda: "stand-in")
+    monkeypatch.setenv("TRITON_CUPTI_LIB_PATH", str(tmp_path))
+    make = sp.make_inputs
+    monkeypatch.setattr(sp, "make_inputs", lambda shape, B, L, S, bits, dtype, dev: make(shape, B, L, S, bits, dtype,
+                                                                                         "cpu"))
+    monkeypatch.setattr(da, "decode_attention_triton", lambda inputs, **config: seen["configs"].append(config))
+    proton = types.ModuleType("triton.profiler")
+
+    def start(name, **kwargs):
+        if start_fails:
+            raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES")
+        seen.update(name=name, kwargs=kwargs)
+
+    @contextlib.contextmanager
+    def scope(name):
+        seen["scopes"].append(name)
+        yield
+
+    def finalize():
+        tree = [_node("ROOT", *[_node(s, _line(HERE, MARKED_LINE, "_scores_kernel", 10, wait=4))
+                                for s in seen["scopes"]]), {}]
+        (tmp_path / "stalls.hatchet").write_text(json.dumps(tree))
+
+    proton.start, proton.scope, proton.finalize = start, scope, finalize
+    monkeypatch.setitem(sys.modules, "triton.profiler", proton)
+    return seen
+
+
+def test_main_samples_each_shape_and_configuration_under_one_session(monkeypatch, tmp_path):
+    import json
+
+    seen = _stand_ins(monkeypatch, tmp_path)
+    out = tmp_path / "stalls.json"
+    rc = sp.main(["--shape", "smollm2", "gqa", "--capacity", "64", "--n", "48", "--calls", "2", "--out", str(out),
+                  "--configs", "default", "gluon=auto,num_splits=2"])
+    assert rc == 0 and seen["kwargs"] == {"backend": "cupti", "mode": "pcsampling"}
+    scopes = [f"{s} n=48 {c}" for s in ("smollm2", "gqa") for c in ("default", "gluon=auto,num_splits=2")]
+    assert seen["scopes"] == scopes
+    assert seen["configs"] == [{}, {}, {"gluon": "auto", "num_splits": 2}, {"gluon": "auto", "num_splits": 2}] * 2
+    written = json.loads(out.read_text())
+    assert list(written["stalls"]) == scopes and written["failed"] == {}
+    assert written["stalls"][scopes[3]]["_scores_kernel"]["reasons"] == {"stalled_wait": 4}
+
+
+def test_main_says_why_when_sampling_cannot_start(monkeypatch, tmp_path):
+    _stand_ins(monkeypatch, tmp_path, start_fails=True)
+    with pytest.raises(SystemExit, match="PC sampling could not start: RuntimeError: "
+                                         "CUPTI_ERROR_INSUFFICIENT_PRIVILEGES .*TRITON_CUPTI_LIB_PATH"):
+        sp.main(["--shape", "smollm2", "--capacity", "64", "--n", "48", "--out", str(tmp_path / "s.json")])
