@@ -126,8 +126,8 @@ def main(argv=None) -> int:
             def dense_op():
                 return torch.ops.xq_compile.decode_attention.default(**dense)
 
-            row = dict(shape=name, n=n, requests=args.requests, bits=args.bits, page_size=args.page_size, config=config,
-                       err=rel_err(fused(), torch_path().float()))
+            row = dict(shape=name, n=n, requests=args.requests, bits=args.bits, page_size=args.page_size,
+                       config=config, err=rel_err(fused(), torch_path().float()))
             for what, fn in (("fused", fused), ("dense_op", dense_op), ("torch_path", torch_path)):
                 row[f"{what}_ms"] = time_ms(fn, dev, args.iters, args.repeats, max_round_ms=100.0)
             row["graph_ms"] = None

@@ -18,7 +18,7 @@ CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv
                "num_warps", "num_stages", "x_as_b", "gluon")
 
 # gluon="auto": each launch takes the Gluon scores kernel where it can run the call (W resident where the head
-# tile's slice fits, else streamed) and the Triton one elsewhere (other GPUs, paged caches, 3-bit keys, ...).
+# tile's slice fits, else streamed) and the Triton one elsewhere (other GPUs, 3-bit keys, other tiles, ...).
 GLUON_AUTO = "auto"
 
 
