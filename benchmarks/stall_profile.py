@@ -162,12 +162,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("stall_profile.py samples a GPU's warps: it needs CUDA (CUPTI PC sampling)")
+    driver = driver_cuda_major()
     if "TRITON_CUPTI_LIB_PATH" not in os.environ:
-        folder = cupti_dir(driver_cuda_major())
+        folder = cupti_dir(driver)
         if folder is not None:
             os.environ["TRITON_CUPTI_LIB_PATH"] = folder
-    print(f"CUPTI from {os.environ.get('TRITON_CUPTI_LIB_PATH', 'triton (bundled)')}; driver CUDA "
-          f"{driver_cuda_major()}", flush=True)
+    print(f"CUPTI from {os.environ.get('TRITON_CUPTI_LIB_PATH', 'triton (bundled)')}; driver CUDA {driver}",
+          flush=True)
     import triton.profiler as proton
 
     import xq_compile.kernels  # noqa: F401 - registers the ops
