@@ -34,9 +34,12 @@ def _(like, length, error, message):
 
 def refuse(like: torch.Tensor, length: int, error: type[Exception], message: str) -> torch.Tensor:
     """In traced code: a stand-in for cached K or V (``like`` with ``length`` rows) that carries an error."""
-    if error.__name__ not in _ERRORS:
-        raise AssertionError(f"refuse() takes {sorted(_ERRORS)}, got {error.__name__}")
-    return torch.ops.xq_compile.refuse(like, length, error.__name__, message)
+    # The name by identity, not error.__name__: torch 2.11's Dynamo cannot read the attributes of a builtin
+    # exception class ("NotImplementedError: BuiltinVariable(ValueError)").
+    for name, known in _ERRORS.items():
+        if error is known:
+            return torch.ops.xq_compile.refuse(like, length, name, message)
+    raise AssertionError(f"refuse() takes {sorted(_ERRORS)}, got {error}")
 
 
 def refusal_in(gm: torch.fx.GraphModule) -> Exception | None:
