@@ -3,7 +3,7 @@
 # memory per program and mma.sync) under the supported Triton releases other than the one CI pins (3.9 in
 # .venv, checked by tests/test_compile_report.py).
 #
-#   bash scripts/check_triton_compile.sh            # 3.6.0: torch 2.11's Triton (the lowest supported torch)
+#   bash scripts/check_triton_compile.sh            # 3.6.0 and 3.7.0: torch 2.11's and 2.12's Triton
 #   bash scripts/check_triton_compile.sh 3.6.0      # only these
 #
 # Whether a dot keeps its MMAs in flight, spills or compiles at all is decided by Triton's passes, which
@@ -19,7 +19,7 @@ if [ ! -x .venv/bin/python ]; then
     exit 2
 fi
 VERSIONS=("$@")
-[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(3.6.0)
+[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(3.6.0 3.7.0)
 
 # the default decode step (S = 1) at every width, 16 query tokens, and the vLLM plugin's paged step
 CHECKS=(

@@ -1,6 +1,6 @@
 """generate() through the xquant backend on every supported transformers release.
 
-scripts/check_transformers_versions.sh runs this file (with a few other tests) under the lowest, the
+scripts/check_versions.sh runs this file (with a few other tests) under the lowest, the
 vLLM-pinned and the highest supported transformers; the main test run covers the pinned one.
 """
 
