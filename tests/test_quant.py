@@ -48,6 +48,38 @@ def test_quantize_error_is_within_half_a_step(bits, group, seed, scale):
     assert torch.allclose(x_hat, quant.fake_quantize(x, bits, group))
 
 
+def _values_of_every_kind():
+    """fp32 values across fp16's subnormal, normal and overflow ranges and bf16's, with exact ties."""
+    g = torch.Generator().manual_seed(0)
+    spread = [torch.randn(1 << 14, generator=g) * m for m in (1e-9, 1e-6, 1e-4, 1e-2, 1.0, 1e2, 6e4, 1e6, 1e30, 3e38)]
+    ties = torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8,  # fp16, bf16 halfway
+                         2.0 ** -25, 3 * 2.0 ** -25, 65504.0, 65519.99, 65520.0, 0.0, -0.0, float("inf")])
+    return torch.cat(spread + [ties, -ties])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rounded_equals_the_cast_there_and_back_also_when_compiled(dtype):
+    x = _values_of_every_kind()
+    expected = x.to(dtype).float()
+    assert torch.equal(quant.rounded(x, dtype), expected)
+    torch.compiler.reset()
+    assert torch.equal(torch.compile(quant.rounded, fullgraph=True)(x, dtype), expected)
+    # rounding really happens: most of these fp32 values are not 16-bit values
+    assert (expected != x).float().mean() > 0.9
+
+
+def test_compiled_quantize_chooses_the_codes_of_the_stored_scales():
+    """A fused kernel may keep fp32 where the code casts to fp16 and back (Inductor's C++ backend does,
+    when scale and zero are not outputs of the kernel): the codes would then be chosen for scales other
+    than the stored ones, a step off at rounding edges (252 of these codes at 4 bits before rounded()).
+    Plain torch.compile must give the eager codes, bit for bit."""
+    x = torch.randn(64, 8, 256, generator=torch.Generator().manual_seed(1)) * 3
+    for bits in (2, 4):
+        torch.compiler.reset()
+        codes_only = torch.compile(lambda t: quant.quantize(t, bits, 16)[0], fullgraph=True, dynamic=False)
+        assert torch.equal(codes_only(x), quant.quantize(x, bits, 16)[0])
+
+
 def test_error_shrinks_with_more_bits():
     x = torch.randn(64, 256)
     errors = [(quant.fake_quantize(x, b, 64) - x).pow(2).mean().item() for b in (2, 3, 4, 8)]

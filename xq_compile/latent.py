@@ -155,7 +155,7 @@ def store_key_latent(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
         _key_codes(quant.unpack(codes.index_select(1, open_rows), bits), low, first_group, open_rows, g),
         scale.index_select(1, first_group.reshape(1)), zero.index_select(1, first_group.reshape(1)), g)
     window = torch.cat([cached, cached.new_zeros(batch, (spans - 1) * g, channels)], 1)
-    window = window.index_copy(1, offset + torch.arange(s, device=device), new.to(ROW_DTYPE).float())
+    window = window.index_copy(1, offset + torch.arange(s, device=device), quant.rounded(new, ROW_DTYPE))
     # Without a spare group, the last of the spans groups may lie past the storage (it then holds no
     # row): it is written as a copy of the first group, onto the first group, so every write is in
     # bounds and each destination receives a single value.
@@ -169,7 +169,7 @@ def store_key_latent(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     open_scale, open_zero = quant.scale_and_zero_along_tokens(window, wide, g, valid, keep_max=True)
     scale.index_copy_(1, target_groups, torch.where(complete, final_scale, open_scale).index_select(1, source_groups))
     zero.index_copy_(1, target_groups, torch.where(complete, final_zero, open_zero).index_select(1, source_groups))
-    # codes for the scale/zero as stored, read back from fp16 memory (see quant.codes_for)
+    # codes for the scale/zero as stored: read back from where they were written
     stored = scale.index_select(1, target_groups), zero.index_select(1, target_groups)
     row_complete = complete.repeat_interleave(g, 0)  # [spans·g, 1]
     open_codes = quant.codes_along_tokens(window, *stored, wide, g)
@@ -189,7 +189,7 @@ def reopen_key_group(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     [B, k, C], k < g: quantized per channel at open_bits, as the next store expects."""
     g, wide, k = group_size, open_bits(bits), kept.shape[1]
     batch, channels = kept.shape[0], kept.shape[2]
-    window = torch.cat([kept.to(ROW_DTYPE).float(), kept.new_zeros(batch, g - k, channels, dtype=torch.float32)], 1)
+    window = torch.cat([quant.rounded(kept, ROW_DTYPE), kept.new_zeros(batch, g - k, channels, dtype=torch.float32)], 1)
     open_scale, open_zero = quant.scale_and_zero_along_tokens(window, wide, g, torch.arange(g, device=kept.device) < k,
                                                               keep_max=True)
     scale[:, group] = open_scale[:, 0]
@@ -244,7 +244,7 @@ def fake_quantize_key_latent(latent: torch.Tensor, bits: int | None, group_size:
     chunks = [t] if chunks is None else chunks
     if sum(chunks) != t:
         raise ValueError(f"chunks {chunks} do not add up to the {t} rows")
-    out, end = latent.to(ROW_DTYPE).float(), 0
+    out, end = quant.rounded(latent, ROW_DTYPE), 0
     for length in chunks:
         first, end = end // g * g, end + length  # from the open group before this chunk
         for start in range(first, end, g):
@@ -253,5 +253,5 @@ def fake_quantize_key_latent(latent: torch.Tensor, bits: int | None, group_size:
             quantized = quant.quantize_along_tokens(out[..., start:start + rows, :], width, rows, keep_max=keep_max)
             out[..., start:start + rows, :] = quant.dequantize_along_tokens(*quantized, rows)
     if keep_channel0:
-        out[..., 0] = latent[..., 0].to(ROW_DTYPE).float()
+        out[..., 0] = quant.rounded(latent[..., 0], ROW_DTYPE)
     return out.to(latent.dtype)

@@ -58,19 +58,42 @@ def scale_and_zero(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.T
 
 
 def codes_for(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """uint8 codes [..., d] of ``x`` for the given fp16 per-group scale and zero [..., G].
-
-    The compiled store computes scale/zero, writes them to the cache and passes the values *read back*
-    to this function: the read is from fp16 memory, so the rounding holds on every Inductor backend
-    (torch 2.11's C++ backend drops fp16 round trips inside a fused kernel, emulate_precision_casts
-    or not).
-    """
+    """uint8 codes [..., d] of ``x`` for the given fp16 per-group scale and zero [..., G]."""
     groups = x.float().unflatten(-1, (-1, group_size))
     return _codes(groups, scale, zero, bits, -1).flatten(-2)
 
 
 def _range_to_scale(low, high, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return ((high - low) / ((1 << bits) - 1)).to(SCALE_DTYPE), low.to(SCALE_DTYPE)
+    # rounded() first: whether or not a fused kernel skips the cast back, _codes then sees the fp16 values
+    scale, zero = rounded((high - low) / ((1 << bits) - 1), SCALE_DTYPE), rounded(low, SCALE_DTYPE)
+    return scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
+
+
+def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype).float()`` for ``dtype`` float16 or bfloat16, computed with integer ops on the fp32 bits.
+
+    Codes must be chosen for the scale, zero and rows exactly as the cache stores them in 16 bits. Written
+    as a cast there and back, a fused kernel may keep the fp32 value instead: Inductor's C++ backend
+    does on torch < 2.13 (its pattern pass and its code generation alike, with
+    ``emulate_precision_casts`` or not) and on 2.13 without that option, and the codes then miss the
+    stored grid by a step at rounding edges. No compiler skips integer arithmetic. Round to nearest even, fp16 subnormals and overflow
+    to inf included: equal to the cast for every finite fp32 value.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"rounded() takes float16 or bfloat16, not {dtype}")
+    x = x.float()
+    dropped = 13 if dtype == torch.float16 else 16  # mantissa bits fp32 has beyond ``dtype``
+    bits = x.view(torch.int32)
+    # add half a unit of the kept last place (less one, plus the kept lsb: ties to even), then truncate;
+    # a carry into the exponent is the correct rounding up, and bfloat16 overflows to inf the same way
+    bits = (bits + ((1 << (dropped - 1)) - 1) + ((bits >> dropped) & 1)) & -(1 << dropped)
+    out = bits.view(torch.float32)
+    if dtype == torch.float16:
+        # below 2**-14 fp16 is subnormal, a fixed step of 2**-24 (scaling by powers of 2 is exact);
+        # above 65504 it is inf
+        out = torch.where(x.abs() < 2.0 ** -14, torch.round(x * 2.0 ** 24) * 2.0 ** -24, out)
+        out = torch.where(out.abs() > 65504, out * float("inf"), out)
+    return out
 
 
 def _codes(values, scale, zero, bits: int, dim: int) -> torch.Tensor:
@@ -110,7 +133,7 @@ def scale_and_zero_along_tokens(x: torch.Tensor, bits: int, group_size: int, val
         low = torch.where(empty, 0.0, torch.where(rows, groups, float("inf")).amin(-2))
         high = torch.where(empty, 0.0, torch.where(rows, groups, float("-inf")).amax(-2))
     if keep_max:
-        low = low.to(SCALE_DTYPE).float()
+        low = rounded(low, SCALE_DTYPE)
     return _range_to_scale(low, high, bits)
 
 

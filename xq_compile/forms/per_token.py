@@ -53,9 +53,7 @@ def store_quantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     new_scale, new_zero = quant.scale_and_zero(x, bits, group_size)
     store_rows(scale, index, new_scale)
     store_rows(zero, index, new_zero)
-    # codes for the scale/zero as stored (read back from fp16 memory: see quant.codes_for)
-    stored = scale.index_select(1, index), zero.index_select(1, index)
-    store_rows(codes, index, quant.pack(quant.codes_for(x, *stored, bits, group_size), bits))
+    store_rows(codes, index, quant.pack(quant.codes_for(x, new_scale, new_zero, bits, group_size), bits))
 
 
 def store_quantized_log8(codes: torch.Tensor, row_scale: torch.Tensor, log_scale: torch.Tensor,
