@@ -7,9 +7,13 @@ changes between torch 2.11 and 2.13+, this file is the only one to adapt. The re
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
+
+log = logging.getLogger(__name__)
 
 
 def mark_static_address(tensor: torch.Tensor) -> None:
@@ -41,11 +45,31 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, mode: str | None)
 
     patches = dict(list_mode_options(mode)) if mode else {}
     if hasattr(inductor_config, "emulate_precision_casts"):
-        # quant.quantize rounds scale/zero to fp16 before choosing the codes, so that the stored fp16
-        # values reproduce them; a fused kernel would otherwise skip that round trip and pick codes
-        # for slightly different scales (off by one step at rounding edges).
+        # A fused kernel then rounds each fp16/bf16 intermediate (the rows cast to the model's dtype
+        # before a projection) as eager torch does, so compiled logits match the eager model's. The
+        # quantizer does not rely on it: quant.rounded() does its roundings itself, since on torch
+        # < 2.13 the C++ backend skips fp16 round trips inside a kernel with this option or not.
         patches["emulate_precision_casts"] = True
+    try:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    except Exception as error:
+        if not _hit_bounds_check_bug(error):
+            raise
+    # torch 2.11 and 2.12's C++ backend can emit the bounds check of an index computed inside a
+    # vectorized loop before the index itself ("'tmp2' was not declared in this scope",
+    # pytorch/pytorch#178244, fixed in 2.13). transformers' sliding-window masks hit it (Mistral,
+    # Gemma 2/3, with or without xquant). Only a graph that failed so is compiled again without the
+    # checks: an index out of range in it then reads another element instead of raising.
+    log.warning("torch %s: this graph's C++ failed to compile (pytorch/pytorch#178244); compiling it again "
+                "without index bounds checks (torch >= 2.13 needs no such retry)", torch.__version__)
+    patches["assert_indirect_indexing"] = False
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _hit_bounds_check_bug(error: Exception) -> bool:
+    text = str(error)
+    return (torch.__version__ < (2, 13) and "CppCompileError" in type(error).__name__ + text
+            and "index out of bounds" in text and "was not declared in this scope" in text)
 
 
 def recompile_limit_at_least(limit: int):
