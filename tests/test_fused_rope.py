@@ -297,6 +297,22 @@ def test_explain_shows_how_each_fused_site_gets_rope(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+def _interpreter_fma_rounds_once() -> bool:
+    """Whether this Triton's interpreter rounds tl.fma once, as the GPU does (3.9's does; 3.6's and 3.7's
+    multiply and add in fp32, rounding twice): fma(a, a, -fl(a·a)) is 2⁻²⁴ for a = 1 + 2⁻¹², else 0."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fma_kernel(a_ptr, c_ptr, out_ptr):
+        a = tl.load(a_ptr)
+        tl.store(out_ptr, tl.fma(a, a, tl.load(c_ptr)))
+
+    a, c, out = torch.tensor([1 + 2.0 ** -12]), torch.tensor([-(1 + 2.0 ** -11)]), torch.zeros(1)
+    fma_kernel[(1,)](a, c, out)
+    return out.item() == 2.0 ** -24
+
+
 def _interpreter_case() -> None:
     """In a TRITON_INTERPRET=1 subprocess: the Triton launcher with cos/sin from the positions against the
     launcher fed the tables of transformers' own rotary module (YaRN, attention_scaling != 1), at positions
@@ -309,6 +325,9 @@ def _interpreter_case() -> None:
     rotary = tf.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
     assert rotary.attention_scaling != 1.0
     small = dict(block_n=16, block_c=32, block_h=2, block_m=16, block_nv=16, block_cv=32, num_splits=2)
+    # The kernel reduces the angle with FMAs (Cody-Waite); an interpreter that rounds them twice loses
+    # about 1e-3 of it near position 50 000. The GPU's fma rounds once.
+    far_tol = 1e-4 if _interpreter_fma_rounds_once() else 5e-3
 
     def run(args):
         return da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**args), **small)
@@ -326,7 +345,8 @@ def _interpreter_case() -> None:
             got = run(computed).float()
             # test_decode_attention's bounds for the kernels against the reference: in bf16 the two runs
             # may differ by the rounding of a cos/sin value (the interpreter's tl.cos of the reduced angle)
-            tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+            fp32_tol = far_tol if offset else 1e-4
+            tol = dict(rtol=fp32_tol, atol=fp32_tol) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
             torch.testing.assert_close(got, expected, **tol, msg=lambda m: f"{dtype} offset {offset}: {m}")
             if dtype != torch.float32:
                 continue
