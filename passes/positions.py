@@ -14,9 +14,8 @@ import operator
 import torch
 
 
-@torch.library.custom_op("xq_compile::rows_after_write", mutates_args=())
-def rows_after_write(positions: torch.Tensor, max_rows: int, consecutive: bool) -> torch.Tensor:
-    """1 + the highest of ``positions`` (a 0-d int64 tensor) once they are known to fit.
+def _check_positions(positions: torch.Tensor, max_rows: int, consecutive: bool) -> int:
+    """1 + the highest of ``positions`` once they are known to fit; else a ValueError that says why.
 
     ``max_rows``: the cache's rows (max_cache_len). ``consecutive``: the cache form stores tokens in
     order (the GQA key latent), so the positions must be p, p+1, ..., p+S-1.
@@ -37,12 +36,37 @@ def rows_after_write(positions: torch.Tensor, max_rows: int, consecutive: bool) 
     if consecutive and not torch.equal(flat, torch.arange(low, low + count, device=flat.device, dtype=flat.dtype)):
         raise ValueError(f"xquant: the GQA latent cache stores tokens in order, but the call writes positions "
                          f"{flat.tolist()}: write consecutive positions p, p+1, ... (or use form='x').")
-    return torch.tensor(high + 1, dtype=torch.int64, device=positions.device)
+    return high + 1
+
+
+@torch.library.custom_op("xq_compile::rows_after_write", mutates_args=())
+def rows_after_write(positions: torch.Tensor, max_rows: int, consecutive: bool) -> torch.Tensor:
+    """1 + the highest of ``positions`` (a 0-d int64 tensor) once they are known to fit (_check_positions)."""
+    return torch.tensor(_check_positions(positions, max_rows, consecutive), dtype=torch.int64,
+                        device=positions.device)
 
 
 @rows_after_write.register_fake
 def _(positions, max_rows, consecutive):
     return positions.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("xq_compile::checked_positions", mutates_args=())
+def checked_positions(positions: torch.Tensor, max_rows: int, consecutive: bool) -> torch.Tensor:
+    """A copy of ``positions`` once they are known to fit (_check_positions).
+
+    For the rebuilds that keep the length on the device (rebuild="op"), on CPU: nothing there reads the
+    positions on the host, so a position past the end would surface as Inductor's bare "index out of
+    bounds" from whichever kernel indexes first. Every store reads this copy instead, so the check runs
+    before any of them.
+    """
+    _check_positions(positions, max_rows, consecutive)
+    return positions.clone()
+
+
+@checked_positions.register_fake
+def _(positions, max_rows, consecutive):
+    return torch.empty_like(positions)
 
 
 def emit_positions_and_length(ctx) -> None:

@@ -38,7 +38,7 @@ from .cleanup import erase_site, replace_cache_reads
 from .context import SiteContext
 from .graph_state import GraphInput, GraphState
 from .match import AttentionRead, Site, SiteReport, attention_read, example_value, find_appends, find_sites
-from .positions import emit_positions_and_length
+from .positions import checked_positions, emit_positions_and_length
 from .rope import rope_at_cached_rows
 from .strategies import FUSED_MAX_QUERY_TOKENS, REBUILD_FORMS, strategy_for
 
@@ -233,10 +233,20 @@ def _window_reads(graph: fx.Graph, site: Site) -> tuple[fx.Node, fx.Node] | str:
 
 
 def _int64_index(ctx: SiteContext, index: fx.Node) -> fx.Node:
-    """The rows written, as int64: gpt-fast decodes with int32 positions; index_copy_ takes int64 only."""
-    value = example_value(index)
+    """The rows written, as int64 (gpt-fast decodes with int32 positions; index_copy_ takes int64 only).
+
+    On CPU, where the length stays on the device (rebuild="op"), as checked_positions() returns them:
+    one check per graph and source, before the first store."""
+    checked = ctx.graph_state.checked_positions
+    if index in checked:
+        return checked[index]
+    source, value = index, example_value(index)
     if value is not None and value.dtype != torch.int64:
-        return ctx.emit(lambda i: i.long(), index)
+        index = ctx.emit(lambda i: i.long(), index)
+    if ctx.strategy.device_length and ctx.layer.device.type == "cpu":
+        layer = ctx.layer
+        index = ctx.emit(lambda i: checked_positions(i, layer.max_cache_len, layer.form.consecutive_writes), index)
+        checked[source] = index
     return index
 
 

@@ -10,7 +10,7 @@ import torch
 
 import xq_compile as xq
 from xq_compile.backend import collect_records
-from xq_compile.passes.positions import rows_after_write
+from xq_compile.passes.positions import checked_positions, rows_after_write
 from xq_compile.simulate import simulate_xquant
 
 from conftest import max_error
@@ -88,11 +88,14 @@ def test_bf16_unquantized_within_bf16_rounding():
     assert max_error(out, expected) < 8 * 2 ** -8 * scale
 
 
-def test_inductor_prefill_decode_exact_then_position_past_the_end_refused():
-    """The reported failure: Inductor's generated code asserted `u1 <= 1` on the first decode step."""
+@pytest.mark.parametrize("rebuild", ["auto", "op"])
+def test_inductor_prefill_decode_exact_then_position_past_the_end_refused(rebuild):
+    """The reported failure: Inductor's generated code asserted `u1 <= 1` on the first decode step. The op
+    form (rows up to max_cache_len, the length on the device) refuses the position as clearly: its
+    stores read the positions through the check, which therefore runs before any kernel indexes."""
     model, reference = tiny_gpt_fast(2), tiny_gpt_fast(2)
     prompt, tokens = random_tokens(steps=8)
-    forward = compiled(model, None, backend="xquant")
+    forward = compiled(model, None, backend=xq.make_xquant_backend("inductor", rebuild=rebuild))
     out = generate_logits(forward, prompt, tokens)
     assert max_error(out, generate_logits(reference, prompt, tokens)) < 1e-5
     assert model.max_seq_length == 32
@@ -172,15 +175,23 @@ def test_rope_code_that_cannot_follow_the_rows_is_refused_at_compile_time(monkey
     ([4, 6], True, "xquant: the GQA latent cache stores tokens in order, but the call writes positions [4, 6]: "
                    "write consecutive positions p, p+1, ... (or use form='x')."),
 ])
-def test_write_positions_that_do_not_fit_are_refused(positions, consecutive, message):
+@pytest.mark.parametrize("check", [rows_after_write, checked_positions])
+def test_write_positions_that_do_not_fit_are_refused(check, positions, consecutive, message):
     with pytest.raises(ValueError) as error:
-        rows_after_write(torch.tensor(positions), 16, consecutive)
+        check(torch.tensor(positions), 16, consecutive)
     assert str(error.value) == message
 
 
 def test_rows_after_write_is_one_past_the_highest_position():
     assert rows_after_write(torch.tensor([5, 6, 7], dtype=torch.int32), 16, True).item() == 8
     assert rows_after_write(torch.tensor([9, 2]), 16, False).item() == 10
+
+
+def test_checked_positions_are_a_copy_of_the_positions():
+    positions = torch.tensor([[9, 2], [3, 15]])
+    checked = checked_positions(positions, 16, False)
+    assert torch.equal(checked, positions) and checked.data_ptr() != positions.data_ptr()
+    torch.library.opcheck(checked_positions, (positions, 16, False))
 
 
 def test_cache_transformed_before_attention_keeps_the_transform(monkeypatch):
