@@ -54,6 +54,55 @@ def test_quantized_paths_match_the_torch_reference_and_errors_grow_with_fewer_bi
     assert errors[0] < 0.02 < errors[-1]
 
 
+def _compiler_failing_on_data_dependent_rows(compiled: list, error: Exception | None = None):
+    """An inner compiler that cannot lower the rows rebuilt over n = .item() cached rows (the CPU's inline
+    form), as torch 2.12's Inductor cannot where a model's RoPE stacks its rotated halves (a guard on n in
+    ConcatKernel.create): it raises that guard error wrapped as Inductor wraps it. Graphs without .item()
+    run as they are; ``compiled`` gets the code of each."""
+    import sympy
+    from torch._inductor.exc import InductorError
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    def inner(gm, example_inputs):
+        if ".item()" in gm.code:
+            guard = GuardOnDataDependentSymNode(sympy.Eq(sympy.Symbol("u1"), 1), "Eq(1, u1) & Eq(8, 8*u1)")
+            raise error if error is not None else InductorError(guard, None)
+        compiled.append(gm.code)
+        return gm.forward
+
+    return inner
+
+
+def test_a_graph_that_cannot_compile_over_n_rows_is_rewritten_over_max_cache_len_rows(caplog):
+    model = tiny_llama(num_kv_heads=2)
+    calls = decode_inputs(batch=2, steps=4)
+    compiled = []
+    with collect_records() as records, caplog.at_level("WARNING", logger="xq_compile"):
+        out, _ = compiled_run(model, calls, xq.XQuantConfig(bits=None, group_size=16),
+                              backend=xq.make_xquant_backend(_compiler_failing_on_data_dependent_rows(compiled)))
+    assert max_error(out, reference_logits(model, calls, MAX_LEN)) < 1e-4
+    # prefill and decode, each retried once and published once: the record is the graph that runs
+    assert len(compiled) == 2 and [r.code_after for r in records] == compiled
+    assert all(r.rewritten == 2 for r in records)
+    assert sum("rebuild='op'" in m for m in caplog.messages) == 2
+
+
+@pytest.mark.parametrize("rebuild, error", [
+    ("inline", None),  # asked for by name: the user's choice stands, and the compile error with it
+    ("auto", RuntimeError("an error of the inner compiler's own")),
+])
+def test_other_compile_failures_are_not_retried_and_show_the_graph_that_failed(rebuild, error):
+    model = tiny_llama(num_kv_heads=2)
+    calls = decode_inputs(batch=2, steps=1)
+    compiled = []
+    backend = xq.make_xquant_backend(_compiler_failing_on_data_dependent_rows(compiled, error), rebuild=rebuild)
+    torch.compiler.reset()
+    with collect_records() as records, pytest.raises(Exception) as raised:
+        compiled_run(model, calls, xq.XQuantConfig(bits=None, group_size=16), backend=backend)
+    assert ("inner compiler's own" if error is not None else "Eq(1, u1)") in str(raised.value)
+    assert compiled == [] and len(records) == 1 and ".item()" in records[0].code_after
+
+
 def test_inductor_quantized_decode_matches_reference():
     """The fused C++ kernels must keep quantize's fp16 rounding of scale/zero (emulate_precision_casts):
     without it codes flip at rounding edges and the cache no longer matches its own scales."""

@@ -66,6 +66,23 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs, mode: str | None)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def guarded_on_data_dependent_size(error: BaseException) -> bool:
+    """Whether compiling failed because it needed to decide something about a size read with ``.item()``.
+
+    Inductor raises symbolic_shapes.GuardOnDataDependentSymNode (experimental, no public alias) from a
+    lowering that asks, e.g., whether a tensor of n rows is contiguous; by the time it reaches us it is
+    wrapped in InductorError (``inner_exception``) or chained (``__cause__``/``__context__``)."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, GuardOnDataDependentSymNode):
+            return True
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return False
+
+
 def _hit_bounds_check_bug(error: Exception) -> bool:
     text = str(error)
     return (torch.__version__ < (2, 13) and "CppCompileError" in type(error).__name__ + text

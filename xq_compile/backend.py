@@ -120,6 +120,15 @@ def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     published like the built-in backend's: ``COMPILE_LOG``, the ``xquant`` log artifact, TORCH_TRACE,
     ``torch._dynamo.utils.counters["xquant"]`` and a warning for skipped sites.
     """
+    rewritten = _rewrite(gm, example_inputs, options, rebuild)
+    if rewritten.refused is None:
+        _publish(rewritten.record)
+    return rewritten
+
+
+def _rewrite(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: XQuantConfig | None,
+             rebuild: str) -> RewrittenGraph:
+    """rewrite_for_backend() without publishing the record."""
     graph_module = private.copy_dynamo_graph_module(gm)
     code_before = graph_module.code
     refused = refusal.refusal_in(graph_module)
@@ -129,7 +138,6 @@ def rewrite_for_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                               CompileRecord([], code_before, code_before), refused)
     result = XQuantRewrite(options, rebuild).apply(graph_module, example_inputs)
     record = CompileRecord(result.reports, code_before, graph_module.code)
-    _publish(record)
     extra = [private.as_static_example(spec.fetch(example_inputs), example_inputs)
              for spec in result.extra_inputs]
     return RewrittenGraph(graph_module, [*example_inputs, *extra], result, record)
@@ -155,15 +163,57 @@ def make_xquant_backend(inner: str | Callable = "inductor", rebuild: str = "auto
         # options= configures caches that are not an XQuantCache (a model's own K/V buffers, a
         # StaticCache): their X state is then created by the rewrite and owned by the compiled function.
         config = XQuantConfig.from_options(options) if options else None
-        rewritten = rewrite_for_backend(gm, example_inputs, config, rebuild)
-        if config is not None and rewritten.refused is None:
+        rewritten = _rewrite(gm, example_inputs, config, rebuild)
+        if rewritten.refused is not None:  # refused while Dynamo traced: nothing to compile or publish
+            return rewritten.bind(None)  # every call raises the error
+        if config is not None:
             rewritten.refused = _options_ignored(config, rewritten.record)
         if rewritten.refused is not None:
-            return rewritten.bind(None)  # nothing to compile: every call raises the error
-        compiled = _compile_inner(inner, rewritten.graph_module, rewritten.example_inputs, mode)
+            _publish(rewritten.record)
+            return rewritten.bind(None)
+        compiled = None
+        try:
+            compiled = _compile_inner(inner, rewritten.graph_module, rewritten.example_inputs, mode)
+        except Exception as error:
+            retry = _rewrite_for_static_shapes(gm, example_inputs, config, rebuild, rewritten, error)
+            if retry is None:
+                _publish(rewritten.record)  # the graph that failed, for the user to look at
+                raise
+            rewritten = retry
+        # one record per graph Dynamo gets back: the retry's, if any (published before it compiles, so
+        # that a failure shows it)
+        _publish(rewritten.record)
+        if compiled is None:
+            compiled = _compile_inner(inner, rewritten.graph_module, rewritten.example_inputs, mode)
         return rewritten.bind(compiled)
 
     return xquant
+
+
+def _rewrite_for_static_shapes(gm, example_inputs, config, rebuild: str, failed: RewrittenGraph,
+                               error: Exception) -> RewrittenGraph | None:
+    """The graph rewritten again with the ``op`` rebuild, if ``rebuild="auto"``'s graph failed to compile
+    on a size read with ``.item()`` and the op form changes it; else None.
+
+    On CPU "auto" rebuilds K/V over the n cached rows, n read with ``.item()``: a size only known at run
+    time, which some Inductor lowerings cannot handle (torch 2.12's cat asks whether n rows are
+    contiguous, for a model whose RoPE stacks its rotated halves). The op form rebuilds max_cache_len
+    rows with the length on the device: static shapes, the same values.
+    """
+    if rebuild != "auto" or not private.guarded_on_data_dependent_size(error):
+        return None
+    try:
+        retry = _rewrite(gm, example_inputs, config, "op")
+    except Exception:  # e.g. a GPU whose Triton dots the op form needs (strategies.strategy_for)
+        log.debug("xquant: no rebuild='op' retry", exc_info=True)
+        return None
+    if retry.record.code_after == failed.record.code_after:
+        return None  # no site took the n-row form: the size the compile failed on is the model's own
+    log.warning("xquant: Inductor could not compile the rows rebuilt over the cache's current length (%s: %s); "
+                "rebuilding over max_cache_len rows instead (rebuild='op': the same values, more work per "
+                "step). Pass rebuild='op' to make_xquant_backend to choose it up front.",
+                type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    return retry
 
 
 def _options_ignored(config: XQuantConfig, record: CompileRecord) -> Exception | None:
