@@ -4,6 +4,8 @@
 #   bash scripts/check_versions.sh                                    # every release in DEFAULT
 #   bash scripts/check_versions.sh torch=2.11.0 transformers=5.19.0   # only these
 #   bash scripts/check_versions.sh main                               # the selections on .venv itself
+#   bash scripts/check_versions.sh --setup [RELEASE...]               # only build the venvs (CI does it
+#                                                                     # while the main suite runs)
 #
 # The highest supported releases are the ones requirements/ci.txt pins (torch 2.13.0, transformers
 # 5.24.0); the whole suite runs on them in .venv (scripts/setup.sh). Every other release gets a venv under
@@ -122,8 +124,19 @@ python_for() {  # prints the interpreter to test RELEASE (package=version) with,
     echo "$venv/bin/python"
 }
 
+setup_only=0
+if [ "${1:-}" = --setup ]; then
+    setup_only=1
+    shift
+fi
 releases=("$@")
 [ ${#releases[@]} -gt 0 ] || releases=("${DEFAULT[@]}")
+if [ $setup_only = 1 ]; then
+    for release in "${releases[@]}"; do
+        [ "$release" = main ] || python_for "$release" > /dev/null
+    done
+    exit 0
+fi
 summary=()
 failed=0
 for release in "${releases[@]}"; do
