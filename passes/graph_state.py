@@ -54,7 +54,7 @@ class GraphState:
         self._inputs_by_key: dict[tuple, fx.Node] = {}
         self.length: fx.Node | None = None        # tokens cached after this call's append (int or tensor)
         self.positions: fx.Node | None = None
-        # source of the rows written -> their checked copy (rewrite._int64_index; CPU, length on the device)
+        # source of the rows written -> their checked copy (rewrite._rows_written; CPU, length on the device)
         self.checked_positions: dict[fx.Node, fx.Node] = {}
         self.accumulator: fx.Node | None = None   # XQuant-CL: X̂ of the layer below, all cached rows
         self.cut_masks: dict[fx.Node, fx.Node] = {}  # attention mask -> its first n columns

@@ -145,7 +145,7 @@ def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> str | No
     first, last = sorted((site.key.append.node, site.value.append.node), key=order.__getitem__)
     # 1. Store: the new tokens' rows and, once per graph, their positions and the cached length.
     with graph.inserting_before(first):
-        ctx.index = _int64_index(ctx, site.key.append.index)
+        ctx.index = _rows_written(ctx, site.key.append.index)
         if state.positions is None:
             emit_positions_and_length(ctx)
         form.emit_store(ctx)
@@ -190,7 +190,7 @@ def _rewrite_window_site(state: GraphState, site: Site, layer: XQuantLayer) -> s
     ctx = SiteContext(state, site, layer, strategy_for(state.rebuild, layer.device, layer.form))
     order = {n: i for i, n in enumerate(graph.nodes)}
     with graph.inserting_before(min(reads, key=order.__getitem__)):
-        ctx.index = _int64_index(ctx, site.key.append.index)
+        ctx.index = _rows_written(ctx, site.key.append.index)
         if state.positions is None:
             emit_positions_and_length(ctx)
         rows = form.emit_window(ctx, first, count)
@@ -232,7 +232,7 @@ def _window_reads(graph: fx.Graph, site: Site) -> tuple[fx.Node, fx.Node] | str:
     return reads[0], reads[1]
 
 
-def _int64_index(ctx: SiteContext, index: fx.Node) -> fx.Node:
+def _rows_written(ctx: SiteContext, index: fx.Node) -> fx.Node:
     """The rows written, as int64 (gpt-fast decodes with int32 positions; index_copy_ takes int64 only).
 
     On CPU, where the length stays on the device (rebuild="op"), as checked_positions() returns them:
