@@ -76,8 +76,8 @@ def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     as a cast there and back, a fused kernel may keep the fp32 value instead: Inductor's C++ backend
     does on torch < 2.13 (its pattern pass and its code generation alike, with
     ``emulate_precision_casts`` or not) and on 2.13 without that option, and the codes then miss the
-    stored grid by a step at rounding edges. No compiler skips integer arithmetic. Round to nearest even, fp16 subnormals and overflow
-    to inf included: equal to the cast for every finite fp32 value.
+    stored grid by a step at rounding edges. No compiler skips integer arithmetic. Round to nearest even,
+    fp16 subnormals and overflow to inf included: equal to the cast for every finite fp32 value.
     """
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"rounded() takes float16 or bfloat16, not {dtype}")
