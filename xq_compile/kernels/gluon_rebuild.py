@@ -1,10 +1,11 @@
 """The K rebuild of ``xq_compile::dequant_project`` written in Gluon for Hopper (sm_90): the MMA of one
-channel step stays in flight while the next step is dequantized. **Not dispatched; values checked on a
-GPU only.** Gluon kernels do not run under the Triton interpreter, so on CPU this is checked by what it
-compiles to (``benchmarks/compile_report.py``: ``wgmma.wait_group 1`` in its loop), and its values by
-``tests/test_gluon_rebuild.py`` on a Hopper GPU (``scripts/gpu_check.sh`` runs it;
-``benchmarks/rebuild_op.py`` times it next to the op there). The op's CUDA kernel stays the plain-Triton
-``_dequant_project_kernel``, the tested path and the fallback.
+channel step stays in flight while the next step is dequantized. **Not dispatched, not yet run on a
+GPU.** Gluon kernels do not run under the Triton interpreter; on CPU ``tests/test_gluon_rebuild.py`` runs
+this code under the Gluon emulator (``tests/gluon_emulator.py``: the values, and the buffers' hand-overs
+checked for races and deadlocks) and ``benchmarks/compile_report.py`` checks what it compiles to
+(``wgmma.wait_group 1`` in its loop). On a Hopper GPU the same tests check its values on the hardware
+(``scripts/gpu_check.sh`` runs them; ``benchmarks/rebuild_op.py`` times it next to the op there). The op's
+CUDA kernel stays the plain-Triton ``_dequant_project_kernel``, the tested path and the fallback.
 
 Why Gluon: Triton's pipeliner makes a dot asynchronous only when its shared-memory operand comes from a
 pipelined load; a tile dequantized in the loop never is (``docs/kernels.md``). In Gluon the kernel owns
