@@ -4,21 +4,28 @@
 Gluon kernels do not run under the Triton interpreter. On CPU: the configuration key, the reasons the kernel
 declines inputs (a clear error, never a wrong result), what ``gluon="auto"`` picks (under the interpreter it
 falls back to the Triton kernel exactly: ``tests/test_decode_attention.py``'s first interpreter shard),
-and what it compiles to for sm_90
-(``tests/test_compile_report.py``: on wgmma with one MMA group left in flight, no spills in the loop, for
-every supported width under triton 3.9 and 3.6). Its values on a Hopper GPU only (skipped elsewhere;
-``scripts/gpu_check.sh`` runs them with the other ``-k cuda`` tests): the whole op with the Gluon scores
-against the torch reference and against the Triton scores kernel.
+what it compiles to for sm_90 (``tests/test_compile_report.py``: on wgmma with one MMA group left in flight,
+no spills in the loop, for every supported width under triton 3.9 and 3.6), and its values under the Gluon
+emulator (``tests/gluon_emulator.py``: the kernel's own code program by program, its asynchronous MMAs and
+copies checked for races; stage 2 under the Triton interpreter, in subprocesses): the cases the GPU tests
+run, at fewer rows, against the torch reference and stage 1 against the Triton scores kernel's, vLLM's
+pages, and faults injected into its waits and fences caught. On a Hopper GPU (skipped elsewhere;
+``scripts/gpu_check.sh`` runs them with the other ``-k cuda`` tests): the same on the hardware, real sizes,
+CUDA graphs.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import types
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from test_decode_attention import HAS_TRITON, OP, Case, _to, check_close, inputs, make_inputs
+from test_decode_attention import HAS_TRITON, OP, Case, _subprocess_env, _to, check_close, inputs, make_inputs
 from test_paged_decode_attention import CUDA_CASES as PAGED_CUDA_CASES
 from test_paged_decode_attention import PagedCase, make_paged
 from xq_compile.kernels import decode_attention as da
@@ -148,9 +155,9 @@ CUDA_CASES = [
 ]
 
 
-def _run_gluon(a: dict, resident: bool | None = None, **config) -> torch.Tensor:
-    """The op through the launcher with the Gluon scores kernel (``config`` sets ``gluon``), asserting it
-    ran (and, unless ``resident`` is None, with W resident or not)."""
+def _run_gluon(a: dict, resident: bool | None = None, device: str = "cuda", **config) -> torch.Tensor:
+    """The op through the launcher with the Gluon scores kernel (``config`` sets ``gluon``) on ``device``,
+    asserting it ran (and, unless ``resident`` is None, with W resident or not)."""
     launches = []
     kernel = gs._gluon_scores_kernel
 
@@ -163,7 +170,7 @@ def _run_gluon(a: dict, resident: bool | None = None, **config) -> torch.Tensor:
 
     gs._gluon_scores_kernel = Spy()
     try:
-        out = da.decode_attention_triton(inputs(_to(a, "cuda")), **config)
+        out = da.decode_attention_triton(inputs(_to(a, device)), **config)
     finally:
         gs._gluon_scores_kernel = kernel
     assert launches, "the Gluon scores kernel did not run"
@@ -190,19 +197,24 @@ def test_cuda_gluon_scores_match_the_reference(case, gluon, block_n):
     check_close(out, triton_out, case.dtype, f"{case} {config} vs the Triton scores kernel")
 
 
-def _scores_stage(a: dict, monkeypatch, **config) -> torch.Tensor:
+class _StageOneDone(Exception):
+    """Raised after stage 1 by :func:`_scores_stage`: stage 2 is not needed for it."""
+
+
+def _scores_stage(a: dict, monkeypatch, device: str = "cuda", **config) -> torch.Tensor:
     """Stage 1's output, the scores [B, Hkv, rows, L] (fp32; only the columns j < n are written), of the op
-    run through the launcher with ``config``."""
+    run through the launcher on ``device`` with ``config`` (stopped after stage 1)."""
     recorded = []
     launch = da.triton_kernels._launch_scores
 
     def record(*args, **kwargs):
         recorded.append(launch(*args, **kwargs))
-        return recorded[-1]
+        raise _StageOneDone
 
     with monkeypatch.context() as patch:
         patch.setattr(da.triton_kernels, "_launch_scores", record)
-        da.decode_attention_triton(inputs(_to(a, "cuda")), **config)
+        with pytest.raises(_StageOneDone):
+            da.decode_attention_triton(inputs(_to(a, device)), **config)
     return recorded[0].cpu()
 
 
@@ -214,7 +226,8 @@ def where_scores_differ(got: torch.Tensor, want: torch.Tensor, n: int, block_n: 
     got, want = got[..., :n].double(), want[..., :n].double()
     both_masked = torch.isneginf(got) & torch.isneginf(want)
     err = torch.where(both_masked, 0.0, (got - want).abs()).nan_to_num(float("inf"))
-    bad = err > 3e-2 * max(1.0, want[torch.isfinite(want)].abs().max().item())
+    finite = want[torch.isfinite(want)]  # (none where every query row is masked whole)
+    bad = err > 3e-2 * max(1.0, finite.abs().max().item() if finite.numel() else 0.0)
     if not bad.any():
         return None
     per_column = bad.sum((0, 1, 2))
@@ -233,6 +246,10 @@ def test_where_scores_differ_points_at_the_bad_part():
     want = torch.randn(1, 2, 4, 300)
     want[..., 5] = float("-inf")
     assert where_scores_differ(want + 1e-3, want, 257, 128) is None
+    masked = torch.full_like(want, float("-inf"))  # a query row masked whole (a left-padded one)
+    assert where_scores_differ(masked, masked, 257, 128) is None
+    # (column 5 is -inf in both)
+    assert where_scores_differ(masked, want, 257, 128).startswith("2048 of 2056 scores differ")
     got = want.clone()
     got[0, 1, 2, 192:256] += 1.0  # head 1, query row 2, the second warpgroup of row block 1
     got[0, 0, 0, 290] = float("nan")  # past n: never written, never compared
@@ -309,3 +326,126 @@ def test_cuda_gluon_scores_n_zero_and_graph_replay(gluon):
             assert (out == 0).all()
         else:
             check_close(out.cpu(), OP(**host), case.dtype, f"graph replay n={n}")
+
+
+# On CPU: the Gluon kernel under the emulator, stage 2 (Triton kernels) under the Triton interpreter, which is
+# why in subprocesses (TRITON_INTERPRET is read when the kernels are defined).
+EMULATED_SHARDS = ("cases", "paged", "faults")
+_GLUON_SCORES_KERNEL = gs._gluon_scores_kernel if gs.HAS_GLUON else None
+
+
+@pytest.mark.skipif(not (gs.HAS_GLUON and HAS_TRITON), reason="triton with Gluon (>= 3.4) is not installed")
+@pytest.mark.parametrize("shard", EMULATED_SHARDS)
+def test_emulated_gluon_scores(shard):
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--emulated", shard],
+                          env=_subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert f"emulated {shard} passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _emulated_cases() -> list[Case]:
+    """CUDA_CASES with at most 200 rows, 150 filled: 2 row blocks of 128 or 3 of 64, the last partial; the
+    GQA latent's open token group 22 rows; SmolLM2's W-resident programs each looping over every block."""
+    return [case if case.L <= 200 else replace(case, L=200, n=min(case.n, 150)) for case in CUDA_CASES]
+
+
+def _emulated_paged_cases() -> list[PagedCase]:
+    """The paged GPU tests' two real shapes (the small paged cases have scale groups the kernel declines) at
+    fewer rows: pages of 16, ragged fills, one of a single row."""
+    smol, latent = PAGED_CUDA_CASES[-2:]
+    return [PagedCase(replace(smol.case, L=320), (300, 1, 170), 16),
+            PagedCase(replace(latent.case, L=256), (250, 129), 16)]
+
+
+def _emulate(replace_globals: dict | None = None) -> None:
+    """From here on the launcher runs the Gluon scores kernel under the emulator (CPU tensors)."""
+    from gluon_emulator import emulated
+
+    gs._gluon_scores_kernel = emulated(_GLUON_SCORES_KERNEL, replace=replace_globals)
+    gs.interpreted = lambda: False  # (the interpreter runs stage 2; the emulator stage 1)
+
+
+def _run_emulated_cases() -> None:
+    """Each case with W streamed and resident, one and two warpgroups: stage 1 against the Triton scores
+    kernel's (under the interpreter; where they differ said by where_scores_differ), and with the default
+    tile the whole op against the reference."""
+    _emulate()
+    patch = pytest.MonkeyPatch()
+    for case in _emulated_cases():
+        a = make_inputs(case)
+        ref = OP(**a)
+        want = _scores_stage(a, patch, device="cpu")
+        for gluon in (1, 2):
+            for block_n in (None, 64):
+                config = {"gluon": gluon, **({} if block_n is None else {"block_n": block_n})}
+                why = _why(case, **config)
+                if why is not None:
+                    assert gluon == 2 and "whole W slice resident" in why, why
+                    continue
+                if block_n is None:  # (stage 2 is the interpreter's, the same for every stage 1: once per kernel)
+                    check_close(_run_gluon(a, resident=gluon == 2, device="cpu", **config), ref, case.dtype,
+                                f"{case} {config}")
+                got = _scores_stage(a, patch, device="cpu", **config)
+                rows_per_block = da.resolve_config(inputs(a), **config)["block_n"]
+                why = where_scores_differ(got, want, int(a["length"]), rows_per_block)
+                assert why is None, f"{case} {config}: {why}"
+                print(f"ok {case} {config}", flush=True)
+    # n = 0: no row block is filled, every score is masked, the output is 0
+    a = make_inputs(replace(CUDA_CASES[-1], n=0))
+    for gluon in (1, 2):
+        assert (_run_gluon(a, device="cpu", gluon=gluon) == 0).all()
+    # gluon="auto": W resident where gluon=2 can run it, else streamed
+    for case in (_emulated_cases()[0], _emulated_cases()[3]):
+        a = make_inputs(case)
+        with da.config_overrides(gluon="auto"):
+            out = _run_gluon(a, resident=_why(case, gluon=2) is None, device="cpu")
+        check_close(out, OP(**a), case.dtype, f"{case} gluon=auto")
+    print("emulated cases passed")
+
+
+def _run_emulated_paged() -> None:
+    """vLLM's pages: the paged launch gives exactly the dense launch's output and the reference's within the
+    dtype's bound."""
+    _emulate()
+    for pc in _emulated_paged_cases():
+        dense, paged = make_paged(pc)
+        for gluon in (1, 2):
+            if _why(paged, gluon=gluon) is not None:
+                continue
+            out = _run_gluon(paged, device="cpu", gluon=gluon)
+            check_close(out, OP(**paged), pc.case.dtype, f"{pc} gluon={gluon}")
+            assert torch.equal(out, _run_gluon(dense, device="cpu", gluon=gluon)), f"{pc}: paged and dense differ"
+            print(f"ok {pc} gluon={gluon}", flush=True)
+    print("emulated paged passed")
+
+
+def _run_emulated_faults() -> None:
+    """The kernel's own code with one wait or fence weakened: the emulator reports the race it would be on
+    the GPU (so the right kernel's silence above means something)."""
+    import gluon_emulator as emu
+
+    faults = {
+        "an MMA more left in flight": ({"warpgroup_mma_wait": lambda num_outstanding=0, deps=None:
+                                        emu.warpgroup_mma_wait(num_outstanding + 1, deps)},
+                                       "while an MMA reading it is in flight"),
+        "a W copy not waited for": ({"async_copy": types.SimpleNamespace(
+            **{**vars(emu.async_copy), "wait_group": lambda num_outstanding=0: emu.wait_group(num_outstanding + 1)})},
+            "cp.async copy into it has not landed"),
+        "no fence after the X̂ store": ({"fence_async_shared": lambda cluster=False: None},
+                                       "without fence_async_shared"),
+    }
+    a = make_inputs(_emulated_cases()[0])  # SmolLM2's shape: 9 channel steps
+    for name, (replace_globals, error) in faults.items():
+        for gluon in (1, 2):
+            _emulate(replace_globals)
+            with pytest.raises(emu.EmulationError, match=error):
+                da.decode_attention_triton(inputs(a), gluon=gluon)
+            print(f"ok caught: {name} (gluon={gluon})", flush=True)
+    print("emulated faults passed")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--emulated" and sys.argv[2] in EMULATED_SHARDS:
+        {"cases": _run_emulated_cases, "paged": _run_emulated_paged, "faults": _run_emulated_faults}[sys.argv[2]]()
+    else:
+        sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --emulated {'|'.join(EMULATED_SHARDS)}")

@@ -4,9 +4,11 @@ rebuild's MMAs stay in flight behind the dequantization, with the weight tiles c
 Opt-in, not the default: decode_attention config ``gluon=1`` (W streamed), ``gluon=2`` (the head tile's
 W resident in shared memory, for small models) or ``gluon="auto"`` (per call, :func:`choose`: 2 where it
 can run, else 1, else the Triton kernel), given to the launcher or, around a compiled model's calls, by
-``config_overrides``. Its values are checked on a Hopper GPU only (``tests/test_gluon_scores.py``;
-Gluon kernels do not run under the Triton interpreter), and on CPU by what it compiles to
-(``benchmarks/compile_report.py`` compiles it as opt-in jobs: wgmma in flight, no spills in the loop).
+``config_overrides``. Gluon kernels do not run under the Triton interpreter: on CPU
+``tests/test_gluon_scores.py`` runs this code under the Gluon emulator (``tests/gluon_emulator.py``: the
+values against the reference and the Triton kernel's, the asynchronous MMAs and copies checked for races)
+and ``benchmarks/compile_report.py`` compiles it as opt-in jobs (wgmma in flight, no spills in the loop);
+on a Hopper GPU the same tests check it on the hardware. Not yet run on a GPU.
 ``benchmarks/decode_attention.py --sweep-gluon`` times it next to the Triton ``_scores_kernel``.
 
 Why: the Triton scores kernel keeps X̂ in registers (the wgmma A operand) so that Triton's pipeliner
