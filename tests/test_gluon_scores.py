@@ -330,7 +330,7 @@ def test_cuda_gluon_scores_n_zero_and_graph_replay(gluon):
 
 # On CPU: the Gluon kernel under the emulator, stage 2 (Triton kernels) under the Triton interpreter, which is
 # why in subprocesses (TRITON_INTERPRET is read when the kernels are defined).
-EMULATED_SHARDS = ("cases", "paged", "faults")
+EMULATED_SHARDS = ("cases", "paged", "faults", "wide")
 _GLUON_SCORES_KERNEL = gs._gluon_scores_kernel if gs.HAS_GLUON else None
 
 
@@ -444,8 +444,27 @@ def _run_emulated_faults() -> None:
     print("emulated faults passed")
 
 
+def _run_emulated_wide() -> None:
+    """Code rows 2**30 + 4096 bytes apart (``test_kernels.wide_rows``: the row stride passes as int32, the
+    byte offset of row 2 passes 2**31): the kernel's row offsets are int64, else the emulator raises out of
+    bounds. (2 and 8 bits: 4-bit codes are read as 32-bit words, whose offsets would pass 2**31 from row 8.)"""
+    from test_kernels import wide_rows
+
+    _emulate()
+    for bits in (2, 8):
+        a = make_inputs(Case(B=1, Hq=4, Hkv=2, D=64, L=3, n=3, C=128, k_bits=bits, k_group=64, S=2, mask="bool",
+                             dtype=torch.bfloat16))
+        ref = OP(**a)
+        a["k_packed"] = wide_rows(a["k_packed"])
+        for gluon in (1, 2):
+            out = _run_gluon(a, device="cpu", gluon=gluon)
+            check_close(out, ref, torch.bfloat16, f"{bits}-bit rows 2**30 + 4096 bytes apart, gluon={gluon}")
+    print("emulated wide passed")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--emulated" and sys.argv[2] in EMULATED_SHARDS:
-        {"cases": _run_emulated_cases, "paged": _run_emulated_paged, "faults": _run_emulated_faults}[sys.argv[2]]()
+        {"cases": _run_emulated_cases, "paged": _run_emulated_paged, "faults": _run_emulated_faults,
+         "wide": _run_emulated_wide}[sys.argv[2]]()
     else:
         sys.exit(f"usage: TRITON_INTERPRET=1 {sys.argv[0]} --emulated {'|'.join(EMULATED_SHARDS)}")
