@@ -9,8 +9,8 @@ from xq_compile.backend import collect_records
 from xq_compile import quant
 from xq_compile.forms import form_for
 from xq_compile.forms.base import LayerShape, allocate
-from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, key_latent_rows, open_key_group,
-                               store_key_latent, svd_factors)
+from xq_compile.latent import (LATENT_FACTORS, fake_quantize_key_latent, in_open_group, key_latent_rows,
+                               open_key_group, store_key_latent, svd_factors)
 from xq_compile.rotation import hadamard
 from xq_compile.simulate import simulate_xquant
 
@@ -131,6 +131,24 @@ def _under_inductor(bits):
 def test_quantized_latent_under_inductor_matches_the_reference(bits):
     model, calls, config, out = _under_inductor(bits)
     assert max_error(out, prefix_reference(model, calls, config)) < 2e-4
+
+
+def test_the_open_group_mask_compiles_right_at_every_fill():
+    """``in_open_group`` over the n cached rows, n read with ``.item()`` as the inline rebuild reads it, under
+    Inductor: right at fills that are not multiples of the group size. Written as ``rows // g == open_group``
+    it is not (Inductor's C++ backend computes that mask only up to the last multiple of g; on torch 2.11 it
+    made the latent form's decode logits wrong by up to 0.1)."""
+    g = 16
+
+    def mask(length):
+        n = length.item()
+        torch._check(n >= 1)
+        torch._check(n <= 64)
+        return in_open_group(torch.arange(n), length // g, g)
+
+    compiled = torch.compile(mask, backend="inductor", fullgraph=True)
+    for n in (1, 7, 15, 16, 17, 31, 40):
+        assert torch.equal(compiled(torch.tensor(n)), torch.arange(n) // g == n // g), n
 
 
 def test_quantized_latent_under_inductor_errors_grow_with_fewer_bits():

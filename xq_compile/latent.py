@@ -123,10 +123,22 @@ def open_bits(bits: int) -> int:
 # Key latent: per channel along tokens; the open group at open_bits until it completes.
 
 
+def in_open_group(rows: torch.Tensor, open_group, group_size: int) -> torch.Tensor:
+    """Whether each of ``rows`` lies in token group ``open_group``, for rows below the end of that group
+    (every caller's: the rows cached so far, or the open group's own slots).
+
+    A comparison rather than ``rows // group_size == open_group``: Inductor's C++ backend (torch 2.11 to
+    2.13) computes a floor division of an ``arange`` whose length is data-dependent (n rows, read with
+    ``.item()``), when it keeps the result as a buffer of its own, only up to the last multiple of the
+    divisor, and leaves the other rows unwritten; on torch 2.11 that buffer was this mask, and the
+    rebuilt keys of the open group read garbage bits (docs/versions.md)."""
+    return rows >= open_group * group_size
+
+
 def _key_codes(high: torch.Tensor, low: torch.Tensor, open_group, rows: torch.Tensor, group_size: int) -> torch.Tensor:
     """int32 codes [B, n, C] of the key rows ``rows`` [n] from their top bits ``high`` [B, n, C]: rows
     of group ``open_group`` also have low bits (slot row % g of ``low``), the others are complete."""
-    opened = (rows // group_size == open_group).unsqueeze(-1)
+    opened = in_open_group(rows, open_group, group_size).unsqueeze(-1)
     whole = (high << LOW_BITS) | quant.unpack(low.index_select(1, rows % group_size), LOW_BITS)
     return torch.where(opened, whole, high)
 

@@ -149,8 +149,14 @@ def dequantize_along_tokens(codes: torch.Tensor, scale: torch.Tensor, zero: torc
     """Inverse of :func:`quantize_along_tokens`: fp32 [..., T, C] from (unpacked) codes [..., T, C] and
     scale/zero [..., G, C]; row j uses token group j // group_size. T need not be a multiple of the
     group size, and G may be larger than the groups in use (the groups are gathered by index, which
-    also traces with a symbolic T)."""
-    group = torch.arange(codes.shape[-2], device=codes.device) // group_size
+    also traces with a symbolic T).
+
+    The group of each row is taken from those of all G · group_size rows the scales cover (T is at most
+    that), not computed over the T rows: T may be the data-dependent n of the inline rebuild, and
+    Inductor's C++ backend writes a floor division over n rows, when it keeps it as a buffer of its own
+    (here: saved for autograd), only up to the last multiple of the divisor (``latent.in_open_group``)."""
+    groups = scale.shape[-2]
+    group = (torch.arange(groups * group_size, device=codes.device) // group_size).narrow(0, 0, codes.shape[-2])
     return codes.float() * scale.index_select(-2, group).float() + zero.index_select(-2, group).float()
 
 
