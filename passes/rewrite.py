@@ -140,7 +140,7 @@ def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> str | No
     """Store this call's rows in the layer's form, then read the cache back through the rebuild. Returns
     a note for the site's report where the fused decode-attention op took it (how it gets RoPE)."""
     graph, form = state.graph, layer.form
-    ctx = SiteContext(state, site, layer, strategy_for(state.rebuild, layer.device, layer.form))
+    ctx = SiteContext(state, site, layer, strategy_for(state.rebuild, layer.device))
     order = {n: i for i, n in enumerate(graph.nodes)}
     first, last = sorted((site.key.append.node, site.value.append.node), key=order.__getitem__)
     # 1. Store: the new tokens' rows and, once per graph, their positions and the cached length.
@@ -187,7 +187,7 @@ def _rewrite_window_site(state: GraphState, site: Site, layer: XQuantLayer) -> s
         return reads
     key_read, value_read = reads
     first, count = key_read.args[2:4]
-    ctx = SiteContext(state, site, layer, strategy_for(state.rebuild, layer.device, layer.form))
+    ctx = SiteContext(state, site, layer, strategy_for(state.rebuild, layer.device))
     order = {n: i for i, n in enumerate(graph.nodes)}
     with graph.inserting_before(min(reads, key=order.__getitem__)):
         ctx.index = _rows_written(ctx, site.key.append.index)

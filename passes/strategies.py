@@ -17,7 +17,6 @@ import dataclasses
 
 import torch
 
-from xq_compile.forms.base import CacheForm
 from xq_compile.kernels.devices import triton_kernels_serve, unserved
 
 
@@ -38,9 +37,8 @@ REBUILD_FORMS = ("auto", *STRATEGIES)
 FUSED_MAX_QUERY_TOKENS = 16  # the fused decode-attention kernel is written for decode steps and short chunks
 
 
-def strategy_for(rebuild: str, device: torch.device, form: CacheForm | None = None) -> RebuildStrategy:
-    """``rebuild`` ("auto", or a name of :data:`STRATEGIES`) for a layer of ``form`` whose cache lives on
-    ``device``.
+def strategy_for(rebuild: str, device: torch.device) -> RebuildStrategy:
+    """``rebuild`` ("auto", or a name of :data:`STRATEGIES`) for a layer whose cache lives on ``device``.
 
     "auto" is ``fused`` where the ops' Triton kernels serve the device (CUDA, compute capability 8.0 on),
     else ``inline``: on CPU, and on older GPUs (T4, V100), which Triton's dots do not serve. A forced
@@ -48,13 +46,6 @@ def strategy_for(rebuild: str, device: torch.device, form: CacheForm | None = No
     if rebuild == "auto":
         if triton_kernels_serve(device):
             return STRATEGIES["fused"]
-        if form is not None and form.rewrites_cached_rows and torch.__version__ < (2, 12):
-            # torch 2.11's Inductor miscompiles the inline store of a form that rewrites cached rows (the
-            # GQA latent's open key group, read back, requantized with the new rows and written over a
-            # length read with .item()): its logits differ from the same graph run eagerly, by a different
-            # amount (up to 0.09) each run, as if it read memory nothing wrote. The op form, with static
-            # shapes and the length on the device, compiles right there; 2.12 compiles both right.
-            return STRATEGIES["op"]
         return STRATEGIES["inline"]
     strategy = STRATEGIES[rebuild]
     if strategy.packed_projection and device.type == "cuda" and not triton_kernels_serve(device):

@@ -89,7 +89,6 @@ class CacheForm:
 
     name: ClassVar[str]
     rewritten: ClassVar[bool] = True  # False: the pass leaves the layer's site as the model wrote it
-    rewrites_cached_rows: ClassVar[bool] = False  # True: a store reads, requantizes and rewrites cached rows
 
     def __init__(self, xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> None:
         self.xquant = xquant

@@ -38,7 +38,6 @@ class SplitLatentForm(CacheForm):
     (rotated)."""
 
     name = "latent"
-    rewrites_cached_rows = True  # each store requantizes the open key group with its new rows
 
     @classmethod
     def applies(cls, xquant: XQuantConfig, layer_idx: int, shape: LayerShape) -> bool:
