@@ -308,19 +308,15 @@ def store(ptr: Pointer, value, mask=None, **_):
 # shared memory and the asynchronous operations
 # --------------------------------------------------------------------------------------------------
 
-class _Async:
-    """What each partition (thread) has in flight: its MMA groups and its cp.async groups."""
+class _InFlightOps(threading.local):
+    """What the calling partition (thread) has in flight: its MMA groups and its cp.async groups (this
+    ``__init__`` runs once in each thread that uses it)."""
 
     def __init__(self):
-        self.local = threading.local()
-
-    def mine(self):
-        if not hasattr(self.local, "mmas"):
-            self.local.mmas, self.local.copies, self.local.uncommitted = [], [], []
-        return self.local
+        self.mmas, self.copies, self.uncommitted = [], [], []
 
 
-ASYNC = _Async()
+ASYNC = _InFlightOps()
 # Shared by the partitions: the shared-memory regions (allocation, leading index) that in-flight MMAs read,
 # that cp.async copies will write, and that generic stores wrote without a fence since (-> the writer).
 _PENDING_READS: dict = {}
@@ -413,7 +409,7 @@ class _InFlight:
 
 
 def warpgroup_mma(a, b, acc, *, use_acc=True, is_async=False, **_):
-    state = ASYNC.mine()
+    state = ASYNC
     operands = [x for x in (a, b) if isinstance(x, SharedMemory)]
     for smem in operands:
         smem._check("read by wgmma", writes=False)
@@ -446,7 +442,7 @@ def _retire(state, keep: int):
 def warpgroup_mma_wait(num_outstanding=0, deps=None):
     if deps is None:
         raise EmulationError("warpgroup_mma_wait deps must be given")
-    _retire(ASYNC.mine(), int(num_outstanding))
+    _retire(ASYNC, int(num_outstanding))
     out = [Tensor(dep.value) if isinstance(dep, _InFlight) and dep.retired else dep for dep in deps]
     return out[0] if len(out) == 1 else tuple(out)
 
@@ -458,17 +454,17 @@ def async_load(smem: SharedMemory, pointer: Pointer, mask=None, **_):
     smem._check("written by cp.async", writes=True)
     for region in smem.regions:
         _PENDING_WRITES[region] = _PENDING_WRITES.get(region, 0) + 1
-    ASYNC.mine().uncommitted.append((smem, value))
+    ASYNC.uncommitted.append((smem, value))
 
 
 def commit_group():
-    state = ASYNC.mine()
+    state = ASYNC
     state.copies.append(state.uncommitted)
     state.uncommitted = []
 
 
 def wait_group(num_outstanding=0):
-    state = ASYNC.mine()
+    state = ASYNC
     while len(state.copies) > int(num_outstanding):
         for smem, value in state.copies.pop(0):
             for region in smem.regions:
@@ -577,7 +573,7 @@ def warp_specialize(functions_and_args, worker_num_warps, worker_num_regs=None):
             with TURNS.cond:
                 TURNS.wait_turn()
             results[k] = fn(*args)
-            state = ASYNC.mine()
+            state = ASYNC
             if state.mmas or state.copies or state.uncommitted:
                 raise EmulationError(f"partition {k} ended with MMAs or cp.async copies in flight")
         except BaseException as error:  # noqa: BLE001 - re-raised by the launching thread
@@ -795,7 +791,7 @@ class emulated:
                 PROGRAM.ids, PROGRAM.grid = pid, grid
                 try:
                     self.fn(**call)
-                    state = ASYNC.mine()
+                    state = ASYNC
                     if state.mmas or state.copies or state.uncommitted:
                         raise EmulationError("the program ended with MMAs or cp.async copies in flight")
                 finally:
@@ -805,7 +801,7 @@ class emulated:
 
 def _reset():
     """Forget what one program left behind (so a failing program does not poison the next)."""
-    state = ASYNC.mine()
+    state = ASYNC
     state.mmas.clear()
     state.copies.clear()
     state.uncommitted.clear()
