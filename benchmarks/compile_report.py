@@ -470,20 +470,21 @@ def gluon_rebuild_launches(length: int, dtype, bits: int = 4) -> list[Launch]:
 
 
 def gluon_scores_launches(shape: str, length: int, dtype, config: dict, bits: int = 4, queries: int = 1,
-                          rope: str = "tables", gluon: int = 1, paged: bool = False) -> list[Launch]:
+                          rope: str = "tables", gluon: int = 1, paged: bool = False, ws: int = 0) -> list[Launch]:
     """The scores launch of ``decode_attention_launches`` with the opt-in Gluon scores kernel (config
-    ``gluon``: 1 streams W, 2 keeps the head tile's W resident; ``xq_compile.kernels.decode_attention.
-    gluon_scores``), the other stages left out: they are the default launches' (sm_90 only); ``paged``: of
-    the vLLM plugin's decode step (``paged_decode_attention_launches``) instead. No launch (an empty list)
-    for ``gluon=2`` where the W slice does not fit in shared memory (the launcher declines it)."""
-    config = {**config, "gluon": gluon}
+    ``gluon``: 1 streams W, 2 keeps the head tile's W resident; ``ws``: warp-specialized, ``gluon_ws``;
+    ``xq_compile.kernels.decode_attention.gluon_scores``), the other stages left out: they are the default
+    launches' (sm_90 only); ``paged``: of the vLLM plugin's decode step (``paged_decode_attention_launches``)
+    instead. No launch (an empty list) where the launcher declines the configuration for the shape: W
+    resident where the W slice does not fit in shared memory, warp-specialized 8-bit keys in 128-row tiles."""
+    config = {**config, "gluon": gluon, "gluon_ws": ws}
     try:
         if paged:
             launches = paged_decode_attention_launches(shape, length, dtype, config, bits)
         else:
             launches = decode_attention_launches(shape, length, dtype, config, bits, queries, rope, 90)
     except ValueError as exc:
-        if gluon == 2 and "whole W slice resident" in str(exc):
+        if any(why in str(exc) for why in ("whole W slice resident", "8-bit keys in 128-row tiles")):
             return []
         raise
     return [launch for launch in launches if launch.kernel.__name__ == "_gluon_scores_kernel"]
@@ -552,10 +553,12 @@ def main(argv=None) -> int:
         from xq_compile.kernels.decode_attention.gluon_scores import BITS_SUPPORTED
 
         step = "paged" if args.paged else f"S={args.queries}{variant}"
-        jobs += [(f"{shape} {bits}-bit {step} gluon={gluon} (opt-in)",
-                  lambda s=shape, b=bits, g=gluon: gluon_scores_launches(s, args.length, dtype, config, b,
-                                                                         args.queries, args.rope, g, args.paged))
-                 for gluon in (1, 2) for shape in args.shape for bits in args.bits if bits in BITS_SUPPORTED]
+        jobs += [(f"{shape} {bits}-bit {step} gluon={gluon}{' gluon_ws=1' if ws else ''} (opt-in)",
+                  lambda s=shape, b=bits, g=gluon, w=ws: gluon_scores_launches(s, args.length, dtype, config, b,
+                                                                               args.queries, args.rope, g, args.paged,
+                                                                               w))
+                 for ws in (0, 1) for gluon in (1, 2) for shape in args.shape for bits in args.bits
+                 if bits in BITS_SUPPORTED]
     for title, make in jobs:
         print(f"== {title}", flush=True)
         launches = make()

@@ -185,14 +185,16 @@ def sweep_configs(default: dict, gluon: bool = False) -> list[dict]:
 
         # Hopper: the Gluon scores kernel (opt-in until timed here) in the default tile, on one warpgroup
         # of 64 rows and, for short loops (small models), with twice the features (its dequantization then
-        # feeds twice the MMA work) and with the head tile's W resident in shared memory (gluon=2)
+        # feeds twice the MMA work) and with the head tile's W resident in shared memory (gluon=2); each
+        # form of the default tile also warp-specialized (gluon_ws=1: 4 more warps dequantize for the MMA
+        # warps; declined for 8-bit keys in 128-row tiles, which the timed run reports)
         candidates = [{}]
         if gluon_scores.HAS_GLUON and not default["x_as_b"] and not interpreted():
-            candidates += [{"gluon": 1}, {"gluon": 1, "block_n": 64, "num_warps": 4}]
+            candidates += [{"gluon": 1}, {"gluon": 1, "gluon_ws": 1}, {"gluon": 1, "block_n": 64, "num_warps": 4}]
             if short_loop:
                 candidates += [{"gluon": 1, "block_h": 2 * h},
                                {"gluon": 1, "block_n": 128, "block_h": 2 * h, "num_warps": 8},
-                               {"gluon": 2}, {"gluon": 2, "block_h": 2 * h}]
+                               {"gluon": 2}, {"gluon": 2, "gluon_ws": 1}, {"gluon": 2, "block_h": 2 * h}]
     configs, seen = [], []
     for over in candidates:
         if {**default, **over} not in seen:

@@ -55,8 +55,10 @@ _SAMPLES, _STALLED = "num_samples", "num_stalled_samples"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", nargs="+", default=["llama7b", "gqa", "smollm2"], choices=list(SHAPES))
-    p.add_argument("--configs", nargs="+", default=["default", "gluon=auto"], metavar="CONFIG",
-                   help="'default', or KEY=VALUE[,KEY=VALUE...] decode_attention config overrides per configuration")
+    p.add_argument("--configs", nargs="+", default=["default", "gluon=auto", "gluon=auto,gluon_ws=1"],
+                   metavar="CONFIG", help="'default', or KEY=VALUE[,KEY=VALUE...] decode_attention config overrides "
+                   "per configuration (by default: the Triton scores kernel, the Gluon one, the Gluon one "
+                   "warp-specialized: whether its MMA warps wait for tiles or its dequantizing warps for slots)")
     p.add_argument("--n", type=int, default=8192, help="rows cached (the length the kernels read)")
     p.add_argument("--capacity", type=int, default=32768,
                    help="the cache's capacity L (decode_attention.py's timed runs use 32768: their kernels, "

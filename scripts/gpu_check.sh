@@ -36,11 +36,14 @@
 #                    vs SDPA over a 16-bit cache, eager and replayed from CUDA graphs, TFLOP/s and fraction
 #                    of the H200's dense bf16 peak, the fastest of sweep_configs() per shape and length (by
 #                    CUDA-graph time), device time per Triton kernel, the K rebuild's tiles as plain matmuls
-#      attn_gluon    decode_attention.py --sweep-gluon: the opt-in Gluon scores kernel's variants next to the default
-#                    (its own process: a kernel never run on a GPU before cannot take attn down with it)
+#      attn_gluon    decode_attention.py --sweep-gluon: the opt-in Gluon scores kernel's variants next to the default,
+#                    warp-specialized ones (gluon_ws=1) included (its own process: a kernel never run on a GPU
+#                    before cannot take attn down with it)
 #      stalls        stall_profile.py: the warps' PC samples (CUPTI through proton) of the op's kernels per source
-#                    line with their stall reasons, 7B / GQA / SmolLM2 at n = 8192, default and gluon=auto: what
-#                    holds the scores kernels (the dequantization, the wgmma waits, W from L2); not in SMOKE runs
+#                    line with their stall reasons, 7B / GQA / SmolLM2 at n = 8192, default, gluon=auto and
+#                    gluon=auto,gluon_ws=1: what holds the scores kernels (the dequantization, the wgmma waits,
+#                    W from L2; warp-specialized, the MMA warps waiting for tiles or the others for slots);
+#                    not in SMOKE runs
 #      attn_s4       decode_attention.py with S = 4 query tokens, default configuration (warm_attn_s4 compiles it)
 #      decode_graphs decode_step.py with mode="reduce-overhead" for both compiled models (CUDA graphs: no
 #                    launch overhead, as a server runs decode steps), lengths 256, 4096, 32K

@@ -179,9 +179,10 @@ def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path
     if HAS_GLUON:  # the Gluon K rebuild (not dispatched; 4-bit), both forms: on wgmma, one MMA group left pending
         assert names.count("_gluon_rebuild_kernel") == names.count("_gluon_rebuild_ws_kernel") == 1, names
         # the opt-in Gluon scores kernel, 3 shapes x the 2, 4 and 8 bits it decodes with W streamed
-        # (gluon=1), and SmolLM2's (the one shape whose head-tile W slice fits) with W resident (gluon=2):
-        # in ``rebuild`` below (on wgmma, in flight, no spills in its loops)
-        assert names.count("_gluon_scores_kernel") == 9 + 3, names
+        # (gluon=1), and SmolLM2's (the one shape whose head-tile W slice fits) with W resident (gluon=2);
+        # then the same warp-specialized (gluon_ws=1) but for 8-bit keys in 128-row tiles (7B, GQA), which
+        # it declines: in ``rebuild`` below (on wgmma, in flight, no spills in its loops)
+        assert names.count("_gluon_scores_kernel") == 9 + 3 + 7 + 3, names
     for r in rebuild:
         assert r["wgmma"] > 0 and max(r["wgmma_waits"]) >= 1 and not r["wgmma_serialized"], r
         assert r["wgmma_in_flight"] and r["loop_spill_instructions"] == 0, r
@@ -262,8 +263,8 @@ def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_p
     """The vLLM plugin's decode step (``--paged``: the sources strided views of page bytes, rows through a
     block table, a fill per request): for the three shapes at 3 and 4 bits its K rebuild is on wgmma with
     an MMA in flight and no kernel spills inside its MMA loop, as for the dense cache -- the opt-in Gluon
-    scores kernel too (4 bits: W streamed for the three shapes, W resident for SmolLM2's; it does not take
-    3-bit keys)."""
+    scores kernel too (4 bits: W streamed for the three shapes, W resident for SmolLM2's, each also
+    warp-specialized; it does not take 3-bit keys)."""
     proc = _compile_report("--paged", "--check", "--bits", "3", "4", "--json", str(tmp_path / "report.json"))
     assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
     reports = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["job"] != "control"]
@@ -273,7 +274,7 @@ def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_p
     assert all(names.count(k) == 6 for k in kernels), names
     from xq_compile.kernels.gluon_rebuild import HAS_GLUON
 
-    assert names.count("_gluon_scores_kernel") == (3 + 1 if HAS_GLUON else 0), names
+    assert names.count("_gluon_scores_kernel") == (2 * (3 + 1) if HAS_GLUON else 0), names  # gluon_ws 0 and 1
     for r in reports:
         assert r["loop_spill_instructions"] == 0, r
         if r["name"] in ("_scores_kernel", "_gluon_scores_kernel"):

@@ -16,6 +16,7 @@ CUDA graphs.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import types
@@ -56,6 +57,14 @@ def _call(case: Case | dict, target: GpuTarget, config: dict) -> tuple:
     return a, cfg, target, half_pad, r_pad, block_h
 
 
+def _declined_as_expected(case: Case, config: dict, why: str) -> bool:
+    """Whether the kernel declined ``config`` for one of the two reasons the GPU cases meet: W resident where
+    the head tile's slice does not fit (7B, GQA), or warp-specialized 8-bit keys in 128-row tiles."""
+    if config["gluon"] == 2 and "whole W slice resident" in why:
+        return True
+    return bool(config.get("gluon_ws")) and case.k_bits == 8 and "8-bit keys in 128-row tiles" in why
+
+
 def _why(case: Case | dict, target: GpuTarget = HOPPER, **config) -> str | None:
     return gs.unsupported(*_call(case, target, config))
 
@@ -74,6 +83,39 @@ def test_gluon_is_opt_in_and_checked():
     for bad in (3, "fast"):
         with pytest.raises(ValueError, match=f"gluon={bad!r} must be 0"):
             da.resolve_config(a, gluon=bad)
+
+
+def test_warp_specialization_is_opt_in_and_checked():
+    a = inputs(make_inputs(SUPPORTED))
+    assert da.resolve_config(a, target=HOPPER, gluon=1)["gluon_ws"] == 0
+    assert da.resolve_config(a, target=HOPPER, gluon="auto", gluon_ws=1)["gluon_ws"] == 1
+    with pytest.raises(ValueError, match="gluon_ws=2 must be 0"):
+        da.resolve_config(a, target=HOPPER, gluon=1, gluon_ws=2)
+    # alone it would silently do nothing (the default runs the Triton kernel): refused, saying what to add
+    with pytest.raises(ValueError, match="gluon_ws=1 .* set gluon to 1, 2 or 'auto'"):
+        da.resolve_config(a, target=HOPPER, gluon_ws=1)
+    with da.config_overrides(gluon_ws=1):  # (an override may come before the gluon it goes with)
+        assert da.resolve_config(a, target=HOPPER, gluon=2)["gluon_ws"] == 1
+
+
+@pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
+def test_warp_specialized_plan_hands_over_one_slot_per_stage():
+    """gluon_ws=1: W streamed, one X̂ slot per W stage (handed over together); W resident, two X̂ slots; the
+    dequantizing warps' registers 184 next to two MMA warpgroups and, next to one, none where the count is
+    optional (else 128); 8-bit keys in 128-row tiles declined, saying what runs them."""
+    a = inputs(make_inputs(SUPPORTED))
+    for gluon, block_n in itertools.product((1, 2), (64, 128)):
+        cfg = da.resolve_config(a, target=HOPPER, gluon=gluon, gluon_ws=1, block_n=block_n, block_h=1)
+        _, tile = gs.plan(a, cfg, HOPPER, 32, 16, 1, 2, 8)
+        assert tile["WARP_SPECIALIZE"] and tile["DEQUANT_WARPS"] == 4 and tile["num_warps"] == block_n // 16
+        assert tile["X_BUFS"] == 2 if gluon == 2 else tile["X_BUFS"] == tile["NUM_STAGES"] == 3, tile
+        regs = tile["DEQUANT_REGS"]
+        assert regs == 184 if block_n == 128 else regs in (0, 128), tile
+        _, plain = gs.plan(a, {**cfg, "gluon_ws": 0}, HOPPER, 32, 16, 1, 2, 8)
+        assert not plain["WARP_SPECIALIZE"] and plain["X_BUFS"] == 2 and plain["DEQUANT_REGS"] == 0
+    eight = replace(SUPPORTED, k_bits=8)
+    assert "8-bit keys in 128-row tiles" in _why(eight, gluon=1, gluon_ws=1, block_n=128)
+    assert _why(eight, gluon=1, gluon_ws=1, block_n=64) is None and _why(eight, gluon=1, block_n=128) is None
 
 
 @pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")
@@ -179,16 +221,17 @@ def _run_gluon(a: dict, resident: bool | None = None, device: str = "cuda", **co
 
 
 @needs_hopper
-@pytest.mark.parametrize("block_n", [None, 64], ids=["default_tile", "one_warpgroup"])
+@pytest.mark.parametrize("block_n, ws", [(None, 0), (64, 0), (None, 1)],
+                         ids=["default_tile", "one_warpgroup", "warp_specialized"])
 @pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
-def test_cuda_gluon_scores_match_the_reference(case, gluon, block_n):
+def test_cuda_gluon_scores_match_the_reference(case, gluon, block_n, ws):
     a = make_inputs(case)
-    config = {"gluon": gluon, **({} if block_n is None else {"block_n": block_n})}
+    config = {"gluon": gluon, "gluon_ws": ws, **({} if block_n is None else {"block_n": block_n})}
     why = _why(case, **config)
-    if why is not None:  # gluon=2 where the head tile's W slice does not fit (7B, GQA): declined, saying so
-        assert gluon == 2 and "whole W slice resident" in why, why
-        with pytest.raises(ValueError, match="whole W slice resident"):
+    if why is not None:  # W resident where the head tile's slice does not fit (7B, GQA), ...: declined, saying so
+        assert _declined_as_expected(case, config, why), why
+        with pytest.raises(ValueError, match="cannot run this call"):
             da.decode_attention_triton(inputs(_to(a, "cuda")), **config)
         return
     out = _run_gluon(a, **config)
@@ -260,35 +303,38 @@ def test_where_scores_differ_points_at_the_bad_part():
 
 
 @needs_hopper
+@pytest.mark.parametrize("ws", [0, 1], ids=["one_role", "warp_specialized"])
 @pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
-def test_cuda_gluon_scores_stage_matches_the_triton_kernel(case, gluon, monkeypatch):
+def test_cuda_gluon_scores_stage_matches_the_triton_kernel(case, gluon, ws, monkeypatch):
     """Stage 1 alone, against the Triton scores kernel's: where the two disagree, the failure says where."""
-    if _why(case, gluon=gluon) is not None:
-        pytest.skip("gluon=2 declined (test_cuda_gluon_scores_match_the_reference asserts the reason)")
+    if _why(case, gluon=gluon, gluon_ws=ws) is not None:
+        pytest.skip("declined (test_cuda_gluon_scores_match_the_reference asserts the reason)")
     a = make_inputs(case)
-    got = _scores_stage(a, monkeypatch, gluon=gluon)
+    got = _scores_stage(a, monkeypatch, gluon=gluon, gluon_ws=ws)
     want = _scores_stage(a, monkeypatch)
     block_n = da.resolve_config(inputs(_to(a, "cuda")), gluon=gluon)["block_n"]
     why = where_scores_differ(got, want, int(a["length"]), block_n)
-    assert why is None, f"{case} gluon={gluon}: {why}"
+    assert why is None, f"{case} gluon={gluon} gluon_ws={ws}: {why}"
 
 
 @needs_hopper
+@pytest.mark.parametrize("ws", [0, 1], ids=["one_role", "warp_specialized"])
 @pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
 @pytest.mark.parametrize("pc", [pc for pc in PAGED_CUDA_CASES if _why(make_paged(pc)[1]) is None], ids=str)
-def test_cuda_gluon_scores_read_pages(pc, gluon):
+def test_cuda_gluon_scores_read_pages(pc, gluon, ws):
     """vLLM's pages at real shapes (SmolLM2's X form, a GQA latent form; pages of 16, ragged fills): the
     paged launch gives exactly the dense launch's output over the same rows (only the addresses differ)
     and the reference's within the dtype's bound."""
     dense, paged = make_paged(pc)
-    why = _why(paged, gluon=gluon)
+    config = {"gluon": gluon, "gluon_ws": ws}
+    why = _why(paged, **config)
     if why is not None:
-        assert gluon == 2 and "whole W slice resident" in why, why
+        assert _declined_as_expected(pc.case, config, why), why
         return
-    out = _run_gluon(paged, gluon=gluon)
-    check_close(out, OP(**paged), pc.case.dtype, f"{pc} gluon={gluon}")
-    assert torch.equal(out, _run_gluon(dense, gluon=gluon)), "paged and dense Gluon launches differ"
+    out = _run_gluon(paged, **config)
+    check_close(out, OP(**paged), pc.case.dtype, f"{pc} {config}")
+    assert torch.equal(out, _run_gluon(dense, **config)), "paged and dense Gluon launches differ"
 
 
 @needs_hopper
@@ -302,8 +348,9 @@ def test_cuda_gluon_auto_runs_what_choose_says(case):
 
 
 @needs_hopper
+@pytest.mark.parametrize("ws", [0, 1], ids=["one_role", "warp_specialized"])
 @pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
-def test_cuda_gluon_scores_n_zero_and_graph_replay(gluon):
+def test_cuda_gluon_scores_n_zero_and_graph_replay(gluon, ws):
     """n = 0 gives zeros; one captured graph serves every fill (n read on the device; with W resident the
     programs loop over the filled row blocks)."""
     case = replace(CUDA_CASES[0], B=1, L=1024, n=1024, mask=None)
@@ -311,11 +358,11 @@ def test_cuda_gluon_scores_n_zero_and_graph_replay(gluon):
     dev = _to(make_inputs(case), "cuda")
     dev["length"] = torch.tensor(5, device="cuda")
     a = inputs(dev)
-    da.decode_attention_triton(a, gluon=gluon)  # compile outside the capture
+    da.decode_attention_triton(a, gluon=gluon, gluon_ws=ws)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = da.decode_attention_triton(a, gluon=gluon)
+        out = da.decode_attention_triton(a, gluon=gluon, gluon_ws=ws)
     for n, host in fresh.items():
         for key in ("k_scale", "k_zero", "cos", "sin"):  # the per-fill poison past n moves with n
             dev[key].copy_(host[key])
@@ -366,34 +413,33 @@ def _emulate(replace_globals: dict | None = None) -> None:
 
 
 def _run_emulated_cases() -> None:
-    """Each case with W streamed and resident, one and two warpgroups: stage 1 against the Triton scores
-    kernel's (under the interpreter; where they differ said by where_scores_differ), and with the default
-    tile the whole op against the reference."""
+    """Each case with W streamed and resident, one and two warpgroups, warp-specialized or not: stage 1
+    against the Triton scores kernel's (under the interpreter; where they differ said by where_scores_differ),
+    and with the default tile the whole op against the reference."""
     _emulate()
     patch = pytest.MonkeyPatch()
     for case in _emulated_cases():
         a = make_inputs(case)
         ref = OP(**a)
         want = _scores_stage(a, patch, device="cpu")
-        for gluon in (1, 2):
-            for block_n in (None, 64):
-                config = {"gluon": gluon, **({} if block_n is None else {"block_n": block_n})}
-                why = _why(case, **config)
-                if why is not None:
-                    assert gluon == 2 and "whole W slice resident" in why, why
-                    continue
-                if block_n is None:  # (stage 2 is the interpreter's, the same for every stage 1: once per kernel)
-                    check_close(_run_gluon(a, resident=gluon == 2, device="cpu", **config), ref, case.dtype,
-                                f"{case} {config}")
-                got = _scores_stage(a, patch, device="cpu", **config)
-                rows_per_block = da.resolve_config(inputs(a), **config)["block_n"]
-                why = where_scores_differ(got, want, int(a["length"]), rows_per_block)
-                assert why is None, f"{case} {config}: {why}"
-                print(f"ok {case} {config}", flush=True)
+        for gluon, ws, block_n in itertools.product((1, 2), (0, 1), (None, 64)):
+            config = {"gluon": gluon, "gluon_ws": ws, **({} if block_n is None else {"block_n": block_n})}
+            why = _why(case, **config)
+            if why is not None:
+                assert _declined_as_expected(case, config, why), why
+                continue
+            if block_n is None:  # (stage 2 is the interpreter's, the same for every stage 1: once per kernel)
+                check_close(_run_gluon(a, resident=gluon == 2, device="cpu", **config), ref, case.dtype,
+                            f"{case} {config}")
+            got = _scores_stage(a, patch, device="cpu", **config)
+            rows_per_block = da.resolve_config(inputs(a), **config)["block_n"]
+            why = where_scores_differ(got, want, int(a["length"]), rows_per_block)
+            assert why is None, f"{case} {config}: {why}"
+            print(f"ok {case} {config}", flush=True)
     # n = 0: no row block is filled, every score is masked, the output is 0
     a = make_inputs(replace(CUDA_CASES[-1], n=0))
-    for gluon in (1, 2):
-        assert (_run_gluon(a, device="cpu", gluon=gluon) == 0).all()
+    for gluon, ws in itertools.product((1, 2), (0, 1)):
+        assert (_run_gluon(a, device="cpu", gluon=gluon, gluon_ws=ws) == 0).all()
     # gluon="auto": W resident where gluon=2 can run it, else streamed
     for case in (_emulated_cases()[0], _emulated_cases()[3]):
         a = make_inputs(case)
@@ -409,13 +455,14 @@ def _run_emulated_paged() -> None:
     _emulate()
     for pc in _emulated_paged_cases():
         dense, paged = make_paged(pc)
-        for gluon in (1, 2):
-            if _why(paged, gluon=gluon) is not None:
+        for gluon, ws in itertools.product((1, 2), (0, 1)):
+            if _why(paged, gluon=gluon, gluon_ws=ws) is not None:
                 continue
-            out = _run_gluon(paged, device="cpu", gluon=gluon)
-            check_close(out, OP(**paged), pc.case.dtype, f"{pc} gluon={gluon}")
-            assert torch.equal(out, _run_gluon(dense, device="cpu", gluon=gluon)), f"{pc}: paged and dense differ"
-            print(f"ok {pc} gluon={gluon}", flush=True)
+            out = _run_gluon(paged, device="cpu", gluon=gluon, gluon_ws=ws)
+            check_close(out, OP(**paged), pc.case.dtype, f"{pc} gluon={gluon} gluon_ws={ws}")
+            assert torch.equal(out, _run_gluon(dense, device="cpu", gluon=gluon, gluon_ws=ws)), \
+                f"{pc} gluon={gluon} gluon_ws={ws}: paged and dense differ"
+            print(f"ok {pc} gluon={gluon} gluon_ws={ws}", flush=True)
     print("emulated paged passed")
 
 
@@ -436,11 +483,22 @@ def _run_emulated_faults() -> None:
     }
     a = make_inputs(_emulated_cases()[0])  # SmolLM2's shape: 9 channel steps
     for name, (replace_globals, error) in faults.items():
-        for gluon in (1, 2):
+        for gluon, ws in itertools.product((1, 2), (0, 1)):
+            if ws and gluon == 2 and name == "a W copy not waited for":
+                continue  # (W resident: the warp-specialized loop copies nothing)
             _emulate(replace_globals)
             with pytest.raises(emu.EmulationError, match=error):
-                da.decode_attention_triton(inputs(a), gluon=gluon)
-            print(f"ok caught: {name} (gluon={gluon})", flush=True)
+                da.decode_attention_triton(inputs(a), gluon=gluon, gluon_ws=ws)
+            print(f"ok caught: {name} (gluon={gluon}, gluon_ws={ws})", flush=True)
+    # warp-specialized without the hand-over (every mbarrier wait returning at once): the MMA warps take the
+    # X̂ slots before the dequantizing warps fill them; no rule of the emulator breaks, the scores are wrong
+    no_waits = types.SimpleNamespace(**{**vars(emu.mbarrier), "wait": lambda *args, **kwargs: None})
+    ref = OP(**a).float()
+    for gluon in (1, 2):
+        _emulate({"mbarrier": no_waits})
+        error = (_run_gluon(a, device="cpu", gluon=gluon, gluon_ws=1).float() - ref).abs().max().item()
+        assert error > 0.1, f"gluon={gluon} gluon_ws=1 without its mbarrier waits: off by only {error}"
+        print(f"ok wrong without the hand-over: off by {error:.2f} (gluon={gluon}, gluon_ws=1)", flush=True)
     print("emulated faults passed")
 
 
@@ -456,9 +514,10 @@ def _run_emulated_wide() -> None:
                              dtype=torch.bfloat16))
         ref = OP(**a)
         a["k_packed"] = wide_rows(a["k_packed"])
-        for gluon in (1, 2):
-            out = _run_gluon(a, device="cpu", gluon=gluon)
-            check_close(out, ref, torch.bfloat16, f"{bits}-bit rows 2**30 + 4096 bytes apart, gluon={gluon}")
+        for gluon, ws in itertools.product((1, 2), (0, 1)):
+            out = _run_gluon(a, device="cpu", gluon=gluon, gluon_ws=ws)
+            check_close(out, ref, torch.bfloat16,
+                        f"{bits}-bit rows 2**30 + 4096 bytes apart, gluon={gluon} gluon_ws={ws}")
     print("emulated wide passed")
 
 

@@ -31,7 +31,7 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
     # a barrier of the calling warps (a partition's): gl.barrier in triton 3.9, gl.thread_barrier in 3.6
-    _warps_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+    partition_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 except (ImportError, AttributeError):  # triton < 3.4, or a Gluon API this code does not know: Triton only
     gluon = None
 
@@ -165,7 +165,7 @@ if HAS_GLUON:
             _dequant_step(packed_ptr, scale_ptr, zero_ptr, w_ptr, x_buf.index(slot), w_buf.index(slot), b, r0, f0,
                           n, i, s_pb, s_pl, s_sb, s_sl, s_zb, s_zl, s_wn, N, GROUP, BLOCK_N, BLOCK_C, BLOCK_F, WARPS)
             fence_async_shared()  # each thread's generic-proxy stores before the async-proxy reads ...
-            _warps_barrier()  # ... and all of this partition's stores before its one arrive (thread 0)
+            partition_barrier()  # ... and all of this partition's stores before its one arrive (thread 0)
             mbarrier.arrive(ready.index(slot))
 
     @gluon.jit
@@ -238,16 +238,22 @@ def supports(weight: torch.Tensor, bits: int, group_size: int) -> bool:
             and group_size % BLOCK_C == 0 and weight.shape[1] % BLOCK_C == 0)
 
 
-def _dequant_regs(requested: int | None) -> int:
-    """The warp-specialized kernel's DEQUANT_REGS: ``requested``, else 0 (no register reallocation) where
-    ``gl.warp_specialize`` allows leaving the count out (triton 3.9), else 96 (what the whole kernel
-    needs per thread without reallocation, compiled by 3.9)."""
-    if requested is not None:
-        return requested
+def worker_regs_optional() -> bool:
+    """Whether ``gl.warp_specialize`` lets a kernel leave its worker partitions' register counts to the
+    compiler (triton 3.9; 3.6 requires them). Leaving them out, the compiler sizes the whole kernel; giving
+    them, triton 3.6 reserves 255 registers per thread for the kernel (one program of 8 warps per SM)."""
     import inspect
 
-    optional = inspect.signature(gl.warp_specialize).parameters["worker_num_regs"].default is None
-    return 0 if optional else 96
+    return inspect.signature(gl.warp_specialize).parameters["worker_num_regs"].default is None
+
+
+def dequant_warp_regs(requested: int | None) -> int:
+    """The warp-specialized kernel's DEQUANT_REGS: ``requested``, else 0 (no register reallocation) where
+    the count is optional (:func:`worker_regs_optional`), else 96 (what the whole kernel needs per thread
+    without reallocation, compiled by 3.9)."""
+    if requested is not None:
+        return requested
+    return 0 if worker_regs_optional() else 96
 
 
 def dequant_project_gluon_launch(packed, scale, zero, weight, bias: Optional[torch.Tensor], length, bits: int,
@@ -258,7 +264,7 @@ def dequant_project_gluon_launch(packed, scale, zero, weight, bias: Optional[tor
     semantics; the caller launches ``kernel[grid](*args, **kwargs)`` (the compile report compiles it
     instead). ``warp_specialize``: the kernel whose ``dequant_warps`` warps dequantize for a separate
     MMA warpgroup, instead of one warpgroup doing both (``dequant_regs``: their register count, see
-    :func:`_dequant_regs`). Raises ValueError for what :func:`supports` rejects."""
+    :func:`dequant_warp_regs`). Raises ValueError for what :func:`supports` rejects."""
     from xq_compile.kernels.dequant_project import _check_inputs
 
     _check_inputs(packed, scale, zero, weight, bias, length, bits, group_size)
@@ -281,7 +287,7 @@ def dequant_project_gluon_launch(packed, scale, zero, weight, bias: Optional[tor
                   BLOCK_C=BLOCK_C, BLOCK_F=block_f, NUM_BUF=num_buf, num_warps=4)  # one MMA warpgroup
     if warp_specialize:
         return _gluon_rebuild_ws_kernel, grid, args, {**kwargs, "DEQUANT_WARPS": dequant_warps,
-                                                       "DEQUANT_REGS": _dequant_regs(dequant_regs)}, out
+                                                       "DEQUANT_REGS": dequant_warp_regs(dequant_regs)}, out
     return _gluon_rebuild_kernel, grid, args, kwargs, out
 
 

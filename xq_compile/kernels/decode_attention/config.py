@@ -15,10 +15,11 @@ from xq_compile.kernels.devices import GpuTarget, gpu_target
 from xq_compile.kernels.tiles import next_power_of_2
 
 CONFIG_KEYS = ("block_n", "block_c", "block_h", "block_m", "block_nv", "block_cv", "num_splits", "block_d",
-               "num_warps", "num_stages", "x_as_b", "gluon")
+               "num_warps", "num_stages", "x_as_b", "gluon", "gluon_ws")
 
 # gluon="auto": each launch takes the Gluon scores kernel where it can run the call (W resident where the head
 # tile's slice fits, else streamed) and the Triton one elsewhere (other GPUs, 3-bit keys, other tiles, ...).
+# gluon_ws=1 (with gluon 1, 2 or "auto"): that Gluon kernel warp-specialized (dequantizing warps for its MMA warps).
 GLUON_AUTO = "auto"
 
 
@@ -143,7 +144,7 @@ def default_config(
         block_d //= 2
     return dict(block_n=block_n, block_c=block_c, block_h=block_h, block_m=block_m, block_nv=block_nv,
                 block_cv=block_cv, num_splits=splits, block_d=block_d, num_warps=num_warps, num_stages=3,
-                x_as_b=int(not target.wgmma), gluon=0)
+                x_as_b=int(not target.wgmma), gluon=0, gluon_ws=0)
 
 
 def resolve_config(inputs: DecodeAttentionInputs, target: GpuTarget | None = None, **config: int) -> dict:
@@ -193,6 +194,12 @@ def check_overrides(config: dict) -> None:
         raise ValueError(f"gluon={config['gluon']!r} must be 0 (the Triton scores kernel), 1 (the Gluon one, "
                          "Hopper), 2 (the Gluon one with the head tile's W resident in shared memory) or 'auto' "
                          "(per call: 2 where it can run, else 1, else 0)")
+    if config.get("gluon_ws") not in (None, 0, 1):
+        raise ValueError(f"gluon_ws={config['gluon_ws']!r} must be 0 (the Gluon scores kernel's warps dequantize and "
+                         "issue the MMAs) or 1 (warp-specialized: more warps dequantize for them)")
+    if config.get("gluon_ws") == 1 and config.get("gluon") == 0:
+        raise ValueError("gluon_ws=1 warp-specializes the Gluon scores kernel, which gluon=0 does not run: set gluon "
+                         "to 1, 2 or 'auto' as well")
     for key in ("num_splits", "num_warps", "num_stages"):
         if fails(key, lambda v: v >= 1):
             raise ValueError(f"{key}={config[key]!r} must be an integer >= 1")

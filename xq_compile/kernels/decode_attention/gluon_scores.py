@@ -3,7 +3,8 @@ rebuild's MMAs stay in flight behind the dequantization, with the weight tiles c
 
 Opt-in, not the default: decode_attention config ``gluon=1`` (W streamed), ``gluon=2`` (the head tile's
 W resident in shared memory, for small models) or ``gluon="auto"`` (per call, :func:`choose`: 2 where it
-can run, else 1, else the Triton kernel), given to the launcher or, around a compiled model's calls, by
+can run, else 1, else the Triton kernel), each also warp-specialized with ``gluon_ws=1``
+(:func:`_rebuild_k_ws`), given to the launcher or, around a compiled model's calls, by
 ``config_overrides``. Gluon kernels do not run under the Triton interpreter: on CPU
 ``tests/test_gluon_scores.py`` runs this code under the Gluon emulator (``tests/gluon_emulator.py``: the
 values against the reference and the Triton kernel's, the asynchronous MMAs and copies checked for races)
@@ -51,8 +52,9 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.extra import libdevice
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
+    from xq_compile.kernels.gluon_rebuild import partition_barrier, worker_regs_optional
     from xq_compile.kernels.tiles import fma_code  # a triton.jit function of elementwise ops: Gluon calls it
 
     # cp.async into shared memory: async_load in triton 3.9, async_copy_global_to_shared in 3.6
@@ -192,19 +194,25 @@ if HAS_GLUON:
         return gl.convert_layout(x, dq_l)
 
     @gluon.jit
-    def _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, page, slot, g,
-                   s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+    def _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, ready, empty, b, rows, page, slot,
+                   g, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
                    C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
                    FROM_TAIL: gl.constexpr, HAS_COL0: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr,
-                   F2: gl.constexpr, NUM_STAGES: gl.constexpr, W_RESIDENT: gl.constexpr, byte_l: gl.constexpr,
-                   dq_l: gl.constexpr, acc_l: gl.constexpr):
+                   F2: gl.constexpr, NUM_STAGES: gl.constexpr, X_BUFS: gl.constexpr, W_RESIDENT: gl.constexpr,
+                   HAND_OVER: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr, acc_l: gl.constexpr):
         """K = X̂ · Wkᵀ [BLOCK_N, F2] in fp32 (``acc_l``), the column i from the W row of ``w_ptrs[i]``.
 
-        Step i: dequantize (operands loaded during step i - 1), store X̂ into buffer i % 2, issue the
+        Step i: dequantize (operands loaded during step i - 1), store X̂ into buffer i % X_BUFS, issue the
         wgmma asynchronously and wait until only it is pending; then copy step i + NUM_STAGES - 1's W
         tile into the stage MMA i - 1 read. One cp.async group is committed per step (empty past the
         last tile), so ``wait_group(NUM_STAGES - 2)`` always means "step i's tile has landed".
-        ``W_RESIDENT``: ``w_buf`` holds every step's W tile already (NUM_STAGES = the steps): no copies."""
+        ``W_RESIDENT``: ``w_buf`` holds every step's W tile already (NUM_STAGES = the steps): no copies.
+
+        ``HAND_OVER`` (the dequantizing warps of :func:`_rebuild_k_ws`; returns nothing): instead of the
+        MMA, synchronize the partition and signal slot i % X_BUFS ready, then wait until MMA i - 1 has
+        retired (its slot's *empty* mbarrier) before copying into the stage it read (X_BUFS = NUM_STAGES
+        when W streams). So the tile of step i + 1 is dequantized while MMA i runs, as without it, and the
+        slot step i + 1 writes was freed by MMA i + 1 - X_BUFS, whose retirement an earlier step waited for."""
         NUM_STEPS: gl.constexpr = C // BLOCK_C
         dtype: gl.constexpr = x_buf.dtype
         if not W_RESIDENT:
@@ -220,7 +228,8 @@ if HAS_GLUON:
         if HAS_COL0:  # channel 0 of every row is col0 (exact): the first step only
             v0 = gl.load(c0_ptr + gl.convert_layout(page * s_cb + slot * s_cl, gl.SliceLayout(1, dq_l)))
             first_col = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, dq_l)) == 0
-        acc = gl.zeros((BLOCK_N, F2), gl.float32, acc_l)
+        if not HAND_OVER:
+            acc = gl.zeros((BLOCK_N, F2), gl.float32, acc_l)
         for i in range(NUM_STEPS):
             nxt = _load_step(codes, scales, zeros, gl.minimum(i + 1, NUM_STEPS - 1), s_sc, s_zc, s_tc, BITS,
                              PER_CHANNEL, FROM_TAIL, GROUP, BLOCK_C)
@@ -228,22 +237,153 @@ if HAS_GLUON:
             if HAS_COL0:
                 if i == 0:
                     x = gl.where(first_col[None, :], v0.to(gl.float32)[:, None], x)
-            if not W_RESIDENT:
+            if not W_RESIDENT and not HAND_OVER:
                 async_copy.wait_group(NUM_STAGES - 2)  # this step's W tile (this thread's copies of it)
-            x_buf.index(i % 2).store(x.to(dtype))
-            fence_async_shared()  # the generic-proxy stores before the async-proxy (wgmma) reads
-            acc = warpgroup_mma(x_buf.index(i % 2), w_buf.index(i % NUM_STAGES).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            x_buf.index(i % X_BUFS).store(x.to(dtype))
+            if not W_RESIDENT and HAND_OVER:  # (after the store: compiled for sm_90, the other order spills
+                async_copy.wait_group(NUM_STAGES - 2)  # in the dequantizing warps' loop at 8 bits)
+            fence_async_shared()  # each thread's stores (and copies) before the async-proxy (wgmma) reads
+            if HAND_OVER:
+                partition_barrier()  # ... and all of this partition's before its one arrive
+                mbarrier.arrive(ready.index(i % X_BUFS))
+                if i > 0:
+                    mbarrier.wait(empty.index((i - 1) % X_BUFS), ((i - 1) // X_BUFS) & 1)
+            else:
+                acc = warpgroup_mma(x_buf.index(i % X_BUFS), w_buf.index(i % NUM_STAGES).permute((1, 0)), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             if not W_RESIDENT:
                 if i + NUM_STAGES - 1 < NUM_STEPS:
                     _cp_async(w_buf.index((i + NUM_STAGES - 1) % NUM_STAGES),
                               w_ptrs + (i + NUM_STAGES - 1) * BLOCK_C)
                 async_copy.commit_group()
             word, s, z = nxt
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if not W_RESIDENT:
             async_copy.wait_group(0)
-        return acc
+        if not HAND_OVER:
+            return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    @gluon.jit
+    def _rebuild_rows(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bt_ptr, w_ptrs, x_buf, w_buf, ready, empty, r0, n, b,
+                      s_btb, s_btr, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                      C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                      HAS_COL0: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BLOCK_C: gl.constexpr, F2: gl.constexpr, NUM_STAGES: gl.constexpr, X_BUFS: gl.constexpr,
+                      W_RESIDENT: gl.constexpr, HAND_OVER: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr,
+                      acc_l: gl.constexpr):
+        """:func:`_rebuild_k` for the cached rows r0 .. r0 + BLOCK_N (r0 < n), where the sources hold them;
+        per channel, the open token group's rows from the model-dtype tail."""
+        # rows past the fill read the last filled row (no masks in the loop; their scores are not stored)
+        rows = gl.minimum(r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_l)), n - 1).to(gl.int64)
+        page, slot = _row_places(b, rows, bt_ptr, s_btb, s_btr, PAGED, PAGE_SIZE)
+        g = r0 // GROUP  # per channel: the block's token group (BLOCK_N divides GROUP)
+        if PER_CHANNEL and r0 >= n // GROUP * GROUP:  # the open token group
+            return _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, ready, empty, b, rows,
+                              page, slot, g, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
+                              s_cl, C, BITS, GROUP, PER_CHANNEL, True, HAS_COL0, BLOCK_N, BLOCK_C, F2, NUM_STAGES,
+                              X_BUFS, W_RESIDENT, HAND_OVER, byte_l, dq_l, acc_l)
+        else:
+            return _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, ready, empty, b, rows,
+                              page, slot, g, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
+                              s_cl, C, BITS, GROUP, PER_CHANNEL, False, HAS_COL0, BLOCK_N, BLOCK_C, F2, NUM_STAGES,
+                              X_BUFS, W_RESIDENT, HAND_OVER, byte_l, dq_l, acc_l)
+
+    @gluon.jit
+    def _w_tile_ptrs(w_ptr, h0, HKV, HALF, s_wn, F: gl.constexpr, HALF_PAD: gl.constexpr, BLOCK_C: gl.constexpr,
+                     w_l: gl.constexpr):
+        """The pointers of step 0's W tile [2F, BLOCK_C] (step i: + i * BLOCK_C): columns [0, F) of the
+        accumulator the first halves of the tile's heads, [F, 2F) the second halves (as in _scores_kernel);
+        padding columns read row 0 (finite; their query is 0)."""
+        f2 = gl.arange(0, 2 * F, layout=gl.SliceLayout(1, w_l))
+        fh = f2 % F
+        w_rows = (h0 + fh // HALF_PAD) * (2 * HALF) + (f2 // F) * HALF + fh % HALF_PAD
+        w_rows = gl.where((h0 + fh // HALF_PAD < HKV) & (fh % HALF_PAD < HALF), w_rows, 0)
+        w_cols = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, w_l))
+        return w_ptr + w_rows.to(gl.int64)[:, None] * s_wn + w_cols[None, :]
+
+    @gluon.jit
+    def _ws_mma_partition(x_buf, w_buf, ready, empty, NUM_STEPS: gl.constexpr, X_BUFS: gl.constexpr,
+                          W_RESIDENT: gl.constexpr, BLOCK_N: gl.constexpr, F2: gl.constexpr, acc_l: gl.constexpr):
+        """The MMA warps of the warp-specialized rebuild (the kernel's own): wait until step i's X̂ and W
+        tiles are ready, issue the MMA asynchronously, wait until only it is pending and hand the slot of
+        MMA i - 1, which that wait retired, back to the dequantizing warps."""
+        acc = gl.zeros((BLOCK_N, F2), gl.float32, acc_l)
+        for i in range(NUM_STEPS):
+            slot = i % X_BUFS
+            mbarrier.wait(ready.index(slot), (i // X_BUFS) & 1)
+            if W_RESIDENT:
+                acc = warpgroup_mma(x_buf.index(slot), w_buf.index(i).permute((1, 0)), acc, is_async=True)
+            else:
+                acc = warpgroup_mma(x_buf.index(slot), w_buf.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if i > 0:
+                mbarrier.arrive(empty.index((i - 1) % X_BUFS))
+        # a tuple, which triton 3.6's warp_specialize requires of a partition's results (3.9 takes either)
+        return (warpgroup_mma_wait(num_outstanding=0, deps=(acc,)),)
+
+    @gluon.jit
+    def _ws_dequant_partition(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bt_ptr, x_buf, w_buf, ready, empty,
+                              r0, n, b, h0, HKV, HALF, s_btb, s_btr, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc,
+                              s_tb, s_tl, s_tc, s_cb, s_cl, s_wn, C: gl.constexpr, BITS: gl.constexpr,
+                              GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr, HAS_COL0: gl.constexpr,
+                              PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                              BLOCK_C: gl.constexpr, F: gl.constexpr, HALF_PAD: gl.constexpr,
+                              NUM_STAGES: gl.constexpr, X_BUFS: gl.constexpr, W_RESIDENT: gl.constexpr,
+                              byte_l: gl.constexpr, dq_l: gl.constexpr, w_l: gl.constexpr):
+        """The dequantizing warps of the warp-specialized rebuild: the W pointers in their own layout, then
+        :func:`_rebuild_rows` handing each slot over instead of issuing the MMAs."""
+        w_ptrs = _w_tile_ptrs(w_ptr, h0, HKV, HALF, s_wn, F, HALF_PAD, BLOCK_C, w_l)
+        _rebuild_rows(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bt_ptr, w_ptrs, x_buf, w_buf, ready, empty, r0, n, b,
+                      s_btb, s_btr, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, C,
+                      BITS, GROUP, PER_CHANNEL, HAS_COL0, PAGED, PAGE_SIZE, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
+                      X_BUFS, W_RESIDENT, True, byte_l, dq_l, None)
+
+    @gluon.jit
+    def _rebuild_k_ws(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bt_ptr, x_buf, w_buf, r0, n, b, h0, HKV, HALF,
+                      s_btb, s_btr, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_wn,
+                      C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                      HAS_COL0: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BLOCK_C: gl.constexpr, F: gl.constexpr, HALF_PAD: gl.constexpr, NUM_STAGES: gl.constexpr,
+                      X_BUFS: gl.constexpr, W_RESIDENT: gl.constexpr, DEQUANT_WARPS: gl.constexpr,
+                      DEQUANT_REGS: gl.constexpr, byte_l: gl.constexpr, dq_l: gl.constexpr, w_l: gl.constexpr,
+                      acc_l: gl.constexpr):
+        """:func:`_rebuild_k`'s K, warp-specialized (``gluon_ws=1``): ``DEQUANT_WARPS`` warps load,
+        dequantize and copy W (:func:`_ws_dequant_partition`) while the kernel's warps only issue the MMAs
+        (:func:`_ws_mma_partition`); a ready and an empty mbarrier per X̂ slot hand the slots over. The
+        dequantization then never holds up an MMA's issue, and the MMA warps keep their registers for the
+        accumulator and the epilogue."""
+        ready = gl.allocate_shared_memory(gl.int64, [X_BUFS, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [X_BUFS, 1], mbarrier.MBarrierLayout())
+        for k in gl.static_range(X_BUFS):
+            mbarrier.init(ready.index(k), count=1)
+            mbarrier.init(empty.index(k), count=1)
+        NUM_STEPS: gl.constexpr = C // BLOCK_C
+        # DEQUANT_REGS: the dequantizing warps' register count, 0 for none (no reallocation; triton 3.6
+        # requires one). Written out twice: a Gluon kernel cannot hold the list of partitions in a variable.
+        if DEQUANT_REGS == 0:
+            results = gl.warp_specialize([
+                (_ws_mma_partition, (x_buf, w_buf, ready, empty, NUM_STEPS, X_BUFS, W_RESIDENT, BLOCK_N, 2 * F,
+                                     acc_l)),
+                (_ws_dequant_partition, (kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bt_ptr, x_buf, w_buf, ready,
+                                         empty, r0, n, b, h0, HKV, HALF, s_btb, s_btr, s_pb, s_pl, s_sb, s_sl, s_sc,
+                                         s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_wn, C, BITS, GROUP,
+                                         PER_CHANNEL, HAS_COL0, PAGED, PAGE_SIZE, BLOCK_N, BLOCK_C, F, HALF_PAD,
+                                         NUM_STAGES, X_BUFS, W_RESIDENT, byte_l, dq_l, w_l)),
+            ], [DEQUANT_WARPS])
+        else:
+            results = gl.warp_specialize([
+                (_ws_mma_partition, (x_buf, w_buf, ready, empty, NUM_STEPS, X_BUFS, W_RESIDENT, BLOCK_N, 2 * F,
+                                     acc_l)),
+                (_ws_dequant_partition, (kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bt_ptr, x_buf, w_buf, ready,
+                                         empty, r0, n, b, h0, HKV, HALF, s_btb, s_btr, s_pb, s_pl, s_sb, s_sl, s_sc,
+                                         s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_wn, C, BITS, GROUP,
+                                         PER_CHANNEL, HAS_COL0, PAGED, PAGE_SIZE, BLOCK_N, BLOCK_C, F, HALF_PAD,
+                                         NUM_STAGES, X_BUFS, W_RESIDENT, byte_l, dq_l, w_l)),
+            ], [DEQUANT_WARPS], [DEQUANT_REGS])
+        for k in gl.static_range(X_BUFS):
+            mbarrier.invalidate(ready.index(k))
+            mbarrier.invalidate(empty.index(k))
+        return results[0]
 
     @gluon.jit
     def _gluon_scores_kernel(
@@ -259,7 +399,8 @@ if HAS_GLUON:
         HAS_COL0: gl.constexpr, HAS_BIAS: gl.constexpr, MASK_KIND: gl.constexpr,
         ROPE_FROM_POSITIONS: gl.constexpr, R_PAD: gl.constexpr, HALF_PAD: gl.constexpr, BLOCK_H: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, NUM_STAGES: gl.constexpr, W_RESIDENT: gl.constexpr,
-        PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr,
+        PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, X_BUFS: gl.constexpr,
+        DEQUANT_WARPS: gl.constexpr, DEQUANT_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """``_scores_kernel``'s output (the scaled, masked scores of BLOCK_H KV heads' query rows against
         cached rows r0 .. r0 + BLOCK_N) with the K rebuild of :func:`_rebuild_k`. num_warps = BLOCK_N / 16:
@@ -268,7 +409,9 @@ if HAS_GLUON:
         Grid (B · head tiles, programs along the rows). Streaming W (``W_RESIDENT`` false): one row block per
         program, as ``_scores_kernel``. ``W_RESIDENT``: the head tile's whole W slice is copied into shared
         memory once, and the program scores row blocks pid, pid + P, ... (P programs along the rows) below
-        the fill: only X streams from memory (small models, whose W slice fits: SmolLM2's is 72 KB)."""
+        the fill: only X streams from memory (small models, whose W slice fits: SmolLM2's is 72 KB).
+        ``WARP_SPECIALIZE``: the rebuild of :func:`_rebuild_k_ws` (``DEQUANT_WARPS`` more warps dequantize),
+        the rest the same."""
         pid_bh = gl.program_id(0)
         num_ht = gl.cdiv(HKV, BLOCK_H)
         b = (pid_bh // num_ht).to(gl.int64)
@@ -277,30 +420,27 @@ if HAS_GLUON:
         dtype: gl.constexpr = w_ptr.dtype.element_ty
         NUM_STEPS: gl.constexpr = C // BLOCK_C
 
-        # registers: a row's codes 4 bytes (or one 32-bit word) per thread, the dequantized tile in the layout
-        # unpacking them gives; W rows 8 features (16 bytes, one cp.async) per thread
+        # registers of the warps that load and dequantize (the kernel's, or with WARP_SPECIALIZE the
+        # DEQUANT_WARPS of the other partition): a row's codes 4 bytes (or one 32-bit word) per thread, the
+        # dequantized tile in the layout unpacking them gives; W rows 8 features (16 bytes, one cp.async) per
+        # thread
+        LOAD_WARPS: gl.constexpr = DEQUANT_WARPS if WARP_SPECIALIZE else num_warps
         BYTES: gl.constexpr = BLOCK_C * BITS // 8
         if BITS == 4 and not PER_CHANNEL:  # one 32-bit word of 8 codes per thread and row
-            byte_l: gl.constexpr = gl.BlockedLayout([1, 1], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
+            byte_l: gl.constexpr = gl.BlockedLayout([1, 1], [128 // BYTES, BYTES // 4], [LOAD_WARPS, 1], [1, 0])
         else:  # 4 bytes per thread and row
-            byte_l: gl.constexpr = gl.BlockedLayout([1, 4], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
-        dq_l: gl.constexpr = gl.BlockedLayout([1, 32 // BITS], [128 // BYTES, BYTES // 4], [num_warps, 1], [1, 0])
-        w_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+            byte_l: gl.constexpr = gl.BlockedLayout([1, 4], [128 // BYTES, BYTES // 4], [LOAD_WARPS, 1], [1, 0])
+        dq_l: gl.constexpr = gl.BlockedLayout([1, 32 // BITS], [128 // BYTES, BYTES // 4], [LOAD_WARPS, 1], [1, 0])
+        load_w_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [LOAD_WARPS, 1], [1, 0])
         F: gl.constexpr = BLOCK_H * HALF_PAD
-        # shared memory: two X̂ buffers, NUM_STAGES W tiles (W_RESIDENT: all of them)
-        x_buf = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_C],
+        # shared memory: X_BUFS X̂ buffers, NUM_STAGES W tiles (W_RESIDENT: all of them)
+        x_buf = gl.allocate_shared_memory(dtype, [X_BUFS, BLOCK_N, BLOCK_C],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_C], dtype))
         w_buf = gl.allocate_shared_memory(dtype, [NUM_STAGES, 2 * F, BLOCK_C],
                                           gl.NVMMASharedLayout.get_default_for([2 * F, BLOCK_C], dtype))
-
-        # W rows: columns [0, F) of the accumulator the first halves of the tile's heads, [F, 2F) the
-        # second halves (as in _scores_kernel); padding columns read row 0 (finite; their query is 0)
-        f2 = gl.arange(0, 2 * F, layout=gl.SliceLayout(1, w_l))
-        fh = f2 % F
-        w_rows = (h0 + fh // HALF_PAD) * (2 * HALF) + (f2 // F) * HALF + fh % HALF_PAD
-        w_rows = gl.where((h0 + fh // HALF_PAD < HKV) & (fh % HALF_PAD < HALF), w_rows, 0)
-        w_cols = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, w_l))
-        w_ptrs = w_ptr + w_rows.to(gl.int64)[:, None] * s_wn + w_cols[None, :]
+        # (the resident W slice is copied by the kernel's own warps)
+        w_ptrs = _w_tile_ptrs(w_ptr, h0, HKV, HALF, s_wn, F, HALF_PAD, BLOCK_C,
+                              gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0]))
 
         if W_RESIDENT:
             if gl.program_id(1) * BLOCK_N < n:  # (else no row block of this program is filled: skip the copy)
@@ -311,59 +451,58 @@ if HAS_GLUON:
             for rb in range(gl.program_id(1), gl.cdiv(n, BLOCK_N), gl.num_programs(1)):
                 _score_row_block(
                     rb * BLOCK_N, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr,
-                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S,
+                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptr, w_ptrs, x_buf, w_buf, HKV, R, S,
                     GROUP_Q, HALF, qk_scale, rope_scale, s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl,
-                    s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl,
-                    s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP,
+                    s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_wn, s_cosb, s_cosl, s_cosd, s_sinb,
+                    s_sinl, s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP,
                     PER_CHANNEL, HAS_COL0, HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N,
-                    BLOCK_C, NUM_STAGES, W_RESIDENT, PAGED, PAGE_SIZE, num_warps, byte_l, dq_l)
+                    BLOCK_C, NUM_STAGES, W_RESIDENT, PAGED, PAGE_SIZE, WARP_SPECIALIZE, X_BUFS, DEQUANT_WARPS,
+                    DEQUANT_REGS, num_warps, byte_l, dq_l, load_w_l)
         else:
             r0 = gl.program_id(1) * BLOCK_N
             if r0 < n:  # (a row block past the fill does nothing: one CUDA graph serves every fill)
                 _score_row_block(
                     r0, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr,
-                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S,
+                    sin_ptr, pos_ptr, freq_ptr, mask_ptr, bt_ptr, out_ptr, w_ptr, w_ptrs, x_buf, w_buf, HKV, R, S,
                     GROUP_Q, HALF, qk_scale, rope_scale, s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl,
-                    s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl,
-                    s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP,
+                    s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl, s_wn, s_cosb, s_cosl, s_cosd, s_sinb,
+                    s_sinl, s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml, s_ob, s_oh, s_or, s_ol, C, BITS, GROUP,
                     PER_CHANNEL, HAS_COL0, HAS_BIAS, MASK_KIND, ROPE_FROM_POSITIONS, R_PAD, HALF_PAD, BLOCK_H, BLOCK_N,
-                    BLOCK_C, NUM_STAGES, W_RESIDENT, PAGED, PAGE_SIZE, num_warps, byte_l, dq_l)
+                    BLOCK_C, NUM_STAGES, W_RESIDENT, PAGED, PAGE_SIZE, WARP_SPECIALIZE, X_BUFS, DEQUANT_WARPS,
+                    DEQUANT_REGS, num_warps, byte_l, dq_l, load_w_l)
 
     @gluon.jit
     def _score_row_block(
         r0, n, b, h0, q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
-        mask_ptr, bt_ptr, out_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale,
+        mask_ptr, bt_ptr, out_ptr, w_ptr, w_ptrs, x_buf, w_buf, HKV, R, S, GROUP_Q, HALF, qk_scale, rope_scale,
         s_btb, s_btr, s_qb, s_qh, s_qs, s_qd, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
-        s_cl, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml,
+        s_cl, s_wn, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl, s_mb, s_mh, s_ms, s_ml,
         s_ob, s_oh, s_or, s_ol,
         C: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, PER_CHANNEL: gl.constexpr,
         HAS_COL0: gl.constexpr, HAS_BIAS: gl.constexpr, MASK_KIND: gl.constexpr,
         ROPE_FROM_POSITIONS: gl.constexpr, R_PAD: gl.constexpr, HALF_PAD: gl.constexpr, BLOCK_H: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_C: gl.constexpr, NUM_STAGES: gl.constexpr, W_RESIDENT: gl.constexpr,
-        PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr, byte_l: gl.constexpr,
-        dq_l: gl.constexpr,
+        PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, X_BUFS: gl.constexpr,
+        DEQUANT_WARPS: gl.constexpr, DEQUANT_REGS: gl.constexpr, num_warps: gl.constexpr, byte_l: gl.constexpr,
+        dq_l: gl.constexpr, load_w_l: gl.constexpr,
     ):
         """The scores of cached rows r0 .. r0 + BLOCK_N (r0 < n): the K rebuild, then bias, RoPE, the query
         dot, the masks and the store."""
         dtype: gl.constexpr = x_buf.dtype
         F: gl.constexpr = BLOCK_H * HALF_PAD
-        n_full = n // GROUP * GROUP
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, 2 * F, 16])
-        # rows past the fill read the last filled row (no masks in the loop; their scores are not stored)
-        rows = gl.minimum(r0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_l)), n - 1).to(gl.int64)
-        page, slot = _row_places(b, rows, bt_ptr, s_btb, s_btr, PAGED, PAGE_SIZE)
-        g = r0 // GROUP  # per channel: the block's token group (BLOCK_N divides GROUP)
-        if PER_CHANNEL and r0 >= n_full:  # the open token group: rows from the model-dtype tail
-            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, page, slot, g,
-                           s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                           C, BITS, GROUP, PER_CHANNEL, True, HAS_COL0, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
-                           W_RESIDENT, byte_l, dq_l, acc_l)
+        if WARP_SPECIALIZE:
+            k = _rebuild_k_ws(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bt_ptr, x_buf, w_buf, r0, n, b, h0, HKV,
+                              HALF, s_btb, s_btr, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc,
+                              s_cb, s_cl, s_wn, C, BITS, GROUP, PER_CHANNEL, HAS_COL0, PAGED, PAGE_SIZE, BLOCK_N,
+                              BLOCK_C, F, HALF_PAD, NUM_STAGES, X_BUFS, W_RESIDENT, DEQUANT_WARPS, DEQUANT_REGS,
+                              byte_l, dq_l, load_w_l, acc_l)
         else:
-            k = _rebuild_k(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptrs, x_buf, w_buf, b, rows, page, slot, g,
-                           s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
-                           C, BITS, GROUP, PER_CHANNEL, False, HAS_COL0, BLOCK_N, BLOCK_C, 2 * F, NUM_STAGES,
-                           W_RESIDENT, byte_l, dq_l, acc_l)
+            k = _rebuild_rows(kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, bt_ptr, w_ptrs, x_buf, w_buf, None, None, r0, n,
+                              b, s_btb, s_btr, s_pb, s_pl, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb,
+                              s_cl, C, BITS, GROUP, PER_CHANNEL, HAS_COL0, PAGED, PAGE_SIZE, BLOCK_N, BLOCK_C, 2 * F,
+                              NUM_STAGES, X_BUFS, W_RESIDENT, False, byte_l, dq_l, acc_l)
         # the halves apart along the highest column bit, which wgmma's accumulator keeps in each thread
         k1, k2 = gl.split(gl.permute(gl.reshape(k, [BLOCK_N, 2, F]), [0, 2, 1]))
         kl: gl.constexpr = k1.type.layout
@@ -447,17 +586,43 @@ if HAS_GLUON:
         gl.store(out_ptr + o_off, sc, mask=st_mask)
 
 
-def _shared_bytes(block_n: int, f: int, m: int, stages: int) -> int:
-    """Shared memory of one program: the X̂ buffers, the W stages, the rotated K halves and Qᵀ (16-bit)."""
-    return 2 * (2 * block_n * BLOCK_C + stages * 2 * f * BLOCK_C + 2 * block_n * f + 2 * m * f)
+DEQUANT_WARPS = 4  # gluon_ws=1: the warps that dequantize for the kernel's MMA warps
 
 
-def _tile(a: DecodeAttentionInputs, cfg: dict, half_pad: int, r_pad: int, block_h: int) -> dict:
+def _dequant_regs(mma_warps: int) -> int:
+    """gluon_ws=1: the dequantizing warps' register count (``gl.warp_specialize``'s ``worker_num_regs``; 0:
+    none given). Compiled for sm_90, the smallest count with no spills anywhere in the kernel, dense and paged,
+    2 and 4 bits, under triton 3.6 and 3.9 alike. Next to 8 MMA warps (128-row tiles, where 4 warps load and
+    dequantize 128 rows): 184 (168, the even share of the register file, spilled under 3.6, less under 3.9).
+    Next to 4 (64-row tiles): none where the count is optional (3.9 then compiles SmolLM2's tile to 80
+    registers, 3 programs per multiprocessor), else 128 (96 spilled at 8 bits; 3.6 reserves 255 registers
+    per thread for the kernel whatever the count: one program per multiprocessor)."""
+    if mma_warps + DEQUANT_WARPS > 8:
+        return 184
+    return 0 if worker_regs_optional() else 128
+
+
+def _x_buffers(cfg: dict, stages: int) -> int:
+    """X̂ buffers: two; warp-specialized with W streamed, one per W stage (a slot holds both, handed over
+    together)."""
+    return stages if cfg.get("gluon_ws") and cfg["gluon"] != 2 else 2
+
+
+def _shared_bytes(block_n: int, f: int, m: int, stages: int, x_bufs: int = 2, ws: bool = False) -> int:
+    """Shared memory of one program: the X̂ buffers, the W stages, the rotated K halves and Qᵀ (16-bit);
+    warp-specialized (``ws``) two mbarriers of 8 bytes per X̂ buffer too."""
+    return 2 * (x_bufs * block_n * BLOCK_C + stages * 2 * f * BLOCK_C + 2 * block_n * f + 2 * m * f) \
+        + (16 * x_bufs if ws else 0)
+
+
+def _tile(a: DecodeAttentionInputs, cfg: dict, half_pad: int, r_pad: int, block_h: int, stages: int = 3) -> dict:
     """The tile's sizes: features per head half (f), query rows (m), channel steps, W stages (all the steps
-    where W is resident, ``gluon=2``) and shared memory."""
+    where W is resident, ``gluon=2``; else ``stages``), X̂ buffers and shared memory."""
     f, m, steps = block_h * half_pad, block_h * r_pad, a.k_weight.shape[1] // BLOCK_C
-    stages = steps if cfg["gluon"] == 2 else 3
-    return dict(f=f, m=m, steps=steps, stages=stages, shared=_shared_bytes(cfg["block_n"], f, m, stages))
+    stages = steps if cfg["gluon"] == 2 else stages
+    x_bufs = _x_buffers(cfg, stages)
+    return dict(f=f, m=m, steps=steps, stages=stages, x_bufs=x_bufs,
+                shared=_shared_bytes(cfg["block_n"], f, m, stages, x_bufs, bool(cfg.get("gluon_ws"))))
 
 
 def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, r_pad: int,
@@ -467,7 +632,7 @@ def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad
     keys, w = a.keys, a.k_weight
     tile = _tile(a, cfg, half_pad, r_pad, block_h)
     f, m = tile["f"], tile["m"]
-    least = tile["shared"] if cfg["gluon"] == 2 else _shared_bytes(cfg["block_n"], f, m, 2)
+    least = tile["shared"] if cfg["gluon"] == 2 else _tile(a, cfg, half_pad, r_pad, block_h, stages=2)["shared"]
     checks = (
         (HAS_GLUON, "this triton has no Gluon (triton >= 3.4 has)"),
         (not interpreted(), "the Triton interpreter (TRITON_INTERPRET=1) does not run Gluon kernels"),
@@ -480,6 +645,9 @@ def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad
         (keys.layout == "per_token" or keys.group % cfg["block_n"] == 0,
          f"per-channel token groups of {keys.group}, not a multiple of block_n={cfg['block_n']}"),
         (cfg["block_n"] in (64, 128), f"block_n={cfg['block_n']} (64 or 128: one or two warpgroups)"),
+        (not (cfg.get("gluon_ws") and keys.bits == 8 and cfg["block_n"] == 128),
+         "gluon_ws=1 with 8-bit keys in 128-row tiles: its 4 dequantizing warps would spill registers in their "
+         "loop (block_n=64 or gluon_ws=0 runs it)"),
         (cfg["block_c"] == BLOCK_C, f"block_c={cfg['block_c']} (it steps {BLOCK_C} channels)"),
         (2 * f <= 256 and m <= 256, f"a tile of {2 * f} features and {m} query rows (wgmma takes 256)"),
         (keys.packed.stride(2) == 1 and w.stride(1) == 1, "codes or weights with a non-unit inner stride"),
@@ -515,9 +683,15 @@ def plan(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad: int, 
         raise ValueError(f"decode_attention config gluon={cfg['gluon']}: the Gluon scores kernel cannot run this "
                          f"call: {why}. Leave gluon at 0 (the Triton kernel runs every case).")
     tile = _tile(a, cfg, half_pad, r_pad, block_h)
-    constexprs = dict(W_RESIDENT=cfg["gluon"] == 2, num_warps=cfg["block_n"] // 16)
+    if tile["shared"] > target.shared_memory:  # W streamed: 3 stages where they fit, else 2 (unsupported() checked)
+        tile = _tile(a, cfg, half_pad, r_pad, block_h, stages=2)
+    ws = bool(cfg.get("gluon_ws"))
+    num_warps = cfg["block_n"] // 16
+    constexprs = dict(W_RESIDENT=cfg["gluon"] == 2, num_warps=num_warps, NUM_STAGES=tile["stages"],
+                      X_BUFS=tile["x_bufs"], WARP_SPECIALIZE=ws, DEQUANT_WARPS=DEQUANT_WARPS,
+                      DEQUANT_REGS=_dequant_regs(num_warps) if ws else 0)
     if cfg["gluon"] == 2:
         per_sm = max(1, min(4, target.shared_memory // (tile["shared"] + 1024)))
         programs = max(1, min(row_blocks, -(-per_sm * target.multiprocessors // max(head_programs, 1))))
-        return programs, dict(constexprs, NUM_STAGES=tile["steps"])
-    return row_blocks, dict(constexprs, NUM_STAGES=3 if tile["shared"] <= target.shared_memory else 2)
+        return programs, constexprs
+    return row_blocks, constexprs

@@ -659,7 +659,7 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | N
     ``config_overrides`` (see ``resolve_config``); block sizes are powers of two (>= 16, ``block_h`` >= 1).
     ``num_warps``/``num_stages`` apply to the Triton scores kernel; ``gluon`` 1 or 2 runs the scores on the
     Gluon kernel instead (Hopper, opt-in: :mod:`.gluon_scores`; ``"auto"``: where it can run the call, else
-    the Triton kernel). ``target``: configure for that GPU
+    the Triton kernel; ``gluon_ws=1``: that kernel warp-specialized). ``target``: configure for that GPU
     instead of the tensors' device (``benchmarks/compile_report.py`` compiles for GPUs it does not have).
     """
     if not HAS_TRITON:
