@@ -10,9 +10,10 @@ cache under a key made of the kernel's source, its specialization (dtypes, 16-by
 equal to 1 or divisible by 16 -- not their values), the compile options, the target and Triton's own
 hash. So the launches of the timed steps of ``scripts/gpu_check.sh`` -- the decode-attention benchmark
 (three shapes, every sweep configuration, S = 1 and S = 4, the plain matmuls of ``--control``), the
-rebuild op and its Gluon variants, the paged decode step -- are captured here on CPU tensors shaped as
-those steps make them (``benchmarks/compile_report.py``), compiled for sm_90 through the launcher's
-own path, and written out:
+rebuild op and its Gluon variants, the paged decode step -- and those of its CUDA tests (each test's
+cases and configurations: the Triton and Gluon decode-attention kernels, dense and paged, and the
+rebuild ops) are captured here on CPU tensors shaped as those steps and tests make them
+(``benchmarks/compile_report.py``), compiled for sm_90 through the launcher's own path, and written out:
 
 * ``build DIR``: compiles into a fresh cache and keeps, per kernel, what a launch loads (the cubin and
   the metadata), with the group files' absolute paths replaced by a placeholder (Triton stores absolute
@@ -39,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -101,6 +103,109 @@ def gpu_check_launches(dtype=torch.bfloat16) -> list[tuple[str, cr.Launch]]:
     if HAS_GLUON:
         out += [("gluon_rebuild", launch) for launch in cr.gluon_rebuild_launches(REBUILD_CAPACITY, dtype)]
     return out
+
+
+def _test_module(name: str):
+    """tests/NAME.py, imported with tests/ on sys.path as pytest has it (the test modules import each other
+    and conftest by name)."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module(name)
+
+
+def cuda_test_launches() -> list[tuple[str, cr.Launch]]:
+    """(title, launch) of the Triton and Gluon kernels the CUDA tests of ``scripts/gpu_check.sh``'s phase 1
+    launch (``-k cuda`` in the five test files it names), each call built from the tests' own cases and
+    configurations as their parametrizations make them (keep in step with those; a call left out only
+    compiles on the GPU, as before). Not here: the tests that go through Inductor or the backend (their
+    kernels are generated on the GPU machine)."""
+    from xq_compile.kernels import dequant_project as dp
+    from xq_compile.kernels import gluon_rebuild as gr
+
+    attn, paged, gluon = (_test_module(m) for m in ("test_decode_attention", "test_paged_decode_attention",
+                                                     "test_gluon_scores"))
+    rebuild, gluon_rebuild = _test_module("test_kernels_cuda"), _test_module("test_gluon_rebuild")
+    out = []
+
+    def moved(a: dict) -> dict:
+        # what the tests' .to("cuda") makes of each tensor: a fresh allocation (strides kept where dense), as
+        # clone() makes it -- a view's offset would change the pointers' 16-byte alignment, part of the key
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+
+    def op(title, a, config=None):
+        out.extend((title, launch) for launch in cr.op_launches(moved(a), config or {}))
+
+    def dequant_project(title, shape, bits, dtype, bias=True, **config):
+        B, L, d, N, group, n = shape
+        packed, scale, zero, w, b = (t if t is None else t.clone() for t in
+                                     rebuild.make_inputs(B, L, d, N, bits, group, dtype=dtype, bias=bias))
+        with cr.captured_launches(dp) as launches:
+            dp.dequant_project_triton(packed, scale, zero, w, b, torch.tensor(n), bits, group,
+                                      target=cr.gpu(90)[1], **config)
+        out.extend((title, launch) for launch in launches)
+
+    # test_decode_attention: every case at the default configuration, both K forms, the graph replay's
+    for case in attn.CUDA_CASES:
+        op(f"decode_attention {case}", attn.make_inputs(case))
+    for case in attn.CUDA_CASES[len(attn.CASES):len(attn.CASES) + 4]:
+        for x_as_b in (0, 1):
+            op(f"decode_attention {case} x_as_b={x_as_b}", attn.make_inputs(case), {"x_as_b": x_as_b})
+    for dtype in (torch.bfloat16, torch.float32):
+        op(f"decode_attention graph replay {dtype}", attn.make_inputs(replace(attn.GRAPH_REPLAY_CASE, dtype=dtype)))
+    # test_paged_decode_attention: paged and dense launches of each case, the graph replay's
+    for pc in paged.CUDA_CASES:
+        for form, a in zip(("dense", "paged"), paged.make_paged(pc)):
+            op(f"paged {pc} {form}", a)
+    op("paged graph replay", paged.make_paged(paged.PagedCase(paged.GRAPH_REPLAY_CASE, (5, 512, 100), 16))[1])
+    # test_gluon_scores: the Gluon kernel's forms where the launcher takes them (declined ones raise there)
+    forms = [{"gluon": g, "gluon_ws": ws, **({} if block_n is None else {"block_n": block_n})}
+             for g in (1, 2) for block_n, ws in ((None, 0), (64, 0), (None, 1))]
+    for case in gluon.CUDA_CASES:
+        a = attn.make_inputs(case)
+        for config in forms:
+            if gluon._why(case, **config) is None:
+                op(f"gluon {case} {config}", a, config)
+        op(f"gluon {case} auto", a, {"gluon": "auto"})
+    for pc in gluon.PAGED_CUDA_CASES:
+        dense, pages = paged.make_paged(pc)
+        for config in forms:
+            if "block_n" not in config and gluon._why(pages, **config) is None:
+                op(f"gluon {pc} paged {config}", pages, config)
+                op(f"gluon {pc} dense {config}", dense, config)
+    for config in forms:
+        if "block_n" not in config and gluon._why(gluon.GRAPH_REPLAY_CASE, **config) is None:
+            op(f"gluon graph replay {config}", attn.make_inputs(gluon.GRAPH_REPLAY_CASE), config)
+    # test_kernels_cuda: dequant_project at every shape, width and dtype; both operand forms; selection; replay
+    for shape in rebuild.SHAPES:
+        for bits in rebuild.BITS:
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                dequant_project(f"dequant_project {shape} {bits}-bit {dtype}", shape, bits, dtype)
+    for bits in rebuild.BITS:
+        for dtype in (torch.float32, torch.bfloat16):
+            for x_as_b in (False, True):
+                dequant_project(f"dequant_project {bits}-bit {dtype} x_as_b={x_as_b}", rebuild.SHAPES[4], bits,
+                                dtype, x_as_b=x_as_b)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            dequant_project(f"dequant_project selection {bits}-bit {dtype}", rebuild.SELECTION_SHAPE, bits, dtype,
+                            bias=False)
+    B, L, d, N, bits, group = rebuild.GRAPH_REPLAY_SHAPE
+    dequant_project("dequant_project graph replay", (B, L, d, N, group, L), bits, torch.float32)
+    # test_gluon_rebuild: both forms, both 16-bit dtypes
+    if gr.HAS_GLUON:
+        *shape, bits, group = gluon_rebuild.CUDA_SHAPE
+        for dtype in (torch.bfloat16, torch.float16):
+            packed, scale, zero, w, bias = (t.clone() for t in gluon_rebuild._inputs(*shape, bits, group, dtype))
+            for warp_specialize in (False, True):
+                kernel, grid, args, kwargs, _ = gr.dequant_project_gluon_launch(
+                    packed, scale, zero, w, bias, torch.tensor(shape[1]), bits, group, warp_specialize=warp_specialize)
+                out.append((f"gluon_rebuild {dtype} ws={warp_specialize}", cr.Launch(kernel, grid, args, kwargs)))
+    return out
+
+
+def seeded_launches() -> list[tuple[str, cr.Launch]]:
+    """What the seed holds: the timed steps' launches and the CUDA tests'."""
+    return gpu_check_launches() + cuda_test_launches()
 
 
 @contextlib.contextmanager
@@ -183,10 +288,10 @@ def install(seed: Path, cache: Path) -> int:
 
 
 def build(out: Path, launches=None) -> int:
-    """Compile ``launches`` (default: :func:`gpu_check_launches`) into a seed at ``out`` (replaced)."""
+    """Compile ``launches`` (default: :func:`seeded_launches`) into a seed at ``out`` (replaced)."""
     import triton
 
-    launches = gpu_check_launches() if launches is None else launches
+    launches = seeded_launches() if launches is None else launches
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         failed = compile_all(launches, Path(tmp))
@@ -205,7 +310,7 @@ def build(out: Path, launches=None) -> int:
 
 def check(seed: Path, launches=None) -> int:
     """0 if every launch finds its kernel in a cache made of ``seed`` (compiling adds no file)."""
-    launches = gpu_check_launches() if launches is None else launches
+    launches = seeded_launches() if launches is None else launches
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "triton"
         installed = install(seed, cache)

@@ -8,8 +8,8 @@
 # carry the folder to the machine):  pip download --no-deps -d .gpu_wheels optimum-quanto==0.2.7 ninja==1.13.2
 #
 # Almost all of the time goes to compiling (Triton kernels, Inductor graphs), which runs on one CPU core
-# per process. The Triton kernels of the timed steps can be compiled beforehand on a machine without a GPU,
-# with the GPU machine's Triton release, and carried (the folder is ignored by git; a few MiB):
+# per process. The Triton kernels of the timed steps and of the CUDA tests can be compiled beforehand on a
+# machine without a GPU, with the GPU machine's Triton release, and carried (the folder is ignored by git):
 #     PYTHONPATH=.venv/triton/3.6.0:. .venv/bin/python benchmarks/triton_cache_seed.py build .gpu_triton_cache
 # If .gpu_triton_cache/ is there, the script installs it into its Triton cache first ("seed" in the summary).
 # Then it runs in two phases under one total budget (BUDGET_S, default 290 s):
@@ -218,7 +218,7 @@ export PYTHONUNBUFFERED=1
 # ---- the checks ----------------------------------------------------------------------------------
 # Kernels compiled by one process are found by the others (and by the timed runs) in these caches.
 export TORCHINDUCTOR_CACHE_DIR="$CACHES/inductor" TRITON_CACHE_DIR="$CACHES/triton"
-# Triton's cache seeded with the kernels of the timed steps, compiled for sm_90 beforehand on a machine
+# Triton's cache seeded with the kernels of the timed steps and the CUDA tests, compiled for sm_90 beforehand on a machine
 # without a GPU (benchmarks/triton_cache_seed.py; installed only if this machine's Triton built them).
 if [ -f "$ROOT/.gpu_triton_cache/TRITON_VERSION" ]; then
     if seeded=$("$PY" benchmarks/triton_cache_seed.py install "$ROOT/.gpu_triton_cache" "$CACHES/triton" 2>&1); then

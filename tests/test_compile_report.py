@@ -309,6 +309,30 @@ def test_triton_cache_seed_is_found_by_the_launch_it_was_built_for(tmp_path):
     assert seed_module.install(seed, tmp_path / "other") == 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="captures Triton launches")
+def test_triton_cache_seed_holds_the_cuda_tests_launches():
+    """The seed's share for gpu_check's CUDA tests is built from the tests' own cases and configurations (a
+    change to those that breaks it fails here, not in a GPU session): every kernel they launch outside
+    Inductor, both K forms of the Triton scores kernel, and the Gluon scores kernel in every form the tests
+    run -- W streamed and resident, one role and warp-specialized, one and two warpgroups, dense and paged."""
+    from xq_compile.kernels.gluon_rebuild import HAS_GLUON
+
+    seed_module = _benchmark_module("triton_cache_seed")
+    launches = [launch for _, launch in seed_module.cuda_test_launches()]
+    names = {launch.kernel.__name__ for launch in launches}
+    expected = {"_scores_kernel", "_softmax_kernel", "_values_kernel", "_combine_kernel", "_project_kernel",
+                "_dequant_project_kernel"}
+    if HAS_GLUON:
+        expected |= {"_gluon_scores_kernel", "_gluon_rebuild_kernel", "_gluon_rebuild_ws_kernel"}
+    assert names == expected
+    assert {launch.kwargs["X_AS_B"] for launch in launches if launch.kernel.__name__ == "_scores_kernel"} == {0, 1}
+    gluon = [launch.kwargs for launch in launches if launch.kernel.__name__ == "_gluon_scores_kernel"]
+    forms = {(k["W_RESIDENT"], k["WARP_SPECIALIZE"], k["num_warps"], k["PAGED"]) for k in gluon}
+    assert forms == ({(resident, ws, warps, paged) for resident in (False, True) for ws in (False, True)
+                      for warps in (4, 8) for paged in (False, True) if not (resident and warps == 8)}
+                     if HAS_GLUON else set())
+
+
 def test_benchmark_config_arguments_parse_to_checked_overrides():
     """``--config KEY=VALUE`` (decode_attention.py, compile_report.py; decode_step.py's --attention-config):
     integers, and ``gluon=auto``; unknown keys stop the benchmark, saying which keys exist."""

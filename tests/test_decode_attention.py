@@ -774,13 +774,17 @@ def test_cuda_both_k_forms_match_the_reference(case, x_as_b):
                 f"{case} x_as_b={x_as_b}")
 
 
+# The case test_cuda_graph_replay_follows_the_device_length captures (in bf16 and fp32) and replays at other fills
+GRAPH_REPLAY_CASE = Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=1024, n=1024, k_bits=4, k_layout="per_channel",
+                         k_group=64, v_bits=4, v_group=64, S=1, col0=True, dtype=torch.bfloat16)
+
+
 @needs_cuda
 @pytest.mark.skipif(CUDA_DEVICE != "cuda", reason="CUDA graphs")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cuda_graph_replay_follows_the_device_length(dtype):
     """One captured graph serves every fill: n is read on the device by every launch."""
-    case = Case(B=2, Hq=32, Hkv=8, D=128, C=1024, Cv=1024, L=1024, n=1024, k_bits=4, k_layout="per_channel",
-                k_group=64, v_bits=4, v_group=64, S=1, col0=True, dtype=dtype)
+    case = replace(GRAPH_REPLAY_CASE, dtype=dtype)
     base = make_inputs(case)
     # no poison: every fill of the replay reads a different prefix
     fresh = {n: make_inputs(replace(case, n=n)) for n in (1, 63, 64, 700, 1024)}

@@ -26,6 +26,9 @@ needs_hopper = pytest.mark.skipif(
     reason="needs triton with Gluon and a Hopper GPU (sm_90)",
 )
 
+# (B, L, channels, N, bits, group) of the CUDA test: SmolLM2's 4-bit K rebuild over 1000 rows, batch 2
+CUDA_SHAPE = (2, 1000, 576, 576, 4, 64)
+
 
 def _inputs(B, L, C, N, bits, group, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -62,7 +65,7 @@ def test_cuda_gluon_rebuild_matches_dequant_project(n, dtype, warp_specialize):
     channels, 4-bit in groups of 64, bias, the first n rows; rows past n exactly 0. Both forms: one
     warpgroup dequantizing and issuing the MMAs, and dequantizing warps handing two buffers to an MMA
     warpgroup through mbarriers (9 channel steps: each buffer changes hands 4-5 times)."""
-    packed, scale, zero, w, bias = _inputs(2, 1000, 576, 576, 4, 64, dtype, seed=n)
+    packed, scale, zero, w, bias = _inputs(*CUDA_SHAPE, dtype, seed=n)
     length = torch.tensor(n)
     expected = OP(packed, scale, zero, w, bias, length, 4, 64)
     out = gr.dequant_project_gluon(*(t.cuda() for t in (packed, scale, zero, w, bias, length)), 4, 64,

@@ -347,13 +347,17 @@ def test_cuda_gluon_auto_runs_what_choose_says(case):
     check_close(out, OP(**a), case.dtype, f"{case} gluon=auto")
 
 
+# The case test_cuda_gluon_scores_n_zero_and_graph_replay captures, then replays at other fills
+GRAPH_REPLAY_CASE = replace(CUDA_CASES[0], B=1, L=1024, n=1024, mask=None)
+
+
 @needs_hopper
 @pytest.mark.parametrize("ws", [0, 1], ids=["one_role", "warp_specialized"])
 @pytest.mark.parametrize("gluon", [1, 2], ids=["w_streamed", "w_resident"])
 def test_cuda_gluon_scores_n_zero_and_graph_replay(gluon, ws):
     """n = 0 gives zeros; one captured graph serves every fill (n read on the device; with W resident the
     programs loop over the filled row blocks)."""
-    case = replace(CUDA_CASES[0], B=1, L=1024, n=1024, mask=None)
+    case = GRAPH_REPLAY_CASE
     fresh = {n: make_inputs(replace(case, n=n)) for n in (0, 1, 63, 700, 1024)}
     dev = _to(make_inputs(case), "cuda")
     dev["length"] = torch.tensor(5, device="cuda")

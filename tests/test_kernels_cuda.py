@@ -41,6 +41,9 @@ SHAPES = [
     (2, 4096, 576, 576, 64, 3000),
     (1, 4096, 576, 192, 64, 4096),
 ]
+# (B, L, d, N, group_size, n) of test_cuda_op_selection_is_exact; (B, L, d, N, bits, group_size) of the graph replay
+SELECTION_SHAPE = (2, 300, 576, 96, 64, 257)
+GRAPH_REPLAY_SHAPE = (1, 512, 576, 576, 4, 64)
 
 
 def to_dev(*ts):
@@ -92,7 +95,7 @@ def test_cuda_both_operand_forms_match_the_reference(x_as_b, bits, dtype):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_op_selection_is_exact(bits, dtype):
-    B, L, d, N, gs, n = 2, 300, 576, 96, 64, 257
+    B, L, d, N, gs, n = SELECTION_SHAPE
     packed, scale, zero, w, _ = make_inputs(B, L, d, N, bits, gs, dtype=dtype, bias=False, weight="selection")
     out = OP(*to_dev(packed, scale, zero, w), None, torch.tensor(n, device=DEVICE), bits, gs).cpu()
     # The op's launch (its default blocks) dequantizes with one scale and zero per row and tile, by
@@ -107,7 +110,7 @@ def test_cuda_op_selection_is_exact(bits, dtype):
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs")
 def test_cuda_graph_replay_follows_the_device_length():
     """The kernel reads n on the device: one captured graph serves every fill."""
-    B, L, d, N, bits, gs = 1, 512, 576, 576, 4, 64
+    B, L, d, N, bits, gs = GRAPH_REPLAY_SHAPE
     packed, scale, zero, w, b = to_dev(*make_inputs(B, L, d, N, bits, gs, seed=3))
     length = torch.tensor(1, device=DEVICE)
     OP(packed, scale, zero, w, b, length, bits, gs)  # compile the kernel outside the capture

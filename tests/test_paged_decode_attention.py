@@ -284,14 +284,17 @@ def test_cuda_paged_matches_reference_and_dense(pc):
     assert torch.equal(out, OP(**_to(dense, CUDA_DEVICE)).cpu()), "paged and dense launches differ"
 
 
+# The requests test_cuda_graph_replay_follows_seq_lens_and_block_table captures, then replays at other fills
+GRAPH_REPLAY_CASE = Case(B=3, Hq=9, Hkv=9, D=64, C=576, L=512, k_bits=4, k_group=64, rope="positions",
+                         dtype=torch.bfloat16)
+
+
 @needs_cuda
 @pytest.mark.skipif(CUDA_DEVICE != "cuda", reason="CUDA graphs")
 def test_cuda_graph_replay_follows_seq_lens_and_block_table():
     """One captured graph serves every decode step: the fills (seq_lens) and the block table are read on
     the device by every launch, so replays with other values give the reference's answers."""
-    case = Case(B=3, Hq=9, Hkv=9, D=64, C=576, L=512, k_bits=4, k_group=64, rope="positions",
-                dtype=torch.bfloat16)
-    steps = [make_paged(PagedCase(case, fills, 16), seed=i) for i, fills in
+    steps = [make_paged(PagedCase(GRAPH_REPLAY_CASE, fills, 16), seed=i) for i, fills in
              enumerate([(5, 512, 100), (17, 1, 300), (512, 64, 0)])]
     dev = _to(steps[0][1], "cuda")
     OP(**dev)  # compile outside the capture
@@ -304,7 +307,7 @@ def test_cuda_graph_replay_follows_seq_lens_and_block_table():
             dev[key].copy_(paged[key])
         graph.replay()
         torch.cuda.synchronize()
-        check_close(out.cpu(), OP(**paged), case.dtype, f"graph replay fills={paged['length'].tolist()}")
+        check_close(out.cpu(), OP(**paged), GRAPH_REPLAY_CASE.dtype, f"graph replay fills={paged['length'].tolist()}")
 
 
 if __name__ == "__main__":
