@@ -125,6 +125,8 @@ class KernelReport:
     loop_spill_instructions: int = -1
     # SASS instructions of one pass through each MMA loop (mma_loops): the per-step issue cost
     loop_instructions: list = field(default_factory=list)
+    # the same for each loop feeding MMAs from other warps (feeding_loops: warp-specialized kernels)
+    feeding_loop_instructions: list = field(default_factory=list)
     wgmma: int = 0  # wgmma.mma_async instructions in the PTX
     wgmma_waits: list = field(default_factory=list)  # distinct N of its wgmma.wait_group N
     wgmma_serialized: bool = False
@@ -158,7 +160,9 @@ class KernelReport:
         mma = f"HGMMA {self.hgmma:4d} HMMA {self.hmma:3d}" + (f" UTCHMMA {self.utchmma}" if self.utchmma else "")
         return (f"{self.name:24s} grid={self.grid} {self.config()} | {mma}{flight} | "
                 f"regs {self.registers:3d} spills {self.spill_instructions} ({self.loop_spill_instructions} in the "
-                f"MMA loop) | loop {' | '.join(map(str, self.loop_instructions)) or 0} instr | "
+                f"MMA loop) | loop {' | '.join(map(str, self.loop_instructions)) or 0} instr"
+                + (f", feeding it {' | '.join(map(str, self.feeding_loop_instructions))}"
+                   if self.feeding_loop_instructions else "") + " | "
                 f"smem {self.shared_bytes / 1024:.1f} KB | {self.programs_per_sm}/SM"
                 + (f" | PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
 
@@ -204,19 +208,39 @@ SPILL_OPS = ("STL", "LDL")  # local-memory stores/loads: register spills
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
 
 
+def _sass_ops(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, the rest of the instruction) of each SASS instruction."""
+    return [(int(a, 16), op, rest) for a, _, op, rest in _SASS_LINE.findall(sass)]
+
+
+def _sass_loops(sass: str, ops: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """(first, last address) of each loop: a backward branch ``BRA target`` (target below the branch).
+
+    Not an out-of-line return: ptxas moves an mbarrier wait's retry loop out of line, to the end of the
+    code (``@!P0 BRA stub`` after the try-wait; the stub retries, then ``BRA`` back to the instruction after
+    that jump): the unconditional branch back spans everything in between but runs once per wait."""
+    branches = {int(a, 16): (pred, re.search(r"0x([0-9a-f]+)", rest))
+                for a, pred, op, rest in _SASS_LINE.findall(sass) if op == "BRA"}
+    loops = []
+    for addr, (pred, target) in branches.items():
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        lo = int(target.group(1), 16)
+        jump_out = branches.get(lo - 16)  # the instruction before the target (SASS instructions are 16 bytes)
+        if not pred and jump_out and jump_out[0] and jump_out[1] and lo < int(jump_out[1].group(1), 16) <= addr:
+            continue
+        loops.append((lo, addr))
+    return loops
+
+
 def mma_loops(sass: str) -> list[list[str]]:
     """The opcodes of each loop that issues tensor-core MMAs (one pass of its body), in code order.
 
-    A loop is a backward branch ``BRA target`` (target below the branch); overlapping loops (one nested in
-    or branching back across another) count as one. A kernel may hold alternative loops of which a program
-    runs one (the scores kernel's whole and partial row blocks): each is listed on its own."""
-    ops = [(int(a, 16), op, rest) for a, _, op, rest in _SASS_LINE.findall(sass)]
-    loops = []
-    for addr, op, rest in ops:
-        if op == "BRA":
-            target = re.search(r"0x([0-9a-f]+)", rest)
-            if target and int(target.group(1), 16) < addr:
-                loops.append((int(target.group(1), 16), addr))
+    A loop is a backward branch (:func:`_sass_loops`); overlapping loops (one nested in or branching back
+    across another) count as one. A kernel may hold alternative loops of which a program runs one (the
+    scores kernel's whole and partial row blocks): each is listed on its own."""
+    ops = _sass_ops(sass)
+    loops = _sass_loops(sass, ops)
     hot = sorted((lo, hi) for lo, hi in loops if any(lo <= a <= hi and op in MMA_SASS for a, op, _ in ops))
     regions: list[list[int]] = []
     for lo, hi in hot:
@@ -227,11 +251,24 @@ def mma_loops(sass: str) -> list[list[str]]:
     return [[op for a, op, _ in ops if lo <= a <= hi] for lo, hi in regions]
 
 
+def feeding_loops(sass: str) -> list[list[str]]:
+    """The opcodes of each innermost loop that arrives on an mbarrier and issues no MMA: in a
+    warp-specialized kernel, the loop of the warps that fill the buffers the MMA warps consume (the
+    dequantizing partition), one pass of its body."""
+    ops = _sass_ops(sass)
+    arrives = [a for a, op, rest in ops if op == "SYNCS" and rest.startswith(".ARRIVE")]
+    feeding = [(lo, hi) for lo, hi in _sass_loops(sass, ops)
+               if any(lo <= a <= hi for a in arrives) and not any(lo <= a <= hi and op in MMA_SASS for a, op, _ in ops)]
+    innermost = sorted(loop for loop in feeding
+                       if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in feeding))
+    return [[op for a, op, _ in ops if lo <= a <= hi] for lo, hi in innermost]
+
+
 def loop_spills(sass: str, loops: list[list[str]] | None = None) -> int:
-    """Local-memory accesses (STL/LDL: register spills) inside loops that issue tensor-core MMAs; a few
-    spills around the loops (saving addresses, the epilogue) cost nothing per iteration. ``loops``: the
-    SASS's :func:`mma_loops`, where the caller has them already."""
-    loops = mma_loops(sass) if loops is None else loops
+    """Local-memory accesses (STL/LDL: register spills) inside loops that issue tensor-core MMAs or feed
+    them (:func:`feeding_loops`); a few spills around the loops (saving addresses, the epilogue) cost
+    nothing per iteration. ``loops``: those loops, where the caller has them already."""
+    loops = mma_loops(sass) + feeding_loops(sass) if loops is None else loops
     return sum(1 for loop in loops for op in loop if op in SPILL_OPS)
 
 
@@ -314,16 +351,17 @@ def compile_launch(launch: Launch, arch: int = 90, asm_dir: Path | None = None, 
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
     report.utchmma = len(re.findall(r"\bUTCHMMA\b", sass))
     report.spill_instructions = len(re.findall(r"\b(?:STL|LDL)\b", sass))
-    loops = mma_loops(sass)
+    loops, feeding = mma_loops(sass), feeding_loops(sass)
     report.loop_instructions = [len(loop) for loop in loops]
-    report.loop_spill_instructions = loop_spills(sass, loops)
+    report.feeding_loop_instructions = [len(loop) for loop in feeding]
+    report.loop_spill_instructions = loop_spills(sass, loops + feeding)
     if m := re.search(r"REG:(\d+)", res):
         report.registers = int(m.group(1))
     if m := re.search(r"STACK:(\d+)", res):
         report.stack_bytes = int(m.group(1))
     if report.loop_spill_instructions:
         report.problems.append(f"{report.loop_spill_instructions} local-memory (spill) accesses inside its "
-                               "tensor-core loop")
+                               "tensor-core loop or the loop feeding it")
     report.programs_per_sm = programs_per_sm(arch, report.registers, report.num_warps, report.shared_bytes)
     product, target = gpu(arch)
     if report.shared_bytes > target.shared_memory:

@@ -154,6 +154,40 @@ def test_in_flight_check_tells_pipelined_from_serialized(tmp_path):
                                "each MMA finished before it goes on"], report.line()
 
 
+def test_warp_specialized_loops_are_found_apart():
+    """A warp-specialized kernel's SASS: the MMA warps' loop waits on an mbarrier whose retry ptxas moved out
+    of line (after EXIT, branching back), which must not count as a loop spanning both partitions; the
+    dequantizing warps' loop (it arrives on an mbarrier, no MMA) is a feeding loop, its spills count."""
+    cr = _benchmark_module()
+
+    sass = """
+        /*0000*/                   MOV R1, R2 ;
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;
+        /*0020*/              @!P0 BRA 0xc0 ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0040*/              @!P1 SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR8], RZ ;
+        /*0050*/               @P0 BRA 0x10 ;
+        /*0060*/                   LDS R4, [R5] ;
+        /*0070*/                   STL [R1], R4 ;
+        /*0080*/                   SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR9], RZ ;
+        /*0090*/               @P2 BRA 0x60 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   NOP ;
+        /*00c0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;
+        /*00d0*/              @!P0 BRA 0xc0 ;
+        /*00e0*/                   BRA 0x30 ;
+    """
+    assert [len(loop) for loop in cr.mma_loops(sass)] == [5]  # 0x10..0x50, not 0x10..0xe0
+    assert cr.feeding_loops(sass) == [["LDS", "STL", "SYNCS", "BRA"]]
+    assert cr.loop_spills(sass) == 1
+    # the stub's branch back counts as a loop where nothing jumped out to it
+    no_jump_out = sass.replace("@!P0 BRA 0xc0 ;\n        /*0030*/", "NOP ;\n        /*0030*/")
+    assert [len(loop) for loop in cr.mma_loops(no_jump_out)] == [14]  # 0x10..0xe0
+    # without its mbarrier arrival the loop feeds nothing: its spill is outside the loops that matter
+    unfed = sass.replace("SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR9], RZ", "NOP")
+    assert cr.feeding_loops(unfed) == [] and cr.loop_spills(unfed) == 0
+
+
 @pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
 def test_default_configs_compile_to_wgmma_in_flight_without_loop_spills(tmp_path):
     proc = _compile_report("--check", "--bits", "2", "3", "4", "8", "--json", str(tmp_path / "report.json"),
