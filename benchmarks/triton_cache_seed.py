@@ -158,11 +158,13 @@ def cuda_test_launches() -> list[tuple[str, cr.Launch]]:
         for form, a in zip(("dense", "paged"), paged.make_paged(pc)):
             op(f"paged {pc} {form}", a)
     op("paged graph replay", paged.make_paged(paged.PagedCase(paged.GRAPH_REPLAY_CASE, (5, 512, 100), 16))[1])
-    # test_gluon_scores: the Gluon kernel's forms where the launcher takes them (declined ones raise there)
+    # test_gluon_scores: the Gluon kernel's forms where the launcher takes them (declined ones raise there),
+    # and the Triton scores kernel each case is compared with
     forms = [{"gluon": g, "gluon_ws": ws, **({} if block_n is None else {"block_n": block_n})}
              for g in (1, 2) for block_n, ws in ((None, 0), (64, 0), (None, 1))]
     for case in gluon.CUDA_CASES:
         a = attn.make_inputs(case)
+        op(f"gluon {case} triton", a)
         for config in forms:
             if gluon._why(case, **config) is None:
                 op(f"gluon {case} {config}", a, config)
