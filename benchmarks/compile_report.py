@@ -213,7 +213,7 @@ def _sass_ops(sass: str) -> list[tuple[int, str, str]]:
     return [(int(a, 16), op, rest) for a, _, op, rest in _SASS_LINE.findall(sass)]
 
 
-def _sass_loops(sass: str, ops: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+def _sass_loops(sass: str) -> list[tuple[int, int]]:
     """(first, last address) of each loop: a backward branch ``BRA target`` (target below the branch).
 
     Not an out-of-line return: ptxas moves an mbarrier wait's retry loop out of line, to the end of the
@@ -240,7 +240,7 @@ def mma_loops(sass: str) -> list[list[str]]:
     across another) count as one. A kernel may hold alternative loops of which a program runs one (the
     scores kernel's whole and partial row blocks): each is listed on its own."""
     ops = _sass_ops(sass)
-    loops = _sass_loops(sass, ops)
+    loops = _sass_loops(sass)
     hot = sorted((lo, hi) for lo, hi in loops if any(lo <= a <= hi and op in MMA_SASS for a, op, _ in ops))
     regions: list[list[int]] = []
     for lo, hi in hot:
@@ -257,7 +257,7 @@ def feeding_loops(sass: str) -> list[list[str]]:
     dequantizing partition), one pass of its body."""
     ops = _sass_ops(sass)
     arrives = [a for a, op, rest in ops if op == "SYNCS" and rest.startswith(".ARRIVE")]
-    feeding = [(lo, hi) for lo, hi in _sass_loops(sass, ops)
+    feeding = [(lo, hi) for lo, hi in _sass_loops(sass)
                if any(lo <= a <= hi for a in arrives) and not any(lo <= a <= hi and op in MMA_SASS for a, op, _ in ops)]
     innermost = sorted(loop for loop in feeding
                        if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in feeding))
