@@ -145,9 +145,9 @@ def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def pytest_addoption(parser):
     parser.addoption(
         "--shard", default=None, metavar="I/N",
-        help="run only every N-th collected test, starting at the I-th (0 <= I < N). scripts/gpu_check.sh "
-             "runs N shards as parallel processes: the CUDA tests spend most of their time compiling "
-             "(Triton, Inductor), which is single-threaded per process")
+        help="run only every N-th collected test, starting at the I-th (0 <= I < N). scripts/test.sh (the "
+             "suite on CPU) and scripts/gpu_check.sh (the CUDA tests) run N shards as parallel processes: the "
+             "tests spend most of their time compiling (Inductor, Triton), single-threaded per process")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""``--shard I/N`` (tests/conftest.py): the parallel shards scripts/gpu_check.sh runs cover every test once.
+"""``--shard I/N`` (tests/conftest.py): the parallel shards that scripts/test.sh and scripts/gpu_check.sh run
+cover every test once.
 
 Each selection is collected by a nested ``pytest.main`` in this process (as a subprocess would, through the
 same conftest and hooks, without importing torch again for each of the nine collections)."""
