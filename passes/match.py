@@ -28,6 +28,9 @@ LINEAR_TARGETS = (F.linear,)
 # Ops that only regroup a projection's output into heads: [B, S, H*D] -> [B, H, S, D].
 SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unflatten"}
 SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.unflatten}
+# Of those, the ones that can split the last axis into heads.
+RESHAPE_METHODS = {"view", "reshape", "unflatten"}
+RESHAPE_FUNCTIONS = {torch.reshape, torch.unflatten}
 
 
 def is_call(node: fx.Node, *, methods: Iterable[str] = (), functions: Iterable[Callable] = ()) -> bool:
@@ -118,10 +121,23 @@ class Projection:
     weight: fx.Node
     bias: fx.Node | None
     channels: tuple[int, int] | None  # rows [start, stop) of a fused projection (e.g. Phi-3 qkv_proj)
-    heads: fx.Node                # the per-head states where the per-token region (RoPE, norms) starts
-    heads_first: bool             # heads laid out [B, H, S, D] (else [B, S, H, D], e.g. Qwen3's k_norm)
+    heads: fx.Node                # the states where the per-token region (RoPE, norms) starts
+    layout: str                   # of ``heads``: one of LAYOUTS
     rope: list[fx.Node]           # descendants of ``heads`` that feed the appended value
     append: Append
+
+    @property
+    def rows_axis(self) -> int:
+        """The axis of ``heads`` that holds the tokens (the cached rows, when rebuilt)."""
+        return 2 if self.layout == "[B, H, S, D]" else 1
+
+
+# How the states are laid out where the per-token region starts:
+# - "[B, H, S, D]": split into heads and transposed (Llama: RoPE after `.view(...).transpose(1, 2)`);
+# - "[B, S, H, D]": split into heads only (Qwen3: the per-head k_norm comes before the transpose);
+# - "[B, S, H·D]": the projection's output itself (OLMo 2/3: k_norm over all heads at once, then the split;
+#   the model's own code in the region splits the rebuilt rows into heads).
+LAYOUTS = ("[B, H, S, D]", "[B, S, H, D]", "[B, S, H·D]")
 
 
 @dataclasses.dataclass
@@ -199,12 +215,16 @@ def _projection(append: Append) -> Projection:
             break
         heads = nxt[0]
         transposed |= is_call(heads, methods={"transpose", "permute"}, functions={torch.transpose, torch.permute})
-    if heads is start:
-        raise SkipSite("no per-head reshape between the projection and the cache append")
     between = _descendants(heads) & _ancestors(append.value, stop=lambda n: False)
     rope = [n for n in heads.graph.nodes if n in between and n is not heads]
+    if heads is not start:
+        layout = "[B, H, S, D]" if transposed else "[B, S, H, D]"
+    elif any(is_call(n, methods=RESHAPE_METHODS, functions=RESHAPE_FUNCTIONS) for n in rope):
+        layout = "[B, S, H·D]"  # per-token ops over all heads before the split (OLMo 2's k_norm)
+    else:
+        raise SkipSite("no per-head reshape between the projection and the cache append")
     return Projection(linear=linear, weight=weight, bias=bias, channels=channels, heads=heads,
-                      heads_first=transposed, rope=rope, append=append)
+                      layout=layout, rope=rope, append=append)
 
 
 def _channel_slice(linear: fx.Node, append: Append) -> tuple[fx.Node, tuple[int, int]] | None:
@@ -273,6 +293,16 @@ def _position_source(rope_inputs: list[fx.Node], batch: int, seq_len) -> fx.Node
             if best is None or _position(n) > _position(best):
                 best = n
     return best
+
+
+def _same_for_every_token(node: fx.Node) -> bool:
+    """A scalar, or a tensor of at most one axis longer than 1, the last (a norm's weight [D]): a region input
+    that reads the same for every token, unlike a RoPE table ([.., S, D]; S = 1 in a decode step, so it is
+    the shape, not the values, that tells)."""
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor):
+        return isinstance(value, (int, float, bool))
+    return all(size == 1 for size in value.shape[:-1])
 
 
 def _position(node: fx.Node) -> int:
@@ -388,7 +418,9 @@ def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Sit
             if tables_are_inputs:
                 raise SkipSite("the keys' RoPE cos/sin are inputs of this graph, not computed from position ids "
                                "in it: the model was split by a graph break; compile with fullgraph=True")
-            raise SkipSite("the keys' RoPE tables do not derive from a [batch, seq] integer position tensor")
+            if not all(_same_for_every_token(i) for i in rope_inputs):
+                raise SkipSite("the keys' RoPE tables do not derive from a [batch, seq] integer position tensor")
+            # else no RoPE, only per-token ops with per-feature weights: a k_norm (EXAONE 4's global layers)
     if key.append.index is not value.append.index:
         # The rewrite stores one X row per position, written at the key's positions.
         raise SkipSite("key and value are written at different positions")

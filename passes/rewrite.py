@@ -199,7 +199,7 @@ def _rewrite_window_site(state: GraphState, site: Site, layer: XQuantLayer) -> s
         if site.key.rope:
             source = site.position_source
             tables = state.window_rope_tables.setdefault((first, count), {})
-            if source not in tables:
+            if source is not None and source not in tables:
                 tables[source] = ctx.emit(lambda p, first, count: p.narrow(-1, first, count), state.positions,
                                           first, count)
             mapping = rope_at_cached_rows(state, site, site.rope_inputs, count, site.key.rope,
@@ -265,7 +265,7 @@ def _rebuild_keys_and_values(ctx: SiteContext, attention: AttentionRead | None):
     k_heads = _project_heads(ctx, "key", key_rows, k_weight, packed)
     if site.key.rope:
         source = site.position_source
-        if source not in ctx.graph_state.rope_tables:  # the cached rows' positions, once per graph
+        if source is not None and source not in ctx.graph_state.rope_tables:  # the cached rows' positions, once
             ctx.graph_state.rope_tables[source] = (
                 ctx.graph_state.positions if ctx.strategy.device_length else
                 emit(lambda p, n: p.narrow(-1, 0, n), ctx.graph_state.positions, ctx.length))
@@ -292,8 +292,10 @@ def _project_heads(ctx: SiteContext, which: str, rows: fx.Node | None, weight: f
                    layer.xquant.group_size)
     else:
         out = emit(F.linear, rows, weight, bias)
+    if proj.layout == "[B, S, H·D]":
+        return out  # the model's own code in the region splits it into heads
     heads = emit(lambda t: t.unflatten(-1, (site.num_heads, site.head_dim)), out)
-    return emit(lambda t: t.transpose(1, 2), heads) if proj.heads_first else heads
+    return emit(lambda t: t.transpose(1, 2), heads) if proj.layout == "[B, H, S, D]" else heads
 
 
 def _refuse_unrewritten_xquant_appends(graph, arg_index, example_inputs, reports) -> None:

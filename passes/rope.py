@@ -26,17 +26,18 @@ def rope_at_cached_rows(state: GraphState, site: Site, roots, rows, per_layer=()
     time. ``rows``: how many rows the clones compute (an int, or the node of the data-dependent
     length). Returns the node mapping."""
     cloned = state.rope_tables if cloned is None else cloned
-    source = site.position_source
-    tables = (_descendants(source) - {source}) & set().union(*(_ancestors(i, lambda _: False) for i in roots))
+    source = site.position_source  # None: no RoPE, only per-token ops such as a k_norm
+    tables = set() if source is None else (
+        (_descendants(source) - {source}) & set().union(*(_ancestors(i, lambda _: False) for i in roots)))
     per_layer = set(per_layer)
     region = [nd for nd in state.graph.nodes if (nd in tables and nd not in cloned) or nd in per_layer]
     mapping = clone_region(state.graph, region, {**cloned, **(replace or {})})
     cloned.update({nd: mapping[nd] for nd in tables if nd in mapping})
     # The code was traced for this call's tokens: sizes it read off them (gpt-fast: freqs_cis.view(1,
     # x.size(1), ...)) are literals or the token-count symbol, and must follow the rows instead.
-    inputs = {source: example_value(source).dim() - 1}
+    inputs = {} if source is None else {source: example_value(source).dim() - 1}
     if site.key.heads in (replace or {}):
-        inputs[site.key.heads] = 2 if site.key.heads_first else 1
+        inputs[site.key.heads] = site.key.rows_axis
     fit_to_rows([nd for nd in state.graph.nodes if nd in tables or nd in per_layer],
                 {nd: mapping[nd] for nd in region}, inputs, site.seq_len, rows, state.row_choices,
                 {site.key.append.value: 2} if per_layer else None)

@@ -9,6 +9,8 @@ differs), so exactness shows the rewrite reproduces it:
   Gemma 2: query_pre_attn_scalar, attention-logit and final-logit soft-capping (eager attention; the tiny
            model's logits are ~0.3, so its final cap is 0.25).
   GPT-OSS: attention sinks (eager attention), YaRN RoPE, a mixture of experts.
+  OLMo 3:  the keys' RMS norm over all heads at once, before the split into heads (as OLMo 2's).
+  EXAONE 4: global layers without RoPE, their keys normed per head (the norm weights drawn N(0, 1)).
 """
 
 import pytest
@@ -51,6 +53,14 @@ def gpt_oss():
                            num_local_experts=4, num_experts_per_tok=2, rope_parameters=yarn)
 
 
+def olmo3():
+    return tf.Olmo3Config(**COMMON, num_hidden_layers=4, layer_types=ALTERNATING, num_key_value_heads=2)
+
+
+def exaone4():
+    return tf.Exaone4Config(**COMMON, num_hidden_layers=4, layer_types=ALTERNATING, num_key_value_heads=2)
+
+
 # family: (config, attention implementation, the global layers' form as the site report names it,
 #          variants without the family's features: each must change the reference logits)
 FAMILIES = {
@@ -62,6 +72,8 @@ FAMILIES = {
         "no attention soft-capping": lambda: gemma2(attn_logit_softcapping=None),
         "no final soft-capping": lambda: gemma2(final_logit_softcapping=None)}),
     "gpt_oss": (gpt_oss, "eager", "X (", {}),  # the sinks are weights: test_gpt_oss_sinks_matter
+    "olmo3": (olmo3, "sdpa", "X (", {}),  # the norm's weights are drawn: test_the_key_norms_matter
+    "exaone4": (exaone4, "sdpa", "X (", {}),
 }
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
 
@@ -141,7 +153,20 @@ def test_gemma3_mqa_quantized_matches_the_reference():
     assert cache.layers[5].form.width == 16  # one K/V head of 16: a latent of 16 channels, X has 64
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["olmo3", "exaone4"])
+def test_the_key_norms_matter(family):
+    """The rewritten layers replay the model's own k_norm on the rebuilt keys (exact above); here, that the
+    norm's weights change the result, so a rebuild that skipped it would show."""
+    model = family_model(family)
+    calls = decode_inputs(steps=2)
+    reference = reference_logits(model, calls, CAPACITY)
+    with torch.no_grad():
+        for layer in model.model.layers[1::2]:  # the full-attention layers
+            layer.self_attn.k_norm.weight.fill_(1.0)
+    assert max_error(reference_logits(model, calls, CAPACITY), reference) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "olmo3", "exaone4"])
 def test_quantized_matches_the_simulation(family):
     error, quantization, _ = errors_against_simulation(family_model(family), decode_inputs(steps=12),
                                                        xq.XQuantConfig(bits=4, group_size=16), AOT_EAGER, CAPACITY)

@@ -120,13 +120,14 @@ def split_heads(g: DynamoLikeGraph, projected: fx.Node, transpose: bool = True) 
     return view, (g.method("transpose", view, 1, 2) if transpose else view)
 
 
-def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_norm: bool = False,
-                fused_qkv: bool = False, append: str = "index_copy_", named: bool = True,
+def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_norm: str | None = None,
+                rope: bool = True, fused_qkv: bool = False, append: str = "index_copy_", named: bool = True,
                 tables_as_inputs: bool = False) -> Layer:
     """One decoder attention layer as Dynamo records transformers' Llama with a StaticCache (5.24).
 
-    ``bias``: q/k/v biases (Qwen2). ``k_norm``: per-head RMSNorm of the keys before RoPE, on
-    [B, S, H, D] (Qwen3). ``fused_qkv``: one qkv projection sliced into q, k, v (Phi-3).
+    ``bias``: q/k/v biases (Qwen2). ``k_norm``: RMSNorm of the keys before RoPE, "per head" on
+    [B, S, H, D] (Qwen3), or over "all heads" on [B, S, H·D] before the split into heads (OLMo 2).
+    ``rope=False``: no RoPE (EXAONE 4's global layers). ``fused_qkv``: one qkv projection sliced into q, k, v (Phi-3).
     ``append``: "index_copy_" (StaticCache), "cat" (DynamicCache: keys = cat([keys, k], dim=-2)).
     ``named``: cache placeholders carry Dynamo sources naming layer and keys/values (else they have
     none, and plain names). ``tables_as_inputs``: cos/sin are graph inputs (a graph break before the layer).
@@ -143,7 +144,7 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
         w_k, w_v = g.randn("k_proj_weight", kv_width, HIDDEN), g.randn("v_proj_weight", kv_width, HIDDEN)
     b_q, b_k, b_v = (g.randn(f"{p}_proj_bias", w) for p, w in (("q", HIDDEN), ("k", kv_width), ("v", kv_width))) \
         if bias else (None, None, None)
-    k_norm_weight = g.randn("k_norm_weight", HEAD_DIM) if k_norm else None
+    k_norm_weight = g.randn("k_norm_weight", kv_width if k_norm == "all heads" else HEAD_DIM) if k_norm else None
     cache_shape = (BATCH, kv_heads, MAX_LEN, HEAD_DIM)
     k_cache = g.input("cache_k_0" if not named else "l_kwargs_cache_layers_k", torch.zeros(cache_shape),
                       cache_source(layer, "keys") if named else None)
@@ -175,22 +176,28 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
     else:
         _, query = split_heads(g, g.call(F.linear, x, w_q, b_q))
         k_linear = g.call(F.linear, x, w_k, b_k)
-        _, keys = split_heads(g, k_linear, transpose=not k_norm)
-        k_heads, k_region = keys, []
-        if k_norm:  # Qwen3RMSNorm on [B, S, H, D], then transpose(1, 2)
+        keys, k_region = k_linear, []
+        if k_norm != "all heads":
+            _, keys = split_heads(g, k_linear, transpose=not k_norm)
+        k_heads = keys
+        if k_norm:  # RMSNorm (Qwen3's on [B, S, H, D], then transpose(1, 2); OLMo 2's, then the split)
             f32 = g.method("to", k_heads, torch.float32)
             variance = g.method("mean", g.method("pow", f32, 2), -1, keepdim=True)
             rsqrt = g.call(torch.rsqrt, g.call(operator.add, variance, 1e-6))
             normed = g.method("to", g.call(operator.mul, f32, rsqrt), torch.float32)
-            keys = g.method("transpose", g.call(operator.mul, k_norm_weight, normed), 1, 2)
+            keys = g.call(operator.mul, k_norm_weight, normed)
+            keys = g.method("transpose", keys, 1, 2) if k_norm == "per head" else split_heads(g, keys)[1]
             nodes = list(g.graph.nodes)
             k_region = nodes[nodes.index(f32):]
         v_linear = g.call(F.linear, x, w_v, b_v)
         _, v_heads = split_heads(g, v_linear)
-    query, _ = rotate_half_rope(g, query, cos, sin, HEAD_DIM // 2)
-    keys, rope = rotate_half_rope(g, keys, cos, sin, HEAD_DIM // 2)
-    layer_nodes = Layer(g, x, k_linear, v_linear, b_k, b_v, k_heads, v_heads, k_region + rope, None, None,
-                        positions, [cos, sin], k_cache, v_cache)
+    tables, rope_nodes = [], []
+    if rope:
+        query, _ = rotate_half_rope(g, query, cos, sin, HEAD_DIM // 2)
+        keys, rope_nodes = rotate_half_rope(g, keys, cos, sin, HEAD_DIM // 2)
+        tables = [cos, sin]
+    layer_nodes = Layer(g, x, k_linear, v_linear, b_k, b_v, k_heads, v_heads, k_region + rope_nodes, None, None,
+                        positions if rope else None, tables, k_cache, v_cache)
     if k_norm_weight is not None:
         layer_nodes.rope_tables.insert(0, k_norm_weight)
 
@@ -247,7 +254,7 @@ def test_llama_static_cache_index_copy(kv_heads):
     sites, reports = matched(layer)
     assert reports == [] and len(sites) == 1
     assert_site_is(sites[0], layer, number=5, kv_heads=kv_heads)
-    assert sites[0].key.channels is None and sites[0].key.heads_first
+    assert sites[0].key.channels is None and sites[0].key.layout == "[B, H, S, D]"
     assert [n.target for n in sites[0].key.rope] == [operator.mul, operator.getitem, operator.getitem,
                                                      operator.neg, torch.cat, operator.mul, operator.add]
     read = attention_read(sites[0], MAX_LEN)
@@ -266,17 +273,44 @@ def test_qwen2_biases_belong_to_the_projections():
 
 
 def test_qwen3_k_norm_before_rope_is_part_of_the_key_region():
-    layer = llama_layer(2, k_norm=True)
+    layer = llama_layer(2, k_norm="per head")
     sites, reports = matched(layer)
     assert reports == [] and len(sites) == 1
     assert_site_is(sites[0], layer, number=5, kv_heads=2)
     key = sites[0].key
     # The per-token region starts at the [B, S, H, D] view: the norm, the transpose, then RoPE.
-    assert key.heads.target == "view" and not key.heads_first
+    assert key.heads.target == "view" and key.layout == "[B, S, H, D]"
     assert [n.target for n in key.rope[:8]] == ["to", "pow", "mean", operator.add, torch.rsqrt, operator.mul,
                                                 "to", operator.mul]
     assert key.rope[8].target == "transpose"
     assert sites[0].rope_inputs[0].name == "k_norm_weight"
+
+
+def test_olmo2_k_norm_over_all_heads_before_the_split_is_part_of_the_key_region():
+    layer = llama_layer(2, k_norm="all heads")
+    sites, reports = matched(layer)
+    assert reports == [] and len(sites) == 1
+    assert_site_is(sites[0], layer, number=5, kv_heads=2)
+    key = sites[0].key
+    # The per-token region starts at the projection's output [B, S, H·D]: the norm, the split into heads
+    # (the model's own view, which the rewrite replays over the cached rows), the transpose, then RoPE.
+    assert key.heads is layer.k_linear and key.layout == "[B, S, H·D]" and key.rows_axis == 1
+    assert [n.target for n in key.rope[:9]] == ["to", "pow", "mean", operator.add, torch.rsqrt, operator.mul,
+                                                "to", operator.mul, "view"]
+    assert key.rope[9].target == "transpose"
+    assert sites[0].rope_inputs[0].name == "k_norm_weight"
+    assert sites[0].value.layout == "[B, H, S, D]"
+
+
+def test_exaone4_keys_normed_without_rope_have_no_position_source():
+    """EXAONE 4's global layers: a per-head k_norm and no RoPE. The norm's weight reads the same for every
+    token, so the region needs no positions; a table-shaped input that does not come from positions is
+    still refused (test_sites_that_do_not_fit_are_skipped_with_the_reason)."""
+    layer = llama_layer(2, k_norm="per head", rope=False)
+    sites, reports = matched(layer)
+    assert reports == [] and len(sites) == 1
+    assert_site_is(sites[0], layer, number=5, kv_heads=2)
+    assert sites[0].position_source is None and [n.name for n in sites[0].rope_inputs] == ["k_norm_weight"]
 
 
 def test_phi3_fused_qkv_projection_is_sliced_into_key_and_value_rows():
@@ -409,6 +443,10 @@ def keys_without_rope(layer: Layer) -> None:  # with no source names, RoPE is wh
     layer.k_append.replace_input_with(layer.k_append.args[3], layer.k_heads)
 
 
+def positions_not_integers(layer: Layer) -> None:  # RoPE tables from float positions: no ids to re-apply them at
+    layer.positions.meta["example_value"] = layer.positions.meta["example_value"].float()
+
+
 def written_along_dim_1(layer: Layer) -> None:
     for append in (layer.k_append, layer.v_append):
         append.update_arg(1, 1)
@@ -439,6 +477,9 @@ SKIPS = {
     "RoPE tables are graph inputs": (None, {"tables_as_inputs": True},
                                      "the keys' RoPE cos/sin are inputs of this graph, not computed from position "
                                      "ids in it: the model was split by a graph break; compile with fullgraph=True"),
+    "RoPE tables from float positions": (positions_not_integers, {},
+                                         "the keys' RoPE tables do not derive from a [batch, seq] integer position "
+                                         "tensor"),
     "no source names and no RoPE on either": (keys_without_rope, {"named": False},
                                               "cannot tell the key append from the value append"),
 }

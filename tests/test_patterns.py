@@ -17,6 +17,7 @@ FAMILIES = {
     "phi3 (fused qkv_proj)": lambda: tf.Phi3Config(**COMMON, pad_token_id=0),
     "qwen3 (per-head k_norm before RoPE)": lambda: tf.Qwen3Config(**COMMON, head_dim=16),
     "gemma": lambda: tf.GemmaConfig(**COMMON, head_dim=16),
+    "olmo2 (k_norm over all heads before the split)": lambda: tf.Olmo2Config(**COMMON),
 }
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
 
@@ -48,7 +49,8 @@ def test_family_is_rewritten_and_exact_unquantized(family):
     assert record.rewritten == len(record.reports) == 2
 
 
-@pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "qwen3 (per-head k_norm before RoPE)"])
+@pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "qwen3 (per-head k_norm before RoPE)",
+                                    "olmo2 (k_norm over all heads before the split)"])
 def test_family_quantized_matches_the_reference(family):
     model = build(family)
     calls = decode_inputs(steps=4)
@@ -65,6 +67,16 @@ def test_qwen2_with_inductor():
     calls = decode_inputs(steps=3)
     out = run(model, xq.XQuantConfig(bits=None, group_size=16), calls, backend="xquant")
     assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
+
+
+def test_olmo2_latent_form_with_inductor():
+    """OLMo 2's norm over all heads, replayed by Inductor on keys rebuilt from the GQA latents (the rebuilt
+    rows are [B, n, H·D] there, split into heads by the model's own view over the n cached rows)."""
+    model = build("olmo2 (k_norm over all heads before the split)")
+    calls = decode_inputs(steps=3)
+    out = run(model, xq.XQuantConfig(bits=None, group_size=16, form="latent"), calls, backend="xquant")
+    assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
+    assert [r.form[:11] for r in xq.COMPILE_LOG[-1].reports] == ["GQA latents"] * 2
 
 
 def test_a_model_of_sliding_window_layers_only_gets_window_layers():
