@@ -83,16 +83,16 @@ class SiteContext:
                 lambda args: FOLDED_WEIGHTS.get(args[w_idx], fetch_layer(args).rotation))
         if proj.channels is None:
             return weight
-        first, stop = proj.channels  # one slice of a fused projection (Phi-3's qkv_proj)
-        return self.emit(lambda w: w.narrow(0, first, stop - first), weight)
+        rows = proj.channels  # of a fused projection (Phi-3's qkv_proj)
+        return self.emit(lambda w: rows.of(w), weight)
 
     def bias(self, which: str) -> fx.Node | None:
         """The K (V) projection's bias rows, or None."""
         proj = self.projection(which)
         if proj.bias is None or proj.channels is None:
             return proj.bias
-        first, stop = proj.channels
-        return self.emit(lambda b: b.narrow(0, first, stop - first), proj.bias)
+        rows = proj.channels
+        return self.emit(lambda b: rows.of(b), proj.bias)
 
     def latent_factors(self, which: str, rotated: bool) -> tuple[fx.Node, fx.Node]:
         """(down, up) SVD factors of the K (V) weight rows, computed once per weight."""
@@ -103,7 +103,7 @@ class SiteContext:
             return lambda args: LATENT_FACTORS.get(
                 args[w_idx], rows, fetch_layer(args).rotation if rotated else None)[part]
 
-        suffix = f"_{rows[0]}_{rows[1]}" if rows else ""  # K and V of one fused weight: one input each
+        suffix = f"_{rows}" if rows else ""  # K and V of one fused weight: one input each
         return tuple(self.graph_state.add_input(("latent", w_idx, rows, rotated, part),
                                                 f"{self._tag}_{proj.weight.name}{suffix}_{name}", fetch(part))
                      for part, name in enumerate(("down", "up")))

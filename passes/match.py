@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from xq_compile._torch_private import dynamo_source_name, example_value
+from xq_compile.fused_rows import FusedRows
 
 # Dynamo records F.linear calls with the target it prints as torch._C._nn.linear: F.linear is that
 # very function object (likewise F.scaled_dot_product_attention below), so no private name is needed.
@@ -120,7 +121,7 @@ class Projection:
     linear: fx.Node
     weight: fx.Node
     bias: fx.Node | None
-    channels: tuple[int, int] | None  # rows [start, stop) of a fused projection (e.g. Phi-3 qkv_proj)
+    channels: FusedRows | None    # the rows of a fused projection (Phi-3's qkv_proj, GPT-NeoX's per head)
     heads: fx.Node                # the states where the per-token region (RoPE, norms) starts
     layout: str                   # of ``heads``: one of LAYOUTS
     rope: list[fx.Node]           # descendants of ``heads`` that feed the appended value
@@ -205,16 +206,14 @@ def _projection(append: Append) -> Projection:
     start = linear
     channels = _channel_slice(linear, append)
     if channels is not None:
-        start, channels = channels
-    # Follow the head reshape (view/transpose...) from the projection towards the append.
-    heads, transposed = start, False
-    while True:
-        nxt = [u for u in heads.users if is_call(u, methods=SHAPE_METHODS, functions=SHAPE_FUNCTIONS)
-               and append.value in _descendants(u)]
-        if len(nxt) != 1:
-            break
-        heads = nxt[0]
-        transposed |= is_call(heads, methods={"transpose", "permute"}, functions={torch.transpose, torch.permute})
+        start, (first, stop) = channels
+        channels = FusedRows(first, stop)
+    heads, transposed = _follow_shape_ops(start, append)
+    per_head = _rows_in_every_head(start, heads, append) if channels is None and heads is not start else None
+    if per_head is not None:
+        piece, channels = per_head
+        heads, more_transposed = _follow_shape_ops(piece, append)
+        transposed |= more_transposed
     between = _descendants(heads) & _ancestors(append.value, stop=lambda n: False)
     rope = [n for n in heads.graph.nodes if n in between and n is not heads]
     if heads is not start:
@@ -227,9 +226,65 @@ def _projection(append: Append) -> Projection:
                       layout=layout, rope=rope, append=append)
 
 
+def _follow_shape_ops(node: fx.Node, append: Append) -> tuple[fx.Node, bool]:
+    """Follow the head reshape (view/transpose...) from ``node`` towards the append: (the last shape op, or
+    ``node`` if none; whether the ops transposed)."""
+    transposed = False
+    while True:
+        nxt = [u for u in node.users if is_call(u, methods=SHAPE_METHODS, functions=SHAPE_FUNCTIONS)
+               and append.value in _descendants(u)]
+        if len(nxt) != 1:
+            return node, transposed
+        node = nxt[0]
+        transposed |= is_call(node, methods={"transpose", "permute"}, functions={torch.transpose, torch.permute})
+
+
+def _rows_in_every_head(projected: fx.Node, heads: fx.Node, append: Append) -> tuple[fx.Node, FusedRows] | None:
+    """GPT-NeoX: a fused q/k/v projection split into heads of [q_h, k_h, v_h] first, then each head's channels
+    sliced (``qkv.chunk(3, dim=-1)``): (the slice, its rows: one block in every head of the weight), or None."""
+    period = _heads_of_fused_rows(projected, heads)
+    leading = [u for u in heads.users if append.value in _descendants(u)]
+    # the slice must carry all that reaches the append (unlike RoPE's x[..., :D/2], one of several readers)
+    piece = _channel_slice(heads, append) if period and len(leading) == 1 else None
+    if piece is None:
+        return None
+    if (is_call(leading[0], methods={"split", "chunk"}, functions={torch.split, torch.chunk})
+            and sum(append.value in _descendants(u) for u in leading[0].users) > 1):
+        return None  # several pieces of one split reach the append
+    piece, (first, stop) = piece
+    return piece, FusedRows(first, stop, period)
+
+
+def _heads_of_fused_rows(projected: fx.Node, heads: fx.Node) -> int | None:
+    """``heads``' last axis size G where ``heads`` only regroups ``projected`` [B, S, H·G] into heads of G
+    channels, keeping each head's G channels on its last axis (so channel c of head h is row h·G + c of the
+    projection): else None."""
+    out, grouped = example_value(projected), example_value(heads)
+    if not isinstance(out, torch.Tensor) or not isinstance(grouped, torch.Tensor) or grouped.dim() < 2:
+        return None
+    width, period = int(out.shape[-1]), int(grouped.shape[-1])
+    if period >= width or width % period or grouped.numel() != out.numel():
+        return None
+    node = heads
+    while node is not projected:  # only shape ops, by construction; none may move the last axis
+        value = example_value(node)
+        if is_call(node, methods={"transpose"}, functions={torch.transpose}):
+            if any(d in (-1, value.dim() - 1) for d in node.args[1:3]):
+                return None
+        elif is_call(node, methods={"permute"}, functions={torch.permute}):
+            dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            if dims[-1] not in (-1, value.dim() - 1):
+                return None
+        elif value.shape[-1] != period:  # a reshape/view must have split the channels into (.., H, G) last
+            return None
+        node = node.args[0]
+    return period
+
+
 def _channel_slice(linear: fx.Node, append: Append) -> tuple[fx.Node, tuple[int, int]] | None:
-    """A fused projection's output sliced on its last dim on the way to the append: ``qkv[..., a:b]``
-    (Phi-3), or one piece of ``qkv.split([dq, dk, dv], dim=-1)`` (gpt-fast's ``wqkv``)."""
+    """A fused projection's output (or its heads') sliced on its last dim on the way to the append:
+    ``qkv[..., a:b]`` (Phi-3), or one piece of ``qkv.split([dq, dk, dv], dim=-1)`` (gpt-fast's ``wqkv``)
+    or of ``qkv.chunk(3, dim=-1)`` (GPT-NeoX, per head)."""
     out = example_value(linear)
     for user in linear.users:
         piece = _split_piece(user, append, out)
@@ -248,12 +303,17 @@ def _channel_slice(linear: fx.Node, append: Append) -> tuple[fx.Node, tuple[int,
 
 
 def _split_piece(split: fx.Node, append: Append, out) -> tuple[fx.Node, tuple[int, int]] | None:
-    """``split(sizes, dim=-1)[i]`` of a projection's output [..., C] feeding the append: (that getitem,
-    its channels)."""
-    if out is None or not is_call(split, methods={"split"}, functions={torch.split}):
+    """``split(sizes, dim=-1)[i]`` or ``chunk(n, dim=-1)[i]`` of a projection's output [..., C] feeding the
+    append: (that getitem, its channels)."""
+    if out is None or not is_call(split, methods={"split", "chunk"}, functions={torch.split, torch.chunk}):
         return None
-    sizes = _arg(split, 1, "split_size" if split.op == "call_method" else "split_size_or_sections")
-    dim, width = _arg(split, 2, "dim") or 0, int(out.shape[-1])
+    width = int(out.shape[-1])
+    if split.target in ("chunk", torch.chunk):
+        chunks, dim = _arg(split, 1, "chunks"), _arg(split, 2, "dim") or 0
+        sizes = -(-width // chunks) if isinstance(chunks, int) and chunks > 0 else None  # torch.chunk's sizes
+    else:
+        sizes = _arg(split, 1, "split_size" if split.op == "call_method" else "split_size_or_sections")
+        dim = _arg(split, 2, "dim") or 0
     if dim not in (-1, out.dim() - 1):
         return None
     if isinstance(sizes, int):

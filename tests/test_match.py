@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from xq_compile.fused_rows import FusedRows
 from xq_compile.passes.match import Site, SiteReport, attention_read, find_sites
 from xq_compile.passes.rewrite import XQuantRewrite
 
@@ -127,7 +128,8 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
 
     ``bias``: q/k/v biases (Qwen2). ``k_norm``: RMSNorm of the keys before RoPE, "per head" on
     [B, S, H, D] (Qwen3), or over "all heads" on [B, S, H·D] before the split into heads (OLMo 2).
-    ``rope=False``: no RoPE (EXAONE 4's global layers). ``fused_qkv``: one qkv projection sliced into q, k, v (Phi-3).
+    ``rope=False``: no RoPE (EXAONE 4's global layers). ``fused_qkv``: one qkv projection sliced into q, k, v
+    (Phi-3), or "per head": split into heads of [q_h, k_h, v_h] first, then chunked (GPT-NeoX).
     ``append``: "index_copy_" (StaticCache), "cat" (DynamicCache: keys = cat([keys, k], dim=-2)).
     ``named``: cache placeholders carry Dynamo sources naming layer and keys/values (else they have
     none, and plain names). ``tables_as_inputs``: cos/sin are graph inputs (a graph break before the layer).
@@ -137,7 +139,9 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
     x = g.randn("hidden_states", BATCH, SEQ, HIDDEN)
     position_ids = g.input("position_ids", torch.arange(SEQ).repeat(BATCH, 1) + 4)
     inv_freq = g.input("inv_freq", 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
-    if fused_qkv:
+    if fused_qkv == "per head":
+        w_qkv = g.randn("query_key_value_weight", 3 * HIDDEN, HIDDEN)
+    elif fused_qkv:
         w_qkv = g.randn("qkv_proj_weight", HIDDEN + 2 * kv_width, HIDDEN)
     else:
         w_q = g.randn("q_proj_weight", HIDDEN, HIDDEN)
@@ -163,7 +167,14 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
         cos = g.method("unsqueeze", g.method("cos", emb), 1)
         sin = g.method("unsqueeze", g.method("sin", emb), 1)
 
-    if fused_qkv:
+    if fused_qkv == "per head":  # GPT-NeoX (MHA only): heads of [q_h, k_h, v_h], then chunk(3, dim=-1)
+        qkv = g.call(F.linear, x, w_qkv, None, name="qkv")
+        grouped = g.method("transpose", g.method("view", qkv, (BATCH, SEQ, -1, 3 * HEAD_DIM)), 1, 2)
+        pieces = g.method("chunk", grouped, 3, dim=-1)
+        query, keys, v_heads = (g.call(operator.getitem, pieces, i) for i in range(3))
+        k_linear = v_linear = qkv
+        k_heads, k_region = keys, []
+    elif fused_qkv:
         qkv = g.call(F.linear, x, w_qkv, None, name="qkv")
         q_lin = g.call(operator.getitem, qkv, (Ellipsis, slice(None, HIDDEN)), name="query_states")
         k_lin = g.call(operator.getitem, qkv, (Ellipsis, slice(HIDDEN, HIDDEN + kv_width)), name="key_states")
@@ -319,8 +330,23 @@ def test_phi3_fused_qkv_projection_is_sliced_into_key_and_value_rows():
     assert reports == [] and len(sites) == 1
     assert_site_is(sites[0], layer, number=5, kv_heads=2)
     assert sites[0].key.linear is sites[0].value.linear
-    assert sites[0].key.channels == (HIDDEN, HIDDEN + 2 * HEAD_DIM)
-    assert sites[0].value.channels == (HIDDEN + 2 * HEAD_DIM, HIDDEN + 4 * HEAD_DIM)
+    assert sites[0].key.channels == FusedRows(HIDDEN, HIDDEN + 2 * HEAD_DIM)
+    assert sites[0].value.channels == FusedRows(HIDDEN + 2 * HEAD_DIM, HIDDEN + 4 * HEAD_DIM)
+
+
+def test_gpt_neox_per_head_fused_qkv_takes_every_heads_key_and_value_rows():
+    layer = llama_layer(fused_qkv="per head")
+    sites, reports = matched(layer)
+    assert reports == [] and len(sites) == 1
+    assert_site_is(sites[0], layer, number=5, kv_heads=HEADS)
+    key, value = sites[0].key, sites[0].value
+    assert key.channels == FusedRows(HEAD_DIM, 2 * HEAD_DIM, 3 * HEAD_DIM)
+    assert value.channels == FusedRows(2 * HEAD_DIM, 3 * HEAD_DIM, 3 * HEAD_DIM)
+    assert key.layout == value.layout == "[B, H, S, D]" and key.heads.target is operator.getitem
+    rows = torch.arange(3 * HIDDEN)  # head h's rows: q at 3·D·h, k at 3·D·h + D, v at 3·D·h + 2·D
+    assert key.channels.of(rows).tolist() == [3 * HEAD_DIM * h + HEAD_DIM + c for h in range(HEADS)
+                                              for c in range(HEAD_DIM)]
+    assert value.channels.count(3 * HIDDEN) == HIDDEN
 
 
 def test_dynamic_cache_cat_appends_are_skipped_with_the_reason():

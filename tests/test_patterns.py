@@ -7,7 +7,7 @@ import transformers as tf
 import xq_compile as xq
 from xq_compile.simulate import simulate_xquant
 
-from conftest import decode_inputs, max_error, reference_logits, run_calls
+from conftest import decode_inputs, max_error, prefix_reference, reference_logits, run_calls
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
@@ -18,18 +18,21 @@ FAMILIES = {
     "qwen3 (per-head k_norm before RoPE)": lambda: tf.Qwen3Config(**COMMON, head_dim=16),
     "gemma": lambda: tf.GemmaConfig(**COMMON, head_dim=16),
     "olmo2 (k_norm over all heads before the split)": lambda: tf.Olmo2Config(**COMMON),
+    "gpt_neox (q/k/v fused per head, partial RoPE)": lambda: tf.GPTNeoXConfig(
+        **{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, rotary_pct=0.5),
 }
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
 
 
-def build(family):
+def build(family, layers: int = 2):
     torch.manual_seed(0)
     config = FAMILIES[family]()
+    config.num_hidden_layers = layers
     config._attn_implementation = "sdpa"
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random q/k/v biases and weights large enough that K/V errors show
         for name, p in model.named_parameters():
-            if any(k in name for k in ("k_proj", "qkv_proj", "q_proj")):
+            if any(k in name for k in ("k_proj", "qkv_proj", "q_proj", "query_key_value")):
                 p.mul_(4)
     return model
 
@@ -50,7 +53,8 @@ def test_family_is_rewritten_and_exact_unquantized(family):
 
 
 @pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "qwen3 (per-head k_norm before RoPE)",
-                                    "olmo2 (k_norm over all heads before the split)"])
+                                    "olmo2 (k_norm over all heads before the split)",
+                                    "gpt_neox (q/k/v fused per head, partial RoPE)"])
 def test_family_quantized_matches_the_reference(family):
     model = build(family)
     calls = decode_inputs(steps=4)
@@ -62,6 +66,19 @@ def test_family_quantized_matches_the_reference(family):
     assert max_error(out, simulated) < 2e-4 < max_error(simulated, exact)
 
 
+@pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "gpt_neox (q/k/v fused per head, partial RoPE)"])
+def test_fused_projection_latents_quantized_match_the_reference(family):
+    """The latents of a fused projection's K and V rows (one block each; one block in every head). One layer,
+    so that the per-prefix simulation is exact (the key latent is quantized along the tokens)."""
+    model = build(family, layers=1)
+    calls = decode_inputs(steps=20)  # 26 tokens: groups of 16 complete mid-decode
+    config = xq.XQuantConfig(bits=4, group_size=16, form="latent")
+    out = run(model, config, calls)
+    assert xq.COMPILE_LOG[-1].reports[0].form.startswith("GQA latent X·U_k (4-bit")
+    assert max_error(out, prefix_reference(model, calls, config)) < 2e-4
+    assert max_error(out, reference_logits(model, calls, 32)) > 1e-3  # really quantized
+
+
 def test_qwen2_with_inductor():
     model = build("qwen2 (q/k/v bias)")
     calls = decode_inputs(steps=3)
@@ -69,10 +86,13 @@ def test_qwen2_with_inductor():
     assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
 
 
-def test_olmo2_latent_form_with_inductor():
-    """OLMo 2's norm over all heads, replayed by Inductor on keys rebuilt from the GQA latents (the rebuilt
-    rows are [B, n, H·D] there, split into heads by the model's own view over the n cached rows)."""
-    model = build("olmo2 (k_norm over all heads before the split)")
+@pytest.mark.parametrize("family", ["olmo2 (k_norm over all heads before the split)",
+                                    "gpt_neox (q/k/v fused per head, partial RoPE)"])
+def test_latent_form_with_inductor(family):
+    """Inductor, keys rebuilt from the latents: OLMo 2's norm over all heads replayed on them (the rebuilt
+    rows are [B, n, H·D] there, split into heads by the model's own view over the n cached rows); GPT-NeoX's
+    latents factor every head's K (V) rows of the fused projection."""
+    model = build(family)
     calls = decode_inputs(steps=3)
     out = run(model, xq.XQuantConfig(bits=None, group_size=16, form="latent"), calls, backend="xquant")
     assert max_error(out, reference_logits(model, calls, 32)) < 1e-4

@@ -73,8 +73,8 @@ def layer_sensitivity(model: torch.nn.Module, input_ids: torch.Tensor, base: XQu
     """
     rows = _rows(input_ids)
     layers = _kv_projections(model)
-    if any(isinstance(second, int) for _, second in layers):
-        raise ValueError("calibrate needs separate k_proj/v_proj; this model fuses them (qkv_proj): give "
+    if any(isinstance(second, tuple) for _, second in layers):
+        raise ValueError("calibrate needs separate k_proj/v_proj; this model fuses them into one projection: give "
                          "XQuantConfig(layer_bits=...) by hand")
     k_proj = layers[0][0]
     if base.form_of(k_proj.in_features, k_proj.out_features) != "x":

@@ -61,8 +61,8 @@ def simulate_kivi(model: torch.nn.Module, bits: int, group_size: int) -> Iterato
     value_hook = lambda module, args, out: fake_quantize_values(out, bits, group_size)  # noqa: E731
     handles = []
     for k_proj, v_proj in _kv_projections(model):
-        if isinstance(v_proj, int):
-            raise ValueError("KIVI* simulation needs separate k_proj/v_proj; this model fuses them (qkv_proj)")
+        if isinstance(v_proj, tuple):
+            raise ValueError("KIVI* simulation needs separate k_proj/v_proj; this model fuses them into one projection")
         if v_proj.out_features % group_size:
             raise ValueError(f"group_size={group_size} does not divide the value width {v_proj.out_features}")
         handles += [k_proj.register_forward_hook(key_hook), v_proj.register_forward_hook(value_hook)]

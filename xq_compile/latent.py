@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from . import quant
 from ._torch_private import version_counter, weak_tensor_map
+from .fused_rows import FusedRows
 from .rotation import rotate
 
 # Key-latent rows are rounded to fp16 before they are quantized: a group's minimum is then an fp16
@@ -73,18 +74,19 @@ class LatentFactors:
         self._factors = weak_tensor_map()
         self.computed = 0  # how many SVDs ran (tests check that steps do not recompute)
 
-    def get(self, weight: torch.Tensor, rows: tuple[int, int] | None = None,
+    def get(self, weight: torch.Tensor, rows: FusedRows | None = None,
             rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) of ``weight[rows[0]:rows[1]]`` (all rows if None), rotated by ``rotation``."""
+        """(down, up) of ``rows.of(weight)`` (all rows if None; ``rows``: a fused projection's
+        :class:`~xq_compile.fused_rows.FusedRows`), rotated by ``rotation``."""
         return self._get(weight, ("rows", rows), (version_counter(weight),), rotation,
-                         lambda: weight if rows is None else weight[rows[0]:rows[1]])
+                         lambda: weight if rows is None else rows.of(weight))
 
     def get_joint(self, k_weight: torch.Tensor, v_weight: torch.Tensor, k_rows=None, v_rows=None,
                   rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) of the stacked [W_k; W_v] (XQuant-CL's joint latent): up's first rows rebuild K."""
         def stacked():
-            k = k_weight if k_rows is None else k_weight[k_rows[0]:k_rows[1]]
-            v = v_weight if v_rows is None else v_weight[v_rows[0]:v_rows[1]]
+            k = k_weight if k_rows is None else k_rows.of(k_weight)
+            v = v_weight if v_rows is None else v_rows.of(v_weight)
             return torch.cat([k, v], 0)
 
         return self._get(k_weight, ("joint", id(v_weight), k_rows, v_rows),

@@ -17,6 +17,7 @@ from . import quant
 from .config import XQuantConfig
 from .forms import LayerShape, form_for, layer_shapes
 from .forms.x import rotated_reconstruction
+from .fused_rows import FusedRows
 from .rotation import rotate, rotation_of
 
 __all__ = ["hooks_removed_after", "rotated_reconstruction", "simulate_xquant", "simulated_x"]
@@ -37,20 +38,31 @@ def simulated_x(x: torch.Tensor, config: XQuantConfig, bits: int | None = None) 
 
 
 def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]:
-    """Per attention layer, in order: (k_proj, v_proj), or (qkv_proj, first K/V row) for a fused one."""
+    """Per attention layer, in order: (k_proj, v_proj), or for a fused projection (qkv, (its K rows, its V
+    rows)) as :class:`~xq_compile.fused_rows.FusedRows`."""
     layers = []
     for module in model.modules():
-        k, v, qkv, wqkv = (getattr(module, name, None) for name in ("k_proj", "v_proj", "qkv_proj", "wqkv"))
+        k, v, qkv, wqkv, neox = (getattr(module, name, None)
+                                 for name in ("k_proj", "v_proj", "qkv_proj", "wqkv", "query_key_value"))
         if isinstance(k, torch.nn.Linear) and isinstance(v, torch.nn.Linear):
             layers.append((k, v))
         elif isinstance(qkv, torch.nn.Linear):  # Phi-3 style: rows [q | k | v]
-            layers.append((qkv, module.config.num_attention_heads * module.head_dim))
+            layers.append((qkv, _blocks(qkv, module.config.num_attention_heads * module.head_dim)))
         elif isinstance(wqkv, torch.nn.Linear):  # gpt-fast: rows [q | k | v], q as wide as the model
-            layers.append((wqkv, module.dim))
+            layers.append((wqkv, _blocks(wqkv, module.dim)))
+        elif isinstance(neox, torch.nn.Linear) and hasattr(module, "head_size"):  # GPT-NeoX: [q_h; k_h; v_h]
+            d = module.head_size
+            layers.append((neox, (FusedRows(d, 2 * d, 3 * d), FusedRows(2 * d, 3 * d, 3 * d))))
     if not layers:
-        raise ValueError("no attention module with k_proj/v_proj, qkv_proj or wqkv Linear layers to simulate "
-                         "XQuant on")
+        raise ValueError("no attention module with k_proj/v_proj, qkv_proj, wqkv or query_key_value Linear layers "
+                         "to simulate XQuant on")
     return layers
+
+
+def _blocks(qkv: torch.nn.Linear, q_width: int) -> tuple[FusedRows, FusedRows]:
+    """The K and V rows of a projection with rows [q | k | v], k and v alike wide."""
+    kv = (qkv.out_features - q_width) // 2
+    return FusedRows(q_width, q_width + kv), FusedRows(q_width + kv, q_width + 2 * kv)
 
 
 def _sliding_windows(model: torch.nn.Module) -> list[int | None]:
@@ -78,8 +90,8 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig, trace: dict | 
     windows = _sliding_windows(model)
     handles = []
     for i, (first, second) in enumerate(_kv_projections(model)):
-        # widths as the cache sees them: a fused projection's rows are [q | K | V] from row ``second``
-        kv_width = (first.out_features - second) // 2 if isinstance(second, int) else first.out_features
+        # widths as the cache sees them
+        kv_width = second[0].count(first.out_features) if isinstance(second, tuple) else first.out_features
         window = windows[i] if i < len(windows) else None
         form = form_for(config, i, LayerShape(first.in_features, kv_width, sliding_window=window))
         handles += form.simulation_hooks(first, second, chain)

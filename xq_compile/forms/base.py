@@ -179,10 +179,10 @@ class CacheForm:
         """Fix up the state when the cache is cropped from ``before`` to ``after`` tokens."""
 
     # -- the torch reference --------------------------------------------------------------------------
-    def simulation_hooks(self, k_proj: torch.nn.Module, v_proj: "torch.nn.Module | int", chain: dict) -> list:
+    def simulation_hooks(self, k_proj: torch.nn.Module, v_proj: "torch.nn.Module | tuple", chain: dict) -> list:
         """Module hooks that make the eager model's K/V see what the compiled path rebuilds.
 
-        ``v_proj`` is the V Linear, or for a fused projection (Phi-3's qkv_proj, gpt-fast's wqkv) the
-        index of its first K/V row in ``k_proj``. ``chain`` is shared by the layers of one model
-        (XQuant-CL's reconstruction of the layer below)."""
+        ``v_proj`` is the V Linear, or for a fused projection ``k_proj`` (Phi-3's qkv_proj, gpt-fast's wqkv,
+        GPT-NeoX's query_key_value) its (K rows, V rows) as :class:`~xq_compile.fused_rows.FusedRows`.
+        ``chain`` is shared by the layers of one model (XQuant-CL's reconstruction of the layer below)."""
         raise NotImplementedError

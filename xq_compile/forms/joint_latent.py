@@ -100,7 +100,7 @@ class JointLatentForm(CacheForm):
     def simulation_hooks(self, k_proj, v_proj, chain: dict) -> list:
         """The joint latent as the compiled path rebuilds it; ``chain["acc"]`` carries X̃ (fp32) from
         layer to layer within one forward call, as the graph's accumulator does."""
-        if isinstance(v_proj, int):
+        if isinstance(v_proj, tuple):
             raise NotImplementedError("XQuant-CL in the latent form needs separate k_proj/v_proj projections")
         i, kv = self.layer_idx, k_proj.out_features
 

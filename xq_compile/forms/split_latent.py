@@ -163,29 +163,31 @@ class SplitLatentForm(CacheForm):
         def value_latent(latent):
             return self._simulated_window(latent, quant.fake_quantize(latent, self.bits, self.group_size))
 
-        return latent_projection_hooks(k_proj, v_proj, self.shape.kv_width, (
+        return latent_projection_hooks(k_proj, v_proj, (
             lambda x: None, key_latent), (self.rotation_for, value_latent))
 
     def _simulated_window(self, exact, approx):
         return self.window.simulate(exact, approx) if self.window is not None else approx
 
 
-def latent_projection_hooks(k_proj, v_proj, kv_width: int, key, value) -> list:
+def latent_projection_hooks(k_proj, v_proj, key, value) -> list:
     """Hooks replacing K (V) by ``up · quantize(down · x)`` with the latent factors of its weight rows.
 
     ``key`` / ``value``: (rotation of x or None, the latent's quantization). ``v_proj`` is the V Linear,
-    or the first K/V row of a fused projection ``k_proj`` (rows [.. | K | V]; the queries keep exact X)."""
+    or for a fused projection ``k_proj`` its (K rows, V rows) (the queries keep exact X)."""
     def project(module, x, rows, rotation_of, quantize):
         down, up = LATENT_FACTORS.get(module.weight, rows, rotation_of(x))
-        bias = module.bias if module.bias is None or rows is None else module.bias[rows[0]:rows[1]]
+        bias = module.bias if module.bias is None or rows is None else rows.of(module.bias)
         return F.linear(quantize(F.linear(x, down)), up, bias)
 
-    if isinstance(v_proj, int):
-        k_rows, v_rows = (v_proj, v_proj + kv_width), (v_proj + kv_width, v_proj + 2 * kv_width)
+    if isinstance(v_proj, tuple):
+        k_rows, v_rows = v_proj
 
         def fused(module, args, out):
             k, v = project(module, args[0], k_rows, *key), project(module, args[0], v_rows, *value)
-            return torch.cat([out[..., :k_rows[0]], k, v, out[..., v_rows[1]:]], dim=-1)
+            total = module.out_features
+            return out.index_copy(-1, k_rows.indices(total, out.device), k).index_copy(
+                -1, v_rows.indices(total, out.device), v)
 
         return [k_proj.register_forward_hook(fused)]
     return [k_proj.register_forward_hook(lambda m, a, o: project(m, a[0], None, *key)),

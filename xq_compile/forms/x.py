@@ -154,11 +154,12 @@ class XForm(CacheForm):
             # the window's rows exact in K/V only: the chain above keeps the quantized X̂ (closed loop)
             return self.window.simulate(x, x_hat, h) if self.window is not None else x_hat
 
-        if isinstance(v_proj, int):  # fused projection: queries keep the exact X, K/V rows see X̂
-            def fused(module, args, out, kv_start=v_proj):
-                bias = module.bias[kv_start:] if module.bias is not None else None
-                kv = torch.nn.functional.linear(x_hat(args[0]), module.weight[kv_start:], bias)
-                return torch.cat([out[..., :kv_start], kv], dim=-1)
+        if isinstance(v_proj, tuple):  # fused projection: queries keep the exact X, K/V rows see X̂
+            def fused(module, args, out):
+                rows = torch.cat([r.indices(module.out_features, out.device) for r in v_proj])
+                bias = module.bias[rows] if module.bias is not None else None
+                kv = torch.nn.functional.linear(x_hat(args[0]), module.weight[rows], bias)
+                return out.index_copy(-1, rows, kv)
 
             return [k_proj.register_forward_hook(fused)]
         hook = lambda module, args: (x_hat(args[0]), *args[1:])  # noqa: E731
