@@ -214,6 +214,10 @@ def _projection(append: Append) -> Projection:
         piece, channels = per_head
         heads, more_transposed = _follow_shape_ops(piece, append)
         transposed |= more_transposed
+    written = _written_in_place(linear, append)
+    if written is not None:
+        raise SkipSite(f"the projected states are modified in place on their way to the cache ({written}, e.g. "
+                       "OLMo's clip_qkv): a rebuild from X would miss it")
     between = _descendants(heads) & _ancestors(append.value, stop=lambda n: False)
     rope = [n for n in heads.graph.nodes if n in between and n is not heads]
     if heads is not start:
@@ -224,6 +228,26 @@ def _projection(append: Append) -> Projection:
         raise SkipSite("no per-head reshape between the projection and the cache append")
     return Projection(linear=linear, weight=weight, bias=bias, channels=channels, heads=heads,
                       layout=layout, rope=rope, append=append)
+
+
+# In-place ops that Dynamo records as functions (``x += y``, ``x[i] = y``); methods are those named ``*_``.
+IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _written_in_place(linear: fx.Node, append: Append) -> str | None:
+    """An in-place op (``clamp_``, ``mul_``, ``x[...] = ...``) on a tensor between the projection and the
+    append, which the rewrite would not replay (its result is not on the path, only its side effect): its
+    name, or None. Dynamo's graphs keep such ops as they are written."""
+    path = (_descendants(linear) & _ancestors(append.value, stop=lambda n: False)) | {linear}
+    for node in path:
+        for user in node.users:
+            if user is append.node or not user.args or user.args[0] is not node:
+                continue
+            if user.op == "call_method" and user.target.endswith("_") and not user.target.startswith("_"):
+                return f"{user.target}"
+            if user.op == "call_function" and user.target in IN_PLACE_FUNCTIONS:
+                return getattr(user.target, "__name__", str(user.target))
+    return None
 
 
 def _follow_shape_ops(node: fx.Node, append: Append) -> tuple[fx.Node, bool]:

@@ -303,7 +303,7 @@ def _refuse_unrewritten_xquant_appends(graph, arg_index, example_inputs, reports
     for append in find_appends(graph):
         idx = arg_index.get(append.cache)
         if idx is not None and layer_of(example_inputs[idx]) is not None:
-            skipped = [str(r) for r in reports if r.status == "skipped"]
+            skipped = list(dict.fromkeys(str(r) for r in reports if r.status == "skipped"))  # K's and V's alike
             reasons = "; ".join(skipped) or "unknown pattern"
             advice = ("" if any("graph break" in r for r in skipped) else
                       " The model's attention does not match a supported pattern; use a transformers "

@@ -469,6 +469,10 @@ def keys_without_rope(layer: Layer) -> None:  # with no source names, RoPE is wh
     layer.k_append.replace_input_with(layer.k_append.args[3], layer.k_heads)
 
 
+def keys_clipped_in_place(layer: Layer) -> None:  # OLMo's clip_qkv: k_proj(x).clamp_(-c, c) before the view
+    layer.builder.method("clamp_", layer.k_linear, -8.0, 8.0)
+
+
 def positions_not_integers(layer: Layer) -> None:  # RoPE tables from float positions: no ids to re-apply them at
     layer.positions.meta["example_value"] = layer.positions.meta["example_value"].float()
 
@@ -503,6 +507,9 @@ SKIPS = {
     "RoPE tables are graph inputs": (None, {"tables_as_inputs": True},
                                      "the keys' RoPE cos/sin are inputs of this graph, not computed from position "
                                      "ids in it: the model was split by a graph break; compile with fullgraph=True"),
+    "keys clipped in place": (keys_clipped_in_place, {},
+                              "the projected states are modified in place on their way to the cache (clamp_, e.g. "
+                              "OLMo's clip_qkv): a rebuild from X would miss it"),
     "RoPE tables from float positions": (positions_not_integers, {},
                                          "the keys' RoPE tables do not derive from a [batch, seq] integer position "
                                          "tensor"),

@@ -99,6 +99,21 @@ def test_latent_form_with_inductor(family):
     assert [r.form[:11] for r in xq.COMPILE_LOG[-1].reports] == ["GQA latents"] * 2
 
 
+def test_states_clipped_in_place_are_refused_not_rebuilt_without_the_clip():
+    """OLMo's clip_qkv clamps q, k and v in place after the projections; Dynamo keeps the clamp_ as a side
+    effect off the path to the cache, so a rebuild from X would silently skip it (logits off by 3e-2
+    here): every layer is refused with the reason instead."""
+    torch.manual_seed(0)
+    config = tf.OlmoConfig(**COMMON, clip_qkv=0.5)
+    config._attn_implementation = "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(Exception, match="xquant could not rewrite") as error:
+        run(model, xq.XQuantConfig(bits=None, group_size=16), decode_inputs(steps=1))
+    why = ("skipped: the projected states are modified in place on their way to the cache (clamp_, e.g. OLMo's "
+           "clip_qkv): a rebuild from X would miss it")
+    assert f"(layer 0: {why}; layer 1: {why})" in str(error.value)
+
+
 def test_a_model_of_sliding_window_layers_only_gets_window_layers():
     """Every layer slides: each keeps a window (an X window at 4 bits, the model's K/V window unquantized
     where X rows are no smaller); tests/test_x_window.py runs such models."""
