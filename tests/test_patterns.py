@@ -21,13 +21,27 @@ FAMILIES = {
     "gpt_neox (q/k/v fused per head, partial RoPE)": lambda: tf.GPTNeoXConfig(
         **{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, rotary_pct=0.5),
 }
+# Families whose attention differs from Llama's in what the rewrite replays or reads (checked for exactness
+# only; the quantized path is the one the families above check).
+MORE_FAMILIES = {
+    "cohere (interleaved RoPE, LayerNorm)": lambda: tf.CohereConfig(**COMMON),
+    "glm4 (partial interleaved RoPE)": lambda: tf.Glm4Config(**COMMON, head_dim=16, pad_token_id=0),
+    "granite (attention and residual multipliers)": lambda: tf.GraniteConfig(
+        **COMMON, attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=3.0),
+    "phi (partial RoPE, dense)": lambda: tf.PhiConfig(**COMMON, partial_rotary_factor=0.5),
+    "smollm3 (every 4th layer without RoPE)": lambda: tf.SmolLM3Config(**{**COMMON, "num_hidden_layers": 4},
+                                                                       pad_token_id=0),
+    "stablelm (partial RoPE, per-head q/k LayerNorm, qkv bias)": lambda: tf.StableLmConfig(
+        **COMMON, partial_rotary_factor=0.25, qk_layernorm=True, use_qkv_bias=True),
+    "starcoder2 (biases, LayerNorm)": lambda: tf.Starcoder2Config(**COMMON, sliding_window=None),
+}
 AOT_EAGER = xq.make_xquant_backend("aot_eager")
 
 
-def build(family, layers: int = 2):
+def build(family, layers: int | None = None):
     torch.manual_seed(0)
-    config = FAMILIES[family]()
-    config.num_hidden_layers = layers
+    config = {**FAMILIES, **MORE_FAMILIES}[family]()
+    config.num_hidden_layers = layers or config.num_hidden_layers
     config._attn_implementation = "sdpa"
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random q/k/v biases and weights large enough that K/V errors show
@@ -50,6 +64,16 @@ def test_family_is_rewritten_and_exact_unquantized(family):
     assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
     record = xq.COMPILE_LOG[-1]
     assert record.rewritten == len(record.reports) == 2
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_families_are_rewritten_and_exact_unquantized(family):
+    model = build(family)
+    calls = decode_inputs(steps=4)
+    out = run(model, xq.XQuantConfig(bits=None, group_size=16), calls)
+    assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
+    record = xq.COMPILE_LOG[-1]
+    assert record.rewritten == len(record.reports) == model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "qwen3 (per-head k_norm before RoPE)",
