@@ -138,6 +138,20 @@ def test_states_clipped_in_place_are_refused_not_rebuilt_without_the_clip():
     assert f"(layer 0: {why}; layer 1: {why})" in str(error.value)
 
 
+@pytest.mark.parametrize("config, says", [
+    (lambda: tf.LlamaConfig(**COMMON, layer_types=["full_attention", "chunked_attention"], attention_chunk_size=8),
+     "this model also has layer types ['chunked_attention']"),
+    (lambda: tf.Qwen3NextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=16),  # 3 linear : 1 full
+     "this model also has layer types ['linear_attention']"),
+    (lambda: tf.DeepseekV3Config(**COMMON, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                 v_head_dim=16), "multi-head latent attention (kv_lora_rank=16, as DeepSeek V2/V3)"),
+], ids=["chunked attention", "linear attention", "multi-head latent attention"])
+def test_attention_that_caches_no_plain_k_v_is_refused_by_the_cache(config, says):
+    with pytest.raises(ValueError, match="use transformers' own cache for it") as error:
+        xq.XQuantCache(config(), max_batch_size=1, max_cache_len=16)
+    assert says in str(error.value)
+
+
 def test_a_model_of_sliding_window_layers_only_gets_window_layers():
     """Every layer slides: each keeps a window (an X window at 4 bits, the model's K/V window unquantized
     where X rows are no smaller); tests/test_x_window.py runs such models."""

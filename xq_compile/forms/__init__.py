@@ -38,6 +38,11 @@ def layer_shapes(model_config) -> list[LayerShape]:
     """Each decoder layer's :class:`LayerShape`, from a transformers config: the widths, and the window of
     the layers transformers' StaticCache gives a sliding-window layer (its ``layer_types``)."""
     config = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    if getattr(config, "kv_lora_rank", None):
+        raise ValueError(
+            f"this model uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}, as DeepSeek V2/V3): "
+            "its cache already holds a compressed latent of K and V, not K and V from the layer's input X, so "
+            "XQuantCache does not apply; use transformers' own cache for it.")
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -46,7 +51,7 @@ def layer_shapes(model_config) -> list[LayerShape]:
     if unsupported:
         raise ValueError(
             f"XQuantCache supports full-attention and sliding-window layers ({', '.join(SUPPORTED_LAYER_TYPES)}); "
-            f"this model also has layer types {unsupported}."
+            f"this model also has layer types {unsupported}; use transformers' own cache for it."
         )
     return [LayerShape(config.hidden_size, kv_heads * head_dim, kv_heads, window) for window in windows]
 
