@@ -56,18 +56,8 @@ def run(model, config, calls, backend=AOT_EAGER):
     return run_calls(torch.compile(model.forward, backend=backend, fullgraph=True), cache, calls)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *MORE_FAMILIES])
 def test_family_is_rewritten_and_exact_unquantized(family):
-    model = build(family)
-    calls = decode_inputs(steps=4)
-    out = run(model, xq.XQuantConfig(bits=None, group_size=16), calls)
-    assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
-    record = xq.COMPILE_LOG[-1]
-    assert record.rewritten == len(record.reports) == 2
-
-
-@pytest.mark.parametrize("family", list(MORE_FAMILIES))
-def test_more_families_are_rewritten_and_exact_unquantized(family):
     model = build(family)
     calls = decode_inputs(steps=4)
     out = run(model, xq.XQuantConfig(bits=None, group_size=16), calls)
