@@ -149,9 +149,8 @@ def per_token_latents(model, xquant):
         return quant.fake_quantize(latent, xquant.bits, xquant.group_size)
 
     rotated = (lambda x: rotation_of(xquant, x.device), per_token)
-    width = model.config.num_key_value_heads * model.config.head_dim
     hooks = [h for layer in model.model.layers
-             for h in latent_projection_hooks(layer.self_attn.k_proj, layer.self_attn.v_proj, width, rotated, rotated)]
+             for h in latent_projection_hooks(layer.self_attn.k_proj, layer.self_attn.v_proj, rotated, rotated)]
     try:
         yield
     finally:
