@@ -234,19 +234,25 @@ def _projection(append: Append) -> Projection:
 IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
+def writes_in_place(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` writes into ``node`` in place: ``node.clamp_(..)``, ``node += x``, ``node[i] = x``.
+    Dynamo's graphs keep such ops as they are written."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_method":
+        return user.target.endswith("_") and not user.target.startswith("_")
+    return user.op == "call_function" and user.target in IN_PLACE_FUNCTIONS
+
+
 def _written_in_place(linear: fx.Node, append: Append) -> str | None:
     """An in-place op (``clamp_``, ``mul_``, ``x[...] = ...``) on a tensor between the projection and the
     append, which the rewrite would not replay (its result is not on the path, only its side effect): its
-    name, or None. Dynamo's graphs keep such ops as they are written."""
+    name, or None."""
     path = (_descendants(linear) & _ancestors(append.value, stop=lambda n: False)) | {linear}
     for node in path:
         for user in node.users:
-            if user is append.node or not user.args or user.args[0] is not node:
-                continue
-            if user.op == "call_method" and user.target.endswith("_") and not user.target.startswith("_"):
-                return f"{user.target}"
-            if user.op == "call_function" and user.target in IN_PLACE_FUNCTIONS:
-                return getattr(user.target, "__name__", str(user.target))
+            if user is not append.node and writes_in_place(user, node):
+                return user.target if isinstance(user.target, str) else user.target.__name__
     return None
 
 

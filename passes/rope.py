@@ -13,7 +13,7 @@ from torch import fx
 
 from .emit import clone_region
 from .graph_state import GraphState
-from .match import Site, _ancestors, _arg, _descendants, example_value, is_call
+from .match import Site, _ancestors, _arg, _descendants, example_value, is_call, writes_in_place
 from .rows import fit_to_rows
 
 
@@ -103,7 +103,7 @@ def default_rope(cos: fx.Node, sin: fx.Node, position_source: fx.Node | None, he
         return "the angles are computed from something other than the position ids as they are"
     if inv_freq.op not in ("placeholder", "get_attr"):
         return "inv_freq is computed in the graph, not read from a buffer"
-    mutated = [u for u in inv_freq.users if isinstance(u.target, str) and u.target.endswith("_")]
+    mutated = [u for u in inv_freq.users if writes_in_place(u, inv_freq)]
     if mutated:
         return (f"inv_freq is updated inside the graph ({mutated[0].target}: dynamic or longrope RoPE, whose "
                 "frequencies depend on the sequence length)")
