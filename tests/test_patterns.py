@@ -24,10 +24,19 @@ FAMILIES = {
 # Families whose attention differs from Llama's in what the rewrite replays or reads (checked for exactness
 # only; the quantized path is the one the families above check).
 MORE_FAMILIES = {
+    "codegen (q/v/k fused per model-parallel block: every block's K rows, partial interleaved RoPE)":
+        lambda: tf.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
     "cohere (interleaved RoPE, LayerNorm)": lambda: tf.CohereConfig(**COMMON),
+    "gptj (partial interleaved RoPE from a sin/cos buffer)": lambda: tf.GPTJConfig(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
     "glm4 (partial interleaved RoPE)": lambda: tf.Glm4Config(**COMMON, head_dim=16, pad_token_id=0),
     "granite (attention and residual multipliers)": lambda: tf.GraniteConfig(
         **COMMON, attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=3.0),
+    "mixtral (mixture of experts)": lambda: tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                                             sliding_window=None),
+    "opt (learned positions, no RoPE)": lambda: tf.OPTConfig(
+        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, word_embed_proj_dim=64),
     "phi (partial RoPE, dense)": lambda: tf.PhiConfig(**COMMON, partial_rotary_factor=0.5),
     "smollm3 (every 4th layer without RoPE)": lambda: tf.SmolLM3Config(**{**COMMON, "num_hidden_layers": 4},
                                                                        pad_token_id=0),
