@@ -83,7 +83,7 @@ class SiteContext:
                 lambda args: FOLDED_WEIGHTS.get(args[w_idx], fetch_layer(args).rotation))
         if proj.channels is None:
             return weight
-        rows = proj.channels  # of a fused projection (Phi-3's qkv_proj)
+        rows = proj.channels  # of a fused projection (Phi-3's qkv_proj; GPT-NeoX's, one block per head)
         return self.emit(lambda w: rows.of(w), weight)
 
     def bias(self, which: str) -> fx.Node | None:

@@ -28,9 +28,9 @@ class FusedRows:
             return t.narrow(0, self.start, self.stop - self.start)
         return t.unflatten(0, (-1, self.period)).narrow(1, self.start, self.stop - self.start).flatten(0, 1)
 
-    def indices(self, total: int, device=None) -> torch.Tensor:
-        """The row numbers of :meth:`of` among ``total`` rows."""
-        return self.of(torch.arange(total, device=device))
+    def put(self, out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``out`` [..., rows] (the fused projection's output) with these rows' channels replaced by ``values``."""
+        return out.index_copy(-1, self.of(torch.arange(out.shape[-1], device=out.device)), values)
 
     def count(self, total: int) -> int:
         return (self.stop - self.start) * (total // self.period if self.period else 1)

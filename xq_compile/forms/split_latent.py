@@ -185,9 +185,7 @@ def latent_projection_hooks(k_proj, v_proj, key, value) -> list:
 
         def fused(module, args, out):
             k, v = project(module, args[0], k_rows, *key), project(module, args[0], v_rows, *value)
-            total = module.out_features
-            return out.index_copy(-1, k_rows.indices(total, out.device), k).index_copy(
-                -1, v_rows.indices(total, out.device), v)
+            return v_rows.put(k_rows.put(out, k), v)
 
         return [k_proj.register_forward_hook(fused)]
     return [k_proj.register_forward_hook(lambda m, a, o: project(m, a[0], None, *key)),

@@ -156,10 +156,11 @@ class XForm(CacheForm):
 
         if isinstance(v_proj, tuple):  # fused projection: queries keep the exact X, K/V rows see X̂
             def fused(module, args, out):
-                rows = torch.cat([r.indices(module.out_features, out.device) for r in v_proj])
-                bias = module.bias[rows] if module.bias is not None else None
-                kv = torch.nn.functional.linear(x_hat(args[0]), module.weight[rows], bias)
-                return out.index_copy(-1, rows, kv)
+                x = x_hat(args[0])
+                for rows in v_proj:
+                    bias = rows.of(module.bias) if module.bias is not None else None
+                    out = rows.put(out, torch.nn.functional.linear(x, rows.of(module.weight), bias))
+                return out
 
             return [k_proj.register_forward_hook(fused)]
         hook = lambda module, args: (x_hat(args[0]), *args[1:])  # noqa: E731
