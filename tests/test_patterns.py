@@ -21,11 +21,11 @@ FAMILIES = {
     "gpt_neox (q/k/v fused per head, partial RoPE)": lambda: tf.GPTNeoXConfig(
         **{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, rotary_pct=0.5),
 }
+CODEGEN = "codegen (q/v/k fused per model-parallel block: every block's K rows, partial interleaved RoPE)"
 # Families whose attention differs from Llama's in what the rewrite replays or reads (checked for exactness
 # only; the quantized path is the one the families above check).
 MORE_FAMILIES = {
-    "codegen (q/v/k fused per model-parallel block: every block's K rows, partial interleaved RoPE)":
-        lambda: tf.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
+    CODEGEN: lambda: tf.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
     "cohere (interleaved RoPE, LayerNorm)": lambda: tf.CohereConfig(**COMMON),
     "gptj (partial interleaved RoPE from a sin/cos buffer)": lambda: tf.GPTJConfig(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
@@ -77,7 +77,7 @@ def test_family_is_rewritten_and_exact_unquantized(family):
 
 @pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "qwen3 (per-head k_norm before RoPE)",
                                     "olmo2 (k_norm over all heads before the split)",
-                                    "gpt_neox (q/k/v fused per head, partial RoPE)"])
+                                    "gpt_neox (q/k/v fused per head, partial RoPE)", CODEGEN])
 def test_family_quantized_matches_the_reference(family):
     model = build(family)
     calls = decode_inputs(steps=4)

@@ -46,6 +46,9 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
                                  for name in ("k_proj", "v_proj", "qkv_proj", "wqkv", "query_key_value"))
         if isinstance(k, torch.nn.Linear) and isinstance(v, torch.nn.Linear):
             layers.append((k, v))
+        elif isinstance(qkv, torch.nn.Linear) and hasattr(module, "mp_num"):  # CodeGen: [q | v | k] per block
+            local = qkv.out_features // (3 * module.mp_num)
+            layers.append((qkv, (FusedRows(2 * local, 3 * local, 3 * local), FusedRows(local, 2 * local, 3 * local))))
         elif isinstance(qkv, torch.nn.Linear):  # Phi-3 style: rows [q | k | v]
             layers.append((qkv, _blocks(qkv, module.config.num_attention_heads * module.head_dim)))
         elif isinstance(wqkv, torch.nn.Linear):  # gpt-fast: rows [q | k | v], q as wide as the model
