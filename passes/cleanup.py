@@ -28,8 +28,8 @@ def erase_site(graph: fx.Graph, site, attention=None, appends: bool = True) -> N
     if appends:
         for append in (site.key.append, site.value.append):
             graph.erase_node(append.node)
-    erase_dead(graph, [site.key.linear, site.value.linear, *site.key.rope, site.key.heads, site.value.heads,
-                       *(attention.chains if attention is not None else ())])
+    erase_dead(graph, [*site.key.call.nodes, *site.value.call.nodes, *site.key.rope, site.key.heads,
+                       site.value.heads, *(attention.chains if attention is not None else ())])
 
 
 def erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:

@@ -75,16 +75,16 @@ class SiteContext:
     def model_weight(self, which: str) -> fx.Node:
         """The K (V) projection's weight rows, with the rotation folded in (W·R) when X is rotated."""
         proj = self.projection(which)
-        weight = proj.weight
+        rows = proj.channels  # of a fused projection (Phi-3's qkv_proj; GPT-NeoX's, one block per head)
         if self.rotation is not None:
             w_idx, fetch_layer = self._weight_index(proj), self.fetch_layer
-            weight = self.graph_state.add_input(
-                ("folded", w_idx), f"{self._tag}_{proj.weight.name}_rotated",
-                lambda args: FOLDED_WEIGHTS.get(args[w_idx], fetch_layer(args).rotation))
-        if proj.channels is None:
-            return weight
-        rows = proj.channels  # of a fused projection (Phi-3's qkv_proj; GPT-NeoX's, one block per head)
-        return self.emit(lambda w: rows.of(w), weight)
+            suffix = f"_{rows}" if rows else ""
+            return self.graph_state.add_input(
+                ("folded", w_idx, rows), f"{self._tag}_{proj.weight.name}{suffix}_rotated",
+                lambda args: FOLDED_WEIGHTS.get(args[w_idx], fetch_layer(args).rotation, rows))
+        if rows is None:
+            return proj.weight
+        return self.emit(lambda w: rows.of_weight(w), proj.weight)
 
     def bias(self, which: str) -> fx.Node | None:
         """The K (V) projection's bias rows, or None."""

@@ -42,8 +42,47 @@ def is_call(node: fx.Node, *, methods: Iterable[str] = (), functions: Iterable[C
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearCall:
+    """One projection ``x·Wᵀ + b`` as Dynamo recorded it."""
+
+    output: fx.Node
+    input: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    nodes: tuple[fx.Node, ...]   # the call's own nodes, input to output
+    weight_transposed: bool      # the weight is stored [in, out] (transformers' Conv1D)
+
+
+def linear_call(node: fx.Node) -> LinearCall | None:
+    """The projection whose output ``node`` is: ``F.linear(x, W, b)``, or transformers' ``Conv1D`` (GPT-2)
+    ``addmm(b, x.view(-1, d), W).view(*x.shape[:-1], out)`` with W [d, out]; else None."""
+    if node.op == "call_function" and node.target in LINEAR_TARGETS:
+        return LinearCall(node, _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), (node,),
+                          weight_transposed=False)
+    reshapes = dict(methods=RESHAPE_METHODS, functions=RESHAPE_FUNCTIONS)
+    mm = node.args[0] if is_call(node, **reshapes) else None
+    # addmm(bias, x, W, beta=.., alpha=..) scales its terms: not x·W + b
+    if (not isinstance(mm, fx.Node) or mm.op != "call_function" or mm.target is not torch.addmm or mm.kwargs
+            or len(mm.args) != 3 or not all(isinstance(n, fx.Node) for n in mm.args)):
+        return None
+    bias, flat, weight = mm.args
+    if not is_call(flat, **reshapes):
+        return None
+    x = flat.args[0]
+    values = [example_value(n) if isinstance(n, fx.Node) else None for n in (x, flat, bias, weight, node)]
+    if any(not isinstance(v, torch.Tensor) for v in values):
+        return None
+    x_value, flat_value, b_value, w_value, out_value = values
+    # x's tokens flattened into rows, projected, unflattened again: one projection per token
+    if (x_value.dim() < 2 or flat_value.dim() != 2 or out_value.dim() != x_value.dim() or b_value.dim() != 1
+            or flat_value.shape[-1] != x_value.shape[-1] or out_value.shape[-1] != w_value.shape[-1]):
+        return None
+    return LinearCall(node, x, weight, bias, (flat, mm, node), weight_transposed=True)
+
+
 def is_linear(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in LINEAR_TARGETS
+    return linear_call(node) is not None
 
 
 def _arg(node: fx.Node, index: int, name: str):
@@ -118,14 +157,26 @@ def growing_cache_appends(graph: fx.Graph) -> list[fx.Node]:
 class Projection:
     """x -> linear(x, weight, bias) [-> channel slice] -> heads -> (RoPE, norms...) -> appended value."""
 
-    linear: fx.Node
-    weight: fx.Node
-    bias: fx.Node | None
-    channels: FusedRows | None    # the rows of a fused projection (Phi-3's qkv_proj, GPT-NeoX's per head)
+    call: LinearCall
+    channels: FusedRows | None    # the rows of a fused projection (Phi-3's qkv_proj, GPT-NeoX's per head) or
+                                  # of a weight stored transposed (GPT-2's Conv1D); None: the whole weight
     heads: fx.Node                # the states where the per-token region (RoPE, norms) starts
     layout: str                   # of ``heads``: one of LAYOUTS
     rope: list[fx.Node]           # descendants of ``heads`` that feed the appended value
     append: Append
+
+    @property
+    def linear(self) -> fx.Node:
+        """The projection's output."""
+        return self.call.output
+
+    @property
+    def weight(self) -> fx.Node:
+        return self.call.weight
+
+    @property
+    def bias(self) -> fx.Node | None:
+        return self.call.bias
 
     @property
     def rows_axis(self) -> int:
@@ -198,12 +249,11 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
 
 
 def _projection(append: Append) -> Projection:
-    linears = [n for n in _ancestors(append.value, stop=is_linear) if is_linear(n)]
-    if len(linears) != 1:
-        raise SkipSite(f"the appended states come from {len(linears)} projections, expected exactly one linear")
-    linear = linears[0]
-    weight, bias = _arg(linear, 1, "weight"), _arg(linear, 2, "bias")
-    start = linear
+    calls = [c for c in map(linear_call, _ancestors(append.value, stop=is_linear)) if c is not None]
+    if len(calls) != 1:
+        raise SkipSite(f"the appended states come from {len(calls)} projections, expected exactly one linear")
+    call = calls[0]
+    start = linear = call.output
     channels = _channel_slice(linear, append)
     if channels is not None:
         start, (first, stop) = channels
@@ -226,8 +276,10 @@ def _projection(append: Append) -> Projection:
         layout = "[B, S, H·D]"  # per-token ops over all heads before the split (OLMo 2's k_norm)
     else:
         raise SkipSite("no per-head reshape between the projection and the cache append")
-    return Projection(linear=linear, weight=weight, bias=bias, channels=channels, heads=heads,
-                      layout=layout, rope=rope, append=append)
+    if call.weight_transposed:
+        channels = dataclasses.replace(channels or FusedRows(0, int(example_value(linear).shape[-1])),
+                                       weight_transposed=True)
+    return Projection(call=call, channels=channels, heads=heads, layout=layout, rope=rope, append=append)
 
 
 # In-place ops that Dynamo records as functions (``x += y``, ``x[i] = y``); methods are those named ``*_``.
@@ -456,7 +508,7 @@ def find_sites(graph: fx.Graph) -> tuple[list[Site], list[SiteReport]]:
         except SkipSite as why:
             reports.append(SiteReport(layer_from_source(append.cache), "skipped", str(why)))
             continue
-        x = _arg(proj.linear, 0, "input")
+        x = proj.call.input
         by_x.setdefault(x, []).append((append, proj))
 
     sites = []

@@ -129,7 +129,8 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
     ``bias``: q/k/v biases (Qwen2). ``k_norm``: RMSNorm of the keys before RoPE, "per head" on
     [B, S, H, D] (Qwen3), or over "all heads" on [B, S, H·D] before the split into heads (OLMo 2).
     ``rope=False``: no RoPE (EXAONE 4's global layers). ``fused_qkv``: one qkv projection sliced into q, k, v
-    (Phi-3), or "per head": split into heads of [q_h, k_h, v_h] first, then chunked (GPT-NeoX).
+    (Phi-3), or "per head": split into heads of [q_h, k_h, v_h] first, then chunked (GPT-NeoX), or "conv1d":
+    GPT-2's Conv1D (``addmm`` with a weight stored [in, out]), then split into q, k, v.
     ``append``: "index_copy_" (StaticCache), "cat" (DynamicCache: keys = cat([keys, k], dim=-2)).
     ``named``: cache placeholders carry Dynamo sources naming layer and keys/values (else they have
     none, and plain names). ``tables_as_inputs``: cos/sin are graph inputs (a graph break before the layer).
@@ -141,6 +142,8 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
     inv_freq = g.input("inv_freq", 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
     if fused_qkv == "per head":
         w_qkv = g.randn("query_key_value_weight", 3 * HIDDEN, HIDDEN)
+    elif fused_qkv == "conv1d":  # MHA only, like GPT-2
+        w_qkv, b_qkv = g.randn("c_attn_weight", HIDDEN, 3 * HIDDEN), g.randn("c_attn_bias", 3 * HIDDEN)
     elif fused_qkv:
         w_qkv = g.randn("qkv_proj_weight", HIDDEN + 2 * kv_width, HIDDEN)
     else:
@@ -174,6 +177,16 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
         query, keys, v_heads = (g.call(operator.getitem, pieces, i) for i in range(3))
         k_linear = v_linear = qkv
         k_heads, k_region = keys, []
+    elif fused_qkv == "conv1d":  # x = addmm(bias, x.view(-1, d), weight).view(size_out); .split(d, dim=2)
+        flat = g.method("view", x, -1, HIDDEN)
+        qkv = g.method("view", g.call(torch.addmm, b_qkv, flat, w_qkv, name="x"), (BATCH, SEQ, 3 * HIDDEN))
+        pieces = g.method("split", qkv, HIDDEN, dim=2)
+        q_lin, k_lin, v_lin = (g.call(operator.getitem, pieces, i) for i in range(3))
+        k_linear = v_linear = qkv
+        _, query = split_heads(g, q_lin)
+        _, keys = split_heads(g, k_lin)
+        k_heads, k_region = keys, []
+        _, v_heads = split_heads(g, v_lin)
     elif fused_qkv:
         qkv = g.call(F.linear, x, w_qkv, None, name="qkv")
         q_lin = g.call(operator.getitem, qkv, (Ellipsis, slice(None, HIDDEN)), name="query_states")
@@ -245,8 +258,14 @@ def assert_site_is(site: Site, layer: Layer, *, number: int, kv_heads: int) -> N
     assert site.layer == number
     assert site.x is layer.x
     assert (site.key.linear, site.value.linear) == (layer.k_linear, layer.v_linear)
-    assert (site.key.weight, site.value.weight) == (layer.k_linear.args[1], layer.v_linear.args[1])
-    assert (site.key.bias, site.value.bias) == (layer.k_bias, layer.v_bias)
+    if layer.k_linear.target == "view":  # Conv1D: view(addmm(bias, x.view(-1, d), weight))
+        addmm = layer.k_linear.args[0]
+        assert site.key.call.nodes == site.value.call.nodes == (addmm.args[1], addmm, layer.k_linear)
+        assert site.key.weight is site.value.weight is addmm.args[2]
+        assert site.key.bias is site.value.bias is addmm.args[0]
+    else:
+        assert (site.key.weight, site.value.weight) == (layer.k_linear.args[1], layer.v_linear.args[1])
+        assert (site.key.bias, site.value.bias) == (layer.k_bias, layer.v_bias)
     assert (site.key.heads, site.value.heads) == (layer.k_heads, layer.v_heads)
     assert site.key.rope == layer.k_rope
     assert site.value.rope == []
@@ -347,6 +366,28 @@ def test_gpt_neox_per_head_fused_qkv_takes_every_heads_key_and_value_rows():
     assert key.channels.of(rows).tolist() == [3 * HEAD_DIM * h + HEAD_DIM + c for h in range(HEADS)
                                               for c in range(HEAD_DIM)]
     assert value.channels.count(3 * HIDDEN) == HIDDEN
+
+
+def test_gpt2_conv1d_projection_reads_its_key_and_value_rows_from_a_weight_stored_transposed():
+    layer = llama_layer(fused_qkv="conv1d", rope=False)
+    sites, reports = matched(layer)
+    assert reports == [] and len(sites) == 1
+    assert_site_is(sites[0], layer, number=5, kv_heads=HEADS)
+    key, value = sites[0].key, sites[0].value
+    assert key.channels == FusedRows(HIDDEN, 2 * HIDDEN, weight_transposed=True)
+    assert value.channels == FusedRows(2 * HIDDEN, 3 * HIDDEN, weight_transposed=True)
+    weight = layer.builder.example_inputs[[n.name for n in layer.builder.graph.nodes].index("c_attn_weight")]
+    assert torch.equal(key.channels.of_weight(weight), weight[:, HIDDEN:2 * HIDDEN].T)  # [out, in] rows
+
+
+def test_an_addmm_that_is_not_a_plain_projection_is_not_taken_for_one():
+    """addmm(bias, x, W, beta=.., alpha=..) scales its terms: not x·W + b, so not a projection."""
+    layer = llama_layer(fused_qkv="conv1d", rope=False)
+    addmm = layer.k_linear.args[0]
+    addmm.kwargs = {"beta": 0.5}
+    sites, reports = matched(layer)
+    assert sites == [] and reports == [SiteReport(5, "skipped", "the appended states come from 0 projections, "
+                                                                "expected exactly one linear")] * 2
 
 
 def test_dynamic_cache_cat_appends_are_skipped_with_the_reason():

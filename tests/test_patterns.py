@@ -11,6 +11,7 @@ from conftest import decode_inputs, max_error, prefix_reference, reference_logit
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
+GPT2 = "gpt2 (Conv1D: q/k/v fused in a weight stored transposed, learned positions)"
 FAMILIES = {
     "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=None),
     "qwen2 (q/k/v bias)": lambda: tf.Qwen2Config(**COMMON),
@@ -20,6 +21,7 @@ FAMILIES = {
     "olmo2 (k_norm over all heads before the split)": lambda: tf.Olmo2Config(**COMMON),
     "gpt_neox (q/k/v fused per head, partial RoPE)": lambda: tf.GPTNeoXConfig(
         **{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, rotary_pct=0.5),
+    GPT2: lambda: tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512),
 }
 CODEGEN = "codegen (q/v/k fused per model-parallel block: every block's K rows, partial interleaved RoPE)"
 # Families whose attention differs from Llama's in what the rewrite replays or reads (checked for exactness
@@ -55,7 +57,7 @@ def build(family, layers: int | None = None):
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random q/k/v biases and weights large enough that K/V errors show
         for name, p in model.named_parameters():
-            if any(k in name for k in ("k_proj", "qkv_proj", "q_proj", "query_key_value")):
+            if any(k in name for k in ("k_proj", "qkv_proj", "q_proj", "query_key_value", "c_attn")):
                 p.mul_(4)
     return model
 
@@ -77,7 +79,7 @@ def test_family_is_rewritten_and_exact_unquantized(family):
 
 @pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "qwen3 (per-head k_norm before RoPE)",
                                     "olmo2 (k_norm over all heads before the split)",
-                                    "gpt_neox (q/k/v fused per head, partial RoPE)", CODEGEN])
+                                    "gpt_neox (q/k/v fused per head, partial RoPE)", CODEGEN, GPT2])
 def test_family_quantized_matches_the_reference(family):
     model = build(family)
     calls = decode_inputs(steps=4)
@@ -89,7 +91,8 @@ def test_family_quantized_matches_the_reference(family):
     assert max_error(out, simulated) < 2e-4 < max_error(simulated, exact)
 
 
-@pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "gpt_neox (q/k/v fused per head, partial RoPE)"])
+@pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "gpt_neox (q/k/v fused per head, partial RoPE)",
+                                    GPT2])
 def test_fused_projection_latents_quantized_match_the_reference(family):
     """The latents of a fused projection's K and V rows (one block each; one block in every head). One layer,
     so that the per-prefix simulation is exact (the key latent is quantized along the tokens)."""
@@ -107,6 +110,18 @@ def test_qwen2_with_inductor():
     calls = decode_inputs(steps=3)
     out = run(model, xq.XQuantConfig(bits=None, group_size=16), calls, backend="xquant")
     assert max_error(out, reference_logits(model, calls, 32)) < 1e-4
+
+
+def test_gpt2_quantized_with_inductor():
+    """GPT-2's K/V weight rows are the columns of a weight stored [in, out]: strided views (and their
+    Hadamard-folded copies) that Inductor's generated code and the dequantize-and-project op read."""
+    model = build(GPT2)
+    calls = decode_inputs(steps=3)
+    config = xq.XQuantConfig(bits=4, group_size=16)
+    out = run(model, config, calls, backend="xquant")
+    with simulate_xquant(model, config):
+        simulated = reference_logits(model, calls, 32)
+    assert max_error(out, simulated) < 2e-4 < max_error(simulated, reference_logits(model, calls, 32))
 
 
 @pytest.mark.parametrize("family", ["olmo2 (k_norm over all heads before the split)",

@@ -76,17 +76,17 @@ class LatentFactors:
 
     def get(self, weight: torch.Tensor, rows: FusedRows | None = None,
             rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) of ``rows.of(weight)`` (all rows if None; ``rows``: a fused projection's
+        """(down, up) of ``rows.of_weight(weight)`` (all rows if None; ``rows``: a fused projection's
         :class:`~xq_compile.fused_rows.FusedRows`), rotated by ``rotation``."""
         return self._get(weight, ("rows", rows), (version_counter(weight),), rotation,
-                         lambda: weight if rows is None else rows.of(weight))
+                         lambda: weight if rows is None else rows.of_weight(weight))
 
     def get_joint(self, k_weight: torch.Tensor, v_weight: torch.Tensor, k_rows=None, v_rows=None,
                   rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) of the stacked [W_k; W_v] (XQuant-CL's joint latent): up's first rows rebuild K."""
         def stacked():
-            k = k_weight if k_rows is None else k_rows.of(k_weight)
-            v = v_weight if v_rows is None else v_rows.of(v_weight)
+            k = k_weight if k_rows is None else k_rows.of_weight(k_weight)
+            v = v_weight if v_rows is None else v_rows.of_weight(v_weight)
             return torch.cat([k, v], 0)
 
         return self._get(k_weight, ("joint", id(v_weight), k_rows, v_rows),

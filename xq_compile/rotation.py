@@ -12,6 +12,7 @@ import math
 import torch
 
 from ._torch_private import version_counter, weak_tensor_map
+from .fused_rows import FusedRows
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
@@ -36,7 +37,7 @@ def fold_into_weight(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 class FoldedWeights:
-    """W·R computed once per weight tensor and recomputed only if the weight is modified in place.
+    """W·R computed once per weight tensor (and rows) and recomputed only if the weight is modified in place.
 
     Keyed weakly on the weight tensor itself, so the copy dies with the model; the tensor's
     ``_version`` counter (bumped by every in-place write) tells when it went stale.
@@ -45,11 +46,14 @@ class FoldedWeights:
     def __init__(self) -> None:
         self._folded = weak_tensor_map()
 
-    def get(self, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        entry = self._folded.get(weight)
-        if entry is None or entry[0] != version_counter(weight) or entry[1].shape[0] != h.shape[0]:
-            entry = (version_counter(weight), h, fold_into_weight(weight, h))
-            self._folded[weight] = entry
+    def get(self, weight: torch.Tensor, h: torch.Tensor, rows: FusedRows | None = None) -> torch.Tensor:
+        """W·R of ``rows.of_weight(weight)`` (all of ``weight`` if None: a Linear's [out, in])."""
+        per_weight = self._folded.setdefault(weight, {})
+        entry = per_weight.get(rows)
+        if entry is None or entry[0] != version_counter(weight) or entry[1] != h.shape[0]:
+            entry = (version_counter(weight), h.shape[0],
+                     fold_into_weight(weight if rows is None else rows.of_weight(weight), h))
+            per_weight[rows] = entry
         return entry[2]
 
 

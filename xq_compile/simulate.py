@@ -12,6 +12,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from . import quant
 from .config import XQuantConfig
@@ -42,8 +43,8 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
     rows)) as :class:`~xq_compile.fused_rows.FusedRows`."""
     layers = []
     for module in model.modules():
-        k, v, qkv, wqkv, neox = (getattr(module, name, None)
-                                 for name in ("k_proj", "v_proj", "qkv_proj", "wqkv", "query_key_value"))
+        k, v, qkv, wqkv, neox, c_attn = (getattr(module, name, None) for name in
+                                         ("k_proj", "v_proj", "qkv_proj", "wqkv", "query_key_value", "c_attn"))
         if isinstance(k, torch.nn.Linear) and isinstance(v, torch.nn.Linear):
             layers.append((k, v))
         elif isinstance(qkv, torch.nn.Linear) and hasattr(module, "mp_num"):  # CodeGen: [q | v | k] per block
@@ -56,9 +57,13 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
         elif isinstance(neox, torch.nn.Linear) and hasattr(module, "head_size"):  # GPT-NeoX: [q_h; k_h; v_h]
             d = module.head_size
             layers.append((neox, (FusedRows(d, 2 * d, 3 * d), FusedRows(2 * d, 3 * d, 3 * d))))
+        elif isinstance(c_attn, Conv1D) and c_attn.nf == 3 * c_attn.nx:  # GPT-2: [q | k | v], stored [in, out]
+            d = c_attn.nx
+            layers.append((c_attn, (FusedRows(d, 2 * d, weight_transposed=True),
+                                    FusedRows(2 * d, 3 * d, weight_transposed=True))))
     if not layers:
-        raise ValueError("no attention module with k_proj/v_proj, qkv_proj, wqkv or query_key_value Linear layers "
-                         "to simulate XQuant on")
+        raise ValueError("no attention module with k_proj/v_proj, qkv_proj, wqkv, query_key_value Linear layers "
+                         "or a GPT-2 c_attn to simulate XQuant on")
     return layers
 
 
@@ -93,10 +98,11 @@ def simulate_xquant(model: torch.nn.Module, config: XQuantConfig, trace: dict | 
     windows = _sliding_windows(model)
     handles = []
     for i, (first, second) in enumerate(_kv_projections(model)):
-        # widths as the cache sees them
-        kv_width = second[0].count(first.out_features) if isinstance(second, tuple) else first.out_features
+        # widths as the cache sees them (a Conv1D's weight is [in, out], a Linear's [out, in])
+        width, outputs = first.weight.shape if isinstance(first, Conv1D) else first.weight.shape[::-1]
+        kv_width = second[0].count(outputs) if isinstance(second, tuple) else outputs
         window = windows[i] if i < len(windows) else None
-        form = form_for(config, i, LayerShape(first.in_features, kv_width, sliding_window=window))
+        form = form_for(config, i, LayerShape(width, kv_width, sliding_window=window))
         handles += form.simulation_hooks(first, second, chain)
     with hooks_removed_after(handles):
         yield

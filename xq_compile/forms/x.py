@@ -159,7 +159,7 @@ class XForm(CacheForm):
                 x = x_hat(args[0])
                 for rows in v_proj:
                     bias = rows.of(module.bias) if module.bias is not None else None
-                    out = rows.put(out, torch.nn.functional.linear(x, rows.of(module.weight), bias))
+                    out = rows.put(out, torch.nn.functional.linear(x, rows.of_weight(module.weight), bias))
                 return out
 
             return [k_proj.register_forward_hook(fused)]
