@@ -205,10 +205,12 @@ def twelve_head_dir() -> str:
 
 def family_dir(family: str) -> str:
     """SmolLM2 (GQA as shipped) written as another architecture the plugin serves, for the serving tests:
-    ``"mistral"`` (the same weights under MistralForCausalLM, no sliding window: Llama's computation) or
+    ``"mistral"`` (the same weights under MistralForCausalLM, no sliding window: Llama's computation),
     ``"qwen2"`` (Qwen2ForCausalLM, which has q/k/v biases: SmolLM2 has none, so they are drawn at random,
-    seeded, large enough to move the model's likelihood)."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    seeded, large enough to move the model's likelihood) or ``"qwen3"`` (Qwen3ForCausalLM: per-head q/k
+    RMSNorms before RoPE, their weights drawn around 1 the same way)."""
+    from transformers import (AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     from xq_compile.models import cache_dir, load_smollm2, smollm2_hf_dir
 
@@ -224,18 +226,21 @@ def family_dir(family: str) -> str:
                  rope_parameters=dict(c.rope_parameters), bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                  pad_token_id=c.pad_token_id)
     if family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=None))
+        model, drawn = MistralForCausalLM(MistralConfig(**shape, sliding_window=None)), ()
     elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False))
+        model, drawn = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False)), ("_proj.bias",)
+    elif family == "qwen3":
+        model, drawn = Qwen3ForCausalLM(Qwen3Config(**shape, use_sliding_window=False)), ("_norm.weight",)
     else:
         raise ValueError(family)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    assert not unexpected and all(name.endswith("_proj.bias") for name in missing), (missing, unexpected)
+    assert not unexpected and all(name.endswith(drawn) for name in missing), (missing, unexpected)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name in missing:
-            bias = model.get_parameter(name)
-            bias.copy_(torch.randn(bias.shape, generator=generator) * 0.1)
+            p = model.get_parameter(name)
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(noise * 0.1 if name.endswith("bias") else 1 + noise * 0.2)
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(smollm2_hf_dir("gqa"))).save_pretrained(tmp)

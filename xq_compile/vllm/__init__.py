@@ -8,7 +8,8 @@
 
 Installing xq-compile declares the ``vllm.general_plugins`` entry point :func:`register`, which vLLM
 loads in every process: it adds the ``XQUANT`` attention backend and the model classes
-``XQuantLlamaForCausalLM`` (Llama, Mistral) and ``XQuantQwen2ForCausalLM``. :func:`engine_args` selects them
+``XQuantLlamaForCausalLM`` (Llama, Mistral), ``XQuantQwen2ForCausalLM`` and ``XQuantQwen3ForCausalLM``.
+:func:`engine_args` selects them
 for one engine (``hf_overrides``), so stock models in the same installation are untouched. Importing this module does not import vLLM.
 """
 
@@ -28,7 +29,7 @@ __all__ = ["ARCHITECTURES", "StateField", "architecture_of", "bytes_per_token", 
 # The stock architecture each served class stands in for. Mistral without a sliding window is Llama's
 # computation with Llama's weight names: the Llama class serves it (and refuses the Mistral variants that differ).
 ARCHITECTURES = {"LlamaForCausalLM": "XQuantLlamaForCausalLM", "MistralForCausalLM": "XQuantLlamaForCausalLM",
-                 "Qwen2ForCausalLM": "XQuantQwen2ForCausalLM"}
+                 "Qwen2ForCausalLM": "XQuantQwen2ForCausalLM", "Qwen3ForCausalLM": "XQuantQwen3ForCausalLM"}
 
 
 def engine_args(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None,

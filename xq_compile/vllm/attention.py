@@ -1,5 +1,5 @@
 """vLLM glue: the XQUANT attention backend, the attention layer that owns a layer's X pages, and the
-Llama and Qwen2 attention modules that feed it X instead of K and V.
+Llama, Qwen2 and Qwen3 attention modules that feed it X instead of K and V.
 
 Needs vLLM (``pip install xq-compile[vllm]``); the computation itself is :mod:`xq_compile.vllm.paged`.
 """
@@ -16,6 +16,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.model_executor.models.llama import LlamaAttention
 from vllm.model_executor.models.qwen2 import Qwen2Attention
+from vllm.model_executor.models.qwen3 import Qwen3Attention
 from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -148,7 +149,7 @@ class XQuantPagedAttention(Attention):
 
     def __init__(self, *, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, total_num_kv_heads: int,
                  hidden_size: int, xquant: XQuantConfig, rotary_emb, cache_config, prefix: str,
-                 decode_config: dict | None = None) -> None:
+                 decode_config: dict | None = None, key_norm=None) -> None:
         super().__init__(num_heads, head_dim, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          prefix=prefix, attn_backend=XQuantAttentionBackend)
         self.xquant = xquant
@@ -164,9 +165,12 @@ class XQuantPagedAttention(Attention):
         self.row_width = 2 * width if self.latent else hidden_size
         self.layout = token_state_layout(xquant, self.row_width, torch.get_default_dtype())
         self._rotary = (rotary_emb,)  # a tuple: the module belongs to the parent, not registered twice
+        # Qwen3: the keys' per-head RMSNorm before RoPE, applied to the rebuilt keys (the parent's module too)
+        self._key_norm = (key_norm,) if key_norm is not None else ()
         # decode batches on CUDA: the fused kernel reading the pages, where it computes this RoPE and can
-        # view these rows as its sources
-        self.fused_inv_freq = plain_neox_inv_freq(rotary_emb) if paged.pages_readable(self.layout) else None
+        # view these rows as its sources (it applies no key norm: such a layer takes the torch path)
+        self.fused_inv_freq = (plain_neox_inv_freq(rotary_emb)
+                               if paged.pages_readable(self.layout) and key_norm is None else None)
         self.projection: paged.Projection | None = None
         # bits=None reproduces the unmodified model exactly: nothing to spread, no rotation.
         self.rotation = (hadamard(xquant.group_size) if xquant.rotation == "hadamard" and xquant.quantized
@@ -220,13 +224,17 @@ class XQuantPagedAttention(Attention):
             return
         # static shapes on CUDA (graph capture), only the rows held on CPU
         rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype, static=pages.is_cuda)
-        rotary = self._rotary[0]
         absorb = paged.absorb_values(self.xquant, batch.max_query_len, self.projection)
-        out = paged.attend(query[:n], rows, valid, batch, self.projection,
-                           lambda pos, keys: rotary.forward_native(pos, keys)[0], absorb)
+        out = paged.attend(query[:n], rows, valid, batch, self.projection, self._keys_at, absorb)
         output[:n] = out
         output[n:] = 0
 
+    def _keys_at(self, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The rebuilt keys [T, heads * head_dim] as the model's attention sees them: its key norm (Qwen3),
+        then its RoPE at ``positions``."""
+        if self._key_norm:
+            keys = self._key_norm[0](keys.unflatten(-1, (-1, self.head_size))).flatten(-2)
+        return self._rotary[0].forward_native(positions, keys)[0]
 
     def _fused_decode(self, pages: torch.Tensor, batch: paged.PagedBatch, num_tokens: int) -> bool:
         """Whether this step takes paged.fused_decode: on a GPU the Triton kernels serve (compute capability
@@ -250,7 +258,7 @@ class XCacheAttention:
     ``Qwen2Attention``), whose ``__init__`` builds the weights; :meth:`use_x_cache` then replaces its
     ``attn`` layer. The model is not copied."""
 
-    def use_x_cache(self, config, hidden_size: int, cache_config, prefix: str) -> None:
+    def use_x_cache(self, config, hidden_size: int, cache_config, prefix: str, key_norm=None) -> None:
         xquant = xquant_of(config)
         if getattr(self.attn, "sliding_window", None) is not None:
             raise NotImplementedError("sliding-window attention is not supported by the XQuant X cache")
@@ -260,14 +268,19 @@ class XCacheAttention:
         self.attn = XQuantPagedAttention(
             num_heads=self.num_heads, head_dim=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
             total_num_kv_heads=self.total_num_kv_heads, hidden_size=hidden_size, xquant=xquant, rotary_emb=self.rotary_emb, cache_config=cache_config,
-            prefix=f"{prefix}.attn", decode_config=decode_config_of(config))
+            prefix=f"{prefix}.attn", decode_config=decode_config_of(config), key_norm=key_norm)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, _ = self.rotary_emb(positions, q, k)  # as the stock layer does (k is dropped: rebuilt from X)
+        # as the stock layer does (k is dropped: rebuilt from X)
+        q, _ = self.rotary_emb(positions, self.normed_queries(q), k)
         output, _ = self.o_proj(self.attn(q, hidden_states))
         return output
+
+    def normed_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries before RoPE: as projected (Llama, Qwen2)."""
+        return q
 
     def hand_over_kv_weights(self) -> None:
         """Copy this rank's K/V rows of the fused qkv weight (and bias: Qwen2) to the attention layer. Called
@@ -316,3 +329,20 @@ class XQuantQwen2Attention(XCacheAttention, Qwen2Attention):
         stock.__class__ = cls
         stock.use_x_cache(config, stock.hidden_size, cache_config, prefix)
         return stock
+
+
+class XQuantQwen3Attention(XCacheAttention, Qwen3Attention):
+    """vLLM's Qwen3Attention caching X: per-head RMSNorms of q and k before RoPE, the keys' applied to the
+    rebuilt keys. Like Qwen2's, vLLM's Qwen3 decoder layer builds its attention itself: :meth:`replacing`."""
+
+    @classmethod
+    def replacing(cls, stock: Qwen3Attention, config, cache_config, prefix: str) -> XQuantQwen3Attention:
+        if stock.dual_chunk_attention_config:
+            raise NotImplementedError("the XQuant X cache serves Qwen3 without dual_chunk_attention_config; "
+                                      "serve this model without xq_compile.vllm.engine_args (stock vLLM).")
+        stock.__class__ = cls  # as Qwen2's: the module's weights, norms and rotary kept as vLLM built them
+        stock.use_x_cache(config, stock.hidden_size, cache_config, prefix, key_norm=stock.k_norm)
+        return stock
+
+    def normed_queries(self, q: torch.Tensor) -> torch.Tensor:
+        return self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)

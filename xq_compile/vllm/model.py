@@ -1,4 +1,4 @@
-"""The model classes served with the X cache: vLLM's own Llama and Qwen2 with the attention swapped.
+"""The model classes served with the X cache: vLLM's own Llama, Qwen2 and Qwen3 with the attention swapped.
 
 Mistral without a sliding window computes exactly what Llama does (same layer, same weight names), so it
 is served by the Llama class; :func:`check_mistral` refuses the Mistral variants that do not.
@@ -12,14 +12,32 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from .attention import XCacheAttention, XQuantLlamaAttention, XQuantQwen2Attention, refuse_quantized_checkpoint
+from .attention import (XCacheAttention, XQuantLlamaAttention, XQuantQwen2Attention, XQuantQwen3Attention,
+                        refuse_quantized_checkpoint)
 
 
-def hand_over_kv_weights(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, XCacheAttention):
-            module.hand_over_kv_weights()
+class HandsOverKVWeights:
+    """Mixed in before a vLLM model class: once the weights are loaded, each X-cache attention layer takes its
+    copy of this rank's K/V weight rows (:meth:`XCacheAttention.hand_over_kv_weights`)."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)
+        for module in self.modules():
+            if isinstance(module, XCacheAttention):
+                module.hand_over_kv_weights()
+        return loaded
+
+
+def convert_attention(model: torch.nn.Module, attention: type, vllm_config: VllmConfig) -> None:
+    """For a family whose decoder layer builds its attention itself (it takes no attention class argument, as
+    Llama's does): convert each layer's module after construction, before any weight is loaded."""
+    for layer in model.model.layers:
+        if hasattr(layer, "self_attn"):  # not a pipeline-parallel placeholder
+            attn = layer.self_attn
+            layer.self_attn = attention.replacing(attn, model.config, vllm_config.cache_config,
+                                                  attn.attn.layer_name.removesuffix(".attn"))
 
 
 def check_mistral(config) -> None:
@@ -39,32 +57,26 @@ class XQuantLlamaDecoderLayer(LlamaDecoderLayer):
         super().__init__(vllm_config, prefix=prefix, config=config, attn_layer_type=XQuantLlamaAttention)
 
 
-class XQuantLlamaForCausalLM(LlamaForCausalLM):
+class XQuantLlamaForCausalLM(HandsOverKVWeights, LlamaForCausalLM):
     """``LlamaForCausalLM`` whose layers cache X (see :mod:`xq_compile.vllm.attention`)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=XQuantLlamaDecoderLayer)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = super().load_weights(weights)
-        hand_over_kv_weights(self)
-        return loaded
 
-
-class XQuantQwen2ForCausalLM(Qwen2ForCausalLM):
-    """``Qwen2ForCausalLM`` whose layers cache X. vLLM's Qwen2 takes no attention class argument (Llama's
-    does): each layer's attention module is converted after construction, before any weight is loaded."""
+class XQuantQwen2ForCausalLM(HandsOverKVWeights, Qwen2ForCausalLM):
+    """``Qwen2ForCausalLM`` whose layers cache X."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         refuse_quantized_checkpoint(vllm_config.quant_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        for layer in self.model.layers:
-            if hasattr(layer, "self_attn"):  # not a pipeline-parallel placeholder
-                attn = layer.self_attn
-                layer.self_attn = XQuantQwen2Attention.replacing(
-                    attn, self.config, vllm_config.cache_config, attn.attn.layer_name.removesuffix(".attn"))
+        convert_attention(self, XQuantQwen2Attention, vllm_config)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = super().load_weights(weights)
-        hand_over_kv_weights(self)
-        return loaded
+
+class XQuantQwen3ForCausalLM(HandsOverKVWeights, Qwen3ForCausalLM):
+    """``Qwen3ForCausalLM`` whose layers cache X (their keys' RMSNorm applied to the rebuilt keys)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        refuse_quantized_checkpoint(vllm_config.quant_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        convert_attention(self, XQuantQwen3Attention, vllm_config)
