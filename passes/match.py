@@ -29,7 +29,9 @@ LINEAR_TARGETS = (F.linear,)
 # Ops that only regroup a projection's output into heads: [B, S, H*D] -> [B, H, S, D].
 SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unflatten"}
 SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.unflatten}
-# Of those, the ones that can split the last axis into heads.
+# Ops that repeat K/V heads for the query heads (as attention may, after the cache), as methods or functions.
+HEAD_REPEATS = {"expand", "broadcast_to", "repeat", "repeat_interleave", torch.broadcast_to, torch.repeat_interleave}
+# Of the shape ops, the ones that can split the last axis into heads.
 RESHAPE_METHODS = {"view", "reshape", "unflatten"}
 RESHAPE_FUNCTIONS = {torch.reshape, torch.unflatten}
 
@@ -55,11 +57,46 @@ class LinearCall:
 
 
 def linear_call(node: fx.Node) -> LinearCall | None:
-    """The projection whose output ``node`` is: ``F.linear(x, W, b)``, or transformers' ``Conv1D`` (GPT-2)
-    ``addmm(b, x.view(-1, d), W).view(*x.shape[:-1], out)`` with W [d, out]; else None."""
+    """The projection whose output ``node`` is: ``F.linear(x, W, b)``; ``x @ W.T`` (+ ``b``), as Falcon's
+    ``FalconLinear`` computes it; or transformers' ``Conv1D`` (GPT-2) ``addmm(b, x.view(-1, d), W).view(...)``
+    with W stored [d, out]; else None."""
     if node.op == "call_function" and node.target in LINEAR_TARGETS:
         return LinearCall(node, _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), (node,),
                           weight_transposed=False)
+    return _matmul_by_transposed_weight(node) or _conv1d(node)
+
+
+def _matmul_by_transposed_weight(node: fx.Node) -> LinearCall | None:
+    """``x @ W.T`` or ``x @ W.T + b`` (W [out, in], b [out]) ending at ``node``."""
+    bias = None
+    if (node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2
+            and not node.kwargs):  # (torch.add's alpha would scale the bias)
+        product, bias = node.args
+        b_value = example_value(bias) if isinstance(bias, fx.Node) else None
+        if not isinstance(product, fx.Node) or b_value is None or b_value.dim() != 1:
+            return None
+    else:
+        product = node
+    if (product.op != "call_function" or product.target not in (operator.matmul, torch.matmul)
+            or len(product.args) != 2 or not all(isinstance(a, fx.Node) for a in product.args)):
+        return None
+    x, transposed = product.args
+    is_t = ((transposed.op == "call_function" and transposed.target is getattr and transposed.args[1] in ("T", "mT"))
+            or is_call(transposed, methods={"t"}, functions={torch.t}))
+    weight = transposed.args[0] if is_t else None
+    if not isinstance(weight, fx.Node) or weight.op != "placeholder":  # a parameter, not some other product
+        return None
+    w_value, x_value = (example_value(n) if isinstance(n, fx.Node) else None for n in (weight, x))
+    if w_value is None or x_value is None or w_value.dim() != 2 or x_value.dim() < 2:
+        return None
+    if bias is not None and example_value(bias).shape[0] != w_value.shape[0]:
+        return None
+    nodes = (transposed, product) + ((node,) if bias is not None else ())
+    return LinearCall(node, x, weight, bias, nodes, weight_transposed=False)
+
+
+def _conv1d(node: fx.Node) -> LinearCall | None:
+    """transformers' ``Conv1D`` (GPT-2): ``addmm(b, x.view(-1, d), W).view(*x.shape[:-1], out)``, W [d, out]."""
     reshapes = dict(methods=RESHAPE_METHODS, functions=RESHAPE_FUNCTIONS)
     mm = node.args[0] if is_call(node, **reshapes) else None
     # addmm(bias, x, W, beta=.., alpha=..) scales its terms: not x·W + b
@@ -323,9 +360,14 @@ def _follow_shape_ops(node: fx.Node, append: Append) -> tuple[fx.Node, bool]:
 
 def _rows_in_every_head(projected: fx.Node, heads: fx.Node, append: Append) -> tuple[fx.Node, FusedRows] | None:
     """GPT-NeoX: a fused q/k/v projection split into heads of [q_h, k_h, v_h] first, then each head's channels
-    sliced (``qkv.chunk(3, dim=-1)``): (the slice, its rows: one block in every head of the weight), or None."""
+    sliced (``qkv.chunk(3, dim=-1)``); or split into groups, some of them taken (``_heads_picked``): (the
+    slice, its rows: one block in every head (group) of the weight), or None."""
     period = _heads_of_fused_rows(projected, heads)
     leading = [u for u in heads.users if append.value in _descendants(u)]
+    if period and len(leading) == 1:
+        picked = _heads_picked(leading[0], projected, period)
+        if picked is not None:
+            return leading[0], picked
     # the slice must carry all that reaches the append (unlike RoPE's x[..., :D/2], one of several readers)
     piece = _channel_slice(heads, append) if period and len(leading) == 1 else None
     if piece is None:
@@ -335,6 +377,34 @@ def _rows_in_every_head(projected: fx.Node, heads: fx.Node, append: Append) -> t
         return None  # several pieces of one split reach the append
     piece, (first, stop) = piece
     return piece, FusedRows(first, stop, period)
+
+
+def _heads_picked(getitem: fx.Node, projected: fx.Node, group: int) -> FusedRows | None:
+    """Falcon, Persimmon: a fused projection split into groups of ``group`` channels ([..., A, group]), then
+    some of the A groups taken on axis -2 (``qkv[..., [-2], :]``: Falcon-7B's one key head among its H + 2;
+    ``qkv[..., 1, :]`` of [B, S, H, 3, D]: every head's key block): their rows, or None."""
+    if getitem.op != "call_function" or getitem.target is not operator.getitem:
+        return None
+    index = getitem.args[1] if isinstance(getitem.args[1], tuple) else (getitem.args[1],)
+    whole = example_value(getitem.args[0])
+    if (not isinstance(whole, torch.Tensor) or len(index) < 2 or index[-1] != slice(None)
+            or any(i is not Ellipsis and i != slice(None) for i in index[:-2])
+            or (Ellipsis not in index[:-2] and len(index) != whole.dim())):
+        return None
+    count, pick = int(whole.shape[-2]), index[-2]
+    if isinstance(pick, int):
+        picked = [pick % count]
+    elif isinstance(pick, list) and pick and all(isinstance(i, int) for i in pick):
+        picked = [i % count for i in pick]
+    elif isinstance(pick, slice) and pick.step in (None, 1):
+        picked = list(range(*pick.indices(count)))
+    else:
+        return None
+    if not picked or picked != list(range(picked[0], picked[-1] + 1)):
+        return None  # not one run of consecutive groups, in order
+    width = int(example_value(projected).shape[-1])
+    period = count * group if count * group < width else None
+    return FusedRows(picked[0] * group, (picked[-1] + 1) * group, period)
 
 
 def _heads_of_fused_rows(projected: fx.Node, heads: fx.Node) -> int | None:
@@ -537,6 +607,10 @@ def _site(x: fx.Node, group: list[tuple[Append, Projection]], layer: int) -> Sit
             raise SkipSite("cannot tell the key append from the value append")
         key = with_rope[0]
         value = next(p for _, p in group if p is not key)
+    for proj in (key, value):
+        if any(is_call(n, methods=HEAD_REPEATS, functions=HEAD_REPEATS) for n in proj.rope):
+            raise SkipSite("the K/V heads are repeated for the query heads before the cache (e.g. Falcon's "
+                           "new_decoder_architecture), which then holds copies of each head")
     if value.rope:
         raise SkipSite("the value states are transformed between projection and cache (only keys may carry RoPE)")
     for proj in (key, value):

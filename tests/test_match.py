@@ -130,7 +130,9 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
     [B, S, H, D] (Qwen3), or over "all heads" on [B, S, H·D] before the split into heads (OLMo 2).
     ``rope=False``: no RoPE (EXAONE 4's global layers). ``fused_qkv``: one qkv projection sliced into q, k, v
     (Phi-3), or "per head": split into heads of [q_h, k_h, v_h] first, then chunked (GPT-NeoX), or "conv1d":
-    GPT-2's Conv1D (``addmm`` with a weight stored [in, out]), then split into q, k, v.
+    GPT-2's Conv1D (``addmm`` with a weight stored [in, out]), then split into q, k, v; or "falcon": ``x @ W.T
+    + b``, split into H + 2 heads, the key head picked by ``[..., [-2], :]`` (multi-query, ``kv_heads=1``); or
+    "persimmon": split into [B, S, H, 3, D], each head's keys picked by ``[..., 1, :]``.
     ``append``: "index_copy_" (StaticCache), "cat" (DynamicCache: keys = cat([keys, k], dim=-2)).
     ``named``: cache placeholders carry Dynamo sources naming layer and keys/values (else they have
     none, and plain names). ``tables_as_inputs``: cos/sin are graph inputs (a graph break before the layer).
@@ -144,6 +146,11 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
         w_qkv = g.randn("query_key_value_weight", 3 * HIDDEN, HIDDEN)
     elif fused_qkv == "conv1d":  # MHA only, like GPT-2
         w_qkv, b_qkv = g.randn("c_attn_weight", HIDDEN, 3 * HIDDEN), g.randn("c_attn_bias", 3 * HIDDEN)
+    elif fused_qkv == "falcon":
+        rows = HIDDEN + 2 * kv_width
+        w_qkv, b_qkv = g.randn("query_key_value_weight", rows, HIDDEN), g.randn("query_key_value_bias", rows)
+    elif fused_qkv == "persimmon":  # MHA only
+        w_qkv = g.randn("query_key_value_weight", 3 * HIDDEN, HIDDEN)
     elif fused_qkv:
         w_qkv = g.randn("qkv_proj_weight", HIDDEN + 2 * kv_width, HIDDEN)
     else:
@@ -187,6 +194,19 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
         _, keys = split_heads(g, k_lin)
         k_heads, k_region = keys, []
         _, v_heads = split_heads(g, v_lin)
+    elif fused_qkv in ("falcon", "persimmon"):  # heads (or their [q, k, v] blocks) picked on axis -2
+        if fused_qkv == "falcon":  # x @ self.weight.T + self.bias, then [B, S, H + 2, D]
+            qkv = g.call(operator.add, g.call(operator.matmul, x, g.call(getattr, w_qkv, "T")), b_qkv)
+            grouped = g.method("view", qkv, BATCH, SEQ, HEADS + 2, HEAD_DIM)
+            picks = (slice(None, -2), [-2], [-1])
+        else:  # F.linear, then [B, S, H, 3, D]
+            qkv = g.call(F.linear, x, w_qkv, None, name="qkv")
+            grouped = g.method("view", qkv, BATCH, SEQ, HEADS, 3, HEAD_DIM)
+            picks = (0, 1, 2)
+        q_pick, k_pick, v_pick = (g.call(operator.getitem, grouped, (Ellipsis, p, slice(None))) for p in picks)
+        k_linear = v_linear = qkv
+        query, keys, v_heads = (g.method("transpose", p, 1, 2) for p in (q_pick, k_pick, v_pick))
+        k_heads, k_region = keys, []
     elif fused_qkv:
         qkv = g.call(F.linear, x, w_qkv, None, name="qkv")
         q_lin = g.call(operator.getitem, qkv, (Ellipsis, slice(None, HIDDEN)), name="query_states")
@@ -263,6 +283,12 @@ def assert_site_is(site: Site, layer: Layer, *, number: int, kv_heads: int) -> N
         assert site.key.call.nodes == site.value.call.nodes == (addmm.args[1], addmm, layer.k_linear)
         assert site.key.weight is site.value.weight is addmm.args[2]
         assert site.key.bias is site.value.bias is addmm.args[0]
+    elif layer.k_linear.target is operator.add:  # FalconLinear: x @ weight.T + bias
+        matmul, bias = layer.k_linear.args
+        transposed = matmul.args[1]
+        assert site.key.call.nodes == site.value.call.nodes == (transposed, matmul, layer.k_linear)
+        assert site.key.weight is site.value.weight is transposed.args[0]
+        assert site.key.bias is site.value.bias is bias
     else:
         assert (site.key.weight, site.value.weight) == (layer.k_linear.args[1], layer.v_linear.args[1])
         assert (site.key.bias, site.value.bias) == (layer.k_bias, layer.v_bias)
@@ -378,6 +404,25 @@ def test_gpt2_conv1d_projection_reads_its_key_and_value_rows_from_a_weight_store
     assert value.channels == FusedRows(2 * HIDDEN, 3 * HIDDEN, weight_transposed=True)
     weight = layer.builder.example_inputs[[n.name for n in layer.builder.graph.nodes].index("c_attn_weight")]
     assert torch.equal(key.channels.of_weight(weight), weight[:, HIDDEN:2 * HIDDEN].T)  # [out, in] rows
+
+
+def test_falcon_multi_query_takes_the_one_key_head_picked_from_the_fused_heads():
+    layer = llama_layer(1, fused_qkv="falcon", rope=False)
+    sites, reports = matched(layer)
+    assert reports == [] and len(sites) == 1
+    assert_site_is(sites[0], layer, number=5, kv_heads=1)
+    assert sites[0].key.channels == FusedRows(HIDDEN, HIDDEN + HEAD_DIM)
+    assert sites[0].value.channels == FusedRows(HIDDEN + HEAD_DIM, HIDDEN + 2 * HEAD_DIM)
+    assert sites[0].key.layout == "[B, H, S, D]"
+
+
+def test_persimmon_takes_every_heads_key_block_picked_by_an_integer_index():
+    layer = llama_layer(fused_qkv="persimmon", rope=False)
+    sites, reports = matched(layer)
+    assert reports == [] and len(sites) == 1
+    assert_site_is(sites[0], layer, number=5, kv_heads=HEADS)
+    assert sites[0].key.channels == FusedRows(HEAD_DIM, 2 * HEAD_DIM, 3 * HEAD_DIM)
+    assert sites[0].value.channels == FusedRows(2 * HEAD_DIM, 3 * HEAD_DIM, 3 * HEAD_DIM)
 
 
 def test_an_addmm_that_is_not_a_plain_projection_is_not_taken_for_one():

@@ -12,6 +12,8 @@ from conftest import decode_inputs, max_error, prefix_reference, reference_logit
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
 GPT2 = "gpt2 (Conv1D: q/k/v fused in a weight stored transposed, learned positions)"
+FALCON = "falcon-7b style (x @ W.T + b; multi-query: the one K/V head picked from the fused heads)"
+PERSIMMON = "persimmon (q/k/v of each head picked by an integer index; per-head q/k LayerNorm; partial RoPE)"
 FAMILIES = {
     "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=None),
     "qwen2 (q/k/v bias)": lambda: tf.Qwen2Config(**COMMON),
@@ -22,6 +24,10 @@ FAMILIES = {
     "gpt_neox (q/k/v fused per head, partial RoPE)": lambda: tf.GPTNeoXConfig(
         **{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, rotary_pct=0.5),
     GPT2: lambda: tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    FALCON: lambda: tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    multi_query=True, bias=True),
+    PERSIMMON: lambda: tf.PersimmonConfig(**{k: v for k, v in COMMON.items() if k != "num_key_value_heads"},
+                                          partial_rotary_factor=0.5),
 }
 CODEGEN = "codegen (q/v/k fused per model-parallel block: every block's K rows, partial interleaved RoPE)"
 # Families whose attention differs from Llama's in what the rewrite replays or reads (checked for exactness
@@ -32,6 +38,8 @@ MORE_FAMILIES = {
     "gptj (partial interleaved RoPE from a sin/cos buffer)": lambda: tf.GPTJConfig(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
     "glm4 (partial interleaved RoPE)": lambda: tf.Glm4Config(**COMMON, head_dim=16, pad_token_id=0),
+    "falcon (one K/V head per query head: [q_h; k_h; v_h] picked per head)": lambda: tf.FalconConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False),
     "granite (attention and residual multipliers)": lambda: tf.GraniteConfig(
         **COMMON, attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=3.0),
     "mixtral (mixture of experts)": lambda: tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
@@ -79,7 +87,7 @@ def test_family_is_rewritten_and_exact_unquantized(family):
 
 @pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "qwen3 (per-head k_norm before RoPE)",
                                     "olmo2 (k_norm over all heads before the split)",
-                                    "gpt_neox (q/k/v fused per head, partial RoPE)", CODEGEN, GPT2])
+                                    "gpt_neox (q/k/v fused per head, partial RoPE)", CODEGEN, GPT2, PERSIMMON])
 def test_family_quantized_matches_the_reference(family):
     model = build(family)
     calls = decode_inputs(steps=4)
@@ -92,10 +100,11 @@ def test_family_quantized_matches_the_reference(family):
 
 
 @pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "gpt_neox (q/k/v fused per head, partial RoPE)",
-                                    GPT2])
+                                    GPT2, FALCON])
 def test_fused_projection_latents_quantized_match_the_reference(family):
-    """The latents of a fused projection's K and V rows (one block each; one block in every head). One layer,
-    so that the per-prefix simulation is exact (the key latent is quantized along the tokens)."""
+    """The latents of a fused projection's K and V rows (one block each; one block in every head; Falcon-7B's
+    one K/V head, the form it gets by default: X is wider than K+V). One layer, so that the per-prefix
+    simulation is exact (the key latent is quantized along the tokens)."""
     model = build(family, layers=1)
     calls = decode_inputs(steps=20)  # 26 tokens: groups of 16 complete mid-decode
     config = xq.XQuantConfig(bits=4, group_size=16, form="latent")
@@ -152,6 +161,21 @@ def test_states_clipped_in_place_are_refused_not_rebuilt_without_the_clip():
     assert f"(layer 0: {why}; layer 1: {why})" in str(error.value)
 
 
+def test_heads_repeated_before_the_cache_are_refused():
+    """Falcon's new decoder architecture broadcasts each K/V head to its query heads before the cache (which then
+    holds copies): every layer is refused with that reason, and the torch reference says so too."""
+    torch.manual_seed(0)
+    config = tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             new_decoder_architecture=True, num_kv_heads=2)
+    config._attn_implementation = "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(Exception, match="xquant could not rewrite") as error:
+        run(model, xq.XQuantConfig(bits=None, group_size=16), decode_inputs(steps=1))
+    assert "layer 0: skipped: the K/V heads are repeated for the query heads before the cache" in str(error.value)
+    with pytest.raises(ValueError, match="new_decoder_architecture"), simulate_xquant(model, xq.XQuantConfig()):
+        pass
+
+
 @pytest.mark.parametrize("config, says", [
     (lambda: tf.LlamaConfig(**COMMON, layer_types=["full_attention", "chunked_attention"], attention_chunk_size=8),
      "this model also has layer types ['chunked_attention']"),
@@ -181,9 +205,9 @@ def test_a_model_of_sliding_window_layers_only_gets_window_layers():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_form_where_the_rope_is_plain_and_the_op_form_elsewhere(family):
     """rebuild="fused" (CUDA's decode form, run here through the op's CPU kernel) takes the fused
-    decode-attention op only where the keys' region is exactly k·cos + rotate_half(k)·sin: Qwen3's
-    k_norm and Phi-3's partial-rotary form (rotated slice + pass-through, concatenated) keep the
-    unfused form. Either way the result is exact when unquantized."""
+    decode-attention op only where the keys' region is exactly k·cos + rotate_half(k)·sin (Falcon-7B's too, in
+    the latent form: one K/V head): Qwen3's k_norm and Phi-3's partial-rotary form (rotated slice +
+    pass-through, concatenated) keep the unfused form. Either way the result is exact when unquantized."""
     model = build(family)
     calls = decode_inputs(steps=3)
     config = xq.XQuantConfig(bits=None, group_size=16)
@@ -192,4 +216,4 @@ def test_fused_form_where_the_rope_is_plain_and_the_op_form_elsewhere(family):
     torch._dynamo.reset()
     run(model, xq.XQuantConfig(bits=4, group_size=16), calls, backend=xq.make_xquant_backend("aot_eager", rebuild="fused"))
     fused = "decode_attention" in xq.COMPILE_LOG[-1].code_after
-    assert fused == (family.split()[0] in ("mistral", "qwen2", "gemma")), family
+    assert fused == (family.split()[0] in ("mistral", "qwen2", "gemma", "falcon-7b")), family

@@ -24,7 +24,7 @@ from . import refusal
 from ._torch_private import mark_static_address, weak_tensor_map
 from ._transformers_compat import make_mask_creation_traceable
 from .config import XQuantConfig
-from .forms import CacheForm, LayerShape, allocate, form_for, layer_shapes
+from .forms import CacheForm, LayerShape, allocate, cached_kv_heads, form_for, layer_shapes
 from .forms.window import ModelWindowForm, XWindowForm
 from .rotation import rotation_of
 
@@ -400,7 +400,7 @@ class XQuantCache(Cache):
             )
         hidden_size = config.hidden_size
         num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        num_kv_heads = cached_kv_heads(config)
         head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
         device = torch.device(device if device is not None else "cpu")
 

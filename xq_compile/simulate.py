@@ -54,9 +54,8 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
             layers.append((qkv, _blocks(qkv, module.config.num_attention_heads * module.head_dim)))
         elif isinstance(wqkv, torch.nn.Linear):  # gpt-fast: rows [q | k | v], q as wide as the model
             layers.append((wqkv, _blocks(wqkv, module.dim)))
-        elif isinstance(neox, torch.nn.Linear) and hasattr(module, "head_size"):  # GPT-NeoX: [q_h; k_h; v_h]
-            d = module.head_size
-            layers.append((neox, (FusedRows(d, 2 * d, 3 * d), FusedRows(2 * d, 3 * d, 3 * d))))
+        elif isinstance(neox, torch.nn.Linear):  # GPT-NeoX, Persimmon, Falcon
+            layers.append((neox, _query_key_value_rows(module, neox)))
         elif isinstance(c_attn, Conv1D) and c_attn.nf == 3 * c_attn.nx:  # GPT-2: [q | k | v], stored [in, out]
             d = c_attn.nx
             layers.append((c_attn, (FusedRows(d, 2 * d, weight_transposed=True),
@@ -65,6 +64,18 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
         raise ValueError("no attention module with k_proj/v_proj, qkv_proj, wqkv, query_key_value Linear layers "
                          "or a GPT-2 c_attn to simulate XQuant on")
     return layers
+
+
+def _query_key_value_rows(module: torch.nn.Module, qkv: torch.nn.Linear) -> tuple[FusedRows, FusedRows]:
+    """The K and V rows of a ``query_key_value`` projection: per head [q_h; k_h; v_h] (GPT-NeoX, Persimmon,
+    Falcon with one K/V head per query head), or [q | k | v] with one K/V head (Falcon-7B's multi-query)."""
+    if getattr(module, "new_decoder_architecture", False):
+        raise ValueError("Falcon's new_decoder_architecture repeats each K/V head for its query heads before the "
+                         "cache: XQuant does not simulate or rewrite it")
+    if getattr(module, "multi_query", False):
+        return _blocks(qkv, module.num_heads * module.head_dim)
+    d = getattr(module, "head_size", None) or module.head_dim
+    return FusedRows(d, 2 * d, 3 * d), FusedRows(2 * d, 3 * d, 3 * d)
 
 
 def _blocks(qkv: torch.nn.Linear, q_width: int) -> tuple[FusedRows, FusedRows]:

@@ -44,7 +44,7 @@ def layer_shapes(model_config) -> list[LayerShape]:
             "its cache already holds a compressed latent of K and V, not K and V from the layer's input X, so "
             "XQuantCache does not apply; use transformers' own cache for it.")
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = cached_kv_heads(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     types, windows = layer_types_and_windows(config)
     unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
@@ -54,6 +54,13 @@ def layer_shapes(model_config) -> list[LayerShape]:
             f"this model also has layer types {unsupported}; use transformers' own cache for it."
         )
     return [LayerShape(config.hidden_size, kv_heads * head_dim, kv_heads, window) for window in windows]
+
+
+def cached_kv_heads(config) -> int:
+    """How many K/V heads a layer of this (text) config writes into its cache."""
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", True):
+        return 1  # Falcon-7B's multi-query attention (its config's num_kv_heads counts the query heads)
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def layer_types_and_windows(config) -> tuple[list[str], list[int | None]]:
@@ -73,4 +80,5 @@ def layer_types_and_windows(config) -> tuple[list[str], list[int | None]]:
                          for t, k in zip(types, per_layer)]
 
 
-__all__ = ["FORMS", "CacheForm", "FusedSources", "LayerShape", "StateTensor", "allocate", "form_for", "layer_shapes"]
+__all__ = ["FORMS", "CacheForm", "FusedSources", "LayerShape", "StateTensor", "allocate", "cached_kv_heads", "form_for",
+           "layer_shapes"]
