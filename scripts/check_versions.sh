@@ -38,7 +38,7 @@ DEFAULT=(transformers=5.17.0 transformers=5.19.0 torch=2.11.0 torch=2.12.0)
 # transformers StaticCache rewritten through options=, a hybrid model (sliding-window layers kept) past
 # its window, X windows, the fused op's RoPE from positions (the rotary forward's form differs between
 # releases; YaRN), the families whose attention code the matcher reads closely (OLMo 2's norm over all
-# heads, GPT-NeoX's per-head fused q/k/v, EXAONE 4's layers without RoPE, OLMo 3, GPT-2's Conv1D).
+# heads, GPT-NeoX's per-head fused q/k/v, EXAONE 4's layers without RoPE, OLMo 3, GPT-2's Conv1D, Falcon-7B).
 SMOKE=(
     tests/test_transformers_compat.py
     tests/test_backend.py::test_generate_with_left_padding_matches_unquantized_greedy
@@ -56,6 +56,7 @@ SMOKE=(
     "tests/test_hybrid_families.py::test_unquantized_is_exact_past_the_window[exaone4]"
     "tests/test_hybrid_families.py::test_unquantized_is_exact_past_the_window[olmo3]"
     "tests/test_patterns.py::test_family_is_rewritten_and_exact_unquantized[gpt2 (Conv1D: q/k/v fused in a weight stored transposed, learned positions)]"
+    "tests/test_patterns.py::test_family_is_rewritten_and_exact_unquantized[falcon-7b style (x @ W.T + b; multi-query: the one K/V head picked from the fused heads)]"
 )
 # What torch releases run besides: the parts that lean on torch's compiler stack and its private APIs
 # (the custom ops' registration, fake kernels and compilation with a data-dependent length, the C++
