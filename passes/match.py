@@ -290,12 +290,16 @@ def _projection(append: Append) -> Projection:
     if len(calls) != 1:
         raise SkipSite(f"the appended states come from {len(calls)} projections, expected exactly one linear")
     call = calls[0]
-    start = linear = call.output
-    channels = _channel_slice(linear, append)
+    linear = call.output
+    one_head = _one_head_axis(linear, append)
+    start = one_head or linear
+    channels = _channel_slice(start, append)
     if channels is not None:
         start, (first, stop) = channels
         channels = FusedRows(first, stop)
     heads, transposed = _follow_shape_ops(start, append)
+    if one_head is not None:
+        transposed = True  # [B, 1, S, ...]: the heads axis before the tokens
     per_head = _rows_in_every_head(start, heads, append) if channels is None and heads is not start else None
     if per_head is not None:
         piece, channels = per_head
@@ -307,7 +311,7 @@ def _projection(append: Append) -> Projection:
                        "OLMo's clip_qkv): a rebuild from X would miss it")
     between = _descendants(heads) & _ancestors(append.value, stop=lambda n: False)
     rope = [n for n in heads.graph.nodes if n in between and n is not heads]
-    if heads is not start:
+    if heads is not start or one_head is not None:
         layout = "[B, H, S, D]" if transposed else "[B, S, H, D]"
     elif any(is_call(n, methods=RESHAPE_METHODS, functions=RESHAPE_FUNCTIONS) for n in rope):
         layout = "[B, S, H·D]"  # per-token ops over all heads before the split (OLMo 2's k_norm)
@@ -356,6 +360,20 @@ def _follow_shape_ops(node: fx.Node, append: Append) -> tuple[fx.Node, bool]:
             return node, transposed
         node = nxt[0]
         transposed |= is_call(node, methods={"transpose", "permute"}, functions={torch.transpose, torch.permute})
+
+
+def _one_head_axis(linear: fx.Node, append: Append) -> fx.Node | None:
+    """GPTBigCode's multi-query ``c_attn(x).unsqueeze(1).split((d, kv, kv), dim=3)``: the projection's output
+    [B, S, N] given a heads axis of one before the tokens, [B, 1, S, N], on its way to the append; or None."""
+    leading = [u for u in linear.users if append.value in _descendants(u)]
+    if len(leading) != 1 or not is_call(leading[0], methods={"unsqueeze"}, functions={torch.unsqueeze}):
+        return None
+    unsqueeze = leading[0]
+    value = example_value(unsqueeze)
+    dim = _arg(unsqueeze, 1, "dim")
+    if not isinstance(value, torch.Tensor) or value.dim() != 4 or dim not in (1, -4):
+        return None
+    return unsqueeze
 
 
 def _rows_in_every_head(projected: fx.Node, heads: fx.Node, append: Append) -> tuple[fx.Node, FusedRows] | None:

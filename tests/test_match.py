@@ -132,7 +132,8 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
     (Phi-3), or "per head": split into heads of [q_h, k_h, v_h] first, then chunked (GPT-NeoX), or "conv1d":
     GPT-2's Conv1D (``addmm`` with a weight stored [in, out]), then split into q, k, v; or "falcon": ``x @ W.T
     + b``, split into H + 2 heads, the key head picked by ``[..., [-2], :]`` (multi-query, ``kv_heads=1``); or
-    "persimmon": split into [B, S, H, 3, D], each head's keys picked by ``[..., 1, :]``.
+    "persimmon": split into [B, S, H, 3, D], each head's keys picked by ``[..., 1, :]``; or "bigcode":
+    StarCoder's multi-query ``c_attn(x).unsqueeze(1).split((d, D, D), dim=3)`` (``kv_heads=1``).
     ``append``: "index_copy_" (StaticCache), "cat" (DynamicCache: keys = cat([keys, k], dim=-2)).
     ``named``: cache placeholders carry Dynamo sources naming layer and keys/values (else they have
     none, and plain names). ``tables_as_inputs``: cos/sin are graph inputs (a graph break before the layer).
@@ -151,6 +152,8 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
         w_qkv, b_qkv = g.randn("query_key_value_weight", rows, HIDDEN), g.randn("query_key_value_bias", rows)
     elif fused_qkv == "persimmon":  # MHA only
         w_qkv = g.randn("query_key_value_weight", 3 * HIDDEN, HIDDEN)
+    elif fused_qkv == "bigcode":
+        w_qkv = g.randn("c_attn_weight", HIDDEN + 2 * kv_width, HIDDEN)
     elif fused_qkv:
         w_qkv = g.randn("qkv_proj_weight", HIDDEN + 2 * kv_width, HIDDEN)
     else:
@@ -194,6 +197,13 @@ def llama_layer(kv_heads: int = HEADS, layer: int = 5, *, bias: bool = False, k_
         _, keys = split_heads(g, k_lin)
         k_heads, k_region = keys, []
         _, v_heads = split_heads(g, v_lin)
+    elif fused_qkv == "bigcode":  # [B, 1, S, d + 2D]: one head axis, then the channels split
+        qkv = g.call(F.linear, x, w_qkv, None, name="qkv")
+        pieces = g.method("split", g.method("unsqueeze", qkv, 1), (HIDDEN, kv_width, kv_width), dim=3)
+        q_lin, keys, v_heads = (g.call(operator.getitem, pieces, i) for i in range(3))
+        query = g.method("transpose", g.method("view", q_lin, BATCH, SEQ, HEADS, HEAD_DIM), 1, 2)
+        k_linear = v_linear = qkv
+        k_heads, k_region = keys, []
     elif fused_qkv in ("falcon", "persimmon"):  # heads (or their [q, k, v] blocks) picked on axis -2
         if fused_qkv == "falcon":  # x @ self.weight.T + self.bias, then [B, S, H + 2, D]
             qkv = g.call(operator.add, g.call(operator.matmul, x, g.call(getattr, w_qkv, "T")), b_qkv)
@@ -414,6 +424,15 @@ def test_falcon_multi_query_takes_the_one_key_head_picked_from_the_fused_heads()
     assert sites[0].key.channels == FusedRows(HIDDEN, HIDDEN + HEAD_DIM)
     assert sites[0].value.channels == FusedRows(HIDDEN + HEAD_DIM, HIDDEN + 2 * HEAD_DIM)
     assert sites[0].key.layout == "[B, H, S, D]"
+
+
+def test_starcoder_multi_query_projection_given_a_heads_axis_then_split():
+    layer = llama_layer(1, fused_qkv="bigcode", rope=False)
+    sites, reports = matched(layer)
+    assert reports == [] and len(sites) == 1
+    assert_site_is(sites[0], layer, number=5, kv_heads=1)
+    assert sites[0].key.channels == FusedRows(HIDDEN, HIDDEN + HEAD_DIM)
+    assert sites[0].key.layout == sites[0].value.layout == "[B, H, S, D]"
 
 
 def test_persimmon_takes_every_heads_key_block_picked_by_an_integer_index():

@@ -13,6 +13,7 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
               num_key_value_heads=2, max_position_embeddings=512)
 GPT2 = "gpt2 (Conv1D: q/k/v fused in a weight stored transposed, learned positions)"
 FALCON = "falcon-7b style (x @ W.T + b; multi-query: the one K/V head picked from the fused heads)"
+STARCODER = "gpt_bigcode (StarCoder: multi-query, c_attn(x).unsqueeze(1) split into q, k, v; learned positions)"
 PERSIMMON = "persimmon (q/k/v of each head picked by an integer index; per-head q/k LayerNorm; partial RoPE)"
 FAMILIES = {
     "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=None),
@@ -26,6 +27,8 @@ FAMILIES = {
     GPT2: lambda: tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512),
     FALCON: lambda: tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     multi_query=True, bias=True),
+    STARCODER: lambda: tf.GPTBigCodeConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                           multi_query=True),
     PERSIMMON: lambda: tf.PersimmonConfig(**{k: v for k, v in COMMON.items() if k != "num_key_value_heads"},
                                           partial_rotary_factor=0.5),
 }
@@ -40,6 +43,8 @@ MORE_FAMILIES = {
     "glm4 (partial interleaved RoPE)": lambda: tf.Glm4Config(**COMMON, head_dim=16, pad_token_id=0),
     "falcon (one K/V head per query head: [q_h; k_h; v_h] picked per head)": lambda: tf.FalconConfig(
         vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False),
+    "gpt_bigcode (one K/V head per query head: [q_h; k_h; v_h] split per head)": lambda: tf.GPTBigCodeConfig(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=False),
     "granite (attention and residual multipliers)": lambda: tf.GraniteConfig(
         **COMMON, attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=3.0),
     "mixtral (mixture of experts)": lambda: tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
@@ -100,11 +105,11 @@ def test_family_quantized_matches_the_reference(family):
 
 
 @pytest.mark.parametrize("family", ["phi3 (fused qkv_proj)", "gpt_neox (q/k/v fused per head, partial RoPE)",
-                                    GPT2, FALCON])
+                                    GPT2, FALCON, STARCODER])
 def test_fused_projection_latents_quantized_match_the_reference(family):
     """The latents of a fused projection's K and V rows (one block each; one block in every head; Falcon-7B's
-    one K/V head, the form it gets by default: X is wider than K+V). One layer, so that the per-prefix
-    simulation is exact (the key latent is quantized along the tokens)."""
+    and StarCoder's one K/V head, the form they get by default: X is wider than K+V). One layer, so that the
+    per-prefix simulation is exact (the key latent is quantized along the tokens)."""
     model = build(family, layers=1)
     calls = decode_inputs(steps=20)  # 26 tokens: groups of 16 complete mid-decode
     config = xq.XQuantConfig(bits=4, group_size=16, form="latent")

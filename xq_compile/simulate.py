@@ -56,19 +56,22 @@ def _kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]
             layers.append((wqkv, _blocks(wqkv, module.dim)))
         elif isinstance(neox, torch.nn.Linear):  # GPT-NeoX, Persimmon, Falcon
             layers.append((neox, _query_key_value_rows(module, neox)))
+        elif isinstance(c_attn, torch.nn.Linear) and hasattr(module, "multi_query"):  # GPTBigCode
+            layers.append((c_attn, _query_key_value_rows(module, c_attn)))
         elif isinstance(c_attn, Conv1D) and c_attn.nf == 3 * c_attn.nx:  # GPT-2: [q | k | v], stored [in, out]
             d = c_attn.nx
             layers.append((c_attn, (FusedRows(d, 2 * d, weight_transposed=True),
                                     FusedRows(2 * d, 3 * d, weight_transposed=True))))
     if not layers:
         raise ValueError("no attention module with k_proj/v_proj, qkv_proj, wqkv, query_key_value Linear layers "
-                         "or a GPT-2 c_attn to simulate XQuant on")
+                         "or a GPT-2 or GPTBigCode c_attn to simulate XQuant on")
     return layers
 
 
 def _query_key_value_rows(module: torch.nn.Module, qkv: torch.nn.Linear) -> tuple[FusedRows, FusedRows]:
-    """The K and V rows of a ``query_key_value`` projection: per head [q_h; k_h; v_h] (GPT-NeoX, Persimmon,
-    Falcon with one K/V head per query head), or [q | k | v] with one K/V head (Falcon-7B's multi-query)."""
+    """The K and V rows of a fused ``query_key_value`` (``c_attn``) projection: per head [q_h; k_h; v_h]
+    (GPT-NeoX, Persimmon, GPTBigCode and Falcon with a K/V head per query head), or [q | k | v] with one K/V
+    head (multi-query: Falcon-7B, StarCoder)."""
     if getattr(module, "new_decoder_architecture", False):
         raise ValueError("Falcon's new_decoder_architecture repeats each K/V head for its query heads before the "
                          "cache: XQuant does not simulate or rewrite it")

@@ -58,7 +58,7 @@ def layer_shapes(model_config) -> list[LayerShape]:
 
 def cached_kv_heads(config) -> int:
     """How many K/V heads a layer of this (text) config writes into its cache."""
-    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", True):
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
         return 1  # Falcon-7B's multi-query attention (its config's num_kv_heads counts the query heads)
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
