@@ -420,6 +420,8 @@ def _heads_picked(getitem: fx.Node, projected: fx.Node, group: int) -> FusedRows
         return None
     if not picked or picked != list(range(picked[0], picked[-1] + 1)):
         return None  # not one run of consecutive groups, in order
+    if example_value(getitem).dim() != 4:
+        return None  # no heads axis left next to the tokens (an integer index of [B, S, H + 2, D])
     width = int(example_value(projected).shape[-1])
     period = count * group if count * group < width else None
     return FusedRows(picked[0] * group, (picked[-1] + 1) * group, period)
