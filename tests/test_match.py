@@ -416,22 +416,16 @@ def test_gpt2_conv1d_projection_reads_its_key_and_value_rows_from_a_weight_store
     assert torch.equal(key.channels.of_weight(weight), weight[:, HIDDEN:2 * HIDDEN].T)  # [out, in] rows
 
 
-def test_falcon_multi_query_takes_the_one_key_head_picked_from_the_fused_heads():
-    layer = llama_layer(1, fused_qkv="falcon", rope=False)
+@pytest.mark.parametrize("fused", ["falcon", "bigcode"])
+def test_multi_query_fused_projection_gives_its_one_key_head(fused):
+    """Falcon-7B picks its one K/V head from the fused heads (``[..., [-2], :]`` of H + 2); StarCoder gives the
+    fused projection a heads axis of one and splits its channels. Either way: rows [q | k | v], one head each."""
+    layer = llama_layer(1, fused_qkv=fused, rope=False)
     sites, reports = matched(layer)
     assert reports == [] and len(sites) == 1
     assert_site_is(sites[0], layer, number=5, kv_heads=1)
     assert sites[0].key.channels == FusedRows(HIDDEN, HIDDEN + HEAD_DIM)
     assert sites[0].value.channels == FusedRows(HIDDEN + HEAD_DIM, HIDDEN + 2 * HEAD_DIM)
-    assert sites[0].key.layout == "[B, H, S, D]"
-
-
-def test_starcoder_multi_query_projection_given_a_heads_axis_then_split():
-    layer = llama_layer(1, fused_qkv="bigcode", rope=False)
-    sites, reports = matched(layer)
-    assert reports == [] and len(sites) == 1
-    assert_site_is(sites[0], layer, number=5, kv_heads=1)
-    assert sites[0].key.channels == FusedRows(HIDDEN, HIDDEN + HEAD_DIM)
     assert sites[0].key.layout == sites[0].value.layout == "[B, H, S, D]"
 
 
