@@ -124,6 +124,18 @@ def test_group_size_not_dividing_hidden_size_is_refused():
         xq.XQuantCache(model.config, max_batch_size=1, max_cache_len=8, xquant=xq.XQuantConfig(group_size=64))
 
 
+def test_an_unquantized_latent_the_rotation_cannot_tile_is_refused():
+    """Unquantized, the value latent is still Hadamard-rotated (by default): a 16-wide latent (one K/V head
+    of 16) in blocks of 64 is refused when the cache is made, not deep in the compile; without the rotation
+    it is fine."""
+    model = tiny_llama(num_kv_heads=1)
+    with pytest.raises(ValueError, match="group_size=64 does not divide the latent width .* 16; .*e.g. \\[16\\]"):
+        xq.XQuantCache(model.config, max_batch_size=1, max_cache_len=8, xquant=xq.XQuantConfig(bits=None))
+    cache = xq.XQuantCache(model.config, max_batch_size=1, max_cache_len=8,
+                           xquant=xq.XQuantConfig(bits=None, rotation="none"))
+    assert cache.layers[0].form.name == "latent"
+
+
 def test_cache_kwargs_follow_the_models_keyword():
     """transformers renamed forward's past_key_values to cache during 5.x: use whichever the model takes."""
     def new_style(input_ids=None, cache=None, **kwargs): ...

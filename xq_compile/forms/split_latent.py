@@ -49,7 +49,7 @@ class SplitLatentForm(CacheForm):
         self.width = latent_width(shape.kv_width, 1, shape.hidden_size)
         self.keep_channel0 = xquant.keep_channel0
         self.window = ExactRows.of(xquant, self.bits)
-        if self.bits is not None:
+        if self.bits is not None or xquant.rotation == "hadamard":  # quantized, or the value latent rotated
             xquant.check_hidden_size(self.width, "the latent width (K/V heads x head dim)")
 
     @property
