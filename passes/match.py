@@ -68,7 +68,7 @@ def linear_call(node: fx.Node) -> LinearCall | None:
 
 def _matmul_by_transposed_weight(node: fx.Node) -> LinearCall | None:
     """``x @ W.T`` or ``x @ W.T + b`` (W [out, in], b [out]) ending at ``node``."""
-    bias = None
+    bias = b_value = None
     if (node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2
             and not node.kwargs):  # (torch.add's alpha would scale the bias)
         product, bias = node.args
@@ -89,7 +89,7 @@ def _matmul_by_transposed_weight(node: fx.Node) -> LinearCall | None:
     w_value, x_value = (example_value(n) if isinstance(n, fx.Node) else None for n in (weight, x))
     if w_value is None or x_value is None or w_value.dim() != 2 or x_value.dim() < 2:
         return None
-    if bias is not None and example_value(bias).shape[0] != w_value.shape[0]:
+    if b_value is not None and b_value.shape[0] != w_value.shape[0]:
         return None
     nodes = (transposed, product) + ((node,) if bias is not None else ())
     return LinearCall(node, x, weight, bias, nodes, weight_transposed=False)

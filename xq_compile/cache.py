@@ -24,7 +24,7 @@ from . import refusal
 from ._torch_private import mark_static_address, weak_tensor_map
 from ._transformers_compat import make_mask_creation_traceable
 from .config import XQuantConfig
-from .forms import CacheForm, LayerShape, allocate, cached_kv_heads, form_for, layer_shapes
+from .forms import CacheForm, LayerShape, allocate, form_for, layer_shapes
 from .forms.window import ModelWindowForm, XWindowForm
 from .rotation import rotation_of
 
@@ -399,9 +399,8 @@ class XQuantCache(Cache):
                 f"layers ({', '.join(map(str, windows))}), which keep only their window: use cross_layer=False."
             )
         hidden_size = config.hidden_size
-        num_heads = config.num_attention_heads
-        num_kv_heads = cached_kv_heads(config)
-        head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
+        num_kv_heads = shapes[0].num_kv_heads  # the same in every layer
+        head_dim = shapes[0].kv_width // num_kv_heads
         device = torch.device(device if device is not None else "cpu")
 
         make_mask_creation_traceable()  # transformers 5.18/5.19 only: see _transformers_compat

@@ -44,7 +44,7 @@ def layer_shapes(model_config) -> list[LayerShape]:
             "its cache already holds a compressed latent of K and V, not K and V from the layer's input X, so "
             "XQuantCache does not apply; use transformers' own cache for it.")
     heads = config.num_attention_heads
-    kv_heads = cached_kv_heads(config)
+    kv_heads = _cached_kv_heads(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     types, windows = layer_types_and_windows(config)
     unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
@@ -56,7 +56,7 @@ def layer_shapes(model_config) -> list[LayerShape]:
     return [LayerShape(config.hidden_size, kv_heads * head_dim, kv_heads, window) for window in windows]
 
 
-def cached_kv_heads(config) -> int:
+def _cached_kv_heads(config) -> int:
     """How many K/V heads a layer of this (text) config writes into its cache."""
     if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
         return 1  # Falcon-7B's multi-query attention (its config's num_kv_heads counts the query heads)
@@ -80,5 +80,4 @@ def layer_types_and_windows(config) -> tuple[list[str], list[int | None]]:
                          for t, k in zip(types, per_layer)]
 
 
-__all__ = ["FORMS", "CacheForm", "FusedSources", "LayerShape", "StateTensor", "allocate", "cached_kv_heads", "form_for",
-           "layer_shapes"]
+__all__ = ["FORMS", "CacheForm", "FusedSources", "LayerShape", "StateTensor", "allocate", "form_for", "layer_shapes"]
