@@ -96,10 +96,13 @@ def _reference_rows(form: str, x: torch.Tensor, xquant: XQuantConfig, w_k, w_v, 
 @pytest.mark.parametrize("bits", [None, 4, 2])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("absorb", [False, True])
-def test_paged_attention_equals_dense_attention_per_request(static, form, bits, kv_heads, absorb):
+@pytest.mark.parametrize("window, soft_cap", [(None, None), (5, None), (None, 0.5)])
+def test_paged_attention_equals_dense_attention_per_request(static, form, bits, kv_heads, absorb, window, soft_cap):
     """Three requests (a decode step, a first prefill chunk, a later chunk) and two padding tokens; rows read
     packed (CPU) or at every place (``static``: CUDA graphs), the unused places of the pages filled with
-    NaN bytes (the static read must not let them through)."""
+    NaN bytes (the static read must not let them through). With a sliding ``window``, the blocks no new token
+    sees any more are handed back as vLLM does: their table entries point at the null block (NaN too).
+    ``soft_cap``: Gemma 2's cap on the scaled scores (these scores reach about ±2)."""
     torch.manual_seed(0)
     d, heads, head_dim, block_size, num_blocks, g = 128, 4, 16, 4, 40, 32
     xquant = XQuantConfig(bits=bits, group_size=g, form=form)
@@ -142,17 +145,24 @@ def test_paged_attention_equals_dense_attention_per_request(static, form, bits, 
     query = torch.randn(x_new.shape[0], heads * head_dim)
 
     store(batch.slot_mapping, x_new)
-    rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32, static=static)
-    out = paged.attend(query[:10], rows, valid, batch, proj, rope, absorb)
+    if window is not None:  # request 2 (rows 0..11, new tokens at 9..11) sees rows 5..11 only: block 0 freed
+        pages[tables[2, 0]] = 255
+        batch.block_table[2, 0] = 0
+    rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32, static=static, window=window)
+    out = paged.attend(query[:10], rows, valid, batch, proj, rope, absorb, window=window, soft_cap=soft_cap)
 
     for r in range(3):
         k_rows, v_rows, k_weight, v_weight = _reference_rows(form, xs[r], xquant, w_k, w_v, h)
         keys = rope(torch.arange(totals[r]), F.linear(k_rows, k_weight, b_k)).view(-1, kv_heads, head_dim)
         values = F.linear(v_rows, v_weight, b_v).view(-1, kv_heads, head_dim).transpose(0, 1)
         q = query[starts[r]:starts[r + 1]].view(-1, heads, head_dim).transpose(0, 1)
-        visible = torch.arange(totals[r])[None] <= torch.arange(cached[r], totals[r])[:, None]
-        want = F.scaled_dot_product_attention(q, keys.transpose(0, 1), values, attn_mask=visible,
-                                              enable_gqa=kv_heads != heads)
+        offset = torch.arange(cached[r], totals[r])[:, None] - torch.arange(totals[r])[None]  # query - row
+        visible = (offset >= 0) & (offset < (window or totals[r]))
+        scores = q @ keys.transpose(0, 1).repeat_interleave(heads // kv_heads, 0).transpose(1, 2) * head_dim**-0.5
+        if soft_cap is not None:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        want = weights @ values.repeat_interleave(heads // kv_heads, 0)
         got = out[starts[r]:starts[r + 1]].view(-1, heads, head_dim).transpose(0, 1)
         torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
 

@@ -125,8 +125,12 @@ def store(pages: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor, layo
 
 
 def gather(pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...], xquant: XQuantConfig,
-           dtype: torch.dtype, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           dtype: torch.dtype, static: bool = False, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """X̂ of every request's rows and where they sit in the padded ``[R, max_seq_len]`` batch (a bool mask).
+
+    ``window`` (sliding-window attention, vLLM's ``sliding_window``: a query sees itself and the
+    ``window - 1`` rows before it): only the rows some new token of the request still sees are read --
+    vLLM frees the blocks behind the window and points their table entries at its null block.
 
     By default only existing rows are read and dequantized, packed ``[sum(seq_lens), d]`` (request by
     request, in position order): the rebuild cost follows the tokens held, not R x the longest request, but
@@ -135,7 +139,11 @@ def gather(pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...
     the mask hides them): static shapes and no sync, for CUDA graphs."""
     block_size = pages.shape[2]
     rows = torch.arange(batch.max_seq_len, device=pages.device)
-    valid = rows < batch.seq_lens.long().unsqueeze(1)  # [R, M]
+    seq_lens = batch.seq_lens.long().unsqueeze(1)
+    valid = rows < seq_lens  # [R, M]
+    if window is not None:  # the first new token, at seq_len - query_len, sees rows from window - 1 before it
+        query_lens = (batch.query_start_loc[1:] - batch.query_start_loc[:-1]).long().unsqueeze(1)
+        valid &= rows > seq_lens - query_lens - window
     if static:
         request = torch.arange(valid.shape[0], device=pages.device).unsqueeze(1).expand_as(valid).reshape(-1)
         position = rows.expand_as(valid).reshape(-1)
@@ -157,10 +165,11 @@ def absorb_values(xquant: XQuantConfig, max_query_len: int, proj: Projection) ->
 
 
 def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: PagedBatch, proj: Projection,
-           rope: Rope, absorb: bool) -> torch.Tensor:
+           rope: Rope, absorb: bool, window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
     """Causal attention of each request's new tokens (``query`` [N, heads * head_dim], RoPE applied) over
-    its rows X̂ (packed or of every place, with their places ``valid`` [R, M]: see :func:`gather`); returns
-    [N, heads * head_dim] in the flat token order."""
+    its rows X̂ (packed or of every place, with their places ``valid`` [R, M]: see :func:`gather`), each
+    token seeing at most the last ``window`` rows (itself included) when given, the scaled scores capped
+    at ``soft_cap`` when given (:func:`capped`); returns [N, heads * head_dim] in the flat token order."""
     num_tokens, heads, kv_heads, head_dim = query.shape[0], proj.num_heads, proj.num_kv_heads, proj.head_dim
     requests, max_len = valid.shape
     starts = batch.query_start_loc.long()
@@ -177,6 +186,8 @@ def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: 
     query_pos = (batch.seq_lens.long() - query_lens).unsqueeze(1) + torch.arange(batch.max_query_len,
                                                                                  device=query.device)
     mask = (positions <= query_pos.unsqueeze(-1)) & valid.unsqueeze(1)  # [R, Q, M]
+    if window is not None:
+        mask &= positions > query_pos.unsqueeze(-1) - window
 
     # rows of every place (gather's static mode), or only of the valid ones
     dense = rows.shape[0] == valid.numel()
@@ -193,23 +204,31 @@ def attend(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, batch: 
     keys = rope(row_positions, F.linear(proj.key_rows(rows), proj.k_weight, proj.k_bias))
     keys = padded(keys).view(requests, max_len, kv_heads, head_dim).transpose(1, 2)
     if absorb:
-        out = _absorbed_attention(padded_q, keys, padded(proj.value_rows(rows)), mask, proj)
+        out = _absorbed_attention(padded_q, keys, padded(proj.value_rows(rows)), mask, proj, soft_cap)
     else:
         values = padded(F.linear(proj.value_rows(rows), proj.v_weight, proj.v_bias))
-        values = values.view(requests, max_len, kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(padded_q, keys, values.transpose(1, 2), attn_mask=mask.unsqueeze(1),
-                                             scale=proj.scale, enable_gqa=kv_heads != heads)
+        values = values.view(requests, max_len, kv_heads, head_dim).transpose(1, 2)
+        if soft_cap is None:
+            out = F.scaled_dot_product_attention(padded_q, keys, values, attn_mask=mask.unsqueeze(1),
+                                                 scale=proj.scale, enable_gqa=kv_heads != heads)
+        else:  # SDPA has no cap on the scores
+            out, _ = attention_with_lse(padded_q, keys, values, mask, proj.scale, soft_cap)
     return out.transpose(1, 2)[request, local].reshape(num_tokens, heads * head_dim)
 
 
+def capped(scores: torch.Tensor, soft_cap: float | None) -> torch.Tensor:
+    """Attention-logit soft-capping (Gemma 2): ``soft_cap · tanh(scores / soft_cap)`` of the scaled scores."""
+    return scores if soft_cap is None else soft_cap * torch.tanh(scores / soft_cap)
+
+
 def _absorbed_attention(q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
-                        proj: Projection) -> torch.Tensor:
+                        proj: Projection, soft_cap: float | None = None) -> torch.Tensor:
     """softmax(q·Kᵀ)·(X̂·W_vᵀ) computed as (softmax(q·Kᵀ)·X̂)·W_vᵀ: V has no RoPE, so the projection moves
     after the sum over rows (the bias too: the weights of a row sum to 1). Returns [R, H, Q, D]."""
     requests, heads, queries, head_dim = q.shape
     kv_heads, group = proj.num_kv_heads, heads // proj.num_kv_heads
     grouped = q.view(requests, kv_heads, group, queries, head_dim)  # query head h uses KV head h // group
-    scores = torch.einsum("rkgqe,rkme->rkgqm", grouped, keys) * proj.scale
+    scores = capped(torch.einsum("rkgqe,rkme->rkgqm", grouped, keys) * proj.scale, soft_cap)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(rows.dtype)
     mixed = torch.einsum("rkgqm,rmd->rkgqd", weights, rows)  # [R, KV, G, Q, d]
@@ -223,17 +242,19 @@ def _absorbed_attention(q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor,
 # --------------------------------------------------------------------------------------------------
 # Decode context parallelism (rows sharded by token across ranks): each rank attends over its own rows
 # and returns the softmax log-sum-exp; the partial outputs merge exactly. Not wired into the plugin yet
-# (vLLM 0.32 runs decode context parallelism on GPU backends only).
+# (vLLM 0.32 runs decode context parallelism on GPU backends only). attention_with_lse is also attend's
+# attention where the scores are soft-capped (SDPA cannot cap them).
 
 
 def attention_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float, soft_cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [..., H, Q, D] over ``keys``/``values`` [..., KV, M, D] (query head h uses KV head
     h // (H / KV)) where ``mask`` [..., Q, M] allows; returns the output [..., H, Q, D] and the log-sum-exp
-    of the scaled scores [..., H, Q] (-inf, with a zero output, where a query sees no row here)."""
+    of the scaled (and :func:`capped`) scores [..., H, Q] (-inf, with a zero output, where a query sees no
+    row here)."""
     group = q.shape[-3] // keys.shape[-3]
     keys, values = keys.repeat_interleave(group, -3), values.repeat_interleave(group, -3)
-    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    scores = capped((q.float() @ keys.float().transpose(-1, -2)) * scale, soft_cap)
     scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
     lse = torch.logsumexp(scores, -1)
     weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
