@@ -114,6 +114,30 @@ def test_load_model_local_dir_and_errors(tmp_path):
         models.load_smollm2("mqa")
 
 
+def test_load_model_keeps_gemma2_attention_soft_cap(tmp_path):
+    """transformers' SDPA attention ignores Gemma 2's attention-logit soft cap (5.19; later releases refuse SDPA
+    for Gemma 2): load_model loads such a model with eager attention, so it computes what was saved (the cap
+    here is low enough to change the logits)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models as tok_models
+
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=0.1,
+                             initializer_range=0.5)  # scores well past the cap
+    model = tf.Gemma2ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    vocab = {f"t{i}": i for i in range(101)}
+    tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t0"))).save_pretrained(tmp_path)
+    loaded, _ = models.load_model(str(tmp_path))
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        assert (model(ids).logits - loaded(ids).logits).abs().max() > 1e-3
+
+
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("XQ_COMPILE_CACHE", str(tmp_path))
     assert models.cache_dir() == tmp_path

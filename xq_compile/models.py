@@ -319,10 +319,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             f"unknown model {name_or_path!r}: expected one of {', '.join(MODEL_NAMES)} or a local directory "
             "saved with save_pretrained"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    # transformers' SDPA attention drops an attention-logit soft cap (Gemma 2's) without a word: eager keeps it
+    capped = getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "attn_logit_softcapping", None)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        str(path), dtype=dtype, attn_implementation="eager" if capped else "sdpa", local_files_only=True
     )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model.eval()
