@@ -208,7 +208,7 @@ def test_engine_args_select_the_plugin_and_refuse_what_it_does_not_serve():
         with pytest.raises(NotImplementedError, match="does not serve"):
             engine_args(config)
     with pytest.raises(ValueError, match="serves"):
-        engine_args(XQuantConfig(), architecture="Gemma2ForCausalLM")
+        engine_args(XQuantConfig(), architecture="GptOssForCausalLM")
 
 
 def test_engine_args_carry_the_fused_decode_configuration_checked():
@@ -261,7 +261,9 @@ def test_engine_args_read_the_architecture_from_the_model_folder(tmp_path):
     four_bit = XQuantConfig(bits=4, form="x")
     for stock, served in (("Qwen2ForCausalLM", "XQuantQwen2ForCausalLM"),
                           ("MistralForCausalLM", "XQuantLlamaForCausalLM"),
-                          ("LlamaForCausalLM", "XQuantLlamaForCausalLM")):
+                          ("LlamaForCausalLM", "XQuantLlamaForCausalLM"),
+                          ("Gemma2ForCausalLM", "XQuantGemma2ForCausalLM"),
+                          ("Gemma3ForCausalLM", "XQuantGemma3ForCausalLM")):
         (tmp_path / "config.json").write_text(json.dumps({"architectures": [stock]}))
         assert engine_args(four_bit, model=str(tmp_path))["hf_overrides"]["architectures"] == [served]
         assert engine_args(four_bit, stock) == engine_args(four_bit, model=str(tmp_path))

@@ -18,6 +18,7 @@ import torch
 from prompts import PROMPTS
 
 NEW_TOKENS = 12
+WINDOW = 48  # the sliding window of the windowed test models: 10 of the 16 prompts are longer
 # Small, and the same for every engine so that capacities compare: 1 GiB of cache space.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -206,18 +207,22 @@ def twelve_head_dir() -> str:
 def family_dir(family: str) -> str:
     """SmolLM2 (GQA as shipped) written as another architecture the plugin serves, for the serving tests:
     ``"mistral"`` (the same weights under MistralForCausalLM, no sliding window: Llama's computation),
+    ``"mistral-window"`` (the same with a sliding window of :data:`WINDOW` tokens),
     ``"qwen2"`` (Qwen2ForCausalLM, which has q/k/v biases: SmolLM2 has none, so they are drawn at random,
-    seeded, large enough to move the model's likelihood) or ``"qwen3"`` (Qwen3ForCausalLM: per-head q/k
-    RMSNorms before RoPE, their weights drawn around 1 the same way)."""
-    from transformers import (AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+    seeded, large enough to move the model's likelihood), ``"qwen3"`` (Qwen3ForCausalLM: per-head q/k
+    RMSNorms before RoPE, their weights drawn around 1 the same way), ``"gemma2"`` or ``"gemma3"``
+    (:func:`_as_gemma`)."""
+    from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
-    from xq_compile.models import cache_dir, load_smollm2, smollm2_hf_dir
+    from xq_compile.models import cache_dir, load_smollm2
 
     path = cache_dir() / "models" / f"smollm2-135m-as-{family}-v1"
     if (path / "config.json").is_file():
         return str(path)
     source, _ = load_smollm2("gqa")
+    if family in ("gemma2", "gemma3"):
+        return _save(_as_gemma(source, family), path)
     c = source.config
     shape = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -227,6 +232,8 @@ def family_dir(family: str) -> str:
                  pad_token_id=c.pad_token_id)
     if family == "mistral":
         model, drawn = MistralForCausalLM(MistralConfig(**shape, sliding_window=None)), ()
+    elif family == "mistral-window":  # most prompts are longer than the window
+        model, drawn = MistralForCausalLM(MistralConfig(**shape, sliding_window=WINDOW)), ()
     elif family == "qwen2":
         model, drawn = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False)), ("_proj.bias",)
     elif family == "qwen3":
@@ -241,8 +248,106 @@ def family_dir(family: str) -> str:
             p = model.get_parameter(name)
             noise = torch.randn(p.shape, generator=generator)
             p.copy_(noise * 0.1 if name.endswith("bias") else 1 + noise * 0.2)
+    return _save(model, path)
+
+
+def _save(model, path) -> str:
+    from transformers import AutoTokenizer
+
+    from xq_compile.models import smollm2_hf_dir
+
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(smollm2_hf_dir("gqa"))).save_pretrained(tmp)
     tmp.rename(path)
     return str(path)
+
+
+GEMMA2_SOFT_CAP = 2.0  # the Gemma 2 test model's attention-logit cap: low enough to change many scores
+
+
+def _as_gemma(source, family: str):
+    """SmolLM2 (GQA) in Gemma 2's or Gemma 3's (text) architecture, kept close to SmolLM2's function so that
+    its greedy tokens are decisive: Gemma's norms scale by 1 + w; its embedding is multiplied by
+    sqrt(hidden) (stored divided by it; the tied output head gets it back through the final norm); its
+    post-attention and post-MLP norms (SmolLM2 has none) scale to the typical RMS of SmolLM2's attention and
+    MLP outputs on the prompts; its MLP's GELU (tanh) stands in for SiLU. The families' own features are
+    on: sliding windows of :data:`WINDOW` tokens (Gemma 2: every other layer; Gemma 3: 5 of 6 layers, at
+    RoPE base 10^4), Gemma 2's attention-logit cap (:data:`GEMMA2_SOFT_CAP`), Gemma 3's q/k norms (scaled to
+    SmolLM2's typical query and key RMS, the keys' drawn 1 ± 0.2 around it per channel, so that a rebuild
+    without them shows)."""
+    import transformers as tf
+
+    from xq_compile.models import smollm2_hf_dir
+
+    c = source.config
+    layers = c.num_hidden_layers
+    shape = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                 num_hidden_layers=layers, num_attention_heads=c.num_attention_heads,
+                 num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                 max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
+                 hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=c.head_dim, sliding_window=WINDOW,
+                 bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    global_rope = {"rope_type": "default", "rope_theta": c.rope_parameters["rope_theta"]}
+    if family == "gemma2":
+        every = 2
+        config = tf.Gemma2Config(**shape, attn_logit_softcapping=GEMMA2_SOFT_CAP, rope_parameters=global_rope,
+                                 layer_types=[("full_attention" if (i + 1) % every == 0 else "sliding_attention")
+                                              for i in range(layers)])
+        model = tf.Gemma2ForCausalLM(config).eval()
+    else:
+        every = 6
+        config = tf.Gemma3TextConfig(**shape, layer_types=[("full_attention" if (i + 1) % every == 0
+                                                            else "sliding_attention") for i in range(layers)],
+                                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                      "full_attention": global_rope})
+        model = tf.Gemma3ForCausalLM(config).eval()
+
+    # What a norm after them loses is each vector's own length: the norms scale to the median length
+    # (RMS) that SmolLM2's attention and MLP outputs (per token) and queries and keys (per token and head)
+    # have on the test prompts. (The median, not the mean: a few tokens' outputs are 100x the others'.)
+    lengths: dict[str, list[torch.Tensor]] = {}
+
+    def record(name, per_head):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            if per_head:
+                out = out.unflatten(-1, (-1, c.head_dim))
+            lengths.setdefault(name, []).append(out.double().pow(2).mean(-1).sqrt().flatten())
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(source.model.layers):
+        hooks += [layer.self_attn.register_forward_hook(record(f"{i}.attn", False)),
+                  layer.mlp.register_forward_hook(record(f"{i}.mlp", False)),
+                  layer.self_attn.q_proj.register_forward_hook(record(f"{i}.q", True)),
+                  layer.self_attn.k_proj.register_forward_hook(record(f"{i}.k", True))]
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(smollm2_hf_dir("gqa")))
+    with torch.no_grad():
+        for ids in prompt_ids(tokenizer):
+            source(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    rms = {name: torch.cat(v).median().float() for name, v in lengths.items()}
+
+    scale = c.hidden_size ** 0.5  # Gemma's embedding normalizer
+    weights = dict(source.state_dict())
+    weights.pop("lm_head.weight", None)
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] / scale
+    weights["model.norm.weight"] = weights["model.norm.weight"] * scale
+    for name in list(weights):
+        if name.endswith("norm.weight"):
+            weights[name] = weights[name] - 1
+    generator = torch.Generator().manual_seed(0)
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        weights[prefix + "pre_feedforward_layernorm.weight"] = weights.pop(prefix + "post_attention_layernorm.weight")
+        weights[prefix + "post_attention_layernorm.weight"] = rms[f"{i}.attn"].expand(c.hidden_size) - 1
+        weights[prefix + "post_feedforward_layernorm.weight"] = rms[f"{i}.mlp"].expand(c.hidden_size) - 1
+        if family == "gemma3":
+            weights[prefix + "self_attn.q_norm.weight"] = rms[f"{i}.q"].expand(c.head_dim) - 1
+            noise = 1 + 0.2 * torch.randn(c.head_dim, generator=generator)
+            weights[prefix + "self_attn.k_norm.weight"] = rms[f"{i}.k"] * noise - 1
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)  # tied
+    return model

@@ -26,10 +26,11 @@ from .layout import StateField, bytes_per_token, token_state_layout
 __all__ = ["ARCHITECTURES", "StateField", "architecture_of", "bytes_per_token", "check_servable", "decode_config_of",
            "engine_args", "register", "serve_flags", "token_state_layout"]
 
-# The stock architecture each served class stands in for. Mistral without a sliding window is Llama's
-# computation with Llama's weight names: the Llama class serves it (and refuses the Mistral variants that differ).
+# The stock architecture each served class stands in for. Mistral is Llama's computation with Llama's weight
+# names: the Llama class serves it (and refuses the Mistral variants that differ).
 ARCHITECTURES = {"LlamaForCausalLM": "XQuantLlamaForCausalLM", "MistralForCausalLM": "XQuantLlamaForCausalLM",
-                 "Qwen2ForCausalLM": "XQuantQwen2ForCausalLM", "Qwen3ForCausalLM": "XQuantQwen3ForCausalLM"}
+                 "Qwen2ForCausalLM": "XQuantQwen2ForCausalLM", "Qwen3ForCausalLM": "XQuantQwen3ForCausalLM",
+                 "Gemma2ForCausalLM": "XQuantGemma2ForCausalLM", "Gemma3ForCausalLM": "XQuantGemma3ForCausalLM"}
 
 
 def engine_args(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None,

@@ -1,5 +1,5 @@
 """vLLM glue: the XQUANT attention backend, the attention layer that owns a layer's X pages, and the
-Llama, Qwen2 and Qwen3 attention modules that feed it X instead of K and V.
+Llama, Qwen2, Qwen3, Gemma 2 and Gemma 3 attention modules that feed it X instead of K and V.
 
 Needs vLLM (``pip install xq-compile[vllm]``); the computation itself is :mod:`xq_compile.vllm.paged`.
 """
@@ -14,12 +14,14 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from vllm.model_executor.models.gemma2 import Gemma2Attention
+from vllm.model_executor.models.gemma3 import Gemma3Attention
 from vllm.model_executor.models.llama import LlamaAttention
 from vllm.model_executor.models.qwen2 import Qwen2Attention
 from vllm.model_executor.models.qwen3 import Qwen3Attention
 from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 
 from ..config import XQuantConfig
 from ..kernels.devices import triton_kernels_serve
@@ -86,7 +88,8 @@ class XQuantAttentionImpl(AttentionImpl[XQuantMetadata]):
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, **extra) -> None:
-        asked = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap,
+        # sliding_window: the layer (XQuantPagedAttention) applies it
+        asked = {"alibi_slopes": alibi_slopes, "logits_soft_cap": logits_soft_cap,
                  "kv_sharing_target_layer_name": kv_sharing_target_layer_name, **extra}
         unsupported = {name: value for name, value in asked.items() if value is not None}
         if unsupported or attn_type != AttentionType.DECODER or kv_cache_dtype != "auto":
@@ -145,14 +148,22 @@ def _vllm_attention_fake(query, x, output, layer_name) -> None:
 
 class XQuantPagedAttention(Attention):
     """An attention layer whose cache pages hold, per token, the packed X (the X form) or the packed key and
-    value latents of this rank's heads (the GQA latent form); see layout.py and paged.py."""
+    value latents of this rank's heads (the GQA latent form); see layout.py and paged.py.
+
+    ``sliding_window``: the stock layer's (vLLM's ``Attention.sliding_window``: its own per-layer window, or
+    the model's global one). Such a layer asks vLLM for a sliding-window cache, whose blocks behind the
+    window vLLM frees, and attends over the last ``sliding_window`` rows. ``logits_soft_cap``: Gemma 2's
+    attention-logit soft-capping."""
 
     def __init__(self, *, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, total_num_kv_heads: int,
                  hidden_size: int, xquant: XQuantConfig, rotary_emb, cache_config, prefix: str,
-                 decode_config: dict | None = None, key_norm=None) -> None:
+                 decode_config: dict | None = None, key_norm=None, sliding_window: int | None = None,
+                 logits_soft_cap: float | None = None) -> None:
         super().__init__(num_heads, head_dim, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
-                         prefix=prefix, attn_backend=XQuantAttentionBackend)
+                         prefix=prefix, attn_backend=XQuantAttentionBackend,
+                         per_layer_sliding_window=sliding_window)
         self.xquant = xquant
+        self.logits_soft_cap = logits_soft_cap
         self.decode_config = decode_config or {}  # the fused decode's kernel configuration (engine_args)
         self.latent = xquant.form_of(hidden_size, total_num_kv_heads * head_dim) == "latent"
         self.total_num_kv_heads = total_num_kv_heads
@@ -165,26 +176,31 @@ class XQuantPagedAttention(Attention):
         self.row_width = 2 * width if self.latent else hidden_size
         self.layout = token_state_layout(xquant, self.row_width, torch.get_default_dtype())
         self._rotary = (rotary_emb,)  # a tuple: the module belongs to the parent, not registered twice
-        # Qwen3: the keys' per-head RMSNorm before RoPE, applied to the rebuilt keys (the parent's module too)
+        # Qwen3, Gemma 3: the keys' per-head RMSNorm before RoPE, applied to the rebuilt keys (the parent's module)
         self._key_norm = (key_norm,) if key_norm is not None else ()
         # decode batches on CUDA: the fused kernel reading the pages, where it computes this RoPE and can
-        # view these rows as its sources (it applies no key norm: such a layer takes the torch path)
-        self.fused_inv_freq = (plain_neox_inv_freq(rotary_emb)
-                               if paged.pages_readable(self.layout) and key_norm is None else None)
+        # view these rows as its sources (it applies no key norm, no window and no soft cap: such a layer
+        # takes the torch path)
+        plain = key_norm is None and self.sliding_window is None and logits_soft_cap is None
+        self.fused_inv_freq = (plain_neox_inv_freq(rotary_emb) if paged.pages_readable(self.layout) and plain
+                               else None)
         self.projection: paged.Projection | None = None
         # bits=None reproduces the unmodified model exactly: nothing to spread, no rotation.
         self.rotation = (hadamard(xquant.group_size) if xquant.rotation == "hadamard" and xquant.quantized
                          else None)
 
-    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> FullAttentionSpec:
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> AttentionSpec:
         # One "head" of state_content_bytes per token: vLLM's block manager then sizes the cache in those
         # bytes. X form: every tensor-parallel rank stores all of X (it rebuilds only its own heads), a
         # replica: max_tp_shards=1. Latent form: each rank stores its own heads' latents, as many distinct
-        # shards as K/V heads.
-        return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
-                                 head_size=self.row_width, dtype=torch.uint8,
-                                 max_tp_shards=self.total_num_kv_heads if self.latent else 1,
-                                 state_content_bytes=bytes_per_token(self.layout))
+        # shards as K/V heads. Every layer's page has the same size, so the sliding-window layers of a
+        # hybrid model share the pool with the full-attention ones.
+        spec = dict(block_size=vllm_config.cache_config.block_size, num_kv_heads=1, head_size=self.row_width,
+                    dtype=torch.uint8, max_tp_shards=self.total_num_kv_heads if self.latent else 1,
+                    state_content_bytes=bytes_per_token(self.layout))
+        if self.sliding_window is not None:
+            return SlidingWindowSpec(**spec, sliding_window=self.sliding_window)
+        return FullAttentionSpec(**spec)
 
     def set_projection(self, k_weight, k_bias, v_weight, v_bias) -> None:
         """Keep this rank's rebuild weights (once): W_k, W_v folded with the rotation (X form), or the latent
@@ -223,9 +239,11 @@ class XQuantPagedAttention(Attention):
             output[requests:] = 0
             return
         # static shapes on CUDA (graph capture), only the rows held on CPU
-        rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype, static=pages.is_cuda)
+        rows, valid = paged.gather(pages, batch, self.layout, self.xquant, query.dtype, static=pages.is_cuda,
+                                   window=self.sliding_window)
         absorb = paged.absorb_values(self.xquant, batch.max_query_len, self.projection)
-        out = paged.attend(query[:n], rows, valid, batch, self.projection, self._keys_at, absorb)
+        out = paged.attend(query[:n], rows, valid, batch, self.projection, self._keys_at, absorb,
+                           window=self.sliding_window, soft_cap=self.logits_soft_cap)
         output[:n] = out
         output[n:] = 0
 
@@ -254,21 +272,45 @@ class XQuantPagedAttention(Attention):
 
 class XCacheAttention:
     """What turns a vLLM attention module of the Llama shape (fused ``qkv_proj``, ``rotary_emb``, ``o_proj``,
-    ``attn``) into one that caches X: mixed in before the family's own class (``LlamaAttention``,
-    ``Qwen2Attention``), whose ``__init__`` builds the weights; :meth:`use_x_cache` then replaces its
-    ``attn`` layer. The model is not copied."""
+    ``attn``; per-head ``q_norm``/``k_norm`` before RoPE where the family has them) into one that caches X:
+    mixed in before the family's own class (``LlamaAttention``, ``Qwen2Attention``, ...), whose ``__init__``
+    builds the weights; :meth:`use_x_cache` then replaces its ``attn`` layer. The model is not copied."""
 
-    def use_x_cache(self, config, hidden_size: int, cache_config, prefix: str, key_norm=None) -> None:
+    family: ClassVar[str]
+
+    @classmethod
+    def unsupported(cls, stock, config) -> list[str]:
+        """The features of ``stock`` (a module of the family's class) that the X cache does not serve."""
+        return []
+
+    @classmethod
+    def replacing(cls, stock, config, cache_config, prefix: str):
+        """For a family whose decoder layer builds its attention itself (it takes no attention class, as
+        Llama's does): turn the stock module into this class after the fact. Changing the class keeps the
+        module's weights, projections, norms and rotary as vLLM built them (nothing allocated twice); the
+        two classes differ only in methods, then :meth:`use_x_cache` swaps the attention layer."""
+        unsupported = cls.unsupported(stock, config)
+        if unsupported:
+            raise NotImplementedError(f"the XQuant X cache serves {cls.family} without {', '.join(unsupported)}; "
+                                      "serve this model without xq_compile.vllm.engine_args (stock vLLM).")
+        stock.__class__ = cls
+        stock.use_x_cache(config, stock.hidden_size, cache_config, prefix)
+        return stock
+
+    def use_x_cache(self, config, hidden_size: int, cache_config, prefix: str) -> None:
         xquant = xquant_of(config)
-        if getattr(self.attn, "sliding_window", None) is not None:
-            raise NotImplementedError("sliding-window attention is not supported by the XQuant X cache")
-        # The stock layer registered itself under this name; ours takes its place.
+        # The stock layer registered itself under this name; ours takes its place (with its window).
         forward_context = get_current_vllm_config().compilation_config.static_forward_context
         del forward_context[self.attn.layer_name]
         self.attn = XQuantPagedAttention(
             num_heads=self.num_heads, head_dim=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
             total_num_kv_heads=self.total_num_kv_heads, hidden_size=hidden_size, xquant=xquant, rotary_emb=self.rotary_emb, cache_config=cache_config,
-            prefix=f"{prefix}.attn", decode_config=decode_config_of(config), key_norm=key_norm)
+            prefix=f"{prefix}.attn", decode_config=decode_config_of(config), key_norm=getattr(self, "k_norm", None),
+            sliding_window=self.attn.sliding_window, logits_soft_cap=self.attention_logit_cap(config))
+
+    def attention_logit_cap(self, config) -> float | None:
+        """The family's attention-logit soft cap (vLLM hands it to the stock layer's backend only)."""
+        return None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -279,8 +321,10 @@ class XCacheAttention:
         return output
 
     def normed_queries(self, q: torch.Tensor) -> torch.Tensor:
-        """The queries before RoPE: as projected (Llama, Qwen2)."""
-        return q
+        """The queries before RoPE: as projected (Llama, Qwen2), or through the family's per-head RMSNorm
+        (Qwen3, Gemma 3; the keys' is applied to the rebuilt keys, XQuantPagedAttention._keys_at)."""
+        q_norm = getattr(self, "q_norm", None)
+        return q if q_norm is None else q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
 
     def hand_over_kv_weights(self) -> None:
         """Copy this rank's K/V rows of the fused qkv weight (and bias: Qwen2) to the attention layer. Called
@@ -299,8 +343,10 @@ def refuse_quantized_checkpoint(quant_config) -> None:
 
 
 class XQuantLlamaAttention(XCacheAttention, LlamaAttention):
-    """vLLM's LlamaAttention (Llama, and Mistral without a sliding window) caching X. Passed to vLLM's
-    LlamaDecoderLayer as ``attn_layer_type``."""
+    """vLLM's LlamaAttention (Llama, Mistral) caching X. Passed to vLLM's LlamaDecoderLayer as
+    ``attn_layer_type``."""
+
+    family = "Llama"
 
     def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int, *args, quant_config=None,
                  cache_config=None, prefix: str = "", **kwargs) -> None:
@@ -311,38 +357,45 @@ class XQuantLlamaAttention(XCacheAttention, LlamaAttention):
 
 
 class XQuantQwen2Attention(XCacheAttention, Qwen2Attention):
-    """vLLM's Qwen2Attention (q/k/v biases) caching X. vLLM's Qwen2 decoder layer builds its attention
-    itself (it takes no ``attn_layer_type`` as Llama's does), so :meth:`replacing` turns the stock module
-    into this class after the fact."""
+    """vLLM's Qwen2Attention (q/k/v biases) caching X (:meth:`~XCacheAttention.replacing`: vLLM's Qwen2
+    decoder layer builds its attention itself)."""
+
+    family = "Qwen2"
 
     @classmethod
-    def replacing(cls, stock: Qwen2Attention, config, cache_config, prefix: str) -> XQuantQwen2Attention:
-        unsupported = [name for name, on in (("qk_norm", stock.qk_norm),
-                                             ("dual_chunk_attention_config", stock.dual_chunk_attention_config),
-                                             ("use_sliding_window", getattr(config, "use_sliding_window", False)))
-                       if on]
-        if unsupported:
-            raise NotImplementedError(f"the XQuant X cache serves Qwen2 without {', '.join(unsupported)}; "
-                                      "serve this model without xq_compile.vllm.engine_args (stock vLLM).")
-        # Changing the class keeps the module's weights, projections and rotary as vLLM built them (nothing
-        # allocated twice); the two classes differ only in methods, then use_x_cache swaps the layer.
-        stock.__class__ = cls
-        stock.use_x_cache(config, stock.hidden_size, cache_config, prefix)
-        return stock
+    def unsupported(cls, stock: Qwen2Attention, config) -> list[str]:
+        return [name for name, on in (("qk_norm", stock.qk_norm),
+                                      ("dual_chunk_attention_config", stock.dual_chunk_attention_config)) if on]
 
 
 class XQuantQwen3Attention(XCacheAttention, Qwen3Attention):
     """vLLM's Qwen3Attention caching X: per-head RMSNorms of q and k before RoPE, the keys' applied to the
-    rebuilt keys. Like Qwen2's, vLLM's Qwen3 decoder layer builds its attention itself: :meth:`replacing`."""
+    rebuilt keys."""
+
+    family = "Qwen3"
 
     @classmethod
-    def replacing(cls, stock: Qwen3Attention, config, cache_config, prefix: str) -> XQuantQwen3Attention:
-        if stock.dual_chunk_attention_config:
-            raise NotImplementedError("the XQuant X cache serves Qwen3 without dual_chunk_attention_config; "
-                                      "serve this model without xq_compile.vllm.engine_args (stock vLLM).")
-        stock.__class__ = cls  # as Qwen2's: the module's weights, norms and rotary kept as vLLM built them
-        stock.use_x_cache(config, stock.hidden_size, cache_config, prefix, key_norm=stock.k_norm)
-        return stock
+    def unsupported(cls, stock: Qwen3Attention, config) -> list[str]:
+        return ["dual_chunk_attention_config"] if stock.dual_chunk_attention_config else []
 
-    def normed_queries(self, q: torch.Tensor) -> torch.Tensor:
-        return self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+
+class XQuantGemma2Attention(XCacheAttention, Gemma2Attention):
+    """vLLM's Gemma2Attention caching X: attention-logit soft-capping, ``query_pre_attn_scalar`` in the scale,
+    a sliding window on every other layer."""
+
+    family = "Gemma 2"
+
+    def attention_logit_cap(self, config) -> float | None:
+        return config.attn_logit_softcapping
+
+
+class XQuantGemma3Attention(XCacheAttention, Gemma3Attention):
+    """vLLM's Gemma3Attention (text: ``Gemma3ForCausalLM``) caching X: per-head RMSNorms of q and k before
+    RoPE (as Qwen3's), ``query_pre_attn_scalar`` in the scale, and on the sliding layers (5 of 6 in the
+    released models) a window and their own RoPE base -- each layer's own ``rotary_emb`` and window."""
+
+    family = "Gemma 3"
+
+    @classmethod
+    def unsupported(cls, stock: Gemma3Attention, config) -> list[str]:
+        return [] if stock.attn.attn_type == AttentionType.DECODER else ["bidirectional attention (is_causal=False)"]

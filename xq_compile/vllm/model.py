@@ -1,7 +1,9 @@
-"""The model classes served with the X cache: vLLM's own Llama, Qwen2 and Qwen3 with the attention swapped.
+"""The model classes served with the X cache: vLLM's own Llama, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text) with
+the attention swapped.
 
-Mistral without a sliding window computes exactly what Llama does (same layer, same weight names), so it
-is served by the Llama class; :func:`check_mistral` refuses the Mistral variants that do not.
+Mistral computes exactly what Llama does (same layer, same weight names; a sliding window, where it has one,
+comes to every layer from vLLM's cache config), so it is served by the Llama class; :func:`check_mistral`
+refuses the Mistral variants that do not.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from collections.abc import Iterable
 
 import torch
 from vllm.config import VllmConfig
+from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from .attention import (XCacheAttention, XQuantLlamaAttention, XQuantQwen2Attention, XQuantQwen3Attention,
-                        refuse_quantized_checkpoint)
+from .attention import (XCacheAttention, XQuantGemma2Attention, XQuantGemma3Attention, XQuantLlamaAttention,
+                        XQuantQwen2Attention, XQuantQwen3Attention, refuse_quantized_checkpoint)
 
 
 class HandsOverKVWeights:
@@ -30,7 +34,7 @@ class HandsOverKVWeights:
         return loaded
 
 
-def convert_attention(model: torch.nn.Module, attention: type, vllm_config: VllmConfig) -> None:
+def convert_attention(model: torch.nn.Module, attention: type[XCacheAttention], vllm_config: VllmConfig) -> None:
     """For a family whose decoder layer builds its attention itself (it takes no attention class argument, as
     Llama's does): convert each layer's module after construction, before any weight is loaded."""
     for layer in model.model.layers:
@@ -41,10 +45,10 @@ def convert_attention(model: torch.nn.Module, attention: type, vllm_config: Vllm
 
 
 def check_mistral(config) -> None:
-    """Mistral checkpoints whose computation is not Llama's: a sliding window, or Mistral 3's extras."""
+    """Mistral checkpoints whose computation is not Llama's: Mistral 3's extras."""
     if getattr(config, "model_type", None) != "mistral":
         return
-    differs = [name for name in ("sliding_window", "llama_4_scaling", "ada_rms_norm_t_cond")
+    differs = [name for name in ("llama_4_scaling", "ada_rms_norm_t_cond")
                if getattr(config, name, None)]
     if differs:
         raise NotImplementedError(f"the XQuant X cache serves Mistral models without {', '.join(differs)}; "
@@ -80,3 +84,23 @@ class XQuantQwen3ForCausalLM(HandsOverKVWeights, Qwen3ForCausalLM):
         refuse_quantized_checkpoint(vllm_config.quant_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         convert_attention(self, XQuantQwen3Attention, vllm_config)
+
+
+class XQuantGemma2ForCausalLM(HandsOverKVWeights, Gemma2ForCausalLM):
+    """``Gemma2ForCausalLM`` whose layers cache X (soft-capped attention logits; sliding-window layers as Gemma
+    3's)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        refuse_quantized_checkpoint(vllm_config.quant_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        convert_attention(self, XQuantGemma2Attention, vllm_config)
+
+
+class XQuantGemma3ForCausalLM(HandsOverKVWeights, Gemma3ForCausalLM):
+    """``Gemma3ForCausalLM`` (text-only Gemma 3) whose layers cache X: the sliding-window layers too, in vLLM's
+    sliding-window cache groups (the blocks behind the window are freed), beside the global layers'."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        refuse_quantized_checkpoint(vllm_config.quant_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        convert_attention(self, XQuantGemma3Attention, vllm_config)
