@@ -262,6 +262,7 @@ def test_engine_args_read_the_architecture_from_the_model_folder(tmp_path):
     for stock, served in (("Qwen2ForCausalLM", "XQuantQwen2ForCausalLM"),
                           ("MistralForCausalLM", "XQuantLlamaForCausalLM"),
                           ("LlamaForCausalLM", "XQuantLlamaForCausalLM"),
+                          ("Phi3ForCausalLM", "XQuantPhi3ForCausalLM"),
                           ("Gemma2ForCausalLM", "XQuantGemma2ForCausalLM"),
                           ("Gemma3ForCausalLM", "XQuantGemma3ForCausalLM")):
         (tmp_path / "config.json").write_text(json.dumps({"architectures": [stock]}))

@@ -206,12 +206,12 @@ def twelve_head_dir() -> str:
 
 def family_dir(family: str) -> str:
     """SmolLM2 (GQA as shipped) written as another architecture the plugin serves, for the serving tests:
-    ``"mistral"`` (the same weights under MistralForCausalLM, no sliding window: Llama's computation),
-    ``"mistral-window"`` (the same with a sliding window of :data:`WINDOW` tokens),
+    ``"mistral-window"`` (the same weights under MistralForCausalLM with a sliding window of :data:`WINDOW`
+    tokens),
     ``"qwen2"`` (Qwen2ForCausalLM, which has q/k/v biases: SmolLM2 has none, so they are drawn at random,
     seeded, large enough to move the model's likelihood), ``"qwen3"`` (Qwen3ForCausalLM: per-head q/k
-    RMSNorms before RoPE, their weights drawn around 1 the same way), ``"gemma2"`` or ``"gemma3"``
-    (:func:`_as_gemma`)."""
+    RMSNorms before RoPE, their weights drawn around 1 the same way), ``"phi3"`` (:func:`_as_phi3`),
+    ``"gemma2"`` or ``"gemma3"`` (:func:`_as_gemma`)."""
     from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM)
 
@@ -230,10 +230,10 @@ def family_dir(family: str) -> str:
                  max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
                  rope_parameters=dict(c.rope_parameters), bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                  pad_token_id=c.pad_token_id)
-    if family == "mistral":
-        model, drawn = MistralForCausalLM(MistralConfig(**shape, sliding_window=None)), ()
-    elif family == "mistral-window":  # most prompts are longer than the window
+    if family == "mistral-window":  # most prompts are longer than the window
         model, drawn = MistralForCausalLM(MistralConfig(**shape, sliding_window=WINDOW)), ()
+    elif family == "phi3":
+        return _save(_as_phi3(source, shape), path)
     elif family == "qwen2":
         model, drawn = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False)), ("_proj.bias",)
     elif family == "qwen3":
@@ -261,6 +261,31 @@ def _save(model, path) -> str:
     AutoTokenizer.from_pretrained(str(smollm2_hf_dir("gqa"))).save_pretrained(tmp)
     tmp.rename(path)
     return str(path)
+
+
+def _as_phi3(source, shape: dict):
+    """SmolLM2 (GQA) as Phi3ForCausalLM, with Phi-4-mini's partial rotary (3/4 of each head) and the long-context
+    LongRoPE of Phi-3-128k (per-frequency factors; vLLM takes the long ones, its ``max_model_len`` being
+    over ``original_max_position_embeddings``): fused ``qkv_proj`` and ``gate_up_proj`` in the checkpoint."""
+    import transformers as tf
+
+    shape = {k: v for k, v in shape.items() if k not in ("head_dim", "rope_parameters")}
+    rotary_half = int(source.config.head_dim * 0.75) // 2
+    generator = torch.Generator().manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": source.config.rope_parameters["rope_theta"],
+            "partial_rotary_factor": 0.75,
+            "short_factor": (1 + 0.1 * torch.rand(rotary_half, generator=generator)).tolist(),
+            "long_factor": (1 + 3 * torch.rand(rotary_half, generator=generator)).sort().values.tolist()}
+    config = tf.Phi3Config(**{**shape, "max_position_embeddings": 8192}, original_max_position_embeddings=256,
+                           rope_parameters=rope)
+    model = tf.Phi3ForCausalLM(config)
+    weights = dict(source.state_dict())
+    for i in range(config.num_hidden_layers):
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        weights[attn + "qkv_proj.weight"] = torch.cat([weights.pop(attn + f"{n}_proj.weight") for n in "qkv"])
+        weights[mlp + "gate_up_proj.weight"] = torch.cat([weights.pop(mlp + f"{n}_proj.weight") for n in ("gate", "up")])
+    model.load_state_dict(weights, strict=True)
+    return model
 
 
 GEMMA2_SOFT_CAP = 2.0  # the Gemma 2 test model's attention-logit cap: low enough to change many scores

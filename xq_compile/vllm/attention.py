@@ -248,11 +248,15 @@ class XQuantPagedAttention(Attention):
         output[n:] = 0
 
     def _keys_at(self, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """The rebuilt keys [T, heads * head_dim] as the model's attention sees them: its key norm (Qwen3),
-        then its RoPE at ``positions``."""
+        """The rebuilt keys [T, heads * head_dim] as the model's attention sees them: its key norm (Qwen3,
+        Gemma 3), then its RoPE at ``positions``."""
         if self._key_norm:
             keys = self._key_norm[0](keys.unflatten(-1, (-1, self.head_size))).flatten(-2)
-        return self._rotary[0].forward_native(positions, keys)[0]
+        rotary = self._rotary[0]
+        if hasattr(rotary, "forward_native"):  # vLLM's rotary custom ops: the keys alone, no in-place kernel
+            return rotary.forward_native(positions, keys)[0]
+        # a plain module (Phi-3's LongRoPE) wants a query and a key: the keys as both, the key's result
+        return rotary(positions, keys, keys)[1]
 
     def _fused_decode(self, pages: torch.Tensor, batch: paged.PagedBatch, num_tokens: int) -> bool:
         """Whether this step takes paged.fused_decode: on a GPU the Triton kernels serve (compute capability

@@ -1,5 +1,5 @@
-"""The model classes served with the X cache: vLLM's own Llama, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text) with
-the attention swapped.
+"""The model classes served with the X cache: vLLM's own Llama, Phi-3, Qwen2, Qwen3, Gemma 2 and Gemma 3
+(text) with the attention swapped.
 
 Mistral computes exactly what Llama does (same layer, same weight names; a sliding window, where it has one,
 comes to every layer from vLLM's cache config), so it is served by the Llama class; :func:`check_mistral`
@@ -15,6 +15,7 @@ from vllm.config import VllmConfig
 from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.phi3 import Phi3ForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
@@ -63,6 +64,14 @@ class XQuantLlamaDecoderLayer(LlamaDecoderLayer):
 
 class XQuantLlamaForCausalLM(HandsOverKVWeights, LlamaForCausalLM):
     """``LlamaForCausalLM`` whose layers cache X (see :mod:`xq_compile.vllm.attention`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=XQuantLlamaDecoderLayer)
+
+
+class XQuantPhi3ForCausalLM(HandsOverKVWeights, Phi3ForCausalLM):
+    """``Phi3ForCausalLM`` (Phi-3, Phi-3.5, Phi-4-mini): vLLM's is Llama's with Phi-3's fused checkpoint names,
+    its partial rotary and LongRoPE coming from the config to the same layers."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=XQuantLlamaDecoderLayer)
