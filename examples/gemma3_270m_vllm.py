@@ -12,7 +12,10 @@ transformers dequantizes the GGUF once into a dense fp32 model folder next to it
 rebuilds K and V from dense weights), which vLLM serves four ways: stock, the X cache unquantized (it must
 give stock vLLM's tokens), 4 bits in the latent form (the default here: one K/V head of 256 is narrower than
 X's 640) and 4 bits in the X form. Prints each engine's prompt likelihood, greedy tokens against stock's
-and the tokens its cache space holds (``VLLM_CPU_KVCACHE_SPACE`` GiB). About 8 minutes on 2 CPU cores.
+and the cache blocks its cache space (``VLLM_CPU_KVCACHE_SPACE`` GiB) holds: a hybrid model's blocks are
+shared by its cache groups (3 full-attention layers, 15 sliding), so the tokens a request can hold are
+what vLLM logs ("KV cache size: N tokens"); the ratio between engines is the blocks'. About 8 minutes on
+2 CPU cores.
 """
 
 import os
@@ -60,8 +63,8 @@ def serve(folder: Path, xquant: XQuantConfig | None) -> tuple[list[list[int]], f
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=0)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         nll = [-lp[t].logprob for o in outs for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])]
-        config = llm.llm_engine.vllm_config.cache_config
-        return [list(o.outputs[0].token_ids) for o in outs], sum(nll) / len(nll), config.num_gpu_blocks * config.block_size
+        blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+        return [list(o.outputs[0].token_ids) for o in outs], sum(nll) / len(nll), blocks
     finally:
         llm.llm_engine.engine_core.shutdown()
 
@@ -70,13 +73,13 @@ def main(gguf: Path) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     folder = dense_folder(gguf)
     results = {name: serve(folder, xquant) for name, xquant in ENGINES.items()}
-    stock_tokens, stock_nll, stock_capacity = next(iter(results.values()))
-    print(f"\n| engine | prompt NLL | greedy tokens = stock's (first difference) | cache holds |\n|---|---|---|---|")
-    for name, (tokens, nll, capacity) in results.items():
+    stock_tokens, stock_nll, stock_blocks = next(iter(results.values()))
+    print(f"\n| engine | prompt NLL | greedy tokens = stock's (first difference) | cache blocks |\n|---|---|---|---|")
+    for name, (tokens, nll, blocks) in results.items():
         firsts = [next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
                   for mine, theirs in zip(tokens, stock_tokens)]
         same = ", ".join("yes" if f is None else f"step {f}" for f in firsts)
-        print(f"| {name} | {nll:.4f} | {same} | {capacity:,} tokens ({capacity / stock_capacity:.2f}x) |")
+        print(f"| {name} | {nll:.4f} | {same} | {blocks:,} ({blocks / stock_blocks:.2f}x) |")
 
 
 if __name__ == "__main__":  # vLLM spawns processes that import this file
