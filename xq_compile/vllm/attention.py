@@ -283,7 +283,7 @@ class XCacheAttention:
     family: ClassVar[str]
 
     @classmethod
-    def unsupported(cls, stock, config) -> list[str]:
+    def unsupported(cls, stock) -> list[str]:
         """The features of ``stock`` (a module of the family's class) that the X cache does not serve."""
         return []
 
@@ -293,7 +293,7 @@ class XCacheAttention:
         Llama's does): turn the stock module into this class after the fact. Changing the class keeps the
         module's weights, projections, norms and rotary as vLLM built them (nothing allocated twice); the
         two classes differ only in methods, then :meth:`use_x_cache` swaps the attention layer."""
-        unsupported = cls.unsupported(stock, config)
+        unsupported = cls.unsupported(stock)
         if unsupported:
             raise NotImplementedError(f"the XQuant X cache serves {cls.family} without {', '.join(unsupported)}; "
                                       "serve this model without xq_compile.vllm.engine_args (stock vLLM).")
@@ -367,7 +367,7 @@ class XQuantQwen2Attention(XCacheAttention, Qwen2Attention):
     family = "Qwen2"
 
     @classmethod
-    def unsupported(cls, stock: Qwen2Attention, config) -> list[str]:
+    def unsupported(cls, stock: Qwen2Attention) -> list[str]:
         return [name for name, on in (("qk_norm", stock.qk_norm),
                                       ("dual_chunk_attention_config", stock.dual_chunk_attention_config)) if on]
 
@@ -379,7 +379,7 @@ class XQuantQwen3Attention(XCacheAttention, Qwen3Attention):
     family = "Qwen3"
 
     @classmethod
-    def unsupported(cls, stock: Qwen3Attention, config) -> list[str]:
+    def unsupported(cls, stock: Qwen3Attention) -> list[str]:
         return ["dual_chunk_attention_config"] if stock.dual_chunk_attention_config else []
 
 
@@ -401,5 +401,5 @@ class XQuantGemma3Attention(XCacheAttention, Gemma3Attention):
     family = "Gemma 3"
 
     @classmethod
-    def unsupported(cls, stock: Gemma3Attention, config) -> list[str]:
+    def unsupported(cls, stock: Gemma3Attention) -> list[str]:
         return [] if stock.attn.attn_type == AttentionType.DECODER else ["bidirectional attention (is_causal=False)"]
