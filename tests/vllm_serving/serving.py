@@ -221,8 +221,6 @@ def family_dir(family: str) -> str:
     if (path / "config.json").is_file():
         return str(path)
     source, _ = load_smollm2("gqa")
-    if family in ("gemma2", "gemma3"):
-        return _save(_as_gemma(source, family), path)
     c = source.config
     shape = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -234,6 +232,8 @@ def family_dir(family: str) -> str:
         model, drawn = MistralForCausalLM(MistralConfig(**shape, sliding_window=WINDOW)), ()
     elif family == "phi3":
         return _save(_as_phi3(source, shape), path)
+    elif family in ("gemma2", "gemma3"):
+        return _save(_as_gemma(source, shape, family), path)
     elif family == "qwen2":
         model, drawn = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False)), ("_proj.bias",)
     elif family == "qwen3":
@@ -291,7 +291,7 @@ def _as_phi3(source, shape: dict):
 GEMMA2_SOFT_CAP = 2.0  # the Gemma 2 test model's attention-logit cap: low enough to change many scores
 
 
-def _as_gemma(source, family: str):
+def _as_gemma(source, shape: dict, family: str):
     """SmolLM2 (GQA) in Gemma 2's or Gemma 3's (text) architecture, kept close to SmolLM2's function so that
     its greedy tokens are decisive: Gemma's norms scale by 1 + w; its embedding is multiplied by
     sqrt(hidden) (stored divided by it; the tied output head gets it back through the final norm); its
@@ -307,25 +307,17 @@ def _as_gemma(source, family: str):
 
     c = source.config
     layers = c.num_hidden_layers
-    shape = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                 num_hidden_layers=layers, num_attention_heads=c.num_attention_heads,
-                 num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-                 max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
-                 hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=c.head_dim, sliding_window=WINDOW,
-                 bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    every = 2 if family == "gemma2" else 6  # one global layer in every 2 (Gemma 2) or 6 (Gemma 3)
+    shape = {**{k: v for k, v in shape.items() if k != "rope_parameters"}, "hidden_activation": "gelu_pytorch_tanh",
+             "query_pre_attn_scalar": c.head_dim, "sliding_window": WINDOW,
+             "layer_types": [("full_attention" if (i + 1) % every == 0 else "sliding_attention") for i in range(layers)]}
     global_rope = {"rope_type": "default", "rope_theta": c.rope_parameters["rope_theta"]}
     if family == "gemma2":
-        every = 2
-        config = tf.Gemma2Config(**shape, attn_logit_softcapping=GEMMA2_SOFT_CAP, rope_parameters=global_rope,
-                                 layer_types=[("full_attention" if (i + 1) % every == 0 else "sliding_attention")
-                                              for i in range(layers)])
+        config = tf.Gemma2Config(**shape, attn_logit_softcapping=GEMMA2_SOFT_CAP, rope_parameters=global_rope)
         model = tf.Gemma2ForCausalLM(config).eval()
     else:
-        every = 6
-        config = tf.Gemma3TextConfig(**shape, layer_types=[("full_attention" if (i + 1) % every == 0
-                                                            else "sliding_attention") for i in range(layers)],
-                                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-                                                      "full_attention": global_rope})
+        config = tf.Gemma3TextConfig(**shape, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}, "full_attention": global_rope})
         model = tf.Gemma3ForCausalLM(config).eval()
 
     # What a norm after them loses is each vector's own length: the norms scale to the median length

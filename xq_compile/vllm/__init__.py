@@ -29,8 +29,9 @@ __all__ = ["ARCHITECTURES", "StateField", "architecture_of", "bytes_per_token", 
 # The stock architecture each served class stands in for. Mistral is Llama's computation with Llama's weight
 # names: the Llama class serves it (and refuses the Mistral variants that differ).
 ARCHITECTURES = {"LlamaForCausalLM": "XQuantLlamaForCausalLM", "MistralForCausalLM": "XQuantLlamaForCausalLM",
-                 "Phi3ForCausalLM": "XQuantPhi3ForCausalLM", "Qwen2ForCausalLM": "XQuantQwen2ForCausalLM", "Qwen3ForCausalLM": "XQuantQwen3ForCausalLM",
-                 "Gemma2ForCausalLM": "XQuantGemma2ForCausalLM", "Gemma3ForCausalLM": "XQuantGemma3ForCausalLM"}
+                 "Phi3ForCausalLM": "XQuantPhi3ForCausalLM", "Qwen2ForCausalLM": "XQuantQwen2ForCausalLM",
+                 "Qwen3ForCausalLM": "XQuantQwen3ForCausalLM", "Gemma2ForCausalLM": "XQuantGemma2ForCausalLM",
+                 "Gemma3ForCausalLM": "XQuantGemma3ForCausalLM"}
 
 
 def engine_args(xquant: XQuantConfig, architecture: str | None = None, *, model: str | None = None,
