@@ -437,13 +437,15 @@ def op_launches(a: dict, config: dict, arch: int = 90) -> list[Launch]:
 
 
 def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict, bits: int = 4,
-                                    page_size: int = 16, batch: int = 4, arch: int = 90) -> list[Launch]:
+                                    page_size: int = 16, batch: int = 4, arch: int = 90,
+                                    gemma: bool = False) -> list[Launch]:
     """The launches of the vLLM plugin's decode step (``xq_compile.vllm.paged.decode_arguments``) for a
     benchmark shape: ``batch`` requests of ``length`` rows in shuffled pages of ``page_size`` tokens, the
     sources strided views of the page bytes exactly as the plugin makes them (each block's code rows,
     then its scale rows, then its zero rows: the page stride differs from the dense cache's), RoPE from the positions,
     one query token per request. The GQA shape is the plugin's latent form: per-token key and value
-    latents in one row (CPU tensors, nothing runs)."""
+    latents in one row (CPU tensors, nothing runs). ``gemma``: a Gemma 2/3 layer's step -- a sliding window
+    of half the rows, a soft cap on the scores and a per-head key norm (the kernels' other branches)."""
     from xq_compile import XQuantConfig
     from xq_compile.vllm import paged
     from xq_compile.vllm.layout import bytes_per_token, token_state_layout
@@ -466,8 +468,9 @@ def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict
                             seq_lens=torch.full((batch,), length, dtype=torch.int32), block_table=table.int(),
                             slot_mapping=torch.zeros(batch, dtype=torch.long), max_query_len=1, max_seq_len=length)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    extras = dict(window=length // 2, soft_cap=50.0, key_norm=paged.KeyNorm(torch.ones(head_dim), 1e-6)) if gemma else {}
     args = paged.decode_arguments(torch.zeros(batch, heads * head_dim, dtype=dtype), pages, step, layout, xquant,
-                                  proj, inv_freq)
+                                  proj, inv_freq, **extras)
     return op_launches(args, config, arch)
 
 
@@ -543,6 +546,9 @@ def main(argv=None) -> int:
                    "--length rows in pages of 16 tokens, the sources views of the page bytes; S = 1, RoPE from "
                    "the positions, the Triton values kernel); implies --no-dequant-project, and of the Gluon "
                    "kernels only the opt-in scores kernel")
+    p.add_argument("--gemma", action="store_true", help="with --paged: a Gemma 2/3 layer's step (a sliding window "
+                   "of half the rows, a soft cap, a per-head key norm); the Gluon scores kernel applies none of "
+                   "them, so it is skipped")
     p.add_argument("--no-dequant-project", action="store_true", help="skip the dequant_project kernel")
     p.add_argument("--no-gluon", action="store_true", help="skip the Gluon kernels (the K-rebuild prototype, "
                    "the opt-in scores kernel)")
@@ -570,11 +576,13 @@ def main(argv=None) -> int:
     jobs = [(CONTROL, control_launches)] if arch == 90 else []
     variant = "" if args.rope == "tables" else " rope=positions"
     if args.paged:
-        jobs += [(f"{shape} {bits}-bit paged (vLLM pages of 16, 4 requests)",
+        gemma = " gemma (window, soft cap, key norm)" if args.gemma else ""
+        jobs += [(f"{shape} {bits}-bit paged (vLLM pages of 16, 4 requests){gemma}",
                   lambda s=shape, b=bits: paged_decode_attention_launches(s, args.length, dtype, config, b,
-                                                                          arch=arch))
+                                                                          arch=arch, gemma=args.gemma))
                  for shape in args.shape for bits in args.bits]
         args.no_dequant_project = True
+        args.no_gluon |= args.gemma
     else:
         jobs += [(f"{shape} {bits}-bit S={args.queries}" + variant,
                   lambda s=shape, b=bits: decode_attention_launches(s, args.length, dtype, config, b, args.queries,

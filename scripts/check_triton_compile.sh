@@ -21,11 +21,13 @@ fi
 VERSIONS=("$@")
 [ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(3.6.0 3.7.0)
 
-# the default decode step (S = 1) at every width, 16 query tokens, and the vLLM plugin's paged step
+# the default decode step (S = 1) at every width, 16 query tokens, and the vLLM plugin's paged step (also
+# a Gemma layer's: window, soft cap, key norm)
 CHECKS=(
     "--bits 2 3 4 8"
     "--queries 16 --bits 4 --no-dequant-project --no-gluon"
     "--paged --bits 3 4"
+    "--paged --gemma --bits 4"
     "--arch 89 --bits 2 3 4 8"
 )
 

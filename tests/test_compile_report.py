@@ -316,6 +316,23 @@ def test_paged_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_p
 
 
 @pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
+def test_gemma_decode_step_compiles_to_wgmma_in_flight_without_loop_spills(tmp_path):
+    """The decode step of a Gemma 2/3 layer (``--paged --gemma``: a sliding window, a soft cap, a per-head key
+    norm -- the scores kernel's epilogue branches, the window start in the softmax and values kernels)
+    compiles for sm_90 with its K rebuild on wgmma, an MMA in flight, and no spill inside an MMA loop."""
+    proc = _compile_report("--paged", "--gemma", "--check", "--bits", "4", "--shape", "smollm2", "gqa", "--json",
+                           str(tmp_path / "report.json"))
+    assert proc.returncode == 0 and "check: ok" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+    reports = [r for r in json.loads((tmp_path / "report.json").read_text()) if r["job"] != "control"]
+    assert all("gemma" in r["job"] for r in reports) and len(reports) == 10, [r["job"] for r in reports]
+    for r in reports:
+        assert r["loop_spill_instructions"] == 0, r
+        if r["name"] == "_scores_kernel":
+            assert r["constexprs"]["WINDOWED"] == r["constexprs"]["SOFT_CAP"] == r["constexprs"]["KEY_NORM"] == "True"
+            assert r["hgmma"] > 0 and r["wgmma_in_flight"], r
+
+
+@pytest.mark.skipif(not _cuobjdump_present(), reason="needs triton with its bundled cuobjdump (x86-64 Linux)")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles, not interprets")
 def test_triton_cache_seed_is_found_by_the_launch_it_was_built_for(tmp_path):
     """benchmarks/triton_cache_seed.py: a seed built for one launch (compiled for sm_90 here, only the cubin

@@ -69,17 +69,27 @@ class Case:
     dtype: torch.dtype = torch.float32
     rope: str = "tables"      # "tables": cos/sin given; "positions": computed in the kernel (HF default RoPE)
     pos_offset: int = 0       # first position id (large: the in-kernel angle reduction is exercised)
+    window: int = 0           # sliding window (0: none); the rows no query token sees are poisoned
+    soft_cap: float = 0.0     # attention-logit soft cap (0: none)
+    k_norm: bool = False      # the keys' per-head RMSNorm before RoPE
     seed: int = 0
+
+    @property
+    def first_seen(self) -> int:
+        """The first row some query token sees through the window (the rows before it are poisoned)."""
+        return max(self.n - self.S + 1 - self.window, 0) if self.window else 0
 
     def __str__(self):
         v = "shared" if self.Cv is None else f"v{self.v_bits}{self.v_layout[4]}{self.v_group}_Cv{self.Cv}"
         return (f"B{self.B}_Hq{self.Hq}_Hkv{self.Hkv}_S{self.S}_D{self.D}_L{self.L}_n{self.n}_C{self.C}_"
                 f"k{self.k_bits}{self.k_layout[4]}{self.k_group}_{v}{'_col0' if self.col0 else ''}"
                 f"{'' if self.bias else '_nobias'}_{self.mask}{self.mask_shape if self.mask else ''}_"
-                f"{str(self.dtype)[6:]}{'' if self.rope == 'tables' else f'_pos{self.pos_offset}'}")
+                f"{str(self.dtype)[6:]}{'' if self.rope == 'tables' else f'_pos{self.pos_offset}'}"
+                f"{f'_win{self.window}' if self.window else ''}{f'_cap{self.soft_cap}' if self.soft_cap else ''}"
+                f"{'_knorm' if self.k_norm else ''}")
 
 
-def _source(g, B, L, C, bits, layout, group, n, dtype):
+def _source(g, B, L, C, bits, layout, group, n, dtype, lo=0):
     qmax = (1 << bits) - 1
     codes = torch.randint(0, qmax + 1, (B, L, C), generator=g, dtype=torch.uint8)
     packed = quant.pack(codes, bits)
@@ -92,7 +102,11 @@ def _source(g, B, L, C, bits, layout, group, n, dtype):
     if layout == "per_token":
         scale[:, n:] = float("inf")
         zero[:, n:] = float("nan")
+        scale[:, :lo] = float("inf")  # behind every query token's window
+        zero[:, :lo] = float("nan")
     else:
+        scale[:, : lo // group] = float("inf")  # token groups wholly behind every window
+        zero[:, : lo // group] = float("nan")
         n_full = n // group * group
         scale[:, n_full // group:] = float("inf")  # the partial group: its rows come from the tail
         zero[:, n_full // group:] = float("nan")
@@ -117,17 +131,19 @@ def make_inputs(case: Case) -> dict:
     c = case
     g = torch.Generator().manual_seed(c.seed)
     dtype = c.dtype
-    kp, ks, kz, kt = _source(g, c.B, c.L, c.C, c.k_bits, c.k_layout, c.k_group, c.n, dtype)
+    lo = c.first_seen
+    kp, ks, kz, kt = _source(g, c.B, c.L, c.C, c.k_bits, c.k_layout, c.k_group, c.n, dtype, lo)
     if c.Cv is None:
         vp = vs = vz = vt = None
         cv = c.C
     else:
-        vp, vs, vz, vt = _source(g, c.B, c.L, c.Cv, c.v_bits, c.v_layout, c.v_group, c.n, dtype)
+        vp, vs, vz, vt = _source(g, c.B, c.L, c.Cv, c.v_bits, c.v_layout, c.v_group, c.n, dtype, lo)
         cv = c.Cv
     col0 = None
     if c.col0:
         col0 = (torch.randn(c.B, c.L, generator=g) * 4).to(torch.float16)  # outside the codes' range
         col0[:, c.n:] = float("nan")
+        col0[:, :lo] = float("nan")
     N = c.Hkv * c.D
     wk = (torch.randn(N, c.C, generator=g) / math.sqrt(c.C)).to(dtype)
     wv = (torch.randn(N, cv, generator=g) / math.sqrt(cv)).to(dtype)
@@ -138,12 +154,15 @@ def make_inputs(case: Case) -> dict:
         cos, sin = rope_tables(c.B, c.L, c.D, dtype)
         cos[:, c.n:] = float("nan")
         sin[:, c.n:] = float("nan")
+        cos[:, :lo] = float("nan")
+        sin[:, :lo] = float("nan")
     else:
         cos = sin = None
         # positions shifted per batch row (left padding), rows past n a wild value; Llama-3-style
         # non-uniform frequencies and an attention scaling != 1
         pos = torch.arange(c.L)[None] + 3 * torch.arange(c.B)[:, None] + c.pos_offset
         pos[:, c.n:] = 2**40
+        pos[:, :lo] = 2**40
         inv_freq = (1.0 / (500000 ** (torch.arange(0, c.D, 2, dtype=torch.float32) / c.D)))
         inv_freq[c.D // 4:] /= 8
         rope = dict(positions=pos, rope_inv_freq=inv_freq, rope_scale=0.9)
@@ -160,11 +179,16 @@ def make_inputs(case: Case) -> dict:
             add = (torch.rand(shape, generator=g) - 0.5).to(dtype)  # a genuinely additive part too
             mask = torch.where(keep, add, torch.tensor(float("-inf"), dtype=dtype))
             mask[..., c.n:] = float("nan")
+            mask[..., :lo] = float("nan")
+    extras = {}
+    if c.window or c.soft_cap or c.k_norm:
+        extras = dict(window=c.window, soft_cap=c.soft_cap, k_norm_eps=1e-5,
+                      k_norm_weight=(0.5 + torch.rand(c.D, generator=g)) if c.k_norm else None)
     return dict(
         query=q, k_packed=kp, k_scale=ks, k_zero=kz, k_tail=kt, v_packed=vp, v_scale=vs, v_zero=vz, v_tail=vt,
         col0=col0, k_weight=wk, k_bias=bk, v_weight=wv, v_bias=bv, cos=cos, sin=sin, mask=mask,
         length=torch.tensor(c.n), k_bits=c.k_bits, k_group=c.k_group, k_layout=c.k_layout,
-        v_bits=c.v_bits, v_group=c.v_group, v_layout=c.v_layout, sm_scale=c.D ** -0.5, **rope,
+        v_bits=c.v_bits, v_group=c.v_group, v_layout=c.v_layout, sm_scale=c.D ** -0.5, **rope, **extras,
     )
 
 
@@ -185,7 +209,9 @@ def _independent_rows(packed, scale, zero, tail, n, bits, group, layout):
 
 
 def independent(a: dict) -> torch.Tensor:
-    """float64 SDPA over the fully rebuilt, RoPE'd K and V = X̂·Wvᵀ + bv (repeat_kv), [B, Hq, S, D]."""
+    """float64 SDPA over the fully rebuilt, RoPE'd K and V = X̂·Wvᵀ + bv (repeat_kv), [B, Hq, S, D]; with a
+    window, a soft cap or a key norm (HF's formulas: Gemma 2's ``tanh`` cap, ``sliding_window_overlay``'s
+    q - kv < window), the attention written out over the rows some query token sees."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     q = a["query"]
@@ -205,6 +231,8 @@ def independent(a: dict) -> torch.Tensor:
                                a["v_group"], a["v_layout"]).to(dt).double()
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
     k = F.linear(xk, f64(a["k_weight"]), f64(a["k_bias"])).view(B, n, Hkv, D).transpose(1, 2)
+    if a.get("k_norm_weight") is not None:  # HF's Qwen3RMSNorm over each head's features, in float64
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + a["k_norm_eps"]) * a["k_norm_weight"].double()
     v = F.linear(xv, f64(a["v_weight"]), f64(a["v_bias"])).view(B, n, Hkv, D).transpose(1, 2)
     cos, sin = a["cos"], a["sin"]
     if a["positions"] is not None:  # transformers' default rotary embedding (fp32 angles, both halves)
@@ -216,7 +244,22 @@ def independent(a: dict) -> torch.Tensor:
     mask = a["mask"]
     if mask is not None:
         mask = mask[..., :n] if mask.dtype == torch.bool else mask[..., :n].double()
-    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=a["sm_scale"])
+    window, cap = a.get("window", 0), a.get("soft_cap", 0.0)
+    if not window and not cap:
+        return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=a["sm_scale"])
+    # query token s sits at row n - S + s; the rows before the first one seen hold poison: cut away
+    lo = max(n - S + 1 - window, 0) if window else 0
+    k, v = k[:, :, lo:], v[:, :, lo:]
+    scores = q.double() @ k.transpose(-1, -2) * a["sm_scale"]
+    if cap:
+        scores = cap * torch.tanh(scores / cap)
+    if mask is not None:
+        mask = mask[..., lo:]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if window:
+        query_row = n - S + torch.arange(S)
+        scores = scores.masked_fill(query_row[:, None] - torch.arange(lo, n)[None, :] >= window, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ v  # a row that sees nothing: 0, as SDPA gives
 
 
 def tolerance(dtype) -> dict:
@@ -234,8 +277,11 @@ def fully_masked_rows(a: dict) -> torch.Tensor | None:
     if a["mask"] is None:
         return None
     B, Hq, S, _ = a["query"].shape
-    m = a["mask"].expand(B, Hq, S, -1)[..., : int(a["length"])]
+    n = int(a["length"])
+    m = a["mask"].expand(B, Hq, S, -1)[..., :n]
     attend = m if m.dtype == torch.bool else m > float("-inf")
+    if a.get("window"):
+        attend = attend & ((n - S + torch.arange(S))[:, None] - torch.arange(n)[None, :] < a["window"])
     return ~attend.any(-1)
 
 
@@ -274,6 +320,14 @@ CASES = [
     Case(Hq=2, Hkv=2, C=64, n=29, k_bits=4, S=2, mask="bool", rope="positions"),
     Case(**GQA, n=37, k_bits=4, v_bits=4, S=4, col0=True, mask="bool", rope="positions", pos_offset=100_000,
          dtype=torch.bfloat16),
+    # Sliding windows (Mistral, Gemma 2/3's local layers): rows behind every window poisoned, so reading one
+    # shows; whole row blocks behind it and a block cut by it. Soft caps (Gemma 2) and key norms (Qwen3,
+    # Gemma 3) alone, and all three on GQA latents (per-channel keys) with S = 4 and a bool mask.
+    Case(Hq=2, Hkv=2, C=64, n=37, L=48, k_bits=4, window=9, rope="positions"),
+    Case(Hq=4, Hkv=2, C=64, n=40, L=48, k_bits=4, S=2, soft_cap=2.0, k_norm=True, mask="float"),
+    Case(**GQA, n=45, L=48, k_bits=4, v_bits=4, S=4, mask="bool", window=7, soft_cap=1.5, k_norm=True,
+         col0=True, dtype=torch.bfloat16),
+    Case(Hq=3, Hkv=3, C=96, n=23, k_bits=3, k_group=32, S=4, window=64, mask="float", bias=False),
 ]
 CASES = [replace(c, seed=i) for i, c in enumerate(CASES)]
 

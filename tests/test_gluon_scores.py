@@ -128,6 +128,9 @@ def test_auto_runs_the_gluon_kernel_where_it_can_and_triton_elsewhere():
     assert _auto(replace(SUPPORTED, k_bits=3)) == 0
     assert _auto(SUPPORTED, target=ADA) == 0
     assert _auto(replace(SUPPORTED, k_group=32)) == 0
+    for extra in (dict(window=64), dict(soft_cap=30.0), dict(k_norm=True)):  # Gemma, Qwen3, Mistral's window
+        assert "no sliding window, soft cap or key norm" in _why(replace(SUPPORTED, **extra)), extra
+        assert _auto(replace(SUPPORTED, **extra)) == 0, extra
 
 
 @pytest.mark.skipif(not gs.HAS_GLUON, reason="triton without Gluon")

@@ -59,10 +59,14 @@ def make_paged(pc: PagedCase, seed: int = 0) -> tuple[dict, dict]:
     """(the dense op arguments with a fill per request, the same rows paged through a shuffled table)."""
     c = pc.case
     assert c.B == len(pc.fills) and c.L % pc.page_size == 0 and c.k_layout == c.v_layout == "per_token"
-    dense = make_inputs(replace(c, n=c.L))  # nothing poisoned yet: the per-request fills poison below
+    dense = make_inputs(replace(c, n=c.L, window=0))  # nothing poisoned yet: the per-request fills poison below
     fills = torch.tensor(pc.fills, dtype=torch.int32)
     dense["length"] = fills
     past = torch.arange(c.L)[None] >= fills[:, None]  # [B, L]: rows past each request's fill
+    if c.window:  # ... and the rows behind every window of the request (their blocks freed below)
+        dense["window"] = c.window
+        first_seen = (fills - c.S + 1 - c.window).clamp(min=0)
+        past |= torch.arange(c.L)[None] < first_seen[:, None]
     for key in (*PER_ROW, "cos", "sin", "mask"):
         t = dense[key]
         if t is None or (key == "k_packed" or key == "v_packed"):
@@ -82,6 +86,8 @@ def make_paged(pc: PagedCase, seed: int = 0) -> tuple[dict, dict]:
     table = owned.view(c.B, blocks).int()
     used = -(-fills // ps)
     table[torch.arange(blocks)[None] >= used[:, None]] = 0  # past a request's last block: the null page
+    if c.window:  # blocks wholly behind the window: freed, vLLM points them at the null page
+        table[(torch.arange(blocks)[None] + 1) * ps <= first_seen[:, None]] = 0
     paged = dict(dense, block_table=table)
     rows = torch.arange(c.L)
     for key in PER_ROW:
@@ -91,8 +97,8 @@ def make_paged(pc: PagedCase, seed: int = 0) -> tuple[dict, dict]:
         pages = t.new_empty((num_pages, ps, *t.shape[2:]))
         _poison(pages)
         for b, n in enumerate(pc.fills):
-            r = rows[:n]
-            pages[table[b, r // ps].long(), r % ps] = t[b, :n]
+            r = rows[:n][~past[b, :n]]
+            pages[table[b, r // ps].long(), r % ps] = t[b, r]
         paged[key] = pages
     return dense, paged
 
@@ -101,9 +107,8 @@ def per_request_dense(dense: dict) -> torch.Tensor:
     """The dense op (one fill for the whole batch) request by request, concatenated."""
     outs = []
     for b, n in enumerate(dense["length"].tolist()):
-        one = {k: (v[b:b + 1] if isinstance(v, torch.Tensor) and k not in ("k_weight", "k_bias", "v_weight",
-                                                                             "v_bias", "rope_inv_freq", "length")
-                   else v) for k, v in dense.items()}
+        shared = ("k_weight", "k_bias", "v_weight", "v_bias", "rope_inv_freq", "length", "k_norm_weight")
+        one = {k: (v[b:b + 1] if isinstance(v, torch.Tensor) and k not in shared else v) for k, v in dense.items()}
         if one["mask"] is not None and dense["mask"].shape[0] == 1:
             one["mask"] = dense["mask"]
         one["length"] = torch.tensor(n)
@@ -112,9 +117,11 @@ def per_request_dense(dense: dict) -> torch.Tensor:
 
 
 def swapped(paged: dict, request: int) -> dict:
-    """The negative control: the request's first two blocks swapped in its table."""
+    """The negative control: the request's first two blocks swapped in its table (of those it holds: not
+    the freed ones behind a window)."""
     table = paged["block_table"].clone()
-    table[request, [0, 1]] = table[request, [1, 0]]
+    first, second = (table[request] != 0).nonzero().flatten()[:2].tolist()
+    table[request, [first, second]] = table[request, [second, first]]
     return dict(paged, block_table=table)
 
 
@@ -130,6 +137,10 @@ CASES = [
     # latent form in bf16 with an additive mask and no biases, pages of 4
     PagedCase(Case(B=2, **LATENT, k_bits=4, v_bits=3, bias=False, S=2, mask="float", mask_shape="1H",
                    dtype=torch.bfloat16, seed=4), (30, 11), 4),
+    # a Gemma 3 layer: a 10-row window (the blocks behind it freed: the null page's NaN), soft cap, key norm,
+    # two query tokens; one request shorter than the window
+    PagedCase(Case(B=3, **MHA, k_bits=4, rope="positions", S=2, window=10, soft_cap=1.0, k_norm=True,
+                   dtype=torch.bfloat16, seed=6), (45, 7, 29), 4),
 ]
 
 
@@ -247,7 +258,7 @@ def _run_interpreter_cases() -> None:
 def _run_plugin_cases() -> None:
     """The vLLM plugin's arguments (xq_compile.vllm.paged.decode_arguments: sources as strided views of the
     page bytes, seq_lens, neox RoPE from positions) through the Triton kernels: the torch path's output."""
-    from test_vllm_paged import _decode_step, _rope
+    from test_vllm_paged import _decode_step, _rope, _windowed_decode_step
     from xq_compile.vllm import paged as vllm_paged
 
     for form in ("x", "latent"):
@@ -258,6 +269,17 @@ def _run_plugin_cases() -> None:
         want = vllm_paged.attend(query, rows, valid, batch, proj, lambda p, k: _rope(p, k, proj.head_dim), True)
         torch.testing.assert_close(out.reshape(want.shape), want, atol=2e-5, rtol=2e-5)
         print(f"ok plugin {form} form", flush=True)
+        # a Gemma-style layer: sliding window over freed blocks, soft cap, key norm
+        step, options, rope = _windowed_decode_step(form)
+        query, pages, batch, layout, xquant, proj, inv_freq = step
+        args = vllm_paged.decode_arguments(*step, **options)
+        for cfg in CONFIGS:
+            out = da.decode_attention_triton(da.DecodeAttentionInputs.from_op_args(**args), **cfg)
+            rows, valid = vllm_paged.gather(pages, batch, layout, xquant, torch.float32, window=options["window"])
+            want = vllm_paged.attend(query, rows, valid, batch, proj, rope, True, window=options["window"],
+                                     soft_cap=options["soft_cap"])
+            torch.testing.assert_close(out.reshape(want.shape), want, atol=2e-5, rtol=2e-5)
+        print(f"ok plugin {form} form with a window, a soft cap and a key norm", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------

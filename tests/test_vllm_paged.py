@@ -358,6 +358,47 @@ def test_fused_decode_equals_the_torch_path(form, bits, kv_heads):
     assert torch.equal(wrong[[0, 2]], got[[0, 2]]) and not torch.allclose(wrong[1], got[1], atol=1e-3)
 
 
+def _windowed_decode_step(form: str, bits: int = 4):
+    """:func:`_decode_step` as a Gemma layer sees it: a window of 5 rows, so request 1 (13 rows) no longer
+    sees its first two blocks, which vLLM frees (their table entries point at the null block, NaN bytes
+    here); a soft cap of 0.5 on the scaled scores; and a per-head key RMSNorm. Returns the step, the
+    options of fused_decode (the step in its argument order), and the torch path's RoPE (the key norm in it, as _keys_at applies the
+    model's)."""
+    pages, batch, layout, xquant, proj, query, inv_freq = _decode_step(form, bits, kv_heads=2, seed=1)
+    table = batch.block_table.clone()
+    table[1, :2] = 0
+    batch = dataclasses.replace(batch, block_table=table)
+    norm = paged.KeyNorm(weight=0.5 + torch.rand(proj.head_dim), eps=1e-6)
+
+    def rope(positions, keys):
+        heads = keys.unflatten(-1, (-1, proj.head_dim))
+        normed = heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+        return _rope(positions, normed.flatten(-2), proj.head_dim)
+
+    return (query, pages, batch, layout, xquant, proj, inv_freq), dict(window=5, soft_cap=0.5, key_norm=norm), rope
+
+
+@pytest.mark.parametrize("form", ["x", "latent"])
+def test_fused_decode_applies_window_cap_and_key_norm(form):
+    """With a sliding window, a soft cap and a key norm (Gemma 2/3, Qwen3, Mistral's window), fused_decode
+    (the op's CPU kernel) gives the torch path's output, and never reads the freed blocks behind the
+    window (NaN there would show); leaving out any of the three gives another answer."""
+    step, options, rope = _windowed_decode_step(form)
+    query, pages, batch, layout, xquant, proj, inv_freq = step
+    got = paged.fused_decode(*step, **options)
+    assert torch.isfinite(got).all()
+    rows, valid = paged.gather(pages, batch, layout, xquant, torch.float32, window=options["window"])
+    for absorb in (True, False):
+        want = paged.attend(query, rows, valid, batch, proj, rope, absorb, window=options["window"],
+                            soft_cap=options["soft_cap"])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    for left_out in ("soft_cap", "key_norm"):
+        other = paged.fused_decode(*step, **{**options, left_out: None})
+        assert not torch.allclose(other, got, atol=1e-3), left_out
+    # without the window, request 1 reads its freed blocks: NaN
+    assert not torch.isfinite(paged.fused_decode(*step, **{**options, "window": None})[1]).all()
+
+
 def test_fused_decode_refuses_what_it_does_not_read():
     pages, batch, layout, xquant, proj, query, inv_freq = _decode_step("x", 4, kv_heads=2)
     with pytest.raises(ValueError, match="one new token per request"):

@@ -276,3 +276,26 @@ def test_fused_decode_takes_plain_neox_rope_only():
             assert plain_neox_inv_freq(get_rope(16, 4096, True, other, dtype=torch.float32)) is None, other
         gptj = get_rope(16, 4096, False, {"rope_type": "default", "rope_theta": 1e4}, dtype=torch.float32)
         assert plain_neox_inv_freq(gptj) is None
+
+
+def test_fused_decode_applies_the_key_norm_of_the_module():
+    """The GPU decode path applies the keys' per-head RMSNorm from fused_key_norm's weight and eps: for vLLM's
+    RMSNorm (Qwen3) and GemmaRMSNorm (Gemma 3: 1 + w) that formula is the module's; another module (here a
+    LayerNorm) gets None, and its layer the torch path."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
+
+    from xq_compile.vllm.attention import fused_key_norm
+
+    torch.manual_seed(0)
+    keys = torch.randn(5, 3, 16) * 3
+    with set_current_vllm_config(VllmConfig()):
+        for norm in (RMSNorm(16, eps=1e-5), GemmaRMSNorm(16, eps=1e-6)):
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(16))
+            found = fused_key_norm(norm)
+            assert found.eps == norm.variance_epsilon
+            kernel = keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + found.eps) * found.weight
+            torch.testing.assert_close(kernel, norm.forward_native(keys), atol=1e-5, rtol=1e-5)
+        assert fused_key_norm(torch.nn.LayerNorm(16)) is None

@@ -13,6 +13,7 @@ import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.model_executor.models.gemma2 import Gemma2Attention
 from vllm.model_executor.models.gemma3 import Gemma3Attention
@@ -41,6 +42,19 @@ def plain_neox_inv_freq(rotary) -> torch.Tensor | None:
     if type(rotary) is not RotaryEmbedding or not rotary.is_neox_style or rotary.rotary_dim != rotary.head_size:
         return None
     return 1.0 / (rotary.base ** (torch.arange(0, rotary.rotary_dim, 2, dtype=torch.float) / rotary.rotary_dim))
+
+
+def fused_key_norm(norm) -> paged.KeyNorm | None:
+    """The keys' per-head RMSNorm as the fused decode kernel applies it, when ``norm`` is vLLM's RMSNorm
+    (Qwen3: x · rsqrt(mean(x²) + eps) · w) or GemmaRMSNorm (Gemma 3: the same times 1 + w), else None (the
+    torch path applies the module itself). Read once the weights are loaded."""
+    if type(norm) is RMSNorm and norm.variance_size_override is None:
+        weight = norm.weight.detach().float()
+    elif type(norm) is GemmaRMSNorm:
+        weight = norm.weight.detach().float() + 1.0
+    else:
+        return None
+    return paged.KeyNorm(weight=weight.contiguous(), eps=float(norm.variance_epsilon))
 
 
 def xquant_of(hf_config) -> XQuantConfig:
@@ -178,12 +192,12 @@ class XQuantPagedAttention(Attention):
         self._rotary = (rotary_emb,)  # a tuple: the module belongs to the parent, not registered twice
         # Qwen3, Gemma 3: the keys' per-head RMSNorm before RoPE, applied to the rebuilt keys (the parent's module)
         self._key_norm = (key_norm,) if key_norm is not None else ()
-        # decode batches on CUDA: the fused kernel reading the pages, where it computes this RoPE and can
-        # view these rows as its sources (it applies no key norm, no window and no soft cap: such a layer
-        # takes the torch path)
-        plain = key_norm is None and self.sliding_window is None and logits_soft_cap is None
-        self.fused_inv_freq = (plain_neox_inv_freq(rotary_emb) if paged.pages_readable(self.layout) and plain
+        # decode batches on CUDA: the fused kernel reading the pages, where it computes this RoPE, can view
+        # these rows as its sources and knows the key norm's formula (it applies the window and the cap too)
+        norm_known = key_norm is None or type(key_norm) in (RMSNorm, GemmaRMSNorm)
+        self.fused_inv_freq = (plain_neox_inv_freq(rotary_emb) if paged.pages_readable(self.layout) and norm_known
                                else None)
+        self.fused_key_norm: paged.KeyNorm | None = None  # its weight once loaded (set_projection)
         self.projection: paged.Projection | None = None
         # bits=None reproduces the unmodified model exactly: nothing to spread, no rotation.
         self.rotation = (hadamard(xquant.group_size) if xquant.rotation == "hadamard" and xquant.quantized
@@ -210,6 +224,10 @@ class XQuantPagedAttention(Attention):
         h = None if self.rotation is None else self.rotation.to(k_weight.device)
         if self.fused_inv_freq is not None:
             self.fused_inv_freq = self.fused_inv_freq.to(k_weight.device)
+            if self._key_norm:
+                self.fused_key_norm = fused_key_norm(self._key_norm[0])
+                if self.fused_key_norm is None:  # a norm of the known classes in a form the kernel lacks
+                    self.fused_inv_freq = None
         if self.latent:
             self.projection = paged.latent_projection(k_weight, k_bias, v_weight, v_bias, h, **shape)
             self.rotation = None  # the stored latents come out of the factors already rotated
@@ -235,7 +253,8 @@ class XQuantPagedAttention(Attention):
         if self._fused_decode(pages, batch, n):
             requests = batch.seq_lens.shape[0]  # token r is request r's new token; tokens past them padding
             output[:requests] = paged.fused_decode(query[:requests], pages, batch, self.layout, self.xquant,
-                                                   self.projection, self.fused_inv_freq, self.decode_config)
+                                                   self.projection, self.fused_inv_freq, self.decode_config,
+                                                   self.sliding_window, self.logits_soft_cap, self.fused_key_norm)
             output[requests:] = 0
             return
         # static shapes on CUDA (graph capture), only the rows held on CPU

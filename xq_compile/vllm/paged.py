@@ -314,26 +314,40 @@ def page_sources(pages: torch.Tensor, layout: tuple[StateField, ...], xquant: XQ
     return sources
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyNorm:
+    """A per-head RMSNorm of the keys before RoPE (Qwen3, Gemma 3) as the fused decode applies it:
+    k · rsqrt(mean(k²) + eps) · weight, ``weight`` fp32 [head_dim] as it multiplies (Gemma's 1 + w)."""
+
+    weight: torch.Tensor
+    eps: float
+
+
 def fused_decode(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...],
-                 xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor,
-                 config: dict | None = None) -> torch.Tensor:
+                 xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor, config: dict | None = None,
+                 window: int | None = None, soft_cap: float | None = None,
+                 key_norm: KeyNorm | None = None) -> torch.Tensor:
     """Attention of a decode batch by ``xq_compile::decode_attention`` over the pages (the arguments of
     :func:`decode_arguments`), its GPU launches configured by ``config`` (overrides of the kernels'
     configuration, e.g. ``{"gluon": "auto"}``; also while vLLM captures CUDA graphs); returns
     [R, heads * head_dim]."""
     with config_overrides(**(config or {})):
-        out = decode_attention(**decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq))
+        out = decode_attention(**decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq, window,
+                                                  soft_cap, key_norm))
     return out.reshape(query.shape[0], proj.num_heads * proj.head_dim)
 
 
 def decode_arguments(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch, layout: tuple[StateField, ...],
-                     xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor) -> dict:
+                     xquant: XQuantConfig, proj: Projection, inv_freq: torch.Tensor, window: int | None = None,
+                     soft_cap: float | None = None, key_norm: KeyNorm | None = None) -> dict:
     """The arguments (by name) of ``xq_compile::decode_attention`` for the attention of a decode batch --
     one new token per request (``query`` [R, heads * head_dim], RoPE applied, its row already stored) --
     over each request's ``seq_lens`` rows, read from the pages through the block table (:func:`page_sources`):
-    K rebuilt with plain neox RoPE at each row's position (``inv_freq`` fp32 [head_dim / 2], the model's
-    rotary frequencies), values absorbed. The new token is the last row, so every row is visible: no
-    mask. (On CPU the op runs its torch reference.)"""
+    K rebuilt (through ``key_norm`` where given) with plain neox RoPE at each row's position (``inv_freq``
+    fp32 [head_dim / 2], the model's rotary frequencies), values absorbed. The new token is the last row, so
+    every row is visible (no mask) but for a sliding ``window``: then only the last ``window`` rows, and the
+    blocks behind them, which vLLM frees, are never read. ``soft_cap``: Gemma 2's cap on the scaled scores.
+    (On CPU the op runs its torch reference.)"""
     requests, heads, head_dim = batch.seq_lens.shape[0], proj.num_heads, proj.head_dim
     if query.shape[0] != requests:
         raise ValueError(f"fused_decode takes one new token per request: {query.shape[0]} tokens for "
@@ -347,5 +361,6 @@ def decode_arguments(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch
         v_bias=proj.v_bias, cos=None, sin=None, mask=None, length=batch.seq_lens, k_bits=xquant.bits,
         k_group=xquant.group_size, k_layout="per_token", v_bits=xquant.bits, v_group=xquant.group_size,
         v_layout="per_token", sm_scale=proj.scale, positions=positions, rope_inv_freq=inv_freq, rope_scale=1.0,
-        block_table=batch.block_table,
+        block_table=batch.block_table, window=window or 0, soft_cap=soft_cap or 0.0,
+        k_norm_weight=None if key_norm is None else key_norm.weight, k_norm_eps=1e-6 if key_norm is None else key_norm.eps,
     )

@@ -4,9 +4,11 @@ For a few query tokens (decode, S = 1..16) and the ``n`` cached rows (``n`` = ``
 device), per batch ``b`` and KV head ``h`` (query head ``i`` uses KV head ``i // group``, repeat_kv order):
 
     x̂k_j = key-source row j, dequantized                      (width Ck)
-    k_j  = x̂k_j · Wk[h·D:(h+1)·D]ᵀ (+ bk),  then RoPE with cos[b, j], sin[b, j] (HF rotate_half; the
-           tables given, or HF's default RoPE computed in the kernel from positions[b, j] and inv_freq)
-    p    = softmax(sm_scale · q·kᵀ (+ mask))                   (fp32; a fully masked row gives 0)
+    k_j  = x̂k_j · Wk[h·D:(h+1)·D]ᵀ (+ bk),  (optionally RMS-normalized per head: k_norm_weight, Qwen3 /
+           Gemma 3), then RoPE with cos[b, j], sin[b, j] (HF rotate_half; the tables given, or HF's
+           default RoPE computed in the kernel from positions[b, j] and inv_freq)
+    p    = softmax(cap(sm_scale · q·kᵀ) (+ mask))              (fp32; a fully masked row gives 0;
+           cap(s) = soft_cap · tanh(s / soft_cap) where soft_cap > 0, Gemma 2)
     out  = (Σ_j p_j · x̂v_j) · Wv[h·D:(h+1)·D]ᵀ + (Σ_j p_j) · bv  (absorbed values: V is never built)
 
 K and V are never written to memory. The CPU (default) kernel is the plain-torch reference
@@ -46,6 +48,12 @@ Every launch reads ``n`` on the device (no ``.item()``, no host sync): a split w
 past ``n`` does nothing but write an empty partial result (a row block past ``n`` returns at once), so
 one CUDA graph serves every fill. The grids depend only on the capacity L and the shapes. ``length``
 may hold one fill per batch row ([B], vLLM's seq_lens): each program reads its own row's.
+
+Sliding window (``window`` > 0: Mistral, Gemma 2/3's local layers): query token s, at row n - S + s, sees
+only rows j > n - S + s - window. Every launch computes the first row some token sees, lo = n - S + 1 -
+window, on the device next to n: the scores kernel skips row blocks before it, the softmax and the values
+kernel cut their splits from lo's row block and treat its rows before lo as absent (the values kernel
+zeroes them: rows before lo may be freed pages of any bytes).
 
 Paged sources (``block_table`` [B, max_blocks], vLLM's cache): the per-token sources (and col0) are
 ``[pages, page_size, ...]`` and row j of batch row b is row j % page_size of page

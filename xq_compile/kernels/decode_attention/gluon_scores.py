@@ -635,6 +635,8 @@ def unsupported(a: DecodeAttentionInputs, cfg: dict, target: GpuTarget, half_pad
     least = tile["shared"] if cfg["gluon"] == 2 else _tile(a, cfg, half_pad, r_pad, block_h, stages=2)["shared"]
     checks = (
         (HAS_GLUON, "this triton has no Gluon (triton >= 3.4 has)"),
+        (not a.window and not a.soft_cap and a.k_norm_weight is None,
+         "it applies no sliding window, soft cap or key norm (the Triton scores kernel does)"),
         (not interpreted(), "the Triton interpreter (TRITON_INTERPRET=1) does not run Gluon kernels"),
         (target.wgmma, f"it issues wgmma, which sm_{target.capability} has not (Hopper only)"),
         (keys.bits in BITS_SUPPORTED, f"{keys.bits}-bit keys are not supported (2, 4 or 8 bits are)"),

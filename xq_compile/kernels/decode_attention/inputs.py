@@ -128,6 +128,10 @@ class DecodeAttentionInputs:
     rope_inv_freq: Optional[torch.Tensor] = None
     rope_scale: float = 1.0
     block_table: Optional[torch.Tensor] = None
+    window: int = 0
+    soft_cap: float = 0.0
+    k_norm_weight: Optional[torch.Tensor] = None
+    k_norm_eps: float = 1e-6
 
     @property
     def paged(self) -> bool:
@@ -139,11 +143,17 @@ class DecodeAttentionInputs:
         """Whether RoPE is HF's default rotary embedding computed from ``positions`` (else: the tables)."""
         return self.positions is not None
 
+    def first_row(self, n: int, seq: int) -> int:
+        """The first of the ``n`` rows some query token sees through the window (0 without one): the first
+        token, at row n - seq, sees the ``window - 1`` rows before its own."""
+        return max(n - seq + 1 - self.window, 0) if self.window else 0
+
     @classmethod
     def from_op_args(
         cls, query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
         v_bits, v_group, v_layout, sm_scale, positions=None, rope_inv_freq=None, rope_scale=1.0, block_table=None,
+        window=0, soft_cap=0.0, k_norm_weight=None, k_norm_eps=1e-6,
     ) -> "DecodeAttentionInputs":
         """From the op's flat arguments, in schema order (positional or by name)."""
         if v_packed is None:
@@ -156,7 +166,7 @@ class DecodeAttentionInputs:
             values = QuantizedSource(v_packed, v_scale, v_zero, v_tail, v_bits, v_group, v_layout)
         return cls(query, QuantizedSource(k_packed, k_scale, k_zero, k_tail, k_bits, k_group, k_layout), values,
                    col0, k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, sm_scale, positions,
-                   rope_inv_freq, rope_scale, block_table)
+                   rope_inv_freq, rope_scale, block_table, window, soft_cap, k_norm_weight, k_norm_eps)
 
     @property
     def value_source(self) -> QuantizedSource:
@@ -203,6 +213,7 @@ class DecodeAttentionInputs:
             paged = " (paged like the codes)" if self.paged else ""
             raise ValueError(f"col0 must be {quant.SCALE_DTYPE} {lead}{paged}, got {col0.dtype} {tuple(col0.shape)}")
         self._check_rope(batch, max_len, head_dim, dtype)
+        self._check_window_cap_norm(head_dim)
         mask = self.mask
         if mask is not None:
             ok = (
@@ -226,10 +237,25 @@ class DecodeAttentionInputs:
         for name, t in (("k_weight", k_weight), ("v_weight", v_weight), ("k_bias", self.k_bias),
                         ("v_bias", self.v_bias), ("col0", col0), ("cos", self.cos), ("sin", self.sin),
                         ("mask", mask), ("length", length), ("positions", self.positions),
-                        ("rope_inv_freq", self.rope_inv_freq), ("block_table", self.block_table)):
+                        ("rope_inv_freq", self.rope_inv_freq), ("block_table", self.block_table),
+                        ("k_norm_weight", self.k_norm_weight)):
             if t is not None and t.device != device:
                 raise ValueError(f"{name} is on {t.device} but query is on {device}")
         return Shapes(batch, q_heads, seq, head_dim, kv_heads, max_len, k_width, v_width)
+
+    def _check_window_cap_norm(self, head_dim: int) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window={self.window!r} must be an int >= 0 (the rows a query token sees, itself "
+                             "included; 0: no window)")
+        if not (self.soft_cap >= 0.0 and self.soft_cap != float("inf")):
+            raise ValueError(f"soft_cap={self.soft_cap!r} must be finite and >= 0 (Gemma 2's attention-logit cap; "
+                             "0: none)")
+        weight = self.k_norm_weight
+        if weight is not None and (tuple(weight.shape) != (head_dim,) or weight.dtype != torch.float32):
+            raise ValueError(f"k_norm_weight must be float32 [{head_dim}] (the keys' per-head RMSNorm weight as it "
+                             f"multiplies: Gemma's 1 + w), got {weight.dtype} {tuple(weight.shape)}")
+        if not self.k_norm_eps > 0.0:
+            raise ValueError(f"k_norm_eps={self.k_norm_eps!r} must be > 0")
 
     def _check_block_table(self, batch: int, device: torch.device) -> int:
         """The capacity L = max_blocks · page_size of a paged call, once its block table is checked."""

@@ -45,6 +45,10 @@ def decode_attention(
     rope_inv_freq: Optional[torch.Tensor] = None,
     rope_scale: float = 1.0,
     block_table: Optional[torch.Tensor] = None,
+    window: int = 0,
+    soft_cap: float = 0.0,
+    k_norm_weight: Optional[torch.Tensor] = None,
+    k_norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Decode attention over the first ``length`` cached rows, from the quantized sources: [B, Hq, S, D].
 
@@ -55,13 +59,19 @@ def decode_attention(
     attention_scaling). ``length``: one fill for every batch row (1 element) or one per row ([B],
     e.g. vLLM's seq_lens). ``block_table`` int32 [B, max_blocks]: the per-token sources (and col0) are
     pages ``[pages, page_size, ...]``, row j of batch row b at page block_table[b, j // page_size], row
-    j % page_size (vLLM's paged cache; the capacity L is max_blocks · page_size). The CPU kernel is
+    j % page_size (vLLM's paged cache; the capacity L is max_blocks · page_size). ``window`` > 0 (sliding-
+    window attention): query token s, at row n - S + s, sees only rows j > n - S + s - window; rows no token
+    sees are never read, so they may be freed (vLLM points freed blocks at its null block). ``soft_cap`` > 0:
+    the scaled scores become soft_cap · tanh(score / soft_cap) before the mask (Gemma 2). ``k_norm_weight``
+    fp32 [D]: each rebuilt key head (after its bias, before RoPE) is RMS-normalized over its D features
+    with ``k_norm_eps`` and multiplied by it (Qwen3, Gemma 3; Gemma's norm passes 1 + w). The CPU kernel is
     :func:`reference_decode_attention`.
     """
     return reference_decode_attention(DecodeAttentionInputs.from_op_args(
         query, k_packed, k_scale, k_zero, k_tail, v_packed, v_scale, v_zero, v_tail, col0,
         k_weight, k_bias, v_weight, v_bias, cos, sin, mask, length, k_bits, k_group, k_layout,
         v_bits, v_group, v_layout, sm_scale, positions, rope_inv_freq, rope_scale, block_table,
+        window, soft_cap, k_norm_weight, k_norm_eps,
     ))
 
 

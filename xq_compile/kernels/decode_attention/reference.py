@@ -99,31 +99,42 @@ def batch_row(inputs: DecodeAttentionInputs, b: int, max_len: int) -> DecodeAtte
 
 
 def _reference_dense(a: DecodeAttentionInputs) -> torch.Tensor:
-    """:func:`reference_decode_attention` for one fill and dense sources."""
+    """:func:`reference_decode_attention` for one fill and dense sources. Only rows ``lo`` .. n are read
+    (``lo``: the first row the window shows some query token, 0 without a window)."""
     batch, q_heads, seq, head_dim, kv_heads, max_len, _, _ = a.check()
     dtype = a.k_weight.dtype
     n = min(max(int(a.length), 0), max_len)
+    lo = a.first_row(n, seq)
     if n == 0:
         return a.query.new_zeros(a.query.shape)
     rows = q_heads // kv_heads * seq
     x_k = source_rows(a.keys, n, dtype)
     if a.col0 is not None:
         x_k = torch.cat([a.col0[:, :n, None].to(dtype), x_k[..., 1:]], dim=-1)
-    x_v = x_k if a.values is None else source_rows(a.values, n, dtype)
+    x_v = (x_k if a.values is None else source_rows(a.values, n, dtype))[:, lo:]
+    x_k = x_k[:, lo:]
 
     k = x_k.float() @ a.k_weight.float().T
     if a.k_bias is not None:
         k = k + a.k_bias.float()
-    k = k.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)  # [B, Hkv, n, D]
+    k = k.unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)  # [B, Hkv, n - lo, D]
+    if a.k_norm_weight is not None:  # per-head RMSNorm, in fp32 (the kernel keeps K in fp32 until after RoPE)
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + a.k_norm_eps) * a.k_norm_weight
     cos, sin = rope_tables(a, n)
-    c, s = cos[:, None].float(), sin[:, None].float()
+    c, s = cos[:, None, lo:].float(), sin[:, None, lo:].float()
     k = (k * c + rotate_half(k) * s).to(dtype)
 
     q = a.query.reshape(batch, kv_heads, rows, head_dim)  # rows g·S + s share KV head h (repeat_kv order)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * a.sm_scale  # [B, Hkv, R, n]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * a.sm_scale  # [B, Hkv, R, n - lo]
+    if a.soft_cap:
+        scores = a.soft_cap * torch.tanh(scores / a.soft_cap)
     if a.mask is not None:
-        m = a.mask.expand(batch, q_heads, seq, max_len)[..., :n].reshape(batch, kv_heads, rows, n)
+        m = a.mask.expand(batch, q_heads, seq, max_len)[..., lo:n].reshape(batch, kv_heads, rows, n - lo)
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    if a.window:  # query token s (row r = g·S + s) at row n - S + s sees rows j > n - S + s - window
+        token = torch.arange(rows, device=scores.device) % seq
+        seen = torch.arange(lo, n, device=scores.device) > (n - seq + token - a.window)[:, None]
+        scores = scores.masked_fill(~seen, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # fully masked row: p = 0, not NaN
     p = torch.exp(scores - top)

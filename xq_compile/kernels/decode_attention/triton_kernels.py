@@ -46,6 +46,22 @@ if HAS_TRITON:
         return tl.minimum(tl.maximum(n, 0), L)
 
     @triton.jit
+    def _first_row(n, S, window, WINDOWED: tl.constexpr):
+        """The first of the n rows some query token sees (0 without a window): the first of the S tokens,
+        at row n - S, sees the ``window - 1`` rows before its own (DecodeAttentionInputs.first_row)."""
+        if WINDOWED:
+            return tl.maximum(n - S + 1 - window, 0)
+        else:
+            return n * 0
+
+    @triton.jit
+    def _soft_capped(scores, soft_cap):
+        """soft_cap · tanh(scores / soft_cap) (Gemma 2), tanh as 1 - 2 / (exp(2x) + 1): exact at both ends
+        (exp overflowing to inf gives 1, underflowing to 0 gives -1) and in the interpreter, which has no
+        libdevice."""
+        return soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * scores / soft_cap) + 1.0))
+
+    @triton.jit
     def _rope_cos_sin(pos_ptr, freq_ptr, b, rows, row_ok, dh, f_ok, s_posb, s_posl, rope_scale,
                       dtype: tl.constexpr, FAST_TRIG: tl.constexpr):
         """HF's default rotary embedding at the cached rows, [rows, features] in fp32: cos/sin of the
@@ -154,8 +170,9 @@ if HAS_TRITON:
     @triton.jit
     def _scores_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, kt_ptr, c0_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
-        mask_ptr, length_ptr, bt_ptr, out_ptr,
+        mask_ptr, length_ptr, bt_ptr, knw_ptr, out_ptr,
         L, HKV, C: tl.constexpr, P, R, S, GROUP_Q, HALF, qk_scale, rope_scale, s_len, s_btb, s_btr,
+        window, soft_cap, k_norm_eps,
         s_qb, s_qh, s_qs, s_qd,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_wn, s_wk, s_cosb, s_cosl, s_cosd, s_sinb, s_sinl, s_sind, s_posb, s_posl,
@@ -167,6 +184,7 @@ if HAS_TRITON:
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALE_BCAST: tl.constexpr,
         R_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, X_AS_B: tl.constexpr,
+        WINDOWED: tl.constexpr, SOFT_CAP: tl.constexpr, KEY_NORM: tl.constexpr,
     ):
         """Scores of BLOCK_H KV heads' query rows against cached rows r0 .. r0 + BLOCK_N.
 
@@ -176,14 +194,19 @@ if HAS_TRITON:
         head, so RoPE's rotate_half pairs meet elementwise. The scores then come from one dot with a
         block-diagonal query (each head's rows see only its own features): no per-head slicing of
         registers is needed.
+
+        ``WINDOWED``: a row block no query token sees returns at once (its rows may be freed pages), the
+        others mask each token's rows behind its window; the softmax never reads the scores of unseen rows.
+        ``KEY_NORM``: each head's keys are RMS-normalized (fp32) between the bias and RoPE; ``SOFT_CAP``:
+        the scaled scores are capped before the mask.
         """
         pid_bh = tl.program_id(0)
         r0 = tl.program_id(1) * BLOCK_N
         num_ht = tl.cdiv(HKV, BLOCK_H)
         b = (pid_bh // num_ht).to(tl.int64)  # int64: B * L * stride may exceed 2**31
         n = _fill(length_ptr, b, s_len, L)
-        if r0 >= n:
-            return  # a row block past the fill: nothing to do (one CUDA graph serves every fill)
+        if r0 >= n or r0 + BLOCK_N <= _first_row(n, S, window, WINDOWED):
+            return  # a row block past the fill or behind every window: nothing to do (one CUDA graph serves every fill)
         h0 = (pid_bh % num_ht) * BLOCK_H
         n_full = n // GROUP * GROUP
         dtype = w_ptr.dtype.element_ty
@@ -224,6 +247,12 @@ if HAS_TRITON:
             w2_rows = w1_rows + HALF
             k1 += tl.load(bias_ptr + w1_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
             k2 += tl.load(bias_ptr + w2_rows, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        if KEY_NORM:  # mean of squares over each head's D features: its first and its second halves
+            squares = tl.reshape(k1 * k1 + k2 * k2, (BLOCK_N, BLOCK_H, HALF_PAD))  # padding features are 0
+            inv_rms = tl.rsqrt(tl.sum(squares, axis=2) / (2 * HALF) + k_norm_eps)
+            inv_rms = tl.reshape(tl.broadcast_to(inv_rms[:, :, None], (BLOCK_N, BLOCK_H, HALF_PAD)), (BLOCK_N, F))
+            k1 = k1 * inv_rms * tl.load(knw_ptr + dh, mask=f_ok, other=0.0)[None, :]
+            k2 = k2 * inv_rms * tl.load(knw_ptr + HALF + dh, mask=f_ok, other=0.0)[None, :]
 
         # RoPE (HF rotate_half): [k1, k2] -> [k1·c1 - k2·s1, k2·c2 + k1·s2], in fp32.
         rows = r0 + tl.arange(0, BLOCK_N)
@@ -263,6 +292,8 @@ if HAS_TRITON:
         sc = _dot(kr1, q1, sc, DOT_PRECISION, UPCAST)
         sc = _dot(kr2, q2, sc, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_H·R_PAD]
         sc = sc * qk_scale
+        if SOFT_CAP:
+            sc = _soft_capped(sc, soft_cap)
         st_mask = row_ok[:, None] & m_ok[None, :]
         if MASK_KIND != 0:
             m_off = (b * s_mb + offset64(q_head, s_mh)[None, :] + offset64(q_tok, s_ms)[None, :]
@@ -272,6 +303,8 @@ if HAS_TRITON:
                 sc = tl.where(mv != 0, sc, float("-inf"))
             else:
                 sc = sc + mv.to(tl.float32)
+        if WINDOWED:  # token q_tok, at row n - S + q_tok, sees rows j > n - S + q_tok - window
+            sc = tl.where(rows[:, None] > (n - S + q_tok - window)[None, :], sc, float("-inf"))
         o_off = b * s_ob + offset64(m_head, s_oh)[None, :] + offset64(r, s_or)[None, :] + rows[:, None] * s_ol
         tl.store(out_ptr + o_off, sc, mask=st_mask)
 
@@ -284,20 +317,22 @@ if HAS_TRITON:
         return (pid // num_mb).to(tl.int64), m, m < M_ALL
 
     @triton.jit
-    def _split_rows(n, split, NUM_SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
-        """(start, end): the rows of split ``split`` -- the n rows cut into NUM_SPLITS chunks of
-        whole ROW_BLOCK blocks, from the n on the device (so every fill spreads over all splits). The
-        softmax and the values kernel cut alike, so a split's probabilities share one maximum."""
-        per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), ROW_BLOCK) * ROW_BLOCK
-        start = split * per_split
+    def _split_rows(n, lo, split, NUM_SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
+        """(start, end): the rows of split ``split`` -- rows ``lo`` (the first one seen, rounded down to a
+        ROW_BLOCK boundary) to n cut into NUM_SPLITS chunks of whole ROW_BLOCK blocks, from the n on the
+        device (so every fill spreads over all splits). The softmax and the values kernel cut alike, so a
+        split's probabilities share one maximum."""
+        first = lo // ROW_BLOCK * ROW_BLOCK
+        per_split = tl.cdiv(tl.cdiv(n - first, NUM_SPLITS), ROW_BLOCK) * ROW_BLOCK
+        start = first + split * per_split
         return start, tl.minimum(start + per_split, n)
 
     @triton.jit
     def _softmax_kernel(
-        sc_ptr, p_ptr, m_ptr, l_ptr, length_ptr, L, M_ALL, s_len,
+        sc_ptr, p_ptr, m_ptr, l_ptr, length_ptr, L, M_ALL, s_len, S, window,
         s_cb, s_cm, s_cl, s_pb, s_pm, s_pl, s_mb, s_ms, s_mm,
         P_DTYPE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-        ROW_BLOCK: tl.constexpr,
+        ROW_BLOCK: tl.constexpr, WINDOWED: tl.constexpr,
     ):
         """The probabilities of BLOCK_M flattened query rows against one split's cached rows: the split's
         maximum per row, p = exp(s - max) written in the model dtype (the values kernel's MMA operand), the
@@ -306,18 +341,21 @@ if HAS_TRITON:
         exponentials over the GPU (one per row would leave one multiprocessor to do them all at S = 1).
 
         p is written up to the split's end rounded up to ROW_BLOCK (the values kernel's row block; BLOCK_L
-        is a multiple of it), zeros past n: the values kernel then loads whole blocks without a row mask."""
+        is a multiple of it), zeros past n: the values kernel then loads whole blocks without a row mask.
+        With a window, the rows of the first block before the first one seen (``lo``) read -inf: the scores
+        kernel did not write them."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b, m, m_ok = _query_row_block(pid, M_ALL, BLOCK_M)
         n = _fill(length_ptr, b, s_len, L)
-        start, end = _split_rows(n, split, NUM_SPLITS, ROW_BLOCK)
+        lo = _first_row(n, S, window, WINDOWED)
+        start, end = _split_rows(n, lo, split, NUM_SPLITS, ROW_BLOCK)
         s_rows = b * s_cb + offset64(m, s_cm)[:, None]
         top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         for j0 in range(start, end, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
-            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & (cols < end)[None, :],
-                        other=float("-inf"))
+            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl,
+                        mask=m_ok[:, None] & ((cols < end) & (cols >= lo))[None, :], other=float("-inf"))
             top = tl.maximum(top, tl.max(s, axis=1))
         # A row with every score -inf (masked, or an empty split) keeps p = exp(-inf) = 0 instead of
         # exp(-inf + inf) = NaN: a maximum of at least the lowest finite fp32 changes nothing else (and the
@@ -329,8 +367,8 @@ if HAS_TRITON:
         end_pad = tl.cdiv(end, ROW_BLOCK) * ROW_BLOCK
         for j0 in range(start, end, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
-            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & (cols < end)[None, :],
-                        other=float("-inf"))
+            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl,
+                        mask=m_ok[:, None] & ((cols < end) & (cols >= lo))[None, :], other=float("-inf"))
             p = tl.exp(s - top[:, None])  # 0 past the split's end
             total += tl.sum(p, axis=1)
             tl.store(p_ptr + p_rows + cols[None, :] * s_pl, p.to(P_DTYPE),
@@ -357,14 +395,14 @@ if HAS_TRITON:
     @triton.jit
     def _values_kernel(
         p_ptr, vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, length_ptr, bt_ptr, acc_ptr,
-        L, M_ALL, C, P, s_len, s_btb, s_btr,
+        L, M_ALL, C, P, s_len, s_btb, s_btr, S, window,
         s_pb_, s_pm_, s_pl_,
         s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
         s_ab, s_as, s_am, s_ac,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_COL0: tl.constexpr,
         SCALE_BCAST: tl.constexpr, OUT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr,
-        PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, WINDOWED: tl.constexpr,
     ):
         """accᵀ += x̂vᵀ · pᵀ over one split's rows, for one block of value channels and BLOCK_M query rows.
 
@@ -377,13 +415,17 @@ if HAS_TRITON:
         tile is dequantized, as in the scores kernel. (With p computed here, by an online softmax, one
         operand computed in the loop had to be the shared-memory one, and every MMA was waited for;
         docs/kernels.md.) Value channels are the MMA's rows, so 64 of them fill a wgmma tile whatever the
-        query rows."""
+        query rows.
+
+        With a window, the splits start at the block of the first row seen (``lo``); that block's rows before
+        it (p = 0) may be freed pages of any bytes, so the first step zeroes them (0 · NaN would be NaN)."""
         pid_bm = tl.program_id(0)
         split = tl.program_id(1)
         c0 = tl.program_id(2) * BLOCK_CV
         b, m, m_ok = _query_row_block(pid_bm, M_ALL, BLOCK_M)
         n = _fill(length_ptr, b, s_len, L)
-        start, end = _split_rows(n, split, NUM_SPLITS, BLOCK_N)  # as the softmax cut them
+        lo = _first_row(n, S, window, WINDOWED)
+        start, end = _split_rows(n, lo, split, NUM_SPLITS, BLOCK_N)  # as the softmax cut them
         n_full = n // GROUP * GROUP
         p_cols = b * s_pb_ + offset64(m, s_pm_)[None, :]
 
@@ -392,11 +434,13 @@ if HAS_TRITON:
         # serializes the wgmmas (C7515); a loop entered with the accumulator of a finished MMA does not.
         rows = start + tl.arange(0, BLOCK_N)
         p = tl.load(p_ptr + p_cols + rows[:, None] * s_pl_, mask=(rows < end)[:, None] & m_ok[None, :], other=0.0)
-        acc = _dot(tl.trans(_value_tile(vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, start, end, c0, n_full, C, P,
-                                        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc,
-                                        s_cb, s_cl, bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL,
-                                        HAS_COL0, SCALE_BCAST, BLOCK_N, BLOCK_CV, PAGED, OUT_DTYPE)),
-                   p, tl.zeros((BLOCK_CV, BLOCK_M), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        x = _value_tile(vp_ptr, vs_ptr, vz_ptr, vt_ptr, c0_ptr, b, start, end, c0, n_full, C, P,
+                        s_pb, s_pl, s_pp, s_sb, s_sl, s_sc, s_zb, s_zl, s_zc, s_tb, s_tl, s_tc, s_cb, s_cl,
+                        bt_ptr, s_btb, s_btr, PAGE_SIZE, BITS, GROUP, PER_CHANNEL, HAS_COL0, SCALE_BCAST,
+                        BLOCK_N, BLOCK_CV, PAGED, OUT_DTYPE)
+        if WINDOWED:
+            x = tl.where((rows >= lo)[:, None], x, 0.0)
+        acc = _dot(tl.trans(x), p, tl.zeros((BLOCK_CV, BLOCK_M), dtype=tl.float32), DOT_PRECISION, UPCAST)
         for j0 in range(start + BLOCK_N, end, BLOCK_N):
             # (a whole number of blocks from row 0: told, so that the p tile's rows load 16 bytes at a time,
             # which is what lets the pipeliner copy it asynchronously)
@@ -633,9 +677,9 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         return scores
     _scores_kernel[grid](
         a.query, *k_ptrs, a.k_weight, a.k_weight if a.k_bias is None else a.k_bias, cos, sin, cos, freq, mask_t,
-        a.length, _table_ptr(a), scores,
+        a.length, _table_ptr(a), a.k_weight if a.k_norm_weight is None else a.k_norm_weight, scores,
         max_len, kv_heads, k_width, keys.packed.shape[2], rows, seq, group_q, half, float(a.sm_scale),
-        float(a.rope_scale), *_paged_args(a),
+        float(a.rope_scale), *_paged_args(a), a.window, float(a.soft_cap), float(a.k_norm_eps),
         *a.query.stride(), *k_strides, *a.k_weight.stride(), *table_strides, *pos_strides, *m_strides,
         *scores.stride(),
         BITS=keys.bits, GROUP=keys.group, PER_CHANNEL=keys.layout == "per_channel", HAS_COL0=a.col0 is not None,
@@ -644,6 +688,7 @@ def _launch_scores(a: DecodeAttentionInputs, cfg: dict, batch: int, q_heads: int
         SCALE_BCAST=scale_broadcast(keys.layout, keys.group, cfg["block_n"], cfg["block_c"]),
         R_PAD=r_pad, HALF_PAD=pow2_at_least_16(half), BLOCK_H=block_h, BLOCK_N=cfg["block_n"],
         BLOCK_C=cfg["block_c"], PAGED=a.paged, PAGE_SIZE=_page_size(a), X_AS_B=bool(cfg["x_as_b"]),
+        WINDOWED=a.window > 0, SOFT_CAP=a.soft_cap > 0, KEY_NORM=a.k_norm_weight is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return scores
@@ -701,10 +746,10 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | N
     l_part = torch.empty_like(m_part)
     block_ms = min(32, pow2_at_least_16(m_all))
     _softmax_kernel[(batch * triton.cdiv(m_all, block_ms), splits)](
-        flat_scores, probs, m_part, l_part, a.length, max_len, m_all, _paged_args(a)[0],
+        flat_scores, probs, m_part, l_part, a.length, max_len, m_all, _paged_args(a)[0], seq, a.window,
         *flat_scores.stride(), *probs.stride(), *m_part.stride(),
         P_DTYPE=_TL_DTYPES[dtype], NUM_SPLITS=splits, BLOCK_M=block_ms, BLOCK_L=max(128, row_block),
-        ROW_BLOCK=row_block, num_warps=4,
+        ROW_BLOCK=row_block, WINDOWED=a.window > 0, num_warps=4,
     )
 
     # 3. per split: the absorbed values Σ p·x̂v for one block of value channels, for the query rows of
@@ -715,13 +760,14 @@ def decode_attention_triton(inputs: DecodeAttentionInputs, target: GpuTarget | N
     acc = torch.empty((batch, splits, m_all, v_width), device=dev, dtype=torch.float32)
     _values_kernel[(batch * triton.cdiv(m_all, block_m), splits, triton.cdiv(v_width, block_cv))](
         probs, *v_ptrs, a.length, _table_ptr(a), acc,
-        max_len, m_all, v_width, values.packed.shape[2], *_paged_args(a),
+        max_len, m_all, v_width, values.packed.shape[2], *_paged_args(a), seq, a.window,
         *probs.stride(), *v_strides, *acc.stride(),
         BITS=values.bits, GROUP=values.group, PER_CHANNEL=values.layout == "per_channel",
         HAS_COL0=a.values is None and a.col0 is not None,
         SCALE_BCAST=scale_broadcast(values.layout, values.group, cfg["block_nv"], block_cv),
         OUT_DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=precision, UPCAST=upcast, NUM_SPLITS=splits,
         BLOCK_M=block_m, BLOCK_N=cfg["block_nv"], BLOCK_CV=block_cv, PAGED=a.paged, PAGE_SIZE=_page_size(a),
+        WINDOWED=a.window > 0,
         # the dequantized [block_nv, block_cv] tile (codes, scales, zeros in fp32) dominates the registers
         num_warps=8 if cfg["block_nv"] * block_cv >= 8192 else 4, num_stages=3,
     )
