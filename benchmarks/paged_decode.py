@@ -6,12 +6,14 @@ cache (what reading pages costs), plus the fused step captured in a CUDA graph a
     python benchmarks/paged_decode.py --device cuda                        # H200
     python benchmarks/paged_decode.py --device cpu --lengths 64 --requests 2 --iters 1 --repeats 1   # smoke
     python benchmarks/paged_decode.py --config gluon=auto    # the fused step on the opt-in Gluon scores kernel
+    python benchmarks/paged_decode.py --window 512           # a sliding-window layer (Gemma 3's local layers)
 
 Shapes (``--shape``): ``smollm2`` the X form (d 576, 9 heads of 64); ``gqa`` the GQA latent form (8 KV heads
 of 128, 32 query heads, key and value latents of 1024 per token). Each of ``--requests`` requests holds
 ``n`` rows in shuffled pages of ``--page-size`` tokens, one new token each. Times are medians of
 ``--repeats`` rounds of ``--iters`` calls (CUDA events on a GPU); ``err`` is the fused output's largest
-deviation from the torch path's, relative to its largest magnitude.
+deviation from the torch path's, relative to its largest magnitude. ``--window W``: each request attends
+over its last W rows only (all three paths; the fused kernels skip the row blocks behind the window).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                    help="decode_attention config overrides of the fused step's launches (what engine_args' "
                         "decode_attention gives a served layer), e.g. gluon=auto; the dense op runs the default")
+    p.add_argument("--window", type=int, default=None, help="a sliding window of this many rows")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     config = parse_config(args.config)
@@ -113,21 +116,23 @@ def main(argv=None) -> int:
         for n in args.lengths:
             step = decode_step(SHAPES[name], args.requests, n, args.bits, args.page_size, dtype, dev)
             pages, batch, layout, xquant, proj, query, inv_freq = step
-            dense = dense_arguments(paged.decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq), n)
+            window = args.window
+            dense = dense_arguments(paged.decode_arguments(query, pages, batch, layout, xquant, proj, inv_freq,
+                                                           window), n)
             rope = neox_rope(inv_freq, proj.head_dim)
 
             def fused():
-                return paged.fused_decode(query, pages, batch, layout, xquant, proj, inv_freq, config)
+                return paged.fused_decode(query, pages, batch, layout, xquant, proj, inv_freq, config, window)
 
             def torch_path():
-                rows, valid = paged.gather(pages, batch, layout, xquant, dtype, static=True)
-                return paged.attend(query, rows, valid, batch, proj, rope, True)
+                rows, valid = paged.gather(pages, batch, layout, xquant, dtype, static=True, window=window)
+                return paged.attend(query, rows, valid, batch, proj, rope, True, window=window)
 
             def dense_op():
                 return torch.ops.xq_compile.decode_attention.default(**dense)
 
             row = dict(shape=name, n=n, requests=args.requests, bits=args.bits, page_size=args.page_size,
-                       config=config, err=rel_err(fused(), torch_path().float()))
+                       window=window, config=config, err=rel_err(fused(), torch_path().float()))
             for what, fn in (("fused", fused), ("dense_op", dense_op), ("torch_path", torch_path)):
                 row[f"{what}_ms"] = time_ms(fn, dev, args.iters, args.repeats, max_round_ms=100.0)
             row["graph_ms"] = None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -23,9 +24,15 @@ def plain_rope(site: Site) -> tuple[fx.Node, fx.Node] | None:
     """(cos, sin) if the key's per-token region is exactly HF's ``k·cos + rotate_half(k)·sin``, else None.
 
     The fused decode-attention kernel applies that RoPE itself; anything else between the projection
-    and the cache (a k_norm, another rotation layout) keeps the unfused form.
+    and the cache (another rotation layout, a norm other than :func:`key_norm_then_rope`'s) keeps the
+    unfused form.
     """
-    k, out, half = site.key.heads, site.key.append.value, site.head_dim // 2
+    found = _rope_of(site.key.heads, site.key.append.value, site.head_dim // 2)
+    return found[:2] if found is not None and set(site.key.rope) == found[2] else None
+
+
+def _rope_of(k: fx.Node, out: fx.Node, half: int) -> tuple[fx.Node, fx.Node, set[fx.Node]] | None:
+    """(cos, sin, the RoPE's nodes) if ``out`` is HF's ``k·cos + rotate_half(k)·sin``, else None."""
 
     def operands(node, targets):
         ok = node.op == "call_function" and node.target in targets and len(node.args) == 2 and not node.kwargs
@@ -51,17 +58,96 @@ def plain_rope(site: Site) -> tuple[fx.Node, fx.Node] | None:
             continue
         if not (is_half(neg.args[0], upper=True) and is_half(lower, upper=False)):
             continue
-        if set(site.key.rope) != {direct, rotated, out, cat, neg, neg.args[0], lower}:
+        return a[1] if a[0] is k else a[0], b[1] if b[0] is cat else b[0], {direct, rotated, out, cat, neg, neg.args[0], lower}
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyNormRead:
+    """A per-head RMSNorm of the keys before RoPE, as the graph computes it: ``x · rsqrt(mean(x²) + eps) ·
+    weight``; ``weight`` the node of the multiplier [head_dim] (Qwen3's parameter, or Gemma 3's
+    ``1 + w.float()``), read at run time."""
+
+    weight: fx.Node
+    eps: float
+
+
+def key_norm_then_rope(site: Site) -> tuple[KeyNormRead, tuple[fx.Node, fx.Node]] | None:
+    """(the norm, (cos, sin)) if the key's per-token region is exactly a per-head RMSNorm of the heads, then
+    HF's RoPE -- with the transpose to [B, H, S, D] before the norm (Gemma 3) or after it (Qwen3), as
+    transformers writes their ``k_norm`` -- else None. Casts between the steps (``to``, ``float``,
+    ``type_as``) are allowed: the fused kernel computes the norm in fp32 and rounds K once, after RoPE."""
+    heads, layout, half = site.key.heads, site.key.layout, site.head_dim // 2
+    if layout not in ("[B, S, H, D]", "[B, H, S, D]"):
+        return None
+    # the keys RoPE reads: the norm's output (or its transpose)
+    k, rope = next(((k, found) for k in site.key.rope if (found := _rope_of(k, site.key.append.value, half))),
+                   (None, None))
+    if rope is None:
+        return None
+    seen = {k}
+
+    def uncast(node):
+        while (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("to", "float", "type_as")
+               and all(not isinstance(a, fx.Node) or node.target == "type_as" for a in node.args[1:])):
+            seen.add(node)
+            node = node.args[0]
+        return node
+
+    def call(node, *, functions=(), methods=()):
+        ok = isinstance(node, fx.Node) and (node.op == "call_function" and node.target in functions
+                                            or node.op == "call_method" and node.target in methods)
+        if ok:
+            seen.add(node)
+        return ok
+
+    def is_heads(node):
+        return uncast(node) is heads
+
+    if layout == "[B, S, H, D]":  # norm, then the transpose RoPE reads
+        if not call(k, methods=("transpose",)) or tuple(k.args[1:]) not in ((1, 2), (2, 1)):
+            return None
+        product = uncast(k.args[0])
+    else:
+        product = uncast(k)
+    if not call(product, functions=(operator.mul, torch.mul)) or len(product.args) != 2:
+        return None
+    # normalized · weight, either order; the weight does not depend on the tokens
+    for normed, weight in (product.args, product.args[::-1]):
+        normed = uncast(normed)
+        if not call(normed, functions=(operator.mul, torch.mul)) or weight in site.key.rope:
             continue
-        return a[1] if a[0] is k else a[0], b[1] if b[0] is cat else b[0]
+        shape = getattr(example_value(weight), "shape", None)
+        if shape is None or tuple(shape) != (site.head_dim,):
+            continue
+        x, root = normed.args if is_heads(normed.args[0]) else normed.args[::-1]
+        if not is_heads(x) or not call(root, functions=(torch.rsqrt,)):
+            continue
+        total = root.args[0]
+        if not call(total, functions=(operator.add, torch.add)):
+            continue
+        mean, eps = total.args if isinstance(total.args[1], float) else total.args[::-1]
+        if not isinstance(eps, float) or not call(mean, methods=("mean",)):
+            continue
+        axis = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+        if axis not in (-1, 3, (-1,), [-1]) or not mean.kwargs.get("keepdim", False):
+            continue
+        square = mean.args[0]
+        if not call(square, methods=("pow",), functions=(torch.pow,)) or square.args[1:] != (2,) or not is_heads(square.args[0]):
+            continue
+        if set(site.key.rope) != (seen | rope[2]) - {heads}:
+            return None  # something else happens between the projection and the cache
+        return KeyNormRead(weight, eps), rope[:2]
     return None
 
 
 def fused_decode_attention(ctx: SiteContext, attention: AttentionRead, rope: tuple[fx.Node, fx.Node],
-                           sources: FusedSources, weights: tuple[fx.Node, fx.Node]) -> str:
+                           sources: FusedSources, weights: tuple[fx.Node, fx.Node],
+                           key_norm: KeyNormRead | None = None) -> str:
     """Replace the layer's SDPA by ``xq_compile::decode_attention`` over the packed cache (emitted
-    before the SDPA, where ``sources`` and ``weights`` were). Returns how the op gets RoPE, for the
-    site's report: "RoPE from positions", or "RoPE tables: <why not from the positions>"."""
+    before the SDPA, where ``sources`` and ``weights`` were), the keys through ``key_norm`` where given.
+    Returns how the op gets RoPE, for the site's report: "RoPE from positions", or "RoPE tables: <why not
+    from the positions>" (then ", key norm in the kernel" where it applies one)."""
     state, emit, site, layer, sdpa = ctx.graph_state, ctx.emit, ctx.site, ctx.layer, attention.sdpa
     L, D, B = layer.max_cache_len, site.head_dim, layer.batch_size
     found = default_rope(*rope, site.position_source, D)
@@ -87,10 +173,15 @@ def fused_decode_attention(ctx: SiteContext, attention: AttentionRead, rope: tup
     (k_weight, v_weight), (k_bias, v_bias) = weights, (ctx.bias("key"), ctx.bias("value"))
     query, scale = _arg(sdpa, 0, "query"), _arg(sdpa, 6, "scale")
     g = layer.xquant.group_size
+    norm = {}
+    if key_norm is not None:  # the multiplier as the graph computes it (Gemma's 1 + w), read at run time
+        norm = dict(k_norm_weight=emit(lambda w: w.to(torch.float32).reshape(-1).contiguous(), key_norm.weight),
+                    k_norm_eps=key_norm.eps)
+        note += ", key norm in the kernel"
     new = emit(torch.ops.xq_compile.decode_attention.default, query, *sources.key, *sources.value, None,
                sources.key_channel0, k_weight, k_bias, v_weight, v_bias, cos, sin, attention.mask, state.length,
                layer.bits, g, sources.layouts[0], layer.bits, g, sources.layouts[1],
-               float(D ** -0.5 if scale is None else scale), *computed)
+               float(D ** -0.5 if scale is None else scale), *computed, **norm)
     sdpa.replace_all_uses_with(new)
     state.graph.erase_node(sdpa)
     return note

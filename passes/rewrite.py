@@ -33,7 +33,7 @@ from xq_compile.cache import XQuantLayer, layer_of, window_layer_of
 from xq_compile.config import XQuantConfig
 from xq_compile.forms import XWindowForm
 
-from .attend import attend_over_cached_rows, fused_decode_attention, plain_rope
+from .attend import attend_over_cached_rows, fused_decode_attention, key_norm_then_rope, plain_rope
 from .cleanup import erase_site, replace_cache_reads
 from .context import SiteContext
 from .graph_state import GraphInput, GraphState
@@ -152,13 +152,15 @@ def _rewrite_site(state: GraphState, site: Site, layer: XQuantLayer) -> str | No
     # 2a. Decode steps on the fused strategy: one op reads the packed rows, rebuilds K tiles with RoPE on
     # chip and accumulates the absorbed values; K and V are never written to memory.
     attention = attention_read(site, layer.max_cache_len)
-    rope = plain_rope(site)
+    rope, key_norm = plain_rope(site), None
+    if rope is None and ctx.strategy.fused_attention and (found := key_norm_then_rope(site)) is not None:
+        key_norm, rope = found  # Qwen3, Gemma 3: the kernel applies the per-head norm before RoPE
     if (ctx.strategy.fused_attention and attention is not None and rope is not None
             and isinstance(site.seq_len, int) and site.seq_len <= FUSED_MAX_QUERY_TOKENS):
         with graph.inserting_before(attention.sdpa):
             sources = form.fused_sources(ctx, layer.max_cache_len)
             if sources is not None:
-                note = fused_decode_attention(ctx, attention, rope, sources, form.emit_weights(ctx))
+                note = fused_decode_attention(ctx, attention, rope, sources, form.emit_weights(ctx), key_norm)
                 erase_site(graph, site, attention)
                 return note
     # 2. Rebuild K and V from the cache, after the (now removed) appends, before any reader. Where

@@ -50,17 +50,21 @@ FAMILIES = {
 }
 
 
-def build(family: str = "llama", rope: dict | None = None):
-    """A tiny random model whose q/k projections are scaled up, so that a RoPE error moves the logits."""
+def tiny_model(config, adjust) -> torch.nn.Module:
+    """A random model of ``config`` (seed 0, SDPA), ``adjust(name, parameter)`` applied to every parameter."""
     torch.manual_seed(0)
-    config = FAMILIES[family](rope)
     config._attn_implementation = "sdpa"
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "k_proj" in name or "q_proj" in name:
-                p.mul_(4)
+            adjust(name, p)
     return model
+
+
+def build(family: str = "llama", rope: dict | None = None):
+    """A tiny random model whose q/k projections are scaled up, so that a RoPE error moves the logits."""
+    return tiny_model(FAMILIES[family](rope), lambda name, p: p.mul_(4) if "k_proj" in name or "q_proj" in name
+                      else None)
 
 
 def matched(model) -> list:
@@ -290,6 +294,79 @@ def test_explain_shows_how_each_fused_site_gets_rope(monkeypatch):
     torch.compiler.reset()  # (else the second compile of the same code is dynamic: no fused form)
     e = xq.explain(build("llama"), torch.randint(0, 128, (1, 5)), rebuild="fused", max_cache_len=32)
     assert [r.form for r in e.layers] == ["X (4-bit); RoPE from positions"] * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# A per-head key norm before RoPE (Qwen3, Gemma 3): applied in the fused kernel
+# --------------------------------------------------------------------------------------------------
+
+NORMED = {  # Qwen3 norms the heads before their transpose to [B, H, S, D], Gemma 3 after it (its 1 + w)
+    "qwen3": lambda layers: tf.Qwen3Config(**{**COMMON, "num_hidden_layers": layers}, head_dim=16),
+    "gemma3": lambda layers: tf.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": layers}, head_dim=16,
+                                                 layer_types=["full_attention"] * layers),
+}
+
+
+def build_normed(family: str, layers: int = 1):
+    """A tiny random Qwen3 / Gemma 3 whose key norm weights are not the identity (1 ± 0.3 as multipliers),
+    so a kernel ignoring them gives other logits."""
+    identity = 0.0 if family == "gemma3" else 1.0  # Gemma's norm multiplies by 1 + w
+    return tiny_model(NORMED[family](layers), lambda name, p: p.copy_(identity + 0.3 * torch.randn_like(p))
+                      if "k_norm" in name else None)
+
+
+@pytest.mark.parametrize("family", sorted(NORMED))
+def test_key_norm_then_rope_is_matched_where_transformers_writes_it(family, monkeypatch):
+    """The matcher finds the per-head RMSNorm of every layer's keys (the weight node the norm multiplies by,
+    the model's eps) and the RoPE after it; plain_rope refuses such a region. A norm that computes anything
+    more (here a factor after the weight) is refused."""
+    model = build_normed(family, layers=2)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def sites_of(model):
+        torch.compiler.reset()
+        run_calls(torch.compile(model.forward, backend=capture, fullgraph=True),
+                  tf.StaticCache(config=model.config, max_cache_len=16), decode_inputs(steps=1))
+        sites, _ = find_sites(graphs[-1].graph)
+        assert len(sites) == 2
+        return sites
+
+    for site in sites_of(model):
+        assert plain_rope(site) is None
+        norm, rope = attend.key_norm_then_rope(site)
+        assert norm.eps == model.config.rms_norm_eps and len(rope) == 2
+        weight = attend.example_value(norm.weight)
+        assert tuple(weight.shape) == (16,) and weight.dtype.is_floating_point
+    k_norm = type(model.model.layers[0].self_attn.k_norm)
+    forward = k_norm.forward
+    monkeypatch.setattr(k_norm, "forward", lambda self, x: forward(self, x) * 1.5)
+    assert all(attend.key_norm_then_rope(site) is None for site in sites_of(model))
+
+
+@pytest.mark.parametrize("family", sorted(NORMED))
+def test_fused_op_applies_the_key_norm(family, monkeypatch):
+    """rebuild="fused" takes Qwen3's and Gemma 3's layers (the key norm in the kernel) and computes what the
+    unfused op form -- the model's own norm replayed on the rebuilt keys -- does (one layer: with more,
+    rounding flips codes in the layers above); the kernel without the norm gives other logits."""
+    model = build_normed(family)
+    calls = decode_inputs(batch=2, steps=8, pad=2)
+    config = xq.XQuantConfig(bits=4, group_size=16)
+    torch.compiler.reset()
+    fused, forms = _fused_run(model, calls, config)
+    assert forms == ["X (4-bit); RoPE from positions, key norm in the kernel"] * 2, forms
+    torch.compiler.reset()
+    unfused, _ = compiled_run(model, calls, config, backend=xq.make_xquant_backend("aot_eager", rebuild="op"))
+    assert max_error(fused, unfused) < 1e-5
+    from xq_compile.passes import rewrite
+
+    monkeypatch.setattr(rewrite, "key_norm_then_rope", lambda site: (None, attend.key_norm_then_rope(site)[1]))
+    torch.compiler.reset()
+    without, _ = _fused_run(model, calls, config)
+    assert max_error(without, unfused) > 1e-2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -211,8 +211,9 @@ def test_a_model_of_sliding_window_layers_only_gets_window_layers():
 def test_fused_form_where_the_rope_is_plain_and_the_op_form_elsewhere(family):
     """rebuild="fused" (CUDA's decode form, run here through the op's CPU kernel) takes the fused
     decode-attention op only where the keys' region is exactly k·cos + rotate_half(k)·sin (Falcon-7B's too, in
-    the latent form: one K/V head): Qwen3's k_norm and Phi-3's partial-rotary form (rotated slice +
-    pass-through, concatenated) keep the unfused form. Either way the result is exact when unquantized."""
+    the latent form: one K/V head), or a per-head RMSNorm before it (Qwen3's k_norm, applied in the kernel):
+    Phi-3's partial-rotary form (rotated slice + pass-through, concatenated) and OLMo 2's norm over all
+    heads keep the unfused form. Either way the result is exact when unquantized."""
     model = build(family)
     calls = decode_inputs(steps=3)
     config = xq.XQuantConfig(bits=None, group_size=16)
@@ -221,4 +222,4 @@ def test_fused_form_where_the_rope_is_plain_and_the_op_form_elsewhere(family):
     torch._dynamo.reset()
     run(model, xq.XQuantConfig(bits=4, group_size=16), calls, backend=xq.make_xquant_backend("aot_eager", rebuild="fused"))
     fused = "decode_attention" in xq.COMPILE_LOG[-1].code_after
-    assert fused == (family.split()[0] in ("mistral", "qwen2", "gemma", "falcon-7b")), family
+    assert fused == (family.split()[0] in ("mistral", "qwen2", "qwen3", "gemma", "falcon-7b")), family
