@@ -37,8 +37,9 @@ DEFAULT=(transformers=5.17.0 transformers=5.19.0 torch=2.11.0 torch=2.12.0)
 # on the same cache), the XQuantCache's own API (crop/reset, the cache keyword), the GQA latent form, a
 # transformers StaticCache rewritten through options=, a hybrid model (sliding-window layers kept) past
 # its window, X windows, the fused op's RoPE from positions (the rotary forward's form differs between
-# releases; YaRN), the families whose attention code the matcher reads closely (OLMo 2's norm over all
-# heads, GPT-NeoX's per-head fused q/k/v, EXAONE 4's layers without RoPE, OLMo 3, GPT-2's Conv1D, Falcon-7B).
+# releases; YaRN) and key norm (Qwen3's and Gemma 3's k_norm as each release writes it), the families
+# whose attention code the matcher reads closely (OLMo 2's norm over all heads, GPT-NeoX's per-head fused
+# q/k/v, EXAONE 4's layers without RoPE, OLMo 3, GPT-2's Conv1D, Falcon-7B).
 SMOKE=(
     tests/test_transformers_compat.py
     tests/test_backend.py::test_generate_with_left_padding_matches_unquantized_greedy
@@ -51,6 +52,8 @@ SMOKE=(
     "tests/test_x_window.py::test_quantized_x_window_matches_the_simulation[mistral]"
     tests/test_fused_rope.py::test_the_matmul_form_of_transformers_5_17_is_matched
     "tests/test_fused_rope.py::test_rope_from_positions_gives_the_logits_of_the_tables[llama-yarn]"
+    "tests/test_fused_rope.py::test_key_norm_then_rope_is_matched_where_transformers_writes_it[qwen3]"
+    "tests/test_fused_rope.py::test_key_norm_then_rope_is_matched_where_transformers_writes_it[gemma3]"
     "tests/test_patterns.py::test_family_is_rewritten_and_exact_unquantized[olmo2 (k_norm over all heads before the split)]"
     "tests/test_patterns.py::test_family_is_rewritten_and_exact_unquantized[gpt_neox (q/k/v fused per head, partial RoPE)]"
     "tests/test_hybrid_families.py::test_unquantized_is_exact_past_the_window[exaone4]"
