@@ -468,7 +468,9 @@ def paged_decode_attention_launches(shape: str, length: int, dtype, config: dict
                             seq_lens=torch.full((batch,), length, dtype=torch.int32), block_table=table.int(),
                             slot_mapping=torch.zeros(batch, dtype=torch.long), max_query_len=1, max_seq_len=length)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    extras = dict(window=length // 2, soft_cap=50.0, key_norm=paged.KeyNorm(torch.ones(head_dim), 1e-6)) if gemma else {}
+    extras = {}
+    if gemma:
+        extras = dict(window=length // 2, soft_cap=50.0, key_norm=paged.KeyNorm(torch.ones(head_dim), 1e-6))
     args = paged.decode_arguments(torch.zeros(batch, heads * head_dim, dtype=dtype), pages, step, layout, xquant,
                                   proj, inv_freq, **extras)
     return op_launches(args, config, arch)

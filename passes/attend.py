@@ -58,7 +58,8 @@ def _rope_of(k: fx.Node, out: fx.Node, half: int) -> tuple[fx.Node, fx.Node, set
             continue
         if not (is_half(neg.args[0], upper=True) and is_half(lower, upper=False)):
             continue
-        return a[1] if a[0] is k else a[0], b[1] if b[0] is cat else b[0], {direct, rotated, out, cat, neg, neg.args[0], lower}
+        nodes = {direct, rotated, out, cat, neg, neg.args[0], lower}
+        return a[1] if a[0] is k else a[0], b[1] if b[0] is cat else b[0], nodes
     return None
 
 
@@ -133,7 +134,8 @@ def key_norm_then_rope(site: Site) -> tuple[KeyNormRead, tuple[fx.Node, fx.Node]
         if axis not in (-1, 3, (-1,), [-1]) or not mean.kwargs.get("keepdim", False):
             continue
         square = mean.args[0]
-        if not call(square, methods=("pow",), functions=(torch.pow,)) or square.args[1:] != (2,) or not is_heads(square.args[0]):
+        if (not call(square, methods=("pow",), functions=(torch.pow,)) or square.args[1:] != (2,)
+                or not is_heads(square.args[0])):
             continue
         if set(site.key.rope) != (seen | rope[2]) - {heads}:
             return None  # something else happens between the projection and the cache

@@ -361,9 +361,9 @@ def test_fused_decode_equals_the_torch_path(form, bits, kv_heads):
 def _windowed_decode_step(form: str, bits: int = 4):
     """:func:`_decode_step` as a Gemma layer sees it: a window of 5 rows, so request 1 (13 rows) no longer
     sees its first two blocks, which vLLM frees (their table entries point at the null block, NaN bytes
-    here); a soft cap of 0.5 on the scaled scores; and a per-head key RMSNorm. Returns the step, the
-    options of fused_decode (the step in its argument order), and the torch path's RoPE (the key norm in it, as _keys_at applies the
-    model's)."""
+    here); a soft cap of 0.5 on the scaled scores; and a per-head key RMSNorm. Returns the step (in
+    fused_decode's argument order), the options of fused_decode, and the torch path's RoPE (the key norm
+    in it, as _keys_at applies the model's)."""
     pages, batch, layout, xquant, proj, query, inv_freq = _decode_step(form, bits, kv_heads=2, seed=1)
     table = batch.block_table.clone()
     table[1, :2] = 0

@@ -362,5 +362,6 @@ def decode_arguments(query: torch.Tensor, pages: torch.Tensor, batch: PagedBatch
         k_group=xquant.group_size, k_layout="per_token", v_bits=xquant.bits, v_group=xquant.group_size,
         v_layout="per_token", sm_scale=proj.scale, positions=positions, rope_inv_freq=inv_freq, rope_scale=1.0,
         block_table=batch.block_table, window=window or 0, soft_cap=soft_cap or 0.0,
-        k_norm_weight=None if key_norm is None else key_norm.weight, k_norm_eps=1e-6 if key_norm is None else key_norm.eps,
+        k_norm_weight=None if key_norm is None else key_norm.weight,
+        k_norm_eps=1e-6 if key_norm is None else key_norm.eps,
     )

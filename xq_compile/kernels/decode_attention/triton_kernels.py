@@ -206,7 +206,7 @@ if HAS_TRITON:
         b = (pid_bh // num_ht).to(tl.int64)  # int64: B * L * stride may exceed 2**31
         n = _fill(length_ptr, b, s_len, L)
         if r0 >= n or r0 + BLOCK_N <= _first_row(n, S, window, WINDOWED):
-            return  # a row block past the fill or behind every window: nothing to do (one CUDA graph serves every fill)
+            return  # past the fill or behind every window: nothing to do (one CUDA graph serves every fill)
         h0 = (pid_bh % num_ht) * BLOCK_H
         n_full = n // GROUP * GROUP
         dtype = w_ptr.dtype.element_ty
