@@ -328,6 +328,15 @@ if HAS_TRITON:
         return start, tl.minimum(start + per_split, n)
 
     @triton.jit
+    def _split_scores(sc_ptr, s_rows, cols, m_ok, end, lo, s_cl, WINDOWED: tl.constexpr):
+        """One block of a split's scores, -inf past its end and, with a window, before the first row seen
+        (``lo``: the scores kernel did not write those)."""
+        ok = cols < end
+        if WINDOWED:
+            ok = ok & (cols >= lo)
+        return tl.load(sc_ptr + s_rows + cols[None, :] * s_cl, mask=m_ok[:, None] & ok[None, :], other=float("-inf"))
+
+    @triton.jit
     def _softmax_kernel(
         sc_ptr, p_ptr, m_ptr, l_ptr, length_ptr, L, M_ALL, s_len, S, window,
         s_cb, s_cm, s_cl, s_pb, s_pm, s_pl, s_mb, s_ms, s_mm,
@@ -354,8 +363,7 @@ if HAS_TRITON:
         top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         for j0 in range(start, end, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
-            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl,
-                        mask=m_ok[:, None] & ((cols < end) & (cols >= lo))[None, :], other=float("-inf"))
+            s = _split_scores(sc_ptr, s_rows, cols, m_ok, end, lo, s_cl, WINDOWED)
             top = tl.maximum(top, tl.max(s, axis=1))
         # A row with every score -inf (masked, or an empty split) keeps p = exp(-inf) = 0 instead of
         # exp(-inf + inf) = NaN: a maximum of at least the lowest finite fp32 changes nothing else (and the
@@ -367,8 +375,7 @@ if HAS_TRITON:
         end_pad = tl.cdiv(end, ROW_BLOCK) * ROW_BLOCK
         for j0 in range(start, end, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
-            s = tl.load(sc_ptr + s_rows + cols[None, :] * s_cl,
-                        mask=m_ok[:, None] & ((cols < end) & (cols >= lo))[None, :], other=float("-inf"))
+            s = _split_scores(sc_ptr, s_rows, cols, m_ok, end, lo, s_cl, WINDOWED)
             p = tl.exp(s - top[:, None])  # 0 past the split's end
             total += tl.sum(p, axis=1)
             tl.store(p_ptr + p_rows + cols[None, :] * s_pl, p.to(P_DTYPE),
