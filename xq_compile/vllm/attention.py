@@ -192,12 +192,11 @@ class XQuantPagedAttention(Attention):
         self._rotary = (rotary_emb,)  # a tuple: the module belongs to the parent, not registered twice
         # Qwen3, Gemma 3: the keys' per-head RMSNorm before RoPE, applied to the rebuilt keys (the parent's module)
         self._key_norm = (key_norm,) if key_norm is not None else ()
-        # decode batches on CUDA: the fused kernel reading the pages, where it computes this RoPE, can view
-        # these rows as its sources and knows the key norm's formula (it applies the window and the cap too)
-        norm_known = key_norm is None or type(key_norm) in (RMSNorm, GemmaRMSNorm)
-        self.fused_inv_freq = (plain_neox_inv_freq(rotary_emb) if paged.pages_readable(self.layout) and norm_known
-                               else None)
-        self.fused_key_norm: paged.KeyNorm | None = None  # its weight once loaded (set_projection)
+        # decode batches on CUDA: the fused kernel reading the pages, where it computes this RoPE and can view
+        # these rows as its sources (it applies the window and the cap too; the key norm where it knows its
+        # formula, decided once the weights are loaded: set_projection)
+        self.fused_inv_freq = plain_neox_inv_freq(rotary_emb) if paged.pages_readable(self.layout) else None
+        self.fused_key_norm: paged.KeyNorm | None = None
         self.projection: paged.Projection | None = None
         # bits=None reproduces the unmodified model exactly: nothing to spread, no rotation.
         self.rotation = (hadamard(xquant.group_size) if xquant.rotation == "hadamard" and xquant.quantized
@@ -226,7 +225,7 @@ class XQuantPagedAttention(Attention):
             self.fused_inv_freq = self.fused_inv_freq.to(k_weight.device)
             if self._key_norm:
                 self.fused_key_norm = fused_key_norm(self._key_norm[0])
-                if self.fused_key_norm is None:  # a norm of the known classes in a form the kernel lacks
+                if self.fused_key_norm is None:  # a norm the kernel does not compute: the torch path
                     self.fused_inv_freq = None
         if self.latent:
             self.projection = paged.latent_projection(k_weight, k_bias, v_weight, v_bias, h, **shape)
